@@ -1,0 +1,54 @@
+"""Database connection: SQLite in WAL mode by default, PostgreSQL by URL."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from urllib.parse import unquote, urlparse
+
+from peewee import Database, PostgresqlDatabase, SqliteDatabase
+
+from gateway.db.models import database
+
+# synchronous=FULL: a queue row committed before the 250 survives power loss.
+SQLITE_PRAGMAS = {
+    "journal_mode": "wal",
+    "synchronous": "full",
+    "foreign_keys": 1,
+    "busy_timeout": 10000,
+    "cache_size": -16000,
+}
+
+
+def open_database(url: str) -> Database:
+    """Create (but do not bind) a peewee database for a sqlite:/// or postgresql:// URL."""
+    if url.startswith("sqlite:///"):
+        path = url[len("sqlite:///"):]
+        if path != ":memory:":
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+        return SqliteDatabase(path, pragmas=SQLITE_PRAGMAS, check_same_thread=False)
+    if url.startswith("postgresql://"):
+        u = urlparse(url)
+        return PostgresqlDatabase(
+            u.path.lstrip("/"),
+            user=unquote(u.username or "") or None,
+            password=unquote(u.password or "") or None,
+            host=u.hostname,
+            port=u.port or 5432,
+        )
+    raise ValueError(f"unsupported database URL: {url!r}")
+
+
+def connect(url: str, migrate: bool = True) -> Database:
+    """Bind the models to the database at ``url`` and bring its schema up to date."""
+    db = open_database(url)
+    database.initialize(db)
+    db.connect(reuse_if_open=True)
+    if migrate:
+        from gateway.db.migrations import upgrade
+
+        upgrade(db)
+    return db
+
+
+def is_postgres() -> bool:
+    return isinstance(database.obj, PostgresqlDatabase)

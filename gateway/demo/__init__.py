@@ -1,0 +1,1 @@
+"""Real server parts (Dovecot upstream, SMTP sink) for tests and demos."""

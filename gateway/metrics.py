@@ -1,0 +1,47 @@
+"""Prometheus metrics: one registry for the whole node.
+
+Counters are incremented where the event happens; gauges that describe the
+queue are computed on scrape by ``QueueCollector`` (see ``gateway.spool``).
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+
+REGISTRY = CollectorRegistry(auto_describe=True)
+
+smtp_messages = Counter(
+    "mailgate_smtp_messages",
+    "Messages submitted, by verdict (accepted, refused, held)",
+    ["verdict"],
+    registry=REGISTRY,
+)
+relay_results = Counter(
+    "mailgate_relay_messages",
+    "Relay attempts, by result (relayed, deferred, bounced)",
+    ["result"],
+    registry=REGISTRY,
+)
+auth_results = Counter(
+    "mailgate_auth_attempts",
+    "Login attempts, by protocol and result",
+    ["protocol", "result"],
+    registry=REGISTRY,
+)
+imap_sessions = Counter(
+    "mailgate_imap_sessions",
+    "IMAP sessions opened",
+    registry=REGISTRY,
+)
+imap_tagged = Counter(
+    "mailgate_imap_tagged_messages",
+    "Messages served with a tag",
+    ["tag"],
+    registry=REGISTRY,
+)
+smtp_delay = Histogram(
+    "mailgate_smtp_transaction_seconds",
+    "Time from end of DATA to the final reply",
+    registry=REGISTRY,
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
+)

@@ -1,0 +1,88 @@
+"""What the policy sees and what it answers (ARCHITECTURE §3).
+
+A submitted message becomes one ``Context``; rules read it and append to its
+trace; the outcome is one ``Verdict``: accept, reject(reason) or
+hold(approvers), plus the mutations to apply afterwards.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from email.message import Message
+from email.utils import getaddresses
+
+from gateway.directory import EmployeeInfo
+
+ACCEPT = "accept"
+REJECT = "reject"
+HOLD = "hold"
+
+
+@dataclass
+class Session:
+    """Facts about the SMTP session the message came in on."""
+
+    peer_ip: str = ""
+    helo: str = ""
+    tls: bool = False
+    authenticated: bool = False
+    trusted_network: bool = False
+
+
+@dataclass
+class TraceStep:
+    rule: str
+    hit: bool
+    why: str
+    mode: str = "enforce"
+
+    def as_dict(self) -> dict:
+        return {"rule": self.rule, "hit": self.hit, "why": self.why, "mode": self.mode}
+
+
+@dataclass
+class Verdict:
+    action: str = ACCEPT
+    reason: str = ""
+    smtp_code: int = 250
+    enhanced: str = "2.0.0"
+    approvers: list[str] = field(default_factory=list)
+    mutations: list = field(default_factory=list)
+    rule: str = ""
+
+    @classmethod
+    def reject(cls, rule: str, reason: str, code: int = 550, enhanced: str = "5.7.1") -> Verdict:
+        return cls(action=REJECT, reason=reason, smtp_code=code, enhanced=enhanced, rule=rule)
+
+
+@dataclass
+class Context:
+    mail_from: str
+    rcpt_tos: list[str]
+    headers: Message  # parsed header block only; the body stays in ``raw``
+    raw: bytes
+    employee: EmployeeInfo | None
+    session: Session = field(default_factory=Session)
+    trace: list[TraceStep] = field(default_factory=list)
+    approved: bool = False
+    language: str = "zh-CN"
+
+    def header_addresses(self, *names: str) -> list[str]:
+        values = []
+        for name in names:
+            values.extend(str(v) for v in self.headers.get_all(name, []))
+        return [addr for _, addr in getaddresses(values) if addr]
+
+    def all_recipients(self) -> list[str]:
+        """Envelope recipients plus To/Cc/Bcc, lower-cased, de-duplicated, in order."""
+        seen: dict[str, None] = {}
+        for addr in [*self.rcpt_tos, *self.header_addresses("To", "Cc", "Bcc")]:
+            seen.setdefault(addr.strip().lower(), None)
+        return list(seen)
+
+    @property
+    def subject(self) -> str:
+        return str(self.headers.get("Subject", ""))
+
+    def record(self, rule: str, hit: bool, why: str, mode: str = "enforce") -> None:
+        self.trace.append(TraceStep(rule, hit, why, mode))

@@ -1,0 +1,144 @@
+"""The durable outbound queue: a spooled file plus a DB row per message.
+
+Order of writes, so that a 250 always means "stored":
+  1. the message bytes go to ``spool/<queue id>.eml.tmp``, fsync, rename to
+     ``.eml``, fsync the directory;
+  2. the ``OutboundMessage`` row is committed (SQLite synchronous=FULL, or
+     PostgreSQL's commit);
+  3. only then does the SMTP layer answer 250 with the queue id.
+A crash between 1 and 2 leaves an orphan file that ``sweep_orphans`` removes;
+the client got no 250 and sends again.  All functions here block: call them
+from a worker thread, never on the event loop.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import time
+from collections.abc import Iterable
+from pathlib import Path
+
+from gateway.db.models import OutboundMessage, database, utcnow
+
+
+class SpoolError(OSError):
+    """The message could not be stored (disk full, DB down …): answer 4xx."""
+
+
+def new_queue_id() -> str:
+    """Time-ordered, unguessable id: 11 hex digits of ms time + 6 random."""
+    return f"{int(time.time() * 1000):011X}{secrets.token_hex(3).upper()}"
+
+
+def write_durably(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically and durably (fsync file and directory)."""
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        view = memoryview(data)
+        while view:
+            n = os.write(fd, view)
+            view = view[n:]
+        os.fsync(fd)
+    except BaseException:
+        os.close(fd)
+        _unlink(tmp)
+        raise
+    os.close(fd)
+    os.rename(tmp, path)
+    fsync_dir(path.parent)
+
+
+def fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _unlink(path: Path) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+class Spool:
+    def __init__(self, directory: Path):
+        self.directory = Path(directory)
+        self.directory.mkdir(parents=True, exist_ok=True)
+
+    def path_for(self, queue_id: str) -> Path:
+        return self.directory / f"{queue_id}.eml"
+
+    def enqueue(
+        self,
+        mail_from: str,
+        recipients: Iterable[str],
+        data: bytes,
+        *,
+        employee_id: int | None = None,
+        message_id: str = "",
+        credentials: bytes | None = None,
+        is_bounce: bool = False,
+        state: str = "queued",
+        queue_id: str | None = None,
+    ) -> OutboundMessage:
+        """Store a message durably; return its queue row.  Raises SpoolError."""
+        queue_id = queue_id or new_queue_id()
+        path = self.path_for(queue_id)
+        try:
+            write_durably(path, data)
+        except OSError as exc:
+            raise SpoolError(f"spool write failed: {exc.strerror or exc}") from exc
+        try:
+            with database.atomic():
+                return OutboundMessage.create(
+                    queue_id=queue_id,
+                    employee=employee_id,
+                    mail_from=mail_from,
+                    recipients=json.dumps(list(recipients)),
+                    spool_path=path.name,
+                    size=len(data),
+                    message_id=message_id[:998],
+                    credentials=credentials,
+                    is_bounce=is_bounce,
+                    state=state,
+                )
+        except Exception as exc:
+            _unlink(path)
+            raise SpoolError(f"queue record failed: {exc}") from exc
+
+    def read(self, row: OutboundMessage) -> bytes:
+        return (self.directory / row.spool_path).read_bytes()
+
+    def remove(self, row: OutboundMessage) -> None:
+        """Delete the spooled file of a finished message (the row stays as history)."""
+        _unlink(self.directory / row.spool_path)
+
+    def sweep_orphans(self, older_than: float = 3600.0) -> int:
+        """Remove spool files with no queue row (a crash before the commit)."""
+        known = {
+            p for (p,) in OutboundMessage.select(OutboundMessage.spool_path)
+            .where(OutboundMessage.state.in_(["queued", "held"])).tuples()
+        }
+        cutoff = time.time() - older_than
+        removed = 0
+        for path in self.directory.iterdir():
+            name = path.name.removesuffix(".tmp")
+            if name not in known and path.stat().st_mtime < cutoff:
+                _unlink(path)
+                removed += 1
+        return removed
+
+
+def queue_stats() -> tuple[int, float]:
+    """(messages waiting, age in seconds of the oldest one)."""
+    waiting = OutboundMessage.select().where(OutboundMessage.state == "queued")
+    count = waiting.count()
+    oldest = waiting.order_by(OutboundMessage.created_at).first()
+    age = (utcnow() - oldest.created_at).total_seconds() if oldest else 0.0
+    return count, age

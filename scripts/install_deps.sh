@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Installs everything Mailgate's demo and test suite need on a fresh Debian 12
+# machine with Python 3.11. Idempotent: re-running it is cheap.
+#   scripts/install_deps.sh          # runtime + demo upstream (Dovecot)
+#   scripts/install_deps.sh --test   # plus test tools (Postfix tools, clients, PostgreSQL, Chromium)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+want_test=0
+[ "${1:-}" = "--test" ] && want_test=1
+
+apt_pkgs=(dovecot-imapd dovecot-submissiond dovecot-lmtpd libmagic1 ca-certificates)
+if [ "$want_test" = 1 ]; then
+  apt_pkgs+=(postfix swaks msmtp isync mutt postgresql chromium)
+fi
+
+missing=()
+for p in "${apt_pkgs[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ "${#missing[@]}" -gt 0 ]; then
+  SUDO=""
+  [ "$(id -u)" = 0 ] || SUDO="sudo"
+  export DEBIAN_FRONTEND=noninteractive
+  # Postfix asks how it should run; we only use its tools and private instances.
+  echo "postfix postfix/main_mailer_type select No configuration" | $SUDO debconf-set-selections
+  $SUDO apt-get update -qq
+  $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  # The packages start system daemons; Mailgate runs its own private instances.
+  for svc in dovecot postfix postgresql; do
+    (command -v systemctl >/dev/null && systemctl stop "$svc" 2>/dev/null) || service "$svc" stop 2>/dev/null || true
+  done
+fi
+
+py=${PYTHON:-python3}
+extras="."
+[ "$want_test" = 1 ] && extras=".[test]"
+"$py" -m pip install -q --disable-pip-version-check -e "$extras"
