@@ -97,6 +97,7 @@ class RelayConfig:
     port: int = 0
     security: str = ""
     mode: str = "relay_account"
+    credentials_key: Path = Path("certs/queue.key")
     username: str = ""
     password: str = ""
     workers: int = 4
@@ -259,6 +260,7 @@ def _resolve_paths(cfg: Config, base: Path) -> None:
     cfg.tls.key = rel(cfg.tls.key)
     cfg.upstream.ca_file = rel(cfg.upstream.ca_file)
     cfg.rules.dir = rel(cfg.rules.dir)
+    cfg.relay.credentials_key = rel(cfg.relay.credentials_key)
     if cfg.database.url.startswith("sqlite:///") and not cfg.database.url.startswith("sqlite:////"):
         relative = cfg.database.url[len("sqlite:///"):]
         if relative != ":memory:":

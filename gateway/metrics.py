@@ -45,3 +45,29 @@ smtp_delay = Histogram(
     registry=REGISTRY,
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
 )
+
+
+class QueueCollector:
+    """Queue depth and oldest age, read from the DB on each scrape."""
+
+    def collect(self):
+        from prometheus_client.core import GaugeMetricFamily
+
+        from gateway.spool import queue_stats
+
+        try:
+            depth, age = queue_stats()
+        except Exception:
+            return
+        yield GaugeMetricFamily("mailgate_queue_depth", "Messages waiting for relay", value=depth)
+        yield GaugeMetricFamily("mailgate_queue_oldest_seconds", "Age of the oldest waiting message", value=age)
+
+
+_queue_collector: QueueCollector | None = None
+
+
+def install_queue_collector() -> None:
+    global _queue_collector
+    if _queue_collector is None:
+        _queue_collector = QueueCollector()
+        REGISTRY.register(_queue_collector)

@@ -1,0 +1,684 @@
+"""The relay worker: drains the outbound queue to the upstream smarthost (ARCHITECTURE §3.3).
+
+Each worker claims due rows with a compare-and-set UPDATE (safe with several
+workers, processes and nodes on one database), delivers them with smtplib in
+its own thread, and records the outcome per recipient:
+
+* 2xx — delivered, the recipient leaves ``row.recipients``;
+* 5xx — failed for good, the sender gets a DSN (``gateway.bounce``);
+* 4xx, connection errors, timeouts — retried with exponential backoff until
+  ``created_at + relay.lifetime``, then bounced as expired (4.4.7).
+
+A finished row becomes ``sent`` (or ``bounced`` when nothing was delivered in
+its last attempt), loses its sealed credentials and its spool file; the row
+stays as history.  A failing bounce is never bounced again.
+
+Nothing here blocks the event loop: every DB and SMTP call runs in the
+worker's own thread (``_call``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import functools
+import ipaddress
+import json
+import logging
+import re
+import secrets
+import smtplib
+import ssl
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from gateway.bounce import Failure, build_dsn
+from gateway.config import Config, ConfigError, UpstreamConfig
+from gateway.credentials import CredentialsError, seal, unseal
+from gateway.db.models import OutboundMessage, database, utcnow
+from gateway.metrics import relay_results
+from gateway.spool import Spool, SpoolError, new_queue_id
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+Credentials = tuple[str, str]
+
+_ENHANCED = re.compile(r"^([245])\.(\d{1,3})\.(\d{1,3})\b")
+_EOL = re.compile(rb"\r\n|\r|\n")
+_MAX_ERROR = 1000
+
+
+# -- schedule and claims (blocking; run them in a thread) ----------------------
+
+
+def backoff(attempts: int, initial: int, maximum: int) -> int:
+    """Seconds to wait after the ``attempts``-th failed attempt: initial, 2×, 4× … ≤ maximum."""
+    if attempts < 1:
+        return 0
+    return min(initial * 2 ** min(attempts - 1, 32), maximum)
+
+
+def _claimable(now: dt.datetime) -> Any:
+    m = OutboundMessage
+    return (
+        (m.state == "queued")
+        & (m.next_attempt_at <= now)
+        & (m.claimed_until.is_null() | (m.claimed_until < now))
+    )
+
+
+def claim_batch(
+    owner: str, now: dt.datetime, claim_timeout: int, limit: int = 10
+) -> list[OutboundMessage]:
+    """Claim up to ``limit`` due rows for ``owner``; return the rows won.
+
+    Each row is taken by one compare-and-set UPDATE whose WHERE repeats the
+    "due and unclaimed" test, so of several workers racing for a row exactly
+    one sees an affected row count of 1.  A claim expires after
+    ``claim_timeout`` seconds (the worker died) and the row is due again.
+    """
+    m = OutboundMessage
+    until = now + dt.timedelta(seconds=claim_timeout)
+    won: list[int] = []
+    while not won:
+        candidates = [
+            row_id
+            for (row_id,) in m.select(m.id)
+            .where(_claimable(now))
+            .order_by(m.next_attempt_at, m.id)
+            .limit(limit)
+            .tuples()
+        ]
+        if not candidates:
+            return []
+        # Lost every race (another worker took them all): look again.
+        won = [
+            row_id
+            for row_id in candidates
+            if m.update(claimed_by=owner, claimed_until=until)
+            .where((m.id == row_id) & _claimable(now))
+            .execute()
+            == 1
+        ]
+    query = m.select().where(m.id.in_(won) & (m.claimed_by == owner))
+    return list(query.order_by(m.next_attempt_at, m.id))
+
+
+def release(row_ids: Iterable[int], owner: str) -> int:
+    """Give back claims not worked on (e.g. when stopping)."""
+    m = OutboundMessage
+    ids = list(row_ids)
+    if not ids:
+        return 0
+    return (
+        m.update(claimed_by=None, claimed_until=None)
+        .where(m.id.in_(ids) & (m.claimed_by == owner) & (m.state == "queued"))
+        .execute()
+    )
+
+
+# -- one SMTP session to the smarthost ----------------------------------------
+
+
+@dataclass(frozen=True)
+class Reply:
+    """An SMTP reply (``code`` None: no reply at all — connection error, timeout …)."""
+
+    code: int | None
+    text: str
+
+    @classmethod
+    def of(cls, code: int | None, text: bytes | str) -> Reply:
+        if isinstance(text, bytes):
+            text = text.decode("utf-8", "replace")
+        return cls(code, " ".join(str(text).split()))
+
+    @property
+    def outcome(self) -> str:
+        if self.code is not None and 200 <= self.code < 300:
+            return "sent"
+        if self.code is not None and 500 <= self.code < 600:
+            return "bounced"
+        return "deferred"
+
+    @property
+    def status(self) -> str:
+        """Enhanced status code: from the reply text, or derived from the basic code."""
+        match = _ENHANCED.match(self.text)
+        if match and self.code is not None and match.group(1) == str(self.code)[0]:
+            return match.group(0)
+        return {"sent": "2.0.0", "bounced": "5.0.0"}.get(self.outcome, "4.0.0")
+
+    def __str__(self) -> str:
+        return f"{self.code} {self.text}" if self.code is not None else self.text
+
+
+class RelayError(Exception):
+    """The session could not be set up; ``reply`` says why (all recipients share it)."""
+
+    def __init__(self, reply: Reply, *, auth: bool = False):
+        super().__init__(str(reply))
+        self.reply = reply
+        self.auth = auth
+
+
+def tls_context(upstream: UpstreamConfig) -> ssl.SSLContext:
+    """Verify with ``ca_file`` (or the system CAs); ``verify_tls = false`` skips the
+    host name check — and, without a ``ca_file``, the certificate check too."""
+    ca_file = str(upstream.ca_file) if upstream.ca_file else None
+    context = ssl.create_default_context(cafile=ca_file)
+    if not upstream.verify_tls:
+        context.check_hostname = False
+        if ca_file is None:
+            context.verify_mode = ssl.CERT_NONE
+    return context
+
+
+def is_loopback(host: str) -> bool:
+    if host.lower() in ("localhost", "localhost.localdomain"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+class SmarthostConnection:
+    """One SMTP session, reused while the credentials stay the same (RSET between)."""
+
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        security: str,
+        *,
+        timeout: float,
+        context: ssl.SSLContext,
+        local_hostname: str,
+    ) -> None:
+        if security not in ("starttls", "tls", "none"):
+            raise ConfigError([f"[relay] security: unknown value {security!r}"])
+        if security == "none" and not is_loopback(host):
+            raise ConfigError(
+                [f"[relay] security = none is allowed only for a loopback host, not {host!r}"]
+            )
+        self.host, self.port, self.security = host, port, security
+        self.timeout = timeout
+        self.context = context
+        self.local_hostname = local_hostname
+        self._smtp: smtplib.SMTP | None = None
+        self._credentials: Credentials | None = None
+
+    @property
+    def relay(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    def send(
+        self, credentials: Credentials | None, mail_from: str, recipients: list[str], data: bytes
+    ) -> dict[str, Reply]:
+        """One transaction; the reply for each recipient.  Raises RelayError, OSError,
+        smtplib.SMTPException when no transaction could be made or the session broke."""
+        smtp = self._session(credentials)
+        options = []
+        if smtp.has_extn("size"):
+            options.append(f"SIZE={len(data)}")
+        if not data.isascii() and smtp.has_extn("8bitmime"):
+            options.append("BODY=8BITMIME")
+        if not (mail_from.isascii() and all(r.isascii() for r in recipients)):
+            if not smtp.has_extn("smtputf8"):
+                reply = Reply(553, "5.6.7 the upstream server does not support SMTPUTF8 addresses")
+                return dict.fromkeys(recipients, reply)
+            options.append("SMTPUTF8")
+        code, text = smtp.mail(mail_from, options)
+        if code != 250:
+            self._reset()
+            return dict.fromkeys(recipients, Reply.of(code, text))
+        replies: dict[str, Reply] = {}
+        accepted = []
+        for rcpt in recipients:
+            replies[rcpt] = Reply.of(*smtp.rcpt(rcpt))
+            if replies[rcpt].outcome == "sent":
+                accepted.append(rcpt)
+        if not accepted:
+            self._reset()
+            return replies
+        try:
+            final = Reply.of(*smtp.data(data))
+        except smtplib.SMTPDataError as exc:  # DATA itself refused (no 354)
+            final = Reply.of(exc.smtp_code, exc.smtp_error)
+        if final.outcome != "sent":
+            self._reset()
+        replies.update(dict.fromkeys(accepted, final))
+        return replies
+
+    def close(self) -> None:
+        smtp, self._smtp, self._credentials = self._smtp, None, None
+        if smtp is None:
+            return
+        try:
+            smtp.quit()
+        except (smtplib.SMTPException, OSError):
+            smtp.close()
+
+    def _reset(self) -> None:
+        if self._smtp is None:
+            return
+        try:
+            self._smtp.rset()
+        except (smtplib.SMTPException, OSError):
+            self.close()
+
+    def _session(self, credentials: Credentials | None) -> smtplib.SMTP:
+        if self._smtp is not None and self._credentials == credentials:
+            try:
+                if self._smtp.rset()[0] == 250:
+                    return self._smtp
+            except (smtplib.SMTPException, OSError):
+                pass
+        self.close()
+        self._smtp = self._connect(credentials)
+        self._credentials = credentials
+        return self._smtp
+
+    def _connect(self, credentials: Credentials | None) -> smtplib.SMTP:
+        try:
+            if self.security == "tls":
+                smtp: smtplib.SMTP = smtplib.SMTP_SSL(
+                    self.host, self.port, local_hostname=self.local_hostname,
+                    timeout=self.timeout, context=self.context,
+                )
+            else:
+                smtp = smtplib.SMTP(
+                    self.host, self.port, local_hostname=self.local_hostname, timeout=self.timeout
+                )
+        except smtplib.SMTPConnectError as exc:
+            raise RelayError(Reply.of(exc.smtp_code, exc.smtp_error)) from None
+        try:
+            self._hello(smtp)
+            if self.security == "starttls":
+                if not smtp.has_extn("starttls"):
+                    raise RelayError(Reply(None, "upstream does not offer STARTTLS; not sending in clear"))
+                code, text = smtp.starttls(context=self.context)
+                if code != 220:
+                    raise RelayError(Reply.of(code, text))
+                self._hello(smtp)
+            if credentials is not None and smtp.has_extn("auth"):
+                self._login(smtp, credentials)
+        except BaseException:
+            smtp.close()
+            raise
+        return smtp
+
+    @staticmethod
+    def _hello(smtp: smtplib.SMTP) -> None:
+        code, text = smtp.ehlo()
+        if code != 250:
+            raise RelayError(Reply.of(code, text))
+
+    @staticmethod
+    def _login(smtp: smtplib.SMTP, credentials: Credentials) -> None:
+        try:
+            smtp.login(*credentials)
+        except smtplib.SMTPAuthenticationError as exc:
+            raise RelayError(Reply.of(exc.smtp_code, exc.smtp_error), auth=True) from None
+        except smtplib.SMTPException as exc:  # e.g. no common mechanism: not a reply
+            raise RelayError(Reply(None, f"authentication impossible: {exc}"), auth=True) from None
+
+
+# -- the worker -----------------------------------------------------------------
+
+
+class RelayWorker:
+    """Claims due queue rows and relays them; ``run`` loops until ``stop`` is set."""
+
+    batch_size = 10
+
+    def __init__(
+        self,
+        config: Config,
+        spool: Spool,
+        worker_name: str,
+        credentials_key: bytes | None,
+        *,
+        now: Callable[[], dt.datetime] = utcnow,
+    ) -> None:
+        self.config = config
+        self.spool = spool
+        self.name = worker_name
+        # Unique per run, so a claim left by an earlier process of the same name
+        # (or the same name on another node) is never taken for our own.
+        self.owner = f"{config.node.name}/{worker_name}/{secrets.token_hex(3)}"[:100]
+        self._key = credentials_key
+        self._now = now
+        self.connection = SmarthostConnection(
+            config.relay_host,
+            config.relay_port,
+            config.relay_security,
+            timeout=config.upstream.timeout,
+            context=tls_context(config.upstream),
+            local_hostname=config.smtp.hostname,
+        )
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"relay-{worker_name}")
+        self._wake = asyncio.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop: asyncio.Event | None = None
+        self._closed = False
+
+    # -- asyncio side ---------------------------------------------------------
+
+    def wakeup(self) -> None:
+        """Ask for a run now (e.g. right after a message was queued).  Thread-safe."""
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            self._wake.set()
+            return
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if running is loop:
+            self._wake.set()
+        else:
+            loop.call_soon_threadsafe(self._wake.set)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Relay until ``stop`` is set; sleep until the next due row, at most poll_interval."""
+        self._loop = asyncio.get_running_loop()
+        self._stop = stop
+        log.info("relay worker %s started (relay=%s)", self.owner, self.connection.relay)
+        try:
+            while not stop.is_set():
+                self._wake.clear()
+                try:
+                    await self.run_once()
+                    timeout = await self._call(self._seconds_until_due)
+                except Exception:
+                    log.exception("relay worker %s: run failed", self.owner)
+                    timeout = self.config.relay.poll_interval
+                await self._sleep(stop, timeout)
+        finally:
+            await self.aclose()
+            log.info("relay worker %s stopped", self.owner)
+
+    async def run_once(self) -> int:
+        """Relay every row that is due now; return how many were worked on."""
+        done: set[int] = set()
+        try:
+            while not self._stopping():
+                rows = await self._call(
+                    claim_batch, self.owner, self._now(), self.config.relay.claim_timeout,
+                    self.batch_size,
+                )
+                fresh = [row for row in rows if row.id not in done]
+                if len(fresh) < len(rows):  # due again already (zero backoff): next run
+                    await self._call(release, [r.id for r in rows if r.id in done], self.owner)
+                if not fresh:
+                    break
+                for index, row in enumerate(self._reuse_order(fresh)):
+                    if self._stopping():
+                        await self._call(release, [r.id for r in fresh[index:]], self.owner)
+                        break
+                    await self._call(self._process_safely, row)
+                    done.add(row.id)
+        finally:
+            await self._call(self.connection.close)  # close idle connections
+        return len(done)
+
+    async def aclose(self) -> None:
+        """Close the SMTP session and the worker thread's DB connection."""
+        if self._closed:
+            return
+        self._closed = True
+        await self._call(self._close_thread_resources)
+        self._executor.shutdown(wait=True)
+
+    async def _call(self, fn: Callable[..., T], *args: Any) -> T:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, functools.partial(fn, *args))
+
+    async def _sleep(self, stop: asyncio.Event, timeout: float) -> None:
+        waiters = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(self._wake.wait())]
+        try:
+            await asyncio.wait(waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for waiter in waiters:
+                waiter.cancel()
+
+    def _stopping(self) -> bool:
+        return self._stop is not None and self._stop.is_set()
+
+    def _reuse_order(self, rows: list[OutboundMessage]) -> list[OutboundMessage]:
+        """Rows of one employee together, so their session is reused."""
+        if self.config.relay.mode != "employee_credentials":
+            return rows
+        return sorted(rows, key=lambda row: row.employee_id or 0)
+
+    # -- worker thread side (blocking) ----------------------------------------
+
+    def _close_thread_resources(self) -> None:
+        self.connection.close()
+        if not database.is_closed():
+            database.close()
+
+    def _seconds_until_due(self) -> float:
+        m = OutboundMessage
+        now = self._now()
+        waiting = (m.state == "queued") & (m.claimed_until.is_null() | (m.claimed_until < now))
+        row = m.select(m.next_attempt_at).where(waiting).order_by(m.next_attempt_at).first()
+        poll = self.config.relay.poll_interval
+        if row is None:
+            return poll
+        return min(poll, max(0.1, (row.next_attempt_at - now).total_seconds()))
+
+    def _process_safely(self, row: OutboundMessage) -> None:
+        try:
+            self._process(row)
+        except Exception:
+            # The claim stays until it expires: that is the retry delay.
+            log.exception("%s: relay failed unexpectedly", row.queue_id)
+            self.connection.close()
+
+    def _process(self, row: OutboundMessage) -> None:
+        if not self._renew_claim(row):
+            log.warning("%s: claim lost before delivery; skipped", row.queue_id)
+            return
+        recipients: list[str] = json.loads(row.recipients)
+        credentials: Credentials | None = None
+        data = b""
+        try:
+            data = _normalize_eol(self.spool.read(row))
+            credentials = self._credentials_for(row)
+        except FileNotFoundError:
+            replies = dict.fromkeys(recipients, Reply(None, "spool file missing on this node"))
+        except CredentialsError as exc:
+            replies = dict.fromkeys(recipients, Reply(None, str(exc)))
+        else:
+            replies = self._deliver(row, credentials, recipients, data)
+        self._record(row, recipients, replies, credentials, data)
+
+    def _renew_claim(self, row: OutboundMessage) -> bool:
+        m = OutboundMessage
+        until = self._now() + dt.timedelta(seconds=self.config.relay.claim_timeout)
+        query = m.update(claimed_until=until).where(
+            (m.id == row.id) & (m.claimed_by == self.owner) & (m.state == "queued")
+        )
+        return query.execute() == 1
+
+    def _credentials_for(self, row: OutboundMessage) -> Credentials | None:
+        relay = self.config.relay
+        if relay.mode == "employee_credentials" and row.credentials:
+            if self._key is None:
+                raise CredentialsError("no queue key loaded: cannot unseal credentials")
+            return unseal(self._key, row.credentials, row.queue_id)
+        if relay.username:
+            return relay.username, relay.password
+        return None
+
+    def _deliver(
+        self,
+        row: OutboundMessage,
+        credentials: Credentials | None,
+        recipients: list[str],
+        data: bytes,
+    ) -> dict[str, Reply]:
+        if not recipients:
+            return {}
+        try:
+            return self.connection.send(credentials, row.mail_from, recipients, data)
+        except RelayError as exc:
+            reply = exc.reply
+            if exc.auth and reply.outcome == "bounced" and self._employee_auth(row):
+                # The employee's own password was refused: retrying will not help.
+                reply = Reply(reply.code, f"5.7.8 upstream refused the sender's login: {reply.text}")
+            elif reply.outcome == "bounced":
+                # A session-level 5xx (greeting, STARTTLS, relay account login) is
+                # our configuration, not the message: keep it and retry.
+                reply = Reply(None, f"upstream refused the session: {reply}")
+            self.connection.close()
+            return dict.fromkeys(recipients, reply)
+        except (smtplib.SMTPException, OSError) as exc:
+            self.connection.close()
+            return dict.fromkeys(recipients, Reply(None, _describe(exc)))
+
+    def _employee_auth(self, row: OutboundMessage) -> bool:
+        return self.config.relay.mode == "employee_credentials" and bool(row.credentials)
+
+    def _record(
+        self,
+        row: OutboundMessage,
+        recipients: list[str],
+        replies: dict[str, Reply],
+        credentials: Credentials | None,
+        original: bytes,
+    ) -> None:
+        now = self._now()
+        by_outcome: dict[str, list[str]] = {"sent": [], "deferred": [], "bounced": []}
+        for rcpt in recipients:
+            by_outcome[replies[rcpt].outcome].append(rcpt)
+        delivered, deferred, failed = by_outcome["sent"], by_outcome["deferred"], by_outcome["bounced"]
+        self._log(row, now, replies)
+        expires = row.created_at + dt.timedelta(seconds=self.config.relay.lifetime)
+        expired = bool(deferred) and now >= expires
+        remote = self.connection.host
+        failures = [Failure(r, replies[r].status, str(replies[r]), remote) for r in failed]
+        if expired:
+            failures += [
+                Failure(r, "4.4.7", f"delivery time expired; last reply: {replies[r]}", remote)
+                for r in deferred
+            ]
+            self._log_expired(row, now, deferred)
+        attempts = row.attempts + 1
+        errors = "; ".join(f"<{r}>: {replies[r]}" for r in deferred + failed)[:_MAX_ERROR]
+        m = OutboundMessage
+        finished = not (deferred and not expired)
+        if not finished:
+            delay = backoff(attempts, self.config.relay.retry_initial, self.config.relay.retry_max)
+            changes = {
+                m.recipients: json.dumps(deferred),
+                m.next_attempt_at: now + dt.timedelta(seconds=delay),
+            }
+        else:
+            changes = {
+                m.state: "sent" if delivered or not failures else "bounced",
+                m.recipients: json.dumps([f.recipient for f in failures]),
+                m.done_at: now,
+                m.credentials: None,
+            }
+        changes.update(
+            {m.attempts: attempts, m.last_error: errors, m.claimed_by: None, m.claimed_until: None}
+        )
+        with database.atomic() as txn:
+            updated = m.update(changes).where((m.id == row.id) & (m.claimed_by == self.owner)).execute()
+            if updated != 1:
+                txn.rollback()
+                log.warning("%s: claim lost during delivery; outcome not recorded", row.queue_id)
+                return
+            if failures:
+                self._bounce(row, failures, credentials, original)
+        if finished:
+            self.spool.remove(row)
+        self._count(delivered, not finished, failures)
+
+    def _bounce(
+        self,
+        row: OutboundMessage,
+        failures: list[Failure],
+        credentials: Credentials | None,
+        original: bytes,
+    ) -> None:
+        if row.is_bounce or not row.mail_from:
+            log.info("%s: undeliverable bounce dropped (never bounce a bounce)", row.queue_id)
+            return
+        dsn = build_dsn(
+            original,
+            row.mail_from,
+            failures,
+            hostname=self.config.smtp.hostname,
+            company_domain=self.config.company.domains[0],
+            language=self.config.company.language,
+            arrival_date=row.created_at,
+            queue_id=row.queue_id,
+        )
+        queue_id = new_queue_id()
+        sealed = None
+        if credentials is not None and self._employee_auth(row) and self._key is not None:
+            sealed = seal(self._key, credentials[0], credentials[1], queue_id)
+        try:
+            bounce = self.spool.enqueue(
+                "", [row.mail_from], dsn, is_bounce=True, credentials=sealed,
+                employee_id=row.employee_id, queue_id=queue_id,
+            )
+        except SpoolError as exc:
+            log.error("%s: could not queue the bounce to <%s>: %s", row.queue_id, row.mail_from, exc)
+            return
+        log.info("%s: sender non-delivery notification: %s", row.queue_id, bounce.queue_id)
+
+    def _count(self, delivered: list[str], deferred: bool, failures: list[Failure]) -> None:
+        if delivered:
+            relay_results.labels("relayed").inc()
+        if deferred:
+            relay_results.labels("deferred").inc()
+        if failures:
+            relay_results.labels("bounced").inc()
+
+    def _log(self, row: OutboundMessage, now: dt.datetime, replies: dict[str, Reply]) -> None:
+        """One Postfix-style line per outcome of this attempt (recipients sharing it)."""
+        groups: dict[tuple[str, str], list[str]] = {}
+        for rcpt, reply in replies.items():
+            groups.setdefault((reply.outcome, str(reply)), []).append(rcpt)
+        delay = (now - row.created_at).total_seconds()
+        for (outcome, reply), rcpts in groups.items():
+            level = logging.INFO if outcome != "deferred" else logging.WARNING
+            log.log(
+                level, "%s to=%s relay=%s delay=%.1f status=%s (%s)",
+                row.queue_id, ",".join(f"<{r}>" for r in rcpts), self.connection.relay,
+                delay, outcome, reply,
+            )
+
+    def _log_expired(self, row: OutboundMessage, now: dt.datetime, rcpts: list[str]) -> None:
+        log.info(
+            "%s to=%s relay=%s delay=%.1f status=bounced (delivery time expired)",
+            row.queue_id, ",".join(f"<{r}>" for r in rcpts), self.connection.relay,
+            (now - row.created_at).total_seconds(),
+        )
+
+
+def _normalize_eol(data: bytes) -> bytes:
+    """Bare CR / bare LF become CRLF: no next hop can be made to split the message."""
+    return _EOL.sub(b"\r\n", data)
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, smtplib.SMTPResponseException):
+        return str(Reply.of(exc.smtp_code, exc.smtp_error))
+    if isinstance(exc, TimeoutError):
+        return "timed out talking to the upstream server"
+    if isinstance(exc, ConnectionRefusedError):
+        return "connection refused by the upstream server"
+    if isinstance(exc, ssl.SSLError):
+        return f"TLS failure: {exc.reason or exc}"
+    text = str(exc) or type(exc).__name__
+    return " ".join(text.split())[:_MAX_ERROR]

@@ -1,0 +1,155 @@
+"""One node: every service in one process, one event loop (ARCHITECTURE §2).
+
+Twisted runs on the asyncio loop (asyncioreactor), so the Twisted IMAP proxy
+and the aiosmtpd submission servers share it.  ``Node.start`` composes the
+services in dependency order; ``Node.stop`` takes them down in reverse.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+
+from gateway.archive import Archive
+from gateway.config import Config
+from gateway.directory import Directory
+from gateway.policy import Policy
+from gateway.smtp.auth import UpstreamAuthenticator
+from gateway.smtp.guard import LoginGuard
+from gateway.spool import Spool
+
+log = logging.getLogger("mailgate")
+
+DIRECTORY_REFRESH = 2.0
+
+
+class Node:
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+        self.stopping = asyncio.Event()
+        self.tasks: list[asyncio.Task] = []
+        self.smtp_servers: list[asyncio.AbstractServer] = []
+        self.imap_ports: list = []
+        self.workers: list = []
+        self.directory = Directory(cfg.company.domains, cfg.public_mail_domains)
+        self.policy = Policy(self.directory)
+        self.spool = Spool(cfg.spool_dir)
+        self.archive = Archive(cfg.archive_dir)
+
+    async def start(self, reactor=None) -> None:
+        from gateway.credentials import load_or_create_key
+        from gateway.relay import RelayWorker
+        from gateway.smtp.handler import SubmissionHandler
+        from gateway.smtp.server import start_smtp
+
+        cfg = self.cfg
+        await asyncio.to_thread(self.directory.load)
+        await asyncio.to_thread(self.spool.sweep_orphans)
+        key = await asyncio.to_thread(load_or_create_key, cfg.relay.credentials_key)
+        self.workers = [
+            RelayWorker(cfg, self.spool, f"{cfg.node.name}-relay{i}", key) for i in range(cfg.relay.workers)
+        ]
+        handler = SubmissionHandler(
+            cfg, self.directory, self.policy, self.spool, self.archive,
+            UpstreamAuthenticator(cfg),
+            LoginGuard(cfg.smtp.auth_fail_base_delay, cfg.smtp.auth_fail_max_delay, cfg.smtp.auth_fail_window),
+            credentials_key=key,
+            on_queued=self.wake_relay,
+        )
+        self.smtp_servers = await start_smtp(cfg, handler)
+        for w in self.workers:
+            self.tasks.append(asyncio.create_task(w.run(self.stopping), name=w.worker_name))
+        self.tasks.append(asyncio.create_task(self._refresh_directory(), name="directory-refresh"))
+        if reactor is not None:
+            from gateway.imap.service import listen_imap
+
+            self.imap_ports = listen_imap(cfg, self.directory, reactor)
+        self._start_metrics()
+        log.info(
+            "mailgate ready: node=%s smtp=%s:%s,%s imap=%s:%s,%s",
+            cfg.node.name, cfg.smtp.listen, cfg.smtp.submission_port, cfg.smtp.smtps_port,
+            cfg.imap.listen, cfg.imap.starttls_port, cfg.imap.tls_port,
+        )
+
+    def wake_relay(self) -> None:
+        for w in self.workers:
+            w.wakeup()
+
+    async def _refresh_directory(self) -> None:
+        while not self.stopping.is_set():
+            try:
+                await asyncio.wait_for(self.stopping.wait(), DIRECTORY_REFRESH)
+            except TimeoutError:
+                pass
+            try:
+                await asyncio.to_thread(self.directory.refresh)
+            except Exception:
+                log.exception("directory refresh failed; keeping the last good index")
+
+    def _start_metrics(self) -> None:
+        if not self.cfg.metrics.port:
+            return
+        from prometheus_client import start_http_server
+
+        from gateway.metrics import REGISTRY, install_queue_collector
+
+        install_queue_collector()
+        start_http_server(self.cfg.metrics.port, self.cfg.metrics.listen, registry=REGISTRY)
+
+    async def stop(self) -> None:
+        self.stopping.set()
+        for server in self.smtp_servers:
+            server.close()
+        for port in self.imap_ports:
+            await asyncio.ensure_future(_deferred(port.stopListening()))
+        for task in self.tasks:
+            try:
+                await asyncio.wait_for(task, 10)
+            except (TimeoutError, asyncio.CancelledError):
+                task.cancel()
+            except Exception:
+                log.exception("task %s failed while stopping", task.get_name())
+
+
+async def _deferred(d) -> None:
+    if d is not None and hasattr(d, "asFuture"):
+        await d.asFuture(asyncio.get_running_loop())
+
+
+def run(cfg: Config) -> int:
+    """Run a node until SIGTERM/SIGINT.  Returns the exit status."""
+    loop = asyncio.new_event_loop()
+    asyncio.set_event_loop(loop)
+    from twisted.internet import asyncioreactor
+
+    asyncioreactor.install(loop)
+    from twisted.internet import reactor
+
+    node = Node(cfg)
+    status = {"code": 0}
+
+    def started(task: asyncio.Task) -> None:
+        if task.cancelled() or task.exception() is not None:
+            exc = task.exception() if not task.cancelled() else None
+            log.error("start-up failed: %s", exc)
+            print(f"mailgate: start-up failed: {exc}", file=sys.stderr)
+            status["code"] = 1
+            reactor.stop()
+
+    def start() -> None:
+        loop.create_task(node.start(reactor)).add_done_callback(started)
+
+    def shutdown():
+        return _as_deferred(node.stop())
+
+    reactor.callWhenRunning(start)
+    reactor.addSystemEventTrigger("before", "shutdown", shutdown)
+    reactor.run()
+    return status["code"]
+
+
+def _as_deferred(coro):
+    from twisted.internet.defer import Deferred
+
+    return Deferred.fromFuture(asyncio.ensure_future(coro))

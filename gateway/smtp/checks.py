@@ -1,0 +1,53 @@
+"""Syntax checks on what a client sends, before anything goes upstream."""
+
+from __future__ import annotations
+
+import re
+
+# A plain mailbox: local@domain, no source routes, no %-hacks, no bang paths,
+# no quoted local part, no control characters.
+_LOCAL_UTF8 = r"(?:[A-Za-z0-9!#$&'*+/=?^_`{|}~.-]|[^\x00-\x7f])+"
+_DOMAIN = r"(?:[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)+[A-Za-z]{2,63}|\[[0-9.:A-Fa-f]+\]"
+_U = r"[^\x00-\x7f]"  # any non-ASCII character (internationalised names, RFC 6531)
+_DOMAIN_UTF8 = (
+    rf"(?:(?:[A-Za-z0-9]|{_U})(?:(?:[A-Za-z0-9-]|{_U}){{0,61}}(?:[A-Za-z0-9]|{_U}))?\.)+(?:[A-Za-z]|{_U}){{2,63}}"
+)
+ADDRESS = re.compile(rf"^{_LOCAL_UTF8}@(?:{_DOMAIN}|{_DOMAIN_UTF8})$")
+HELO = re.compile(r"^[A-Za-z0-9.\-_:\[\]]{1,255}$")
+
+
+def address_problem(address: str) -> str | None:
+    """Why an envelope address is unacceptable for relaying, or None."""
+    if any(c in address for c in "\r\n\x00"):
+        return "control characters in address"
+    if len(address) > 320:
+        return "address too long"
+    local, _, domain = address.rpartition("@")
+    if not local or not domain:
+        return "address must be local@domain"
+    if local.startswith('"') or "%" in local or "!" in local or "@" in local:
+        return "source routes, %-hacks, bang paths and quoted local parts are not relayed"
+    if local.startswith(".") or local.endswith(".") or ".." in local:
+        return "malformed local part"
+    if not ADDRESS.match(address):
+        return "malformed address"
+    return None
+
+
+def helo_problem(name: str) -> str | None:
+    if not HELO.match(name or ""):
+        return "HELO/EHLO name must be a host name or address literal"
+    return None
+
+
+def bare_line_ending(data: bytes) -> bool:
+    """True if ``data`` has a CR not followed by LF or an LF not preceded by CR.
+
+    Such bytes let the next hop end the message early (SMTP smuggling,
+    CVE-2023-51764 family), so the gateway refuses them, like Postfix's
+    smtpd_forbid_bare_newline.
+    """
+    lf = data.count(b"\n")
+    cr = data.count(b"\r")
+    crlf = data.count(b"\r\n")
+    return lf != crlf or cr != crlf

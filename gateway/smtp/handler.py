@@ -1,0 +1,328 @@
+"""The submission handler: aiosmtpd hooks, one small job each.
+
+A message's path, top to bottom:
+  EHLO  -> helo_problem
+  AUTH  -> LoginGuard delay -> UpstreamAuthenticator.verify -> Identity
+  MAIL  -> must be authenticated (or from a trusted network); the address must
+           be the employee's own or an alias (553 otherwise)
+  RCPT  -> syntax (no %-hacks, source routes …), recipient limit
+  DATA  -> bare CR/LF refused -> headers parsed -> policy.decide ->
+           mutate (tag, rewrite, sign) -> archive + spool (fsync) -> 250 + queue id
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import email.utils
+import ipaddress
+import logging
+import time
+from dataclasses import dataclass
+from email.parser import BytesHeaderParser
+from email.policy import compat32
+
+from aiosmtpd.smtp import SMTP, AuthResult, Envelope
+from aiosmtpd.smtp import Session as SMTPSession
+
+from gateway import metrics
+from gateway.archive import Archive
+from gateway.config import Config
+from gateway.db.models import database
+from gateway.directory import Directory, EmployeeInfo
+from gateway.i18n import t
+from gateway.mutate import apply_mutations
+from gateway.policy import ACCEPT, HOLD, REJECT, Context, Policy, Verdict
+from gateway.policy.context import Session
+from gateway.smtp.auth import UpstreamAuthenticator, UpstreamUnavailable
+from gateway.smtp.checks import address_problem, bare_line_ending, helo_problem
+from gateway.smtp.guard import LoginGuard
+from gateway.spool import Spool, SpoolError, new_queue_id
+
+log = logging.getLogger("mailgate.smtp")
+
+MAX_HEADER_BLOCK = 1024 * 1024
+
+
+@dataclass
+class Identity:
+    """Who authenticated on this session.  ``password`` is kept only in memory,
+    for relay.mode = employee_credentials; it is never logged (repr hides it)."""
+
+    username: str
+    employee: EmployeeInfo | None
+    password: str = ""
+
+    def __repr__(self) -> str:
+        return f"Identity({self.username!r})"
+
+
+def split_header_block(data: bytes) -> bytes:
+    end = data.find(b"\r\n\r\n", 0, MAX_HEADER_BLOCK)
+    return data[: end + 2] if end >= 0 else data[:MAX_HEADER_BLOCK]
+
+
+def smtp_reply(code: int, enhanced: str, text: str) -> str:
+    """A (possibly multi-line) SMTP reply; every line bounded and free of CR/LF."""
+    lines = [line.strip()[:400] for line in text.replace("\r", "").split("\n") if line.strip()] or [""]
+    out = [f"{code}-{enhanced} {line}" for line in lines[:-1]]
+    out.append(f"{code} {enhanced} {lines[-1]}")
+    return "\r\n".join(out)
+
+
+class SubmissionHandler:
+    def __init__(
+        self,
+        cfg: Config,
+        directory: Directory,
+        policy: Policy,
+        spool: Spool,
+        archive: Archive,
+        authenticator: UpstreamAuthenticator,
+        guard: LoginGuard,
+        credentials_key: bytes | None = None,
+        on_queued=None,
+    ):
+        self.cfg = cfg
+        self.directory = directory
+        self.policy = policy
+        self.spool = spool
+        self.archive = archive
+        self.authenticator = authenticator
+        self.guard = guard
+        self.credentials_key = credentials_key
+        self.on_queued = on_queued or (lambda: None)
+        self.trusted = [ipaddress.ip_network(n, strict=False) for n in cfg.smtp.trusted_networks]
+        self.language = cfg.company.language
+
+    # -- session facts -------------------------------------------------------
+    def is_trusted(self, session: SMTPSession) -> bool:
+        try:
+            ip = ipaddress.ip_address(session.peer[0])
+        except (TypeError, ValueError, IndexError):
+            return False
+        return any(ip in net for net in self.trusted)
+
+    @staticmethod
+    def identity(session: SMTPSession) -> Identity | None:
+        data = session.auth_data
+        return data if session.authenticated and isinstance(data, Identity) else None
+
+    # -- EHLO/HELO -----------------------------------------------------------
+    async def handle_EHLO(self, server: SMTP, session: SMTPSession, envelope: Envelope, hostname: str, responses):
+        if problem := helo_problem(hostname):
+            session.host_name = None
+            return [f"501 5.5.2 {problem}"]
+        return responses
+
+    async def handle_HELO(self, server: SMTP, session: SMTPSession, envelope: Envelope, hostname: str):
+        if problem := helo_problem(hostname):
+            return f"501 5.5.2 {problem}"
+        session.host_name = hostname
+        return f"250 {server.hostname}"
+
+    # -- AUTH (PLAIN and LOGIN, checked against the upstream) ----------------
+    async def auth_PLAIN(self, server: SMTP, args: list[str]) -> AuthResult:
+        if len(args) == 1:
+            blob = await server.challenge_auth("")
+            if not isinstance(blob, bytes):
+                return AuthResult(success=False, handled=True)
+        else:
+            try:
+                blob = base64.b64decode(args[1].encode(), validate=True)
+            except (binascii.Error, ValueError):
+                await server.push("501 5.5.2 Can't decode base64")
+                return AuthResult(success=False, handled=True)
+        parts = blob.split(b"\x00")
+        if len(parts) != 3:
+            await server.push("501 5.5.2 Can't split auth value")
+            return AuthResult(success=False, handled=True)
+        return await self._login(server, parts[1], parts[2])
+
+    async def auth_LOGIN(self, server: SMTP, args: list[str]) -> AuthResult:
+        if len(args) == 1:
+            user = await server.challenge_auth("Username:")
+        else:
+            try:
+                user = base64.b64decode(args[1].encode(), validate=True)
+            except (binascii.Error, ValueError):
+                await server.push("501 5.5.2 Can't decode base64")
+                return AuthResult(success=False, handled=True)
+        if not isinstance(user, bytes):
+            return AuthResult(success=False, handled=True)
+        password = await server.challenge_auth("Password:")
+        if not isinstance(password, bytes):
+            return AuthResult(success=False, handled=True)
+        return await self._login(server, user, password)
+
+    async def _login(self, server: SMTP, user_b: bytes, password_b: bytes) -> AuthResult:
+        try:
+            username = user_b.decode("utf-8")
+            password = password_b.decode("utf-8")
+        except UnicodeDecodeError:
+            return AuthResult(success=False, message="535 5.7.8 Authentication credentials invalid")
+        if not username or len(username) > 320 or any(c in username for c in "\r\n\x00"):
+            return AuthResult(success=False, message="535 5.7.8 Authentication credentials invalid")
+        ip = server.session.peer[0] if server.session and server.session.peer else ""
+        delay = self.guard.delay(ip, username)
+        self.guard.begin(ip, username)
+        ok = False
+        try:
+            if delay:
+                await asyncio.sleep(delay)  # the penalty itself, not a wait for an event
+            try:
+                ok = await self.authenticator.verify(username, password, ip)
+            except UpstreamUnavailable:
+                metrics.auth_results.labels("smtp", "unavailable").inc()
+                log.warning("auth user=%s ip=%s result=upstream-unavailable", username, ip)
+                return AuthResult(success=False, message="454 4.7.0 Temporary authentication failure, try again later")
+        finally:
+            self.guard.end(ip, username, ok)
+        metrics.auth_results.labels("smtp", "ok" if ok else "failed").inc()
+        log.info("auth user=%s ip=%s result=%s", username, ip, "ok" if ok else "failed")
+        if not ok:
+            return AuthResult(success=False)
+        employee = self.directory.employee_for_address(username)
+        return AuthResult(success=True, auth_data=Identity(username, employee, password))
+
+    # -- envelope --------------------------------------------------------------
+    async def handle_MAIL(self, server: SMTP, session: SMTPSession, envelope: Envelope, address: str, options):
+        ident = self.identity(session)
+        if ident is None and not self.is_trusted(session):
+            if not server._tls_protocol:
+                return "530 5.7.0 Must issue a STARTTLS command first"
+            return "530 5.7.0 Authentication required"
+        if address and (problem := address_problem(address)):
+            return f"553 5.1.7 {problem}"
+        if ident is not None:
+            own = self._own_addresses(ident)
+            if address.lower() not in own:
+                return smtp_reply(553, "5.7.1", f"Sender address <{address}> is not yours; send as one of: "
+                                  + ", ".join(sorted(own)[:5]))
+        envelope.mail_from = address
+        envelope.mail_options.extend(options)
+        return "250 2.1.0 OK"
+
+    def _own_addresses(self, ident: Identity) -> set[str]:
+        if ident.employee is None:
+            return {ident.username.lower()}
+        return self.directory.addresses_of(ident.employee.id) | {ident.username.lower()}
+
+    async def handle_RCPT(self, server: SMTP, session: SMTPSession, envelope: Envelope, address: str, options):
+        if self.identity(session) is None and not self.is_trusted(session):
+            return "530 5.7.0 Authentication required"
+        if problem := address_problem(address):
+            return f"553 5.1.3 {problem}"
+        if len(envelope.rcpt_tos) >= self.cfg.smtp.max_recipients:
+            return "452 4.5.3 Too many recipients"
+        envelope.rcpt_tos.append(address)
+        envelope.rcpt_options.extend(options)
+        return "250 2.1.5 OK"
+
+    # -- DATA --------------------------------------------------------------------
+    async def handle_DATA(self, server: SMTP, session: SMTPSession, envelope: Envelope) -> str:
+        started = time.monotonic()
+        data: bytes = envelope.original_content or b""
+        ident = self.identity(session)
+        if bare_line_ending(data):
+            log.warning("refused from=<%s> reason=bare-cr-or-lf ip=%s", envelope.mail_from, session.peer[0])
+            return "550 5.6.0 Message contains bare CR or LF line endings; refused (SMTP smuggling protection)"
+        if len(data) > self.cfg.smtp.max_message_size:
+            return "552 5.3.4 Message size exceeds fixed maximum message size"
+        queue_id = new_queue_id()
+        data = self._add_trace_headers(data, session, queue_id, ident)
+        headers = BytesHeaderParser(policy=compat32).parsebytes(split_header_block(data))
+        employee = ident.employee if ident else self.directory.employee_for_address(envelope.mail_from)
+        ctx = Context(
+            mail_from=envelope.mail_from,
+            rcpt_tos=list(envelope.rcpt_tos),
+            headers=headers,
+            raw=data,
+            employee=employee,
+            session=Session(
+                peer_ip=session.peer[0],
+                helo=session.host_name or "",
+                tls=server._tls_protocol is not None,
+                authenticated=ident is not None,
+                trusted_network=ident is None,
+            ),
+            language=self.language,
+        )
+        verdict = self.policy.decide(ctx)
+        try:
+            reply = await asyncio.to_thread(self._store, ctx, verdict, queue_id, ident)
+        except SpoolError as exc:
+            log.error("%s: store failed: %s", queue_id, exc)
+            if "No space" in str(exc) or "ENOSPC" in str(exc):
+                return "452 4.3.1 Insufficient system storage, try again later"
+            return "451 4.3.0 Temporary local problem storing the message, try again later"
+        delay = time.monotonic() - started
+        metrics.smtp_delay.observe(delay)
+        metrics.smtp_messages.labels({ACCEPT: "accepted", REJECT: "refused", HOLD: "held"}[verdict.action]).inc()
+        log.info(
+            "%s: from=<%s> employee=%s nrcpt=%d size=%d verdict=%s%s delay=%.3f",
+            queue_id, envelope.mail_from, employee.email if employee else "-", len(envelope.rcpt_tos),
+            len(data), verdict.action, f" rule={verdict.rule}" if verdict.rule else "", delay,
+        )
+        if verdict.action == ACCEPT:
+            self.on_queued()
+        return reply
+
+    def _add_trace_headers(self, data: bytes, session: SMTPSession, queue_id: str, ident: Identity | None) -> bytes:
+        """Prepend Received (one line each part, no client-controlled CR/LF) and add a
+        Message-ID if the client sent none."""
+        helo = session.host_name or "unknown"
+        proto = "ESMTPSA" if ident else "ESMTP"
+        received = (
+            f"Received: from {helo} ([{session.peer[0]}])\r\n\tby {self.cfg.smtp.hostname} (Mailgate)"
+            f" with {proto} id {queue_id};\r\n\t{email.utils.formatdate(localtime=False)}\r\n"
+        ).encode("ascii", "replace")
+        extra = b""
+        head = split_header_block(data)
+        if b"\nmessage-id:" not in b"\n" + head.lower():
+            domain = self.cfg.company.domains[0]
+            extra = f"Message-ID: <{queue_id}.{int(time.time())}@{domain}>\r\n".encode()
+        return received + extra + data
+
+    def _store(self, ctx: Context, verdict: Verdict, queue_id: str, ident: Identity | None) -> str:
+        """Blocking: archive and spool, then the reply text.  Runs in a thread."""
+        message_id = str(ctx.headers.get("Message-ID", "")).strip()
+        trace = [s.as_dict() for s in ctx.trace]
+        employee_id = ctx.employee.id if ctx.employee else None
+        if verdict.action == REJECT:
+            try:
+                self.archive.record(
+                    ctx.raw, direction="outbound", verdict="refused", mail_from=ctx.mail_from,
+                    recipients=ctx.rcpt_tos, subject=ctx.subject, message_id=message_id,
+                    employee_id=employee_id, reason=verdict.reason, trace=trace, queue_id=queue_id,
+                )
+            except Exception:
+                log.exception("%s: archive record of a refused message failed", queue_id)
+            return smtp_reply(verdict.smtp_code, verdict.enhanced,
+                              t("conflict.summary", self.language) + "\n" + verdict.reason
+                              if verdict.rule == "send-conflict" else verdict.reason)
+        outgoing = apply_mutations(ctx, verdict, self.cfg)
+        credentials = None
+        if self.cfg.relay.mode == "employee_credentials" and ident is not None:
+            from gateway.credentials import seal
+
+            credentials = seal(self.credentials_key, ident.username, ident.password, queue_id)
+        state = "held" if verdict.action == HOLD else "queued"
+        try:
+            with database.atomic():
+                self.archive.record(
+                    outgoing.data, direction="outbound", verdict="held" if state == "held" else "accepted",
+                    mail_from=outgoing.mail_from, recipients=outgoing.recipients, subject=ctx.subject,
+                    message_id=message_id, employee_id=employee_id, reason=verdict.reason, trace=trace,
+                    queue_id=queue_id,
+                )
+                self.spool.enqueue(
+                    outgoing.mail_from, outgoing.recipients, outgoing.data, employee_id=employee_id,
+                    message_id=message_id, credentials=credentials, state=state, queue_id=queue_id,
+                )
+        except SpoolError:
+            raise
+        except Exception as exc:
+            raise SpoolError(str(exc)) from exc
+        return f"250 2.0.0 {t('queued', self.language, queue_id=queue_id)}"

@@ -1,0 +1,104 @@
+"""aiosmtpd servers: 587 with STARTTLS and 465 with implicit TLS.
+
+``SubmissionSMTP`` adds what the stock server lacks for a gateway: a bound on
+sessions, and a bound on concurrent DATA transfers (aiosmtpd holds a message
+in memory while it arrives, so total memory is slots × max size).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import ssl
+
+from aiosmtpd.smtp import SMTP
+
+from gateway.config import Config
+from gateway.smtp.handler import SubmissionHandler
+
+log = logging.getLogger("mailgate.smtp")
+
+DATA_SLOTS = 32
+DATA_SLOT_WAIT = 30.0
+
+
+class SubmissionSMTP(SMTP):
+    sessions = 0
+    max_sessions = 500
+    data_slots: asyncio.Semaphore | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        SubmissionSMTP.sessions += 1
+        self._counted = True
+        if SubmissionSMTP.sessions > self.max_sessions:
+            log.warning("too many sessions (%d); refusing %s", SubmissionSMTP.sessions, self.session.peer)
+            transport.write(b"421 4.7.0 Too many connections, try again later\r\n")
+            transport.close()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if getattr(self, "_counted", False):
+            SubmissionSMTP.sessions -= 1
+            self._counted = False
+        super().connection_lost(exc)
+
+    async def smtp_AUTH(self, arg: str) -> None:
+        if self._tls_protocol is None and self.session.extended_smtp:
+            await self.push("530 5.7.0 Must issue a STARTTLS command first")
+            return
+        await super().smtp_AUTH(arg)
+
+    async def smtp_DATA(self, arg: str) -> None:
+        slots = SubmissionSMTP.data_slots
+        if slots is None:
+            slots = SubmissionSMTP.data_slots = asyncio.Semaphore(DATA_SLOTS)
+        try:
+            await asyncio.wait_for(slots.acquire(), DATA_SLOT_WAIT)
+        except TimeoutError:
+            await self.push("451 4.3.2 System busy, try again later")
+            return
+        try:
+            await super().smtp_DATA(arg)
+        finally:
+            slots.release()
+
+
+def server_tls_context(cfg: Config) -> ssl.SSLContext:
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.load_cert_chain(str(cfg.tls.cert), str(cfg.tls.key))
+    return ctx
+
+
+async def start_smtp(cfg: Config, handler: SubmissionHandler) -> list[asyncio.AbstractServer]:
+    """Listen on the submission ports; a port of 0 in the config means "off"."""
+    loop = asyncio.get_running_loop()
+    tls = server_tls_context(cfg)
+    s = cfg.smtp
+    SubmissionSMTP.max_sessions = s.max_sessions
+    SubmissionSMTP.line_length_limit = max(1001, s.max_line_length)
+
+    def factory(tls_context: ssl.SSLContext | None):
+        return lambda: SubmissionSMTP(
+            handler,
+            hostname=s.hostname,
+            ident="Mailgate ESMTP",
+            data_size_limit=s.max_message_size,
+            enable_SMTPUTF8=True,
+            decode_data=False,
+            tls_context=tls_context,
+            require_starttls=False,
+            auth_require_tls=True,
+            auth_required=False,
+            timeout=s.timeout,
+            loop=loop,
+        )
+
+    servers = []
+    if s.submission_port:
+        servers.append(await loop.create_server(factory(tls), s.listen, s.submission_port, reuse_address=True))
+    if s.smtps_port:
+        servers.append(
+            await loop.create_server(factory(None), s.listen, s.smtps_port, ssl=tls, reuse_address=True)
+        )
+    return servers

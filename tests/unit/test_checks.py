@@ -1,0 +1,30 @@
+import pytest
+
+from gateway.smtp.checks import address_problem, bare_line_ending, helo_problem
+
+
+@pytest.mark.parametrize("addr", ["a@b.com", "first.last+tag@sub.example.co.uk", "张三@例子.中国", "x@[127.0.0.1]"])
+def test_good_addresses(addr):
+    assert address_problem(addr) is None
+
+
+@pytest.mark.parametrize("addr", [
+    "a%b@c.com", "b!a", "@r.com:a@b.com", '"a@b"@c.com', "a\r\n@b.com", "a\x00@b.com", "noatsign",
+    ".a@b.com", "a..b@c.com", "a@-bad.com", "a@b", "x" * 400 + "@b.com",
+])
+def test_bad_addresses(addr):
+    assert address_problem(addr) is not None
+
+
+@pytest.mark.parametrize("data,bare", [
+    (b"a\r\nb\r\n", False), (b"a\nb\r\n", True), (b"a\rb\r\n", True), (b"a\r\r\n", True), (b"", False),
+    (b"x\r\n.\n", True),
+])
+def test_bare_line_endings(data, bare):
+    assert bare_line_ending(data) is bare
+
+
+def test_helo():
+    assert helo_problem("mail.example.com") is None
+    assert helo_problem("[192.0.2.1]") is None
+    assert helo_problem("bad host") and helo_problem("bad\rhost") and helo_problem("")

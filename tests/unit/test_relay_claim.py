@@ -1,0 +1,109 @@
+"""Claiming queue rows: exactly once under concurrency, expired claims come back, backoff."""
+
+from __future__ import annotations
+
+import datetime as dt
+import threading
+
+import pytest
+
+from gateway.db import connect
+from gateway.db.models import OutboundMessage, database, utcnow
+from gateway.relay import backoff, claim_batch, release
+
+
+@pytest.fixture
+def db(tmp_path):
+    connect("sqlite:///" + str(tmp_path / "queue.db"))
+    yield
+    database.close()
+
+
+def make_rows(count: int, **fields) -> list[int]:
+    rows = [
+        dict(queue_id=f"Q{i:06d}", mail_from="alice@acme.test", recipients='["b@x.test"]',
+             spool_path=f"Q{i:06d}.eml", size=10, **fields)
+        for i in range(count)
+    ]
+    with database.atomic():
+        OutboundMessage.insert_many(rows).execute()
+    return [r.id for r in OutboundMessage.select(OutboundMessage.id)]
+
+
+def test_two_workers_racing_claim_each_row_exactly_once(db):
+    make_rows(200)
+    now = utcnow()
+    claimed: dict[str, list[int]] = {"w1": [], "w2": []}
+    start = threading.Barrier(2)
+    errors: list[BaseException] = []
+
+    def worker(name: str) -> None:
+        try:
+            start.wait()
+            while rows := claim_batch(name, now, 600, limit=7):
+                claimed[name] += [row.id for row in rows]
+                assert all(row.claimed_by == name for row in rows)
+        except BaseException as exc:  # surfaced below
+            errors.append(exc)
+        finally:
+            database.close()
+
+    threads = [threading.Thread(target=worker, args=(name,)) for name in claimed]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    every = claimed["w1"] + claimed["w2"]
+    assert len(every) == 200 and len(set(every)) == 200
+    owners = {row.id: row.claimed_by for row in OutboundMessage.select()}
+    assert all(owners[i] == "w1" for i in claimed["w1"])
+    assert all(owners[i] == "w2" for i in claimed["w2"])
+
+
+def test_claimed_rows_are_not_claimed_again_until_the_claim_expires(db):
+    make_rows(3)
+    now = utcnow()
+    assert len(claim_batch("w1", now, 600)) == 3
+    assert claim_batch("w2", now + dt.timedelta(seconds=599), 600) == []
+    # w1 died: after claim_timeout the rows are due again.
+    again = claim_batch("w2", now + dt.timedelta(seconds=601), 600)
+    assert len(again) == 3 and {r.claimed_by for r in again} == {"w2"}
+
+
+def test_only_due_queued_rows_are_claimed(db):
+    make_rows(1)
+    now = utcnow()
+    OutboundMessage.create(queue_id="LATER", mail_from="a@acme.test", recipients="[]", spool_path="x",
+                           size=1, next_attempt_at=now + dt.timedelta(minutes=5))
+    OutboundMessage.create(queue_id="HELD", mail_from="a@acme.test", recipients="[]", spool_path="y",
+                           size=1, state="held")
+    OutboundMessage.create(queue_id="SENT", mail_from="a@acme.test", recipients="[]", spool_path="z",
+                           size=1, state="sent")
+    assert [r.queue_id for r in claim_batch("w1", now, 600)] == ["Q000000"]
+    later = claim_batch("w1", now + dt.timedelta(minutes=6), 600)
+    assert [r.queue_id for r in later] == ["LATER"]
+
+
+def test_oldest_due_first_and_limit(db):
+    ids = make_rows(5)
+    now = utcnow()
+    OutboundMessage.update(next_attempt_at=now - dt.timedelta(hours=1)).where(OutboundMessage.id == ids[4]).execute()
+    rows = claim_batch("w1", now, 600, limit=2)
+    assert [r.id for r in rows] == [ids[4], ids[0]]
+
+
+def test_release_gives_rows_back_to_others_only_if_still_ours(db):
+    ids = make_rows(2)
+    now = utcnow()
+    claim_batch("w1", now, 600)
+    assert release(ids, "w2") == 0
+    assert release([ids[0]], "w1") == 1
+    assert [r.id for r in claim_batch("w2", now, 600)] == [ids[0]]
+
+
+def test_backoff_doubles_up_to_the_maximum():
+    schedule = [backoff(n, 60, 3600) for n in range(1, 9)]
+    assert schedule == [60, 120, 240, 480, 960, 1920, 3600, 3600]
+    assert backoff(0, 60, 3600) == 0
+    assert backoff(500, 60, 3600) == 3600  # no overflow on huge attempt counts
