@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# Installs everything Mailgate's demo and test suite need on a fresh Debian 12
-# machine with Python 3.11. Idempotent: re-running it is cheap.
+# Installs what Mailgate needs on a fresh Debian 12 machine, into $PYTHON's
+# environment (scripts/_env.sh passes the project's .venv).  Idempotent.
 #   scripts/install_deps.sh          # runtime + demo upstream (Dovecot)
-#   scripts/install_deps.sh --test   # plus test tools (Postfix tools, clients, PostgreSQL, Chromium)
+#   scripts/install_deps.sh --test   # plus test tools (Postfix tools, mail clients, PostgreSQL, Chromium)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -24,11 +24,12 @@ if [ "${#missing[@]}" -gt 0 ]; then
   export DEBIAN_FRONTEND=noninteractive
   # Postfix asks how it should run; we only use its tools and private instances.
   echo "postfix postfix/main_mailer_type select No configuration" | $SUDO debconf-set-selections
+  echo "Installing Debian packages: ${missing[*]}" >&2
   $SUDO apt-get update -qq
   $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
-  # The packages start system daemons; Mailgate runs its own private instances.
+  # The packages may start system daemons; Mailgate runs its own private instances.
   for svc in dovecot postfix postgresql; do
-    (command -v systemctl >/dev/null && systemctl stop "$svc" 2>/dev/null) || service "$svc" stop 2>/dev/null || true
+    $SUDO service "$svc" stop >/dev/null 2>&1 || true
   done
 fi
 

@@ -1,0 +1,137 @@
+"""``mailgate demo``: a whole installation on one machine, for trying it out.
+
+Starts a private Dovecot (IMAP, submission, LMTP) as "the company's mail
+provider", an SMTP sink standing for the Internet (everything relayed out
+lands in <dir>/internet/ as .eml files), fills the sample data and a few
+customer mails into the salespeople's INBOXes, writes <dir>/mailgate.toml and
+runs the gateway in the foreground until Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import email.utils
+from pathlib import Path
+
+from gateway.config import load
+from gateway.db import connect
+from gateway.db.models import Employee
+from gateway.demo.sample_data import PASSWORDS, seed
+from gateway.demo.sink import SinkServer
+from gateway.demo.upstream import DovecotUpstream
+
+INBOUND = [
+    ("alice@acme.test", "Klaus Becker <einkauf@hamburg-tools.de>", "RFQ: 2,000 pcs torque wrenches"),
+    ("alice@acme.test", "Chinedu Okafor <lagos.imports@gmail.com>", "Re: price list (Bob's customer)"),
+    ("alice@acme.test", "田中 太郎 <tanaka@osaka-machinery.jp>", "見積依頼 / quotation request"),
+    ("alice@acme.test", "Newsletter <news@tools-weekly.example>", "Tools weekly #42"),
+    ("bob@acme.test", "Chinedu Okafor <lagos.imports@gmail.com>", "Order confirmation"),
+]
+
+
+def _inbound(sender: str, rcpt: str, subject: str) -> bytes:
+    return (
+        f"From: {email.utils.formataddr(email.utils.parseaddr(sender), charset='utf-8')}\r\n"
+        f"To: {rcpt}\r\nSubject: {subject}\r\nDate: {email.utils.formatdate()}\r\n"
+        f"Message-ID: {email.utils.make_msgid(domain='demo.test')}\r\n"
+        "MIME-Version: 1.0\r\nContent-Type: text/plain; charset=utf-8\r\n\r\n"
+        "Dear partner,\r\n\r\nplease see our request.\r\n"
+    ).encode("utf-8")
+
+
+def write_demo_config(path: Path, dovecot: DovecotUpstream, port_base: int) -> None:
+    path.write_text(f"""# Written by `mailgate demo`; see conf/mailgate.toml for every setting.
+[node]
+name = "demo"
+data_dir = "var"
+
+[database]
+url = "sqlite:///var/mailgate.db"
+
+[company]
+name = "ACME Trading"
+domains = ["acme.test"]
+
+[upstream]
+host = "127.0.0.1"
+imap_port = {dovecot.imaps_port}
+imap_security = "tls"
+submission_port = {dovecot.submission_port}
+submission_security = "starttls"
+ca_file = "{dovecot.cert_path}"
+
+[smtp]
+listen = "127.0.0.1"
+submission_port = {port_base + 587}
+smtps_port = {port_base + 465}
+hostname = "localhost"
+
+[relay]
+mode = "relay_account"
+username = "relay@acme.test"
+password = "relay-pw"
+workers = 2
+
+[imap]
+listen = "127.0.0.1"
+starttls_port = {port_base + 143}
+tls_port = {port_base + 993}
+
+[metrics]
+listen = "127.0.0.1"
+port = {port_base + 9325 - 9000}
+
+[rules]
+dir = "{Path(__file__).resolve().parents[2] / 'rules'}"
+""")
+
+
+def run_demo(directory: Path, port_base: int = 10000) -> int:
+    from gateway.cli import main as cli_main
+    from gateway.service import run
+
+    directory = directory.resolve()
+    directory.mkdir(parents=True, exist_ok=True)
+    sink = SinkServer(directory / "internet")
+    sink.start()
+    dovecot = DovecotUpstream(directory / "upstream", PASSWORDS, relay_port=sink.port)
+    dovecot.start()
+    try:
+        config_path = directory / "mailgate.toml"
+        write_demo_config(config_path, dovecot, port_base)
+        if cli_main(["-c", str(config_path), "init"]) != 0:
+            return 1
+        cfg = load(config_path)
+        connect(cfg.database.url)
+        if not Employee.select().exists():
+            seed()
+            for rcpt, sender, subject in INBOUND:
+                dovecot.deliver(rcpt, _inbound(sender, rcpt, subject))
+        print_instructions(cfg, directory)
+        return run(cfg)
+    finally:
+        dovecot.stop()
+        sink.stop()
+
+
+def print_instructions(cfg, directory: Path) -> None:
+    print(f"""
+================ Mailgate demo is running ================
+Point a mail client (Thunderbird, Outlook, Foxmail, mutt …) at the gateway:
+
+  IMAP  server 127.0.0.1  port {cfg.imap.tls_port} (SSL/TLS)  or {cfg.imap.starttls_port} (STARTTLS)
+  SMTP  server 127.0.0.1  port {cfg.smtp.submission_port} (STARTTLS)  or {cfg.smtp.smtps_port} (SSL/TLS)
+  user  alice@acme.test   password alice-pw      (also bob@acme.test / bob-pw, carol@acme.test / carol-pw)
+
+The certificate is self-signed: {cfg.tls.cert} — accept it in the client.
+Alice's INBOX has customer mail: her own customer shows as "[客户] …",
+Bob's customer as "[同事客户] …".  Sending from Alice to lagos.imports@gmail.com
+(Bob's customer) is refused with a reason; other mail is relayed to the
+"Internet", which here is the folder {directory / 'internet'}.
+
+Try it from a shell:
+  swaks --server 127.0.0.1:{cfg.smtp.submission_port} --tls --auth-user alice@acme.test \\
+        --auth-password alice-pw --from alice@acme.test --to lagos.imports@gmail.com
+
+Metrics: http://127.0.0.1:{cfg.metrics.port}/metrics        Stop: Ctrl-C
+==========================================================
+""", flush=True)
