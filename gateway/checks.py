@@ -6,6 +6,7 @@ import datetime as dt
 import smtplib
 import socket
 import ssl
+from pathlib import Path
 
 from gateway.config import Config
 
@@ -22,12 +23,14 @@ def run_checks(cfg: Config, network: bool = True) -> list[str]:
 
 
 def check_database(cfg: Config) -> list[str]:
-    from gateway.db import open_database
+    from gateway.db import connect
     from gateway.db.migrations import current_version, latest_version
 
+    url = cfg.database.url
+    if url.startswith("sqlite:///") and not Path(url[len("sqlite:///"):]).exists():
+        return [f"database: no schema yet ({url[len('sqlite:///'):]} does not exist; run `mailgate init`)"]
     try:
-        db = open_database(cfg.database.url)
-        db.connect()
+        db = connect(url, migrate=False)
         try:
             version = current_version(db)
         finally:

@@ -12,6 +12,7 @@ from pathlib import Path
 from gateway import config as config_mod
 
 EXAMPLE_CONFIG = Path(__file__).resolve().parent.parent / "conf" / "mailgate.toml"
+SHIPPED_RULES = Path(__file__).resolve().parent.parent / "rules"
 DEFAULT_CONFIG = os.environ.get("MAILGATE_CONFIG", "mailgate.toml")
 
 
@@ -60,6 +61,9 @@ def cmd_init(args: argparse.Namespace) -> int:
         dkim_dir.mkdir(parents=True, exist_ok=True)
         make_dkim_keys(dkim_dir, selector, cfg.company.domains[0])
         print(f"DKIM keys: {dkim_dir} (publish the records in {dkim_dir / (selector + '.dns')})")
+    if not cfg.rules.dir.exists() and SHIPPED_RULES.is_dir():
+        shutil.copytree(SHIPPED_RULES, cfg.rules.dir)
+        print(f"rules: copied the shipped rule files to {cfg.rules.dir}")
     load_or_create_key(cfg.relay.credentials_key)
     return 0
 
@@ -119,6 +123,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port-base", type=int, default=10000, help="gateway ports are base+587, base+465 …")
     p.add_argument("--log-level", default="INFO")
     p.set_defaults(func=cmd_demo)
+    from gateway.rules.cli import add_parsers as add_rules_parsers
+    add_rules_parsers(sub)
     return parser
 
 

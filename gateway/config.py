@@ -148,6 +148,8 @@ class Config:
     relay: RelayConfig = field(default_factory=RelayConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     rules: RulesConfig = field(default_factory=RulesConfig)
+    dkim: DkimConfig = field(default_factory=lambda: DkimConfig())
+    approval: ApprovalConfig = field(default_factory=lambda: ApprovalConfig())
     path: Path | None = None
 
     # -- derived values -------------------------------------------------
@@ -311,3 +313,25 @@ def load(path: str | Path) -> Config:
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError([f"{path}: {exc}"]) from None
     return from_dict(data, base_dir=path.parent, path=path)
+
+
+# -- issue 4: DKIM and approval (relative paths resolve against the config file's folder) --
+
+
+@dataclass
+class DkimConfig:
+    enabled: bool = True
+    selector: str = "mailgate"
+    key_dir: Path = Path("certs/dkim")
+    algorithms: list[str] = field(default_factory=lambda: ["rsa", "ed25519"])
+    domains: list[str] = field(default_factory=list)
+    canonicalization: str = "relaxed/relaxed"
+
+
+@dataclass
+class ApprovalConfig:
+    expire_hours: int = 72
+    key_file: Path = Path("certs/approval.key")
+    link_base_url: str = "https://mail.acme.test/approvals"
+    notice_from: str = ""
+    notify_sender: bool = True

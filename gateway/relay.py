@@ -211,6 +211,7 @@ class SmarthostConnection:
         self.local_hostname = local_hostname
         self._smtp: smtplib.SMTP | None = None
         self._credentials: Credentials | None = None
+        self.sessions_opened = 0  # for tests and debugging: reuse shows here
 
     @property
     def relay(self) -> str:
@@ -296,6 +297,7 @@ class SmarthostConnection:
                 )
         except smtplib.SMTPConnectError as exc:
             raise RelayError(Reply.of(exc.smtp_code, exc.smtp_error)) from None
+        self.sessions_opened += 1
         try:
             self._hello(smtp)
             if self.security == "starttls":
@@ -624,7 +626,9 @@ class RelayWorker:
         )
         queue_id = new_queue_id()
         sealed = None
-        if credentials is not None and self._employee_auth(row) and self._key is not None:
+        auth_refused = any(f.status == "5.7.8" for f in failures)
+        if credentials and self._employee_auth(row) and self._key is not None and not auth_refused:
+            # The DSN goes to the employee with the employee's own login.
             sealed = seal(self._key, credentials[0], credentials[1], queue_id)
         try:
             bounce = self.spool.enqueue(

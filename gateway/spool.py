@@ -24,7 +24,12 @@ from gateway.db.models import OutboundMessage, database, utcnow
 
 
 class SpoolError(OSError):
-    """The message could not be stored (disk full, DB down …): answer 4xx."""
+    """The message could not be stored (disk full, DB down …): answer 4xx.
+
+    ``errno`` is ENOSPC when the disk is full."""
+
+    def __str__(self) -> str:
+        return self.strerror or super().__str__()
 
 
 def new_queue_id() -> str:
@@ -93,7 +98,7 @@ class Spool:
         try:
             write_durably(path, data)
         except OSError as exc:
-            raise SpoolError(f"spool write failed: {exc.strerror or exc}") from exc
+            raise SpoolError(exc.errno, f"spool write failed: {exc.strerror or exc}") from exc
         try:
             with database.atomic():
                 return OutboundMessage.create(
@@ -110,7 +115,7 @@ class Spool:
                 )
         except Exception as exc:
             _unlink(path)
-            raise SpoolError(f"queue record failed: {exc}") from exc
+            raise SpoolError(getattr(exc, "errno", None), f"queue record failed: {exc}") from exc
 
     def read(self, row: OutboundMessage) -> bytes:
         return (self.directory / row.spool_path).read_bytes()

@@ -31,6 +31,12 @@ def initial_schema(db: Database) -> None:
     db.create_tables(models.ALL_MODELS_V1, safe=True)
 
 
+@migration(2)
+def rules_approval_rewrite(db: Database) -> None:
+    """Issue 4: sent Message-IDs, contacted domains, approvals, used link tokens."""
+    db.create_tables(models.ALL_MODELS_V2, safe=True)
+
+
 def current_version(db: Database) -> int:
     if not db.table_exists("schemaversion"):
         return 0

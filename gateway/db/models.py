@@ -195,3 +195,56 @@ ALL_MODELS_V1 = [
     AuditLog,
     TagDecision,
 ]
+
+
+# -- version 2: rule files, approval, sender rewriting (issue 4) --------------------------
+
+
+class SentMessage(BaseModel):
+    """Outgoing Message-ID -> employee, recorded when the sender is rewritten to the
+    company address, so replies to that address can be routed back."""
+
+    message_id = CharField(max_length=998, unique=True)
+    employee = ForeignKeyField(Employee, null=True, backref="sent_messages", on_delete="SET NULL")
+    company_address = CharField(max_length=320, default="")
+    created_at = DateTimeField(default=utcnow, index=True)
+
+
+class ContactedDomain(BaseModel):
+    """External domains (on public mail domains: exact addresses) written to before,
+    for the `first-contact` rule condition."""
+
+    key = CharField(max_length=320, unique=True)
+    first_employee = IntegerField(null=True)
+    first_at = DateTimeField(default=utcnow)
+
+
+class Approval(BaseModel):
+    """A held message (审核): pending -> approved | rejected(reason) | expired."""
+
+    queue_id = CharField(max_length=32, unique=True)
+    employee = ForeignKeyField(Employee, null=True, backref="approvals", on_delete="SET NULL")
+    mail_from = CharField(max_length=320)
+    recipients = TextField(default="[]")  # JSON list
+    subject = TextField(default="")
+    size = BigIntegerField(default=0)
+    rule = CharField(max_length=100, default="")
+    reason = TextField(default="")  # why it was held
+    approvers = TextField(default="[]")  # JSON list of resolved approver addresses
+    original_path = CharField(max_length=1000, default="")  # bytes before mutations
+    state = CharField(max_length=20, default="pending", index=True)
+    requested_at = DateTimeField(default=utcnow)
+    expires_at = DateTimeField(index=True)
+    decided_at = DateTimeField(null=True)
+    decided_by = CharField(max_length=320, default="")
+    decision_reason = TextField(default="")
+
+
+class UsedApprovalToken(BaseModel):
+    """Nonces of approve/reject link tokens already used (single use)."""
+
+    nonce = CharField(max_length=64, unique=True)
+    used_at = DateTimeField(default=utcnow)
+
+
+ALL_MODELS_V2 = [SentMessage, ContactedDomain, Approval, UsedApprovalToken]

@@ -286,7 +286,9 @@ class FirstContact(Condition):
     def test(self, facts: Facts) -> tuple[bool, str]:
         new = [r for r, key in facts.external_keys.items() if not self.env.history.seen(key)]
         if self.wanted:
-            return (True, f"first contact with {new[0]}") if new else (False, "every external recipient was written to before")
+            if new:
+                return True, f"first contact with {new[0]}"
+            return False, "every external recipient was written to before"
         return (False, f"first contact with {new[0]}") if new else (True, "no first contact")
 
 
@@ -387,7 +389,8 @@ class BodyRegex(_Regex):
 
 _TYPE_SHORTCUTS = {
     "executable": ["application/x-dosexec", "application/x-executable", "application/x-mach-binary",
-                   "application/x-sharedlib", "application/x-pie-executable", "application/vnd.microsoft.portable-executable"],
+                   "application/x-sharedlib", "application/x-pie-executable",
+                   "application/vnd.microsoft.portable-executable"],
     "archive": ["application/zip", "application/x-rar", "application/x-7z-compressed", "application/gzip",
                 "application/x-tar", "application/x-bzip2", "application/x-xz", "application/vnd.rar"],
     "image": ["image/*"],

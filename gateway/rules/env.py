@@ -74,6 +74,7 @@ class DomainHistory:
     def __init__(self, known: Iterable[str] | None = None):
         self._known: set[str] | None = set(known) if known is not None else None
         self._lock = threading.Lock()
+        self._warned = False
 
     def _ensure(self) -> set[str]:
         if self._known is None:
@@ -84,7 +85,9 @@ class DomainHistory:
 
                         self._known = {k for (k,) in ContactedDomain.select(ContactedDomain.key).tuples()}
                     except Exception as exc:
-                        log.warning("contact history unavailable, every domain counts as known: %s", exc)
+                        if not self._warned:
+                            self._warned = True
+                            log.warning("contact history unavailable, every domain counts as known: %s", exc)
                         return _EVERYTHING
         return self._known
 
@@ -122,3 +125,5 @@ class RuleEnv:
     departments: DepartmentIndex = field(default_factory=DepartmentIndex)
     history: DomainHistory = field(default_factory=DomainHistory)
     clock: Callable[[], dt.datetime] = local_now
+    company: str = ""
+    company_domains: tuple[str, ...] = ()

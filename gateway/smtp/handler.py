@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import errno
 import binascii
 import email.utils
 import ipaddress
@@ -254,7 +255,7 @@ class SubmissionHandler:
             reply = await asyncio.to_thread(self._store, ctx, verdict, queue_id, ident)
         except SpoolError as exc:
             log.error("%s: store failed: %s", queue_id, exc)
-            if "No space" in str(exc) or "ENOSPC" in str(exc):
+            if exc.errno == errno.ENOSPC or "database or disk is full" in str(exc):
                 return "452 4.3.1 Insufficient system storage, try again later"
             return "451 4.3.0 Temporary local problem storing the message, try again later"
         delay = time.monotonic() - started
@@ -323,6 +324,8 @@ class SubmissionHandler:
                 )
         except SpoolError:
             raise
+        except OSError as exc:
+            raise SpoolError(exc.errno, f"archive write failed: {exc.strerror or exc}") from exc
         except Exception as exc:
-            raise SpoolError(str(exc)) from exc
+            raise SpoolError(None, f"store failed: {exc}") from exc
         return f"250 2.0.0 {t('queued', self.language, queue_id=queue_id)}"

@@ -1,0 +1,108 @@
+"""The IMAP proxy service: listeners, TLS contexts and shared per-process state.
+
+``listen_imap(config, directory, reactor)`` is the entry point that
+``mailgate run`` calls once the asyncio reactor is installed.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from twisted.internet import protocol, ssl, threads
+
+from gateway.config import Config
+from gateway.directory import Directory
+from gateway.imap.decisions import DecisionStore
+from gateway.imap.limits import ConnectionLimits
+from gateway.imap.session import ClientSession
+from gateway.imap.upstream import UpstreamSettings
+
+log = logging.getLogger("mailgate.imap")
+
+#: How often (seconds) deciding new messages first replays the directory's change feed.
+DIRECTORY_REFRESH_INTERVAL = 1.0
+
+
+def server_tls_options(config: Config) -> ssl.CertificateOptions | None:
+    """The gateway's own certificate for STARTTLS / implicit TLS (None if missing)."""
+    try:
+        cert_pem = config.tls.cert.read_bytes()
+        key_pem = config.tls.key.read_bytes()
+    except OSError as exc:
+        log.warning("IMAP TLS disabled: %s", exc)
+        return None
+    cert = ssl.PrivateCertificate.loadPEM(cert_pem + b"\n" + key_pem)
+    return ssl.CertificateOptions(
+        privateKey=cert.privateKey.original,
+        certificate=cert.original,
+        raiseMinimumTo=ssl.TLSVersion.TLSv1_2,
+    )
+
+
+def upstream_tls_options(config: Config) -> Any:
+    u = config.upstream
+    if not u.verify_tls:
+        return ssl.CertificateOptions(verify=False)
+    trust = ssl.Certificate.loadPEM(u.ca_file.read_bytes()) if u.ca_file else ssl.platformTrust()
+    return ssl.optionsForClientTLS(u.host, trustRoot=trust)
+
+
+class ProxyService:
+    """State shared by all sessions of this process."""
+
+    def __init__(self, config: Config, directory: Directory, reactor: Any):
+        self.config = config
+        self.directory = directory
+        self.reactor = reactor
+        self.limits = ConnectionLimits(config.imap.max_connections, config.imap.max_connections_per_user)
+        self.store = DecisionStore()
+        self.pool = reactor.getThreadPool()
+        self.tls_options = server_tls_options(config)
+        u = config.upstream
+        self.upstream_settings = UpstreamSettings(
+            host=u.host,
+            port=u.imap_port,
+            security=u.imap_security,
+            timeout=u.timeout,
+            tls_options=upstream_tls_options(config) if u.imap_security != "none" else None,
+        )
+        self._last_refresh = float("-inf")
+
+    async def maybe_refresh_directory(self) -> None:
+        """Replay the directory change feed before deciding (at most every interval)."""
+        now = self.reactor.seconds()
+        if now - self._last_refresh < DIRECTORY_REFRESH_INTERVAL:
+            return
+        self._last_refresh = now
+        try:
+            await threads.deferToThreadPool(self.reactor, self.pool, self.directory.refresh)
+        except Exception:  # noqa: BLE001 - a stale directory is better than a failed FETCH
+            log.exception("directory refresh failed")
+
+
+class ProxyFactory(protocol.Factory):
+    def __init__(self, svc: ProxyService, implicit_tls: bool):
+        self.svc = svc
+        self.implicit_tls = implicit_tls
+
+    def buildProtocol(self, addr: Any) -> ClientSession:
+        p = ClientSession(self.svc, self.implicit_tls)
+        p.factory = self
+        return p
+
+
+def listen_imap(config: Config, directory: Directory, reactor: Any) -> list:
+    """Listen on the STARTTLS and implicit-TLS ports (0 = off); returns the listening ports."""
+    svc = ProxyService(config, directory, reactor)
+    c = config.imap
+    ports = []
+    if c.starttls_port:
+        ports.append(reactor.listenTCP(c.starttls_port, ProxyFactory(svc, False), interface=c.listen))
+    if c.tls_port:
+        if svc.tls_options is None:
+            raise RuntimeError(f"IMAP tls_port {c.tls_port} needs [tls] cert and key")
+        ports.append(reactor.listenSSL(c.tls_port, ProxyFactory(svc, True), svc.tls_options, interface=c.listen))
+    for p in ports:
+        log.info("IMAP proxy listening on %s", p.getHost())
+    return ports

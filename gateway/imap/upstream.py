@@ -1,0 +1,292 @@
+"""The proxy's connection to the upstream IMAP server.
+
+``UpstreamProtocol`` frames the upstream's responses and routes each one:
+completions of the proxy's own commands (tags ``~mgN``) fire Deferreds;
+untagged responses go to a ``chooser`` installed by whoever runs a
+look-ahead (it may claim FETCH responses), else to the relay sink (the
+client session), else — before relaying starts — into ``collected``.
+``connect_and_login`` does greeting, STARTTLS/TLS, ID and the login.
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from twisted.internet import defer, protocol
+from twisted.internet.endpoints import HostnameEndpoint, TCP4ClientEndpoint, connectProtocol
+from twisted.internet.interfaces import IReactorTCP
+from twisted.python.failure import Failure
+
+from gateway.imap.parser import Framer, FramerSink, LiteralInfo, ParseError, quote
+
+log = logging.getLogger("mailgate.imap.upstream")
+
+TAG_PREFIX = b"~mg"
+
+
+class UpstreamUnavailable(Exception):
+    """Cannot reach or talk to the upstream: answer NO [UNAVAILABLE]."""
+
+
+class LoginRefused(Exception):
+    """The upstream refused the credentials; ``line`` is its tagged answer (without tag)."""
+
+    def __init__(self, line: bytes):
+        super().__init__(line.decode("utf-8", "replace"))
+        self.line = line
+
+
+class _Collect(FramerSink):
+    """Collects one (small) response into a list."""
+
+    def __init__(self, into: list[bytes], limit: int = 1024 * 1024):
+        self.into = into
+        self.parts: list[bytes] = []
+        self.size = 0
+        self.limit = limit
+
+    def segment(self, data: bytes, first: bool, literal: LiteralInfo | None) -> None:
+        self._add(data)
+        if literal is None:
+            self.into.append(b"".join(self.parts))
+
+    def literal_data(self, data: bytes) -> None:
+        self._add(data)
+
+    def _add(self, data: bytes) -> None:
+        self.size += len(data)
+        if self.size > self.limit:
+            raise ParseError("upstream response too large")
+        self.parts.append(data)
+
+
+class _Tagged(FramerSink):
+    def __init__(self, done: Callable[[bytes], None]):
+        self.done = done
+
+    def segment(self, data: bytes, first: bool, literal: LiteralInfo | None) -> None:
+        if literal is not None:
+            raise ParseError("literal in a tagged response")
+        self.done(data)
+
+    def literal_data(self, data: bytes) -> None:  # pragma: no cover - excluded above
+        raise ParseError("literal in a tagged response")
+
+
+Chooser = Callable[[bytes], FramerSink | None]
+
+
+class UpstreamProtocol(protocol.Protocol, FramerSink):
+    def __init__(self, max_line: int = 8 * 1024 * 1024):
+        self.framer = Framer(self, max_line)
+        self.waiters: dict[bytes, defer.Deferred[bytes]] = {}
+        self.chooser: Chooser | None = None
+        self.relay: FramerSink | None = None
+        self.collected: list[bytes] = []
+        self.greeting: defer.Deferred[bytes] = defer.Deferred()
+        self.ready: defer.Deferred[None] = defer.Deferred()
+        self.on_lost: Callable[[str], None] | None = None
+        self._current: FramerSink | None = None
+        self._n = 0
+        self._got_greeting = False
+        self.closed = False
+
+    # -- twisted ---------------------------------------------------------------------
+    def connectionMade(self) -> None:
+        self.ready.callback(None)
+
+    def dataReceived(self, data: bytes) -> None:
+        try:
+            self.framer.feed(data)
+        except ParseError as exc:
+            log.error("upstream protocol error: %s", exc)
+            self.fail(f"upstream protocol error: {exc}")
+
+    def fail(self, why: str) -> None:
+        if not self.closed:
+            self.closed = True
+            self.transport.abortConnection()
+            self._lost(why)
+
+    def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:
+        self.closed = True
+        self._lost("upstream connection closed")
+
+    def _lost(self, why: str) -> None:
+        waiters, self.waiters = self.waiters, {}
+        for d in waiters.values():
+            d.errback(UpstreamUnavailable(why))
+        if not self.greeting.called:
+            self.greeting.errback(UpstreamUnavailable(why))
+        cb, self.on_lost = self.on_lost, None
+        if cb is not None:
+            cb(why)
+
+    # -- framing -----------------------------------------------------------------------
+    def segment(self, data: bytes, first: bool, literal: LiteralInfo | None) -> None:
+        if first:
+            self._current = self._route(data)
+        assert self._current is not None
+        self._current.segment(data, first, literal)
+
+    def literal_data(self, data: bytes) -> None:
+        assert self._current is not None
+        self._current.literal_data(data)
+
+    def literal_end(self) -> None:
+        assert self._current is not None
+        self._current.literal_end()
+
+    def _route(self, first: bytes) -> FramerSink:
+        if not self._got_greeting:
+            self._got_greeting = True
+            return _Tagged(self._on_greeting)
+        if first.startswith(TAG_PREFIX):
+            return _Tagged(self._on_tagged)
+        if self.chooser is not None:
+            sink = self.chooser(first)
+            if sink is not None:
+                return sink
+        if self.relay is not None:
+            return self.relay
+        return _Collect(self.collected)
+
+    def _on_greeting(self, line: bytes) -> None:
+        self.greeting.callback(line)
+
+    def _on_tagged(self, line: bytes) -> None:
+        tag, _, rest = line.partition(b" ")
+        d = self.waiters.pop(tag, None)
+        if d is None:
+            log.warning("unexpected upstream completion %r", line[:80])
+            return
+        d.callback(rest)
+
+    # -- commands ------------------------------------------------------------------------
+    def next_tag(self) -> bytes:
+        self._n += 1
+        return TAG_PREFIX + b"%d" % self._n
+
+    def send(self, line: bytes, tag: bytes | None = None) -> defer.Deferred[bytes]:
+        """Send ``TAG line`` (line ends with CRLF); fires with the completion (without tag)."""
+        if self.closed:
+            return defer.fail(UpstreamUnavailable("upstream connection closed"))
+        tag = tag or self.next_tag()
+        d: defer.Deferred[bytes] = defer.Deferred()
+        self.waiters[tag] = d
+        self.transport.write(tag + b" " + line)
+        return d
+
+    def write(self, data: bytes) -> None:
+        self.transport.write(data)
+
+
+def status_of(completion: bytes) -> bytes:
+    return completion.split(b" ", 1)[0].upper()
+
+
+def capabilities_from(lines: list[bytes], completion: bytes = b"") -> list[bytes] | None:
+    """Capabilities from ``* CAPABILITY`` lines or a ``[CAPABILITY ...]`` code."""
+    for line in lines:
+        if line[:13].upper() == b"* CAPABILITY ":
+            return line[13:].rstrip(b"\r\n").split()
+    for text in [completion, *lines]:
+        i = text.upper().find(b"[CAPABILITY ")
+        if i >= 0:
+            j = text.find(b"]", i)
+            if j > 0:
+                return text[i + 12 : j].split()
+    return None
+
+
+@dataclass
+class UpstreamSettings:
+    host: str
+    port: int
+    security: str  # tls | starttls | none
+    timeout: float
+    tls_options: object | None  # IOpenSSLClientConnectionCreator
+
+
+async def connect(reactor: IReactorTCP, s: UpstreamSettings) -> UpstreamProtocol:
+    """Connect (TLS when asked) and read the greeting, or raise UpstreamUnavailable."""
+    try:
+        if s.host.replace(".", "").isdigit():
+            ep = TCP4ClientEndpoint(reactor, s.host, s.port, timeout=s.timeout)
+        else:
+            ep = HostnameEndpoint(reactor, s.host, s.port, timeout=s.timeout)
+        proto = UpstreamProtocol()
+        d = connectProtocol(ep, proto)
+        d.addTimeout(s.timeout, reactor)
+        await d
+        if s.security == "tls":
+            proto.transport.startTLS(s.tls_options)
+        g = proto.greeting
+        g.addTimeout(s.timeout, reactor)
+        greeting = await g
+    except UpstreamUnavailable:
+        raise
+    except Exception as exc:  # noqa: BLE001 - every failure here means "unavailable"
+        raise UpstreamUnavailable(str(exc) or exc.__class__.__name__) from exc
+    if not greeting.upper().startswith(b"* OK"):
+        proto.transport.loseConnection()
+        raise UpstreamUnavailable("upstream greeting: " + greeting.decode("utf-8", "replace").strip())
+    if s.security == "starttls":
+        done = await _command(proto, b"STARTTLS\r\n", s, reactor)
+        if status_of(done) != b"OK":
+            proto.transport.loseConnection()
+            raise UpstreamUnavailable("upstream refused STARTTLS")
+        proto.transport.startTLS(s.tls_options)
+    return proto
+
+
+async def _command(proto: UpstreamProtocol, line: bytes, s: UpstreamSettings, reactor: IReactorTCP) -> bytes:
+    d = proto.send(line)
+    d.addTimeout(s.timeout, reactor)
+    try:
+        return await d
+    except defer.TimeoutError:
+        proto.fail("upstream timeout")
+        raise UpstreamUnavailable("upstream timeout") from None
+
+
+async def login(reactor: IReactorTCP, proto: UpstreamProtocol, s: UpstreamSettings, user: bytes, password: bytes,
+                id_params: list[tuple[bytes, bytes | None]]) -> list[bytes]:
+    """ID + login with the client's credentials; returns the post-login capabilities."""
+    proto.collected.clear()
+    await _command(proto, b"CAPABILITY\r\n", s, reactor)
+    caps = {c.upper() for c in capabilities_from(proto.collected) or []}
+    if b"ID" in caps and id_params:
+        fields = b" ".join(quote(k) + b" " + (b"NIL" if v is None else quote(v)) for k, v in id_params)
+        await _command(proto, b"ID (" + fields + b")\r\n", s, reactor)
+    proto.collected.clear()
+    if b"AUTH=PLAIN" in caps and b"SASL-IR" in caps:
+        token = base64.b64encode(b"\0" + user + b"\0" + password)
+        done = await _command(proto, b"AUTHENTICATE PLAIN " + token + b"\r\n", s, reactor)
+    else:
+        done = await _login_command(proto, s, reactor, user, password, b"LITERAL+" in caps)
+    if status_of(done) != b"OK":
+        raise LoginRefused(done)
+    after = capabilities_from(proto.collected, done)
+    if after is None:
+        proto.collected.clear()
+        await _command(proto, b"CAPABILITY\r\n", s, reactor)
+        after = capabilities_from(proto.collected) or []
+    return after
+
+
+async def _login_command(proto: UpstreamProtocol, s: UpstreamSettings, reactor: IReactorTCP,
+                         user: bytes, password: bytes, literal_plus: bool) -> bytes:
+    def arg(v: bytes) -> bytes:
+        if literal_plus and (b'"' in v or b"\\" in v or any(c > 126 or c < 32 for c in v)):
+            return b"{%d+}\r\n" % len(v) + v
+        return quote(v)
+
+    if not literal_plus and any(b'"' in v or b"\\" in v or b"\r" in v or b"\n" in v for v in (user, password)):
+        # Quoting handles " and \ ; CR/LF cannot be sent without synchronising literals.
+        if any(b"\r" in v or b"\n" in v for v in (user, password)):
+            return b"NO [AUTHENTICATIONFAILED] Invalid characters in credentials\r\n"
+    return await _command(proto, b"LOGIN " + arg(user) + b" " + arg(password) + b"\r\n", s, reactor)

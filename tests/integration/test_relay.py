@@ -1,0 +1,283 @@
+"""The relay worker against real servers: Dovecot submission (STARTTLS/TLS + AUTH)
+relaying into the sink, and the sink itself for failure injection.
+
+No sleeps: the worker's clock is a ``Clock`` the test moves, and ``run_once``
+does the work of one wake-up.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import email
+import json
+from pathlib import Path
+
+import pytest
+
+from gateway.config import Config, ConfigError
+from gateway.credentials import load_or_create_key, seal
+from gateway.db import connect
+from gateway.db.models import OutboundMessage, database, utcnow
+from gateway.demo.upstream import free_ports
+from gateway.relay import RelayWorker
+from gateway.spool import Spool, new_queue_id
+
+pytestmark = pytest.mark.integration
+
+MESSAGE = (
+    b"From: Alice <alice@acme.test>\r\n"
+    b"To: buyer@customer.example\r\n"
+    b"Subject: Quotation 2024-17\r\n"
+    b"Message-ID: <q17@acme.test>\r\n"
+    b"MIME-Version: 1.0\r\n"
+    b"Content-Type: text/plain; charset=utf-8\r\n"
+    b"Content-Transfer-Encoding: 8bit\r\n"
+    b"\r\n"
+    + "Dear buyer,\r\n\r\n报价见附件。\r\n.leading dot line\r\n".encode()
+)
+
+
+class Clock:
+    """The worker's idea of now (naive UTC, like the DB), moved by the test."""
+
+    def __init__(self) -> None:
+        self.value = utcnow()
+
+    def __call__(self) -> dt.datetime:
+        return self.value
+
+    def advance(self, seconds: float) -> None:
+        self.value += dt.timedelta(seconds=seconds)
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+@pytest.fixture
+def spool(tmp_path) -> Spool:
+    connect("sqlite:///" + str(tmp_path / "mailgate.db"))
+    yield Spool(tmp_path / "spool")
+    database.close()
+
+
+@pytest.fixture
+def key(tmp_path) -> bytes:
+    return load_or_create_key(tmp_path / "queue.key")
+
+
+@pytest.fixture
+def workers():
+    """Workers made by a test are closed after it."""
+    made: list[RelayWorker] = []
+    yield made
+    for worker in made:
+        asyncio.run(worker.aclose())
+
+
+@pytest.fixture(autouse=True)
+def clean_sink(sink):
+    sink.clear()
+    yield
+
+
+def config(
+    host: str,
+    port: int,
+    security: str,
+    *,
+    mode: str = "relay_account",
+    ca_file: Path | None = None,
+    verify_tls: bool = True,
+) -> Config:
+    cfg = Config()
+    cfg.relay.host, cfg.relay.port, cfg.relay.security = host, port, security
+    cfg.relay.mode = mode
+    if mode == "relay_account":
+        cfg.relay.username, cfg.relay.password = "relay@acme.test", "relay-pw"
+    cfg.relay.retry_initial, cfg.relay.retry_max = 60, 600
+    cfg.relay.lifetime = 3600
+    cfg.upstream.ca_file = ca_file
+    cfg.upstream.verify_tls = verify_tls
+    cfg.upstream.timeout = 10
+    cfg.smtp.hostname = "mail.acme.test"
+    return cfg
+
+
+def via_dovecot(dovecot, **kw) -> Config:
+    return config(dovecot.host, dovecot.submission_port, "starttls", ca_file=dovecot.cert_path, **kw)
+
+
+def via_sink(sink, **kw) -> Config:
+    return config("127.0.0.1", sink.port, "none", **kw)
+
+
+def make_worker(workers, cfg: Config, spool: Spool, clock: Clock, key: bytes | None = None, name: str = "w1"):
+    worker = RelayWorker(cfg, spool, name, key, now=clock)
+    workers.append(worker)
+    return worker
+
+
+def run_once(worker: RelayWorker) -> int:
+    return asyncio.run(worker.run_once())
+
+
+def row(queue_id: str) -> OutboundMessage:
+    return OutboundMessage.get(OutboundMessage.queue_id == queue_id)
+
+
+def bounces() -> list[OutboundMessage]:
+    return list(OutboundMessage.select().where(OutboundMessage.is_bounce == True))  # noqa: E712
+
+
+def dsn_status(raw: bytes) -> list[dict[str, str]]:
+    report = email.message_from_bytes(raw)
+    assert report.get_content_type() == "multipart/report"
+    status = report.get_payload()[1]
+    assert status.get_content_type() == "message/delivery-status"
+    return [dict(block) for block in status.get_payload()[1:]]
+
+
+def received(sink, count: int = 1) -> list:
+    return sink.wait_for(count, timeout=20)
+
+
+# -- through Dovecot submission ------------------------------------------------
+
+
+def test_relay_account_starttls_through_dovecot_is_byte_exact(dovecot, sink, spool, clock, workers):
+    worker = make_worker(workers, via_dovecot(dovecot), spool, clock)
+    queued = spool.enqueue("alice@acme.test", ["buyer@customer.example"], MESSAGE)
+    assert run_once(worker) == 1
+    [got] = received(sink)
+    assert got.mail_from == "alice@acme.test"
+    assert got.rcpt_tos == ["buyer@customer.example"]
+    assert got.content.endswith(MESSAGE)  # only the upstream's trace headers in front
+    done = row(queued.queue_id)
+    assert done.state == "sent" and done.done_at is not None and done.attempts == 1
+    assert json.loads(done.recipients) == [] and done.claimed_by is None
+    assert not spool.path_for(queued.queue_id).exists()
+
+
+def test_employee_credentials_are_used_and_erased(dovecot, sink, spool, clock, workers, key):
+    cfg = via_dovecot(dovecot, mode="employee_credentials")
+    worker = make_worker(workers, cfg, spool, clock, key)
+    queue_id = new_queue_id()
+    sealed = seal(key, "bob@acme.test", "bob-pw", queue_id)
+    spool.enqueue("bob@acme.test", ["buyer@customer.example"], MESSAGE, credentials=sealed, queue_id=queue_id)
+    assert run_once(worker) == 1
+    [got] = received(sink)
+    assert got.mail_from == "bob@acme.test" and got.content.endswith(MESSAGE)
+    done = row(queue_id)
+    assert done.state == "sent" and done.credentials is None
+    log = dovecot.log_path.read_text(errors="replace")
+    assert "bob@acme.test" in log and "bob-pw" not in log
+
+
+def test_refused_employee_password_bounces_5_7_8(dovecot, sink, spool, clock, workers, key):
+    cfg = via_dovecot(dovecot, mode="employee_credentials")
+    # System mail (the DSN) goes out with the relay account.
+    cfg.relay.username, cfg.relay.password = "relay@acme.test", "relay-pw"
+    worker = make_worker(workers, cfg, spool, clock, key)
+    queue_id = new_queue_id()
+    sealed = seal(key, "bob@acme.test", "changed-since", queue_id)
+    spool.enqueue("bob@acme.test", ["buyer@customer.example"], MESSAGE, credentials=sealed, queue_id=queue_id)
+    assert run_once(worker) == 2  # the message, then its DSN
+    failed = row(queue_id)
+    assert failed.state == "bounced" and failed.credentials is None
+    [dsn] = bounces()
+    assert dsn.credentials is None and dsn.state == "sent"  # a refused password is not reused
+    [got] = received(sink)
+    assert got.rcpt_tos == ["bob@acme.test"]
+    [status] = dsn_status(got.content)
+    assert status["Status"] == "5.7.8" and status["Action"] == "failed"
+
+
+def test_implicit_tls_through_dovecot(dovecot, sink, spool, clock, workers):
+    cfg = config(dovecot.host, dovecot.submissions_port, "tls", ca_file=dovecot.cert_path)
+    worker = make_worker(workers, cfg, spool, clock)
+    spool.enqueue("alice@acme.test", ["buyer@customer.example"], MESSAGE)
+    assert run_once(worker) == 1
+    assert received(sink)[0].content.endswith(MESSAGE)
+
+
+def test_one_session_for_consecutive_messages(dovecot, sink, spool, clock, workers):
+    worker = make_worker(workers, via_dovecot(dovecot), spool, clock)
+    for n in range(3):
+        spool.enqueue("alice@acme.test", [f"buyer{n}@customer.example"], MESSAGE)
+    assert run_once(worker) == 3
+    assert len(received(sink, 3)) == 3
+    assert worker.connection.sessions_opened == 1
+
+
+def test_untrusted_certificate_is_not_used(dovecot, sink, spool, clock, workers):
+    cfg = config(dovecot.host, dovecot.submission_port, "starttls")  # no ca_file: system CAs
+    worker = make_worker(workers, cfg, spool, clock)
+    queued = spool.enqueue("alice@acme.test", ["buyer@customer.example"], MESSAGE)
+    run_once(worker)
+    waiting = row(queued.queue_id)
+    assert waiting.state == "queued" and "TLS" in waiting.last_error
+    assert sink.messages() == []
+
+
+def test_starttls_required_when_configured(sink, spool, clock, workers):
+    worker = make_worker(workers, config("127.0.0.1", sink.port, "starttls"), spool, clock)
+    queued = spool.enqueue("alice@acme.test", ["buyer@customer.example"], MESSAGE)
+    run_once(worker)
+    waiting = row(queued.queue_id)
+    assert waiting.state == "queued" and "STARTTLS" in waiting.last_error
+    assert sink.messages() == []
+
+
+def test_plaintext_only_to_loopback(spool, clock, workers):
+    with pytest.raises(ConfigError):
+        RelayWorker(config("192.0.2.1", 25, "none"), spool, "w1", None, now=clock)
+
+
+# -- upstream down, retries, expiry ----------------------------------------------
+
+
+def test_upstream_down_then_up(sink, spool, clock, workers):
+    cfg = via_sink(sink)
+    [closed] = free_ports(1)
+    cfg.relay.port = closed
+    worker = make_worker(workers, cfg, spool, clock)
+    queued = spool.enqueue("alice@acme.test", ["buyer@customer.example"], MESSAGE)
+    assert run_once(worker) == 1
+    waiting = row(queued.queue_id)
+    assert waiting.state == "queued" and waiting.attempts == 1
+    assert waiting.next_attempt_at == clock() + dt.timedelta(seconds=60)
+    assert "refused" in waiting.last_error
+    assert run_once(worker) == 0  # not due yet
+    # The upstream comes back (the same worker, now pointed at the live sink).
+    worker.connection.port = sink.port
+    clock.advance(60)
+    assert run_once(worker) == 1
+    assert received(sink)[0].content == MESSAGE
+    assert row(queued.queue_id).state == "sent"
+
+
+def test_expiry_bounces_with_4_4_7(sink, spool, clock, workers):
+    cfg = via_sink(sink)
+    [closed] = free_ports(1)
+    cfg.relay.port = closed
+    worker = make_worker(workers, cfg, spool, clock)
+    queued = spool.enqueue("alice@acme.test", ["buyer@customer.example", "x@customer.example"], MESSAGE)
+    delays = []
+    while row(queued.queue_id).state == "queued":
+        assert run_once(worker) >= 1
+        current = row(queued.queue_id)
+        if current.state == "queued":
+            delays.append(current.next_attempt_at - clock())
+            clock.value = current.next_attempt_at
+    assert [d.total_seconds() for d in delays] == [60, 120, 240, 480, 600, 600, 600, 600, 600]
+    gone = row(queued.queue_id)
+    assert gone.state == "bounced" and sorted(json.loads(gone.recipients)) == [
+        "buyer@customer.example", "x@customer.example",
+    ]
+    [dsn] = bounces()
+    assert dsn.mail_from == "" and json.loads(dsn.recipients) == ["alice@acme.test"]
+    statuses = dsn_status((spool.directory / dsn.spool_path).read_bytes())
+    assert [(s["Action"], s["Status"]) for s in statuses] == [("failed", "4.4.7")] * 2

@@ -1,0 +1,56 @@
+import subprocess
+import sys
+
+import pytest
+
+from gateway.cli import build_parser, main
+
+
+def test_help_everywhere(capsys):
+    parser = build_parser()
+    commands = parser._subparsers._group_actions[0].choices
+    for name in [None, *commands]:
+        with pytest.raises(SystemExit) as exc:
+            main(["--help"] if name is None else [name, "--help"])
+        assert exc.value.code == 0
+        assert "usage: mailgate" in capsys.readouterr().out
+
+
+def test_init_then_offline_check(tmp_path):
+    cfg = tmp_path / "mailgate.toml"
+    assert main(["-c", str(cfg), "init"]) == 0
+    text = cfg.read_text()
+    assert "[upstream]" in text
+    for f in ("certs/gateway.crt", "certs/gateway.key", "certs/dkim/mailgate-rsa.key",
+              "certs/dkim/mailgate-ed25519.key", "certs/dkim/mailgate.dns", "certs/queue.key", "var/mailgate.db"):
+        assert (tmp_path / f).exists(), f
+    assert (tmp_path / "certs/gateway.key").stat().st_mode & 0o077 == 0
+    # init again changes nothing and succeeds.
+    before = (tmp_path / "certs/gateway.crt").read_bytes()
+    assert main(["-c", str(cfg), "init"]) == 0
+    assert (tmp_path / "certs/gateway.crt").read_bytes() == before
+    out = subprocess.run([sys.executable, "-m", "gateway.cli", "-c", str(cfg), "check", "--offline"],
+                         capture_output=True, text=True)
+    assert out.returncode in (0, 1)
+    assert "FAIL tls" not in out.stdout and "FAIL database" not in out.stdout
+
+
+def test_check_reports_each_problem_on_its_own_line(tmp_path):
+    cfg = tmp_path / "bad.toml"
+    cfg.write_text('[smtp]\nmax_recipients = "lots"\n[upstream]\nimap_security = "ssl"\n')
+    out = subprocess.run([sys.executable, "-m", "gateway.cli", "-c", str(cfg), "check"],
+                         capture_output=True, text=True)
+    assert out.returncode == 1
+    lines = [line for line in out.stdout.splitlines() if line.startswith("FAIL")]
+    assert len(lines) >= 3
+    assert any("max_recipients" in line for line in lines)
+
+
+def test_check_finds_missing_schema_and_certs(tmp_path):
+    cfg = tmp_path / "m.toml"
+    cfg.write_text('[relay]\nusername = "r@acme.test"\npassword = "x"\n')
+    out = subprocess.run([sys.executable, "-m", "gateway.cli", "-c", str(cfg), "check", "--offline"],
+                         capture_output=True, text=True)
+    assert out.returncode == 1
+    assert "FAIL database: no schema yet" in out.stdout
+    assert "FAIL tls:" in out.stdout
