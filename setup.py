@@ -20,6 +20,7 @@ setup(
         "prometheus-client>=0.20",
         "argon2-cffi>=23.1",
         "openpyxl>=3.1",
+        "regex>=2023.0",
     ],
     extras_require={
         "postgres": ["psycopg2-binary>=2.9"],
@@ -27,6 +28,7 @@ setup(
             "pytest>=8",
             "pytest-timeout>=2.3",
             "hypothesis>=6.100",
+            "pynacl>=1.5",
             "psycopg2-binary>=2.9",
             "playwright>=1.45",
             "ruff>=0.5",

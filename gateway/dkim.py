@@ -30,6 +30,7 @@ import dkim
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
+from dkim.canonicalization import Relaxed as RelaxedBody
 
 from gateway.mutate import Outgoing
 from gateway.policy.context import Context
@@ -61,7 +62,7 @@ def relaxed_body(body: bytes) -> bytes:
 
 
 def canonical_body(canon: Any, body: bytes) -> bytes:
-    if canon.body_algorithm is dkim.Relaxed and (not body or body.endswith(b"\r\n")):
+    if canon.body_algorithm is RelaxedBody and (not body or body.endswith(b"\r\n")):
         return relaxed_body(body)  # SMTP bodies end in CRLF; anything else: dkimpy's own
     return canon.canonicalize_body(body)
 

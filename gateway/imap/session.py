@@ -661,7 +661,7 @@ class ClientSession(protocol.Protocol, TimeoutMixin, FramerSink):
     # relay: upstream -> client (called by _UpstreamRelay)
     # ======================================================================================
     def on_untagged(self, data: bytes) -> bytes:
-        u = data[:16].upper()
+        u = data[:24].upper()
         if u.startswith(b"* CAPABILITY ") or u.startswith(b"* OK [CAPABILITY") or u.startswith(b"* PREAUTH"):
             return _rewrite_caps_in(data, self.cfg.max_literal_size)
         if u.startswith(b"* OK [UIDVALIDITY"):

@@ -39,16 +39,19 @@ MESSAGE = (
 
 
 class Clock:
-    """The worker's idea of now (naive UTC, like the DB), moved by the test."""
+    """The worker's idea of now (naive UTC, like the DB): frozen at its first
+    reading (after the test queued its messages), then moved only by the test."""
 
     def __init__(self) -> None:
-        self.value = utcnow()
+        self.value: dt.datetime | None = None
 
     def __call__(self) -> dt.datetime:
+        if self.value is None:
+            self.value = utcnow()
         return self.value
 
     def advance(self, seconds: float) -> None:
-        self.value += dt.timedelta(seconds=seconds)
+        self.value = self() + dt.timedelta(seconds=seconds)
 
 
 @pytest.fixture
