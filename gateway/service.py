@@ -22,6 +22,7 @@ from gateway.spool import Spool
 log = logging.getLogger("mailgate")
 
 DIRECTORY_REFRESH = 2.0
+APPROVAL_EXPIRY_INTERVAL = 60.0
 
 
 class Node:
@@ -38,8 +39,13 @@ class Node:
         self.archive = Archive(cfg.archive_dir)
 
     async def start(self, reactor=None) -> None:
+        from gateway.approval import ApprovalService
         from gateway.credentials import load_or_create_key
+        from gateway.dkim import signing_mutation
         from gateway.relay import RelayWorker
+        from gateway.rules import actions
+        from gateway.rules.env import DepartmentIndex, DomainHistory, RuleEnv
+        from gateway.rules.watcher import initial_load, watch_rules
         from gateway.smtp.handler import SubmissionHandler
         from gateway.smtp.server import start_smtp
 
@@ -47,6 +53,17 @@ class Node:
         await asyncio.to_thread(self.directory.load)
         await asyncio.to_thread(self.spool.sweep_orphans)
         key = await asyncio.to_thread(load_or_create_key, cfg.relay.credentials_key)
+        self.rule_env = RuleEnv(
+            departments=DepartmentIndex(), history=DomainHistory(), company=cfg.company.name,
+            company_domains=tuple(cfg.company.domains),
+        )
+        self.rule_reloader = await asyncio.to_thread(initial_load, self.policy, cfg, env=self.rule_env)
+        self.sign = await asyncio.to_thread(signing_mutation, cfg)
+        self.approvals = ApprovalService(
+            cfg, self.directory, self.spool, policy=self.policy,
+            signer=self.sign.signer if self.sign else None, on_released=self.wake_relay,
+        )
+        actions.NOTIFIER = self.approvals.notifier
         self.workers = [
             RelayWorker(cfg, self.spool, f"{cfg.node.name}-relay{i}", key) for i in range(cfg.relay.workers)
         ]
@@ -56,11 +73,17 @@ class Node:
             LoginGuard(cfg.smtp.auth_fail_base_delay, cfg.smtp.auth_fail_max_delay, cfg.smtp.auth_fail_window),
             credentials_key=key,
             on_queued=self.wake_relay,
+            approvals=self.approvals,
+            sign=self.sign,
+            rule_env=self.rule_env,
         )
         self.smtp_servers = await start_smtp(cfg, handler)
         for w in self.workers:
             self.tasks.append(asyncio.create_task(w.run(self.stopping), name=w.worker_name))
         self.tasks.append(asyncio.create_task(self._refresh_directory(), name="directory-refresh"))
+        self.tasks.append(asyncio.create_task(
+            watch_rules(self.policy, cfg, self.stopping, reloader=self.rule_reloader), name="rule-watcher"))
+        self.tasks.append(asyncio.create_task(self._expire_approvals(), name="approval-expiry"))
         if reactor is not None:
             from gateway.imap.service import listen_imap
 
@@ -86,6 +109,17 @@ class Node:
                 await asyncio.to_thread(self.directory.refresh)
             except Exception:
                 log.exception("directory refresh failed; keeping the last good index")
+
+    async def _expire_approvals(self) -> None:
+        while not self.stopping.is_set():
+            try:
+                await asyncio.to_thread(self.approvals.expire_due)
+            except Exception:
+                log.exception("approval expiry failed")
+            try:
+                await asyncio.wait_for(self.stopping.wait(), APPROVAL_EXPIRY_INTERVAL)
+            except TimeoutError:
+                pass
 
     def _start_metrics(self) -> None:
         if not self.cfg.metrics.port:

@@ -133,7 +133,9 @@ class Spool:
         cutoff = time.time() - older_than
         removed = 0
         for path in self.directory.iterdir():
-            name = path.name.removesuffix(".tmp")
+            # <id>.eml, its write-in-progress <id>.eml.tmp, and a held message's
+            # original as submitted, <id>.orig.eml (see gateway.approval).
+            name = path.name.removesuffix(".tmp").replace(".orig.eml", ".eml")
             if name not in known and path.stat().st_mtime < cutoff:
                 _unlink(path)
                 removed += 1

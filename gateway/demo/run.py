@@ -12,11 +12,12 @@ from __future__ import annotations
 import email.utils
 from pathlib import Path
 
+from gateway.demo.sink import SinkServer
+
 from gateway.config import load
 from gateway.db import connect
 from gateway.db.models import Employee
 from gateway.demo.sample_data import PASSWORDS, seed
-from gateway.demo.sink import SinkServer
 from gateway.demo.upstream import DovecotUpstream
 
 INBOUND = [
@@ -35,7 +36,7 @@ def _inbound(sender: str, rcpt: str, subject: str) -> bytes:
         f"Message-ID: {email.utils.make_msgid(domain='demo.test')}\r\n"
         "MIME-Version: 1.0\r\nContent-Type: text/plain; charset=utf-8\r\n\r\n"
         "Dear partner,\r\n\r\nplease see our request.\r\n"
-    ).encode("utf-8")
+    ).encode()
 
 
 def write_demo_config(path: Path, dovecot: DovecotUpstream, port_base: int) -> None:

@@ -40,7 +40,9 @@ def seed() -> Sample:
     carol = create_employee("carol@acme.test", "Carol Chen 陈经理", dept, roles=("salesperson", "dept_head"))
     dept.head_id = carol.id
     dept.save()
-    alice = create_employee("alice@acme.test", "Alice Wang 王丽", dept, manager=carol, aliases=("alice.wang@acme.test",))
+    alice = create_employee(
+        "alice@acme.test", "Alice Wang 王丽", dept, manager=carol, aliases=("alice.wang@acme.test",)
+    )
     bob = create_employee("bob@acme.test", "Bob Li 李波", dept, manager=carol)
     create_employee("sales@acme.test", "Sales inbox", dept, roles=("shared",))
     hamburg = create_customer(

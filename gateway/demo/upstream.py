@@ -58,7 +58,7 @@ def make_self_signed_cert(cert_path: Path, key_path: Path, days: int = 30) -> No
     """Write a self-signed P-256 cert for localhost/127.0.0.1, usable as its own CA."""
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
-    now = dt.datetime.now(dt.timezone.utc)
+    now = dt.datetime.now(dt.UTC)
     usage = x509.KeyUsage(
         digital_signature=True, content_commitment=False, key_encipherment=False,
         data_encipherment=False, key_agreement=False, key_cert_sign=True,
@@ -152,12 +152,17 @@ def wait_pidfds(fds: Mapping[int, int], timeout: float) -> dict[int, int]:
     return {fd: fds[fd] for fd in waiting}
 
 
-def terminate(pids: Iterable[int], timeout: float = 10.0) -> None:
-    """SIGTERM the first pid, wait for all `pids` to exit; SIGKILL whatever is left."""
-    pids = list(pids)
-    fds = open_pidfds(pids)  # before signalling: nothing can slip away unseen
+def terminate(pid: int, timeout: float = 10.0) -> None:
+    """SIGTERM a daemon and its children; wait for all to exit, SIGKILL what is left.
+
+    Dovecot's master exits in ~1 s, but its children keep serving connected clients
+    for ~10 s more unless they are signalled themselves.
+    """
+    fds = open_pidfds([pid, *_children(pid)])  # before signalling: nothing slips away
     try:
-        _kill(pids[:1], signal.SIGTERM)
+        _kill([pid], signal.SIGTERM)
+        fds.update(open_pidfds(set(_children(pid)) - set(fds.values())))
+        _kill(fds.values(), signal.SIGTERM)
         left = wait_pidfds(fds, timeout)
         if left:
             _kill(left.values(), signal.SIGKILL)
@@ -397,7 +402,7 @@ class DovecotUpstream:
             pid = int(self.pid_path.read_text())
         except (FileNotFoundError, ValueError):
             return
-        terminate([pid, *_children(pid)], timeout)
+        terminate(pid, timeout)
         self.pid_path.unlink(missing_ok=True)
 
     def __enter__(self) -> DovecotUpstream:
@@ -444,7 +449,7 @@ class DovecotUpstream:
 
     def _write_passwd(self) -> None:
         gid = self.gid if self._root else -1
-        lines = [f"{address}:{{PLAIN}}{password}::::::\n" for address, password in self.users.items()]
+        lines = [f"{address}:{{PLAIN}}{password}::::::nodelay=yes\n" for address, password in self.users.items()]
         _atomic_write(self.passwd_path, "".join(lines), 0o640, gid)
         masters = ""
         if self.master_user is not None:

@@ -150,10 +150,10 @@ async def watch_rules(policy: Any, cfg: Config, stop_event: asyncio.Event, *, in
             pass
 
 
-def initial_load(policy: Any, cfg: Config) -> RuleReloader:
+def initial_load(policy: Any, cfg: Config, **load_kwargs: Any) -> RuleReloader:
     """Start-up: load the rules or raise RuntimeError listing every problem
     (a node must not start with a broken rule set).  Blocking."""
-    reloader = RuleReloader(policy, cfg.rules.dir, status_path=cfg.node.data_dir / STATUS_FILE)
+    reloader = RuleReloader(policy, cfg.rules.dir, status_path=cfg.node.data_dir / STATUS_FILE, **load_kwargs)
     if not reloader.reload():
         raise RuntimeError("rules: " + "; ".join(reloader.status.errors))
     return reloader

@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import errno
 import binascii
 import email.utils
+import errno
 import ipaddress
 import logging
 import time
@@ -84,6 +84,9 @@ class SubmissionHandler:
         guard: LoginGuard,
         credentials_key: bytes | None = None,
         on_queued=None,
+        approvals=None,
+        sign=None,
+        rule_env=None,
     ):
         self.cfg = cfg
         self.directory = directory
@@ -94,6 +97,9 @@ class SubmissionHandler:
         self.guard = guard
         self.credentials_key = credentials_key
         self.on_queued = on_queued or (lambda: None)
+        self.approvals = approvals  # gateway.approval.ApprovalService: records holds
+        self.sign = sign  # gateway.dkim.DkimSign mutation, or None when DKIM is off
+        self.rule_env = rule_env  # gateway.rules.env.RuleEnv: its history feeds first-contact
         self.trusted = [ipaddress.ip_network(n, strict=False) for n in cfg.smtp.trusted_networks]
         self.language = cfg.company.language
 
@@ -250,7 +256,10 @@ class SubmissionHandler:
             ),
             language=self.language,
         )
-        verdict = self.policy.decide(ctx)
+        # Body and attachment conditions parse MIME (~10 ms/MB): off the loop.
+        verdict = await asyncio.to_thread(self.policy.decide, ctx)
+        if self.sign is not None and verdict.action != REJECT:
+            verdict.mutations.append(self.sign)
         try:
             reply = await asyncio.to_thread(self._store, ctx, verdict, queue_id, ident)
         except SpoolError as exc:
@@ -322,10 +331,24 @@ class SubmissionHandler:
                     outgoing.mail_from, outgoing.recipients, outgoing.data, employee_id=employee_id,
                     message_id=message_id, credentials=credentials, state=state, queue_id=queue_id,
                 )
+                if state == "held" and self.approvals is not None:
+                    self.approvals.record_hold(ctx, verdict, queue_id)
         except SpoolError:
             raise
         except OSError as exc:
             raise SpoolError(exc.errno, f"archive write failed: {exc.strerror or exc}") from exc
         except Exception as exc:
             raise SpoolError(None, f"store failed: {exc}") from exc
+        if state == "queued" and self.rule_env is not None:
+            self._remember_contacts(ctx)
         return f"250 2.0.0 {t('queued', self.language, queue_id=queue_id)}"
+
+    def _remember_contacts(self, ctx: Context) -> None:
+        """Teach the first-contact condition which domains were written to."""
+        from gateway.rules.facts import facts_for
+
+        try:
+            facts = facts_for(ctx, self.directory, self.rule_env)
+            self.rule_env.history.record(facts.external_keys.values(), ctx.employee.id if ctx.employee else None)
+        except Exception:
+            log.exception("could not record contacted domains")

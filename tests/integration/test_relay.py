@@ -147,6 +147,14 @@ def received(sink, count: int = 1) -> list:
     return sink.wait_for(count, timeout=20)
 
 
+def refuse_recipient(sink, address: str) -> None:
+    sink.fail_rcpt[address] = "550 5.1.1 <%s>: no such user" % address
+
+
+def defer_next(sink, count: int) -> None:
+    sink.defer_next = count
+
+
 # -- through Dovecot submission ------------------------------------------------
 
 
@@ -187,7 +195,9 @@ def test_refused_employee_password_bounces_5_7_8(dovecot, sink, spool, clock, wo
     queue_id = new_queue_id()
     sealed = seal(key, "bob@acme.test", "changed-since", queue_id)
     spool.enqueue("bob@acme.test", ["buyer@customer.example"], MESSAGE, credentials=sealed, queue_id=queue_id)
-    assert run_once(worker) == 2  # the message, then its DSN
+    assert run_once(worker) == 1
+    clock.advance(60)  # the DSN was queued at the real time, after the failed login
+    assert run_once(worker) == 1
     failed = row(queue_id)
     assert failed.state == "bounced" and failed.credentials is None
     [dsn] = bounces()
@@ -269,18 +279,134 @@ def test_expiry_bounces_with_4_4_7(sink, spool, clock, workers):
     worker = make_worker(workers, cfg, spool, clock)
     queued = spool.enqueue("alice@acme.test", ["buyer@customer.example", "x@customer.example"], MESSAGE)
     delays = []
-    while row(queued.queue_id).state == "queued":
-        assert run_once(worker) >= 1
+    for _ in range(3):
+        assert run_once(worker) == 1
         current = row(queued.queue_id)
-        if current.state == "queued":
-            delays.append(current.next_attempt_at - clock())
-            clock.value = current.next_attempt_at
-    assert [d.total_seconds() for d in delays] == [60, 120, 240, 480, 600, 600, 600, 600, 600]
+        delays.append((current.next_attempt_at - clock()).total_seconds())
+        clock.value = current.next_attempt_at
+    assert delays == [60, 120, 240]
+    # The message has been waiting longer than relay.lifetime.
+    OutboundMessage.update(created_at=clock() - dt.timedelta(seconds=3601)).where(
+        OutboundMessage.queue_id == queued.queue_id
+    ).execute()
+    run_once(worker)
     gone = row(queued.queue_id)
-    assert gone.state == "bounced" and sorted(json.loads(gone.recipients)) == [
-        "buyer@customer.example", "x@customer.example",
-    ]
+    assert gone.state == "bounced" and gone.attempts == 4
+    assert sorted(json.loads(gone.recipients)) == ["buyer@customer.example", "x@customer.example"]
+    assert not spool.path_for(queued.queue_id).exists()
     [dsn] = bounces()
     assert dsn.mail_from == "" and json.loads(dsn.recipients) == ["alice@acme.test"]
-    statuses = dsn_status((spool.directory / dsn.spool_path).read_bytes())
+    assert dsn.state == "queued"  # the upstream is still down for the DSN too
+    statuses = dsn_status(spool.read(dsn))
     assert [(s["Action"], s["Status"]) for s in statuses] == [("failed", "4.4.7")] * 2
+    assert "refused" in statuses[0]["Diagnostic-Code"]
+
+
+# -- per-recipient results ------------------------------------------------------
+
+
+def test_refused_recipient_bounces_to_sender_others_delivered(dovecot, sink, spool, clock, workers):
+    refuse_recipient(sink, "nobody@customer.example")
+    worker = make_worker(workers, via_dovecot(dovecot), spool, clock)
+    queued = spool.enqueue("alice@acme.test", ["buyer@customer.example", "nobody@customer.example"], MESSAGE)
+    assert run_once(worker) == 1
+    [got] = received(sink)
+    assert got.rcpt_tos == ["buyer@customer.example"]
+    done = row(queued.queue_id)
+    assert done.state == "sent" and json.loads(done.recipients) == ["nobody@customer.example"]
+    [dsn] = bounces()
+    assert dsn.mail_from == "" and json.loads(dsn.recipients) == ["alice@acme.test"]
+    # The DSN itself goes out on the next run and reaches the sender.
+    clock.advance(60)
+    assert run_once(worker) == 1
+    notice = received(sink, 2)[1]
+    assert notice.rcpt_tos == ["alice@acme.test"] and notice.mail_from in ("", "<>")
+    [status] = dsn_status(notice.content)
+    assert status["Final-Recipient"] == "rfc822;nobody@customer.example"
+    assert status["Action"] == "failed" and status["Status"].startswith("5.")
+    assert "550" in status["Diagnostic-Code"]
+    headers = email.message_from_bytes(notice.content).get_payload()[2]
+    assert "Subject: Quotation 2024-17" in headers.get_payload()
+
+
+def test_all_recipients_refused_direct_to_sink(sink, spool, clock, workers):
+    refuse_recipient(sink, "nobody@customer.example")
+    worker = make_worker(workers, via_sink(sink), spool, clock)
+    queued = spool.enqueue("alice@acme.test", ["nobody@customer.example"], MESSAGE)
+    run_once(worker)
+    assert row(queued.queue_id).state == "bounced"
+    clock.advance(60)
+    run_once(worker)
+    [notice] = received(sink)
+    assert notice.rcpt_tos == ["alice@acme.test"]
+    assert dsn_status(notice.content)[0]["Status"].startswith("5.1.")
+
+
+def test_temporary_failure_is_retried(sink, spool, clock, workers):
+    defer_next(sink, 1)
+    worker = make_worker(workers, via_sink(sink), spool, clock)
+    queued = spool.enqueue("alice@acme.test", ["buyer@customer.example"], MESSAGE)
+    assert run_once(worker) == 1
+    waiting = row(queued.queue_id)
+    assert waiting.state == "queued" and waiting.attempts == 1 and "451" in waiting.last_error
+    assert waiting.next_attempt_at == clock() + dt.timedelta(seconds=60)
+    assert sink.messages() == [] and bounces() == []
+    clock.advance(60)
+    assert run_once(worker) == 1
+    assert received(sink)[0].content == MESSAGE
+    assert row(queued.queue_id).state == "sent" and row(queued.queue_id).attempts == 2
+
+
+def test_a_failing_bounce_is_dropped_not_bounced(sink, spool, clock, workers):
+    refuse_recipient(sink, "alice@acme.test")
+    worker = make_worker(workers, via_sink(sink), spool, clock)
+    queued = spool.enqueue("", ["alice@acme.test"], b"Subject: a DSN\r\n\r\nx\r\n", is_bounce=True)
+    run_once(worker)
+    assert row(queued.queue_id).state == "bounced"
+    assert bounces() == [row(queued.queue_id)]  # no new DSN about the DSN
+
+
+def test_bare_line_ends_are_sent_as_crlf(sink, spool, clock, workers):
+    worker = make_worker(workers, via_sink(sink), spool, clock)
+    spool.enqueue("alice@acme.test", ["buyer@customer.example"], b"Subject: x\n\nline1\rline2\n.\nend\r\n")
+    run_once(worker)
+    assert received(sink)[0].content == b"Subject: x\r\n\r\nline1\r\nline2\r\n.\r\nend\r\n"
+
+
+# -- concurrency and the loop -------------------------------------------------------
+
+
+def test_two_workers_deliver_each_message_once(sink, spool, clock, workers):
+    for n in range(30):
+        spool.enqueue("alice@acme.test", [f"buyer{n}@customer.example"], MESSAGE)
+    one = make_worker(workers, via_sink(sink), spool, clock, name="w1")
+    two = make_worker(workers, via_sink(sink), spool, clock, name="w2")
+
+    async def both() -> list[int]:
+        return await asyncio.gather(one.run_once(), two.run_once())
+
+    counts = asyncio.run(both())
+    assert sum(counts) == 30
+    got = received(sink, 30)
+    rcpts = [m.rcpt_tos[0] for m in got]
+    assert len(rcpts) == 30 and len(set(rcpts)) == 30
+    assert OutboundMessage.select().where(OutboundMessage.state == "sent").count() == 30
+
+
+def test_run_wakes_up_on_demand_and_stops_promptly(sink, spool, workers):
+    cfg = via_sink(sink)
+    cfg.relay.poll_interval = 3600  # only wakeup() can make it look again
+    worker = RelayWorker(cfg, spool, "looper", None)
+
+    async def scenario() -> None:
+        stop = asyncio.Event()
+        task = asyncio.create_task(worker.run(stop))
+        await asyncio.to_thread(spool.enqueue, "alice@acme.test", ["buyer@customer.example"], MESSAGE)
+        worker.wakeup()
+        got = await asyncio.to_thread(sink.wait_for, 1, 20)
+        assert len(got) == 1
+        stop.set()
+        await asyncio.wait_for(task, timeout=10)
+
+    asyncio.run(scenario())
+    assert OutboundMessage.get().state == "sent"

@@ -10,8 +10,10 @@ from __future__ import annotations
 import json
 import os
 import selectors
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -77,15 +79,14 @@ class ProxyProcess:
 
 @pytest.fixture(scope="session")
 def imap_upstream(tmp_path_factory):
-    base = tmp_path_factory.mktemp("imap-dovecot")
+    # Dovecot's mail processes (user dovecot) must traverse the path: not under pytest's 0700 dirs.
+    base = Path(tempfile.mkdtemp(prefix="mailgate-imap-dovecot-"))
     os.chmod(base, 0o755)
-    for parent in base.parents:
-        if str(parent).startswith("/tmp/") and parent.stat().st_mode & 0o005 != 0o005:
-            os.chmod(parent, parent.stat().st_mode | 0o005)
     up = DovecotUpstream(base, USERS, auth_penalty=False)
     up.start()
     yield up
     up.stop()
+    shutil.rmtree(base, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
@@ -108,11 +109,11 @@ def imap_db(tmp_path_factory):
     return url
 
 
-def proxy_config(upstream: DovecotUpstream, db_url: str, cert: tuple[Path, Path], **imap: object) -> dict:
+def proxy_config(dovecot: DovecotUpstream, db_url: str, cert: tuple[Path, Path], **imap: object) -> dict:
     starttls, tls = free_ports(2)
     upstream_cfg = {
-        "host": "127.0.0.1", "imap_port": upstream.imaps_port, "imap_security": "tls",
-        "ca_file": str(upstream.cert_path), "timeout": 5.0,
+        "host": "127.0.0.1", "imap_port": dovecot.imaps_port, "imap_security": "tls",
+        "ca_file": str(dovecot.cert_path), "timeout": 5.0,
     }
     upstream_cfg.update(imap.pop("upstream", {}))
     return {
