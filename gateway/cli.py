@@ -23,7 +23,7 @@ def _setup_logging(level: str = "INFO") -> None:
         stream=sys.stderr,
     )
     # aiosmtpd logs every session at INFO; our own one-line-per-transaction log replaces it.
-    logging.getLogger("mail.log").setLevel(logging.WARNING)
+    logging.getLogger("mail.log").setLevel(logging.ERROR)
 
 
 def _load(path: str) -> config_mod.Config:

@@ -419,9 +419,10 @@ class RelayWorker:
                     await self._call(release, [r.id for r in rows if r.id in done], self.owner)
                 if not fresh:
                     break
-                for index, row in enumerate(self._reuse_order(fresh)):
+                ordered = self._reuse_order(fresh)
+                for index, row in enumerate(ordered):
                     if self._stopping():
-                        await self._call(release, [r.id for r in fresh[index:]], self.owner)
+                        await self._call(release, [r.id for r in ordered[index:]], self.owner)
                         break
                     await self._call(self._process_safely, row)
                     done.add(row.id)

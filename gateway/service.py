@@ -79,7 +79,7 @@ class Node:
         )
         self.smtp_servers = await start_smtp(cfg, handler)
         for w in self.workers:
-            self.tasks.append(asyncio.create_task(w.run(self.stopping), name=w.worker_name))
+            self.tasks.append(asyncio.create_task(w.run(self.stopping), name=w.name))
         self.tasks.append(asyncio.create_task(self._refresh_directory(), name="directory-refresh"))
         self.tasks.append(asyncio.create_task(
             watch_rules(self.policy, cfg, self.stopping, reloader=self.rule_reloader), name="rule-watcher"))

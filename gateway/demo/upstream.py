@@ -312,7 +312,7 @@ class DovecotUpstream:
         submission_port: int | None = None,
         submissions_port: int | None = None,
         lmtp_port: int | None = None,
-        auth_penalty: bool = True,
+        auth_penalty: bool = False,
         mail_user: str = "dovecot",
         start_timeout: float = 10.0,
     ) -> None:
@@ -449,7 +449,7 @@ class DovecotUpstream:
 
     def _write_passwd(self) -> None:
         gid = self.gid if self._root else -1
-        lines = [f"{address}:{{PLAIN}}{password}::::::nodelay=yes\n" for address, password in self.users.items()]
+        lines = [f"{address}:{{PLAIN}}{password}::::::\n" for address, password in self.users.items()]
         _atomic_write(self.passwd_path, "".join(lines), 0o640, gid)
         masters = ""
         if self.master_user is not None:

@@ -121,6 +121,7 @@ class SubmissionHandler:
         if problem := helo_problem(hostname):
             session.host_name = None
             return [f"501 5.5.2 {problem}"]
+        session.host_name = hostname
         return responses
 
     async def handle_HELO(self, server: SMTP, session: SMTPSession, envelope: Envelope, hostname: str):

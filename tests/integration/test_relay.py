@@ -148,7 +148,7 @@ def received(sink, count: int = 1) -> list:
 
 
 def refuse_recipient(sink, address: str) -> None:
-    sink.fail_rcpt[address] = "550 5.1.1 <%s>: no such user" % address
+    sink.fail_rcpt[address] = f"550 5.1.1 <{address}>: no such user"
 
 
 def defer_next(sink, count: int) -> None:
