@@ -40,6 +40,9 @@ class ConfigError(Exception):
 class NodeConfig:
     name: str = "node1"
     data_dir: Path = Path("var")
+    # True when data_dir/spool is storage shared by every node (then any node may
+    # relay any queued message); False: each node relays what its own spool holds.
+    shared_spool: bool = False
 
 
 @dataclass
@@ -284,6 +287,13 @@ def validate(cfg: Config) -> list[str]:
         problems.append(
             f"[relay] mode: must be relay_account or employee_credentials (got {cfg.relay.mode!r})"
         )
+    relay_security = cfg.relay.security or cfg.upstream.submission_security
+    if relay_security == "none" and (cfg.relay.host or cfg.upstream.host) not in ("127.0.0.1", "::1", "localhost"):
+        problems.append("[relay] security: \"none\" is allowed only for a loopback relay host")
+    if cfg.relay.claim_timeout <= cfg.upstream.timeout * 2:
+        problems.append("[relay] claim_timeout: must be well above [upstream] timeout (at least twice)")
+    if cfg.relay.retry_initial <= 0 or cfg.relay.retry_max < cfg.relay.retry_initial or cfg.relay.lifetime <= 0:
+        problems.append("[relay] retry_initial/retry_max/lifetime: need 0 < retry_initial <= retry_max, lifetime > 0")
     if cfg.relay.mode == "relay_account" and not (cfg.relay.username and cfg.relay.password):
         problems.append("[relay] username/password: required when mode = relay_account")
     for net in cfg.smtp.trusted_networks:

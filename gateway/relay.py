@@ -61,17 +61,19 @@ def backoff(attempts: int, initial: int, maximum: int) -> int:
     return min(initial * 2 ** min(attempts - 1, 32), maximum)
 
 
-def _claimable(now: dt.datetime) -> Any:
+def _claimable(now: dt.datetime, node: str | None = None) -> Any:
     m = OutboundMessage
-    return (
+    due = (
         (m.state == "queued")
         & (m.next_attempt_at <= now)
         & (m.claimed_until.is_null() | (m.claimed_until < now))
     )
+    # A node relays only what its own spool holds, plus rows of a shared spool ("").
+    return due if node is None else due & m.node.in_([node, ""])
 
 
 def claim_batch(
-    owner: str, now: dt.datetime, claim_timeout: int, limit: int = 10
+    owner: str, now: dt.datetime, claim_timeout: int, limit: int = 10, node: str | None = None
 ) -> list[OutboundMessage]:
     """Claim up to ``limit`` due rows for ``owner``; return the rows won.
 
@@ -87,7 +89,7 @@ def claim_batch(
         candidates = [
             row_id
             for (row_id,) in m.select(m.id)
-            .where(_claimable(now))
+            .where(_claimable(now, node))
             .order_by(m.next_attempt_at, m.id)
             .limit(limit)
             .tuples()
@@ -99,7 +101,7 @@ def claim_batch(
             row_id
             for row_id in candidates
             if m.update(claimed_by=owner, claimed_until=until)
-            .where((m.id == row_id) & _claimable(now))
+            .where((m.id == row_id) & _claimable(now, node))
             .execute()
             == 1
         ]
@@ -412,7 +414,7 @@ class RelayWorker:
             while not self._stopping():
                 rows = await self._call(
                     claim_batch, self.owner, self._now(), self.config.relay.claim_timeout,
-                    self.batch_size,
+                    self.batch_size, self.spool.node,
                 )
                 fresh = [row for row in rows if row.id not in done]
                 if len(fresh) < len(rows):  # due again already (zero backoff): next run

@@ -35,7 +35,7 @@ class Node:
         self.workers: list = []
         self.directory = Directory(cfg.company.domains, cfg.public_mail_domains)
         self.policy = Policy(self.directory)
-        self.spool = Spool(cfg.spool_dir)
+        self.spool = Spool(cfg.spool_dir, node="" if cfg.node.shared_spool else cfg.node.name)
         self.archive = Archive(cfg.archive_dir)
 
     async def start(self, reactor=None) -> None:

@@ -72,8 +72,10 @@ def _unlink(path: Path) -> None:
 
 
 class Spool:
-    def __init__(self, directory: Path):
+    def __init__(self, directory: Path, node: str = ""):
+        """``node``: recorded on each row so only this node relays it ("" = shared spool)."""
         self.directory = Path(directory)
+        self.node = node
         self.directory.mkdir(parents=True, exist_ok=True)
 
     def path_for(self, queue_id: str) -> Path:
@@ -112,6 +114,7 @@ class Spool:
                     credentials=credentials,
                     is_bounce=is_bounce,
                     state=state,
+                    node=self.node,
                 )
         except Exception as exc:
             _unlink(path)

@@ -37,6 +37,23 @@ def rules_approval_rewrite(db: Database) -> None:
     db.create_tables(models.ALL_MODELS_V2, safe=True)
 
 
+@migration(3)
+def queue_node_and_due_index(db: Database) -> None:
+    """The node whose spool holds a queued file; an index for the relay's claim query."""
+    from playhouse.migrate import SchemaMigrator, migrate
+
+    migrator = SchemaMigrator.from_database(db)
+    columns = {c.name for c in db.get_columns("outboundmessage")}
+    ops = []
+    if "node" not in columns:
+        ops.append(migrator.add_column("outboundmessage", "node", models.OutboundMessage.node))
+        ops.append(migrator.add_index("outboundmessage", ("node",), False))
+    indexes = {i.name for i in db.get_indexes("outboundmessage")}
+    if "outboundmessage_state_next_attempt_at" not in indexes:
+        ops.append(migrator.add_index("outboundmessage", ("state", "next_attempt_at"), False))
+    migrate(*ops)
+
+
 def current_version(db: Database) -> int:
     if not db.table_exists("schemaversion"):
         return 0

@@ -133,6 +133,11 @@ class OutboundMessage(BaseModel):
     credentials = BlobField(null=True)
     is_bounce = BooleanField(default=False)
     done_at = DateTimeField(null=True)
+    # The node whose spool holds the file ("" = a spool shared by all nodes).
+    node = CharField(max_length=100, default="", index=True)
+
+    class Meta:
+        indexes = ((("state", "next_attempt_at"), False),)
 
 
 class ArchiveRecord(BaseModel):

@@ -354,6 +354,8 @@ class Parser:
             if c == 0x29:
                 self.pos += 1
                 return Value(LIST, start, self.pos, items=items)
+            if c == 0x28 and items[-1].kind == LIST:
+                continue  # address lists and multipart bodies: "(...)(...)" without SP
             if c != 0x20:
                 raise ParseError(f"expected SP or ) at {self.pos}")
             self.pos += 1

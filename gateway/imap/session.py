@@ -160,6 +160,8 @@ class ClientSession(protocol.Protocol, TimeoutMixin, FramerSink):
         self.client_valve: Valve | None = None
         self.upstream_valve: Valve | None = None
         self.caps: list[bytes] = []
+        self.logging_out = False
+        self.upstream_bye = False
 
     # -- helpers -----------------------------------------------------------------------
     @property
@@ -186,10 +188,19 @@ class ClientSession(protocol.Protocol, TimeoutMixin, FramerSink):
         if bye:
             self.transport.write(b"* BYE " + bye + b"\r\n")
         self.closing = True
+        self._unregister()
         self.transport.loseConnection()
         if self.upstream is not None and not self.upstream.closed:
             self.upstream.on_lost = None
             self.upstream.transport.loseConnection()
+
+    def _unregister(self) -> None:
+        """Producers hold a transport open on loseConnection: drop them first."""
+        if self.upstream_valve is not None:
+            self.upstream_valve = None
+            self.transport.unregisterProducer()
+            if self.upstream is not None and not self.upstream.closed:
+                self.upstream.transport.unregisterProducer()
 
     # -- twisted ---------------------------------------------------------------------------
     def connectionMade(self) -> None:
@@ -545,7 +556,11 @@ class ClientSession(protocol.Protocol, TimeoutMixin, FramerSink):
             self.framer.resume()
 
     def _upstream_lost(self, why: str) -> None:
-        if not self.closing:
+        if self.closing:
+            return
+        if self.logged_in and (self.logging_out or self.upstream_bye):
+            self.close()
+        else:
             self.close(b"[UNAVAILABLE] Connection to the mail server lost")
 
     # ======================================================================================
@@ -598,6 +613,8 @@ class ClientSession(protocol.Protocol, TimeoutMixin, FramerSink):
             self.inflight.setdefault(tag, []).append(verb)
             if verb == b"IDLE":
                 self.idling = True
+            elif verb == b"LOGOUT":
+                self.logging_out = True
         if literal is not None and literal.size > self.cfg.max_literal_size:
             if first:
                 self._forget(self._cur_tag)
@@ -664,7 +681,9 @@ class ClientSession(protocol.Protocol, TimeoutMixin, FramerSink):
         u = data[:24].upper()
         if u.startswith(b"* CAPABILITY ") or u.startswith(b"* OK [CAPABILITY") or u.startswith(b"* PREAUTH"):
             return _rewrite_caps_in(data, self.cfg.max_literal_size)
-        if u.startswith(b"* OK [UIDVALIDITY"):
+        if u.startswith(b"* BYE"):
+            self.upstream_bye = True
+        elif u.startswith(b"* OK [UIDVALIDITY"):
             try:
                 self._pending_uidvalidity = int(data[17 : data.index(b"]")].strip())
             except ValueError:

@@ -19,6 +19,7 @@ from gateway.config import Config, ConfigError
 from gateway.credentials import load_or_create_key, seal
 from gateway.db import connect
 from gateway.db.models import OutboundMessage, database, utcnow
+from gateway.demo.sink import SinkServer
 from gateway.demo.upstream import free_ports
 from gateway.relay import RelayWorker
 from gateway.spool import Spool, new_queue_id
@@ -148,11 +149,7 @@ def received(sink, count: int = 1) -> list:
 
 
 def refuse_recipient(sink, address: str) -> None:
-    sink.fail_rcpt[address] = f"550 5.1.1 <{address}>: no such user"
-
-
-def defer_next(sink, count: int) -> None:
-    sink.defer_next = count
+    sink.fail_rcpt[address] = (550, f"5.1.1 <{address}>: no such user")
 
 
 # -- through Dovecot submission ------------------------------------------------
@@ -164,8 +161,8 @@ def test_relay_account_starttls_through_dovecot_is_byte_exact(dovecot, sink, spo
     assert run_once(worker) == 1
     [got] = received(sink)
     assert got.mail_from == "alice@acme.test"
-    assert got.rcpt_tos == ["buyer@customer.example"]
-    assert got.content.endswith(MESSAGE)  # only the upstream's trace headers in front
+    assert list(got.rcpt_tos) == ["buyer@customer.example"]
+    assert got.data.endswith(MESSAGE)  # only the upstream's trace headers in front
     done = row(queued.queue_id)
     assert done.state == "sent" and done.done_at is not None and done.attempts == 1
     assert json.loads(done.recipients) == [] and done.claimed_by is None
@@ -180,7 +177,7 @@ def test_employee_credentials_are_used_and_erased(dovecot, sink, spool, clock, w
     spool.enqueue("bob@acme.test", ["buyer@customer.example"], MESSAGE, credentials=sealed, queue_id=queue_id)
     assert run_once(worker) == 1
     [got] = received(sink)
-    assert got.mail_from == "bob@acme.test" and got.content.endswith(MESSAGE)
+    assert got.mail_from == "bob@acme.test" and got.data.endswith(MESSAGE)
     done = row(queue_id)
     assert done.state == "sent" and done.credentials is None
     log = dovecot.log_path.read_text(errors="replace")
@@ -203,8 +200,8 @@ def test_refused_employee_password_bounces_5_7_8(dovecot, sink, spool, clock, wo
     [dsn] = bounces()
     assert dsn.credentials is None and dsn.state == "sent"  # a refused password is not reused
     [got] = received(sink)
-    assert got.rcpt_tos == ["bob@acme.test"]
-    [status] = dsn_status(got.content)
+    assert list(got.rcpt_tos) == ["bob@acme.test"]
+    [status] = dsn_status(got.data)
     assert status["Status"] == "5.7.8" and status["Action"] == "failed"
 
 
@@ -213,7 +210,7 @@ def test_implicit_tls_through_dovecot(dovecot, sink, spool, clock, workers):
     worker = make_worker(workers, cfg, spool, clock)
     spool.enqueue("alice@acme.test", ["buyer@customer.example"], MESSAGE)
     assert run_once(worker) == 1
-    assert received(sink)[0].content.endswith(MESSAGE)
+    assert received(sink)[0].data.endswith(MESSAGE)
 
 
 def test_one_session_for_consecutive_messages(dovecot, sink, spool, clock, workers):
@@ -252,11 +249,9 @@ def test_plaintext_only_to_loopback(spool, clock, workers):
 # -- upstream down, retries, expiry ----------------------------------------------
 
 
-def test_upstream_down_then_up(sink, spool, clock, workers):
-    cfg = via_sink(sink)
-    [closed] = free_ports(1)
-    cfg.relay.port = closed
-    worker = make_worker(workers, cfg, spool, clock)
+def test_upstream_down_then_up(tmp_path, spool, clock, workers):
+    [port] = free_ports(1)
+    worker = make_worker(workers, config("127.0.0.1", port, "none"), spool, clock)
     queued = spool.enqueue("alice@acme.test", ["buyer@customer.example"], MESSAGE)
     assert run_once(worker) == 1
     waiting = row(queued.queue_id)
@@ -264,11 +259,10 @@ def test_upstream_down_then_up(sink, spool, clock, workers):
     assert waiting.next_attempt_at == clock() + dt.timedelta(seconds=60)
     assert "refused" in waiting.last_error
     assert run_once(worker) == 0  # not due yet
-    # The upstream comes back (the same worker, now pointed at the live sink).
-    worker.connection.port = sink.port
-    clock.advance(60)
-    assert run_once(worker) == 1
-    assert received(sink)[0].content == MESSAGE
+    with SinkServer(tmp_path / "late-sink", port=port) as late:  # the upstream is back
+        clock.advance(60)
+        assert run_once(worker) == 1
+        assert late.wait_for(1, timeout=20)[0].data == MESSAGE
     assert row(queued.queue_id).state == "sent"
 
 
@@ -311,7 +305,7 @@ def test_refused_recipient_bounces_to_sender_others_delivered(dovecot, sink, spo
     queued = spool.enqueue("alice@acme.test", ["buyer@customer.example", "nobody@customer.example"], MESSAGE)
     assert run_once(worker) == 1
     [got] = received(sink)
-    assert got.rcpt_tos == ["buyer@customer.example"]
+    assert list(got.rcpt_tos) == ["buyer@customer.example"]
     done = row(queued.queue_id)
     assert done.state == "sent" and json.loads(done.recipients) == ["nobody@customer.example"]
     [dsn] = bounces()
@@ -320,12 +314,12 @@ def test_refused_recipient_bounces_to_sender_others_delivered(dovecot, sink, spo
     clock.advance(60)
     assert run_once(worker) == 1
     notice = received(sink, 2)[1]
-    assert notice.rcpt_tos == ["alice@acme.test"] and notice.mail_from in ("", "<>")
-    [status] = dsn_status(notice.content)
+    assert list(notice.rcpt_tos) == ["alice@acme.test"] and notice.mail_from in ("", "<>")
+    [status] = dsn_status(notice.data)
     assert status["Final-Recipient"] == "rfc822;nobody@customer.example"
     assert status["Action"] == "failed" and status["Status"].startswith("5.")
     assert "550" in status["Diagnostic-Code"]
-    headers = email.message_from_bytes(notice.content).get_payload()[2]
+    headers = email.message_from_bytes(notice.data).get_payload()[2]
     assert "Subject: Quotation 2024-17" in headers.get_payload()
 
 
@@ -338,12 +332,12 @@ def test_all_recipients_refused_direct_to_sink(sink, spool, clock, workers):
     clock.advance(60)
     run_once(worker)
     [notice] = received(sink)
-    assert notice.rcpt_tos == ["alice@acme.test"]
-    assert dsn_status(notice.content)[0]["Status"].startswith("5.1.")
+    assert list(notice.rcpt_tos) == ["alice@acme.test"]
+    assert dsn_status(notice.data)[0]["Status"].startswith("5.1.")
 
 
 def test_temporary_failure_is_retried(sink, spool, clock, workers):
-    defer_next(sink, 1)
+    sink.defer_next = 1
     worker = make_worker(workers, via_sink(sink), spool, clock)
     queued = spool.enqueue("alice@acme.test", ["buyer@customer.example"], MESSAGE)
     assert run_once(worker) == 1
@@ -353,7 +347,7 @@ def test_temporary_failure_is_retried(sink, spool, clock, workers):
     assert sink.messages() == [] and bounces() == []
     clock.advance(60)
     assert run_once(worker) == 1
-    assert received(sink)[0].content == MESSAGE
+    assert received(sink)[0].data == MESSAGE
     assert row(queued.queue_id).state == "sent" and row(queued.queue_id).attempts == 2
 
 
@@ -370,7 +364,7 @@ def test_bare_line_ends_are_sent_as_crlf(sink, spool, clock, workers):
     worker = make_worker(workers, via_sink(sink), spool, clock)
     spool.enqueue("alice@acme.test", ["buyer@customer.example"], b"Subject: x\n\nline1\rline2\n.\nend\r\n")
     run_once(worker)
-    assert received(sink)[0].content == b"Subject: x\r\n\r\nline1\r\nline2\r\n.\r\nend\r\n"
+    assert received(sink)[0].data == b"Subject: x\r\n\r\nline1\r\nline2\r\n.\r\nend\r\n"
 
 
 # -- concurrency and the loop -------------------------------------------------------

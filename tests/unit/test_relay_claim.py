@@ -31,6 +31,19 @@ def make_rows(count: int, **fields) -> list[int]:
 
 
 def test_two_workers_racing_claim_each_row_exactly_once(db):
+    race_two_workers()
+
+
+def test_racing_on_postgresql_too(postgres):
+    connect(postgres.create_database("relay_claim_race"))
+    try:
+        race_two_workers()
+    finally:
+        database.close()
+        postgres.drop_database("relay_claim_race")
+
+
+def race_two_workers() -> None:
     make_rows(200)
     now = utcnow()
     claimed: dict[str, list[int]] = {"w1": [], "w2": []}

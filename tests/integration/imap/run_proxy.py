@@ -33,7 +33,7 @@ def main(path: str) -> None:
     from gateway.imap import service
 
     config = from_dict(settings["config"])
-    connect(config.database.url)
+    connect(config.database.url, migrate=False)  # the caller created the schema
     directory = Directory(config.company.domains, config.public_mail_domains)
     directory.load()
     service.DIRECTORY_REFRESH_INTERVAL = settings.get("refresh_interval", 0.0)

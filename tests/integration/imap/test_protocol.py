@@ -17,8 +17,8 @@ from tests.integration.imap.helpers import direct, fetch_item, gateway_context, 
 class Raw:
     """A line-level IMAP client for what imaplib cannot say."""
 
-    def __init__(self, host: str, port: int, context: ssl.SSLContext | None = None):
-        sock = socket.create_connection((host, port), timeout=10)
+    def __init__(self, host: str, port: int, context: ssl.SSLContext | None = None, source: str | None = None):
+        sock = socket.create_connection((host, port), timeout=10, source_address=(source, 0) if source else None)
         self.sock = context.wrap_socket(sock, server_hostname="localhost") if context else sock
         self.buf = b""
         self.greeting = self.line()
@@ -183,3 +183,37 @@ def test_pipelined_commands(proxy):
     done = [ln.split(b" ")[0] for ln in lines if ln[:1] == b"a"]
     assert done == [b"a1", b"a2", b"a3", b"a4", b"a5"]
     assert all(b" OK" in ln for ln in lines if ln[:1] == b"a")
+
+
+def test_connection_limits(make_proxy):
+    px = make_proxy(max_connections=2, max_connections_per_user=1)
+    first = via(px)
+    with pytest.raises(imaplib.IMAP4.error, match=r"\[LIMIT\]"):
+        via(px)  # second session of the same account
+    r = Raw(px.host, px.starttls_port)  # second connection overall: still allowed
+    third = Raw(px.host, px.starttls_port)
+    assert third.greeting.startswith(b"* BYE")
+    r.close()
+    first.logout()
+
+
+def test_nesting_depth_is_refused(proxy):
+    r = Raw(proxy.host, proxy.starttls_port)
+    r.send(b"a1 LOGIN alice@acme.test alice-pw\r\n")
+    r.until(b"a1")
+    r.send(b"a2 SEARCH " + b"(" * 40 + b"ALL" + b")" * 40 + b"\r\n")
+    assert r.until(b"a2")[-1].startswith(b"a2 BAD")
+
+
+def test_id_is_answered_and_client_address_forwarded(proxy, imap_upstream):
+    # The client connects from 127.0.0.2; Dovecot (trusting the gateway) must log that address.
+    r = Raw(proxy.host, proxy.starttls_port, source="127.0.0.2")
+    r.send(b'a0 ID ("name" "test-client" "x-originating-ip" "6.6.6.6")\r\n')
+    assert r.until(b"a0")[-1].startswith(b"a0 OK")
+    r.send(b"a1 LOGIN bob@acme.test bob-pw\r\n")
+    assert r.until(b"a1")[-1].startswith(b"a1 OK")
+    r.send(b"a2 LOGOUT\r\n")
+    r.until(b"a2")
+    log = imap_upstream.log_path.read_text()
+    assert "user=<bob@acme.test>, method=PLAIN, rip=127.0.0.2" in log
+    assert "6.6.6.6" not in log  # a client cannot claim an address

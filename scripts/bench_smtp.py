@@ -1,0 +1,269 @@
+#!/usr/bin/env python3
+"""Outbound SMTP throughput: the gateway against a bare sink and a Postfix relay.
+
+    python scripts/bench_smtp.py [--messages N] [--sessions 20] [--size 5120]
+
+One run, loopback only.  Postfix's ``smtp-source`` sends N messages of SIZE bytes
+over SESSIONS parallel sessions (a connection per message, no AUTH) to:
+
+  sink     ``smtp-sink`` itself — the reference;
+  postfix  a private Postfix instance (``postfix -c DIR``) relaying to a sink;
+  gateway  ``mailgate run`` (trusted network 127.0.0.0/8; policy + archive record +
+           fsynced spool and queue row + relay worker) relaying to a sink.
+
+For each: the time from the first message until the sink has counted all N,
+messages/s, the accept rate (smtp-source finished), peak RSS (gateway: VmHWM;
+Postfix: sampled sum of PSS over its processes).  Nothing may be lost: every sink must
+count exactly N (and the gateway's queue rows must all be 'sent').  Every
+process started here is stopped at the end, also after an error or Ctrl-C.
+Target (issue 2): gateway >= 300 msg/s on 2 cores and >= 0.5x Postfix.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import shutil
+import signal
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from benchlib import (  # noqa: E402
+    HOST,
+    REPO,
+    Children,
+    GatewayNode,
+    PostfixRelay,
+    Sink,
+    TreeSampler,
+    free_ports,
+    is_alive,
+    smtp_source,
+)
+
+SENDER = "sales1@acme.test"
+RECIPIENT = "buyer@customer.example"
+WARMUP = 40
+TARGETS = ("sink", "postfix", "gateway")
+
+
+@dataclass
+class Result:
+    target: str
+    messages: int
+    accept_s: float | None = None  # smtp-source finished (every message got its 250)
+    deliver_s: float | None = None  # the sink counted all of them
+    delivered: int = 0
+    rss_kb: int = 0
+    problems: list[str] | None = None
+
+    @property
+    def rate(self) -> float | None:
+        return self.messages / self.deliver_s if self.deliver_s else None
+
+    @property
+    def accept_rate(self) -> float | None:
+        return self.messages / self.accept_s if self.accept_s else None
+
+
+def measure(name: str, port: int, sink: Sink, args: argparse.Namespace, children: Children) -> Result:
+    """Warm up, then time N messages from the first connection to the sink's count."""
+    send = lambda count: smtp_source(  # noqa: E731
+        port, count, args.sessions, args.size, SENDER, RECIPIENT, args.timeout, children)
+    result = Result(name, args.messages, problems=[])
+    ok, out = send(WARMUP)
+    if not ok or sink.wait_for(WARMUP, 30.0) is None:
+        result.problems.append(f"warm-up failed (sink counted {sink.count}/{WARMUP}): {out}")
+        return result
+    started = time.monotonic()
+    ok, out = send(args.messages)
+    result.accept_s = time.monotonic() - started
+    if not ok:
+        result.problems.append(f"smtp-source: {out or 'failed'}")
+    done = sink.wait_for(WARMUP + args.messages, max(1.0, args.timeout - result.accept_s))
+    result.deliver_s = done - started if done is not None else None
+    result.delivered = sink.settle(1.0) - WARMUP
+    if result.delivered != args.messages:
+        result.problems.append(f"sink counted {result.delivered} of {args.messages} messages")
+    return result
+
+
+def run_sink(args: argparse.Namespace, children: Children, base: Path) -> Result:
+    (port,) = free_ports(1)
+    sink = Sink(children, port)
+    try:
+        return measure("sink", port, sink, args, children)
+    finally:
+        Children.terminate(sink.proc)
+
+
+def run_postfix(args: argparse.Namespace, children: Children, base: Path) -> Result:
+    sink_port, port = free_ports(2)
+    sink = Sink(children, sink_port)
+    postfix = PostfixRelay(base / "postfix", port, sink_port)
+    children.cleanups.append(postfix.stop)
+    sampler = TreeSampler(lambda: postfix.master_pid)
+    try:
+        postfix.start()
+        sampler.start()
+        result = measure("postfix", port, sink, args, children)
+        sampler.sample()
+        result.rss_kb = sampler.peak_kb
+    finally:
+        sampler.stop()
+        postfix.stop()
+        Children.terminate(sink.proc)
+    if left := sampler.survivors():
+        result.problems.append(f"Postfix processes left after stop: {left}")
+    return result
+
+
+def gateway_config(base: Path, port: int, sink_port: int, args: argparse.Namespace) -> dict[str, dict[str, object]]:
+    return {
+        "node": {"name": "bench", "data_dir": "var"},
+        "database": {"url": "sqlite:///var/mailgate.db"},
+        "company": {"name": "Bench Trading", "domains": ["acme.test"], "language": "en"},
+        "upstream": {"host": HOST, "submission_port": sink_port, "submission_security": "none",
+                     "imap_security": "none"},
+        "smtp": {"listen": HOST, "submission_port": port, "smtps_port": 0, "hostname": "gw.acme.test",
+                 "trusted_networks": ["127.0.0.0/8"]},
+        "relay": {"host": HOST, "port": sink_port, "security": "none", "mode": "relay_account",
+                  "username": "relay@acme.test", "password": "bench-only", "workers": args.relay_workers},
+        "imap": {"listen": HOST, "starttls_port": 0, "tls_port": 0},
+        "metrics": {"port": 0},
+        "rules": {"dir": str(REPO / "rules")},
+        "dkim": {"enabled": args.dkim},
+    }
+
+
+def queue_states(db: Path) -> dict[str, int]:
+    with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True)) as conn:
+        return dict(conn.execute("SELECT state, COUNT(*) FROM outboundmessage GROUP BY state"))
+
+
+def run_gateway(args: argparse.Namespace, children: Children, base: Path) -> Result:
+    sink_port, port = free_ports(2)
+    sink = Sink(children, sink_port, announce_auth=args.sink_auth)
+    node = GatewayNode(children, base / "gateway", gateway_config(base, port, sink_port, args))
+    profiler: subprocess.Popen | None = None
+    try:
+        node.start()
+        assert node.proc is not None
+        if args.py_spy:
+            profiler = children.spawn(
+                ["py-spy", "record", "--pid", str(node.proc.pid), "--threads", "--rate", "200",
+                 "--format", "raw", "--output", str(Path(args.py_spy).resolve())],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            time.sleep(1.0)
+        result = measure("gateway", port, sink, args, children)
+        result.rss_kb = node.peak_rss_kb()
+    finally:
+        if profiler is not None:
+            profiler.send_signal(signal.SIGINT)  # py-spy writes its output on SIGINT
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                profiler.wait(30)
+        code = node.stop()
+        Children.terminate(sink.proc)
+    if code not in (0, -signal.SIGTERM):
+        result.problems.append(f"mailgate exited with {code}: {node.log_tail(5)}")
+    if errors := [line for line in node.log_text().splitlines() if " ERROR " in line or "Traceback" in line]:
+        result.problems.append(f"{len(errors)} error lines in {node.log}, first: {errors[0]}")
+    states = queue_states(node.db)
+    if states != {"sent": WARMUP + args.messages}:
+        result.problems.append(f"queue rows by state: {states} (expected all {WARMUP + args.messages} 'sent')")
+    return result
+
+
+RUNNERS: dict[str, Callable[[argparse.Namespace, Children, Path], Result]] = {
+    "sink": run_sink, "postfix": run_postfix, "gateway": run_gateway,
+}
+
+
+def fmt(value: float | None, spec: str) -> str:
+    return format(value, spec) if value is not None else "-"
+
+
+def report(results: dict[str, Result], args: argparse.Namespace) -> None:
+    print(f"\n{args.messages} messages of {args.size} bytes, {args.sessions} sessions, "
+          f"{os.cpu_count()} CPUs, a connection per message")
+    print(f"{'target':<9}{'delivered':>11}{'accept s':>10}{'accept/s':>10}{'e2e s':>9}{'msg/s':>9}{'peak RSS':>11}")
+    for r in results.values():
+        rss = f"{r.rss_kb / 1024:.0f} MB" if r.rss_kb else "-"
+        print(f"{r.target:<9}{r.delivered:>6}/{r.messages:<4}{fmt(r.accept_s, '.2f'):>10}"
+              f"{fmt(r.accept_rate, '.0f'):>10}{fmt(r.deliver_s, '.2f'):>9}{fmt(r.rate, '.0f'):>9}{rss:>11}")
+    if "gateway" in results and (gw := results["gateway"].rate) is not None:
+        for other in ("sink", "postfix"):
+            if other in results and (rate := results[other].rate):
+                print(f"gateway / {other}: {gw / rate:.2f}x")
+    if "postfix" in results and results["postfix"].rss_kb:
+        print("Postfix: peak of the summed PSS of master and all its children, sampled every 0.1 s")
+    for r in results.values():
+        for problem in r.problems or []:
+            print(f"PROBLEM {r.target}: {problem}")
+
+
+def stray_processes(base: Path, pids: list[int]) -> list[str]:
+    """Our processes still running: by pid, and anything naming our temp dir."""
+    found = subprocess.run(["pgrep", "-af", str(base)], capture_output=True, text=True).stdout.splitlines()
+    return found + [f"{pid} (a child)" for pid in pids if is_alive(pid)]
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--messages", type=int, default=3000, help="messages per target (default: %(default)s)")
+    ap.add_argument("--sessions", type=int, default=20, help="parallel smtp-source sessions (default: %(default)s)")
+    ap.add_argument("--size", type=int, default=5120, help="message payload bytes (default: %(default)s)")
+    ap.add_argument("--targets", default=",".join(TARGETS), help="comma-separated subset of %(default)s")
+    ap.add_argument("--timeout", type=float, default=120.0, help="seconds per target before giving up")
+    ap.add_argument("--relay-workers", type=int, default=4, help="gateway relay workers (default: %(default)s)")
+    ap.add_argument("--dkim", action="store_true", help="let the gateway DKIM-sign (RSA + Ed25519)")
+    ap.add_argument("--sink-auth", action="store_true",
+                    help="let the gateway's sink announce AUTH (smtp-sink answers AUTH with 250, not 235)")
+    ap.add_argument("--py-spy", metavar="FILE", help="profile the gateway with py-spy (collapsed stacks)")
+    ap.add_argument("--keep", action="store_true", help="keep the temp dir (configs, logs, DB)")
+    args = ap.parse_args()
+    args.targets = [t for t in args.targets.split(",") if t]
+    if unknown := set(args.targets) - set(TARGETS):
+        ap.error(f"unknown targets: {', '.join(sorted(unknown))}")
+    for tool in ("smtp-source", "smtp-sink", "postfix"):
+        if shutil.which(tool) is None:
+            ap.error(f"{tool} not found (Debian package postfix)")
+
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    base = Path(tempfile.mkdtemp(prefix="bench-smtp-"))
+    base.chmod(0o755)  # Postfix's processes (user postfix) must reach their dirs below
+    children = Children()
+    results: dict[str, Result] = {}
+    try:
+        for target in args.targets:
+            print(f"{target} ...", flush=True)
+            try:
+                results[target] = RUNNERS[target](args, children, base)
+            except (RuntimeError, OSError, subprocess.SubprocessError, sqlite3.Error) as exc:
+                results[target] = Result(target, args.messages, problems=[f"{type(exc).__name__}: {exc}"])
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+    finally:
+        pids = [p.pid for p in children.procs]
+        children.close()
+        if stray := stray_processes(base, pids):
+            print(f"PROBLEM stray processes: {stray}", file=sys.stderr)
+        if args.keep:
+            print(f"kept {base}")
+        else:
+            shutil.rmtree(base, ignore_errors=True)
+    report(results, args)
+    return 0 if results and all(not r.problems for r in results.values()) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
