@@ -45,6 +45,7 @@ from benchlib import (  # noqa: E402
     PostfixRelay,
     Sink,
     TreeSampler,
+    cpu_seconds,
     free_ports,
     is_alive,
     smtp_source,
@@ -64,6 +65,7 @@ class Result:
     deliver_s: float | None = None  # the sink counted all of them
     delivered: int = 0
     rss_kb: int = 0
+    cpu_s: float = 0.0  # gateway only: CPU time of its process during the measured run
     problems: list[str] | None = None
 
     @property
@@ -75,8 +77,11 @@ class Result:
         return self.messages / self.accept_s if self.accept_s else None
 
 
-def measure(name: str, port: int, sink: Sink, args: argparse.Namespace, children: Children) -> Result:
-    """Warm up, then time N messages from the first connection to the sink's count."""
+def measure(
+    name: str, port: int, sink: Sink, args: argparse.Namespace, children: Children, pid: int | None = None
+) -> Result:
+    """Warm up, then time N messages from the first connection to the sink's count
+    (and the CPU time process ``pid`` used meanwhile)."""
     send = lambda count: smtp_source(  # noqa: E731
         port, count, args.sessions, args.size, SENDER, RECIPIENT, args.timeout, children)
     result = Result(name, args.messages, problems=[])
@@ -84,6 +89,7 @@ def measure(name: str, port: int, sink: Sink, args: argparse.Namespace, children
     if not ok or sink.wait_for(WARMUP, 30.0) is None:
         result.problems.append(f"warm-up failed (sink counted {sink.count}/{WARMUP}): {out}")
         return result
+    cpu_before = cpu_seconds(pid) if pid else 0.0
     started = time.monotonic()
     ok, out = send(args.messages)
     result.accept_s = time.monotonic() - started
@@ -91,6 +97,7 @@ def measure(name: str, port: int, sink: Sink, args: argparse.Namespace, children
         result.problems.append(f"smtp-source: {out or 'failed'}")
     done = sink.wait_for(WARMUP + args.messages, max(1.0, args.timeout - result.accept_s))
     result.deliver_s = done - started if done is not None else None
+    result.cpu_s = cpu_seconds(pid) - cpu_before if pid else 0.0
     result.delivered = sink.settle(1.0) - WARMUP
     if result.delivered != args.messages:
         result.problems.append(f"sink counted {result.delivered} of {args.messages} messages")
@@ -160,11 +167,11 @@ def run_gateway(args: argparse.Namespace, children: Children, base: Path) -> Res
         assert node.proc is not None
         if args.py_spy:
             profiler = children.spawn(
-                ["py-spy", "record", "--pid", str(node.proc.pid), "--threads", "--rate", "200",
+                ["py-spy", "record", "--pid", str(node.proc.pid), "--threads", "--nonblocking", "--idle",
                  "--format", "raw", "--output", str(Path(args.py_spy).resolve())],
                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             time.sleep(1.0)
-        result = measure("gateway", port, sink, args, children)
+        result = measure("gateway", port, sink, args, children, node.proc.pid)
         result.rss_kb = node.peak_rss_kb()
     finally:
         if profiler is not None:
@@ -204,6 +211,9 @@ def report(results: dict[str, Result], args: argparse.Namespace) -> None:
         for other in ("sink", "postfix"):
             if other in results and (rate := results[other].rate):
                 print(f"gateway / {other}: {gw / rate:.2f}x")
+    if (gw_result := results.get("gateway")) and gw_result.cpu_s and gw_result.deliver_s:
+        print(f"gateway CPU: {gw_result.cpu_s / gw_result.messages * 1000:.2f} ms per message, "
+              f"{gw_result.cpu_s / gw_result.deliver_s:.0%} of one core")
     if "postfix" in results and results["postfix"].rss_kb:
         print("Postfix: peak of the summed PSS of master and all its children, sampled every 0.1 s")
     for r in results.values():

@@ -82,6 +82,15 @@ def proc_stat(pid: int) -> tuple[str, str, int] | None:
     return comm, state, int(ppid)
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process (its threads included), 0.0 if it is gone."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def is_alive(pid: int) -> bool:
     """Running (a zombie waiting to be reaped does not count)."""
     stat = proc_stat(pid)

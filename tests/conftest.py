@@ -8,8 +8,8 @@ import pytest
 
 from gateway.demo.sink import SinkServer
 from gateway.demo.upstream import DovecotUpstream
-from tests.harness import shared_tempdir
 from tests.harness import postgres as pg
+from tests.harness import shared_tempdir
 
 USERS = {
     "alice@acme.test": "alice-pw",

@@ -87,9 +87,7 @@ class SinkHandler:
     answered with ``defer_reply`` (451 by default).  Both may be changed from any thread.
     """
 
-    def __init__(
-        self, directory: Path, on_message: Callable[[SinkMessage], None] | None = None
-    ) -> None:
+    def __init__(self, directory: Path, on_message: Callable[[SinkMessage], None] | None = None) -> None:
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
         self.on_message = on_message
@@ -114,7 +112,11 @@ class SinkHandler:
         self.defer_reply = DEFER_REPLY
 
     async def handle_RCPT(  # noqa: N802 (aiosmtpd hook name)
-        self, server: SMTP, session: Session, envelope: Envelope, address: str,
+        self,
+        server: SMTP,
+        session: Session,
+        envelope: Envelope,
+        address: str,
         rcpt_options: list[str],
     ) -> str:
         wanted = address.lower()
@@ -306,8 +308,7 @@ class SinkServer:
         async def main() -> None:
             self._loop = asyncio.get_running_loop()
             self._stopped = asyncio.Event()
-            await _serve(self.handler, self.host, self._port, self._stopped, self._on_ready,
-                        self.data_size_limit)
+            await _serve(self.handler, self.host, self._port, self._stopped, self._on_ready, self.data_size_limit)
 
         try:
             asyncio.run(main())
@@ -321,8 +322,9 @@ class SinkServer:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m gateway.demo.sink", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m gateway.demo.sink", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--host", default=HOST)
     parser.add_argument("--port", type=int, required=True, help="0 picks a free port")
     parser.add_argument("--dir", type=Path, required=True, help="where messages are stored")
@@ -338,8 +340,7 @@ def main(argv: list[str] | None = None) -> None:
         def ready(port: int) -> None:
             print(f"READY {port}", flush=True)
 
-        await _serve(SinkHandler(args.dir), args.host, args.port, stopped, ready,
-                    args.data_size_limit)
+        await _serve(SinkHandler(args.dir), args.host, args.port, stopped, ready, args.data_size_limit)
 
     asyncio.run(run())
     sys.exit(0)

@@ -3,7 +3,8 @@
 Everything lives under one base directory::
 
     BASE/dovecot.conf      generated configuration
-    BASE/passwd, masters   passwd-file user and master-user databases
+    BASE/passwd.d/ADDRESS  passwd-file of each user (one file each: see add_user)
+    BASE/masters           passwd-file of the master user
     BASE/tls/              self-signed cert.pem (CA:TRUE, localhost, 127.0.0.1) and key.pem
     BASE/run/              Dovecot base_dir (sockets, master.pid)
     BASE/state/            Dovecot state_dir
@@ -17,6 +18,7 @@ uid 0), so that user must be able to traverse BASE's parent directories.
 from __future__ import annotations
 
 import datetime as dt
+import grp
 import ipaddress
 import os
 import pwd
@@ -38,6 +40,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 HOST = "127.0.0.1"
+REVISION_FIELD = "mailgate_rev"  # harmless passdb extra field, see add_user
 
 
 def free_ports(count: int, host: str = HOST) -> list[int]:
@@ -60,13 +63,17 @@ def make_self_signed_cert(cert_path: Path, key_path: Path, days: int = 30) -> No
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
     now = dt.datetime.now(dt.UTC)
     usage = x509.KeyUsage(
-        digital_signature=True, content_commitment=False, key_encipherment=False,
-        data_encipherment=False, key_agreement=False, key_cert_sign=True,
-        crl_sign=True, encipher_only=False, decipher_only=False,
+        digital_signature=True,
+        content_commitment=False,
+        key_encipherment=False,
+        data_encipherment=False,
+        key_agreement=False,
+        key_cert_sign=True,
+        crl_sign=True,
+        encipher_only=False,
+        decipher_only=False,
     )
-    san = x509.SubjectAlternativeName(
-        [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address(HOST))]
-    )
+    san = x509.SubjectAlternativeName([x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address(HOST))])
     cert = (
         x509.CertificateBuilder()
         .subject_name(name)
@@ -80,9 +87,7 @@ def make_self_signed_cert(cert_path: Path, key_path: Path, days: int = 30) -> No
         .add_extension(usage, critical=True)
         .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
-        .add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_public_key(key.public_key()), critical=False
-        )
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(key.public_key()), critical=False)
         .sign(key, hashes.SHA256())
     )
     key_pem = key.private_bytes(
@@ -111,9 +116,9 @@ def _atomic_write(path: Path, text: str, mode: int, gid: int = -1) -> None:
     os.replace(tmp, path)
 
 
-def _children(pid: int) -> list[int]:
-    """Direct children of `pid`, from /proc."""
-    found = []
+def _children(pid: int) -> dict[int, str]:
+    """Direct children of `pid` and their names, from /proc."""
+    found = {}
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
@@ -121,9 +126,9 @@ def _children(pid: int) -> list[int]:
             stat = (entry / "stat").read_text()
         except OSError:
             continue
-        ppid = int(stat.rpartition(")")[2].split()[1])
-        if ppid == pid:
-            found.append(int(entry.name))
+        name, _, rest = stat.partition(" (")[2].rpartition(")")
+        if int(rest.split()[1]) == pid:
+            found[int(entry.name)] = name
     return found
 
 
@@ -152,18 +157,24 @@ def wait_pidfds(fds: Mapping[int, int], timeout: float) -> dict[int, int]:
     return {fd: fds[fd] for fd in waiting}
 
 
-def terminate(pid: int, timeout: float = 10.0) -> None:
-    """SIGTERM a daemon and its children; wait for all to exit, SIGKILL what is left.
+def terminate(pid: int, timeout: float = 10.0, last: Iterable[str] = ()) -> None:
+    """SIGTERM a daemon and its children, wait for them to exit, SIGKILL what is left.
 
-    Dovecot's master exits in ~1 s, but its children keep serving connected clients
-    for ~10 s more unless they are signalled themselves.
+    Children named in `last` are signalled only once the others are gone.
     """
-    fds = open_pidfds([pid, *_children(pid)])  # before signalling: nothing slips away
+    last = set(last)
+    children = _children(pid)
+    fds = open_pidfds([pid, *children])  # before signalling: nothing slips away
     try:
         _kill([pid], signal.SIGTERM)
-        fds.update(open_pidfds(set(_children(pid)) - set(fds.values())))
-        _kill(fds.values(), signal.SIGTERM)
-        left = wait_pidfds(fds, timeout)
+        children.update(_children(pid))
+        fds.update(open_pidfds(set(children) - set(fds.values())))
+        early = {fd: p for fd, p in fds.items() if p in children and children[p] not in last}
+        _kill(early.values(), signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        wait_pidfds(early, timeout)
+        _kill([p for p, name in children.items() if name in last], signal.SIGTERM)
+        left = wait_pidfds(fds, max(deadline - time.monotonic(), 0.1))
         if left:
             _kill(left.values(), signal.SIGKILL)
             wait_pidfds(left, timeout)
@@ -206,7 +217,7 @@ passdb {
 }
 passdb {
   driver = passwd-file
-  args = $passwd_path
+  args = $passwd_dir/%Lu
 }
 userdb {
   driver = static
@@ -263,6 +274,7 @@ service imap-login {
   $chroot
 }
 service imap {
+  service_count = 0
   client_limit = 50
   process_limit = 200
 }
@@ -284,14 +296,15 @@ service lmtp {
     port = $lmtp_port
   }
 }
-$penalty
+service anvil {
+  $penalty
+  $chroot
+}
 """)
 
-_NO_PENALTY = """service anvil {
-  unix_listener anvil-auth-penalty {
+_NO_PENALTY = """unix_listener anvil-auth-penalty {
     mode = 0
-  }
-}"""
+  }"""
 
 
 class DovecotUpstream:
@@ -319,7 +332,7 @@ class DovecotUpstream:
         self.base_dir = Path(base_dir).resolve()
         self.users: dict[str, str] = {}
         for address, password in users.items():
-            _check_field(address)
+            _check_address(address)
             _check_field(password)
             self.users[address] = password
         if master_user is not None:
@@ -339,7 +352,7 @@ class DovecotUpstream:
         self.lmtp_port = lmtp_port or next(auto)
 
         self.config_path = self.base_dir / "dovecot.conf"
-        self.passwd_path = self.base_dir / "passwd"
+        self.passwd_dir = self.base_dir / "passwd.d"
         self.masters_path = self.base_dir / "masters"
         self.cert_path = self.base_dir / "tls" / "cert.pem"
         self.key_path = self.base_dir / "tls" / "key.pem"
@@ -349,6 +362,7 @@ class DovecotUpstream:
         self.log_path = self.base_dir / "dovecot.log"
         self.pid_path = self.run_dir / "master.pid"
         self._root = os.geteuid() == 0
+        self._revisions: dict[str, int] = {}
         account = pwd.getpwnam(mail_user) if self._root else pwd.getpwuid(os.geteuid())
         self.uid, self.gid = account.pw_uid, account.pw_gid
 
@@ -384,8 +398,10 @@ class DovecotUpstream:
         # Not a pipe: the daemon keeps its stderr open, a pipe would never see EOF.
         with open(self.base_dir / "startup.err", "w+") as err:
             proc = subprocess.run(
-                ["dovecot", "-c", str(self.config_path)], stdin=subprocess.DEVNULL,
-                stdout=err, stderr=err,
+                ["dovecot", "-c", str(self.config_path)],
+                stdin=subprocess.DEVNULL,
+                stdout=err,
+                stderr=err,
             )
             if proc.returncode != 0:
                 err.seek(0)
@@ -402,7 +418,10 @@ class DovecotUpstream:
             pid = int(self.pid_path.read_text())
         except (FileNotFoundError, ValueError):
             return
-        terminate(pid, timeout)
+        # The master alone takes ~1 s, and with clients connected its imap processes
+        # linger ~10 s; signalling all children at once takes ~0.1 s, but imap
+        # processes then wait ~6 s for the log and stats processes: those go last.
+        terminate(pid, timeout, last=("log", "stats"))
         self.pid_path.unlink(missing_ok=True)
 
     def __enter__(self) -> DovecotUpstream:
@@ -419,12 +438,27 @@ class DovecotUpstream:
 
     # -- users and mail ------------------------------------------------------
 
-    def add_user(self, address: str, password: str) -> None:
-        """Add (or re-password) a user; Dovecot re-reads the passwd file on its own."""
-        _check_field(address)
+    def add_user(self, address: str, password: str, timeout: float = 5.0) -> None:
+        """Add (or re-password) a user; returns once Dovecot's auth process uses it.
+
+        Each user has a passwd-file of their own, which Dovecot reads on the first
+        lookup, so a new user works at once.  A changed file Dovecot checks at most once
+        a second: a re-password may have to wait for the next second.
+        """
+        _check_address(address)
         _check_field(password)
+        known = address.lower() in self._revisions
         self.users[address] = password
-        self._write_passwd()
+        if not self.passwd_dir.exists():  # not started yet: start() writes all
+            return
+        self._write_user(address)
+        if not known:
+            return
+        deadline = time.monotonic() + timeout
+        while self._passdb_revision(address) != self._revisions[address.lower()]:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"Dovecot did not pick up the new password of {address}")
+            time.sleep(1.01 - time.time() % 1)  # until the next whole second: no event to await
 
     def deliver(self, recipient: str, raw: bytes, sender: str = "sender@demo.test") -> None:
         """Deliver one message into `recipient`'s INBOX over LMTP (raises on refusal)."""
@@ -448,21 +482,43 @@ class DovecotUpstream:
             _check_traversable(self.mail_dir, self.uid, self.gid)
 
     def _write_passwd(self) -> None:
-        gid = self.gid if self._root else -1
-        lines = [f"{address}:{{PLAIN}}{password}::::::\n" for address, password in self.users.items()]
-        _atomic_write(self.passwd_path, "".join(lines), 0o640, gid)
+        self.passwd_dir.mkdir(exist_ok=True)
+        for address in self.users:
+            self._write_user(address)
         masters = ""
         if self.master_user is not None:
             masters = f"{self.master_user[0]}:{{PLAIN}}{self.master_user[1]}::::::\n"
-        _atomic_write(self.masters_path, masters, 0o640, gid)
+        _atomic_write(self.masters_path, masters, 0o640, self.gid if self._root else -1)
+
+    def _write_user(self, address: str) -> None:
+        # The line carries a revision as an extra field: add_user can tell when
+        # Dovecot has read this version.  Dovecot looks users up lower-cased (%Lu).
+        key = address.lower()
+        revision = self._revisions[key] = self._revisions.get(key, 0) + 1
+        line = f"{key}:{{PLAIN}}{self.users[address]}::::::{REVISION_FIELD}={revision}\n"
+        _atomic_write(self.passwd_dir / key, line, 0o640, self.gid if self._root else -1)
+
+    def _passdb_revision(self, address: str) -> int | None:
+        """The passwd-file revision that Dovecot's auth process has for `address`."""
+        proc = subprocess.run(
+            ["doveadm", "-c", str(self.config_path), "auth", "lookup", address],
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+        )
+        for line in proc.stdout.splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == REVISION_FIELD:
+                return int(value)
+        return None
 
     def _render_config(self) -> str:
         protocols = "imap lmtp submission" if self.submission_enabled else "imap lmtp"
         user_settings = ""
-        if not self._root:
+        if not self._root:  # everything runs as the current user
+            user, group = pwd.getpwuid(self.uid).pw_name, grp.getgrgid(self.gid).gr_name
             user_settings = (
-                f"default_login_user = {pwd.getpwuid(self.uid).pw_name}\n"
-                f"default_internal_user = {pwd.getpwuid(self.uid).pw_name}\n"
+                f"default_login_user = {user}\ndefault_internal_user = {user}\ndefault_internal_group = {group}\n"
             )
         return _CONFIG.substitute(
             run_dir=self.run_dir,
@@ -473,7 +529,7 @@ class DovecotUpstream:
             cert_path=self.cert_path,
             key_path=self.key_path,
             masters_path=self.masters_path,
-            passwd_path=self.passwd_path,
+            passwd_dir=self.passwd_dir,
             uid=self.uid,
             gid=self.gid,
             user_settings=user_settings,
@@ -490,11 +546,9 @@ class DovecotUpstream:
         )
 
     def _wait_ready(self, deadline: float) -> None:
-        checks = [(self.imap_port, b"* OK", False), (self.imaps_port, b"* OK", True),
-                  (self.lmtp_port, b"220 ", False)]
+        checks = [(self.imap_port, b"* OK", False), (self.imaps_port, b"* OK", True), (self.lmtp_port, b"220 ", False)]
         if self.submission_enabled:
-            checks += [(self._submission_port, b"220 ", False),
-                       (self._submissions_port, b"220 ", True)]
+            checks += [(self._submission_port, b"220 ", False), (self._submissions_port, b"220 ", True)]
         context = self.ssl_context()
         for port, greeting, tls in checks:
             line = _read_greeting(self.host, port, context if tls else None, deadline)
@@ -505,6 +559,12 @@ class DovecotUpstream:
 def _check_field(value: str) -> None:
     if not value or any(c in value for c in ":\r\n"):
         raise ValueError(f"not usable in a passwd-file: {value!r}")
+
+
+def _check_address(address: str) -> None:
+    _check_field(address)
+    if "/" in address or "%" in address or address.startswith("."):
+        raise ValueError(f"not usable as a passwd-file name: {address!r}")
 
 
 def _check_traversable(path: Path, uid: int, gid: int) -> None:
@@ -524,25 +584,20 @@ def _check_traversable(path: Path, uid: int, gid: int) -> None:
             )
 
 
-def _read_greeting(
-    host: str, port: int, context: ssl.SSLContext | None, deadline: float
-) -> bytes:
+def _read_greeting(host: str, port: int, context: ssl.SSLContext | None, deadline: float) -> bytes:
     """Connect (retrying while refused, until `deadline`) and return the first line."""
     while True:
         try:
-            sock = socket.create_connection((host, port), timeout=max(deadline - time.monotonic(), 0.1))
+            raw = socket.create_connection((host, port), timeout=max(deadline - time.monotonic(), 0.1))
             break
         except ConnectionRefusedError:
             if time.monotonic() > deadline:
                 raise
             time.sleep(0.01)
-    with sock:
-        if context is not None:
-            sock = context.wrap_socket(sock, server_hostname="localhost")
-        data = b""
-        while b"\n" not in data:
-            chunk = sock.recv(4096)
-            if not chunk:
-                break
-            data += chunk
-        return data.split(b"\r\n", 1)[0]
+    with raw:
+        conn = context.wrap_socket(raw, server_hostname="localhost") if context else raw
+        with conn:
+            data = b""
+            while b"\n" not in data and (chunk := conn.recv(4096)):
+                data += chunk
+            return data.split(b"\r\n", 1)[0]

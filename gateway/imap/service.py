@@ -7,13 +7,16 @@
 from __future__ import annotations
 
 import logging
+from collections import OrderedDict
 from typing import Any
 
+from OpenSSL import SSL
 from twisted.internet import protocol, ssl, threads
+from twisted.internet._sslverify import ClientTLSOptions
 
 from gateway.config import Config
 from gateway.directory import Directory
-from gateway.imap.decisions import DecisionStore
+from gateway.imap.decisions import Decision, DecisionStore
 from gateway.imap.limits import ConnectionLimits
 from gateway.imap.session import ClientSession
 from gateway.imap.upstream import UpstreamSettings
@@ -22,6 +25,8 @@ log = logging.getLogger("mailgate.imap")
 
 #: How often (seconds) deciding new messages first replays the directory's change feed.
 DIRECTORY_REFRESH_INTERVAL = 1.0
+#: Decisions kept in memory per process (persisted ones are immutable, so caching is safe).
+DECISION_CACHE = 200_000
 
 
 def server_tls_options(config: Config) -> ssl.CertificateOptions | None:
@@ -41,11 +46,25 @@ def server_tls_options(config: Config) -> ssl.CertificateOptions | None:
 
 
 def upstream_tls_options(config: Config) -> Any:
+    """Client TLS to the upstream, verified against ``ca_file`` (or the system store).
+
+    Session tickets are refused: thousands of idle sessions would each keep the
+    server's tickets (and certificate chain) in memory for nothing.
+    """
     u = config.upstream
     if not u.verify_tls:
-        return ssl.CertificateOptions(verify=False)
+        opts = ssl.CertificateOptions(verify=False, raiseMinimumTo=ssl.TLSVersion.TLSv1_2)
+        _lean(opts.getContext())
+        return opts
     trust = ssl.Certificate.loadPEM(u.ca_file.read_bytes()) if u.ca_file else ssl.platformTrust()
-    return ssl.optionsForClientTLS(u.host, trustRoot=trust)
+    opts = ssl.CertificateOptions(trustRoot=trust, raiseMinimumTo=ssl.TLSVersion.TLSv1_2)
+    _lean(opts.getContext())
+    return ClientTLSOptions(opts._makeTLSConnection, u.host)
+
+
+def _lean(ctx: SSL.Context) -> None:
+    ctx.set_options(SSL.OP_NO_TICKET)
+    ctx.set_session_cache_mode(SSL.SESS_CACHE_OFF)
 
 
 class ProxyService:
@@ -68,6 +87,23 @@ class ProxyService:
             tls_options=upstream_tls_options(config) if u.imap_security != "none" else None,
         )
         self._last_refresh = float("-inf")
+        self._decisions: OrderedDict[tuple, Decision] = OrderedDict()
+
+    def cached_decisions(self, account: str, mailbox: bytes, uidvalidity: int, uids: list[int]) -> dict[int, Decision]:
+        """Decisions this process already knows (they never change once stored)."""
+        out = {}
+        for uid in uids:
+            d = self._decisions.get((account, mailbox, uidvalidity, uid))
+            if d is not None:
+                out[uid] = d
+        return out
+
+    def cache_decisions(self, account: str, mailbox: bytes, uidvalidity: int, decisions: dict[int, Decision]) -> None:
+        cache = self._decisions
+        for uid, d in decisions.items():
+            cache[(account, mailbox, uidvalidity, uid)] = d
+        while len(cache) > DECISION_CACHE:
+            cache.popitem(last=False)
 
     async def maybe_refresh_directory(self) -> None:
         """Replay the directory change feed before deciding (at most every interval)."""

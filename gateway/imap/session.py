@@ -50,6 +50,7 @@ log = logging.getLogger("mailgate.imap")
 _DROP_CAPS = (b"COMPRESS=", b"STARTTLS", b"LOGINDISABLED", b"AUTH=", b"SASL-IR", b"LOGIN-REFERRALS")
 _HEADER_CACHE = 64
 _DECISION_CACHE = 50000
+_MAX_QUEUED = 256 * 1024  # client bytes buffered while a command runs exclusively
 
 
 def filter_capabilities(caps: list[bytes], max_literal: int) -> list[bytes]:
@@ -162,6 +163,7 @@ class ClientSession(protocol.Protocol, TimeoutMixin, FramerSink):
         self.caps: list[bytes] = []
         self.logging_out = False
         self.upstream_bye = False
+        self._batch: list[bytes] | None = None
 
     # -- helpers -----------------------------------------------------------------------
     @property
@@ -179,12 +181,26 @@ class ClientSession(protocol.Protocol, TimeoutMixin, FramerSink):
         return any(ip in ipaddress.ip_network(n, strict=False) for n in self.cfg.plaintext_networks)
 
     def send(self, data: bytes) -> None:
-        if not self.closing:
+        if self.closing:
+            return
+        if self._batch is not None:
+            self._batch.append(data)
+        else:
             self.transport.write(data)
+
+    def begin_batch(self) -> None:
+        if self._batch is None:
+            self._batch = []
+
+    def end_batch(self) -> None:
+        batch, self._batch = self._batch, None
+        if batch and not self.closing:
+            self.transport.writeSequence(batch)
 
     def close(self, bye: bytes | None = None) -> None:
         if self.closing:
             return
+        self.end_batch()
         if bye:
             self.transport.write(b"* BYE " + bye + b"\r\n")
         self.closing = True
@@ -211,6 +227,7 @@ class ClientSession(protocol.Protocol, TimeoutMixin, FramerSink):
             return
         self.counted = True
         metrics.imap_sessions.inc()
+        _no_delay(self.transport)
         self.client_valve = Valve(self.transport)
         self.setTimeout(self.cfg.idle_timeout)
         self.send(b"* OK [CAPABILITY " + self.prelogin_caps() + b"] Mailgate IMAP proxy ready\r\n")
@@ -243,6 +260,8 @@ class ClientSession(protocol.Protocol, TimeoutMixin, FramerSink):
             data = data[nl + 1 :]
         try:
             self.framer.feed(data)
+            if self.framer.paused and self.framer.buffered > _MAX_QUEUED and self.client_valve:
+                self.client_valve.pause("exclusive")  # stop reading until the current command is done
         except ParseError as exc:
             if str(exc) == "line too long":
                 self._line_too_long()
@@ -464,6 +483,7 @@ class ClientSession(protocol.Protocol, TimeoutMixin, FramerSink):
             proto.transport.loseConnection()
             return
         self.upstream = proto
+        _no_delay(proto.transport)
         proto.on_lost = self._upstream_lost
         peer = self.transport.getPeer()
         host = self.transport.getHost()
@@ -514,6 +534,7 @@ class ClientSession(protocol.Protocol, TimeoutMixin, FramerSink):
             await self._learn_special_use(caps)
         self.caps = filter_capabilities(caps, self.cfg.max_literal_size)
         proto.relay = _UpstreamRelay(self)
+        proto.batch = (self.begin_batch, self.end_batch)
         self.upstream_valve = Valve(proto.transport)
         self.transport.registerProducer(self.upstream_valve, True)
         proto.transport.registerProducer(self.client_valve, True)
@@ -727,8 +748,6 @@ class ClientSession(protocol.Protocol, TimeoutMixin, FramerSink):
     def _start_fetch(self, fc: FetchCommand, raw: bytes) -> None:
         self.framer.paused = True
         self.exclusive = True
-        if self.client_valve:
-            self.client_valve.pause("exclusive")
         d = defer.ensureDeferred(self._fetch(fc, raw))
         d.addErrback(self._fetch_failed)
         d.addBoth(self._end_exclusive)
@@ -804,6 +823,10 @@ class ClientSession(protocol.Protocol, TimeoutMixin, FramerSink):
         # 1. which messages (seq -> uid)
         ids: dict[int, int] = {}  # id used in commands (seq or uid) -> uid
         known = explicit_uids(fc.sequence) if fc.uid else None
+        if known is not None:
+            missing = [u for u in known if u not in self.decisions]
+            if missing:
+                self._remember(self.svc.cached_decisions(self.account, mailbox, uidvalidity, missing))
         if known is not None and all(u in self.decisions for u in known):
             ids = {u: u for u in known}
         else:
@@ -819,10 +842,16 @@ class ClientSession(protocol.Protocol, TimeoutMixin, FramerSink):
         unknown = [u for u in ids.values() if u not in self.decisions]
         store = self.svc.store
         if unknown:
+            shared = self.svc.cached_decisions(self.account, mailbox, uidvalidity, unknown)
+            if shared:
+                self._remember(shared)
+                unknown = [u for u in unknown if u not in self.decisions]
+        if unknown:
             loaded = await threads.deferToThreadPool(self.svc.reactor, self.svc.pool, store.load,
                                                      self.account, mailbox.decode("utf-8", "replace"),
                                                      uidvalidity, unknown)
             self._remember(loaded)
+            self.svc.cache_decisions(self.account, mailbox, uidvalidity, loaded)
             unknown = [u for u in unknown if u not in self.decisions]
         if unknown:
             await self._decide(fc, ids, set(unknown), mailbox, uidvalidity)
@@ -890,6 +919,7 @@ class ClientSession(protocol.Protocol, TimeoutMixin, FramerSink):
         stored = await threads.deferToThreadPool(svc.reactor, svc.pool, svc.store.save, self.account,
                                                  mailbox.decode("utf-8", "replace"), uidvalidity, new)
         self._remember(stored)
+        svc.cache_decisions(self.account, mailbox, uidvalidity, stored)
         for uid, h in heads.items():
             self._cache_header(uid, h)
 
@@ -946,6 +976,14 @@ class _UpstreamRelay(FramerSink):
 
     def literal_data(self, data: bytes) -> None:
         self.s.send(data)
+
+
+def _no_delay(transport: object) -> None:
+    """Small IMAP responses must not wait for Nagle + delayed ACK (40 ms)."""
+    try:
+        transport.setTcpNoDelay(True)
+    except (AttributeError, OSError):
+        pass
 
 
 def _mailbox_key(name: bytes) -> bytes:

@@ -93,17 +93,25 @@ class UpstreamProtocol(protocol.Protocol, FramerSink):
         self._n = 0
         self._got_greeting = False
         self.closed = False
+        # (begin, end) hooks around each read, so the client gets one write per upstream read
+        self.batch: tuple[Callable[[], None], Callable[[], None]] | None = None
 
     # -- twisted ---------------------------------------------------------------------
     def connectionMade(self) -> None:
         self.ready.callback(None)
 
     def dataReceived(self, data: bytes) -> None:
+        batch = self.batch
+        if batch is not None:
+            batch[0]()
         try:
             self.framer.feed(data)
         except ParseError as exc:
             log.error("upstream protocol error: %s", exc)
             self.fail(f"upstream protocol error: {exc}")
+        finally:
+            if batch is not None:
+                batch[1]()
 
     def fail(self, why: str) -> None:
         if not self.closed:

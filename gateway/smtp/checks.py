@@ -40,14 +40,25 @@ def helo_problem(name: str) -> str | None:
     return None
 
 
-def bare_line_ending(data: bytes) -> bool:
-    """True if ``data`` has a CR not followed by LF or an LF not preceded by CR.
+def has_bare_cr(data: bytes) -> bool:
+    """True if ``data`` has a CR that is not followed by LF.
 
     Such bytes let the next hop end the message early (SMTP smuggling,
-    CVE-2023-51764 family), so the gateway refuses them, like Postfix's
-    smtpd_forbid_bare_newline.
+    CVE-2023-51764 family); no legitimate client sends them, so the message
+    is refused.
     """
-    lf = data.count(b"\n")
-    cr = data.count(b"\r")
-    crlf = data.count(b"\r\n")
-    return lf != crlf or cr != crlf
+    return data.count(b"\r") != data.count(b"\r\n")
+
+
+def normalize_bare_lf(data: bytes) -> bytes:
+    """Turn every LF not preceded by CR into CRLF (Postfix's
+    ``smtpd_forbid_bare_newline = normalize``).
+
+    Some scripts and old clients end lines with a bare LF.  aiosmtpd ends DATA
+    only at CRLF.CRLF, so a fake end-of-data written with bare LFs stays inside
+    this message; normalising it here, and dot-stuffing on relay, keeps it
+    there at the next hop too.
+    """
+    if data.count(b"\n") == data.count(b"\r\n"):
+        return data
+    return data.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")

@@ -6,7 +6,7 @@ A message's path, top to bottom:
   MAIL  -> must be authenticated (or from a trusted network); the address must
            be the employee's own or an alias (553 otherwise)
   RCPT  -> syntax (no %-hacks, source routes …), recipient limit
-  DATA  -> bare CR/LF refused -> headers parsed -> policy.decide ->
+  DATA  -> bare CR refused, bare LF normalised -> headers parsed -> policy.decide ->
            mutate (tag, rewrite, sign) -> archive + spool (fsync) -> 250 + queue id
 """
 
@@ -37,7 +37,7 @@ from gateway.mutate import apply_mutations
 from gateway.policy import ACCEPT, HOLD, REJECT, Context, Policy, Verdict
 from gateway.policy.context import Session
 from gateway.smtp.auth import UpstreamAuthenticator, UpstreamUnavailable
-from gateway.smtp.checks import address_problem, bare_line_ending, helo_problem
+from gateway.smtp.checks import address_problem, has_bare_cr, helo_problem, normalize_bare_lf
 from gateway.smtp.guard import LoginGuard
 from gateway.spool import Spool, SpoolError, new_queue_id
 
@@ -169,9 +169,9 @@ class SubmissionHandler:
             username = user_b.decode("utf-8")
             password = password_b.decode("utf-8")
         except UnicodeDecodeError:
-            return AuthResult(success=False, message="535 5.7.8 Authentication credentials invalid")
+            return AuthResult(success=False, handled=False)
         if not username or len(username) > 320 or any(c in username for c in "\r\n\x00"):
-            return AuthResult(success=False, message="535 5.7.8 Authentication credentials invalid")
+            return AuthResult(success=False, handled=False)
         ip = server.session.peer[0] if server.session and server.session.peer else ""
         delay = self.guard.delay(ip, username)
         self.guard.begin(ip, username)
@@ -184,13 +184,15 @@ class SubmissionHandler:
             except UpstreamUnavailable:
                 metrics.auth_results.labels("smtp", "unavailable").inc()
                 log.warning("auth user=%s ip=%s result=upstream-unavailable", username, ip)
-                return AuthResult(success=False, message="454 4.7.0 Temporary authentication failure, try again later")
+                return AuthResult(
+                    success=False, handled=False, message="454 4.7.0 Temporary authentication failure, try again later"
+                )
         finally:
             self.guard.end(ip, username, ok)
         metrics.auth_results.labels("smtp", "ok" if ok else "failed").inc()
         log.info("auth user=%s ip=%s result=%s", username, ip, "ok" if ok else "failed")
         if not ok:
-            return AuthResult(success=False)
+            return AuthResult(success=False, handled=False)  # aiosmtpd answers 535 5.7.8
         employee = self.directory.employee_for_address(username)
         return AuthResult(success=True, auth_data=Identity(username, employee, password))
 
@@ -198,7 +200,7 @@ class SubmissionHandler:
     async def handle_MAIL(self, server: SMTP, session: SMTPSession, envelope: Envelope, address: str, options):
         ident = self.identity(session)
         if ident is None and not self.is_trusted(session):
-            if not server._tls_protocol:
+            if not server.is_tls:
                 return "530 5.7.0 Must issue a STARTTLS command first"
             return "530 5.7.0 Authentication required"
         if address and (problem := address_problem(address)):
@@ -233,9 +235,10 @@ class SubmissionHandler:
         started = time.monotonic()
         data: bytes = envelope.original_content or b""
         ident = self.identity(session)
-        if bare_line_ending(data):
-            log.warning("refused from=<%s> reason=bare-cr-or-lf ip=%s", envelope.mail_from, session.peer[0])
-            return "550 5.6.0 Message contains bare CR or LF line endings; refused (SMTP smuggling protection)"
+        if has_bare_cr(data):
+            log.warning("refused from=<%s> reason=bare-cr ip=%s", envelope.mail_from, session.peer[0])
+            return "550 5.6.0 Message contains bare CR characters; refused (SMTP smuggling protection)"
+        data = normalize_bare_lf(data)
         if len(data) > self.cfg.smtp.max_message_size:
             return "552 5.3.4 Message size exceeds fixed maximum message size"
         queue_id = new_queue_id()
@@ -251,7 +254,7 @@ class SubmissionHandler:
             session=Session(
                 peer_ip=session.peer[0],
                 helo=session.host_name or "",
-                tls=server._tls_protocol is not None,
+                tls=server.is_tls,
                 authenticated=ident is not None,
                 trusted_network=ident is None,
             ),

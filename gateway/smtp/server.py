@@ -27,8 +27,19 @@ class SubmissionSMTP(SMTP):
     max_sessions = 500
     data_slots: asyncio.Semaphore | None = None
 
+    implicit_tls = False
+
+    @property
+    def is_tls(self) -> bool:
+        """TLS is on: implicit (465) or after STARTTLS (587)."""
+        return self.implicit_tls or self._tls_protocol is not None
+
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        if self._original_transport is None and self.transport is None:
+            self.implicit_tls = transport.get_extra_info("sslcontext") is not None
         super().connection_made(transport)
+        if getattr(self, "_counted", False):
+            return  # the second call, after STARTTLS
         SubmissionSMTP.sessions += 1
         self._counted = True
         if SubmissionSMTP.sessions > self.max_sessions:
@@ -43,7 +54,7 @@ class SubmissionSMTP(SMTP):
         super().connection_lost(exc)
 
     async def smtp_AUTH(self, arg: str) -> None:
-        if self._tls_protocol is None and self.session.extended_smtp:
+        if not self.is_tls and self.session.extended_smtp:
             await self.push("530 5.7.0 Must issue a STARTTLS command first")
             return
         await super().smtp_AUTH(arg)
@@ -78,7 +89,9 @@ async def start_smtp(cfg: Config, handler: SubmissionHandler) -> list[asyncio.Ab
     SubmissionSMTP.max_sessions = s.max_sessions
     SubmissionSMTP.line_length_limit = max(1001, s.max_line_length)
 
-    def factory(tls_context: ssl.SSLContext | None):
+    def factory(tls_context: ssl.SSLContext | None, implicit: bool = False):
+        # On the implicit-TLS port every byte is encrypted, so aiosmtpd's own
+        # "AUTH needs STARTTLS" check must be off there (it knows only STARTTLS).
         return lambda: SubmissionSMTP(
             handler,
             hostname=s.hostname,
@@ -88,7 +101,7 @@ async def start_smtp(cfg: Config, handler: SubmissionHandler) -> list[asyncio.Ab
             decode_data=False,
             tls_context=tls_context,
             require_starttls=False,
-            auth_require_tls=True,
+            auth_require_tls=not implicit,
             auth_required=False,
             timeout=s.timeout,
             loop=loop,
@@ -99,6 +112,6 @@ async def start_smtp(cfg: Config, handler: SubmissionHandler) -> list[asyncio.Ab
         servers.append(await loop.create_server(factory(tls), s.listen, s.submission_port, reuse_address=True))
     if s.smtps_port:
         servers.append(
-            await loop.create_server(factory(None), s.listen, s.smtps_port, ssl=tls, reuse_address=True)
+            await loop.create_server(factory(None, implicit=True), s.listen, s.smtps_port, ssl=tls, reuse_address=True)
         )
     return servers

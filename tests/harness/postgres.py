@@ -18,6 +18,7 @@ from types import TracebackType
 
 from gateway.demo.upstream import HOST, free_ports
 
+INITDB_OPTIONS = ("--auth=trust", "--encoding=UTF8", "--locale=C", "--no-sync", "--no-instructions")
 _NAME = re.compile(r"[a-z_][a-z0-9_]{0,62}")
 
 
@@ -84,33 +85,19 @@ class PostgresServer:
             account = pwd.getpwnam(self.user)
             os.chown(self.base_dir, account.pw_uid, account.pw_gid)
         if not (self.data_dir / "PG_VERSION").exists():
-            self._run_server_tool(
-                "initdb", "-D", str(self.data_dir), "-U", self.user, "--auth=trust",
-                "--encoding=UTF8", "--locale=C", "--no-sync", "--no-instructions",
-            )
-        options = " ".join([
-            f"-c listen_addresses={self.host}",
-            f"-p {self.port}",
-            "-c unix_socket_directories=''",
-            "-c fsync=off",
-            "-c synchronous_commit=off",
-            "-c full_page_writes=off",
-            "-c max_connections=200",
-        ])
-        self._run_server_tool(
-            "pg_ctl", "-D", str(self.data_dir), "-l", str(self.log_path), "-o", options,
-            "-w", "-t", str(self.start_timeout), "start",
+            self._run_server_tool("initdb", "-D", str(self.data_dir), "-U", self.user, *INITDB_OPTIONS)
+        options = (
+            f"-c listen_addresses={self.host} -p {self.port} -c unix_socket_directories=''"
+            " -c fsync=off -c synchronous_commit=off -c full_page_writes=off -c max_connections=200"
         )
+        self._pg_ctl("-l", str(self.log_path), "-o", options, "start")
         if self.dbname not in self._databases():
             self.create_database(self.dbname)
 
     def stop(self) -> None:
         """Fast shutdown; returns when the postmaster is gone."""
         if (self.data_dir / "postmaster.pid").exists():
-            self._run_server_tool(
-                "pg_ctl", "-D", str(self.data_dir), "-m", "fast", "-w",
-                "-t", str(self.start_timeout), "stop",
-            )
+            self._pg_ctl("-m", "fast", "stop")
 
     def __enter__(self) -> PostgresServer:
         self.start()
@@ -133,14 +120,15 @@ class PostgresServer:
         self._client("dropdb", "--if-exists", _check_name(name))
 
     def _databases(self) -> list[str]:
-        out = self._client(
-            "psql", "-d", "postgres", "-At", "-c", "SELECT datname FROM pg_database"
-        )
+        out = self._client("psql", "-d", "postgres", "-At", "-c", "SELECT datname FROM pg_database")
         return out.split()
 
     def _client(self, tool: str, *args: str) -> str:
         cmd = [str(self.bin_dir / tool), "-h", self.host, "-p", str(self.port), "-U", self.user]
         return _run([*cmd, *args])
+
+    def _pg_ctl(self, *args: str) -> None:
+        self._run_server_tool("pg_ctl", "-D", str(self.data_dir), "-w", "-t", str(self.start_timeout), *args)
 
     def _run_server_tool(self, tool: str, *args: str) -> str:
         cmd = [str(self.bin_dir / tool), *args]
@@ -156,9 +144,7 @@ def _check_name(name: str) -> str:
 
 
 def _run(cmd: list[str], cwd: Path | None = None) -> str:
-    proc = subprocess.run(
-        cmd, cwd=cwd, stdin=subprocess.DEVNULL, capture_output=True, text=True
-    )
+    proc = subprocess.run(cmd, cwd=cwd, stdin=subprocess.DEVNULL, capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}): {proc.stderr.strip()}")
     return proc.stdout

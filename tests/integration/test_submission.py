@@ -35,7 +35,7 @@ def message(frm: str, to: str, subject: str = "Quotation", cc: str | None = None
 
 
 def submit(gw, user: str, password: str, msg: EmailMessage, port: str = "587", **kw):
-    """Send with smtplib; return the DATA reply (code, text)."""
+    """Send with smtplib; return the DATA reply (code, text) — smtplib's data() does not raise."""
     if port == "465":
         conn = smtplib.SMTP_SSL("127.0.0.1", gw.smtps_port, context=tls_ctx(gw), timeout=30)
     else:
@@ -95,10 +95,9 @@ def test_swaks_through_587(gateway, sink):
 def test_send_conflict_refused_with_reason(gateway, sink):
     sink.clear()
     msg = message("alice@acme.test", "lagos.imports@gmail.com", "Poaching")
-    with pytest.raises(smtplib.SMTPDataError) as err:
-        submit(gateway, "alice@acme.test", "alice-pw", msg)
-    assert err.value.smtp_code == 550
-    text = err.value.smtp_error.decode()
+    code, reply = submit(gateway, "alice@acme.test", "alice-pw", msg)
+    assert code == 550
+    text = reply.decode()
     assert "5.7.1" in text
     assert "lagos.imports@gmail.com" in text and "bob@acme.test" in text and "Bob Li" in text
     assert "同事" in text  # zh-CN by default
@@ -108,9 +107,8 @@ def test_send_conflict_refused_with_reason(gateway, sink):
 
 def test_conflict_in_cc_header_refuses_whole_message(gateway, sink):
     msg = message("alice@acme.test", "einkauf@hamburg-tools.de", "Cc trick", cc="Chinedu <lagos.imports@gmail.com>")
-    with pytest.raises(smtplib.SMTPDataError) as err:
-        submit(gateway, "alice@acme.test", "alice-pw", msg, rcpts=["einkauf@hamburg-tools.de"])
-    assert err.value.smtp_code == 550
+    code, reply = submit(gateway, "alice@acme.test", "alice-pw", msg, rcpts=["einkauf@hamburg-tools.de"])
+    assert code == 550 and b"lagos.imports@gmail.com" in reply
 
 
 @pytest.mark.parametrize("rcpt", [
@@ -193,28 +191,43 @@ def raw_session(gw):
     return tls, read_reply
 
 
-def test_bare_lf_smuggling_refused_and_no_second_message(gateway, sink):
-    sink.clear()
+def smuggle(gateway, payload: bytes) -> bytes:
     tls, read = raw_session(gateway)
     read()
     for cmd in (b"EHLO client.example\r\n", b"AUTH PLAIN AGFsaWNlQGFjbWUudGVzdABhbGljZS1wdw==\r\n",
                 b"MAIL FROM:<alice@acme.test>\r\n", b"RCPT TO:<someone@unknown-buyer.com>\r\n", b"DATA\r\n"):
         tls.sendall(cmd)
         read()
-    smuggled = (
-        b"Subject: first\r\n\r\nbody\n.\nMAIL FROM:<alice@acme.test>\nRCPT TO:<victim@elsewhere.example>\n"
-        b"DATA\nSubject: smuggled\n\nevil\n.\r\n"
-    )
-    tls.sendall(smuggled)
+    tls.sendall(payload)
     reply = read()
-    assert reply.startswith(b"550 5.6.0"), reply
     tls.sendall(b"QUIT\r\n")
     read()
     tls.close()
-    # Nothing was queued: send a marker message and check it is the only arrival.
+    return reply
+
+
+def test_bare_lf_fake_end_of_data_stays_inside_the_message(gateway, sink):
+    sink.clear()
+    reply = smuggle(gateway, (
+        b"Subject: first\r\n\r\nbody\n.\nMAIL FROM:<alice@acme.test>\nRCPT TO:<victim@elsewhere.example>\n"
+        b"DATA\nSubject: smuggled\n\nevil\r\n.\r\n"
+    ))
+    assert reply.startswith(b"250"), reply
+    [got] = sink.wait_for(1, timeout=20)
+    assert got.rcpt_tos == ["someone@unknown-buyer.com"]  # one message, to the real recipient only
+    # Normalised to CRLF, dot-stuffed by the relay, un-stuffed by the sink: still body text.
+    assert b"body\r\n.\r\nMAIL FROM:<alice@acme.test>\r\n" in got.data
+    assert b"Subject: smuggled" in got.data and b"\n" not in got.data.replace(b"\r\n", b"")
+    # And nothing else arrives: a marker message is the second and last arrival.
     submit(gateway, "alice@acme.test", "alice-pw", message("alice@acme.test", "marker@unknown-buyer.com", "marker"))
-    arrived = sink.wait_for(1, timeout=20)
-    assert [m.rcpt_tos for m in arrived] == [["marker@unknown-buyer.com"]]
+    arrived = sink.wait_for(2, timeout=20)
+    assert [m.rcpt_tos for m in arrived] == [["someone@unknown-buyer.com"], ["marker@unknown-buyer.com"]]
+
+
+def test_bare_cr_refused(gateway, sink):
+    sink.clear()
+    reply = smuggle(gateway, b"Subject: first\r\n\r\nbody\r.\rMAIL FROM:<alice@acme.test>\r\n.\r\n")
+    assert reply.startswith(b"550 5.6.0"), reply
 
 
 def test_starttls_command_injection_discarded(gateway):

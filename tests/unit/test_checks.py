@@ -1,6 +1,6 @@
 import pytest
 
-from gateway.smtp.checks import address_problem, bare_line_ending, helo_problem
+from gateway.smtp.checks import address_problem, has_bare_cr, helo_problem, normalize_bare_lf
 
 
 @pytest.mark.parametrize("addr", ["a@b.com", "first.last+tag@sub.example.co.uk", "张三@例子.中国", "x@[127.0.0.1]"])
@@ -17,11 +17,20 @@ def test_bad_addresses(addr):
 
 
 @pytest.mark.parametrize("data,bare", [
-    (b"a\r\nb\r\n", False), (b"a\nb\r\n", True), (b"a\rb\r\n", True), (b"a\r\r\n", True), (b"", False),
-    (b"x\r\n.\n", True),
+    (b"a\r\nb\r\n", False), (b"a\nb\r\n", False), (b"a\rb\r\n", True), (b"a\r\r\n", True), (b"", False),
+    (b"x\r\n.\r", True),
 ])
-def test_bare_line_endings(data, bare):
-    assert bare_line_ending(data) is bare
+def test_bare_cr(data, bare):
+    assert has_bare_cr(data) is bare
+
+
+@pytest.mark.parametrize("data,normal", [
+    (b"a\r\nb\r\n", b"a\r\nb\r\n"),
+    (b"a\nb\r\n", b"a\r\nb\r\n"),
+    (b"body\n.\nMAIL FROM:<x@y>\n", b"body\r\n.\r\nMAIL FROM:<x@y>\r\n"),
+])
+def test_bare_lf_normalised(data, normal):
+    assert normalize_bare_lf(data) == normal
 
 
 def test_helo():

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import signal
 import sys
 
@@ -43,8 +44,18 @@ def main(path: str) -> None:
         kind = "tls" if p.getHost().port == config.imap.tls_port else "starttls"
         found[kind] = p.getHost().port
     signal.signal(signal.SIGTERM, lambda *_: reactor.callFromThread(reactor.stop))
+    import ctypes
+
+    libc = ctypes.CDLL("libc.so.6")
+    signal.signal(signal.SIGUSR1, lambda *_: libc.malloc_trim(0))
     reactor.callWhenRunning(lambda: print("READY " + json.dumps(found), flush=True))
-    reactor.run()
+    profile = os.environ.get("MAILGATE_PROFILE")
+    if profile:  # for scripts/bench_imap.py --profile
+        import cProfile
+
+        cProfile.runctx("reactor.run()", globals(), {"reactor": reactor}, profile)
+    else:
+        reactor.run()
 
 
 if __name__ == "__main__":

@@ -1,0 +1,282 @@
+#!/usr/bin/env python3
+"""IMAP proxy benchmark: the same mixed load straight to Dovecot and through the proxy.
+
+    python scripts/bench_imap.py [--seconds 10] [--sessions 8] [--idle 2000]
+
+Starts a private Dovecot (gateway.demo.upstream), fills mailboxes over LMTP
+(a third of the messages from customers, so tagging is on), starts the proxy
+in a subprocess and runs, in the same run:
+
+1. a mixed client load (LOGIN, SELECT, UID FETCH FLAGS / ENVELOPE /
+   BODY.PEEK[HEADER.FIELDS] / BODY.PEEK[], IDLE+DONE, LOGOUT) over TLS, direct
+   and through the proxy: commands/s, p50/p99 latency and the ratios;
+2. memory per connection: RSS growth of the proxy process with N concurrent
+   TLS sessions sitting in IDLE (client TLS + upstream TLS included).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import shutil
+import signal
+import ssl
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from gateway.customers import create_customer, create_employee  # noqa: E402
+from gateway.db import connect  # noqa: E402
+from gateway.demo.upstream import DovecotUpstream, free_ports, make_self_signed_cert  # noqa: E402
+
+USERS = [f"user{i}@acme.test" for i in range(20)]
+
+
+class BenchDovecot(DovecotUpstream):
+    """The demo upstream, with imap processes that serve many clients each (2,000 IDLE sessions)."""
+
+    def _render_config(self) -> str:
+        conf = super()._render_config()
+        return conf.replace("service imap {\n  client_limit = 50\n",
+                            "service imap {\n  service_count = 0\n  client_limit = 50\n")
+PASSWORD = "pw"
+
+
+class Client:
+    """A minimal asyncio IMAP client that times each command."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
+        self.r, self.w = reader, writer
+        self.n = 0
+
+    @classmethod
+    async def open(cls, port: int, ctx: ssl.SSLContext | None) -> Client:
+        r, w = await asyncio.open_connection("127.0.0.1", port, ssl=ctx, server_hostname="localhost" if ctx else None,
+                                             limit=1 << 22)
+        c = cls(r, w)
+        await r.readline()
+        return c
+
+    async def cmd(self, text: str) -> tuple[bytes, float]:
+        self.n += 1
+        tag = b"t%d" % self.n
+        start = time.perf_counter()
+        self.w.write(tag + b" " + text.encode() + b"\r\n")
+        while True:
+            line = await self.r.readline()
+            if not line:
+                raise ConnectionError("closed")
+            if line.endswith(b"}\r\n"):
+                size = int(line[line.rindex(b"{") + 1 : -3])
+                await self.r.readexactly(size)
+                continue
+            if line.startswith(tag + b" "):
+                return line, time.perf_counter() - start
+
+    async def idle(self) -> float:
+        self.n += 1
+        tag = b"t%d" % self.n
+        start = time.perf_counter()
+        self.w.write(tag + b" IDLE\r\n")
+        while not (await self.r.readline()).startswith(b"+"):
+            pass
+        self.w.write(b"DONE\r\n")
+        while not (await self.r.readline()).startswith(tag + b" "):
+            pass
+        return time.perf_counter() - start
+
+    def close(self) -> None:
+        self.w.close()
+
+
+async def worker(port: int, ctx: ssl.SSLContext, user: str, uids: list[int], deadline: float,
+                 lat: list[float]) -> None:
+    rnd = random.Random(user + str(port))
+    while time.perf_counter() < deadline:
+        c = await Client.open(port, ctx)
+        line, t = await c.cmd(f"LOGIN {user} {PASSWORD}")
+        assert b" OK" in line, line
+        lat.append(t)
+        line, t = await c.cmd("SELECT INBOX")
+        lat.append(t)
+        for _ in range(10):
+            if time.perf_counter() >= deadline:
+                break
+            u = rnd.choice(uids)
+            lo = max(1, u - 20)
+            for text in (f"UID FETCH {lo}:{u} (FLAGS)", f"UID FETCH {u} (ENVELOPE)",
+                         f"UID FETCH {u} (BODY.PEEK[HEADER.FIELDS (FROM TO SUBJECT DATE)])",
+                         f"UID FETCH {u} (RFC822.SIZE BODY.PEEK[])"):
+                line, t = await c.cmd(text)
+                assert b" OK" in line, line
+                lat.append(t)
+            lat.append(await c.idle())
+        line, t = await c.cmd("LOGOUT")
+        lat.append(t)
+        c.close()
+
+
+async def load(port: int, ctx: ssl.SSLContext, sessions: int, seconds: float, uids: list[int]) -> dict:
+    lat: list[float] = []
+    start = time.perf_counter()
+    deadline = start + seconds
+    await asyncio.gather(*(worker(port, ctx, USERS[i % len(USERS)], uids, deadline, lat) for i in range(sessions)))
+    elapsed = time.perf_counter() - start
+    lat.sort()
+    return {
+        "commands": len(lat),
+        "cmd_per_s": len(lat) / elapsed,
+        "p50_ms": statistics.median(lat) * 1000,
+        "p99_ms": lat[int(len(lat) * 0.99)] * 1000,
+    }
+
+
+def rss_kb(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise RuntimeError("no VmRSS")
+
+
+async def idle_sessions(port: int, ctx: ssl.SSLContext | None, count: int, pid: int) -> dict:
+    before = rss_kb(pid)
+    clients: list[Client] = []
+    sem = asyncio.Semaphore(50)
+
+    async def one(i: int) -> None:
+        async with sem:
+            c = await Client.open(port, ctx)
+            line, _ = await c.cmd(f"LOGIN {USERS[i % len(USERS)]} {PASSWORD}")
+            assert b" OK" in line, line
+            await c.cmd("SELECT INBOX")
+            c.n += 1
+            c.w.write(b"i%d IDLE\r\n" % c.n)
+            while not (await c.r.readline()).startswith(b"+"):
+                pass
+            clients.append(c)
+
+    await asyncio.gather(*(one(i) for i in range(count)))
+    await asyncio.sleep(2)  # let buffers settle (measurement, not synchronisation)
+    after = rss_kb(pid)
+    os.kill(pid, signal.SIGUSR1)
+    await asyncio.sleep(1)
+    print("after trim", (rss_kb(pid) - before) / count)
+    for c in clients:
+        c.close()
+    return {"sessions": count, "rss_before_kb": before, "rss_after_kb": after,
+            "kb_per_session": (after - before) / count}
+
+
+def message(i: int, customer: bool) -> bytes:
+    sender = f'"Buyer {i}" <buyer{i % 7}@buyer.test>' if customer else f'"Someone {i}" <s{i}@unknown.test>'
+    body = ("Lorem ipsum dolor sit amet, consectetur adipiscing elit.\r\n" * (20 + (i % 50) * 10))
+    return (f"From: {sender}\r\nTo: user@acme.test\r\nSubject: Message {i}\r\nMessage-ID: <m{i}@bench>\r\n"
+            f"Date: Mon, 1 Jan 2024 10:00:00 +0000\r\n\r\n{body}").encode()
+
+
+def start_proxy(base: Path, dovecot: DovecotUpstream, db_url: str, cert: Path, key: Path,
+                upstream_security: str = "tls") -> tuple:
+    tls_port, plain_port = free_ports(2)
+    settings = {
+        "config": {
+            "database": {"url": db_url},
+            "tls": {"cert": str(cert), "key": str(key)},
+            "upstream": {"host": "127.0.0.1",
+                         "imap_port": dovecot.imaps_port if upstream_security == "tls" else dovecot.imap_port,
+                         "imap_security": upstream_security,
+                         "ca_file": str(dovecot.cert_path)},
+            "relay": {"username": "r", "password": "r"},
+            "imap": {"listen": "127.0.0.1", "starttls_port": plain_port, "tls_port": tls_port,
+                     "max_connections": 10000, "max_connections_per_user": 1000},
+        },
+        "log_level": "WARNING",
+        "refresh_interval": 5.0,
+    }
+    path = base / "proxy.json"
+    path.write_text(json.dumps(settings))
+    proc = subprocess.Popen([sys.executable, "-m", "tests.integration.imap.run_proxy", str(path)], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=open(base / "proxy.log", "wb"))
+    line = proc.stdout.readline()
+    if not line.startswith(b"READY "):
+        raise RuntimeError("proxy did not start: " + (base / "proxy.log").read_text())
+    ports = json.loads(line[6:])
+    return proc, ports["tls"], ports["starttls"]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--seconds", type=float, default=10)
+    ap.add_argument("--sessions", type=int, default=8)
+    ap.add_argument("--messages", type=int, default=150)
+    ap.add_argument("--idle", type=int, default=2000)
+    ap.add_argument("--idle-plain", action="store_true", help="idle clients without TLS (loopback plaintext)")
+    ap.add_argument("--upstream-security", choices=("tls", "starttls", "none"), default="tls",
+                    help="proxy -> Dovecot (clients always use TLS)")
+    args = ap.parse_args()
+
+    base = Path(tempfile.mkdtemp(prefix="mailgate-bench-imap-"))
+    os.chmod(base, 0o755)
+    dovecot = BenchDovecot(base / "dovecot", {u: PASSWORD for u in USERS}, auth_penalty=False)
+    dovecot.start()
+    proc = None
+    try:
+        db_url = f"sqlite:///{base}/gw.db"
+        connect(db_url)
+        emps = [create_employee(u, u.split("@")[0]) for u in USERS]
+        create_customer("Buyer Co", domains=["buyer.test"], owners=[emps[0]])
+        for u in USERS:
+            for i in range(args.messages):
+                dovecot.deliver(u, message(i, customer=i % 3 == 0))
+        uids = list(range(1, args.messages + 1))
+        cert, key = base / "gw.crt", base / "gw.key"
+        make_self_signed_cert(cert, key)
+        proc, port, plain_port = start_proxy(base, dovecot, db_url, cert, key, args.upstream_security)
+        dctx = ssl.create_default_context(cafile=str(dovecot.cert_path))
+        pctx = ssl.create_default_context(cafile=str(cert))
+
+        async def run() -> dict:
+            # warm up: every message decided once (decisions persisted), then measure
+            await load(port, pctx, len(USERS), 3, uids)
+            direct = await load(dovecot.imaps_port, dctx, args.sessions, args.seconds, uids)
+            proxied = await load(port, pctx, args.sessions, args.seconds, uids)
+            if args.idle_plain:  # no client TLS: shows what TLS itself costs
+                idle = await idle_sessions(plain_port, None, args.idle, proc.pid)
+            else:
+                idle = await idle_sessions(port, pctx, args.idle, proc.pid) if args.idle else {}
+            return {"direct": direct, "proxy": proxied, "idle": idle}
+
+        res = asyncio.run(run())
+        d, p = res["direct"], res["proxy"]
+        print(f"mixed load, {args.sessions} TLS sessions, {args.seconds:.0f} s each, tagging on "
+              f"(1/3 of messages from a customer), proxy->upstream {args.upstream_security}")
+        print(f"  direct : {d['cmd_per_s']:8.1f} cmd/s  p50 {d['p50_ms']:6.2f} ms  p99 {d['p99_ms']:6.2f} ms")
+        print(f"  proxy  : {p['cmd_per_s']:8.1f} cmd/s  p50 {p['p50_ms']:6.2f} ms  p99 {p['p99_ms']:6.2f} ms")
+        print(f"  ratio  : throughput {p['cmd_per_s'] / d['cmd_per_s']:.2f}x  "
+              f"p50 {p['p50_ms'] / d['p50_ms']:.2f}x  p99 {p['p99_ms'] / d['p99_ms']:.2f}x")
+        if res["idle"]:
+            i = res["idle"]
+            print(f"idle: {i['sessions']} TLS sessions in IDLE: proxy RSS {i['rss_before_kb']} -> "
+                  f"{i['rss_after_kb']} KB = {i['kb_per_session']:.1f} KB per session (client + upstream TLS)")
+        print(json.dumps(res))
+    finally:
+        if proc is not None:
+            proc.terminate()
+            proc.wait()
+        dovecot.stop()
+        for name in ("proxy.log", "dovecot/dovecot.log"):
+            if (base / name).exists():
+                shutil.copy(base / name, Path(tempfile.gettempdir()) / ("bench_imap_" + Path(name).name))
+        shutil.rmtree(base, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
