@@ -109,6 +109,19 @@ def claim_batch(
     return list(query.order_by(m.next_attempt_at, m.id))
 
 
+def release_node_claims(node: str) -> int:
+    """At start-up: free the claims an earlier process of this node left behind
+    (it was killed).  Safe because node names are unique and this runs before
+    the node's own workers start."""
+    m = OutboundMessage
+    prefix = f"{node}/"
+    return (
+        m.update(claimed_by=None, claimed_until=None)
+        .where((m.state == "queued") & m.claimed_by.startswith(prefix))
+        .execute()
+    )
+
+
 def release(row_ids: Iterable[int], owner: str) -> int:
     """Give back claims not worked on (e.g. when stopping)."""
     m = OutboundMessage

@@ -42,7 +42,7 @@ class Node:
         from gateway.approval import ApprovalService
         from gateway.credentials import load_or_create_key
         from gateway.dkim import signing_mutation
-        from gateway.relay import RelayWorker
+        from gateway.relay import RelayWorker, release_node_claims
         from gateway.rules import actions
         from gateway.rules.env import DepartmentIndex, DomainHistory, RuleEnv
         from gateway.rules.watcher import initial_load, watch_rules
@@ -52,6 +52,9 @@ class Node:
         cfg = self.cfg
         await asyncio.to_thread(self.directory.load)
         await asyncio.to_thread(self.spool.sweep_orphans)
+        released = await asyncio.to_thread(release_node_claims, cfg.node.name)
+        if released:
+            log.info("released %d queue claims left by an earlier run of node %s", released, cfg.node.name)
         key = await asyncio.to_thread(load_or_create_key, cfg.relay.credentials_key)
         self.rule_env = RuleEnv(
             departments=DepartmentIndex(), history=DomainHistory(), company=cfg.company.name,

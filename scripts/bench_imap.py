@@ -22,7 +22,6 @@ import json
 import os
 import random
 import shutil
-import signal
 import ssl
 import statistics
 import subprocess
@@ -167,9 +166,7 @@ async def idle_sessions(port: int, ctx: ssl.SSLContext | None, count: int, pid: 
     await asyncio.gather(*(one(i) for i in range(count)))
     await asyncio.sleep(2)  # let buffers settle (measurement, not synchronisation)
     after = rss_kb(pid)
-    os.kill(pid, signal.SIGUSR1)
-    await asyncio.sleep(1)
-    print("after trim", (rss_kb(pid) - before) / count)
+
     for c in clients:
         c.close()
     return {"sessions": count, "rss_before_kb": before, "rss_after_kb": after,

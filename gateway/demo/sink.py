@@ -111,7 +111,7 @@ class SinkHandler:
         self.defer_next = 0
         self.defer_reply = DEFER_REPLY
 
-    async def handle_RCPT(  # noqa: N802 (aiosmtpd hook name)
+    async def handle_RCPT(  # aiosmtpd hook name
         self,
         server: SMTP,
         session: Session,
@@ -126,7 +126,7 @@ class SinkHandler:
         envelope.rcpt_tos.append(address)
         return "250 OK"
 
-    async def handle_DATA(  # noqa: N802 (aiosmtpd hook name)
+    async def handle_DATA(  # aiosmtpd hook name
         self, server: SMTP, session: Session, envelope: Envelope
     ) -> str:
         with self._lock:

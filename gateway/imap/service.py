@@ -88,6 +88,7 @@ class ProxyService:
         )
         self._last_refresh = float("-inf")
         self._decisions: OrderedDict[tuple, Decision] = OrderedDict()
+        self.special_use: dict[str, tuple[float, frozenset[bytes]]] = {}  # account -> (when, \Sent/\Drafts names)
 
     def cached_decisions(self, account: str, mailbox: bytes, uidvalidity: int, uids: list[int]) -> dict[int, Decision]:
         """Decisions this process already knows (they never change once stored)."""

@@ -51,6 +51,7 @@ _DROP_CAPS = (b"COMPRESS=", b"STARTTLS", b"LOGINDISABLED", b"AUTH=", b"SASL-IR",
 _HEADER_CACHE = 64
 _DECISION_CACHE = 50000
 _MAX_QUEUED = 256 * 1024  # client bytes buffered while a command runs exclusively
+_SPECIAL_USE_TTL = 300.0  # seconds a LIST of \Sent / \Drafts is reused across an account's logins
 
 
 def filter_capabilities(caps: list[bytes], max_literal: int) -> list[bytes]:
@@ -542,6 +543,14 @@ class ClientSession(protocol.Protocol, TimeoutMixin, FramerSink):
         self._resume_client()
 
     async def _learn_special_use(self, caps: list[bytes]) -> None:
+        cached = self.svc.special_use.get(self.account)
+        if cached is not None and self.svc.reactor.seconds() - cached[0] < _SPECIAL_USE_TTL:
+            self.special = set(cached[1])
+            return
+        await self._list_special_use(caps)
+        self.svc.special_use[self.account] = (self.svc.reactor.seconds(), frozenset(self.special))
+
+    async def _list_special_use(self, caps: list[bytes]) -> None:
         assert self.upstream is not None
         ucaps = {c.upper() for c in caps}
         self.upstream.collected.clear()
@@ -863,6 +872,10 @@ class ClientSession(protocol.Protocol, TimeoutMixin, FramerSink):
         # 3. untagged messages verbatim, tagged ones one by one, rewritten
         fields = SENT_FIELDS if self._sent_like() else READER_FIELDS
         completions: list[bytes] = []
+        if b"VANISHED" in fc.modifiers.upper():
+            # QRESYNC: the split sets below name existing messages only; let the client hear
+            # about expunged UIDs of its original range (FETCH UID/MODSEQ responses pass as they are).
+            completions.append(await self.upstream.send(fc.command(b"", fc.sequence, b"(UID)")[1:]))
         plain = [i for i in ids if i not in tagged]
         if plain:
             completions.append(await self.upstream.send(fc.command(b"", compress(plain))[1:]))

@@ -5,7 +5,7 @@ completions of the proxy's own commands (tags ``~mgN``) fire Deferreds;
 untagged responses go to a ``chooser`` installed by whoever runs a
 look-ahead (it may claim FETCH responses), else to the relay sink (the
 client session), else — before relaying starts — into ``collected``.
-``connect_and_login`` does greeting, STARTTLS/TLS, ID and the login.
+``connect`` does the greeting and STARTTLS/TLS, ``login`` ID and the login.
 """
 
 from __future__ import annotations
@@ -93,6 +93,7 @@ class UpstreamProtocol(protocol.Protocol, FramerSink):
         self._n = 0
         self._got_greeting = False
         self.closed = False
+        self.greeting_caps: list[bytes] | None = None
         # (begin, end) hooks around each read, so the client gets one write per upstream read
         self.batch: tuple[Callable[[], None], Callable[[], None]] | None = None
 
@@ -242,17 +243,22 @@ async def connect(reactor: IReactorTCP, s: UpstreamSettings) -> UpstreamProtocol
     if not greeting.upper().startswith(b"* OK"):
         proto.transport.loseConnection()
         raise UpstreamUnavailable("upstream greeting: " + greeting.decode("utf-8", "replace").strip())
+    proto.greeting_caps = capabilities_from([], greeting)
     if s.security == "starttls":
         done = await _command(proto, b"STARTTLS\r\n", s, reactor)
         if status_of(done) != b"OK":
             proto.transport.loseConnection()
             raise UpstreamUnavailable("upstream refused STARTTLS")
         proto.transport.startTLS(s.tls_options)
+        proto.greeting_caps = None  # capabilities must be asked again under TLS
     return proto
 
 
 async def _command(proto: UpstreamProtocol, line: bytes, s: UpstreamSettings, reactor: IReactorTCP) -> bytes:
-    d = proto.send(line)
+    return await _wait(proto.send(line), s, reactor, proto)
+
+
+async def _wait(d: defer.Deferred[bytes], s: UpstreamSettings, reactor: IReactorTCP, proto: UpstreamProtocol) -> bytes:
     d.addTimeout(s.timeout, reactor)
     try:
         return await d
@@ -265,16 +271,27 @@ async def login(reactor: IReactorTCP, proto: UpstreamProtocol, s: UpstreamSettin
                 id_params: list[tuple[bytes, bytes | None]]) -> list[bytes]:
     """ID + login with the client's credentials; returns the post-login capabilities."""
     proto.collected.clear()
-    await _command(proto, b"CAPABILITY\r\n", s, reactor)
-    caps = {c.upper() for c in capabilities_from(proto.collected) or []}
+    pre = proto.greeting_caps
+    if pre is None:
+        await _command(proto, b"CAPABILITY\r\n", s, reactor)
+        pre = capabilities_from(proto.collected) or []
+    caps = {c.upper() for c in pre}
+    id_done = None
     if b"ID" in caps and id_params:
+        # Pipelined with the login: the ID must reach the server first, not its answer.
         fields = b" ".join(quote(k) + b" " + (b"NIL" if v is None else quote(v)) for k, v in id_params)
-        await _command(proto, b"ID (" + fields + b")\r\n", s, reactor)
-    proto.collected.clear()
+        id_done = proto.send(b"ID (" + fields + b")\r\n")
     if b"AUTH=PLAIN" in caps and b"SASL-IR" in caps:
         token = base64.b64encode(b"\0" + user + b"\0" + password)
-        done = await _command(proto, b"AUTHENTICATE PLAIN " + token + b"\r\n", s, reactor)
+        auth = proto.send(b"AUTHENTICATE PLAIN " + token + b"\r\n")
+        if id_done is not None:
+            await _wait(id_done, s, reactor, proto)
+        proto.collected.clear()
+        done = await _wait(auth, s, reactor, proto)
     else:
+        if id_done is not None:
+            await _wait(id_done, s, reactor, proto)
+        proto.collected.clear()
         done = await _login_command(proto, s, reactor, user, password, b"LITERAL+" in caps)
     if status_of(done) != b"OK":
         raise LoginRefused(done)

@@ -126,7 +126,7 @@ def test_disk_full_answers_452_and_never_250_unstored(tmp_path, dovecot, sink):
             conn.starttls(context=ctx)
             conn.login("alice@acme.test", "alice-pw")
             for i in range(40):
-                body = f"Subject: full {i}\r\n\r\n".encode() + bytes(f"{i:08d}", "ascii") * 4000 + b"\r\n"
+                body = f"Subject: full {i}\r\n\r\n".encode() + (f"{i:08d}" * 9 + "\r\n").encode() * 400
                 try:
                     conn.sendmail("alice@acme.test", ["b@unknown-buyer.com"], body)
                     got_250.append(i)

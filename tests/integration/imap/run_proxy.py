@@ -44,10 +44,7 @@ def main(path: str) -> None:
         kind = "tls" if p.getHost().port == config.imap.tls_port else "starttls"
         found[kind] = p.getHost().port
     signal.signal(signal.SIGTERM, lambda *_: reactor.callFromThread(reactor.stop))
-    import ctypes
 
-    libc = ctypes.CDLL("libc.so.6")
-    signal.signal(signal.SIGUSR1, lambda *_: libc.malloc_trim(0))
     reactor.callWhenRunning(lambda: print("READY " + json.dumps(found), flush=True))
     profile = os.environ.get("MAILGATE_PROFILE")
     if profile:  # for scripts/bench_imap.py --profile
