@@ -49,6 +49,7 @@ from benchlib import (  # noqa: E402
     free_ports,
     is_alive,
     smtp_source,
+    tree_cpu_seconds,
 )
 
 SENDER = "sales1@acme.test"
@@ -65,7 +66,7 @@ class Result:
     deliver_s: float | None = None  # the sink counted all of them
     delivered: int = 0
     rss_kb: int = 0
-    cpu_s: float = 0.0  # gateway only: CPU time of its process during the measured run
+    cpu_s: float | None = None  # CPU time of the target's processes during the measured run
     problems: list[str] | None = None
 
     @property
@@ -78,10 +79,10 @@ class Result:
 
 
 def measure(
-    name: str, port: int, sink: Sink, args: argparse.Namespace, children: Children, pid: int | None = None
+    name: str, port: int, sink: Sink, args: argparse.Namespace, children: Children, cpu: Callable[[], float]
 ) -> Result:
     """Warm up, then time N messages from the first connection to the sink's count
-    (and the CPU time process ``pid`` used meanwhile)."""
+    (and the target's CPU seconds, read by ``cpu``, meanwhile)."""
     send = lambda count: smtp_source(  # noqa: E731
         port, count, args.sessions, args.size, SENDER, RECIPIENT, args.timeout, children)
     result = Result(name, args.messages, problems=[])
@@ -89,7 +90,7 @@ def measure(
     if not ok or sink.wait_for(WARMUP, 30.0) is None:
         result.problems.append(f"warm-up failed (sink counted {sink.count}/{WARMUP}): {out}")
         return result
-    cpu_before = cpu_seconds(pid) if pid else 0.0
+    cpu_before = cpu()
     started = time.monotonic()
     ok, out = send(args.messages)
     result.accept_s = time.monotonic() - started
@@ -97,7 +98,7 @@ def measure(
         result.problems.append(f"smtp-source: {out or 'failed'}")
     done = sink.wait_for(WARMUP + args.messages, max(1.0, args.timeout - result.accept_s))
     result.deliver_s = done - started if done is not None else None
-    result.cpu_s = cpu_seconds(pid) - cpu_before if pid else 0.0
+    result.cpu_s = cpu() - cpu_before
     result.delivered = sink.settle(1.0) - WARMUP
     if result.delivered != args.messages:
         result.problems.append(f"sink counted {result.delivered} of {args.messages} messages")
@@ -108,7 +109,7 @@ def run_sink(args: argparse.Namespace, children: Children, base: Path) -> Result
     (port,) = free_ports(1)
     sink = Sink(children, port)
     try:
-        return measure("sink", port, sink, args, children)
+        return measure("sink", port, sink, args, children, lambda: cpu_seconds(sink.proc.pid))
     finally:
         Children.terminate(sink.proc)
 
@@ -122,7 +123,9 @@ def run_postfix(args: argparse.Namespace, children: Children, base: Path) -> Res
     try:
         postfix.start()
         sampler.start()
-        result = measure("postfix", port, sink, args, children)
+        master = postfix.master_pid
+        assert master is not None
+        result = measure("postfix", port, sink, args, children, lambda: tree_cpu_seconds(master))
         sampler.sample()
         result.rss_kb = sampler.peak_kb
     finally:
@@ -171,7 +174,8 @@ def run_gateway(args: argparse.Namespace, children: Children, base: Path) -> Res
                  "--format", "raw", "--output", str(Path(args.py_spy).resolve())],
                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             time.sleep(1.0)
-        result = measure("gateway", port, sink, args, children, node.proc.pid)
+        pid = node.proc.pid
+        result = measure("gateway", port, sink, args, children, lambda: cpu_seconds(pid))
         result.rss_kb = node.peak_rss_kb()
     finally:
         if profiler is not None:
@@ -199,23 +203,23 @@ def fmt(value: float | None, spec: str) -> str:
     return format(value, spec) if value is not None else "-"
 
 
-def report(results: dict[str, Result], args: argparse.Namespace) -> None:
-    print(f"\n{args.messages} messages of {args.size} bytes, {args.sessions} sessions, "
-          f"{os.cpu_count()} CPUs, a connection per message")
-    print(f"{'target':<9}{'delivered':>11}{'accept s':>10}{'accept/s':>10}{'e2e s':>9}{'msg/s':>9}{'peak RSS':>11}")
+def report(results: dict[str, Result], args: argparse.Namespace, load: float) -> None:
+    print(f"\n{args.messages} messages of {args.size} bytes, {args.sessions} sessions, a connection per "
+          f"message; {os.cpu_count()} CPUs, load average {load:.1f} at the start")
+    print(f"{'target':<9}{'delivered':>11}{'accept s':>10}{'accept/s':>10}{'e2e s':>8}{'msg/s':>8}"
+          f"{'CPU ms/msg':>12}{'peak RSS':>10}")
     for r in results.values():
         rss = f"{r.rss_kb / 1024:.0f} MB" if r.rss_kb else "-"
+        cpu = r.cpu_s / r.messages * 1000 if r.cpu_s is not None and r.deliver_s else None
         print(f"{r.target:<9}{r.delivered:>6}/{r.messages:<4}{fmt(r.accept_s, '.2f'):>10}"
-              f"{fmt(r.accept_rate, '.0f'):>10}{fmt(r.deliver_s, '.2f'):>9}{fmt(r.rate, '.0f'):>9}{rss:>11}")
+              f"{fmt(r.accept_rate, '.0f'):>10}{fmt(r.deliver_s, '.2f'):>8}{fmt(r.rate, '.0f'):>8}"
+              f"{fmt(cpu, '.2f'):>12}{rss:>10}")
     if "gateway" in results and (gw := results["gateway"].rate) is not None:
         for other in ("sink", "postfix"):
             if other in results and (rate := results[other].rate):
                 print(f"gateway / {other}: {gw / rate:.2f}x")
-    if (gw_result := results.get("gateway")) and gw_result.cpu_s and gw_result.deliver_s:
-        print(f"gateway CPU: {gw_result.cpu_s / gw_result.messages * 1000:.2f} ms per message, "
-              f"{gw_result.cpu_s / gw_result.deliver_s:.0%} of one core")
-    if "postfix" in results and results["postfix"].rss_kb:
-        print("Postfix: peak of the summed PSS of master and all its children, sampled every 0.1 s")
+    print("e2e: first message sent -> the sink has counted all; CPU: the target's processes only "
+          "(Postfix: master + children); RSS: gateway VmHWM, Postfix summed PSS sampled every 0.1 s")
     for r in results.values():
         for problem in r.problems or []:
             print(f"PROBLEM {r.target}: {problem}")
@@ -249,6 +253,7 @@ def main() -> int:
             ap.error(f"{tool} not found (Debian package postfix)")
 
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    load = os.getloadavg()[0]  # other work on the machine skews every figure
     base = Path(tempfile.mkdtemp(prefix="bench-smtp-"))
     base.chmod(0o755)  # Postfix's processes (user postfix) must reach their dirs below
     children = Children()
@@ -271,7 +276,7 @@ def main() -> int:
             print(f"kept {base}")
         else:
             shutil.rmtree(base, ignore_errors=True)
-    report(results, args)
+    report(results, args, load)
     return 0 if results and all(not r.problems for r in results.values()) else 1
 
 

@@ -82,13 +82,20 @@ def proc_stat(pid: int) -> tuple[str, str, int] | None:
     return comm, state, int(ppid)
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process (its threads included), 0.0 if it is gone."""
+def cpu_seconds(pid: int, reaped_children: bool = False) -> float:
+    """User + system CPU seconds of a process (all its threads); with ``reaped_children``
+    also those of its children that have ended and were waited for.  0.0 if it is gone."""
     try:
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     except OSError:
         return 0.0
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    ticks = sum(int(f) for f in fields[11 : 15 if reaped_children else 13])
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def tree_cpu_seconds(root: int) -> float:
+    """CPU seconds of a process tree: live members plus the children they reaped."""
+    return sum(cpu_seconds(pid, reaped_children=True) for pid in process_tree(root))
 
 
 def is_alive(pid: int) -> bool:

@@ -8,6 +8,7 @@ new one.
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable
 
 from peewee import Database
@@ -54,6 +55,16 @@ def queue_node_and_due_index(db: Database) -> None:
     migrate(*ops)
 
 
+# Modules beyond this one that define models and @migration functions of their own
+# (an area's tables live with the area).  Imported before any upgrade.
+MIGRATION_MODULES: tuple[str, ...] = ()
+
+
+def _register_all() -> None:
+    for name in MIGRATION_MODULES:
+        importlib.import_module(name)
+
+
 def current_version(db: Database) -> int:
     if not db.table_exists("schemaversion"):
         return 0
@@ -64,11 +75,13 @@ def current_version(db: Database) -> int:
 
 
 def latest_version() -> int:
+    _register_all()
     return max(MIGRATIONS)
 
 
 def upgrade(db: Database) -> list[int]:
     """Apply pending migrations; return the versions applied."""
+    _register_all()
     applied = []
     for version in sorted(MIGRATIONS):
         if version <= current_version(db):

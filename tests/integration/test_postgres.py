@@ -51,7 +51,7 @@ def test_spool_and_concurrent_claims_on_postgres(pg, tmp_path):
     spool = Spool(tmp_path / "spool")
     for i in range(120):
         spool.enqueue("a@acme.test", [f"r{i}@x.example"], b"Subject: x\r\n\r\nbody\r\n")
-    now = dt.datetime.now(dt.timezone.utc).replace(tzinfo=None) + dt.timedelta(seconds=1)
+    now = dt.datetime.now(dt.UTC).replace(tzinfo=None) + dt.timedelta(seconds=1)
     claimed: dict[str, list[int]] = {}
     barrier = threading.Barrier(4)
 

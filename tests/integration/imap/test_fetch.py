@@ -174,3 +174,28 @@ def test_customer_created_later_does_not_change_served_sizes(proxy, imap_upstrea
     assert b"=?UTF-8?B?" in fetch_item(p2, uid2, "BODY.PEEK[HEADER]")  # new mail: the new customer counts
     assert fetch_size(p2, uid) == size  # mail already served keeps its bytes
     assert fetch_item(p2, uid, "BODY.PEEK[]") == before
+
+
+def test_whole_mailbox_fetch_mixes_tagged_and_untagged(proxy, imap_upstream):
+    from imapclient import IMAPClient
+
+    imap_upstream.deliver("alice@acme.test", message('"Buyer" <buyer@buyer.test>')[1])
+    imap_upstream.deliver("alice@acme.test", message("plain@unknown.test")[1])
+    with IMAPClient(proxy.host, proxy.starttls_port, ssl=False) as p, \
+            IMAPClient(imap_upstream.host, imap_upstream.imaps_port, ssl_context=imap_upstream.ssl_context()) as d:
+        p.login("alice@acme.test", "alice-pw")
+        d.login("alice@acme.test", "alice-pw")
+        n = p.select_folder("INBOX")[b"EXISTS"]
+        d.select_folder("INBOX")
+        items = ["UID", "RFC822.SIZE", "BODY.PEEK[]", "FLAGS"]
+        got = p.fetch("1:*", items, uid=False)
+        want = d.fetch("1:*", items, uid=False)
+        assert len(got) == n == len(want)
+        tagged = 0
+        for seq, r in got.items():
+            assert r[b"UID"] == want[seq][b"UID"]
+            assert r[b"RFC822.SIZE"] == len(r[b"BODY[]"])
+            if r[b"BODY[]"] != want[seq][b"BODY[]"]:
+                tagged += 1
+                assert b"=?UTF-8?B?" in r[b"BODY[]"].split(b"\r\n\r\n")[0]
+        assert 0 < tagged < n
