@@ -3,5 +3,5 @@
 # checks style, then runs unit, integration and browser tests against real
 # Dovecot, SMTP sink and PostgreSQL instances on loopback.
 source "$(dirname "$0")/_env.sh" --test
-ruff check .
+ruff check --no-cache .
 exec python -m pytest -q "$@"

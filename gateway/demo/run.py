@@ -12,12 +12,11 @@ from __future__ import annotations
 import email.utils
 from pathlib import Path
 
-from gateway.demo.sink import SinkServer
-
 from gateway.config import load
 from gateway.db import connect
 from gateway.db.models import Employee
 from gateway.demo.sample_data import PASSWORDS, seed
+from gateway.demo.sink import SinkServer
 from gateway.demo.upstream import DovecotUpstream
 
 INBOUND = [
