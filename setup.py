@@ -9,7 +9,7 @@ setup(
     include_package_data=True,
     install_requires=[
         "aiosmtpd>=1.4.6",
-        "twisted>=24.7",
+        "twisted[tls]>=24.7",
         "imapclient>=3.0",
         "peewee>=3.17",
         "bottle>=0.13",

@@ -551,9 +551,11 @@ class RelayWorker:
             if exc.auth and reply.outcome == "bounced" and self._employee_auth(row):
                 # The employee's own password was refused: retrying will not help.
                 reply = Reply(reply.code, f"5.7.8 upstream refused the sender's login: {reply.text}")
-            elif reply.outcome == "bounced":
-                # A session-level 5xx (greeting, STARTTLS, relay account login) is
-                # our configuration, not the message: keep it and retry.
+            elif reply.outcome != "deferred":
+                # A session-level failure is never a delivery: a 5xx (greeting,
+                # STARTTLS, relay account login) is our configuration, not the
+                # message, and a 2xx where a 334/235/220 belonged (a server that
+                # "accepts" AUTH with 250) is a broken session.  Keep it and retry.
                 reply = Reply(None, f"upstream refused the session: {reply}")
             self.connection.close()
             return dict.fromkeys(recipients, reply)

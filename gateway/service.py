@@ -154,8 +154,10 @@ async def _deferred(d) -> None:
         await d.asFuture(asyncio.get_running_loop())
 
 
-def run(cfg: Config) -> int:
-    """Run a node until SIGTERM/SIGINT.  Returns the exit status."""
+def run(cfg: Config, on_ready=None) -> int:
+    """Run a node until SIGTERM/SIGINT.  Returns the exit status.
+
+    ``on_ready`` is called once every service listens (the demo prints its banner then)."""
     loop = asyncio.new_event_loop()
     asyncio.set_event_loop(loop)
     from twisted.internet import asyncioreactor
@@ -173,6 +175,8 @@ def run(cfg: Config) -> int:
             print(f"mailgate: start-up failed: {exc}", file=sys.stderr)
             status["code"] = 1
             reactor.stop()
+        elif on_ready is not None:
+            on_ready()
 
     def start() -> None:
         loop.create_task(node.start(reactor)).add_done_callback(started)

@@ -97,6 +97,9 @@ class Client:
         self.w.close()
 
 
+ROUNDS_PER_LOGIN = 10  # each round: 4 FETCHes + IDLE/DONE; set by --rounds-per-login
+
+
 async def worker(port: int, ctx: ssl.SSLContext, user: str, uids: list[int], deadline: float,
                  lat: list[float]) -> None:
     rnd = random.Random(user + str(port))
@@ -107,7 +110,7 @@ async def worker(port: int, ctx: ssl.SSLContext, user: str, uids: list[int], dea
         lat.append(t)
         line, t = await c.cmd("SELECT INBOX")
         lat.append(t)
-        for _ in range(10):
+        for _ in range(ROUNDS_PER_LOGIN):
             if time.perf_counter() >= deadline:
                 break
             u = rnd.choice(uids)
@@ -137,6 +140,11 @@ async def load(port: int, ctx: ssl.SSLContext, sessions: int, seconds: float, ui
         "p50_ms": statistics.median(lat) * 1000,
         "p99_ms": lat[int(len(lat) * 0.99)] * 1000,
     }
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def rss_kb(pid: int) -> int:
@@ -215,10 +223,14 @@ def main() -> None:
     ap.add_argument("--sessions", type=int, default=8)
     ap.add_argument("--messages", type=int, default=150)
     ap.add_argument("--idle", type=int, default=2000)
+    ap.add_argument("--rounds-per-login", type=int, default=10,
+                    help="rounds (4 FETCHes + IDLE) per session before LOGOUT and a new LOGIN")
     ap.add_argument("--idle-plain", action="store_true", help="idle clients without TLS (loopback plaintext)")
     ap.add_argument("--upstream-security", choices=("tls", "starttls", "none"), default="tls",
                     help="proxy -> Dovecot (clients always use TLS)")
     args = ap.parse_args()
+    global ROUNDS_PER_LOGIN
+    ROUNDS_PER_LOGIN = args.rounds_per_login
 
     base = Path(tempfile.mkdtemp(prefix="mailgate-bench-imap-"))
     os.chmod(base, 0o755)
@@ -244,7 +256,9 @@ def main() -> None:
             # warm up: every message decided once (decisions persisted), then measure
             await load(port, pctx, len(USERS), 3, uids)
             direct = await load(dovecot.imaps_port, dctx, args.sessions, args.seconds, uids)
+            cpu0 = cpu_seconds(proc.pid)
             proxied = await load(port, pctx, args.sessions, args.seconds, uids)
+            proxied["proxy_cpu_us_per_cmd"] = (cpu_seconds(proc.pid) - cpu0) / proxied["commands"] * 1e6
             if args.idle_plain:  # no client TLS: shows what TLS itself costs
                 idle = await idle_sessions(plain_port, None, args.idle, proc.pid)
             else:
@@ -257,12 +271,15 @@ def main() -> None:
               f"(1/3 of messages from a customer), proxy->upstream {args.upstream_security}")
         print(f"  direct : {d['cmd_per_s']:8.1f} cmd/s  p50 {d['p50_ms']:6.2f} ms  p99 {d['p99_ms']:6.2f} ms")
         print(f"  proxy  : {p['cmd_per_s']:8.1f} cmd/s  p50 {p['p50_ms']:6.2f} ms  p99 {p['p99_ms']:6.2f} ms")
+        print(f"  proxy CPU per command: {p['proxy_cpu_us_per_cmd']:.0f} us (machine: {os.cpu_count()} cores "
+              f"shared by load generator, Dovecot and proxy)")
         print(f"  ratio  : throughput {p['cmd_per_s'] / d['cmd_per_s']:.2f}x  "
               f"p50 {p['p50_ms'] / d['p50_ms']:.2f}x  p99 {p['p99_ms'] / d['p99_ms']:.2f}x")
         if res["idle"]:
             i = res["idle"]
             print(f"idle: {i['sessions']} TLS sessions in IDLE: proxy RSS {i['rss_before_kb']} -> "
-                  f"{i['rss_after_kb']} KB = {i['kb_per_session']:.1f} KB per session (client + upstream TLS)")
+                  f"{i['rss_after_kb']} KB = {i['kb_per_session']:.1f} KB per session "
+                  f"(client {'plain' if args.idle_plain else 'TLS'}, upstream {args.upstream_security})")
         print(json.dumps(res))
     finally:
         if proc is not None:

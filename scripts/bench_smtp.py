@@ -137,7 +137,7 @@ def run_postfix(args: argparse.Namespace, children: Children, base: Path) -> Res
     return result
 
 
-def gateway_config(base: Path, port: int, sink_port: int, args: argparse.Namespace) -> dict[str, dict[str, object]]:
+def gateway_config(port: int, sink_port: int, args: argparse.Namespace) -> dict[str, dict[str, object]]:
     return {
         "node": {"name": "bench", "data_dir": "var"},
         "database": {"url": "sqlite:///var/mailgate.db"},
@@ -163,7 +163,7 @@ def queue_states(db: Path) -> dict[str, int]:
 def run_gateway(args: argparse.Namespace, children: Children, base: Path) -> Result:
     sink_port, port = free_ports(2)
     sink = Sink(children, sink_port, announce_auth=args.sink_auth)
-    node = GatewayNode(children, base / "gateway", gateway_config(base, port, sink_port, args))
+    node = GatewayNode(children, base / "gateway", gateway_config(port, sink_port, args))
     profiler: subprocess.Popen | None = None
     try:
         node.start()
@@ -233,7 +233,7 @@ def stray_processes(base: Path, pids: list[int]) -> list[str]:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--messages", type=int, default=3000, help="messages per target (default: %(default)s)")
+    ap.add_argument("--messages", type=int, default=5000, help="messages per target (default: %(default)s)")
     ap.add_argument("--sessions", type=int, default=20, help="parallel smtp-source sessions (default: %(default)s)")
     ap.add_argument("--size", type=int, default=5120, help="message payload bytes (default: %(default)s)")
     ap.add_argument("--targets", default=",".join(TARGETS), help="comma-separated subset of %(default)s")
@@ -252,6 +252,7 @@ def main() -> int:
         if shutil.which(tool) is None:
             ap.error(f"{tool} not found (Debian package postfix)")
 
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # also when started in the background
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     load = os.getloadavg()[0]  # other work on the machine skews every figure
     base = Path(tempfile.mkdtemp(prefix="bench-smtp-"))

@@ -215,6 +215,7 @@ class Sink:
     def __init__(self, children: Children, port: int, announce_auth: bool = False) -> None:
         self.port = port
         self.count = 0
+        self.history: list[tuple[int, float]] = []  # (count, monotonic time it was read)
         self._changed = threading.Condition()
         argv = ["smtp-sink", "-c", "-u", "nobody", f"{HOST}:{port}", "256"]
         if not announce_auth:
@@ -237,12 +238,14 @@ class Sink:
         while chunk := os.read(fd, 65536):
             tail = (tail + chunk)[-256:]
             if found := _MESG.findall(tail):
+                now = time.monotonic()
                 with self._changed:
                     self.count = int(found[-1])
+                    self.history.append((self.count, now))
                     self._changed.notify_all()
 
     def wait_for(self, count: int, timeout: float) -> float | None:
-        """Block until the sink has counted ``count`` messages; the monotonic time then."""
+        """Block until the sink has counted ``count`` messages; the monotonic time it did."""
         deadline = time.monotonic() + timeout
         with self._changed:
             while self.count < count:
@@ -250,7 +253,7 @@ class Sink:
                 if left <= 0:
                     return None
                 self._changed.wait(left)
-            return time.monotonic()
+            return next(at for seen, at in self.history if seen >= count)
 
     def settle(self, quiet: float = 1.0) -> int:
         """The count once nothing has arrived for ``quiet`` seconds (late duplicates)."""

@@ -106,8 +106,7 @@ def run_demo(directory: Path, port_base: int = 10000) -> int:
             seed()
             for rcpt, sender, subject in INBOUND:
                 dovecot.deliver(rcpt, _inbound(sender, rcpt, subject))
-        print_instructions(cfg, directory)
-        return run(cfg)
+        return run(cfg, on_ready=lambda: print_instructions(cfg, directory))
     finally:
         dovecot.stop()
         sink.stop()

@@ -32,6 +32,26 @@ DECISION_CACHE = 50000  # decisions kept per session
 class FetchOperation:
     """The exclusive FETCH operation (mixin of ClientSession)."""
 
+    def _known_untagged(self, fc: FetchCommand) -> bool:
+        """True for a UID FETCH of explicit UIDs all decided "nothing to tag": relay it like any
+        command (pipelined, no look-ahead) — the common case once a mailbox has been seen."""
+        if not fc.uid or self.mailbox is None or self.uidvalidity is None:
+            return False
+        if any(v in (b"SELECT", b"EXAMINE", b"CLOSE", b"UNSELECT") for vs in self.inflight.values() for v in vs):
+            return False
+        uids = explicit_uids(fc.sequence, limit=200)
+        if not uids:
+            return False
+        missing = [u for u in uids if u not in self.decisions]
+        if missing:
+            self._remember(self.svc.cached_decisions(self.account, self.mailbox, self.uidvalidity, missing))
+        decisions = self.decisions
+        for u in uids:
+            d = decisions.get(u)
+            if d is None or d.tagged:
+                return False
+        return True
+
     def _start_fetch(self, fc: FetchCommand, raw: bytes) -> None:
         self.framer.paused = True
         self.exclusive = True

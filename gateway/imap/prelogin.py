@@ -254,7 +254,9 @@ class PreLogin:
             self.send(tag + b" NO [UNAVAILABLE] Mail server temporarily unavailable, try again later\r\n")
             self._resume_client()
             return
-        if self.closing:
+        if self.closing:  # the client left while we were logging in
+            proto.on_lost = None
+            proto.transport.loseConnection()
             return
         account = user.decode("utf-8", "replace").lower()
         if not svc.limits.login(account):
@@ -268,6 +270,7 @@ class PreLogin:
         metrics.auth_results.labels("imap", "ok").inc()
         self.logged_in = True
         self.account = account
+        self.limit_key = account
         employee = svc.directory.employee_for_address(account)
         if employee is not None:
             self.account = employee.email

@@ -46,7 +46,8 @@ class ClientSession(PreLogin, FetchOperation, protocol.Protocol, TimeoutMixin, F
         self.framer = Framer(self, self.cfg.max_line_length)
         self.upstream: up.UpstreamProtocol | None = None
         self.logged_in = False
-        self.account = ""
+        self.account = ""  # the employee's address when the login is an employee (alias-proof)
+        self.limit_key = ""  # what the per-account connection limit counted
         self.tagger: Tagger | None = None
         self.counted = False
         self.closing = False
@@ -72,7 +73,6 @@ class ClientSession(PreLogin, FetchOperation, protocol.Protocol, TimeoutMixin, F
         self.special: set[bytes] = set()
         self.decisions: dict[int, Decision] = {}
         self.header_cache: OrderedDict[int, bytes] = OrderedDict()
-        self._out: list[bytes] = []
         self.client_valve: Valve | None = None
         self.upstream_valve: Valve | None = None
         self.caps: list[bytes] = []
@@ -157,7 +157,7 @@ class ClientSession(PreLogin, FetchOperation, protocol.Protocol, TimeoutMixin, F
             self.svc.limits.close()
             self.counted = False
         if self.logged_in:
-            self.svc.limits.logout(self.account)
+            self.svc.limits.logout(self.limit_key)
             self.logged_in = False
         if self.upstream is not None and not self.upstream.closed:
             self.upstream.on_lost = None
@@ -273,7 +273,7 @@ class ClientSession(PreLogin, FetchOperation, protocol.Protocol, TimeoutMixin, F
             if verb in (b"FETCH", b"UID FETCH") and literal is None and self.tagger is not None \
                     and self.uidvalidity is not None:
                 fc = parse_fetch(data, self.cfg.max_nesting_depth)
-                if fc is not None and fc.has_content:
+                if fc is not None and fc.has_content and not self._known_untagged(fc):
                     self._start_fetch(fc, data)
                     return
             if verb == b"COMPRESS":
@@ -394,6 +394,7 @@ class ClientSession(PreLogin, FetchOperation, protocol.Protocol, TimeoutMixin, F
         self.uidvalidity = uidvalidity if name is not None else None
         self.decisions = {}
         self.header_cache.clear()
+
 
 class _UpstreamRelay(FramerSink):
     """Upstream responses for the client, byte for byte (with capability filtering)."""

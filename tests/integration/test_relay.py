@@ -404,3 +404,37 @@ def test_run_wakes_up_on_demand_and_stops_promptly(sink, spool, workers):
 
     asyncio.run(scenario())
     assert OutboundMessage.get().state == "sent"
+
+
+def test_a_session_that_answers_auth_with_250_is_not_a_delivery(tmp_path, spool, clock, workers):
+    """Postfix's smtp-sink offers AUTH and answers it with "250 2.0.0 Ok" — a broken
+    session.  Nothing was handed over, so the message must stay queued, not be marked sent."""
+    import shutil
+    import subprocess
+
+    if not shutil.which("smtp-sink"):
+        pytest.skip("smtp-sink (Debian package postfix) is not installed")
+    [port] = free_ports(1)
+    proc = subprocess.Popen(["smtp-sink", "-u", "nobody", f"127.0.0.1:{port}", "10"])
+    try:
+        import socket
+        import time
+
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise
+        qid = spool.enqueue("alice@acme.test", ["buyer@customer.example"], MESSAGE).queue_id
+        worker = make_worker(workers, config("127.0.0.1", port, "none"), spool, clock)
+        run_once(worker)
+        state = row(qid)
+        assert state.state == "queued" and state.attempts == 1
+        assert "refused the session" in state.last_error
+        assert spool.path_for(qid).exists()
+    finally:
+        proc.kill()
+        proc.wait()

@@ -1,4 +1,4 @@
-"""A self-contained IMAP proxy (subprocess) in front of a private Dovecot.
+"""A self-contained IMAP proxy (subprocess) in front of the project's private Dovecot.
 
 Users: alice@acme.test and bob@acme.test are employees; carol@acme.test has a
 mailbox but is not an employee.  Customers: Buyer Co (buyer@buyer.test, owner
@@ -10,10 +10,8 @@ from __future__ import annotations
 import json
 import os
 import selectors
-import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -24,7 +22,6 @@ from gateway.db import connect
 from gateway.demo.upstream import DovecotUpstream, free_ports, make_self_signed_cert
 
 ROOT = Path(__file__).resolve().parents[3]
-USERS = {"alice@acme.test": "alice-pw", "bob@acme.test": "bob-pw", "carol@acme.test": "carol-pw"}
 
 
 class ProxyProcess:
@@ -78,15 +75,9 @@ class ProxyProcess:
 
 
 @pytest.fixture(scope="session")
-def imap_upstream(tmp_path_factory):
-    # Dovecot's mail processes (user dovecot) must traverse the path: not under pytest's 0700 dirs.
-    base = Path(tempfile.mkdtemp(prefix="mailgate-imap-dovecot-"))
-    os.chmod(base, 0o755)
-    up = DovecotUpstream(base, USERS, auth_penalty=False)
-    up.start()
-    yield up
-    up.stop()
-    shutil.rmtree(base, ignore_errors=True)
+def imap_upstream(dovecot):
+    """The project's private Dovecot (tests/conftest.py): alice, bob, carol …, LMTP delivery."""
+    return dovecot
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,92 @@
+"""The README's demo command: `mailgate demo` comes up and does what it prints."""
+
+from __future__ import annotations
+
+import random
+import signal
+import smtplib
+import socket
+import ssl
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+
+from tests.harness import shared_tempdir
+
+pytestmark = pytest.mark.integration
+
+REPO = Path(__file__).resolve().parents[2]
+OFFSETS = (587, 465, 143, 993, 325)
+
+
+def free_base() -> int:
+    for _ in range(50):
+        base = random.randrange(20000, 60000, 1000)
+        socks = []
+        try:
+            for off in OFFSETS:
+                s = socket.socket()
+                s.bind(("127.0.0.1", base + off))
+                socks.append(s)
+            return base
+        except OSError:
+            continue
+        finally:
+            for s in socks:
+                s.close()
+    raise RuntimeError("no free port range")
+
+
+@pytest.fixture
+def demo_dir():
+    with shared_tempdir("mailgate-demo-") as path:  # Dovecot's mail user must traverse it
+        yield path
+
+
+def test_demo_starts_prints_settings_and_enforces_policy(demo_dir):
+    tmp_path = demo_dir
+    base = free_base()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gateway.cli", "demo", "--dir", str(tmp_path / "demo"), "--port-base", str(base)],
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    banner: list[str] = []
+    ready = threading.Event()
+
+    def read() -> None:
+        for line in proc.stdout:
+            banner.append(line)
+            if line.startswith("Metrics:"):
+                ready.set()
+        ready.set()
+
+    threading.Thread(target=read, daemon=True).start()
+    try:
+        assert ready.wait(60)
+        assert proc.poll() is None and banner, proc.stderr.read()
+        text = "".join(banner)
+        assert f"port {base + 993} (SSL/TLS)" in text and f"port {base + 587} (STARTTLS)" in text
+        assert "alice@acme.test" in text
+        ctx = ssl.create_default_context(cafile=str(tmp_path / "demo" / "certs" / "gateway.crt"))
+        with smtplib.SMTP("127.0.0.1", base + 587, timeout=30) as conn:
+            conn.starttls(context=ctx)
+            conn.login("alice@acme.test", "alice-pw")
+            refused = conn.sendmail("alice@acme.test", ["einkauf@hamburg-tools.de"], b"Subject: ok\r\n\r\nhi\r\n")
+            assert refused == {}
+            with pytest.raises(smtplib.SMTPDataError) as err:
+                conn.sendmail("alice@acme.test", ["lagos.imports@gmail.com"], b"Subject: no\r\n\r\nhi\r\n")
+            assert err.value.smtp_code == 550
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0
+    # The Dovecot it started is gone too.
+    assert not (tmp_path / "demo" / "upstream" / "run" / "master.pid").exists() or \
+        subprocess.run(["pgrep", "-f", str(tmp_path / "demo" / "upstream")], capture_output=True).returncode != 0
