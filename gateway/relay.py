@@ -77,15 +77,14 @@ def claim_batch(
 ) -> list[OutboundMessage]:
     """Claim up to ``limit`` due rows for ``owner``; return the rows won.
 
-    Each row is taken by one compare-and-set UPDATE whose WHERE repeats the
-    "due and unclaimed" test, so of several workers racing for a row exactly
-    one sees an affected row count of 1.  A claim expires after
+    The batch is taken by one compare-and-set UPDATE whose WHERE repeats the
+    "due and unclaimed" test per row, so of several workers racing for a row
+    exactly one gets it (its owner and claim time mark the rows won).  A claim expires after
     ``claim_timeout`` seconds (the worker died) and the row is due again.
     """
     m = OutboundMessage
     until = now + dt.timedelta(seconds=claim_timeout)
-    won: list[int] = []
-    while not won:
+    while True:
         candidates = [
             row_id
             for (row_id,) in m.select(m.id)
@@ -96,17 +95,17 @@ def claim_batch(
         ]
         if not candidates:
             return []
-        # Lost every race (another worker took them all): look again.
-        won = [
-            row_id
-            for row_id in candidates
-            if m.update(claimed_by=owner, claimed_until=until)
-            .where((m.id == row_id) & _claimable(now, node))
+        # One UPDATE for the batch; its WHERE re-checks each row, so a row another
+        # worker took in between is simply not ours.
+        taken = (
+            m.update(claimed_by=owner, claimed_until=until)
+            .where(m.id.in_(candidates) & _claimable(now, node))
             .execute()
-            == 1
-        ]
-    query = m.select().where(m.id.in_(won) & (m.claimed_by == owner))
-    return list(query.order_by(m.next_attempt_at, m.id))
+        )
+        if taken:
+            query = m.select().where(m.id.in_(candidates) & (m.claimed_by == owner) & (m.claimed_until == until))
+            return list(query.order_by(m.next_attempt_at, m.id))
+        # Lost every race (another worker took them all): look again.
 
 
 def release_node_claims(node: str) -> int:
@@ -500,7 +499,11 @@ class RelayWorker:
             self.connection.close()
 
     def _process(self, row: OutboundMessage) -> None:
-        if not self._renew_claim(row):
+        # Renew only a claim that has used up half its time (a long batch), not
+        # before every message: each renewal is a synchronous commit.
+        half = dt.timedelta(seconds=self.config.relay.claim_timeout / 2)
+        fresh = row.claimed_until is not None and row.claimed_until - self._now() > half
+        if not fresh and not self._renew_claim(row):
             log.warning("%s: claim lost before delivery; skipped", row.queue_id)
             return
         recipients: list[str] = json.loads(row.recipients)
