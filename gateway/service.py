@@ -14,6 +14,7 @@ import sys
 from gateway.archive import Archive
 from gateway.config import Config
 from gateway.directory import Directory
+from gateway.groupcommit import GroupCommitter
 from gateway.policy import Policy
 from gateway.smtp.auth import UpstreamAuthenticator
 from gateway.smtp.guard import LoginGuard
@@ -37,6 +38,7 @@ class Node:
         self.policy = Policy(self.directory)
         self.spool = Spool(cfg.spool_dir, node="" if cfg.node.shared_spool else cfg.node.name)
         self.archive = Archive(cfg.archive_dir)
+        self.committer = GroupCommitter()
 
     async def start(self, reactor=None) -> None:
         from gateway.approval import ApprovalService
@@ -79,6 +81,7 @@ class Node:
             approvals=self.approvals,
             sign=self.sign,
             rule_env=self.rule_env,
+            committer=self.committer,
         )
         self.smtp_servers = await start_smtp(cfg, handler)
         for w in self.workers:
@@ -138,6 +141,7 @@ class Node:
         self.stopping.set()
         for server in self.smtp_servers:
             server.close()
+        await asyncio.to_thread(self.committer.stop)
         for port in self.imap_ports:
             await asyncio.ensure_future(_deferred(port.stopListening()))
         for task in self.tasks:

@@ -37,8 +37,11 @@ def new_queue_id() -> str:
     return f"{int(time.time() * 1000):011X}{secrets.token_hex(3).upper()}"
 
 
-def write_durably(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically and durably (fsync file and directory)."""
+def write_durably(path: Path, data: bytes, sync_dir: bool = True) -> None:
+    """Write ``data`` to ``path`` atomically and durably (fsync file and directory).
+
+    ``sync_dir=False`` leaves the directory fsync to the caller, who may do it
+    once for many files (see gateway.groupcommit)."""
     tmp = path.with_name(path.name + ".tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
@@ -53,7 +56,8 @@ def write_durably(path: Path, data: bytes) -> None:
         raise
     os.close(fd)
     os.rename(tmp, path)
-    fsync_dir(path.parent)
+    if sync_dir:
+        fsync_dir(path.parent)
 
 
 def fsync_dir(directory: Path) -> None:
@@ -87,20 +91,41 @@ class Spool:
         recipients: Iterable[str],
         data: bytes,
         *,
+        queue_id: str | None = None,
+        **fields: object,
+    ) -> OutboundMessage:
+        """Store a message durably (file, then row); return its queue row.  Raises SpoolError.
+
+        ``fields``: employee_id, message_id, credentials, is_bounce, state."""
+        queue_id = queue_id or new_queue_id()
+        self.write(queue_id, data)
+        return self.insert(queue_id, mail_from, recipients, len(data), **fields)
+
+    def write(self, queue_id: str, data: bytes, sync_dir: bool = True) -> Path:
+        """Phase 1: the message file, fsynced (and its directory entry unless the
+        caller syncs the directory itself).  Raises SpoolError."""
+        path = self.path_for(queue_id)
+        try:
+            write_durably(path, data, sync_dir=sync_dir)
+        except OSError as exc:
+            raise SpoolError(exc.errno, f"spool write failed: {exc.strerror or exc}") from exc
+        return path
+
+    def insert(
+        self,
+        queue_id: str,
+        mail_from: str,
+        recipients: Iterable[str],
+        size: int,
+        *,
         employee_id: int | None = None,
         message_id: str = "",
         credentials: bytes | None = None,
         is_bounce: bool = False,
         state: str = "queued",
-        queue_id: str | None = None,
     ) -> OutboundMessage:
-        """Store a message durably; return its queue row.  Raises SpoolError."""
-        queue_id = queue_id or new_queue_id()
-        path = self.path_for(queue_id)
-        try:
-            write_durably(path, data)
-        except OSError as exc:
-            raise SpoolError(exc.errno, f"spool write failed: {exc.strerror or exc}") from exc
+        """Phase 2: the queue row for a file already written.  On failure the file
+        is removed and SpoolError raised."""
         try:
             with database.atomic():
                 return OutboundMessage.create(
@@ -108,8 +133,8 @@ class Spool:
                     employee=employee_id,
                     mail_from=mail_from,
                     recipients=json.dumps(list(recipients)),
-                    spool_path=path.name,
-                    size=len(data),
+                    spool_path=self.path_for(queue_id).name,
+                    size=size,
                     message_id=message_id[:998],
                     credentials=credentials,
                     is_bounce=is_bounce,
@@ -117,8 +142,12 @@ class Spool:
                     node=self.node,
                 )
         except Exception as exc:
-            _unlink(path)
+            self.discard(queue_id)
             raise SpoolError(getattr(exc, "errno", None), f"queue record failed: {exc}") from exc
+
+    def discard(self, queue_id: str) -> None:
+        """Remove a message file whose row was never committed."""
+        _unlink(self.path_for(queue_id))
 
     def read(self, row: OutboundMessage) -> bytes:
         return (self.directory / row.spool_path).read_bytes()

@@ -30,8 +30,8 @@ from aiosmtpd.smtp import Session as SMTPSession
 from gateway import metrics
 from gateway.archive import Archive
 from gateway.config import Config
-from gateway.db.models import database
 from gateway.directory import Directory, EmployeeInfo
+from gateway.groupcommit import GroupCommitter
 from gateway.i18n import t
 from gateway.mutate import apply_mutations
 from gateway.policy import ACCEPT, HOLD, REJECT, Context, Policy, Verdict
@@ -87,6 +87,7 @@ class SubmissionHandler:
         approvals=None,
         sign=None,
         rule_env=None,
+        committer: GroupCommitter | None = None,
     ):
         self.cfg = cfg
         self.directory = directory
@@ -100,6 +101,7 @@ class SubmissionHandler:
         self.approvals = approvals  # gateway.approval.ApprovalService: records holds
         self.sign = sign  # gateway.dkim.DkimSign mutation, or None when DKIM is off
         self.rule_env = rule_env  # gateway.rules.env.RuleEnv: its history feeds first-contact
+        self.committer = committer or GroupCommitter()
         self.trusted = [ipaddress.ip_network(n, strict=False) for n in cfg.smtp.trusted_networks]
         self.language = cfg.company.language
 
@@ -265,7 +267,7 @@ class SubmissionHandler:
         if self.sign is not None and verdict.action != REJECT:
             verdict.mutations.append(self.sign)
         try:
-            reply = await asyncio.to_thread(self._store, ctx, verdict, queue_id, ident)
+            reply = await self._store(ctx, verdict, queue_id, ident)
         except SpoolError as exc:
             log.error("%s: store failed: %s", queue_id, exc)
             if exc.errno == errno.ENOSPC or "database or disk is full" in str(exc):
@@ -299,53 +301,69 @@ class SubmissionHandler:
             extra = f"Message-ID: <{queue_id}.{int(time.time())}@{domain}>\r\n".encode()
         return received + extra + data
 
-    def _store(self, ctx: Context, verdict: Verdict, queue_id: str, ident: Identity | None) -> str:
-        """Blocking: archive and spool, then the reply text.  Runs in a thread."""
-        message_id = str(ctx.headers.get("Message-ID", "")).strip()
-        trace = [s.as_dict() for s in ctx.trace]
-        employee_id = ctx.employee.id if ctx.employee else None
+    async def _store(self, ctx: Context, verdict: Verdict, queue_id: str, ident: Identity | None) -> str:
+        """Archive and spool, then the reply text.  Raises SpoolError when nothing was stored.
+
+        Phase 1 (any worker thread, in parallel): mutations, sealing, the spool file.
+        Phase 2 (the group-commit thread): archive record, queue row, approval, in
+        one savepoint of a shared transaction; the 250 follows its commit."""
         if verdict.action == REJECT:
             try:
-                self.archive.record(
-                    ctx.raw, direction="outbound", verdict="refused", mail_from=ctx.mail_from,
-                    recipients=ctx.rcpt_tos, subject=ctx.subject, message_id=message_id,
-                    employee_id=employee_id, reason=verdict.reason, trace=trace, queue_id=queue_id,
-                )
+                await self.committer.submit(self._record_refusal, ctx, verdict, queue_id)
             except Exception:
                 log.exception("%s: archive record of a refused message failed", queue_id)
-            return smtp_reply(verdict.smtp_code, verdict.enhanced,
-                              t("conflict.summary", self.language) + "\n" + verdict.reason
-                              if verdict.rule == "send-conflict" else verdict.reason)
+            summary = t("conflict.summary", self.language) + "\n" if verdict.rule == "send-conflict" else ""
+            return smtp_reply(verdict.smtp_code, verdict.enhanced, summary + verdict.reason)
+        outgoing, credentials = await asyncio.to_thread(self._prepare, ctx, verdict, queue_id, ident)
+        try:
+            await self.committer.submit(self._commit, ctx, verdict, queue_id, outgoing, credentials)
+        except BaseException as exc:
+            self.spool.discard(queue_id)
+            if isinstance(exc, SpoolError):
+                raise
+            if isinstance(exc, OSError):
+                raise SpoolError(exc.errno, f"store failed: {exc.strerror or exc}") from exc
+            raise SpoolError(None, f"store failed: {exc}") from exc
+        return f"250 2.0.0 {t('queued', self.language, queue_id=queue_id)}"
+
+    def _prepare(self, ctx: Context, verdict: Verdict, queue_id: str, ident: Identity | None):
+        """Phase 1, blocking: the final bytes and the spool file (fsynced)."""
         outgoing = apply_mutations(ctx, verdict, self.cfg)
         credentials = None
         if self.cfg.relay.mode == "employee_credentials" and ident is not None:
             from gateway.credentials import seal
 
             credentials = seal(self.credentials_key, ident.username, ident.password, queue_id)
+        self.spool.write(queue_id, outgoing.data, sync_dir=False)
+        return outgoing, credentials
+
+    def _archive_fields(self, ctx: Context, verdict: Verdict, queue_id: str) -> dict:
+        return {
+            "direction": "outbound", "subject": ctx.subject, "queue_id": queue_id, "reason": verdict.reason,
+            "message_id": str(ctx.headers.get("Message-ID", "")).strip(),
+            "employee_id": ctx.employee.id if ctx.employee else None,
+            "trace": [s.as_dict() for s in ctx.trace],
+        }
+
+    def _record_refusal(self, ctx: Context, verdict: Verdict, queue_id: str) -> None:
+        """Phase 2 of a refused message: only its archive record."""
+        self.archive.record(ctx.raw, verdict="refused", mail_from=ctx.mail_from, recipients=ctx.rcpt_tos,
+                            **self._archive_fields(ctx, verdict, queue_id))
+
+    def _commit(self, ctx: Context, verdict: Verdict, queue_id: str, outgoing, credentials: bytes | None) -> None:
+        """Phase 2, in the group-commit thread inside a savepoint."""
+        fields = self._archive_fields(ctx, verdict, queue_id)
         state = "held" if verdict.action == HOLD else "queued"
-        try:
-            with database.atomic():
-                self.archive.record(
-                    outgoing.data, direction="outbound", verdict="held" if state == "held" else "accepted",
-                    mail_from=outgoing.mail_from, recipients=outgoing.recipients, subject=ctx.subject,
-                    message_id=message_id, employee_id=employee_id, reason=verdict.reason, trace=trace,
-                    queue_id=queue_id,
-                )
-                self.spool.enqueue(
-                    outgoing.mail_from, outgoing.recipients, outgoing.data, employee_id=employee_id,
-                    message_id=message_id, credentials=credentials, state=state, queue_id=queue_id,
-                )
-                if state == "held" and self.approvals is not None:
-                    self.approvals.record_hold(ctx, verdict, queue_id)
-        except SpoolError:
-            raise
-        except OSError as exc:
-            raise SpoolError(exc.errno, f"archive write failed: {exc.strerror or exc}") from exc
-        except Exception as exc:
-            raise SpoolError(None, f"store failed: {exc}") from exc
+        self.archive.record(outgoing.data, verdict="held" if state == "held" else "accepted",
+                            mail_from=outgoing.mail_from, recipients=outgoing.recipients, **fields)
+        self.spool.insert(queue_id, outgoing.mail_from, outgoing.recipients, len(outgoing.data),
+                          employee_id=fields["employee_id"], message_id=fields["message_id"],
+                          credentials=credentials, state=state)
+        self.committer.sync_dir(self.spool.directory)
+        if state == "held" and self.approvals is not None:
+            self.approvals.record_hold(ctx, verdict, queue_id)
         if state == "queued" and self.rule_env is not None:
             self._remember_contacts(ctx)
-        return f"250 2.0.0 {t('queued', self.language, queue_id=queue_id)}"
 
     def _remember_contacts(self, ctx: Context) -> None:
         """Teach the first-contact condition which domains were written to."""

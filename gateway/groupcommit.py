@@ -1,0 +1,112 @@
+"""Group commit: one writer thread, many messages per transaction.
+
+Each accepted message needs a few rows (archive record, queue row, maybe an
+approval) committed before its 250.  With SQLite every commit is an fsync and
+concurrent writers queue on one lock; so jobs from all SMTP sessions go to
+one thread, which takes whatever is waiting (up to ``max_batch``), runs each
+job in its own savepoint (one failing job does not spoil the others), fsyncs
+the directories the jobs asked for once, commits once, and only then
+resolves the callers' futures — nobody hears 250 before the commit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from gateway.db.models import database
+from gateway.spool import fsync_dir
+
+log = logging.getLogger("mailgate.store")
+
+_STOP = object()
+
+
+class GroupCommitter:
+    def __init__(self, max_batch: int = 32):
+        self.max_batch = max_batch
+        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self._dirs: set[Path] = set()
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+        self.batches = 0
+        self.jobs_done = 0
+
+    async def submit(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """Run ``fn(*args)`` in the writer thread inside the next batch's transaction."""
+        self._ensure_thread()
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        self._jobs.put((fn, args, future, loop))
+        return await future
+
+    def sync_dir(self, directory: Path) -> None:
+        """Called from a job: fsync ``directory`` before this batch commits."""
+        self._dirs.add(Path(directory))
+
+    def stop(self) -> None:
+        if self._thread is not None:
+            self._jobs.put(_STOP)
+            self._thread.join(30)
+            self._thread = None
+
+    def _ensure_thread(self) -> None:
+        with self._lock:
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="group-commit", daemon=True)
+                self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            first = self._jobs.get()
+            if first is _STOP:
+                break
+            batch = [first]
+            while len(batch) < self.max_batch:
+                try:
+                    job = self._jobs.get_nowait()
+                except queue.Empty:
+                    break
+                if job is _STOP:
+                    self._jobs.put(_STOP)
+                    break
+                batch.append(job)
+            self._run_batch(batch)
+        if not database.is_closed():
+            database.close()
+
+    def _run_batch(self, batch: list) -> None:
+        outcomes: list[tuple[Any, BaseException | None]] = []
+        self._dirs = set()
+        try:
+            with database.atomic():
+                for fn, args, _, _ in batch:
+                    try:
+                        with database.atomic():  # a savepoint per job
+                            outcomes.append((fn(*args), None))
+                    except Exception as exc:  # the job's own failure, reported to its caller
+                        outcomes.append((None, exc))
+                for directory in self._dirs:
+                    fsync_dir(directory)
+        except Exception as exc:  # the commit itself failed: nobody's rows are stored
+            log.error("group commit of %d jobs failed: %s", len(batch), exc)
+            outcomes = [(None, exc)] * len(batch)
+        self.batches += 1
+        self.jobs_done += len(batch)
+        for (_, _, future, loop), outcome in zip(batch, outcomes, strict=True):
+            loop.call_soon_threadsafe(_resolve, future, outcome)
+
+
+def _resolve(future: asyncio.Future, outcome: tuple[Any, BaseException | None]) -> None:
+    if future.done():
+        return
+    result, exc = outcome
+    if exc is not None:
+        future.set_exception(exc)
+    else:
+        future.set_result(result)

@@ -1,0 +1,59 @@
+import asyncio
+import threading
+
+import pytest
+
+from gateway.db.models import Department, database
+from gateway.groupcommit import GroupCommitter
+
+
+def test_jobs_share_a_transaction_and_fail_alone(db):
+    committer = GroupCommitter(max_batch=8)
+    gate, taken = threading.Event(), threading.Event()
+
+    def blocker():
+        taken.set()
+        gate.wait(10)  # hold the writer so the next jobs queue up into one batch
+        return "first"
+
+    def insert(name):
+        Department.create(name=name)
+        return name
+
+    def broken():
+        Department.create(name="rolled back")
+        raise ValueError("this job fails")
+
+    async def main():
+        first = asyncio.ensure_future(committer.submit(blocker))
+        await asyncio.to_thread(taken.wait, 10)  # the writer is busy with the blocker
+        rest = [asyncio.ensure_future(committer.submit(insert, f"d{i}")) for i in range(5)]
+        bad = asyncio.ensure_future(committer.submit(broken))
+        gate.set()
+        return await first, await asyncio.gather(*rest), await asyncio.gather(bad, return_exceptions=True)
+
+    first, names, [error] = asyncio.run(main())
+    committer.stop()
+    assert first == "first" and names == [f"d{i}" for i in range(5)]
+    assert isinstance(error, ValueError)
+    assert sorted(d.name for d in Department.select()) == [f"d{i}" for i in range(5)]
+    assert committer.jobs_done == 7 and committer.batches <= 3
+
+
+def test_a_failed_commit_fails_every_job(db, monkeypatch):
+    committer = GroupCommitter()
+
+    def fail_fsync(directory):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("gateway.groupcommit.fsync_dir", fail_fsync)
+
+    def job():
+        Department.create(name="x")
+        committer.sync_dir(".")
+
+    with pytest.raises(OSError, match="No space"):
+        asyncio.run(committer.submit(job))
+    committer.stop()
+    database.connect(reuse_if_open=True)
+    assert Department.select().count() == 0
