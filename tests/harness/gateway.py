@@ -8,6 +8,7 @@ SIGKILL, ``stop()`` SIGTERM; ``start()`` again reuses the same data.
 
 from __future__ import annotations
 
+import atexit
 import os
 import signal
 import subprocess
@@ -112,6 +113,7 @@ class GatewayProcess:
             text=True,
         )
         threading.Thread(target=self._read_log, args=(self.proc,), daemon=True).start()
+        atexit.register(self.kill)  # never leave a gateway behind, whatever the test did
         if not self._ready.wait(timeout) or self.proc.poll() is not None:
             self.stop()
             raise RuntimeError("gateway did not start:\n" + "\n".join(self.log_lines[-40:]))

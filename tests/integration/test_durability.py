@@ -114,6 +114,7 @@ def test_disk_full_answers_452_and_never_250_unstored(tmp_path, dovecot, sink):
     small.mkdir()
     if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(small)]).returncode != 0:
         pytest.skip("cannot mount a small tmpfs here (needs root)")
+    gw = None
     try:
         gw = GatewayProcess(tmp_path / "gw", dovecot, {"node": {"data_dir": str(small)}})
         connect(gw.db_url)
@@ -137,6 +138,7 @@ def test_disk_full_answers_452_and_never_250_unstored(tmp_path, dovecot, sink):
         assert b"4.3.1" in refused.smtp_error
         arrived = sink.wait_for(len(got_250), timeout=30)
         assert sorted(int(m.data.split(b"Subject: full ")[1].split(b"\r\n")[0]) for m in arrived) == got_250
-        gw.stop()
     finally:
+        if gw is not None:
+            gw.stop()
         subprocess.run(["umount", "-l", str(small)])
