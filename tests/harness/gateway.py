@@ -86,6 +86,7 @@ class GatewayProcess:
         self.proc: subprocess.Popen | None = None
         self.log_lines: list[str] = []
         self._ready = threading.Event()
+        self._logged = threading.Condition()
         self._init()
 
     def _init(self) -> None:
@@ -120,10 +121,22 @@ class GatewayProcess:
 
     def _read_log(self, proc: subprocess.Popen) -> None:
         for line in proc.stderr:
-            self.log_lines.append(line.rstrip("\n"))
+            with self._logged:
+                self.log_lines.append(line.rstrip("\n"))
+                self._logged.notify_all()
             if "mailgate ready" in line:
                 self._ready.set()
         self._ready.set()  # process ended: wake a waiter so it can report
+
+    def wait_for_log(self, text: str, after: int = 0, timeout: float = 20.0) -> str:
+        """Wait until a log line (from index ``after`` on) contains ``text``; return it."""
+        def found() -> str | None:
+            return next((line for line in self.log_lines[after:] if text in line), None)
+
+        with self._logged:
+            if not self._logged.wait_for(lambda: found() is not None, timeout):
+                raise TimeoutError(f"no log line with {text!r} within {timeout} s")
+            return found()
 
     def log_text(self) -> str:
         return "\n".join(self.log_lines)
