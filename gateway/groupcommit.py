@@ -45,6 +45,18 @@ class GroupCommitter:
         self._jobs.put((fn, args, future, loop))
         return await future
 
+    def run_sync(self, fn: Callable[..., Any], *args: Any, timeout: float = 300.0) -> Any:
+        """The same from a plain thread (e.g. a relay worker): block until committed."""
+        self._ensure_thread()
+        done = threading.Event()
+        box: dict[str, Any] = {}
+        self._jobs.put((fn, args, (done, box), None))
+        if not done.wait(timeout):
+            raise TimeoutError("group commit did not answer in time")
+        if "error" in box:
+            raise box["error"]
+        return box.get("result")
+
     def sync_dir(self, directory: Path) -> None:
         """Called from a job: fsync ``directory`` before this batch commits."""
         self._dirs.add(Path(directory))
@@ -99,7 +111,14 @@ class GroupCommitter:
         self.batches += 1
         self.jobs_done += len(batch)
         for (_, _, future, loop), outcome in zip(batch, outcomes, strict=True):
-            loop.call_soon_threadsafe(_resolve, future, outcome)
+            if loop is None:  # a run_sync caller waiting on an Event
+                done, box = future
+                box["result"], error = outcome
+                if error is not None:
+                    box["error"] = error
+                done.set()
+            else:
+                loop.call_soon_threadsafe(_resolve, future, outcome)
 
 
 def _resolve(future: asyncio.Future, outcome: tuple[Any, BaseException | None]) -> None:

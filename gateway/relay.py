@@ -360,8 +360,10 @@ class RelayWorker:
         credentials_key: bytes | None,
         *,
         now: Callable[[], dt.datetime] = utcnow,
+        committer: Any = None,
     ) -> None:
         self.config = config
+        self.committer = committer  # gateway.groupcommit.GroupCommitter, or None: commit alone
         self.spool = spool
         self.name = worker_name
         # Unique per run, so a claim left by an earlier process of the same name
@@ -613,14 +615,22 @@ class RelayWorker:
         changes.update(
             {m.attempts: attempts, m.last_error: errors, m.claimed_by: None, m.claimed_until: None}
         )
-        with database.atomic() as txn:
-            updated = m.update(changes).where((m.id == row.id) & (m.claimed_by == self.owner)).execute()
-            if updated != 1:
-                txn.rollback()
-                log.warning("%s: claim lost during delivery; outcome not recorded", row.queue_id)
-                return
-            if failures:
-                self._bounce(row, failures, credentials, original)
+        def store() -> bool:
+            with database.atomic() as txn:
+                updated = m.update(changes).where((m.id == row.id) & (m.claimed_by == self.owner)).execute()
+                if updated != 1:
+                    txn.rollback()
+                    return False
+                if failures:
+                    self._bounce(row, failures, credentials, original)
+                return True
+
+        # Through the node's group committer when there is one: the outcome shares a
+        # commit with whatever else is being stored.  The file goes only after the commit.
+        stored = self.committer.run_sync(store) if self.committer is not None else store()
+        if not stored:
+            log.warning("%s: claim lost during delivery; outcome not recorded", row.queue_id)
+            return
         if finished:
             self.spool.remove(row)
         self._count(delivered, not finished, failures)

@@ -70,7 +70,8 @@ class Node:
         )
         actions.NOTIFIER = self.approvals.notifier
         self.workers = [
-            RelayWorker(cfg, self.spool, f"{cfg.node.name}-relay{i}", key) for i in range(cfg.relay.workers)
+            RelayWorker(cfg, self.spool, f"{cfg.node.name}-relay{i}", key, committer=self.committer)
+            for i in range(cfg.relay.workers)
         ]
         handler = SubmissionHandler(
             cfg, self.directory, self.policy, self.spool, self.archive,

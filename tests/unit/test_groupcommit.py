@@ -57,3 +57,22 @@ def test_a_failed_commit_fails_every_job(db, monkeypatch):
     committer.stop()
     database.connect(reuse_if_open=True)
     assert Department.select().count() == 0
+
+
+def test_run_sync_from_a_plain_thread(db):
+    committer = GroupCommitter()
+    results = []
+
+    def worker(i):
+        results.append(committer.run_sync(lambda: Department.create(name=f"t{i}").name))
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    with pytest.raises(ValueError):
+        committer.run_sync(lambda: (_ for _ in ()).throw(ValueError("boom")))
+    committer.stop()
+    assert sorted(results) == [f"t{i}" for i in range(6)]
+    assert Department.select().count() == 6
