@@ -68,12 +68,25 @@ def cmd_init(args: argparse.Namespace) -> int:
     return 0
 
 
+def use_multiprocess_metrics(directory: Path) -> None:
+    """Counters shared by the node's processes (relay child included); must run
+    before prometheus_client is imported.  Old files are from a previous run."""
+    if "prometheus_client" in sys.modules and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        return  # too late in this process (e.g. the demo after a test import); keep single-process
+    directory.mkdir(parents=True, exist_ok=True)
+    for stale in directory.glob("*.db"):
+        stale.unlink()
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(directory)
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from gateway.db import connect
     from gateway.service import run
 
     cfg = _load(args.config)
     _setup_logging(args.log_level)
+    if cfg.relay.process == "separate":
+        use_multiprocess_metrics(cfg.node.data_dir / "metrics")
     connect(cfg.database.url)
     return run(cfg)
 

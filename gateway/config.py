@@ -104,6 +104,9 @@ class RelayConfig:
     username: str = ""
     password: str = ""
     workers: int = 4
+    # "separate": the relay workers run in a child process (a second core);
+    # "inline": in the node's own process.
+    process: str = "separate"
     retry_initial: int = 60
     retry_max: int = 3600
     lifetime: int = 5 * 24 * 3600
@@ -283,6 +286,8 @@ def validate(cfg: Config) -> list[str]:
             problems.append(f"{name}: must be one of tls, starttls, none (got {value!r})")
     if cfg.relay.security and cfg.relay.security not in _SECURITY:
         problems.append(f"[relay] security: must be one of tls, starttls, none (got {cfg.relay.security!r})")
+    if cfg.relay.process not in ("separate", "inline"):
+        problems.append(f"[relay] process: separate or inline (got {cfg.relay.process!r})")
     if cfg.relay.mode not in ("relay_account", "employee_credentials"):
         problems.append(
             f"[relay] mode: must be relay_account or employee_credentials (got {cfg.relay.mode!r})"

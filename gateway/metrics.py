@@ -2,6 +2,10 @@
 
 Counters are incremented where the event happens; gauges that describe the
 queue are computed on scrape by ``QueueCollector`` (see ``gateway.spool``).
+When the relay runs in its own process (``gateway.relayproc``) both processes
+count into prometheus-client's multiprocess files (PROMETHEUS_MULTIPROC_DIR,
+set by ``use_multiprocess_dir`` before this module is imported), and
+``exposition_registry`` merges them for /metrics.
 """
 
 from __future__ import annotations
@@ -71,3 +75,18 @@ def install_queue_collector() -> None:
     if _queue_collector is None:
         _queue_collector = QueueCollector()
         REGISTRY.register(_queue_collector)
+
+
+def exposition_registry() -> CollectorRegistry:
+    """What /metrics serves: this process's registry, or every process's counters."""
+    import os
+
+    install_queue_collector()
+    if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        return REGISTRY
+    from prometheus_client import multiprocess
+
+    registry = CollectorRegistry()
+    multiprocess.MultiProcessCollector(registry)
+    registry.register(_queue_collector)
+    return registry

@@ -225,6 +225,7 @@ class SmarthostConnection:
         self.local_hostname = local_hostname
         self._smtp: smtplib.SMTP | None = None
         self._credentials: Credentials | None = None
+        self._clean = False  # the last transaction ended with a 250: no RSET needed
         self.sessions_opened = 0  # for tests and debugging: reuse shows here
 
     @property
@@ -247,7 +248,17 @@ class SmarthostConnection:
                 reply = Reply(553, "5.6.7 the upstream server does not support SMTPUTF8 addresses")
                 return dict.fromkeys(recipients, reply)
             options.append("SMTPUTF8")
-        code, text = smtp.mail(mail_from, options)
+        reused = self._clean
+        self._clean = False
+        try:
+            code, text = smtp.mail(mail_from, options)
+        except (smtplib.SMTPServerDisconnected, ConnectionError):
+            if not reused:
+                raise
+            # The reused session went away while idle: one fresh session, same transaction.
+            self.close()
+            smtp = self._session(credentials)
+            code, text = smtp.mail(mail_from, options)
         if code != 250:
             self._reset()
             return dict.fromkeys(recipients, Reply.of(code, text))
@@ -266,11 +277,14 @@ class SmarthostConnection:
             final = Reply.of(exc.smtp_code, exc.smtp_error)
         if final.outcome != "sent":
             self._reset()
+        else:
+            self._clean = True  # the next transaction may follow without an RSET
         replies.update(dict.fromkeys(accepted, final))
         return replies
 
     def close(self) -> None:
         smtp, self._smtp, self._credentials = self._smtp, None, None
+        self._clean = False
         if smtp is None:
             return
         try:
@@ -288,6 +302,8 @@ class SmarthostConnection:
 
     def _session(self, credentials: Credentials | None) -> smtplib.SMTP:
         if self._smtp is not None and self._credentials == credentials:
+            if self._clean:
+                return self._smtp
             try:
                 if self._smtp.rset()[0] == 250:
                     return self._smtp

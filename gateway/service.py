@@ -34,6 +34,7 @@ class Node:
         self.smtp_servers: list[asyncio.AbstractServer] = []
         self.imap_ports: list = []
         self.workers: list = []
+        self.relay_process = None
         self.directory = Directory(cfg.company.domains, cfg.public_mail_domains)
         self.policy = Policy(self.directory)
         self.spool = Spool(cfg.spool_dir, node="" if cfg.node.shared_spool else cfg.node.name)
@@ -69,10 +70,16 @@ class Node:
             signer=self.sign.signer if self.sign else None, on_released=self.wake_relay,
         )
         actions.NOTIFIER = self.approvals.notifier
-        self.workers = [
-            RelayWorker(cfg, self.spool, f"{cfg.node.name}-relay{i}", key, committer=self.committer)
-            for i in range(cfg.relay.workers)
-        ]
+        if cfg.relay.process == "separate":
+            from gateway.relayproc import RelayProcess
+
+            self.relay_process = RelayProcess(cfg.path, logging.getLevelName(logging.getLogger().level))
+            self.relay_process.start()
+        else:
+            self.workers = [
+                RelayWorker(cfg, self.spool, f"{cfg.node.name}-relay{i}", key, committer=self.committer)
+                for i in range(cfg.relay.workers)
+            ]
         handler = SubmissionHandler(
             cfg, self.directory, self.policy, self.spool, self.archive,
             UpstreamAuthenticator(cfg),
@@ -105,6 +112,8 @@ class Node:
     def wake_relay(self) -> None:
         for w in self.workers:
             w.wakeup()
+        if self.relay_process is not None:
+            self.relay_process.wakeup()
 
     async def _refresh_directory(self) -> None:
         while not self.stopping.is_set():
@@ -133,16 +142,17 @@ class Node:
             return
         from prometheus_client import start_http_server
 
-        from gateway.metrics import REGISTRY, install_queue_collector
+        from gateway.metrics import exposition_registry
 
-        install_queue_collector()
-        start_http_server(self.cfg.metrics.port, self.cfg.metrics.listen, registry=REGISTRY)
+        start_http_server(self.cfg.metrics.port, self.cfg.metrics.listen, registry=exposition_registry())
 
     async def stop(self) -> None:
         self.stopping.set()
         for server in self.smtp_servers:
             server.close()
         await asyncio.to_thread(self.committer.stop)
+        if self.relay_process is not None:
+            await asyncio.to_thread(self.relay_process.stop)
         for port in self.imap_ports:
             await asyncio.ensure_future(_deferred(port.stopListening()))
         for task in self.tasks:

@@ -175,7 +175,8 @@ def run_gateway(args: argparse.Namespace, children: Children, base: Path) -> Res
                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             time.sleep(1.0)
         pid = node.proc.pid
-        result = measure("gateway", port, sink, args, children, lambda: cpu_seconds(pid))
+        # The node and its relay process (relay.process = "separate").
+        result = measure("gateway", port, sink, args, children, lambda: tree_cpu_seconds(pid))
         result.rss_kb = node.peak_rss_kb()
     finally:
         if profiler is not None:
@@ -219,7 +220,8 @@ def report(results: dict[str, Result], args: argparse.Namespace, load: float) ->
             if other in results and (rate := results[other].rate):
                 print(f"gateway / {other}: {gw / rate:.2f}x")
     print("e2e: first message sent -> the sink has counted all; CPU: the target's processes only "
-          "(Postfix: master + children); RSS: gateway VmHWM, Postfix summed PSS sampled every 0.1 s")
+          "(Postfix: master + children; gateway: node + relay process); RSS: gateway node VmHWM + relay VmHWM, "
+          "Postfix summed PSS sampled every 0.1 s")
     for r in results.values():
         for problem in r.problems or []:
             print(f"PROBLEM {r.target}: {problem}")

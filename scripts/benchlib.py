@@ -433,7 +433,10 @@ class GatewayNode:
         return "\n".join(self.log_text().splitlines()[-lines:])
 
     def peak_rss_kb(self) -> int:
-        return proc_status_kb(self.proc.pid, "VmHWM") if self.proc else 0
+        """Peak RSS of the node plus its children (the relay process)."""
+        if not self.proc:
+            return 0
+        return sum(proc_status_kb(pid, "VmHWM") for pid in process_tree(self.proc.pid))
 
     def stop(self) -> int | None:
         if self.proc is None:

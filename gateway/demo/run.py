@@ -87,6 +87,7 @@ dir = "{Path(__file__).resolve().parents[2] / 'rules'}"
 
 def run_demo(directory: Path, port_base: int = 10000) -> int:
     from gateway.cli import main as cli_main
+    from gateway.cli import use_multiprocess_metrics
     from gateway.service import run
 
     directory = directory.resolve()
@@ -101,6 +102,8 @@ def run_demo(directory: Path, port_base: int = 10000) -> int:
         if cli_main(["-c", str(config_path), "init"]) != 0:
             return 1
         cfg = load(config_path)
+        if cfg.relay.process == "separate":
+            use_multiprocess_metrics(cfg.node.data_dir / "metrics")
         connect(cfg.database.url)
         if not Employee.select().exists():
             seed()

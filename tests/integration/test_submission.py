@@ -7,6 +7,7 @@ import smtplib
 import socket
 import ssl
 import subprocess
+import time
 import urllib.request
 from email.message import EmailMessage
 
@@ -272,11 +273,23 @@ def test_overlong_line_and_oversize(gateway):
     tls.close()
 
 
-def test_metrics_endpoint_counts(gateway):
-    body = urllib.request.urlopen(f"http://127.0.0.1:{gateway.metrics_port}/metrics", timeout=10).read().decode()
+def test_metrics_endpoint_counts(gateway, sink):
+    sink.clear()
+    submit(gateway, "alice@acme.test", "alice-pw", message("alice@acme.test", "m@unknown-buyer.com", "metrics"))
+    sink.wait_for(1, timeout=20)
+    submit(gateway, "alice@acme.test", "alice-pw", message("alice@acme.test", "lagos.imports@gmail.com", "no"))
+    url = f"http://127.0.0.1:{gateway.metrics_port}/metrics"
+    deadline = time.monotonic() + 10
+    while True:  # the relay process counts right after the sink's 250: scrape until it shows
+        body = urllib.request.urlopen(url, timeout=10).read().decode()
+        if 'mailgate_relay_messages_total{result="relayed"}' in body or time.monotonic() > deadline:
+            break
     assert 'mailgate_smtp_messages_total{verdict="accepted"}' in body
     assert 'mailgate_smtp_messages_total{verdict="refused"}' in body
     assert "mailgate_queue_depth" in body
+    # Counted in the relay's own process, merged into this endpoint.
+    relayed = re.search(r'mailgate_relay_messages_total\{result="relayed"\} (\d+)', body)
+    assert relayed and float(relayed.group(1)) >= 1
 
 
 def test_transaction_log_line_has_no_secrets(gateway):
