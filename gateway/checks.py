@@ -24,7 +24,7 @@ def run_checks(cfg: Config, network: bool = True) -> list[str]:
 
 def check_database(cfg: Config) -> list[str]:
     from gateway.db import connect
-    from gateway.db.migrations import current_version, latest_version
+    from gateway.db.migrations import applied_versions, pending
 
     url = cfg.database.url
     if url.startswith("sqlite:///") and not Path(url[len("sqlite:///"):]).exists():
@@ -32,15 +32,16 @@ def check_database(cfg: Config) -> list[str]:
     try:
         db = connect(url, migrate=False)
         try:
-            version = current_version(db)
+            done = applied_versions(db)
+            missing = pending(db)
         finally:
             db.close()
     except Exception as exc:
         return [f"database: cannot open {cfg.database.url.split('@')[-1]}: {exc}"]
-    if version == 0:
+    if not done:
         return ["database: no schema yet (run `mailgate init`)"]
-    if version < latest_version():
-        return [f"database: schema version {version} < {latest_version()} (run `mailgate init` to migrate)"]
+    if missing:
+        return [f"database: migrations {missing} not applied (run `mailgate init` to migrate)"]
     return []
 
 

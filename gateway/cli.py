@@ -136,8 +136,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port-base", type=int, default=10000, help="gateway ports are base+587, base+465 …")
     p.add_argument("--log-level", default="INFO")
     p.set_defaults(func=cmd_demo)
-    from gateway.rules.cli import add_parsers as add_rules_parsers
-    add_rules_parsers(sub)
+    from gateway.areas import AREA_CLIS, optional_module
+
+    for name in AREA_CLIS:
+        module = optional_module(name)
+        if module is not None:
+            module.add_parsers(sub)
     return parser
 
 

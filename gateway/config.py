@@ -16,6 +16,13 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from gateway.archive import settings as archive_settings
+from gateway.archive.settings import ArchiveConfig
+from gateway.distribute import settings as distribute_settings
+from gateway.distribute.settings import DistributionConfig
+from panel import settings as panel_settings
+from panel.settings import PanelConfig
+
 #: Public mail domains: only an exact contact address there identifies a customer.
 PUBLIC_MAIL_DOMAINS = frozenset(
     """
@@ -156,6 +163,9 @@ class Config:
     rules: RulesConfig = field(default_factory=RulesConfig)
     dkim: DkimConfig = field(default_factory=lambda: DkimConfig())
     approval: ApprovalConfig = field(default_factory=lambda: ApprovalConfig())
+    archive: ArchiveConfig = field(default_factory=ArchiveConfig)
+    distribution: DistributionConfig = field(default_factory=DistributionConfig)
+    panel: PanelConfig = field(default_factory=PanelConfig)
     path: Path | None = None
 
     # -- derived values -------------------------------------------------
@@ -165,7 +175,7 @@ class Config:
 
     @property
     def archive_dir(self) -> Path:
-        return self.node.data_dir / "archive"
+        return self.archive.dir or self.node.data_dir / "archive"
 
     @property
     def public_mail_domains(self) -> frozenset[str]:
@@ -190,6 +200,14 @@ class Config:
 
 
 _SECURITY = {"tls", "starttls", "none"}
+
+# Areas own their config sections (gateway/archive/settings.py, …); each has a validate().
+AREA_VALIDATORS = {
+    "archive": archive_settings.validate,
+    "distribution": distribute_settings.validate,
+    "panel": panel_settings.validate,
+}
+AREA_SECTIONS = tuple(AREA_VALIDATORS)
 
 
 def _convert(value: object, hint: object, where: str, problems: list[str]) -> object:
@@ -269,6 +287,12 @@ def _resolve_paths(cfg: Config, base: Path) -> None:
     cfg.upstream.ca_file = rel(cfg.upstream.ca_file)
     cfg.rules.dir = rel(cfg.rules.dir)
     cfg.relay.credentials_key = rel(cfg.relay.credentials_key)
+    for section in AREA_SECTIONS:  # areas' own sections: every Path setting is relative to the file
+        obj = getattr(cfg, section)
+        for f in dataclasses.fields(obj):
+            value = getattr(obj, f.name)
+            if isinstance(value, Path):
+                setattr(obj, f.name, rel(value))
     if cfg.database.url.startswith("sqlite:///") and not cfg.database.url.startswith("sqlite:////"):
         relative = cfg.database.url[len("sqlite:///"):]
         if relative != ":memory:":
@@ -314,6 +338,8 @@ def validate(cfg: Config) -> list[str]:
         problems.append(f"[company] language: zh-CN or en (got {cfg.company.language!r})")
     if cfg.smtp.max_message_size < 1024:
         problems.append("[smtp] max_message_size: too small")
+    for section, check in AREA_VALIDATORS.items():
+        problems.extend(check(getattr(cfg, section)))
     return problems
 
 

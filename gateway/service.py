@@ -12,6 +12,7 @@ import logging
 import sys
 
 from gateway.archive import Archive
+from gateway.areas import AREA_SERVICES, optional_module
 from gateway.config import Config
 from gateway.directory import Directory
 from gateway.groupcommit import GroupCommitter
@@ -23,6 +24,7 @@ from gateway.spool import Spool
 log = logging.getLogger("mailgate")
 
 DIRECTORY_REFRESH = 2.0
+
 APPROVAL_EXPIRY_INTERVAL = 60.0
 
 
@@ -40,6 +42,7 @@ class Node:
         self.spool = Spool(cfg.spool_dir, node="" if cfg.node.shared_spool else cfg.node.name)
         self.archive = Archive(cfg.archive_dir)
         self.committer = GroupCommitter()
+        self.area_stoppers: list = []
 
     async def start(self, reactor=None) -> None:
         from gateway.approval import ApprovalService
@@ -102,6 +105,12 @@ class Node:
             from gateway.imap.service import listen_imap
 
             self.imap_ports = listen_imap(cfg, self.directory, reactor)
+        for name in AREA_SERVICES:
+            module = optional_module(name)
+            if module is not None:
+                stopper = await module.start(self, reactor)
+                if stopper is not None:
+                    self.area_stoppers.append(stopper)
         self._start_metrics()
         log.info(
             "mailgate ready: node=%s smtp=%s:%s,%s imap=%s:%s,%s",
@@ -148,6 +157,11 @@ class Node:
 
     async def stop(self) -> None:
         self.stopping.set()
+        for stopper in reversed(self.area_stoppers):
+            try:
+                await stopper()
+            except Exception:
+                log.exception("an area service failed while stopping")
         for server in self.smtp_servers:
             server.close()
         await asyncio.to_thread(self.committer.stop)
@@ -162,6 +176,7 @@ class Node:
                 task.cancel()
             except Exception:
                 log.exception("task %s failed while stopping", task.get_name())
+
 
 
 async def _deferred(d) -> None:

@@ -1,9 +1,9 @@
 """Versioned schema migrations.
 
 Each migration is a function ``(db) -> None`` registered with a version number;
-``upgrade`` applies the missing ones in order, each in its own transaction, and
-records it in ``schemaversion``.  Released migrations are never edited: add a
-new one.
+``upgrade`` applies every one not yet recorded in ``schemaversion``, in order, each in
+its own transaction (a set, not a high-water mark, so areas can number in ranges).
+Released migrations are never edited: add a new one.
 """
 
 from __future__ import annotations
@@ -56,22 +56,29 @@ def queue_node_and_due_index(db: Database) -> None:
 
 
 # Modules beyond this one that define models and @migration functions of their own
-# (an area's tables live with the area).  Imported before any upgrade.
-MIGRATION_MODULES: tuple[str, ...] = ()
+# (an area's tables live with the area).  Imported before any upgrade.  Version numbers
+# are global; each area numbers in its own range so areas never collide:
+#   core (this file) 1-99, archive 100-199, distribution 200-299, panel 300-399.
+MIGRATION_MODULES: tuple[str, ...] = ("gateway.archive.schema", "gateway.distribute.schema", "panel.schema")
 
 
 def _register_all() -> None:
     for name in MIGRATION_MODULES:
-        importlib.import_module(name)
+        try:
+            importlib.import_module(name)
+        except ModuleNotFoundError as exc:
+            if exc.name != name:  # a real import error inside the module
+                raise
+
+
+def applied_versions(db: Database) -> set[int]:
+    if not db.table_exists("schemaversion"):
+        return set()
+    return {row.version for row in models.SchemaVersion.select(models.SchemaVersion.version)}
 
 
 def current_version(db: Database) -> int:
-    if not db.table_exists("schemaversion"):
-        return 0
-    row = models.SchemaVersion.select(models.SchemaVersion.version).order_by(
-        models.SchemaVersion.version.desc()
-    ).first()
-    return row.version if row else 0
+    return max(applied_versions(db), default=0)
 
 
 def latest_version() -> int:
@@ -79,12 +86,19 @@ def latest_version() -> int:
     return max(MIGRATIONS)
 
 
+def pending(db: Database) -> list[int]:
+    """Registered migrations not yet applied to ``db``."""
+    _register_all()
+    return sorted(set(MIGRATIONS) - applied_versions(db))
+
+
 def upgrade(db: Database) -> list[int]:
     """Apply pending migrations; return the versions applied."""
     _register_all()
     applied = []
+    done = applied_versions(db)
     for version in sorted(MIGRATIONS):
-        if version <= current_version(db):
+        if version in done:
             continue
         with db.atomic():
             MIGRATIONS[version](db)

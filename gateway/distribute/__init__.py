@@ -1,0 +1,1 @@
+"""Shared-mailbox distribution (邮件分发): watch sales@, route each inquiry once."""

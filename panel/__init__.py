@@ -1,0 +1,1 @@
+"""The web panel (bottle, server-rendered): customers, pool, approvals, rules, archive."""
