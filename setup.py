@@ -21,6 +21,8 @@ setup(
         "argon2-cffi>=23.1",
         "openpyxl>=3.1",
         "regex>=2023.0",
+        "nh3>=0.2.17",
+        "zstandard>=0.22",
     ],
     extras_require={
         "postgres": ["psycopg2-binary>=2.9"],
