@@ -22,6 +22,7 @@ setup(
         "openpyxl>=3.1",
         "regex>=2023.0",
         "nh3>=0.2.17",
+        "Jinja2>=3.1",
         "zstandard>=0.22",
     ],
     extras_require={

@@ -45,8 +45,9 @@ class GatewayProcess:
         self.base_dir = Path(base_dir)
         self.base_dir.mkdir(parents=True, exist_ok=True)
         self.dovecot = dovecot
-        ports = free_ports(5)
-        self.submission_port, self.smtps_port, self.imap_port, self.imaps_port, self.metrics_port = ports
+        ports = free_ports(6)
+        self.submission_port, self.smtps_port, self.imap_port, self.imaps_port, self.metrics_port = ports[:5]
+        self.panel_port = ports[5]
         sections: dict[str, dict[str, object]] = {
             "node": {"name": "test", "data_dir": "var"},
             "database": {"url": "sqlite:///var/mailgate.db"},
@@ -78,6 +79,7 @@ class GatewayProcess:
             "imap": {"listen": "127.0.0.1", "starttls_port": self.imap_port, "tls_port": self.imaps_port},
             "metrics": {"listen": "127.0.0.1", "port": self.metrics_port},
             "rules": {"dir": str(REPO / "rules")},
+            "panel": {"listen": "127.0.0.1", "port": self.panel_port},
         }
         for name, values in (overrides or {}).items():
             sections.setdefault(name, {}).update(values)
