@@ -376,3 +376,4 @@ class ApprovalConfig:
     link_base_url: str = "https://mail.acme.test/approvals"
     notice_from: str = ""
     notify_sender: bool = True
+    split_recipients: bool = False

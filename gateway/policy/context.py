@@ -7,6 +7,7 @@ hold(approvers), plus the mutations to apply afterwards.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from email.message import Message
 from email.utils import getaddresses
@@ -66,6 +67,14 @@ class Context:
     trace: list[TraceStep] = field(default_factory=list)
     approved: bool = False
     language: str = "zh-CN"
+    # When set, the recipients rules look at (instead of envelope + To/Cc/Bcc): a part
+    # of a message split between recipients who need approval and those who do not.
+    recipient_scope: list[str] | None = None
+
+    def narrowed(self, recipients: list[str]) -> Context:
+        """The same message for some envelope recipients only: a fresh trace, no cached facts."""
+        return dataclasses.replace(self, rcpt_tos=list(recipients), trace=[],
+                                   recipient_scope=[r.strip().lower() for r in recipients])
 
     def header_addresses(self, *names: str) -> list[str]:
         values = []
@@ -75,6 +84,8 @@ class Context:
 
     def all_recipients(self) -> list[str]:
         """Envelope recipients plus To/Cc/Bcc, lower-cased, de-duplicated, in order."""
+        if self.recipient_scope is not None:
+            return list(dict.fromkeys(self.recipient_scope))
         seen: dict[str, None] = {}
         for addr in [*self.rcpt_tos, *self.header_addresses("To", "Cc", "Bcc")]:
             seen.setdefault(addr.strip().lower(), None)

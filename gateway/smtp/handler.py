@@ -36,6 +36,7 @@ from gateway.i18n import t
 from gateway.mutate import apply_mutations
 from gateway.policy import ACCEPT, HOLD, REJECT, Context, Policy, Verdict
 from gateway.policy.context import Session
+from gateway.policy.split import split_hold
 from gateway.smtp.auth import UpstreamAuthenticator, UpstreamUnavailable
 from gateway.smtp.checks import address_problem, has_bare_cr, helo_problem, normalize_bare_lf
 from gateway.smtp.guard import LoginGuard
@@ -264,10 +265,18 @@ class SubmissionHandler:
         )
         # Body and attachment conditions parse MIME (~10 ms/MB): off the loop.
         verdict = await asyncio.to_thread(self.policy.decide, ctx)
-        if self.sign is not None and verdict.action != REJECT:
-            verdict.mutations.append(self.sign)
+        free = None
+        if verdict.action == HOLD and self.cfg.approval.split_recipients:
+            split = await asyncio.to_thread(split_hold, self.policy, ctx, verdict)
+            if split is not None:
+                free, held = split
+                ctx, verdict = held.ctx, held.verdict
+                free = (free.ctx, free.verdict, new_queue_id())
+        for v in (verdict, free[1] if free else None):
+            if v is not None and self.sign is not None and v.action != REJECT:
+                v.mutations.append(self.sign)
         try:
-            reply = await self._store(ctx, verdict, queue_id, ident)
+            reply = await self._store(ctx, verdict, queue_id, ident, also=free)
         except SpoolError as exc:
             log.error("%s: store failed: %s", queue_id, exc)
             if exc.errno == errno.ENOSPC or "database or disk is full" in str(exc):
@@ -278,10 +287,13 @@ class SubmissionHandler:
         metrics.smtp_messages.labels({ACCEPT: "accepted", REJECT: "refused", HOLD: "held"}[verdict.action]).inc()
         log.info(
             "%s: from=<%s> employee=%s nrcpt=%d size=%d verdict=%s%s delay=%.3f",
-            queue_id, envelope.mail_from, employee.email if employee else "-", len(envelope.rcpt_tos),
+            queue_id, envelope.mail_from, employee.email if employee else "-", len(ctx.rcpt_tos),
             len(data), verdict.action, f" rule={verdict.rule}" if verdict.rule else "", delay,
         )
-        if verdict.action == ACCEPT:
+        if free is not None:
+            log.info("%s: from=<%s> nrcpt=%d verdict=accept split-from=%s", free[2], envelope.mail_from,
+                     len(free[0].rcpt_tos), queue_id)
+        if verdict.action == ACCEPT or free is not None:
             self.on_queued()
         return reply
 
@@ -301,12 +313,15 @@ class SubmissionHandler:
             extra = f"Message-ID: <{queue_id}.{int(time.time())}@{domain}>\r\n".encode()
         return received + extra + data
 
-    async def _store(self, ctx: Context, verdict: Verdict, queue_id: str, ident: Identity | None) -> str:
+    async def _store(self, ctx: Context, verdict: Verdict, queue_id: str, ident: Identity | None,
+                     also: tuple[Context, Verdict, str] | None = None) -> str:
         """Archive and spool, then the reply text.  Raises SpoolError when nothing was stored.
 
         Phase 1 (any worker thread, in parallel): mutations, sealing, the spool file.
         Phase 2 (the group-commit thread): archive record, queue row, approval, in
-        one savepoint of a shared transaction; the 250 follows its commit."""
+        one savepoint of a shared transaction; the 250 follows its commit.  ``also`` is
+        the recipients split off a held message (accepted at once); both parts commit
+        in the same savepoint, so the client's retry after a failure never duplicates."""
         if verdict.action == REJECT:
             try:
                 await self.committer.submit(self._record_refusal, ctx, verdict, queue_id)
@@ -314,16 +329,20 @@ class SubmissionHandler:
                 log.exception("%s: archive record of a refused message failed", queue_id)
             summary = t("conflict.summary", self.language) + "\n" if verdict.rule == "send-conflict" else ""
             return smtp_reply(verdict.smtp_code, verdict.enhanced, summary + verdict.reason)
-        outgoing, credentials = await asyncio.to_thread(self._prepare, ctx, verdict, queue_id, ident)
+        parts = [(ctx, verdict, queue_id)] + ([also] if also else [])
         try:
-            await self.committer.submit(self._commit, ctx, verdict, queue_id, outgoing, credentials)
+            prepared = [(c, v, q, *await asyncio.to_thread(self._prepare, c, v, q, ident)) for c, v, q in parts]
+            await self.committer.submit(self._commit_parts, prepared)
         except BaseException as exc:
-            self.spool.discard(queue_id)
+            for _, _, q in parts:
+                self.spool.discard(q)
             if isinstance(exc, SpoolError):
                 raise
             if isinstance(exc, OSError):
                 raise SpoolError(exc.errno, f"store failed: {exc.strerror or exc}") from exc
             raise SpoolError(None, f"store failed: {exc}") from exc
+        if also:
+            return f"250 2.0.0 {t('queued_split', self.language, queue_id=also[2], held_id=queue_id)}"
         return f"250 2.0.0 {t('queued', self.language, queue_id=queue_id)}"
 
     def _prepare(self, ctx: Context, verdict: Verdict, queue_id: str, ident: Identity | None):
@@ -349,6 +368,10 @@ class SubmissionHandler:
         """Phase 2 of a refused message: only its archive record."""
         self.archive.record(ctx.raw, verdict="refused", mail_from=ctx.mail_from, recipients=ctx.rcpt_tos,
                             **self._archive_fields(ctx, verdict, queue_id))
+
+    def _commit_parts(self, prepared: list) -> None:
+        for part in prepared:
+            self._commit(*part)
 
     def _commit(self, ctx: Context, verdict: Verdict, queue_id: str, outgoing, credentials: bytes | None) -> None:
         """Phase 2, in the group-commit thread inside a savepoint."""

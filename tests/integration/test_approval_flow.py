@@ -179,3 +179,46 @@ def test_hot_reload_refuses_a_broken_edit_and_keeps_enforcing(approving_gateway,
         with pytest.raises(smtplib.SMTPDataError) as err:
             conn.sendmail("alice@acme.test", ["x@unknown-buyer.com"], b"Subject: forbidden\r\n\r\nx\r\n")
         assert err.value.smtp_code == 550 and b"subject not allowed" in err.value.smtp_error
+
+
+@pytest.fixture(scope="module")
+def splitting_gateway(tmp_path_factory, dovecot, sink):
+    base = tmp_path_factory.mktemp("approval-split")
+    rules = base / "rules"
+    shutil.copytree(REPO / "rules", rules)
+    (rules / "70-hold-japan.yaml").write_text(HOLD_RULE)
+    gw = GatewayProcess(base / "gw", dovecot, {"rules": {"dir": str(rules)}, "approval": {"split_recipients": True}})
+    connect(gw.db_url)
+    seed()
+    gw.start()
+    yield gw
+    gw.stop()
+
+
+def test_split_recipients_not_needing_approval_receive_at_once(splitting_gateway, sink):
+    gw = splitting_gateway
+    connect(gw.db_url)
+    sink.clear()
+    ctx = ssl.create_default_context(cafile=str(gw.cert_path))
+    msg = (b"From: Alice <alice@acme.test>\r\nTo: tanaka@osaka-machinery.jp, buyer@unknown-buyer.com\r\n"
+           b"Subject: Quote SPLIT\r\nMessage-ID: <Quote-SPLIT@acme.test>\r\n\r\nprices\r\n")
+    with smtplib.SMTP("127.0.0.1", gw.submission_port, timeout=30) as conn:
+        conn.starttls(context=ctx)
+        conn.login("alice@acme.test", "alice-pw")
+        conn.sendmail("alice@acme.test", ["tanaka@osaka-machinery.jp", "buyer@unknown-buyer.com"], msg)
+        reply = conn.noop()
+    assert reply[0] == 250
+    # The free recipient gets it at once; the approver and the sender are told about the held part.
+    mails = arrivals(sink, 3)
+    by_rcpt = {m.rcpt_tos[0]: m for m in mails}
+    assert set(by_rcpt) == {"buyer@unknown-buyer.com", "carol@acme.test", "alice@acme.test"}
+    assert by_rcpt["buyer@unknown-buyer.com"].rcpt_tos == ["buyer@unknown-buyer.com"]
+    assert b"Subject: Quote SPLIT" in by_rcpt["buyer@unknown-buyer.com"].data
+    a = approval_for("Quote SPLIT")
+    assert a.state == "pending" and a.recipients == '["tanaka@osaka-machinery.jp"]'
+    assert "split-from=" in gw.wait_for_log("split-from=")
+
+    mailgate(gw, "approvals", "approve", str(a.id), "--actor", "carol@acme.test")
+    released = [m for m in arrivals(sink, 4) if m.rcpt_tos == ["tanaka@osaka-machinery.jp"]]
+    assert len(released) == 1 and b"Subject: Quote SPLIT" in released[0].data
+    assert sum("buyer@unknown-buyer.com" in m.rcpt_tos for m in sink.messages()) == 1  # never twice
