@@ -31,6 +31,7 @@ from typing import Any
 
 from peewee import IntegrityError
 
+from gateway import oplog
 from gateway.db.models import Approval, OutboundMessage, UsedApprovalToken, database, utcnow
 from gateway.directory import Directory
 from gateway.policy.context import REJECT, Context, Verdict
@@ -297,6 +298,10 @@ class ApprovalService:
         n = (Approval.update(state=state, decided_at=self.clock(), decided_by=actor[:320], decision_reason=reason)
              .where(Approval.id == a.id, Approval.state == PENDING).execute())
         a.state, a.decided_by, a.decision_reason = state, actor, reason
+        if n == 1:  # every decision, whoever made it (panel, link, CLI, expiry), in the operation log
+            oplog.record(actor, f"approval.{state}", f"approval:{a.id}",
+                         {"queue_id": a.queue_id, "subject": a.subject[:200], "sender": a.mail_from,
+                          "reason": reason})
         return n == 1
 
     def approve(self, approval_id: int, actor: str) -> Approval:

@@ -196,3 +196,14 @@ def test_role_and_named_approvers(env):
     assert [getattr(r, "email", r) for r in resolved] == ["boss@acme.test", "bob@acme.test", "ext@partner.example"]
     resolved, problems = resolve_parties(["role:auditor", "manager"], None, env.directory)
     assert resolved == [] and len(problems) == 2
+
+
+def test_every_decision_is_in_the_operation_log(env):
+    from gateway import oplog
+
+    a = submit(env)
+    env.service.reject(a.id, actor="bob@acme.test", reason="wrong price list")
+    rows, total = oplog.search(action="approval.")
+    assert total == 1 and rows[0].actor == "bob@acme.test" and rows[0].action == "approval.rejected"
+    assert rows[0].target == f"approval:{a.id}" and "wrong price list" in rows[0].details
+    assert oplog.verify() == []
