@@ -30,6 +30,7 @@ from aiosmtpd.smtp import Session as SMTPSession
 from gateway import metrics
 from gateway.archive import Archive
 from gateway.config import Config
+from gateway.db.models import Customer, utcnow
 from gateway.directory import Directory, EmployeeInfo
 from gateway.groupcommit import GroupCommitter
 from gateway.i18n import t
@@ -385,8 +386,16 @@ class SubmissionHandler:
         self.committer.sync_dir(self.spool.directory)
         if state == "held" and self.approvals is not None:
             self.approvals.record_hold(ctx, verdict, queue_id)
-        if state == "queued" and self.rule_env is not None:
-            self._remember_contacts(ctx)
+        if state == "queued":
+            self._touch_customers(outgoing.recipients)
+            if self.rule_env is not None:
+                self._remember_contacts(ctx)
+
+    def _touch_customers(self, recipients: list[str]) -> None:
+        """Last contact (the public pool's auto-return clock) comes from real traffic."""
+        ids = {m.customer.id for r in recipients if (m := self.directory.lookup(r)) is not None}
+        if ids:
+            Customer.update(last_contact_at=utcnow()).where(Customer.id.in_(sorted(ids))).execute()
 
     def _remember_contacts(self, ctx: Context) -> None:
         """Teach the first-contact condition which domains were written to."""

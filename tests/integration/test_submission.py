@@ -297,3 +297,16 @@ def test_transaction_log_line_has_no_secrets(gateway):
     assert re.search(r"[0-9A-F]{17}: from=<alice@acme.test> employee=alice@acme.test nrcpt=1 size=\d+ "
                      r"verdict=accept delay=", log)
     assert "alice-pw" not in log and "AGFsaWNl" not in log
+
+
+def test_accepted_mail_sets_the_customers_last_contact(gateway, sink):
+    from gateway.db.models import CompanyDomain, Customer, utcnow
+
+    customer = CompanyDomain.get(CompanyDomain.domain == "hamburg-tools.de").customer
+    Customer.update(last_contact_at=None).where(Customer.id == customer.id).execute()
+    before = utcnow()
+    code, text = submit(gateway, "alice@acme.test", "alice-pw",
+                        message("alice@acme.test", "someone.new@hamburg-tools.de", "Contact"))
+    assert code == 250, text
+    touched = Customer.get_by_id(customer.id).last_contact_at
+    assert touched is not None and touched >= before.replace(microsecond=0)
