@@ -57,6 +57,13 @@ class GroupCommitter:
             raise box["error"]
         return box.get("result")
 
+    def post(self, fn: Callable[..., Any], *args: Any,
+             on_done: Callable[[Any, BaseException | None], None]) -> None:
+        """From a plain thread, without waiting: ``on_done(result, error)`` runs in the
+        writer thread after the commit (keep it short: no DB work, no blocking)."""
+        self._ensure_thread()
+        self._jobs.put((fn, args, on_done, None))
+
     def sync_dir(self, directory: Path) -> None:
         """Called from a job: fsync ``directory`` before this batch commits."""
         self._dirs.add(Path(directory))
@@ -111,7 +118,12 @@ class GroupCommitter:
         self.batches += 1
         self.jobs_done += len(batch)
         for (_, _, future, loop), outcome in zip(batch, outcomes, strict=True):
-            if loop is None:  # a run_sync caller waiting on an Event
+            if callable(future):  # post(): the caller's callback
+                try:
+                    future(*outcome)
+                except Exception:
+                    log.exception("group commit: a completion callback failed")
+            elif loop is None:  # a run_sync caller waiting on an Event
                 done, box = future
                 box["result"], error = outcome
                 if error is not None:

@@ -29,6 +29,8 @@ import re
 import secrets
 import smtplib
 import ssl
+import threading
+import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -49,6 +51,8 @@ Credentials = tuple[str, str]
 _ENHANCED = re.compile(r"^([245])\.(\d{1,3})\.(\d{1,3})\b")
 _EOL = re.compile(rb"\r\n|\r|\n")
 _MAX_ERROR = 1000
+# Relay outcomes a worker may have waiting for the group commit before it pauses.
+MAX_OUTSTANDING_OUTCOMES = 64
 
 
 # -- schedule and claims (blocking; run them in a thread) ----------------------
@@ -396,6 +400,8 @@ class RelayWorker:
             local_hostname=config.smtp.hostname,
         )
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"relay-{worker_name}")
+        # Outcomes handed to the group committer and not yet committed (bounded).
+        self._outstanding = threading.BoundedSemaphore(MAX_OUTSTANDING_OUTCOMES)
         self._wake = asyncio.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop: asyncio.Event | None = None
@@ -459,6 +465,7 @@ class RelayWorker:
                     await self._call(self._process_safely, row)
                     done.add(row.id)
         finally:
+            await self._call(self.drain)  # every outcome of this run committed
             await self._call(self.connection.close)  # close idle connections
         return len(done)
 
@@ -493,7 +500,23 @@ class RelayWorker:
 
     # -- worker thread side (blocking) ----------------------------------------
 
+    def drain(self, timeout: float = 30.0) -> bool:
+        """Wait until every posted outcome is committed (before closing, and in tests)."""
+        deadline = time.monotonic() + timeout
+        taken = 0
+        try:
+            while taken < MAX_OUTSTANDING_OUTCOMES:
+                if not self._outstanding.acquire(timeout=max(0.0, deadline - time.monotonic())):
+                    return False
+                taken += 1
+            return True
+        finally:
+            for _ in range(taken):
+                self._outstanding.release()
+
     def _close_thread_resources(self) -> None:
+        if not self.drain():
+            log.warning("relay worker %s: relay outcomes still uncommitted at close", self.owner)
         self.connection.close()
         if not database.is_closed():
             database.close()
@@ -641,15 +664,33 @@ class RelayWorker:
                     self._bounce(row, failures, credentials, original)
                 return True
 
+        def recorded(stored: bool | None, error: BaseException | None = None) -> None:
+            try:
+                if error is not None:
+                    # The claim stays and expires: the message is tried again (at worst twice).
+                    log.error("%s: could not record the relay outcome: %s", row.queue_id, error)
+                elif not stored:
+                    log.warning("%s: claim lost during delivery; outcome not recorded", row.queue_id)
+                else:
+                    if finished:
+                        self.spool.remove(row)  # the file goes only after the commit
+                    self._count(delivered, not finished, failures)
+            finally:
+                self._outstanding.release()
+
         # Through the node's group committer when there is one: the outcome shares a
-        # commit with whatever else is being stored.  The file goes only after the commit.
-        stored = self.committer.run_sync(store) if self.committer is not None else store()
-        if not stored:
-            log.warning("%s: claim lost during delivery; outcome not recorded", row.queue_id)
-            return
-        if finished:
-            self.spool.remove(row)
-        self._count(delivered, not finished, failures)
+        # commit with whatever else is being stored, and the worker goes on with the next
+        # message meanwhile (its claim keeps the row from everyone else until then).
+        self._outstanding.acquire()
+        if self.committer is not None:
+            self.committer.post(store, on_done=recorded)
+        else:
+            try:
+                result = store()
+            except Exception as exc:
+                recorded(None, exc)
+            else:
+                recorded(result)
 
     def _bounce(
         self,

@@ -170,7 +170,7 @@ def run_gateway(args: argparse.Namespace, children: Children, base: Path) -> Res
         assert node.proc is not None
         if args.py_spy:
             profiler = children.spawn(
-                ["py-spy", "record", "--pid", str(node.proc.pid), "--threads", "--nonblocking", "--idle",
+                ["py-spy", "record", "--pid", str(node.proc.pid), "--subprocesses", "--threads", "--nonblocking",
                  "--format", "raw", "--output", str(Path(args.py_spy).resolve())],
                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             time.sleep(1.0)

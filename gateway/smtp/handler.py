@@ -355,6 +355,10 @@ class SubmissionHandler:
 
             credentials = seal(self.credentials_key, ident.username, ident.password, queue_id)
         self.spool.write(queue_id, outgoing.data, sync_dir=False)
+        # The archive blob too, here in parallel: phase 2 (one thread for everybody) then
+        # only inserts rows.  A crash before the commit leaves an unreferenced blob, which
+        # is harmless (content-addressed, written again by the client's retry).
+        self.archive.store_blob(outgoing.data)
         return outgoing, credentials
 
     def _archive_fields(self, ctx: Context, verdict: Verdict, queue_id: str) -> dict:
