@@ -8,9 +8,12 @@ in memory while it arrives, so total memory is slots × max size).
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import ssl
+from typing import Any
 
+import aiosmtpd.smtp
 from aiosmtpd.smtp import SMTP
 
 from gateway.config import Config
@@ -20,6 +23,30 @@ log = logging.getLogger("mailgate.smtp")
 
 DATA_SLOTS = 32
 DATA_SLOT_WAIT = 30.0
+
+
+class _AuthMembers:
+    """Stands in for ``inspect`` inside aiosmtpd.smtp, which calls
+    ``inspect.getmembers(obj)`` on the server and the handler for every new
+    connection only to find their ``auth_*`` methods — evaluating every attribute
+    each time (a tenth of the accept path's CPU).  The names are looked up once
+    per class; everything else is the real ``inspect``."""
+
+    def __init__(self) -> None:
+        self._names: dict[type, list[str]] = {}
+
+    def getmembers(self, obj: Any, predicate: Any = None) -> list[tuple[str, Any]]:
+        names = self._names.get(type(obj))
+        if names is None:
+            names = self._names[type(obj)] = [n for n in dir(type(obj)) if n.startswith("auth_")]
+        members = [(n, getattr(obj, n)) for n in names]
+        return [(n, m) for n, m in members if predicate is None or predicate(m)]
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(inspect, name)
+
+
+aiosmtpd.smtp.inspect = _AuthMembers()  # type: ignore[attr-defined]
 
 
 class SubmissionSMTP(SMTP):
