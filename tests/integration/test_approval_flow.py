@@ -40,16 +40,21 @@ rules:
 """
 
 
-@pytest.fixture(scope="module")
-def approving_gateway(tmp_path_factory, dovecot, sink):
-    base = tmp_path_factory.mktemp("approval")
+def gateway_holding_japan(tmp_path_factory, dovecot, name: str, **overrides) -> GatewayProcess:
+    base = tmp_path_factory.mktemp(name)
     rules = base / "rules"
     shutil.copytree(REPO / "rules", rules)
     (rules / "70-hold-japan.yaml").write_text(HOLD_RULE)
-    gw = GatewayProcess(base / "gw", dovecot, {"rules": {"dir": str(rules)}})
+    gw = GatewayProcess(base / "gw", dovecot, {"rules": {"dir": str(rules)}, **overrides})
     connect(gw.db_url)
     seed()
     gw.start()
+    return gw
+
+
+@pytest.fixture(scope="module")
+def approving_gateway(tmp_path_factory, dovecot, sink):
+    gw = gateway_holding_japan(tmp_path_factory, dovecot, "approval")
     yield gw
     gw.stop()
 
@@ -183,14 +188,7 @@ def test_hot_reload_refuses_a_broken_edit_and_keeps_enforcing(approving_gateway,
 
 @pytest.fixture(scope="module")
 def splitting_gateway(tmp_path_factory, dovecot, sink):
-    base = tmp_path_factory.mktemp("approval-split")
-    rules = base / "rules"
-    shutil.copytree(REPO / "rules", rules)
-    (rules / "70-hold-japan.yaml").write_text(HOLD_RULE)
-    gw = GatewayProcess(base / "gw", dovecot, {"rules": {"dir": str(rules)}, "approval": {"split_recipients": True}})
-    connect(gw.db_url)
-    seed()
-    gw.start()
+    gw = gateway_holding_japan(tmp_path_factory, dovecot, "approval-split", approval={"split_recipients": True})
     yield gw
     gw.stop()
 
