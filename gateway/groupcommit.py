@@ -7,6 +7,13 @@ one thread, which takes whatever is waiting (up to ``max_batch``), runs each
 job in its own savepoint (one failing job does not spoil the others), fsyncs
 the directories the jobs asked for once, commits once, and only then
 resolves the callers' futures — nobody hears 250 before the commit.
+
+On SQLite the batch transaction is ``BEGIN IMMEDIATE``: it takes the write lock up
+front, waiting (busy_timeout) for other writers such as the relay process.  A
+deferred transaction would start as a reader, and if any job reads before it
+writes while another process commits, SQLite cannot upgrade the stale read
+snapshot and fails at once with "database is locked" — the busy timeout does not
+apply to that case.  ``write_transaction()`` gives other writers the same start.
 """
 
 from __future__ import annotations
@@ -19,12 +26,23 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from peewee import SqliteDatabase
+
 from gateway.db.models import database
 from gateway.spool import fsync_dir
 
 log = logging.getLogger("mailgate.store")
 
 _STOP = object()
+
+
+def write_transaction() -> Any:
+    """A transaction that will write: ``BEGIN IMMEDIATE`` on SQLite (the write lock first, so
+    the busy timeout applies), a plain transaction on PostgreSQL; a savepoint when the caller
+    already holds a transaction."""
+    if isinstance(database.obj, SqliteDatabase) and not database.in_transaction():
+        return database.atomic(lock_type="IMMEDIATE")
+    return database.atomic()
 
 
 class GroupCommitter:
@@ -103,7 +121,7 @@ class GroupCommitter:
         outcomes: list[tuple[Any, BaseException | None]] = []
         self._dirs = set()
         try:
-            with database.atomic():
+            with write_transaction():
                 for fn, args, _, _ in batch:
                     try:
                         with database.atomic():  # a savepoint per job
