@@ -1,0 +1,458 @@
+"""Full-text index of archived messages: extraction from raw MIME and index rows.
+
+``extract(raw)`` pulls the searchable text out of a message: subject, From and
+To/Cc/Bcc names and addresses (RFC 2047 / RFC 2231 decoded, Chinese charsets mapped
+to their supersets), text/plain and text/html (converted to text) bodies, and
+attachment names.  It never raises: malformed mail yields whatever could be read.
+Body text is bounded (``BODY_LIMIT`` characters) and so is the work per part.
+
+``index_record(record, raw)`` writes one document (see ``search_schema`` for the
+tables): metadata in ``archivesearchdoc``, addresses in ``archivesearchaddr`` and the
+text in the backend's text index.  It runs inside the caller's transaction.
+
+Document ids (``docid``) are time ordered — ``created_at`` in microseconds × 1024 plus
+the record id mod 1024 — so "newest first" is a walk down the primary key and, on
+SQLite, down the FTS5 rowids (no sort of the match set).
+
+Short terms: the trigram index cannot answer terms under 3 characters, and 1–2
+character Chinese words (报价, 样品, 单) are common.  So each document also carries a
+"short-gram" text: every CJK character and every adjacent CJK pair, plus every Latin
+word of 1–2 letters.  A short term is answered from those tokens exactly.
+"""
+
+from __future__ import annotations
+
+import codecs
+import datetime as dt
+import email
+import email.header
+import email.message
+import email.utils
+import html
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from html.parser import HTMLParser
+
+from gateway.db import is_postgres
+from gateway.db.models import database
+
+BODY_LIMIT = 64 * 1024  # characters of body text indexed per message
+PART_LIMIT = 1024 * 1024  # bytes of one text part looked at
+HEADER_LIMIT = 16 * 1024  # characters of one header looked at
+MAX_ADDRESSES = 500
+MAX_ATTACHMENTS = 200
+_EPOCH = dt.datetime(1970, 1, 1)
+
+# Charsets mail actually carries, mapped to the codec that decodes them best
+# (GB2312/GBK mail is often really GBK or GB18030; Big5 mail often HKSCS).
+_CHARSET_ALIASES = {
+    "gb2312": "gb18030", "gb_2312-80": "gb18030", "gbk": "gb18030", "x-gbk": "gb18030", "cp936": "gb18030",
+    "euc-cn": "gb18030", "x-euc-cn": "gb18030", "chinese": "gb18030", "csgb2312": "gb18030",
+    "big5": "big5hkscs", "x-big5": "big5hkscs", "big5-hkscs": "big5hkscs", "cn-big5": "big5hkscs",
+    "unicode-1-1-utf-7": "utf-7", "us-ascii": "utf-8", "ascii": "utf-8", "ks_c_5601-1987": "cp949",
+    "iso-8859-1": "cp1252", "latin1": "cp1252", "windows-874": "cp874",
+}
+
+_CJK = re.compile(r"[\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af\uf900-\ufaff\U00020000-\U0002ffff]+")
+_WORD = re.compile(r"[^\W_]+", re.UNICODE)
+
+
+@dataclass
+class Extracted:
+    subject: str = ""
+    sender: str = ""  # "Name <addr>" of From (and Sender)
+    rcpt: str = ""  # names and addresses of To, Cc, Bcc
+    body: str = ""
+    attnames: str = ""  # attachment file names, one per line
+    from_addrs: list[str] = field(default_factory=list)
+    to_addrs: list[str] = field(default_factory=list)
+    has_attachment: bool = False
+    date: dt.datetime | None = None
+
+
+# -- decoding helpers --------------------------------------------------------------------
+
+
+def codec_for(charset: str | None) -> str:
+    """The Python codec for a MIME charset label; utf-8 for unknown labels."""
+    name = (charset or "").strip().strip('"').lower()
+    name = _CHARSET_ALIASES.get(name, name)
+    if not name:
+        return "utf-8"
+    try:
+        return codecs.lookup(name).name
+    except LookupError:
+        return "utf-8"
+
+
+def decode_bytes(data: bytes, charset: str | None = None) -> str:
+    """Decode with the declared charset; undeclared bytes try UTF-8, then GB18030."""
+    if charset and charset.lower() not in ("unknown-8bit", "x-unknown", "unknown", "8bit"):
+        return data.decode(codec_for(charset), errors="replace")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        pass
+    try:
+        return data.decode("gb18030")
+    except UnicodeDecodeError:
+        return data.decode("cp1252", errors="replace")
+
+
+def _unsurrogate(text: str) -> str:
+    """compat32 keeps raw 8-bit header bytes as surrogates; decode them properly."""
+    if not any("\udc80" <= ch <= "\udcff" for ch in text):
+        return text
+    return decode_bytes(text.encode("utf-8", errors="surrogateescape"))
+
+
+def decode_header(value: object) -> str:
+    """An RFC 2047 header (or raw 8-bit UTF-8/GBK) as text; never raises."""
+    if value is None:
+        return ""
+    try:
+        if isinstance(value, email.header.Header):
+            chunks = email.header.decode_header(value)
+        else:
+            text = _unsurrogate(str(value))[:HEADER_LIMIT]
+            if "=?" not in text:
+                return _clean(text)
+            chunks = email.header.decode_header(text)
+        out = []
+        for chunk, charset in chunks:
+            if isinstance(chunk, bytes):
+                # unencoded runs come back as raw-unicode-escape bytes of the original text
+                out.append(decode_bytes(chunk, charset) if charset else chunk.decode("raw-unicode-escape", "replace"))
+            else:
+                out.append(chunk)
+        return _clean("".join(out))
+    except Exception:  # noqa: BLE001 - a header we cannot decode is indexed as is
+        return _clean(_unsurrogate(str(value))[:HEADER_LIMIT])
+
+
+def _clean(text: str) -> str:
+    return " ".join(text.replace("\x00", " ").split())
+
+
+class _HTMLText(HTMLParser):
+    """Visible text of an HTML part: no script/style, block tags become line breaks."""
+
+    _SKIP = {"script", "style", "head", "title", "noscript", "template"}
+    _BLOCK = {"p", "div", "br", "tr", "li", "h1", "h2", "h3", "h4", "h5", "h6", "table", "blockquote", "hr"}
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(convert_charrefs=True)
+        self.parts: list[str] = []
+        self.size = 0
+        self.limit = limit
+        self.skip = 0
+
+    def handle_starttag(self, tag: str, attrs: list) -> None:
+        if tag in self._SKIP:
+            self.skip += 1
+        elif tag in self._BLOCK:
+            self.parts.append("\n")
+
+    def handle_endtag(self, tag: str) -> None:
+        if tag in self._SKIP and self.skip:
+            self.skip -= 1
+        elif tag in self._BLOCK:
+            self.parts.append("\n")
+
+    def handle_data(self, data: str) -> None:
+        if not self.skip and self.size < self.limit:
+            self.parts.append(data)
+            self.size += len(data)
+
+
+def html_to_text(markup: str, limit: int = BODY_LIMIT) -> str:
+    parser = _HTMLText(limit)
+    try:
+        parser.feed(markup)
+        parser.close()
+    except Exception:  # noqa: BLE001 - broken HTML: strip tags crudely
+        return html.unescape(re.sub(r"<[^>]*>", " ", markup))[:limit]
+    return "".join(parser.parts)[:limit]
+
+
+def _part_text(part: email.message.Message) -> str:
+    payload = part.get_payload(decode=True)
+    if not isinstance(payload, bytes):
+        return ""
+    payload = payload[:PART_LIMIT]
+    charset = part.get_content_charset() or part.get_param("charset")
+    return decode_bytes(payload, charset if isinstance(charset, str) else None)
+
+
+def _filename(part: email.message.Message) -> str:
+    try:
+        name = part.get_filename()
+    except Exception:  # noqa: BLE001
+        name = None
+    if not name:
+        try:
+            name = part.get_param("name")
+        except Exception:  # noqa: BLE001
+            name = None
+    if isinstance(name, tuple):  # RFC 2231 value compat32 could not collapse
+        try:
+            name = email.utils.collapse_rfc2231_value(name)
+        except Exception:  # noqa: BLE001
+            name = str(name[2])
+    return decode_header(name) if name else ""
+
+
+def _addresses(msg: email.message.Message, headers: Iterable[str]) -> tuple[list[str], list[str]]:
+    """([display strings], [lower-case addresses]) of the headers."""
+    values = []
+    for h in headers:
+        for v in msg.get_all(h) or []:
+            values.append(decode_header(v))
+    shown, addrs = [], []
+    try:
+        pairs = email.utils.getaddresses(values)
+    except Exception:  # noqa: BLE001
+        pairs = [("", v) for v in values]
+    for name, addr in pairs[:MAX_ADDRESSES]:
+        addr = addr.strip().lower()
+        name = name.strip()
+        shown.append(f"{name} <{addr}>" if name and addr else (name or addr))
+        if "@" in addr and len(addr) <= 320:
+            addrs.append(addr)
+    return shown, addrs
+
+
+def extract(raw: bytes) -> Extracted:
+    """The searchable text of a raw message.  Never raises."""
+    out = Extracted()
+    try:
+        msg = email.message_from_bytes(raw)
+    except Exception:  # noqa: BLE001
+        out.body = decode_bytes(raw[:BODY_LIMIT])[:BODY_LIMIT]
+        return out
+    try:
+        out.subject = decode_header(msg.get("Subject"))[:2000]
+    except Exception:  # noqa: BLE001
+        pass
+    try:
+        shown, out.from_addrs = _addresses(msg, ("From", "Sender", "Reply-To"))
+        out.sender = "\n".join(shown)
+        shown, out.to_addrs = _addresses(msg, ("To", "Cc", "Bcc", "Delivered-To"))
+        out.rcpt = "\n".join(shown)
+    except Exception:  # noqa: BLE001
+        pass
+    try:
+        date = email.utils.parsedate_to_datetime(str(msg.get("Date", "")))
+        if date is not None and date.tzinfo is not None:
+            date = date.astimezone(dt.UTC).replace(tzinfo=None)
+        out.date = date
+    except Exception:  # noqa: BLE001
+        pass
+    bodies: list[str] = []
+    size = 0
+    names: list[str] = []
+    try:
+        for n, part in enumerate(msg.walk()):
+            if n > 1000:
+                break
+            if part.is_multipart():
+                continue
+            ctype = part.get_content_type()
+            disposition = (part.get("Content-Disposition") or "").split(";")[0].strip().lower()
+            name = _filename(part)
+            if name or disposition == "attachment":
+                out.has_attachment = True
+                if name and len(names) < MAX_ATTACHMENTS:
+                    names.append(name[:500])
+                continue
+            if ctype == "message/rfc822" or size >= BODY_LIMIT:
+                continue
+            if ctype == "text/plain":
+                text = _part_text(part)
+            elif ctype == "text/html":
+                text = html_to_text(_part_text(part), BODY_LIMIT - size)
+            else:
+                continue
+            text = text[: BODY_LIMIT - size]
+            bodies.append(text)
+            size += len(text)
+    except Exception:  # noqa: BLE001 - keep what was read
+        pass
+    out.body = "\n".join(bodies).replace("\x00", " ")
+    out.attnames = "\n".join(names)
+    return out
+
+
+# -- short grams (1–2 character terms) ---------------------------------------------------
+
+
+def short_grams(text: str) -> list[str]:
+    """Tokens for terms the trigram index cannot answer: every CJK character and CJK
+    pair, and every Latin word of one or two letters (lower case).  Deduplicated."""
+    seen: dict[str, None] = {}
+    for run in _CJK.findall(text):
+        for i, ch in enumerate(run):
+            seen[ch] = None
+            if i + 1 < len(run):
+                seen[run[i:i + 2]] = None
+    for word in _WORD.findall(_CJK.sub(" ", text)):
+        if len(word) <= 2:
+            seen[word.lower()] = None
+    return list(seen)
+
+
+def term_grams(term: str) -> list[str]:
+    """The short-gram tokens a short (< 3 character) term must all match."""
+    grams: list[str] = []
+    for run in _CJK.findall(term):
+        grams.append(run if len(run) <= 2 else run[:2])
+    for word in _WORD.findall(_CJK.sub(" ", term)):
+        grams.append(word.lower())
+    return grams
+
+
+# -- writing ------------------------------------------------------------------------------
+
+
+def docid_for(created_at: dt.datetime, record_id: int) -> int:
+    """Time-ordered document id: microseconds since 1970 × 1024 + record id mod 1024."""
+    if created_at.tzinfo is not None:
+        created_at = created_at.astimezone(dt.UTC).replace(tzinfo=None)
+    micros = (created_at - _EPOCH) // dt.timedelta(microseconds=1)
+    return micros * 1024 + (int(record_id) % 1024)
+
+
+def _field(record: object, *names: str, default: object = None) -> object:
+    for name in names:
+        value = getattr(record, name, None)
+        if value is not None:
+            return value
+    return default
+
+
+def index_record(record: object, raw: bytes) -> None:
+    """Index one archived record (call once per new record, inside its transaction)."""
+    ex = extract(raw)
+    created = _field(record, "created_at", "first_seen_at", default=None) or dt.datetime.now(dt.UTC)
+    employee = _field(record, "employee_id", default=None)
+    if employee is None:
+        emp = getattr(record, "employee", None)
+        employee = getattr(emp, "id", emp) if emp is not None else None
+    add_document(
+        record_id=int(record.id),
+        created_at=created,
+        direction=str(_field(record, "direction", default="") or ""),
+        employee_id=int(employee) if employee is not None else None,
+        ex=ex,
+    )
+
+
+def add_document(*, record_id: int, created_at: dt.datetime, direction: str, employee_id: int | None,
+                 ex: Extracted) -> int:
+    """Insert one document; returns its docid."""
+    from gateway.archive.search_schema import SearchDoc
+
+    docid = docid_for(created_at, record_id)
+    while SearchDoc.select(SearchDoc.docid).where(SearchDoc.docid == docid).exists():
+        docid += 1024  # the same microsecond and id mod 1024: the next free slot
+    if created_at.tzinfo is not None:
+        created_at = created_at.astimezone(dt.UTC).replace(tzinfo=None)
+    row = doc_row(docid, record_id, created_at, direction, employee_id, ex)
+    write_rows([row])
+    return docid
+
+
+def doc_row(docid: int, record_id: int, created_at: dt.datetime, direction: str, employee_id: int | None,
+            ex: Extracted) -> tuple:
+    return (docid, record_id, created_at, _direction(direction), employee_id, ex)
+
+
+def write_rows(rows: list[tuple]) -> None:
+    """Bulk insert prepared document rows (also used by the benchmark's generator)."""
+    db = database.obj
+    docs, addrs, texts, seen = [], [], [], []
+    for docid, record_id, created_at, direction, employee_id, ex in rows:
+        docs.append((docid, record_id, created_at, direction, employee_id, ex.has_attachment))
+        seen.append((docid, employee_id, direction))
+        for role, lst in (("from", ex.from_addrs), ("to", ex.to_addrs)):
+            for a in dict.fromkeys(lst):
+                addrs.append((docid, role, a, a.rsplit("@", 1)[-1]))
+        grams = short_grams("\n".join((ex.subject, ex.sender, ex.rcpt, ex.attnames, ex.body)))
+        texts.append((docid, ex.subject, ex.sender, ex.rcpt, ex.body, ex.attnames, grams))
+    cur = db.cursor()
+    if is_postgres():
+        from psycopg2.extras import execute_values
+
+        execute_values(cur, "INSERT INTO archivesearchdoc (docid, record_id, created_at, direction, employee_id,"
+                       " has_attachment) VALUES %s", docs)
+        execute_values(cur, "INSERT INTO archivesearchseen (docid, employee_id, direction) VALUES %s", seen)
+        if addrs:
+            execute_values(cur, "INSERT INTO archivesearchaddr (docid, role, address, domain) VALUES %s", addrs)
+        execute_values(cur, "INSERT INTO archivesearchtext (docid, subject, sender, rcpt, attnames, doc, grams)"
+                       " VALUES %s", [(d, s, f, r, a, "\n".join((s, f, r, a, b)), g) for d, s, f, r, b, a, g in texts])
+        return
+    cur.executemany("INSERT INTO archivesearchdoc (docid, record_id, created_at, direction, employee_id,"
+                    " has_attachment) VALUES (?, ?, ?, ?, ?, ?)", docs)
+    cur.executemany("INSERT INTO archivesearchseen (docid, employee_id, direction) VALUES (?, ?, ?)", seen)
+    if addrs:
+        cur.executemany("INSERT INTO archivesearchaddr (docid, role, address, domain) VALUES (?, ?, ?, ?)", addrs)
+    cur.executemany("INSERT INTO archivefts (rowid, subject, sender, rcpt, body, attnames) VALUES (?, ?, ?, ?, ?, ?)",
+                    [t[:6] for t in texts])
+    cur.executemany("INSERT INTO archivegrams (rowid, grams) VALUES (?, ?)", [(t[0], " ".join(t[6])) for t in texts])
+
+
+def _direction(value: str) -> str:
+    return {"outbound": "out", "inbound": "in"}.get(value, value)[:10]
+
+
+def index_sighting(sighting: object) -> None:
+    """Note another employee/direction an indexed message was seen with (call for every
+    new sighting; a pair already noted is ignored)."""
+    from gateway.archive.search_schema import SearchDoc, SearchSeen
+
+    record_id = _field(sighting, "record_id", default=None)
+    if record_id is None:
+        return
+    doc = SearchDoc.select(SearchDoc.docid).where(SearchDoc.record_id == int(record_id)).first()
+    if doc is None:
+        return
+    employee = _field(sighting, "employee_id", default=None)
+    direction = _direction(str(_field(sighting, "direction", default="") or ""))
+    q = SearchSeen.select().where((SearchSeen.docid == doc.docid) & (SearchSeen.direction == direction))
+    q = q.where(SearchSeen.employee_id.is_null() if employee is None else SearchSeen.employee_id == int(employee))
+    if not q.exists():
+        SearchSeen.insert(docid=doc.docid, employee_id=employee, direction=direction).execute()
+
+
+def forget_record(record_id: int) -> None:
+    """Retention hook (gateway/archive/retention.py): drop one purged record's document."""
+    remove_records([record_id])
+
+
+def remove_records(record_ids: Iterable[int]) -> int:
+    """Drop the index documents of deleted records (retention); returns how many."""
+    from gateway.archive.search_schema import SearchDoc
+
+    ids = list(record_ids)
+    removed = 0
+    for i in range(0, len(ids), 500):
+        docids = [d.docid for d in SearchDoc.select(SearchDoc.docid).where(SearchDoc.record_id.in_(ids[i:i + 500]))]
+        if not docids:
+            continue
+        db = database.obj
+        marks = ", ".join(["%s" if is_postgres() else "?"] * len(docids))
+        tables = ["archivesearchaddr", "archivesearchseen", "archivesearchdoc"]
+        tables += ["archivesearchtext"] if is_postgres() else []
+        for table in tables:
+            db.execute_sql(f"DELETE FROM {table} WHERE docid IN ({marks})", docids)
+        if not is_postgres():
+            rows = db.execute_sql(f"SELECT rowid, subject, sender, rcpt, attnames, body FROM archivefts"
+                                  f" WHERE rowid IN ({marks})", docids).fetchall()
+            for rowid, *text in rows:  # contentless: delete with the very tokens inserted
+                db.execute_sql("INSERT INTO archivegrams(archivegrams, rowid, grams) VALUES('delete', ?, ?)",
+                               (rowid, " ".join(short_grams("\n".join(text)))))
+            db.execute_sql(f"DELETE FROM archivefts WHERE rowid IN ({marks})", docids)
+        removed += len(docids)
+    return removed
+

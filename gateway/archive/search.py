@@ -1,0 +1,257 @@
+"""Run a parsed archive query against the index: newest first, paginated, scoped.
+
+``search(text, user_scope=None, page=1, per_page=20)`` → ``Results``.  ``user_scope``
+is None for the whole archive (auditors) or the employee ids whose mail may be seen.
+Pagination fetches one row more than a page to know whether another page exists (no
+count of the whole match set: a common word matches most of a million messages).
+
+SQLite: terms of ≥ 3 characters go to the FTS5 trigram table, which yields rowids
+(= time-ordered docids) newest first, so a page is read without sorting the match set;
+shorter terms go to the short-gram table.  PostgreSQL: ILIKE on the ``doc`` column
+(pg_trgm GIN) and ``grams @>`` (GIN) for short terms.  Blocking: call from a worker thread.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Collection
+from dataclasses import dataclass, field
+
+from peewee import fn
+
+from gateway.archive.index import docid_for, term_grams
+from gateway.archive.query import Query, QueryError, parse
+from gateway.db import is_postgres
+from gateway.db.models import Alias, CompanyDomain, Contact, Customer, Employee, database
+
+MAX_PER_PAGE = 200
+MAX_OFFSET = 10_000  # deeper pages: narrow the query instead
+_COLUMN = {"from": "sender", "to": "rcpt", "subject": "subject"}
+
+
+@dataclass
+class Hit:
+    record_id: int
+    docid: int
+    created_at: dt.datetime
+    direction: str
+    employee_id: int | None
+    has_attachment: bool
+    subject: str = ""
+    sender: str = ""
+    rcpt: str = ""
+
+
+@dataclass
+class Results:
+    hits: list[Hit]
+    page: int
+    per_page: int
+    has_more: bool
+    query: Query = field(default_factory=Query)
+
+
+@dataclass
+class CustomerAddresses:
+    customer: Customer
+    addresses: list[str]
+    domains: list[str]
+
+
+def resolve_customer(value: str) -> CustomerAddresses:
+    """customer:<id or name> → its contact addresses and company domains."""
+    value = value.strip()
+    customer = None
+    if value.lstrip("#").isdigit():
+        customer = Customer.get_or_none(Customer.id == int(value.lstrip("#")))
+    if customer is None:
+        exact = list(Customer.select().where(fn.LOWER(Customer.name) == value.lower()).limit(2))
+        if len(exact) == 1:
+            customer = exact[0]
+        else:
+            like = list(Customer.select().where(Customer.name.contains(value)).order_by(Customer.name).limit(6))
+            if len(like) == 1:
+                customer = like[0]
+            elif like or exact:
+                names = ", ".join(f"{c.name} (#{c.id})" for c in (exact or like)[:5])
+                raise QueryError(f"customer:{value} matches several customers: {names} — use customer:<id>")
+    if customer is None:
+        raise QueryError(f"customer:{value} — no such customer")
+    addresses = [c.email.lower() for c in Contact.select(Contact.email).where(Contact.customer == customer)]
+    domains = [d.domain.lower() for d in CompanyDomain.select(CompanyDomain.domain)
+               .where(CompanyDomain.customer == customer)]
+    return CustomerAddresses(customer, addresses, domains)
+
+
+def resolve_employee(value: str) -> Employee:
+    value = value.strip().lower()
+    emp = None
+    if value.isdigit():
+        emp = Employee.get_or_none(Employee.id == int(value))
+    if emp is None and "@" in value:
+        emp = Employee.get_or_none(Employee.email == value)
+        if emp is None:
+            alias = Alias.get_or_none(Alias.address == value)
+            emp = alias.employee if alias else None
+    if emp is None:
+        raise QueryError(f"employee:{value} — no such employee (use the e-mail address)")
+    return emp
+
+
+def _like(value: str) -> str:
+    return "%" + value.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+
+
+def _fts_phrase(value: str) -> str:
+    return '"' + value.replace('"', '""') + '"'
+
+
+class _Sql:
+    """WHERE clauses and parameters, written once for both placeholder styles."""
+
+    def __init__(self) -> None:
+        self.pg = is_postgres()
+        self.mark = "%s" if self.pg else "?"
+        self.where: list[str] = []
+        self.params: list[object] = []
+
+    def add(self, clause: str, *params: object) -> None:
+        self.where.append(clause.replace("?", self.mark))
+        self.params.extend(params)
+
+    def marks(self, n: int) -> str:
+        return ", ".join([self.mark] * n)
+
+
+def search(query_text: str | Query, *, user_scope: Collection[int] | None = None, page: int = 1,
+           per_page: int = 20) -> Results:
+    """Newest first.  Raises QueryError for bad syntax or unknown employees/customers."""
+    q = query_text if isinstance(query_text, Query) else parse(query_text)
+    per_page = max(1, min(int(per_page), MAX_PER_PAGE))
+    page = max(1, int(page))
+    offset = (page - 1) * per_page
+    if offset > MAX_OFFSET:
+        raise QueryError(f"page {page} is too deep (at most {MAX_OFFSET} results): narrow the query")
+    if user_scope is not None and not user_scope:
+        return Results([], page, per_page, False, q)
+    sql = _Sql()
+    base = _build(sql, q, user_scope)
+    rows = database.obj.execute_sql(f"{base} LIMIT {per_page + 1} OFFSET {offset}", sql.params).fetchall()
+    hits = [Hit(record_id=r[1], docid=r[0], created_at=_as_datetime(r[2]), direction=r[3], employee_id=r[4],
+                has_attachment=bool(r[5])) for r in rows[:per_page]]
+    _fill_text(hits)
+    return Results(hits, page, per_page, len(rows) > per_page, q)
+
+
+def _as_datetime(value: object) -> dt.datetime:
+    if isinstance(value, dt.datetime):
+        return value
+    return dt.datetime.fromisoformat(str(value))
+
+
+def _build(sql: _Sql, q: Query, user_scope: Collection[int] | None) -> str:
+    long_terms = [t for t in q.terms if len(t) >= 3]
+    short_terms = [t for t in q.terms if len(t) < 3]
+    long_fields = [(_COLUMN[f], v) for f, v in q.fields if len(v) >= 3]
+    short_fields = [(_COLUMN[f], v) for f, v in q.fields if len(v) < 3]
+    grams = [g for t in (*short_terms, *(v for _, v in short_fields)) for g in term_grams(t)]
+    if short_terms or short_fields:
+        if not grams:  # punctuation only: nothing a short term could match
+            raise QueryError("a term of one or two characters must contain a letter, digit or CJK character")
+    cols = "d.docid, d.record_id, d.created_at, d.direction, d.employee_id, d.has_attachment"
+    if sql.pg:
+        key = "d.docid"
+        source = "archivesearchdoc d"
+        if long_terms or long_fields or grams:
+            source += " JOIN archivesearchtext t ON t.docid = d.docid"
+        for term in long_terms:
+            sql.add("t.doc ILIKE ?", _like(term))
+        for column, value in long_fields:
+            sql.add("t.doc ILIKE ?", _like(value))
+            sql.add(f"t.{column} ILIKE ?", _like(value))
+        if grams:
+            sql.add("t.grams @> ?::text[]", list(dict.fromkeys(grams)))
+        for column, value in short_fields:
+            sql.add(f"t.{column} ILIKE ?", _like(value))
+    else:
+        if long_terms or long_fields:
+            match = " AND ".join([_fts_phrase(t) for t in long_terms]
+                                 + [f"{c} : {_fts_phrase(v)}" for c, v in long_fields])
+            source = "archivefts JOIN archivesearchdoc d ON d.docid = archivefts.rowid"
+            key = "archivefts.rowid"
+            sql.add("archivefts MATCH ?", match)
+            if grams:
+                sql.add("EXISTS (SELECT 1 FROM archivegrams WHERE archivegrams MATCH ?"
+                        " AND archivegrams.rowid = archivefts.rowid)",
+                        " AND ".join(_fts_phrase(g) for g in dict.fromkeys(grams)))
+        elif grams:
+            source = "archivegrams JOIN archivesearchdoc d ON d.docid = archivegrams.rowid"
+            key = "archivegrams.rowid"
+            sql.add("archivegrams MATCH ?", " AND ".join(_fts_phrase(g) for g in dict.fromkeys(grams)))
+        else:
+            source = "archivesearchdoc d"
+            key = "d.docid"
+        for column, value in short_fields:
+            sql.add(f"EXISTS (SELECT 1 FROM archivefts f WHERE f.rowid = {key} AND instr(lower(f.{column}), ?) > 0)",
+                    value.lower())
+    if q.after:
+        sql.add(f"{key} >= ?", docid_for(dt.datetime.combine(q.after, dt.time()), 0))
+    if q.before:
+        sql.add(f"{key} < ?", docid_for(dt.datetime.combine(q.before, dt.time()), 0))
+    if q.has_attachment:
+        sql.add("d.has_attachment = ?", True)
+    seen = "EXISTS (SELECT 1 FROM archivesearchseen s WHERE s.docid = d.docid"
+    if q.direction or q.employee:
+        clause, params = seen, []
+        if q.direction:
+            clause += " AND s.direction = ?"
+            params.append(q.direction)
+        if q.employee:
+            clause += " AND s.employee_id = ?"
+            params.append(resolve_employee(q.employee).id)
+        sql.add(clause + ")", *params)
+    if user_scope is not None:
+        ids = sorted({int(i) for i in user_scope})
+        sql.add(f"{seen} AND s.employee_id IN ({sql.marks(len(ids))}))", *ids)
+    if q.customer:
+        c = resolve_customer(q.customer)
+        if not c.addresses and not c.domains:
+            sql.add("1 = 0")
+        else:
+            parts, params = [], []
+            if c.addresses:
+                parts.append(f"SELECT docid FROM archivesearchaddr WHERE address IN ({sql.marks(len(c.addresses))})")
+                params += c.addresses
+            if c.domains:
+                parts.append(f"SELECT docid FROM archivesearchaddr WHERE domain IN ({sql.marks(len(c.domains))})")
+                params += c.domains
+            sql.where.append(f"{key} IN ({' UNION '.join(parts)})")
+            sql.params.extend(params)
+    where = (" WHERE " + " AND ".join(sql.where)) if sql.where else ""
+    return f"SELECT {cols} FROM {source}{where} ORDER BY {key} DESC"
+
+
+def _fill_text(hits: list[Hit]) -> None:
+    if not hits:
+        return
+    by_id = {h.docid: h for h in hits}
+    marks = ", ".join(["%s" if is_postgres() else "?"] * len(by_id))
+    table = "archivesearchtext" if is_postgres() else "archivefts"
+    key = "docid" if is_postgres() else "rowid"
+    rows = database.obj.execute_sql(f"SELECT {key}, subject, sender, rcpt FROM {table} WHERE {key} IN ({marks})",
+                                    list(by_id)).fetchall()
+    for docid, subject, sender, rcpt in rows:
+        hit = by_id[docid]
+        hit.subject, hit.sender, hit.rcpt = subject, sender, rcpt
+
+
+def record_ids(query_text: str | Query, *, user_scope: Collection[int] | None = None,
+               limit: int = 10_000) -> list[int]:
+    """Record ids of the first ``limit`` matches, newest first (for exports)."""
+    q = query_text if isinstance(query_text, Query) else parse(query_text)
+    if user_scope is not None and not user_scope:
+        return []
+    sql = _Sql()
+    base = _build(sql, q, user_scope)
+    rows = database.obj.execute_sql(f"{base} LIMIT {int(limit)}", sql.params).fetchall()
+    return [r[1] for r in rows]

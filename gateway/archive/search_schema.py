@@ -1,0 +1,89 @@
+"""Tables of the archive's full-text index (migrations 150-199).
+
+Both backends:
+  archivesearchdoc   one row per indexed record: docid (time ordered, see index.docid_for),
+                     record_id, created_at, direction (in|out), employee_id, has_attachment
+  archivesearchaddr  (docid, role from|to, address, domain) for customer: and correspondence
+  archivesearchseen  (docid, employee_id, direction): every distinct employee/direction the
+                     message was seen with (first sighting from index_record, later ones from
+                     index_sighting) — employee:, direction: and the user scope use it
+
+SQLite:
+  archivefts         FTS5, trigram tokenizer: subject, sender, rcpt, body, attnames
+                     (rowid = docid; substring search, case-insensitive, any script)
+  archivegrams       FTS5, unicode61 tokenizer, contentless, detail=none: the short-gram tokens
+                     (CJK characters and pairs, 1-2 letter words) for terms under 3 characters;
+                     deleting recomputes the tokens from archivefts (they derive from its text)
+PostgreSQL:
+  archivesearchtext  docid, subject, sender, rcpt, attnames, doc (all fields + body) with a
+                     pg_trgm GIN index, grams text[] (the short-gram tokens) with a GIN index.
+                     pg_trgm only indexes CJK when the database's LC_CTYPE is a UTF-8 locale;
+                     under LC_CTYPE=C a CJK term is still answered correctly (its grams narrow
+                     the candidates, ILIKE checks them) — see README.
+"""
+
+from __future__ import annotations
+
+from peewee import BigIntegerField, BooleanField, CharField, Database, DateTimeField, IntegerField
+
+from gateway.db.migrations import migration
+from gateway.db.models import BaseModel
+
+
+class SearchDoc(BaseModel):
+    docid = BigIntegerField(primary_key=True)
+    record_id = BigIntegerField(unique=True)
+    created_at = DateTimeField()
+    direction = CharField(max_length=10, default="")
+    employee_id = IntegerField(null=True)
+    has_attachment = BooleanField(default=False)
+
+    class Meta:
+        table_name = "archivesearchdoc"
+        indexes = ((("employee_id", "docid"), False), (("direction", "docid"), False))
+
+
+class SearchAddress(BaseModel):
+    docid = BigIntegerField()
+    role = CharField(max_length=4)
+    address = CharField(max_length=320)
+    domain = CharField(max_length=253)
+
+    class Meta:
+        table_name = "archivesearchaddr"
+        primary_key = False
+        indexes = ((("docid", "role", "address"), False), (("address", "docid"), False),
+                   (("domain", "docid"), False))
+
+
+class SearchSeen(BaseModel):
+    docid = BigIntegerField()
+    employee_id = IntegerField(null=True)
+    direction = CharField(max_length=10, default="")
+
+    class Meta:
+        table_name = "archivesearchseen"
+        primary_key = False
+        indexes = ((("docid", "employee_id", "direction"), True), (("employee_id", "docid"), False))
+
+
+@migration(150)
+def search_index(db: Database) -> None:
+    """The full-text index of the archive (issue 6)."""
+    from peewee import PostgresqlDatabase
+
+    db.create_tables([SearchDoc, SearchAddress, SearchSeen], safe=True)
+    if isinstance(db, PostgresqlDatabase):
+        db.execute_sql("CREATE EXTENSION IF NOT EXISTS pg_trgm")
+        db.execute_sql(
+            "CREATE TABLE IF NOT EXISTS archivesearchtext (docid BIGINT PRIMARY KEY, subject TEXT NOT NULL,"
+            " sender TEXT NOT NULL, rcpt TEXT NOT NULL, attnames TEXT NOT NULL, doc TEXT NOT NULL,"
+            " grams TEXT[] NOT NULL)")
+        db.execute_sql("CREATE INDEX IF NOT EXISTS archivesearchtext_doc_trgm ON archivesearchtext"
+                       " USING gin (doc gin_trgm_ops)")
+        db.execute_sql("CREATE INDEX IF NOT EXISTS archivesearchtext_grams ON archivesearchtext USING gin (grams)")
+    else:
+        db.execute_sql("CREATE VIRTUAL TABLE IF NOT EXISTS archivefts USING fts5("
+                       "subject, sender, rcpt, body, attnames, tokenize='trigram')")
+        db.execute_sql("CREATE VIRTUAL TABLE IF NOT EXISTS archivegrams USING fts5("
+                       "grams, tokenize='unicode61 remove_diacritics 0', detail='none', content='')")

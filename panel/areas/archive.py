@@ -1,0 +1,414 @@
+"""Archive (邮件归档) for compliance auditors: search, message view, downloads, exports,
+correspondence per customer (往来邮件).
+
+Only the ``auditor`` role gets in (everyone else: 403, checked on the server for every
+route).  Every search, message view, download and export is written to the operation log
+(``archive.search``, ``archive.view``, ``archive.download``, ``archive.export``) with the
+auditor as actor, so the auditors' own trail can be audited.
+
+The message HTML is never inlined: it is sanitized by ``panel.preview`` and served from
+its own URL under ``HTML_CSP`` inside ``<iframe sandbox>`` (no scripts, no same-origin,
+no remote content).  Attachments are always sent as ``application/octet-stream`` with
+``Content-Disposition: attachment`` so the browser never renders them in the panel's
+origin.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+from collections.abc import Iterator
+from typing import Any
+from urllib.parse import quote, urlencode
+
+import bottle
+
+from gateway.archive import ArchiveError, BlobError, for_config
+from gateway.archive.export import ExportItem, attachments, safe_filename, write_mbox, write_zip
+from gateway.archive.query import QueryError
+from gateway.archive.schema import ArchiveSighting
+from gateway.archive.search import MAX_OFFSET, record_ids, search
+from gateway.db.models import ArchiveRecord, CompanyDomain, Contact, Customer, Employee
+from panel import i18n
+from panel.preview import HTML_CSP, IFRAME_SANDBOX, NOTE_TEXTS, Preview, build_preview, html_document
+from panel.web import int_arg, not_found, oplog, panel_config, render, require
+
+log = logging.getLogger("mailgate.panel.archive")
+
+NAV = [("/archive", "nav.archive", ("auditor",))]
+PER_PAGE = 25
+EXPORT_MAX = 2000  # messages in one export; more: narrow the query
+FORMATS = {"mbox": ("application/mbox", "mbox"), "zip": ("application/zip", "zip")}
+
+i18n.register({
+    "zh-CN": {
+        "nav.archive": "邮件归档",
+        "archive.title": "邮件归档",
+        "archive.search": "搜索",
+        "archive.query": "查询",
+        "archive.help": ("输入关键词（中英文均可）或字段：from: to: subject: after:2026-01-01 before:2026-07-01 "
+                         "has:attachment direction:in|out employee:邮箱 customer:客户名或编号；短语请加引号。"),
+        "archive.results": "搜索结果（最新的在前）",
+        "archive.no_results": "没有找到邮件。",
+        "archive.col.date": "时间 (UTC)",
+        "archive.col.direction": "方向",
+        "archive.col.from": "发件人",
+        "archive.col.to": "收件人",
+        "archive.col.subject": "主题",
+        "archive.col.attachment": "附件",
+        "archive.dir.in": "收",
+        "archive.dir.out": "发",
+        "archive.dir.inbound": "收",
+        "archive.dir.outbound": "发",
+        "archive.open": "查看",
+        "archive.page": "第 {page} 页",
+        "archive.export": "导出结果",
+        "archive.export_mbox": "导出 mbox",
+        "archive.export_zip": "导出 zip（.eml）",
+        "archive.export_limit": "一次最多导出 {n} 封邮件。",
+        "archive.export_empty": "没有可导出的邮件。",
+        "archive.too_deep": "结果页太靠后，请缩小查询范围。",
+        "archive.message": "归档邮件 #{id}",
+        "archive.record": "归档记录",
+        "archive.sha256": "SHA-256",
+        "archive.size": "大小",
+        "archive.bytes": "{n} 字节",
+        "archive.verdict": "结果",
+        "archive.employee": "员工",
+        "archive.queue_id": "队列号",
+        "archive.reason": "原因",
+        "archive.sightings": "出现位置",
+        "archive.col.seen": "时间 (UTC)",
+        "archive.col.place": "位置",
+        "archive.headers": "邮件头",
+        "archive.text": "正文",
+        "archive.text_from_html": "（由 HTML 转换的文字）",
+        "archive.html": "HTML 视图（已移除脚本和外部内容）",
+        "archive.attachments": "附件",
+        "archive.no_attachments": "无附件",
+        "archive.download": "下载",
+        "archive.download_eml": "下载 .eml",
+        "archive.links": "邮件中的链接（仅显示文字）",
+        "archive.unreadable": "无法读取归档内容：{error}",
+        "archive.purged": "该记录已于 {when} 按保留期限删除。",
+        "archive.back": "返回搜索",
+        "archive.customers": "客户往来邮件",
+        "archive.customer_filter": "客户名称",
+        "archive.col.customer": "客户",
+        "archive.col.contacts": "联系人 / 域名",
+        "archive.no_customers": "没有找到客户。",
+        "archive.correspondence": "往来邮件：{name}",
+        "archive.correspondence_of": "与 {name} 的往来邮件",
+        "archive.refine": "在往来邮件中搜索",
+        "archive.note.malformed": "邮件结构已损坏，显示可能不完整。",
+        "archive.note.defects": "邮件的 MIME 格式有缺陷，显示可能不完整。",
+        "archive.note.too_large": "邮件很大，只读取了开头部分。",
+        "archive.note.text_truncated": "正文过长，只显示开头部分。",
+        "archive.note.html_truncated": "HTML 过长，只显示开头部分。",
+        "archive.note.too_many_attachments": "附件太多，未全部列出。",
+        "archive.note.charset": "部分文字的字符集未知或有误，无法识别的字节显示为 �。",
+        "archive.note.remote_images": "已阻止外部图片。",
+        "archive.note.empty": "邮件没有可读的正文。",
+    },
+    "en": {
+        "nav.archive": "Archive",
+        "archive.title": "Mail archive",
+        "archive.search": "Search",
+        "archive.query": "Query",
+        "archive.help": ("Words (Chinese or English) or fields: from: to: subject: after:2026-01-01 "
+                         "before:2026-07-01 has:attachment direction:in|out employee:address "
+                         "customer:name-or-id; put phrases in quotes."),
+        "archive.results": "Results (newest first)",
+        "archive.no_results": "No messages found.",
+        "archive.col.date": "Date (UTC)",
+        "archive.col.direction": "Direction",
+        "archive.col.from": "From",
+        "archive.col.to": "To",
+        "archive.col.subject": "Subject",
+        "archive.col.attachment": "Attachment",
+        "archive.dir.in": "in",
+        "archive.dir.out": "out",
+        "archive.dir.inbound": "in",
+        "archive.dir.outbound": "out",
+        "archive.open": "Open",
+        "archive.page": "Page {page}",
+        "archive.export": "Export the results",
+        "archive.export_mbox": "Export mbox",
+        "archive.export_zip": "Export zip (.eml)",
+        "archive.export_limit": "At most {n} messages per export.",
+        "archive.export_empty": "Nothing to export.",
+        "archive.too_deep": "That page is too deep: narrow the query.",
+        "archive.message": "Archived message #{id}",
+        "archive.record": "Archive record",
+        "archive.sha256": "SHA-256",
+        "archive.size": "Size",
+        "archive.bytes": "{n} bytes",
+        "archive.verdict": "Verdict",
+        "archive.employee": "Employee",
+        "archive.queue_id": "Queue id",
+        "archive.reason": "Reason",
+        "archive.sightings": "Seen at",
+        "archive.col.seen": "When (UTC)",
+        "archive.col.place": "Place",
+        "archive.headers": "Headers",
+        "archive.text": "Text",
+        "archive.text_from_html": "(text taken from the HTML)",
+        "archive.html": "HTML view (scripts and remote content removed)",
+        "archive.attachments": "Attachments",
+        "archive.no_attachments": "No attachments",
+        "archive.download": "Download",
+        "archive.download_eml": "Download .eml",
+        "archive.links": "Links in the message (text only)",
+        "archive.unreadable": "The archived content cannot be read: {error}",
+        "archive.purged": "This record was purged on {when} (retention).",
+        "archive.back": "Back to search",
+        "archive.customers": "Customer correspondence",
+        "archive.customer_filter": "Customer name",
+        "archive.col.customer": "Customer",
+        "archive.col.contacts": "Contacts / domains",
+        "archive.no_customers": "No customers found.",
+        "archive.correspondence": "Correspondence: {name}",
+        "archive.correspondence_of": "Mail exchanged with {name}",
+        "archive.refine": "Search within the correspondence",
+        **{f"archive.note.{code}": text for code, text in NOTE_TEXTS.items()},
+    },
+})
+
+
+# -- helpers ---------------------------------------------------------------------------------
+
+
+def _archive() -> Any:
+    return for_config(panel_config())
+
+
+def _record_or_404(record_id: int) -> ArchiveRecord:
+    rec = ArchiveRecord.get_or_none(ArchiveRecord.id == record_id)
+    if rec is None or rec.seq is None:
+        not_found()
+    return rec
+
+
+def _raw(rec: ArchiveRecord) -> tuple[bytes | None, str]:
+    """The message bytes, or None and why not."""
+    if rec.purged_at is not None:
+        return None, ""
+    try:
+        return _archive().read(rec), ""
+    except (ArchiveError, BlobError, OSError) as exc:
+        log.warning("archive record %s: not readable: %s", rec.id, exc)
+        return None, str(exc)[:300]
+
+
+def _hit_row(hit: Any) -> dict[str, Any]:
+    sender = hit.sender.split("\n")[0] if hit.sender else ""
+    return {
+        "id": hit.record_id, "when": f"{hit.created_at:%Y-%m-%d %H:%M}", "direction": hit.direction,
+        "sender": sender, "rcpt": ", ".join(r for r in hit.rcpt.split("\n") if r)[:300],
+        "subject": hit.subject, "attachment": hit.has_attachment,
+    }
+
+
+def _run_search(query: str, page_arg: Any, *, target: str = "archive") -> dict[str, Any]:
+    """Search and log it.  Returns the template context."""
+    page = max(1, int_arg(page_arg, 1))
+    ctx: dict[str, Any] = {"q": query, "page": page, "rows": [], "has_more": False, "error": "", "searched": True}
+    try:
+        if (page - 1) * PER_PAGE > MAX_OFFSET:
+            raise QueryError(i18n.t("archive.too_deep"))
+        results = search(query, page=page, per_page=PER_PAGE)
+        ctx["rows"] = [_hit_row(h) for h in results.hits]
+        ctx["has_more"] = results.has_more
+    except QueryError as exc:
+        ctx["error"] = str(exc)
+    oplog("archive.search", target, {"query": query, "page": page, "results": len(ctx["rows"]),
+                                     **({"error": ctx["error"]} if ctx["error"] else {})})
+    return ctx
+
+
+def _download(data: bytes, filename: str, content_type: str = "application/octet-stream") -> bytes:
+    bottle.response.content_type = content_type
+    bottle.response.set_header("Content-Disposition", _disposition(filename))
+    bottle.response.set_header("Content-Length", str(len(data)))
+    bottle.response.set_header("Cache-Control", "no-store")
+    return data
+
+
+def _disposition(filename: str) -> str:
+    name = safe_filename(filename)
+    ascii_name = name.encode("ascii", "replace").decode().replace("?", "_")
+    return f"attachment; filename=\"{ascii_name}\"; filename*=UTF-8''{quote(name)}"
+
+
+def _export_items(ids: list[int], skipped: list[int]) -> Iterator[ExportItem]:
+    archive = _archive()
+    for start in range(0, len(ids), 200):
+        chunk = ids[start:start + 200]
+        recs = {r.id: r for r in ArchiveRecord.select().where(ArchiveRecord.id.in_(chunk))}
+        for rid in chunk:
+            rec = recs.get(rid)
+            if rec is None or rec.purged_at is not None:
+                skipped.append(rid)
+                continue
+            try:
+                raw = archive.read(rec)
+            except (ArchiveError, BlobError, OSError):
+                log.warning("export: archive record %s not readable", rid)
+                skipped.append(rid)
+                continue
+            yield ExportItem(record_id=rec.id, created_at=rec.created_at, direction=rec.direction,
+                             mail_from=rec.mail_from, recipients=", ".join(_recipients(rec)),
+                             subject=rec.subject, sha256=rec.sha256, raw=raw)
+
+
+def _recipients(rec: Any) -> list[str]:
+    try:
+        value = json.loads(rec.recipients or "[]")
+        return [str(v) for v in value] if isinstance(value, list) else []
+    except ValueError:
+        return []
+
+
+def _customer_summary(c: Customer) -> dict[str, Any]:
+    contacts = [x.email for x in Contact.select(Contact.email).where(Contact.customer == c).limit(5)]
+    domains = [x.domain for x in CompanyDomain.select(CompanyDomain.domain).where(CompanyDomain.customer == c)
+               .limit(5)]
+    return {"id": c.id, "name": c.name, "contacts": contacts, "domains": domains}
+
+
+# -- routes ----------------------------------------------------------------------------------
+
+
+def routes(app: bottle.Bottle) -> None:
+    @app.get("/archive")
+    @require("auditor")
+    def index() -> str:
+        params = bottle.request.query
+        if "q" not in params:
+            return render("archive/search.html", q="", page=1, rows=[], has_more=False, error="", searched=False,
+                          export_max=EXPORT_MAX, base_url="/archive")
+        query = (params.getunicode("q") or "").strip()[:1000]
+        ctx = _run_search(query, params.get("page"))
+        return render("archive/search.html", export_max=EXPORT_MAX, base_url="/archive", **ctx)
+
+    @app.get("/archive/export")
+    @require("auditor")
+    def export() -> Any:
+        params = bottle.request.query
+        query = (params.getunicode("q") or "").strip()[:1000]
+        fmt = params.get("format", "mbox")
+        if fmt not in FORMATS:
+            bottle.abort(400, "format: mbox or zip")
+        try:
+            ids = record_ids(query, limit=EXPORT_MAX)
+        except QueryError as exc:
+            bottle.abort(400, str(exc))
+        skipped: list[int] = []
+        out = tempfile.SpooledTemporaryFile(max_size=32 * 1024 * 1024)  # noqa: SIM115 - returned to the server
+        writer = write_mbox if fmt == "mbox" else write_zip
+        count = writer(out, _export_items(ids, skipped))
+        size = out.tell()
+        out.seek(0)
+        oplog("archive.export", "archive", {"query": query, "format": fmt, "messages": count,
+                                            "skipped": skipped[:100], "bytes": size})
+        content_type, ext = FORMATS[fmt]
+        bottle.response.content_type = content_type
+        bottle.response.set_header("Content-Disposition", _disposition(f"archive-export.{ext}"))
+        bottle.response.set_header("Content-Length", str(size))
+        bottle.response.set_header("Cache-Control", "no-store")
+        bottle.response.set_header("X-Mailgate-Exported", str(count))
+        return out
+
+    @app.get("/archive/customers")
+    @require("auditor")
+    def customers() -> str:
+        name = (bottle.request.query.getunicode("name") or "").strip()[:200]
+        page = max(1, int_arg(bottle.request.query.get("page"), 1))
+        q = Customer.select().order_by(Customer.name, Customer.id)
+        if name:
+            q = q.where(Customer.name.contains(name))
+        items = list(q.paginate(page, PER_PAGE + 1))
+        rows = [_customer_summary(c) for c in items[:PER_PAGE]]
+        return render("archive/customers.html", name=name, rows=rows, page=page, has_more=len(items) > PER_PAGE)
+
+    @app.get("/archive/customers/<customer_id:int>")
+    @require("auditor")
+    def correspondence(customer_id: int) -> str:
+        customer = Customer.get_or_none(Customer.id == customer_id)
+        if customer is None:
+            not_found()
+        refine = (bottle.request.query.getunicode("q") or "").strip()[:900]
+        query = f"customer:{customer.id}" + (f" {refine}" if refine else "")
+        ctx = _run_search(query, bottle.request.query.get("page"), target=f"customer:{customer.id}")
+        ctx["q"] = refine
+        return render("archive/correspondence.html", customer=_customer_summary(customer), full_query=query,
+                      export_max=EXPORT_MAX, base_url=f"/archive/customers/{customer.id}", **ctx)
+
+    @app.get("/archive/<record_id:int>")
+    @require("auditor")
+    def view(record_id: int) -> str:
+        rec = _record_or_404(record_id)
+        raw, error = _raw(rec)
+        preview = build_preview(raw) if raw is not None else None
+        parts = attachments(raw) if raw is not None else []
+        sightings = list(ArchiveSighting.select().where(ArchiveSighting.record == rec)
+                         .order_by(ArchiveSighting.seen_at, ArchiveSighting.id).limit(200))
+        employee = Employee.get_or_none(Employee.id == rec.employee_id) if rec.employee_id else None
+        oplog("archive.view", f"archive:{rec.id}", {"sha256": rec.sha256, **({"error": error} if error else {})})
+        return render("archive/message.html", rec=rec, preview=preview, attachments=parts, sightings=sightings,
+                      employee=employee.email if employee else "", recipients=_recipients(rec), error=error,
+                      html_url=f"/archive/{rec.id}/message.html", sandbox=IFRAME_SANDBOX,
+                      back=_back_link())
+
+    @app.get("/archive/<record_id:int>/message.html")
+    @require("auditor")
+    def message_html(record_id: int) -> str:
+        rec = _record_or_404(record_id)
+        raw, _ = _raw(rec)
+        preview = build_preview(raw) if raw is not None else Preview(html="")
+        bottle.response.content_type = "text/html; charset=utf-8"
+        bottle.response.set_header("Content-Security-Policy", HTML_CSP)
+        bottle.response.set_header("X-Frame-Options", "SAMEORIGIN")
+        bottle.response.set_header("Referrer-Policy", "no-referrer")
+        if preview.html is None:
+            preview = Preview(html="")
+        return html_document(preview, preview.subject)
+
+    @app.get("/archive/<record_id:int>/message.eml")
+    @require("auditor")
+    def eml(record_id: int) -> bytes:
+        rec = _record_or_404(record_id)
+        raw, error = _raw(rec)
+        if raw is None:
+            not_found(i18n.t("archive.unreadable", error=error or "purged"))
+        oplog("archive.download", f"archive:{rec.id}", {"what": "eml", "sha256": rec.sha256, "bytes": len(raw)})
+        return _download(raw, f"archive-{rec.id}-{safe_filename(rec.subject, 'message')[:60]}.eml",
+                         "message/rfc822")
+
+    @app.get("/archive/<record_id:int>/attachments/<n:int>")
+    @require("auditor")
+    def attachment(record_id: int, n: int) -> bytes:
+        rec = _record_or_404(record_id)
+        raw, error = _raw(rec)
+        if raw is None:
+            not_found(i18n.t("archive.unreadable", error=error or "purged"))
+        parts = attachments(raw)
+        if not 0 <= n < len(parts):
+            not_found()
+        part = parts[n]
+        oplog("archive.download", f"archive:{rec.id}", {"what": "attachment", "index": n, "name": part.name,
+                                                        "bytes": part.size})
+        return _download(part.data, part.name)
+
+
+def _back_link() -> str:
+    """The search the auditor came from (only same-site /archive links are followed)."""
+    ref = bottle.request.headers.get("Referer", "")
+    marker = "/archive"
+    pos = ref.find(marker)
+    if pos >= 0:
+        path = ref[pos:]
+        if path.startswith(("/archive?", "/archive/customers")):
+            return path
+    return "/archive?" + urlencode({"q": ""})

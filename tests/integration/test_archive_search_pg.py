@@ -1,0 +1,57 @@
+"""The archive search on the real PostgreSQL fixture: the same queries as on SQLite."""
+
+from __future__ import annotations
+
+import pytest
+
+from gateway.archive import index
+from gateway.archive.search import search
+from gateway.db import connect, is_postgres
+from tests.unit.archive import test_search as sqlite_cases
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(params=["C", "C.UTF-8"])
+def db(postgres, request):
+    """A fresh database; LC_CTYPE C (pg_trgm cannot index CJK: grams must carry it) and C.UTF-8."""
+    import psycopg2
+
+    name = "t_archsearch_" + request.node.name.split("[")[0][-20:].lower() + ("_u" if "UTF" in request.param else "_c")
+    conn = psycopg2.connect(host=postgres.host, port=postgres.port, user=postgres.user, dbname="postgres")
+    conn.autocommit = True
+    conn.cursor().execute(f"DROP DATABASE IF EXISTS {name}")
+    conn.cursor().execute(f"CREATE DATABASE {name} TEMPLATE template0 ENCODING 'UTF8' LC_COLLATE 'C' "
+                          f"LC_CTYPE '{request.param}'")
+    conn.close()
+    database = connect(postgres.url_for(name))
+    assert is_postgres()
+    yield database
+    database.close()
+
+
+corpus = sqlite_cases.corpus
+ids = sqlite_cases.ids
+
+test_chinese_terms_of_every_length = sqlite_cases.test_chinese_terms_of_every_length
+test_english_substrings_case_insensitive_newest_first = (
+    sqlite_cases.test_english_substrings_case_insensitive_newest_first)
+test_long_and_short_terms_together = sqlite_cases.test_long_and_short_terms_together
+test_fielded = sqlite_cases.test_fielded
+test_customer_and_correspondence = sqlite_cases.test_customer_and_correspondence
+test_scope_and_pagination = sqlite_cases.test_scope_and_pagination
+test_later_sightings_count_for_employee_and_direction = (
+    sqlite_cases.test_later_sightings_count_for_employee_and_direction)
+test_removed_records_are_gone = sqlite_cases.test_removed_records_are_gone
+test_hostile_terms_are_data_not_syntax = sqlite_cases.test_hostile_terms_are_data_not_syntax
+
+
+def test_trigram_index_is_used_for_chinese_with_utf8_ctype(db, corpus, request):
+    if "UTF" not in request.node.callspec.params["db"]:
+        pytest.skip("C ctype: pg_trgm extracts no CJK trigrams (documented)")
+    db.execute_sql("SET enable_seqscan = off")  # five rows: make the planner show it can use the index
+    plan = "\n".join(r[0] for r in db.execute_sql(
+        "EXPLAIN SELECT docid FROM archivesearchtext WHERE doc ILIKE %s", ("%报价单%",)).fetchall())
+    assert "archivesearchtext_doc_trgm" in plan
+    assert [h.record_id for h in search("报价单").hits] == [1]
+    assert index.short_grams("报价单")  # grams are written on PostgreSQL too

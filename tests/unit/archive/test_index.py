@@ -1,0 +1,99 @@
+"""Text extraction from raw MIME for the archive index."""
+
+from __future__ import annotations
+
+import datetime as dt
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from gateway.archive.index import docid_for, extract, html_to_text, short_grams, term_grams
+from tests.unit.archive.mailfactory import b64, message
+
+
+def test_plain_utf8_fields():
+    ex = extract(message("Quotation for LED lamps", "Dear Hans,\nplease find the price list.",
+                         sender=("Alice Wang", "alice@acme.test"), to=("Hans Müller", "hans@hamburg.de"),
+                         cc=("Bob", "bob@acme.test")))
+    assert ex.subject == "Quotation for LED lamps"
+    assert "Alice Wang <alice@acme.test>" in ex.sender
+    assert "Hans Müller <hans@hamburg.de>" in ex.rcpt and "bob@acme.test" in ex.rcpt
+    assert ex.from_addrs == ["alice@acme.test"]
+    assert ex.to_addrs == ["hans@hamburg.de", "bob@acme.test"]
+    assert "price list" in ex.body
+    assert not ex.has_attachment
+    assert ex.date == dt.datetime(2026, 11, 23, 2, 0)
+
+
+def test_gb2312_subject_names_and_body():
+    raw = message("报价单 第二版", "您好，附件是最新报价。", sender=("王小明", "wang@acme.test"),
+                  to=("李经理", "li@shenzhen.cn"), charset="gb2312")
+    assert b"=?eucgb2312_cn?" in raw  # the label Python itself writes for gb2312
+    ex = extract(raw)
+    assert ex.subject == "报价单 第二版"
+    assert "王小明" in ex.sender and "李经理 <li@shenzhen.cn>" in ex.rcpt
+    assert "最新报价" in ex.body
+
+
+def test_gbk_declared_gb2312_and_big5():
+    # GBK-only character (镕) in a part labelled gb2312, as real mailers do
+    raw = (b"Subject: =?GB2312?B?" + b64("朱镕基样品", "gbk").encode() + b"?=\r\nFrom: a@x.test\r\n"
+           b"Content-Type: text/plain; charset=big5\r\nContent-Transfer-Encoding: base64\r\n\r\n"
+           + b64("繁體中文樣品說明", "big5").encode() + b"\r\n")
+    ex = extract(raw)
+    assert ex.subject == "朱镕基样品"
+    assert "繁體中文樣品說明" in ex.body
+
+
+def test_raw_8bit_headers_utf8_and_gbk():
+    raw = "Subject: 直接发送的主题\r\nFrom: 张三 <z@x.test>\r\n\r\nbody\r\n".encode()
+    assert extract(raw).subject == "直接发送的主题"
+    raw = "Subject: 国标主题\r\nFrom: z@x.test\r\n\r\nbody\r\n".encode("gbk")
+    assert extract(raw).subject == "国标主题"
+
+
+def test_html_without_scripts_and_attachment_names():
+    raw = message("Invoice", "plain part", html="<html><head><style>p{}</style><script>alert('x')</script>"
+                  "</head><body><p>Total&nbsp;amount: <b>USD 5,000</b></p></body></html>",
+                  attachments=("形式发票 PI-2026.pdf", "spec sheet.xlsx"))
+    ex = extract(raw)
+    assert "USD 5,000" in ex.body and "amount" in ex.body
+    assert "alert" not in ex.body and "p{}" not in ex.body
+    assert ex.has_attachment
+    assert ex.attnames.splitlines() == ["形式发票 PI-2026.pdf", "spec sheet.xlsx"]
+
+
+def test_body_is_bounded():
+    ex = extract(message("big", "x" * 300_000))
+    assert len(ex.body) <= 64 * 1024
+
+
+def test_html_to_text_on_broken_markup():
+    assert "kept" in html_to_text("<p>kept<div <<<</")
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.binary(max_size=2000))
+def test_extract_never_raises_on_garbage(raw):
+    extract(raw)
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.text(max_size=300))
+def test_extract_never_raises_on_text_headers(text):
+    extract(b"Subject: =?gb2312?B?" + text.encode("utf-8", "replace") + b"?=\r\nFrom: " + text.encode()
+           + b"\r\nContent-Type: text/html; charset=" + text[:10].encode() + b"\r\n\r\n" + text.encode())
+
+
+def test_short_grams():
+    grams = short_grams("报价单 PI for CE 样")
+    assert {"报", "价", "单", "报价", "价单", "pi", "ce", "样"} <= set(grams)
+    assert "报价单" not in grams and "for" not in grams
+    assert term_grams("报价") == ["报价"] and term_grams("PI") == ["pi"] and term_grams("单") == ["单"]
+
+
+def test_docid_is_time_ordered():
+    a = docid_for(dt.datetime(2026, 1, 1), 5)
+    b = docid_for(dt.datetime(2026, 1, 1, 0, 0, 0, 1), 1)
+    assert a < b
+    assert docid_for(dt.datetime(2026, 1, 1, tzinfo=dt.UTC), 5) == a
