@@ -15,7 +15,7 @@ from pathlib import Path
 from gateway.config import load
 from gateway.db import connect
 from gateway.db.models import Employee
-from gateway.demo.sample_data import PASSWORDS, seed
+from gateway.demo.sample_data import PANEL_ACCOUNTS, PASSWORDS, seed, seed_panel_accounts
 from gateway.demo.sink import SinkServer
 from gateway.demo.upstream import DovecotUpstream
 
@@ -82,6 +82,10 @@ port = {port_base + 9325 - 9000}
 
 [rules]
 dir = "{Path(__file__).resolve().parents[2] / 'rules'}"
+
+[panel]
+listen = "127.0.0.1"
+port = {port_base + 80}
 """)
 
 
@@ -109,6 +113,7 @@ def run_demo(directory: Path, port_base: int = 10000) -> int:
             seed()
             for rcpt, sender, subject in INBOUND:
                 dovecot.deliver(rcpt, _inbound(sender, rcpt, subject))
+        seed_panel_accounts()
         return run(cfg, on_ready=lambda: print_instructions(cfg, directory))
     finally:
         dovecot.stop()
@@ -116,6 +121,7 @@ def run_demo(directory: Path, port_base: int = 10000) -> int:
 
 
 def print_instructions(cfg, directory: Path) -> None:
+    panel_accounts = ", ".join(f"{login} / {pw} ({roles[0]})" for login, (pw, roles) in PANEL_ACCOUNTS.items())
     print(f"""
 ================ Mailgate demo is running ================
 Point a mail client (Thunderbird, Outlook, Foxmail, mutt …) at the gateway:
@@ -133,6 +139,11 @@ Bob's customer as "[同事客户] …".  Sending from Alice to lagos.imports@gma
 Try it from a shell:
   swaks --server 127.0.0.1:{cfg.smtp.submission_port} --tls --auth-user alice@acme.test \\
         --auth-password alice-pw --from alice@acme.test --to lagos.imports@gmail.com
+
+Web panel (管理面板): http://127.0.0.1:{cfg.panel.port}/
+  employees sign in with their mail password:
+    alice@acme.test / alice-pw (salesperson), carol@acme.test / carol-pw (department head)
+  local accounts: {panel_accounts}
 
 Metrics: http://127.0.0.1:{cfg.metrics.port}/metrics        Stop: Ctrl-C
 ==========================================================

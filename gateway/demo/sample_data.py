@@ -23,6 +23,14 @@ PASSWORDS = {
 }
 
 
+# Local panel accounts (not mail users): login -> (password, roles).
+PANEL_ACCOUNTS = {
+    "admin": ("gate-keeper-2026", ("it_admin",)),
+    "auditor": ("read-only-2026", ("auditor",)),
+    "crm": ("customers-2026", ("crm_admin",)),
+}
+
+
 @dataclass
 class Sample:
     alice: Employee
@@ -65,3 +73,13 @@ def seed() -> Sample:
         public_domains=PUBLIC_MAIL_DOMAINS,
     )
     return Sample(alice, bob, carol, hamburg, lagos, osaka, lima)
+
+
+def seed_panel_accounts() -> None:
+    """The demo's local panel accounts (PANEL_ACCOUNTS); existing ones are left alone."""
+    from panel.auth import create_local_account
+    from panel.schema import LocalAccount
+
+    for login, (password, roles) in PANEL_ACCOUNTS.items():
+        if not LocalAccount.select().where(LocalAccount.login == login).exists():
+            create_local_account(login, password, roles, name=login.capitalize())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import re
 import signal
 import smtplib
 import socket
@@ -19,7 +20,7 @@ from tests.harness import shared_tempdir
 pytestmark = pytest.mark.integration
 
 REPO = Path(__file__).resolve().parents[2]
-OFFSETS = (587, 465, 143, 993, 325)
+OFFSETS = (587, 465, 143, 993, 325, 80)
 
 
 def free_base() -> int:
@@ -79,6 +80,19 @@ def test_demo_starts_prints_settings_and_enforces_policy(demo_dir):
             with pytest.raises(smtplib.SMTPDataError) as err:
                 conn.sendmail("alice@acme.test", ["lagos.imports@gmail.com"], b"Subject: no\r\n\r\nhi\r\n")
             assert err.value.smtp_code == 550
+        # The web panel it prints is up; its demo accounts sign in (a local one and an employee).
+        panel = re.search(r"Web panel \S*: (http://127\.0\.0\.1:\d+)/", text)
+        assert panel, text
+        assert panel.group(1) == f"http://127.0.0.1:{base + 80}"
+        from gateway.demo.sample_data import PANEL_ACCOUNTS
+        from tests.panel.conftest import PanelClient
+
+        login, (password, _roles) = next(iter(PANEL_ACCOUNTS.items()))
+        assert f"{login} / {password}" in text
+        for who, secret in ((login, password), ("carol@acme.test", "carol-pw")):
+            client = PanelClient(panel.group(1))
+            assert client.login(who, secret).status == 303, who
+            assert client.get("/").status == 200
     finally:
         proc.send_signal(signal.SIGINT)
         try:

@@ -1,0 +1,188 @@
+"""Sign-in, sign-out, rate limiting and session expiry against the real panel process."""
+
+from __future__ import annotations
+
+import datetime as dt
+
+import pytest
+
+from tests.panel.conftest import ACCOUNTS, PanelClient, login
+
+pytestmark = pytest.mark.integration
+
+
+def _session_row(client: PanelClient):  # noqa: ANN202
+    from panel.schema import PanelSession
+    from panel.sessions import token_hash
+
+    token = client.cookie("mg_session")
+    assert token
+    return PanelSession.get_or_none(PanelSession.token_hash == token_hash(token))
+
+
+@pytest.mark.browser
+@pytest.mark.parametrize("role", list(ACCOUNTS))
+def test_each_role_signs_in_in_the_browser(role, page_as):
+    page = page_as(role)
+    assert page.url.endswith("/")
+    assert page.locator("h1").inner_text().startswith("欢迎")
+    nav = page.locator("nav.nav").inner_text()
+    # The employees area is in the navigation exactly for the roles that may open it.
+    assert ("员工与部门" in nav) == (role in ("dept_head", "crm_admin", "it_admin", "auditor"))
+    assert page.locator(".userbox .who").inner_text()
+
+
+@pytest.mark.browser
+def test_wrong_password_shows_a_clear_error_in_the_browser(new_page, panel_url):
+    page = new_page()
+    login(page, "alice@acme.test", "not-her-password", base_url=panel_url)
+    assert "/login" in page.url
+    assert page.locator("#login-error").inner_text() == "账号或密码错误。"
+    assert page.input_value("input[name=login]") == "alice@acme.test"
+    assert page.input_value("input[name=password]") == ""
+
+
+def test_wrong_password_for_employee_and_local_account(anon_client):
+    r = anon_client.login("bob@acme.test", "wrong")
+    assert r.status == 401 and "账号或密码错误" in r.text
+    r = anon_client.login("nobody-here", "wrong-password")
+    assert r.status == 401 and "账号或密码错误" in r.text
+    r = anon_client.login("unknown@acme.test", "whatever")
+    assert r.status == 401
+    assert anon_client.cookie("mg_session") is None
+
+
+def test_repeated_failures_lock_the_login_even_for_the_right_password(panel_db, panel_url):
+    from panel.auth import create_local_account
+
+    create_local_account("locktest", "Sehr-geheim-2026", ("auditor",))
+    client = PanelClient(panel_url)
+    for _ in range(3):  # the test panel's login_max_failures
+        assert client.login("locktest", "wrong password").status == 401
+    r = client.login("locktest", "Sehr-geheim-2026")
+    assert r.status == 429
+    assert "登录失败次数过多" in r.text and "秒后再试" in r.text
+    assert client.cookie("mg_session") is None
+    # Another login from the same address is not affected.
+    other = PanelClient(panel_url)
+    assert other.login(*ACCOUNTS["auditor"]).status == 303
+
+
+def test_shared_mailbox_and_inactive_employee_cannot_sign_in(anon_client, panel_db):
+    from gateway.db.models import Employee
+
+    r = anon_client.login("sales@acme.test", "sales-pw")  # right password, no panel role
+    assert r.status == 403 and "没有管理面板的权限" in r.text
+    relay = anon_client.login("relay@acme.test", "relay-pw")  # a mailbox, not an employee
+    assert relay.status == 401
+    assert Employee.get(Employee.email == "sales@acme.test").active
+
+
+def test_logout_ends_the_session(http_as, panel_db):
+    client = http_as("it_admin")
+    token_row = _session_row(client)
+    assert token_row is not None
+    assert client.get("/").status == 200
+    r = client.post("/logout")
+    assert r.status == 303 and r.header("location").endswith("/login?bye=1")
+    assert _session_row_gone(token_row.id)
+    r = client.get("/")
+    assert r.status == 303 and "/login?next=/" in r.header("location")
+
+
+def _session_row_gone(row_id: int) -> bool:
+    from panel.schema import PanelSession
+
+    return PanelSession.get_or_none(PanelSession.id == row_id) is None
+
+
+def test_logout_needs_the_csrf_token(http_as, panel_db):
+    client = http_as("auditor")
+    r = client.post("/logout", csrf=False)
+    assert r.status == 403
+    assert _session_row(client) is not None
+    assert client.get("/").status == 200
+
+
+def test_idle_session_expires(http_as, panel_db):
+    from gateway.db.models import utcnow
+    from panel.schema import PanelSession
+
+    client = http_as("dept_head")
+    row = _session_row(client)
+    PanelSession.update(last_seen=utcnow() - dt.timedelta(minutes=31)).where(PanelSession.id == row.id).execute()
+    r = client.get("/employees")
+    assert r.status == 303
+    assert "/login?next=/employees" in r.header("location") and "expired=1" in r.header("location")
+    assert _session_row_gone(row.id)
+    page = client.get(r.header("location").replace(client.base_url, ""))
+    assert "会话已过期" in page.text
+
+
+def test_active_session_is_kept_alive_and_absolute_lifetime_ends_it(http_as, panel_db):
+    from gateway.db.models import utcnow
+    from panel.schema import PanelSession
+
+    client = http_as("crm_admin")
+    row = _session_row(client)
+    PanelSession.update(last_seen=utcnow() - dt.timedelta(minutes=29)).where(PanelSession.id == row.id).execute()
+    assert client.get("/").status == 200
+    assert PanelSession.get_by_id(row.id).last_seen > utcnow() - dt.timedelta(minutes=1)  # touched
+    PanelSession.update(created_at=utcnow() - dt.timedelta(hours=13)).where(PanelSession.id == row.id).execute()
+    assert client.get("/").status == 303
+    assert _session_row_gone(row.id)
+
+
+def test_session_cookie_flags_and_only_a_hash_is_stored(panel_url, panel_db):
+    from panel.schema import PanelSession
+
+    client = PanelClient(panel_url)
+    client.get("/login")
+    r = client.post("/login", {"login": ACCOUNTS["auditor"][0], "password": ACCOUNTS["auditor"][1]})
+    cookie = r.header("set-cookie")
+    assert cookie.startswith("mg_session=") and "HttpOnly" in cookie and "SameSite=lax" in cookie.replace("Lax", "lax")
+    token = client.cookie("mg_session")
+    assert not PanelSession.select().where(PanelSession.token_hash == token).exists()
+    assert _session_row(client) is not None
+
+
+def test_sign_in_replaces_an_existing_session_token(http_as, panel_db):
+    client = http_as("it_admin")
+    first = client.cookie("mg_session")
+    first_row = _session_row(client)
+    client.get("/login")  # signed in: redirected, the CSRF token stays the session's
+    assert client.post("/login", {"login": ACCOUNTS["it_admin"][0],
+                                  "password": ACCOUNTS["it_admin"][1]}).status == 303
+    assert client.cookie("mg_session") != first
+    # The old token no longer opens a session (SQLite may reuse the row id, so look it up by hash).
+    from panel.schema import PanelSession
+    from panel.sessions import token_hash
+
+    assert first_row is not None
+    assert PanelSession.get_or_none(PanelSession.token_hash == token_hash(first)) is None
+
+
+@pytest.mark.parametrize("target", ["//evil.example/x", "https://evil.example/", "/\\evil.example"])
+def test_sign_in_never_redirects_off_site(anon_client, target):
+    anon_client.get("/login")
+    r = anon_client.post("/login", {"login": ACCOUNTS["auditor"][0], "password": ACCOUNTS["auditor"][1],
+                                    "next": target})
+    assert r.status == 303
+    assert r.header("location") == anon_client.base_url + "/"
+
+
+def test_sign_in_returns_to_the_page_asked_for(anon_client):
+    r = anon_client.get("/employees?status=all")
+    assert r.status == 303
+    anon_client.get(r.header("location").replace(anon_client.base_url, ""))
+    r = anon_client.post("/login", {"login": ACCOUNTS["it_admin"][0], "password": ACCOUNTS["it_admin"][1],
+                                    "next": "/employees?status=all"})
+    assert r.header("location") == anon_client.base_url + "/employees?status=all"
+
+
+def test_signins_are_in_the_operation_log(http_as, panel_db):
+    from gateway.db.models import AuditLog
+
+    http_as("auditor")
+    entry = AuditLog.select().where(AuditLog.action == "panel.signin").order_by(AuditLog.id.desc()).first()
+    assert entry is not None and entry.actor == "local:auditor"
