@@ -8,10 +8,12 @@
 Two separate measurements, honestly labelled:
 
 1. **Ingest** (``--ingest N``, default 2000): realistic raw MIME messages (Chinese and
-   English text, 30 % with attachments of 20–400 KB) through the real path,
-   ``Archive.record`` — hash, zstd, AES-GCM, durable blob write, chained record and
-   sighting, full-text indexing — in transactions of ``--batch`` messages, like the
-   SMTP group commit.  Messages per second of wall time.
+   English text, 30 % with attachments of 20–400 KB) through the real path — hash, zstd,
+   AES-GCM, durable blob write, chained record and sighting, full-text indexing — twice:
+   ``Archive.record`` one message at a time in transactions of ``--batch`` (the SMTP
+   group commit's shape), and ``Archive.ingest_many`` in batches of 100 with the CPU part
+   on two threads (the import's and the inbound sync's shape).  Messages per second of
+   wall time, N different messages each.
 2. **Search** at ``--n`` archived messages: the corpus is generated FAST by writing the
    index rows directly (``index.write_rows`` on already-extracted text, no MIME, no blobs,
    no archive records) — that is corpus generation, not the ingest path.  Then a set of
@@ -167,7 +169,23 @@ def seed_directory(corpus: Corpus) -> None:
             CompanyDomain.insert_many(rows[start:start + 500]).execute()
 
 
+def _make_rows(args: tuple[int, int, int]) -> list[tuple]:
+    """Worker process: one batch of index rows (text generated, short grams computed)."""
+    n, start, stop = args
+    corpus = Corpus(seed=7 * 1_000_003 + start)
+    corpus.n = n
+    rows = []
+    for i in range(start, stop):
+        when, direction, emp, ex = corpus.extracted(i)
+        rid = 10_000_000 + i  # clear of the ingested records
+        rows.append(index.doc_row(index.docid_for(when, rid), rid, when, direction, emp, ex, with_grams=True))
+    return rows
+
+
 def generate(corpus: Corpus, n: int, batch: int = 2000) -> float:
+    """The search corpus: rows made in a worker process (the second core), written here."""
+    import multiprocessing
+
     from gateway.db import is_postgres
     from gateway.db.models import database
 
@@ -175,22 +193,22 @@ def generate(corpus: Corpus, n: int, batch: int = 2000) -> float:
     db = database.obj
     if not is_postgres():
         db.execute_sql("PRAGMA synchronous=OFF")
+        db.execute_sql("PRAGMA cache_size=-1000000")  # 1 GB of page cache while loading
     t0 = time.perf_counter()
-    for start in range(0, n, batch):
-        rows = []
-        for i in range(start, min(n, start + batch)):
-            when, direction, emp, ex = corpus.extracted(i)
-            rid = 10_000_000 + i  # clear of the ingested records
-            rows.append(index.doc_row(index.docid_for(when, rid), rid, when, direction, emp, ex))
-        with db.atomic():
-            index.write_rows(rows)
-        if start and start % (batch * 50) == 0:
-            rate = start / (time.perf_counter() - t0)
-            print(f"  generated {start:,} ({rate:,.0f}/s)", flush=True)
+    jobs = [(n, start, min(n, start + batch)) for start in range(0, n, batch)]
+    with multiprocessing.get_context("fork").Pool(1) as pool:
+        for k, rows in enumerate(pool.imap(_make_rows, jobs)):
+            with db.atomic():
+                index.write_rows(rows)
+            done = jobs[k][1] + len(rows)
+            if k and k % 50 == 0:
+                print(f"  generated {done:,} ({done / (time.perf_counter() - t0):,.0f}/s)", flush=True)
     if not is_postgres():
         db.execute_sql("INSERT INTO archivefts(archivefts) VALUES('optimize')")
         db.execute_sql("INSERT INTO archivegrams(archivegrams) VALUES('optimize')")
         db.execute_sql("PRAGMA synchronous=FULL")
+        db.execute_sql("PRAGMA cache_size=-2000")
+        db.execute_sql("ANALYZE")
     else:
         db.execute_sql("VACUUM ANALYZE")
     return time.perf_counter() - t0
@@ -235,15 +253,20 @@ def bench_search(corpus: Corpus, reps: int) -> dict[str, list[float]]:
     return times
 
 
-def bench_ingest(n: int, batch: int, workdir: Path) -> float:
-    from gateway.archive import Archive
+def bench_ingest(n: int, batch: int, workdir: Path) -> tuple[float, float]:
+    """(msg/s through Archive.record one by one in transactions of ``batch``, like the SMTP
+    group commit; msg/s through Archive.ingest_many in batches with the CPU part on 2 threads,
+    like the import and the inbound sync)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from gateway.archive import Archive, Capture
     from gateway.db.models import database
 
-    archive = Archive(workdir / "blobs", workdir / "archive.key")
     corpus = Corpus(seed=11)
-    corpus.n = n
-    msgs = [corpus.raw(i) for i in range(n)]
-    total = sum(len(m[0]) for m in msgs)
+    corpus.n = 2 * n
+    msgs = [corpus.raw(i) for i in range(2 * n)]
+    first, second = msgs[:n], msgs[n:]
+    total = sum(len(m[0]) for m in msgs) / 2
     spent = [0.0]
     real = index.index_record
 
@@ -253,18 +276,31 @@ def bench_ingest(n: int, batch: int, workdir: Path) -> float:
         spent[0] += time.perf_counter() - t
 
     index.index_record = timed
+    archive = Archive(workdir / "blobs", workdir / "archive.key")
     t0 = time.perf_counter()
     for start in range(0, n, batch):
         with database.atomic():
-            for raw, direction, emp in msgs[start:start + batch]:
+            for raw, direction, emp in first[start:start + batch]:
                 archive.record(raw, direction="outbound" if direction == "out" else "inbound", verdict="accepted",
                                employee_id=emp)
-    elapsed = time.perf_counter() - t0
+    one = time.perf_counter() - t0
     index.index_record = real
-    print(f"ingest: {n} messages, {total / n / 1024:.0f} KiB average, {elapsed:.1f} s → {n / elapsed:,.0f} msg/s "
-          f"({total / elapsed / 1e6:.1f} MB/s); full-text indexing {spent[0] / n * 1000:.2f} ms/msg "
-          f"({spent[0] / elapsed:.0%} of the time)")
-    return n / elapsed
+    print(f"ingest, Archive.record one by one ({batch} per transaction): {n} messages, "
+          f"{total / n / 1024:.0f} KiB average, {one:.1f} s → {n / one:,.0f} msg/s ({total / one / 1e6:.1f} MB/s); "
+          f"full-text indexing {spent[0] / n * 1000:.2f} ms/msg ({spent[0] / one:.0%} of the time)")
+
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(2) as pool:
+        for start in range(0, n, 100):
+            chunk = second[start:start + 100]
+            prepared = list(pool.map(lambda m: archive.prepare(m[0]), chunk))
+            archive.ingest_many([Capture(raw=raw, place="import:eml", direction="outbound" if d == "out" else
+                                         "inbound", verdict="imported", employee_id=emp)
+                                 for raw, d, emp in chunk], prepared)
+    many = time.perf_counter() - t0
+    print(f"ingest, Archive.ingest_many (100 per batch, hash/zstd/AES on 2 threads): {n} messages, "
+          f"{many:.1f} s → {n / many:,.0f} msg/s ({total / many / 1e6:.1f} MB/s)")
+    return n / one, n / many
 
 
 def pct(values: list[float], p: float) -> float:
@@ -293,9 +329,9 @@ def main() -> int:
         db = connect(url)
         corpus = Corpus()
         seed_directory(corpus)
-        print(f"backend {args.backend}; machine: {os.cpu_count()} cores, load {os.getloadavg()[0]:.1f}")
-        if args.ingest:
-            bench_ingest(args.ingest, args.batch, workdir)
+        print(f"backend {args.backend}; machine: {os.cpu_count()} cores, load average "
+              f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}", flush=True)
+        rates = bench_ingest(args.ingest, args.batch, workdir) if args.ingest else None
         print(f"generating the search corpus: {args.n:,} messages (index rows written directly)", flush=True)
         secs = generate(corpus, args.n)
         print(f"  done in {secs:.0f} s ({args.n / secs:,.0f} docs/s)")
@@ -311,8 +347,13 @@ def main() -> int:
             print(f"{label:40} {pct(ts, 50):8.1f} {pct(ts, 95):8.1f} {max(ts):8.1f}")
         p95 = pct(every, 95)
         print(f"{'ALL':40} {pct(every, 50):8.1f} {p95:8.1f} {max(every):8.1f}")
-        print(f"target p95 ≤ 300 ms: {'met' if p95 <= 300 else 'NOT met'} ({p95:.0f} ms, mean "
-              f"{statistics.mean(every):.1f} ms)")
+        print(f"target search p95 ≤ 300 ms at 1M: {'met' if p95 <= 300 else 'NOT met'} at {args.n:,} "
+              f"({p95:.1f} ms = {p95 / 300:.2f} × target; mean {statistics.mean(every):.1f} ms)")
+        if rates:
+            for label, rate in zip(("Archive.record", "Archive.ingest_many"), rates, strict=True):
+                print(f"target ingest ≥ 500 msg/s: {label} {rate:,.0f} msg/s = {rate / 500:.2f} × target "
+                      f"({'met' if rate >= 500 else 'NOT met'})")
+        print(f"load average now: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
         db.close()
     finally:
         for stop in reversed(stack):

@@ -200,19 +200,20 @@ def _build(sql: _Sql, q: Query, user_scope: Collection[int] | None) -> str:
         sql.add(f"{key} < ?", docid_for(dt.datetime.combine(q.before, dt.time()), 0))
     if q.has_attachment:
         sql.add("d.has_attachment = ?", True)
-    seen = "EXISTS (SELECT 1 FROM archivesearchseen s WHERE s.docid = d.docid"
     if q.direction or q.employee:
-        clause, params = seen, []
+        conds, params = [], []
         if q.direction:
-            clause += " AND s.direction = ?"
-            params.append(q.direction)
+            conds.append(("direction", q.direction, {"in": "inbound", "out": "outbound"}[q.direction]))
         if q.employee:
-            clause += " AND s.employee_id = ?"
-            params.append(resolve_employee(q.employee).id)
-        sql.add(clause + ")", *params)
+            employee_id = resolve_employee(q.employee).id
+            conds.append(("employee_id", employee_id, employee_id))
+        _add_seen(sql, conds)
     if user_scope is not None:
         ids = sorted({int(i) for i in user_scope})
-        sql.add(f"{seen} AND s.employee_id IN ({sql.marks(len(ids))}))", *ids)
+        marks = sql.marks(len(ids))
+        sql.add(f"(EXISTS (SELECT 1 FROM archivesearchseen s WHERE s.docid = d.docid AND s.employee_id IN ({marks}))"
+                f" OR EXISTS (SELECT 1 FROM archivesighting g WHERE g.record_id = d.record_id"
+                f" AND g.employee_id IN ({marks})))", *ids, *ids)
     if q.customer:
         c = resolve_customer(q.customer)
         if not c.addresses and not c.domains:
@@ -229,6 +230,18 @@ def _build(sql: _Sql, q: Query, user_scope: Collection[int] | None) -> str:
             sql.params.extend(params)
     where = (" WHERE " + " AND ".join(sql.where)) if sql.where else ""
     return f"SELECT {cols} FROM {source}{where} ORDER BY {key} DESC"
+
+
+def _add_seen(sql: _Sql, conds: list[tuple[str, object, object]]) -> None:
+    """Mail seen with this direction/employee: in the index's own list (``archivesearchseen``,
+    filled at indexing and by ``index_sighting``) or in the archive's sightings themselves
+    (so later sightings count even where no hook reports them).  conds: (column, index value,
+    sighting value)."""
+    index_part = " AND ".join(f"s.{column} = ?" for column, _, _ in conds)
+    sighting_part = " AND ".join(f"g.{column} = ?" for column, _, _ in conds)
+    sql.add(f"(EXISTS (SELECT 1 FROM archivesearchseen s WHERE s.docid = d.docid AND {index_part})"
+            f" OR EXISTS (SELECT 1 FROM archivesighting g WHERE g.record_id = d.record_id AND {sighting_part}))",
+            *[v for _, v, _ in conds], *[v for _, _, v in conds])
 
 
 def _fill_text(hits: list[Hit]) -> None:

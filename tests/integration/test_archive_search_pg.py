@@ -30,6 +30,13 @@ def db(postgres, request):
     database.close()
 
 
+@pytest.fixture
+def archive(db, tmp_path):
+    from gateway.archive import Archive
+
+    return Archive(tmp_path / "archive", tmp_path / "archive.keys")
+
+
 corpus = sqlite_cases.corpus
 ids = sqlite_cases.ids
 
@@ -43,6 +50,7 @@ test_scope_and_pagination = sqlite_cases.test_scope_and_pagination
 test_later_sightings_count_for_employee_and_direction = (
     sqlite_cases.test_later_sightings_count_for_employee_and_direction)
 test_removed_records_are_gone = sqlite_cases.test_removed_records_are_gone
+test_every_sighting_of_a_message_counts = sqlite_cases.test_every_sighting_of_a_message_counts
 test_hostile_terms_are_data_not_syntax = sqlite_cases.test_hostile_terms_are_data_not_syntax
 
 

@@ -97,3 +97,20 @@ def test_docid_is_time_ordered():
     b = docid_for(dt.datetime(2026, 1, 1, 0, 0, 0, 1), 1)
     assert a < b
     assert docid_for(dt.datetime(2026, 1, 1, tzinfo=dt.UTC), 5) == a
+
+
+def test_big_base64_attachments_are_cut_before_parsing_but_names_and_text_kept():
+    import os
+    from email.message import EmailMessage
+
+    msg = EmailMessage()
+    msg["Subject"] = "大附件"
+    msg["From"] = "a@x.test"
+    msg.set_content("开头 " + "样品说明 " * 20000 + " 结尾标记", charset="utf-8", cte="base64")  # ~240 KB base64
+    msg.add_attachment(os.urandom(600_000), maintype="application", subtype="pdf", filename="第一个.pdf")
+    msg.add_attachment(b"x", maintype="application", subtype="pdf", filename="第二个.pdf")
+    raw = msg.as_bytes()
+    assert len(raw) > 1_000_000
+    ex = extract(raw)
+    assert ex.attnames.split("\n") == ["第一个.pdf", "第二个.pdf"]
+    assert ex.body.startswith("开头 样品说明") and len(ex.body) > 20_000  # the head of a long base64 body

@@ -132,3 +132,59 @@ def test_hostile_terms_are_data_not_syntax(corpus):
     assert ids('"a"" OR *"') == []
     assert ids("NEAR(x y)") == []
     assert ids("%_\\") == []
+
+
+def test_cli_search_and_export(tmp_path, capsys):
+    from gateway.archive import Archive
+    from gateway.archive.export import read_mbox
+    from gateway.cli import main
+    from gateway.config import load
+    from gateway.db import connect
+    from gateway.db.models import AuditLog
+    from tests.harness.gateway import write_config
+
+    path = tmp_path / "mailgate.toml"
+    write_config(path, {"node": {"name": "t", "data_dir": "var"}, "database": {"url": "sqlite:///var/m.db"},
+                        "company": {"name": "ACME", "domains": ["acme.test"]},
+                        "relay": {"mode": "relay_account", "username": "relay@acme.test", "password": "pw"}})
+    assert main(["-c", str(path), "init"]) == 0
+    db = connect(load(path).database.url)
+    raws = [message("报价单 A", "第一封"), message("Lunch", "nothing"), message("报价单 B", "From here on\n")]
+    archive = Archive.from_config(load(path))
+    for raw in raws:
+        archive.record(raw, direction="outbound", verdict="accepted", subject=None, message_id=None)
+    db.close()
+    capsys.readouterr()
+    assert main(["-c", str(path), "archive", "search", "报价单", "--json", "--actor", "tester"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [json_subject(line) for line in lines] == ["报价单 B", "报价单 A"]
+    assert main(["-c", str(path), "archive", "search", "nothing-here"]) == 1
+    assert main(["-c", str(path), "archive", "search", "colour:red"]) == 2
+    out = tmp_path / "x.mbox"
+    assert main(["-c", str(path), "archive", "export", "报价单", "-o", str(out), "--actor", "tester"]) == 0
+    assert read_mbox(out.read_bytes()) == [raws[2].replace(b"\r\n", b"\n"), raws[0].replace(b"\r\n", b"\n")]
+    db = connect(load(path).database.url, migrate=False)
+    assert [r.action for r in AuditLog.select().where(AuditLog.actor == "tester").order_by(AuditLog.id)] == [
+        "archive.search", "archive.export"]
+    db.close()
+
+
+def json_subject(line: str) -> str:
+    import json
+
+    return json.loads(line)["subject"]
+
+
+def test_every_sighting_of_a_message_counts(db, archive):
+    alice = customers.create_employee("alice@acme.test", "Alice")
+    bob = customers.create_employee("bob@acme.test", "Bob")
+    raw = message("共享报价", "同一封邮件", sender=("Hans", "hans@hamburg.de"), to=("", "alice@acme.test"))
+    archive.record(raw, direction="outbound", verdict="accepted", employee_id=alice.id, subject=None,
+                   message_id=None)
+    assert ids("共享报价 employee:bob@acme.test") == []
+    archive.record(raw, direction="inbound", verdict="seen", employee_id=bob.id, place="imap:bob@acme.test/INBOX",
+                   ref="1:7", subject=None, message_id=None)
+    (rid,) = ids("共享报价")
+    assert ids("共享报价 employee:bob@acme.test direction:in") == [rid]
+    assert ids("共享报价 employee:alice@acme.test direction:in") == []
+    assert ids("共享报价", user_scope=[bob.id]) == [rid]
