@@ -36,6 +36,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+from gateway.archive import relayed_capture
 from gateway.bounce import Failure, build_dsn
 from gateway.config import Config, ConfigError, UpstreamConfig
 from gateway.credentials import CredentialsError, seal, unseal
@@ -654,6 +655,9 @@ class RelayWorker:
         changes.update(
             {m.attempts: attempts, m.last_error: errors, m.claimed_by: None, m.claimed_until: None}
         )
+        # Archive: the relayed copy as a "relay:sent" sighting (blob written here, row in store()).
+        archived = relayed_capture(self.config, row, original, delivered, remote) if delivered else None
+
         def store() -> bool:
             with database.atomic() as txn:
                 updated = m.update(changes).where((m.id == row.id) & (m.claimed_by == self.owner)).execute()
@@ -662,6 +666,8 @@ class RelayWorker:
                     return False
                 if failures:
                     self._bounce(row, failures, credentials, original)
+                if archived is not None:
+                    archived()
                 return True
 
         def recorded(stored: bool | None, error: BaseException | None = None) -> None:

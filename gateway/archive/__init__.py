@@ -1,36 +1,112 @@
-"""Archive records: every accepted, refused or held message, with its bytes.
+"""The compliance archive: one encrypted blob and one record per distinct message, a
+sighting for every place it was seen, all hash-chained (see README.md in this folder).
 
-Blobs are content-addressed (``archive/ab/cd/<sha256>``) and written durably
-once; records point at them with the verdict and the rule trace.  The archive
-issue adds compression, encryption, the hash chain and search on top.
-Blocking: call from a worker thread.
+``Archive.record(raw, direction=, verdict=, …, place=)`` stores the blob durably, then —
+inside the caller's transaction (the SMTP group commit) or its own — chains the record
+(when the content is new) and the sighting.  ``Archive.read(record)`` returns the
+original bytes.  Blocking: call from a worker thread.
 """
 
 from __future__ import annotations
 
-import hashlib
+import datetime as dt
+import email.parser
+import email.policy
+import email.utils
 import json
+import logging
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-from gateway.db.models import ArchiveRecord
-from gateway.spool import write_durably
+from gateway.archive import chain
+from gateway.archive.schema import ArchiveRecord, ArchiveSighting
+from gateway.archive.store import BlobError, BlobStore, PreparedBlob
+from gateway.areas import optional_module
+from gateway.db.models import Employee, database, utcnow
+from gateway.groupcommit import write_transaction
+
+log = logging.getLogger("mailgate.archive")
+
+__all__ = ["Archive", "ArchiveError", "BlobError", "Capture", "PreparedBlob", "headers_of"]
+
+
+class ArchiveError(Exception):
+    """The archive is not usable (no key file configured, unreadable blob …)."""
+
+
+@dataclass
+class Capture:
+    """One message to ingest with where it was seen (for ``Archive.ingest_many``)."""
+
+    raw: bytes
+    place: str
+    direction: str = "inbound"
+    verdict: str = "seen"
+    ref: str = ""
+    employee_id: int | None = None
+    employee_email: str | None = None  # None: looked up from employee_id
+    mail_from: str = ""
+    recipients: list[str] = field(default_factory=list)
+    subject: str | None = None
+    message_id: str | None = None
+    reason: str = ""
+    trace: list[dict] | None = None
+    queue_id: str = ""
+    seen_at: dt.datetime | None = None
+
+
+@dataclass
+class Outcome:
+    record: ArchiveRecord
+    new_record: bool
+    new_sighting: bool
 
 
 class Archive:
-    def __init__(self, directory: Path):
+    def __init__(self, directory: Path, key_file: Path | None = None, *, level: int = 3):
+        """``key_file`` None: not usable until ``configure`` (gateway.archive.service does it)."""
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
+        self._store: BlobStore | None = None
+        if key_file is not None:
+            self._store = BlobStore(self.directory, key_file, level)
 
-    def blob_path(self, sha256: str) -> Path:
-        return self.directory / sha256[:2] / sha256[2:4] / sha256
+    @classmethod
+    def from_config(cls, cfg: Any) -> Archive:
+        """From a gateway.config.Config."""
+        return cls(cfg.archive_dir, cfg.archive.key_file, level=cfg.archive.compression_level)
+
+    def configure(self, cfg: Any) -> None:
+        if self._store is None:
+            self._store = BlobStore(self.directory, cfg.archive.key_file, cfg.archive.compression_level)
+
+    @property
+    def store(self) -> BlobStore:
+        if self._store is None:
+            raise ArchiveError("archive key file not configured (Archive.from_config)")
+        return self._store
+
+    # -- legacy helpers ----------------------------------------------------------
+
+    def blob_path(self, record_or_sha: ArchiveRecord | str) -> Path:
+        if isinstance(record_or_sha, ArchiveRecord):
+            return self.store.path_of(record_or_sha.blob_path)
+        return self.store.path_of(self.store.name_for(record_or_sha))
+
+    # -- write ---------------------------------------------------------------------
 
     def store_blob(self, raw: bytes) -> str:
-        digest = hashlib.sha256(raw).hexdigest()
-        path = self.blob_path(digest)
-        if not path.exists():
-            path.parent.mkdir(parents=True, exist_ok=True)
-            write_durably(path, raw)
-        return digest
+        """Write the blob now (e.g. SMTP phase 1, in parallel); ``record`` later finds the file
+        and only hashes.  Returns the content hash."""
+        blob = self.store.prepare(raw)
+        self.store.write(blob)
+        return blob.sha256
+
+    def prepare(self, raw: bytes) -> PreparedBlob:
+        """CPU part of archiving (hash, compress, encrypt): may run before ``record``,
+        in any thread, to keep it out of a commit's critical section."""
+        return self.store.prepare(raw)
 
     def record(
         self,
@@ -40,29 +116,168 @@ class Archive:
         verdict: str,
         mail_from: str = "",
         recipients: list[str] | None = None,
-        subject: str = "",
-        message_id: str = "",
+        subject: str | None = "",
+        message_id: str | None = "",
         employee_id: int | None = None,
         reason: str = "",
         trace: list[dict] | None = None,
         queue_id: str = "",
+        place: str = "smtp:submitted",
+        ref: str = "",
+        seen_at: dt.datetime | None = None,
+        employee_email: str | None = None,
+        prepared: PreparedBlob | None = None,
     ) -> ArchiveRecord:
-        digest = self.store_blob(raw)
-        return ArchiveRecord.create(
-            direction=direction,
-            sha256=digest,
-            blob_path=str(self.blob_path(digest).relative_to(self.directory)),
-            size=len(raw),
-            mail_from=mail_from,
-            recipients=json.dumps(recipients or [], ensure_ascii=False),
-            subject=subject[:2000],
-            message_id=message_id[:998],
-            employee=employee_id,
-            verdict=verdict,
-            reason=reason,
-            trace=json.dumps(trace or [], ensure_ascii=False),
-            queue_id=queue_id,
-        )
+        """Archive one sighting of ``raw``; returns its (possibly existing) record.
+        ``subject``/``message_id`` None: taken from the message's header."""
+        cap = Capture(raw=raw, place=place, direction=direction, verdict=verdict, ref=ref, employee_id=employee_id,
+                      employee_email=employee_email,
+                      mail_from=mail_from, recipients=list(recipients or []), subject=subject,
+                      message_id=message_id, reason=reason, trace=trace, queue_id=queue_id, seen_at=seen_at)
+        blob = prepared or self.store.prepare(raw)
+        self.store.write(blob)
+        with write_transaction():
+            return self._chain(cap, blob).record
+
+    def ingest_many(self, captures: list[Capture], prepared: list[PreparedBlob] | None = None) -> list[Outcome]:
+        """Batch ingest (import, sync, bench): blobs written with one fsync per folder,
+        then every row in one transaction."""
+        blobs = prepared or [self.store.prepare(c.raw) for c in captures]
+        dirs = {d for b in blobs if (d := self.store.write(b, sync_dir=False)) is not None}
+        BlobStore.sync_dirs(dirs)
+        with write_transaction():
+            return [self._chain(c, b) for c, b in zip(captures, blobs, strict=True)]
+
+    def _chain(self, cap: Capture, blob: PreparedBlob) -> Outcome:
+        # The chain lock (a write) comes before any read of this transaction: a SQLite
+        # transaction that read first cannot always become a writer ("database is locked").
+        chain.lock()
+        if cap.employee_email is None:
+            cap.employee_email = _email_of(cap.employee_id)
+        if blob.data is None and not self.store.path_of(blob.name).exists():
+            # The file was there when prepared, but a retention purge removed it since.
+            self.store.write(self.store.prepare(cap.raw, blob.sha256))
+        rec = ArchiveRecord.get_or_none(ArchiveRecord.sha256 == blob.sha256)
+        new_record = rec is None
+        if rec is None:
+            subject, message_id = cap.subject, cap.message_id
+            mail_from, recipients = cap.mail_from, cap.recipients
+            if subject is None or message_id is None or (not mail_from and not recipients):
+                h = headers_of(cap.raw)
+                subject = h["subject"] if subject is None else subject
+                message_id = h["message_id"] if message_id is None else message_id
+                if not mail_from and not recipients:
+                    mail_from, recipients = h["from"], h["to"]
+            rec = chain.append_record(ArchiveRecord(
+                created_at=cap.seen_at or utcnow(), direction=cap.direction, sha256=blob.sha256,
+                blob_path=blob.name, size=blob.size, stored_size=blob.stored_size, key_id=blob.key_id,
+                mail_from=mail_from[:320], recipients=json.dumps(recipients, ensure_ascii=False),
+                subject=subject[:2000], message_id=message_id[:998], employee=cap.employee_id,
+                verdict=cap.verdict, reason=cap.reason, trace=json.dumps(cap.trace or [], ensure_ascii=False),
+                queue_id=cap.queue_id))
+            self._index(rec, cap.raw)
+        elif cap.ref and ArchiveSighting.select().where(
+                (ArchiveSighting.record == rec) & (ArchiveSighting.place == cap.place[:1000])
+                & (ArchiveSighting.ref == cap.ref[:500])).exists():
+            return Outcome(rec, False, False)
+        chain.append_sighting(ArchiveSighting(
+            record=rec, seen_at=cap.seen_at or utcnow(), place=cap.place[:1000], direction=cap.direction,
+            verdict=cap.verdict, reason=cap.reason, trace=json.dumps(cap.trace or [], ensure_ascii=False),
+            queue_id=cap.queue_id, employee=cap.employee_id, employee_email=cap.employee_email[:320],
+            mail_from=cap.mail_from[:320], recipients=json.dumps(cap.recipients, ensure_ascii=False),
+            ref=cap.ref[:500]))
+        return Outcome(rec, new_record, True)
+
+    @staticmethod
+    def _index(rec: ArchiveRecord, raw: bytes) -> None:
+        """Full-text index (gateway.archive.index, the search area) — never loses the record."""
+        index = optional_module("gateway.archive.index")
+        if index is None or not hasattr(index, "index_record"):
+            return
+        try:
+            with database.atomic():  # a savepoint: an indexing failure rolls back only itself
+                index.index_record(rec, raw)
+        except Exception:
+            log.exception("archive record %s: full-text indexing failed (record kept)", rec.id)
+
+    # -- read ----------------------------------------------------------------------
 
     def read(self, record: ArchiveRecord) -> bytes:
-        return (self.directory / record.blob_path).read_bytes()
+        """The original bytes; raises BlobError if missing/altered, ArchiveError if purged."""
+        if record.purged_at is not None:
+            raise ArchiveError(f"archive record {record.id} was purged on {record.purged_at:%Y-%m-%d}")
+        return self.store.read(record.blob_path, record.sha256)
+
+
+def _email_of(employee_id: int | None) -> str:
+    if employee_id is None:
+        return ""
+    row = Employee.select(Employee.email).where(Employee.id == employee_id).first()
+    return row.email if row else ""
+
+
+_HEADER_PARSER = email.parser.BytesHeaderParser(policy=email.policy.default)
+
+
+def headers_of(raw: bytes) -> dict[str, Any]:
+    """Subject, Message-ID, From, To/Cc addresses and Date of a raw message (best effort)."""
+    end = raw.find(b"\r\n\r\n")
+    if end < 0:
+        end = raw.find(b"\n\n")
+    head = raw[: end if end >= 0 else min(len(raw), 65536)][:65536]
+    out: dict[str, Any] = {"subject": "", "message_id": "", "from": "", "to": [], "date": None}
+    try:
+        msg = _HEADER_PARSER.parsebytes(head)
+        out["subject"] = str(msg.get("subject", "") or "")
+        out["message_id"] = str(msg.get("message-id", "") or "").strip()
+        froms = email.utils.getaddresses([str(v) for v in msg.get_all("from", [])])
+        out["from"] = froms[0][1] if froms else ""
+        tos = email.utils.getaddresses([str(v) for k in ("to", "cc") for v in msg.get_all(k, [])])
+        out["to"] = [a for _, a in tos if a]
+        date = msg.get("date")
+        if date is not None and getattr(date, "datetime", None) is not None:
+            d = date.datetime
+            out["date"] = d.astimezone(dt.UTC).replace(tzinfo=None) if d.tzinfo else d
+    except Exception:  # a malformed header never stops archiving
+        log.debug("header parse failed", exc_info=True)
+    return out
+
+
+# -- capture hooks for code outside this package ---------------------------------------------
+
+_ARCHIVES: dict[tuple[str, str], Archive] = {}
+
+
+def for_config(cfg: Any) -> Archive:
+    """One Archive per (directory, key file) in this process."""
+    key = (str(cfg.archive_dir), str(cfg.archive.key_file))
+    archive = _ARCHIVES.get(key)
+    if archive is None:
+        archive = _ARCHIVES[key] = Archive.from_config(cfg)
+    return archive
+
+
+def relayed_capture(cfg: Any, row: Any, data: bytes, delivered: list[str], remote: str) -> Any:
+    """For gateway.relay: prepare the "relay:sent" sighting of ``data`` (hash, encrypt, blob
+    file — outside any transaction) and return a function that records it inside the
+    caller's transaction (a savepoint; an archive failure is logged, never fails the relay).
+    None if even the preparation failed."""
+    try:
+        archive = for_config(cfg)
+        blob = archive.prepare(data)
+        archive.store.write(blob)
+    except Exception:
+        log.exception("%s: archiving the relayed copy failed (blob)", getattr(row, "queue_id", "?"))
+        return None
+
+    def record() -> None:
+        try:
+            with database.atomic():
+                archive.record(data, direction="outbound", verdict="sent", place="relay:sent",
+                               mail_from=row.mail_from, recipients=list(delivered), queue_id=row.queue_id,
+                               employee_id=row.employee_id, reason=f"accepted by {remote}"[:500],
+                               subject=None, message_id=row.message_id or None, prepared=blob)
+        except Exception:
+            log.exception("%s: archiving the relayed copy failed (record)", row.queue_id)
+
+    return record

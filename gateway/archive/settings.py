@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 
@@ -10,7 +10,47 @@ from pathlib import Path
 class ArchiveConfig:
     # Where blobs live; empty = <node.data_dir>/archive.
     dir: Path | None = None
+    # Keyring (AES-256-GCM keys, one per line "<id> <base64>"; the last line encrypts new
+    # blobs, every line stays readable).  Created mode 0600 on first use.
+    key_file: Path = Path("certs/archive.keys")
+    # zstd level for blobs (1-19; 3 is fast and compresses mail ~3-4x).
+    compression_level: int = 3
+    # Years a record is kept after it was first archived; 0 = forever.
+    retention_years: int = 0
+    # Run the retention purge once a day inside `mailgate run`.
+    purge_enabled: bool = True
+    # Background inbound sync of every active employee's mailboxes.
+    sync_enabled: bool = False
+    # Upstream master user (Dovecot: login "<user>*<master_user>"); empty = no master login.
+    master_user: str = ""
+    master_password: str = ""
+    # Separator between the user and the master user in the login name.
+    master_separator: str = "*"
+    # Seconds between sync passes.
+    sync_interval: float = 300.0
+    # Mailboxes synced per employee (names at the upstream).
+    sync_mailboxes: list[str] = field(default_factory=lambda: ["INBOX", "Sent"])
+    # Archive whole messages served through the IMAP proxy (fetched again upstream, off the proxy path).
+    capture_imap: bool = True
+    # Opt-in: keep employees' IMAP passwords (sealed) captured at proxy login, for the sync
+    # of providers without a master user.
+    capture_credentials_opt_in: bool = False
+    # Messages larger than this are not archived from IMAP/sync (logged instead).
+    max_message_size: int = 50 * 1024 * 1024
 
 
 def validate(section: ArchiveConfig) -> list[str]:
-    return []
+    problems = []
+    if not 1 <= section.compression_level <= 19:
+        problems.append("[archive] compression_level: must be 1..19")
+    if section.retention_years < 0:
+        problems.append("[archive] retention_years: must be >= 0 (0 = keep forever)")
+    if section.sync_interval <= 0:
+        problems.append("[archive] sync_interval: must be > 0")
+    if section.master_user and not section.master_password:
+        problems.append("[archive] master_password: required when master_user is set")
+    if section.max_message_size <= 0:
+        problems.append("[archive] max_message_size: must be > 0")
+    if section.sync_enabled and not section.master_user and not section.capture_credentials_opt_in:
+        problems.append("[archive] sync_enabled: needs master_user or capture_credentials_opt_in = true")
+    return problems

@@ -157,6 +157,15 @@ class ArchiveRecord(BaseModel):
     reason = TextField(default="")
     trace = TextField(default="[]")  # JSON list of decision steps
     queue_id = CharField(max_length=32, default="")
+    # -- archive area (gateway/archive/schema.py, migration 100): one record per content
+    # hash; the fields above describe its first sighting (ArchiveSighting lists them all).
+    key_id = IntegerField(default=0)  # archive key that encrypted the blob (0: legacy plaintext)
+    stored_size = BigIntegerField(default=0)  # blob file size (compressed + encrypted)
+    seq = BigIntegerField(null=True, unique=True)  # position in the archive hash chain
+    digest = CharField(max_length=64, default="")  # SHA-256 of the chained fields
+    prev_hash = CharField(max_length=64, default="")
+    hash = CharField(max_length=64, default="")
+    purged_at = DateTimeField(null=True)  # retention purge: blob deleted, fields blanked
 
 
 class AuditLog(BaseModel):

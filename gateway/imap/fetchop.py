@@ -15,7 +15,7 @@ from twisted.python.failure import Failure
 from gateway import metrics
 from gateway.imap import upstream as up
 from gateway.imap.decisions import Decision
-from gateway.imap.fetchitems import FetchCommand, compress, explicit_uids
+from gateway.imap.fetchitems import WHOLE, FetchCommand, compress, explicit_uids
 from gateway.imap.headers import READER_FIELDS, SENT_FIELDS
 from gateway.imap.headers import apply as apply_splices
 from gateway.imap.parser import FramerSink, ParseError
@@ -145,6 +145,7 @@ class FetchOperation:
                 uid = r.items.get(b"UID")
                 if uid is not None and uid.data.isdigit():
                     ids[int(uid.data) if fc.uid else r.seq] = int(uid.data)
+        self._note_whole(fc, list(ids.values()))
         # 2. decisions: memory, DB, else decide from the header
         unknown = [u for u in ids.values() if u not in self.decisions]
         store = self.svc.store
@@ -188,6 +189,13 @@ class FetchOperation:
                 metrics.imap_tagged.labels(t).inc()
         final = next((c for c in completions if up.status_of(c) != b"OK"), completions[0])
         self.send(fc.tag + b" " + final)
+
+    def _note_whole(self, fc: FetchCommand, uids: list[int]) -> None:
+        """Archive hook: tell the capture worker which messages are being served whole."""
+        hook = self.svc.on_whole_fetch
+        if hook is not None and uids and self.mailbox is not None and self.uidvalidity is not None \
+                and any(i.kind == WHOLE for i in fc.items):
+            hook(self.account, self.mailbox, self.uidvalidity, uids)
 
     def _forward(self, tag: bytes, raw: bytes) -> None:
         assert self.upstream is not None

@@ -276,6 +276,8 @@ class PreLogin:
             self.account = employee.email
             self.tagger = Tagger(svc.directory, employee.id, self.cfg.tag_own, self.cfg.tag_colleague)
             await self._learn_special_use(caps)
+            if svc.on_login is not None:  # archive: opt-in credential capture
+                svc.on_login(self.account, user, password)
         self.caps = filter_capabilities(caps, self.cfg.max_literal_size)
         self._start_relay(proto)
         self.send(tag + b" OK [CAPABILITY " + b" ".join(self.caps) + b"] Logged in\r\n")

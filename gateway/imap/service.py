@@ -70,6 +70,12 @@ def _lean(ctx: SSL.Context) -> None:
 class ProxyService:
     """State shared by all sessions of this process."""
 
+    # Archive capture hooks (set by gateway.archive.service; None = off), called on the reactor
+    # thread, must not block: on_login(account, login, password) after an employee's upstream
+    # login; on_whole_fetch(account, mailbox, uidvalidity, uids) for a BODY[]/RFC822/BINARY[] FETCH.
+    on_login: Any = None
+    on_whole_fetch: Any = None
+
     def __init__(self, config: Config, directory: Directory, reactor: Any):
         self.config = config
         self.directory = directory

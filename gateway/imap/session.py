@@ -22,7 +22,7 @@ from gateway import metrics
 from gateway.imap import upstream as up
 from gateway.imap.capabilities import rewrite_caps_in
 from gateway.imap.decisions import Decision, Tagger
-from gateway.imap.fetchitems import parse_fetch
+from gateway.imap.fetchitems import explicit_uids, parse_fetch
 from gateway.imap.fetchop import FetchOperation
 from gateway.imap.parser import Framer, FramerSink, Incomplete, LiteralInfo, ParseError, parse_astrings
 from gateway.imap.prelogin import PreLogin, no_delay
@@ -273,9 +273,11 @@ class ClientSession(PreLogin, FetchOperation, protocol.Protocol, TimeoutMixin, F
             if verb in (b"FETCH", b"UID FETCH") and literal is None and self.tagger is not None \
                     and self.uidvalidity is not None:
                 fc = parse_fetch(data, self.cfg.max_nesting_depth)
-                if fc is not None and fc.has_content and not self._known_untagged(fc):
-                    self._start_fetch(fc, data)
-                    return
+                if fc is not None and fc.has_content:
+                    if not self._known_untagged(fc):
+                        self._start_fetch(fc, data)
+                        return
+                    self._note_whole(fc, explicit_uids(fc.sequence, limit=200) or [])
             if verb == b"COMPRESS":
                 self._refuse(tag, literal, b" NO [CANNOT] Compression is not available through this proxy\r\n")
                 return

@@ -96,6 +96,7 @@ class SubmissionHandler:
         self.policy = policy
         self.spool = spool
         self.archive = archive
+        archive.configure(cfg)  # the key file: the archive must work from the first message on
         self.authenticator = authenticator
         self.guard = guard
         self.credentials_key = credentials_key

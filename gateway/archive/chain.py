@@ -1,0 +1,117 @@
+"""The archive hash chain over records, sightings and events.
+
+Every chained row has ``seq`` (global, 1, 2, 3 … without gaps across the three tables),
+``digest`` = SHA-256 of its own fields (canonical JSON, fixed order) and
+``hash = SHA-256(json([prev_hash, seq, kind, digest]))`` with ``prev_hash`` the hash of
+seq - 1 (GENESIS for seq 1).  Altering a field changes the digest; deleting or reordering
+a row leaves a gap or a broken link; ``ArchiveChainHead`` names the last seq, so a cut
+tail is seen too (and checkpoints in the operation log catch a rewritten head).
+
+A purge does not delete rows: it blanks a record's and its sightings' fields and deletes
+the blob, keeping ``digest`` — the chain still verifies, and a chained ``purge`` event
+names every purged record, so blanking without such an event is reported.
+
+Writers are serialized by the first statement of ``_advance``: an UPDATE of the single
+head row.  On PostgreSQL the row lock is held to commit; on SQLite the UPDATE takes the
+database write lock.  Call inside a transaction (the group-commit transaction counts):
+seq allocation and the row insert then commit or roll back together.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+from typing import Any
+
+from gateway.archive.schema import ArchiveChainHead, ArchiveEvent, ArchiveRecord, ArchiveSighting
+from gateway.db.models import utcnow
+from gateway.groupcommit import write_transaction
+
+GENESIS = "0" * 64
+
+RECORD, SIGHTING, EVENT = "record", "sighting", "event"
+
+
+def _ts(value: dt.datetime | None) -> str:
+    return value.isoformat(timespec="microseconds") if value is not None else ""
+
+
+def _canon(values: list[Any]) -> str:
+    payload = json.dumps(values, ensure_ascii=False, separators=(",", ":"), default=str)
+    return hashlib.sha256(payload.encode("utf-8")).hexdigest()
+
+
+def record_digest(r: ArchiveRecord) -> str:
+    """The fields a record's hash covers (not key_id/stored_size/blob_path: a re-encryption
+    may change those; the blob's content is checked against ``sha256`` instead)."""
+    return _canon([RECORD, _ts(r.created_at), r.sha256, int(r.size), r.direction, r.verdict, r.mail_from,
+                   r.recipients, r.subject, r.message_id, r.reason, r.trace, r.queue_id])
+
+
+def sighting_digest(s: ArchiveSighting) -> str:
+    return _canon([SIGHTING, int(s.record_id), _ts(s.seen_at), s.place, s.direction, s.verdict, s.reason,
+                   s.trace, s.queue_id, s.employee_email, s.mail_from, s.recipients, s.ref])
+
+
+def event_digest(e: ArchiveEvent) -> str:
+    return _canon([EVENT, _ts(e.at), e.kind, e.actor, e.target, e.details])
+
+
+def link(prev_hash: str, seq: int, kind: str, digest: str) -> str:
+    return _canon([prev_hash, int(seq), kind, digest])
+
+
+def _advance(kind: str, digest: str) -> tuple[int, str, str]:
+    """Lock the head, allocate the next seq; returns (seq, prev_hash, hash)."""
+    head = ArchiveChainHead
+    if head.update(seq=head.seq + 1).where(head.id == 1).execute() != 1:
+        raise RuntimeError("archive chain head row missing (migration 100 not applied?)")
+    row = head.select(head.seq, head.hash).where(head.id == 1).get()
+    seq, prev = int(row.seq), row.hash
+    new = link(prev, seq, kind, digest)
+    head.update(hash=new).where(head.id == 1).execute()
+    return seq, prev, new
+
+
+def lock() -> None:
+    """Take the chain writer lock now (a no-op UPDATE of the head row), e.g. before a
+    look-up whose answer decides what to append."""
+    ArchiveChainHead.update(seq=ArchiveChainHead.seq).where(ArchiveChainHead.id == 1).execute()
+
+
+def append_record(r: ArchiveRecord) -> ArchiveRecord:
+    """Chain and insert (or save) a record.  Caller holds a transaction."""
+    if r.created_at is None:
+        r.created_at = utcnow()
+    r.created_at = r.created_at.replace(tzinfo=None)
+    r.digest = record_digest(r)
+    r.seq, r.prev_hash, r.hash = _advance(RECORD, r.digest)
+    r.save()
+    return r
+
+
+def append_sighting(s: ArchiveSighting) -> ArchiveSighting:
+    if s.seen_at is None:
+        s.seen_at = utcnow()
+    s.digest = sighting_digest(s)
+    s.seq, s.prev_hash, s.hash = _advance(SIGHTING, s.digest)
+    s.save(force_insert=True)
+    return s
+
+
+def append_event(kind: str, actor: str = "", target: str = "", details: Any = None) -> ArchiveEvent:
+    """Chain one event; opens its own transaction when the caller has none."""
+    text = details if isinstance(details, str) else json.dumps(details or {}, ensure_ascii=False,
+                                                               sort_keys=True, default=str)
+    with write_transaction():
+        e = ArchiveEvent(at=utcnow(), kind=kind[:20], actor=actor[:320], target=target[:500], details=text)
+        e.digest = event_digest(e)
+        e.seq, e.prev_hash, e.hash = _advance(EVENT, e.digest)
+        e.save(force_insert=True)
+        return e
+
+
+def head() -> tuple[int, str]:
+    row = ArchiveChainHead.get_or_none(ArchiveChainHead.id == 1)
+    return (int(row.seq), row.hash) if row else (0, GENESIS)

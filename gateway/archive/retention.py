@@ -1,0 +1,187 @@
+"""Retention (years) and legal hold (法律保全).
+
+A record is due for purging once ``created_at`` (when it was first archived) is older
+than ``[archive] retention_years`` (0 = keep forever) — unless a legal hold covers it:
+scope ``record`` (one record id), ``employee`` (every record with a sighting of that
+employee's address) or ``all`` (suspends every purge).  Holds and releases are chained
+events and operation-log entries.
+
+A purge keeps the chain verifiable: in one transaction (holding the chain lock) it
+blanks each record's and its sightings' descriptive fields (keeping ``digest``, so
+links still verify), renames ``sha256`` to ``purged:<id>``, appends a chained
+``purge`` event listing the record ids (the tombstone) and an operation-log entry, and
+deletes the blob files just before the commit.  Blocking: call from a worker thread.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+from dataclasses import dataclass, field
+
+from gateway import oplog
+from gateway.archive import chain
+from gateway.archive.schema import ArchiveHold, ArchiveRecord, ArchiveSighting
+from gateway.archive.store import BlobStore
+from gateway.areas import optional_module
+from gateway.db.models import Employee, utcnow
+from gateway.groupcommit import write_transaction
+
+log = logging.getLogger("mailgate.archive")
+
+SCOPES = ("record", "employee", "all")
+
+
+class HoldError(ValueError):
+    """A hold request names nothing that exists, or an unknown scope."""
+
+
+@dataclass
+class PurgeResult:
+    purged: list[int] = field(default_factory=list)
+    held: int = 0  # records past retention but kept by a hold
+    dry_run: bool = False
+
+
+def cutoff(years: int, now: dt.datetime | None = None) -> dt.datetime:
+    now = now or utcnow()
+    try:
+        return now.replace(year=now.year - years)
+    except ValueError:  # 29 February
+        return now.replace(year=now.year - years, day=28)
+
+
+# -- holds -------------------------------------------------------------------------
+
+
+def place_hold(scope: str, target: str, reason: str, actor: str) -> ArchiveHold:
+    scope = scope.strip().lower()
+    target = target.strip()
+    if scope not in SCOPES:
+        raise HoldError(f"unknown hold scope {scope!r} (record, employee, all)")
+    if not reason.strip():
+        raise HoldError("a legal hold needs a reason")
+    if scope == "record":
+        if not target.isdigit() or not ArchiveRecord.select().where(ArchiveRecord.id == int(target)).exists():
+            raise HoldError(f"no archive record {target!r}")
+    elif scope == "employee":
+        target = target.lower()
+        known = Employee.select().where(Employee.email == target).exists() or ArchiveSighting.select().where(
+            ArchiveSighting.employee_email == target).exists()
+        if not known:
+            raise HoldError(f"no employee or archived mail for {target!r}")
+    else:
+        target = "*"
+    with write_transaction():
+        hold = ArchiveHold.create(scope=scope, target=target, reason=reason[:2000], created_by=actor[:320])
+        chain.append_event("hold", actor, f"{scope}:{target}", {"hold": hold.id, "reason": reason})
+        oplog.record(actor, "archive.hold", f"{scope}:{target}", {"hold": hold.id, "reason": reason})
+    return hold
+
+
+def release_hold(hold_id: int, actor: str, reason: str = "") -> ArchiveHold:
+    with write_transaction():
+        hold = ArchiveHold.get_or_none(ArchiveHold.id == hold_id)
+        if hold is None or hold.released_at is not None:
+            raise HoldError(f"no active hold {hold_id}")
+        hold.released_at, hold.released_by = utcnow(), actor[:320]
+        hold.save()
+        target = f"{hold.scope}:{hold.target}"
+        chain.append_event("release", actor, target, {"hold": hold.id, "reason": reason})
+        oplog.record(actor, "archive.release", target, {"hold": hold.id, "reason": reason})
+    return hold
+
+
+def active_holds() -> list[ArchiveHold]:
+    return list(ArchiveHold.select().where(ArchiveHold.released_at.is_null()).order_by(ArchiveHold.id))
+
+
+def is_held(record: ArchiveRecord) -> bool:
+    holds = active_holds()
+    if any(h.scope == "all" for h in holds):
+        return True
+    if any(h.scope == "record" and h.target == str(record.id) for h in holds):
+        return True
+    emails = [h.target for h in holds if h.scope == "employee"]
+    return bool(emails) and ArchiveSighting.select().where(
+        (ArchiveSighting.record == record) & (ArchiveSighting.employee_email.in_(emails))).exists()
+
+
+# -- purge -------------------------------------------------------------------------
+
+
+def _due(before: dt.datetime):
+    return ArchiveRecord.select().where(ArchiveRecord.purged_at.is_null() & (ArchiveRecord.created_at < before))
+
+
+def _unheld(query, holds: list[ArchiveHold]):
+    if any(h.scope == "all" for h in holds):
+        return None
+    ids = [int(h.target) for h in holds if h.scope == "record" and h.target.isdigit()]
+    if ids:
+        query = query.where(ArchiveRecord.id.not_in(ids))
+    emails = [h.target for h in holds if h.scope == "employee"]
+    if emails:
+        held = ArchiveSighting.select(ArchiveSighting.record).where(ArchiveSighting.employee_email.in_(emails))
+        query = query.where(ArchiveRecord.id.not_in(held))
+    return query
+
+
+def purge(store: BlobStore | None, years: int, actor: str = "system", *, now: dt.datetime | None = None,
+          dry_run: bool = False, batch: int = 500) -> PurgeResult:
+    """Purge every record past retention and not on hold; returns what was done."""
+    result = PurgeResult(dry_run=dry_run)
+    if years <= 0:
+        return result
+    before = cutoff(years, now)
+    while True:
+        with write_transaction():
+            chain.lock()
+            query = _unheld(_due(before), active_holds())
+            if dry_run:
+                result.purged = [] if query is None else [r.id for r in query.order_by(ArchiveRecord.id)]
+                break
+            candidates = [] if query is None else list(query.order_by(ArchiveRecord.id).limit(batch))
+            if not candidates:
+                break
+            _tombstone(candidates, actor, years, before)
+            if store is not None:
+                for r in candidates:  # the last step before the commit (see the module docstring)
+                    store.delete(r.blob_path)
+        result.purged.extend(r.id for r in candidates)
+        _forget([r.id for r in candidates])
+        if len(candidates) < batch:
+            break
+    result.held = _due(before).count() - (len(result.purged) if dry_run else 0)
+    if result.purged and not dry_run:
+        log.info("archive retention: purged %d record(s) older than %d years; %d kept by legal hold",
+                 len(result.purged), years, result.held)
+    return result
+
+
+def _tombstone(records: list[ArchiveRecord], actor: str, years: int, before: dt.datetime) -> None:
+    ids = [r.id for r in records]
+    at = utcnow()
+    for r in records:
+        ArchiveRecord.update(
+            sha256=f"purged:{r.id}", subject="", mail_from="", recipients="[]", message_id="", reason="",
+            trace="[]", queue_id="", purged_at=at,
+        ).where(ArchiveRecord.id == r.id).execute()
+    ArchiveSighting.update(reason="", trace="[]", mail_from="", recipients="[]").where(
+        ArchiveSighting.record.in_(ids)).execute()
+    details = {"records": ids, "retention_years": years, "created_before": before.isoformat()}
+    chain.append_event("purge", actor, f"{len(ids)} records", details)
+    oplog.record(actor, "archive.purge", f"{len(ids)} records", details)
+
+
+def _forget(ids: list[int]) -> None:
+    index = optional_module("gateway.archive.index")
+    forget = getattr(index, "forget_record", None) if index is not None else None
+    if forget is None:
+        return
+    for rid in ids:
+        try:
+            with write_transaction():
+                forget(rid)
+        except Exception:
+            log.exception("archive record %s: removing it from the full-text index failed", rid)

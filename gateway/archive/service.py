@@ -1,0 +1,172 @@
+"""The archive inside `mailgate run`: inbound sync loop, IMAP capture worker, daily purge.
+
+- Configures ``node.archive`` (key file) and creates the keyring if missing.
+- IMAP capture: the proxy's ``on_whole_fetch`` hook only queues (account, mailbox,
+  UIDVALIDITY, UIDs) on a bounded queue (the reactor thread never waits); a worker fetches
+  those messages again upstream (master user or opt-in credentials) in a thread and
+  archives them as ``imap:<account>/<mailbox>``.  A full queue drops the note (logged):
+  the background sync still captures INBOX/Sent.
+- Opt-in: the proxy's ``on_login`` hook seals the employee's login (once per process per
+  password) for the sync of providers without a master user.
+- Sync: every ``sync_interval`` seconds, one pass over every active employee.
+- Daily: retention purge (when ``retention_years`` > 0) and a chain checkpoint in the
+  operation log.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import logging
+from typing import Any
+
+from gateway.archive import Archive
+
+log = logging.getLogger("mailgate.archive")
+
+CAPTURE_QUEUE = 10_000
+DAILY = 24 * 3600.0
+
+
+async def start(node: Any, reactor: Any):  # noqa: ANN201 - async stop function | None
+    cfg = node.cfg
+    archive: Archive = node.archive
+    archive.configure(cfg)
+    await asyncio.to_thread(lambda: archive.store.keyring)  # create the key file now, not mid-message
+    a = cfg.archive
+    tasks: list[asyncio.Task] = []
+    stopping = node.stopping
+    hooks = _Hooks(archive, cfg)
+    if reactor is not None:
+        hooks.install()
+        if a.capture_imap:
+            tasks.append(asyncio.create_task(hooks.capture_worker(stopping), name="archive-imap-capture"))
+    if a.sync_enabled:
+        tasks.append(asyncio.create_task(_sync_loop(archive, cfg, stopping), name="archive-sync"))
+    tasks.append(asyncio.create_task(_daily(archive, cfg, stopping), name="archive-daily"))
+
+    async def stop() -> None:
+        hooks.uninstall()
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    return stop
+
+
+async def _wait(stopping: asyncio.Event, seconds: float) -> bool:
+    """Sleep up to ``seconds``; True if the node is stopping."""
+    try:
+        await asyncio.wait_for(stopping.wait(), seconds)
+        return True
+    except TimeoutError:
+        return False
+
+
+async def _sync_loop(archive: Archive, cfg: Any, stopping: asyncio.Event) -> None:
+    from gateway.archive.sync import sync_all
+
+    while not stopping.is_set():
+        try:
+            new = await asyncio.to_thread(sync_all, archive, cfg, stopping.is_set)
+            log.info("archive sync pass done: %d new sighting(s)", new)
+        except Exception:
+            log.exception("archive sync pass failed")
+        if await _wait(stopping, cfg.archive.sync_interval):
+            return
+
+
+async def _daily(archive: Archive, cfg: Any, stopping: asyncio.Event) -> None:
+    from gateway.archive.retention import purge
+    from gateway.archive.verify import checkpoint
+
+    while not stopping.is_set():
+        if await _wait(stopping, 60.0):  # not in the middle of start-up
+            return
+        try:
+            if cfg.archive.purge_enabled and cfg.archive.retention_years > 0:
+                await asyncio.to_thread(purge, archive.store, cfg.archive.retention_years, "system")
+            await asyncio.to_thread(checkpoint, "system")
+        except Exception:
+            log.exception("archive daily retention/checkpoint failed")
+        if await _wait(stopping, DAILY - 60.0):
+            return
+
+
+class _Hooks:
+    def __init__(self, archive: Archive, cfg: Any):
+        self.archive, self.cfg = archive, cfg
+        self.queue: asyncio.Queue = asyncio.Queue(CAPTURE_QUEUE)
+        self.dropped = 0
+        self._seen_logins: dict[str, bytes] = {}
+        self._pepper = hashlib.sha256(b"mailgate-archive-login" + id(self).to_bytes(8, "little")).digest()
+
+    def install(self) -> None:
+        from gateway.imap.service import ProxyService
+
+        if self.cfg.archive.capture_imap:
+            ProxyService.on_whole_fetch = self.on_whole_fetch
+        if self.cfg.archive.capture_credentials_opt_in:
+            ProxyService.on_login = self.on_login
+
+    def uninstall(self) -> None:
+        from gateway.imap.service import ProxyService
+
+        if ProxyService.on_whole_fetch == self.on_whole_fetch:
+            ProxyService.on_whole_fetch = None
+        if ProxyService.on_login == self.on_login:
+            ProxyService.on_login = None
+
+    # -- called on the reactor thread: never block ---------------------------------
+
+    def on_whole_fetch(self, account: str, mailbox: bytes, uidvalidity: int, uids: list[int]) -> None:
+        if not account:
+            return
+        try:
+            self.queue.put_nowait((account, mailbox, uidvalidity, tuple(uids)))
+        except asyncio.QueueFull:
+            self.dropped += 1
+            if self.dropped % 1000 == 1:
+                log.warning("archive IMAP capture queue full: %d notes dropped (sync still captures INBOX/Sent)",
+                            self.dropped)
+
+    def on_login(self, account: str, login: bytes, password: bytes) -> None:
+        mark = hmac.new(self._pepper, login + b"\0" + password, hashlib.sha256).digest()
+        if self._seen_logins.get(account) == mark:
+            return
+        self._seen_logins[account] = mark
+        from gateway.archive.sync import store_credentials
+
+        task = asyncio.get_running_loop().run_in_executor(
+            None, store_credentials, self.archive, account, login.decode("utf-8", "replace"),
+            password.decode("utf-8", "replace"))
+        task.add_done_callback(lambda f: f.exception() and log.warning(
+            "archive: could not keep the IMAP login of %s: %s", account, type(f.exception()).__name__))
+
+    # -- worker ------------------------------------------------------------------------
+
+    async def capture_worker(self, stopping: asyncio.Event) -> None:
+        from gateway.archive.sync import capture_uids
+
+        while not stopping.is_set():
+            account, mailbox, uidvalidity, uids = await self.queue.get()
+            # Coalesce what else waits for the same mailbox (a client reading many messages).
+            batch = {(account, mailbox, uidvalidity): set(uids)}
+            while not self.queue.empty() and len(batch) < 50:
+                a, m, v, u = self.queue.get_nowait()
+                batch.setdefault((a, m, v), set()).update(u)
+            for (a, m, v), us in batch.items():
+                try:
+                    await asyncio.to_thread(capture_uids, self.archive, self.cfg, a, _mailbox_name(m), v, sorted(us))
+                except Exception as exc:  # noqa: BLE001 - upstream trouble: the sync catches up
+                    log.warning("archive IMAP capture of %s/%s failed: %s", a, m, exc)
+
+
+def _mailbox_name(name: bytes | str) -> str:
+    """The proxy's mailbox bytes (modified UTF-7 on the wire) as the text imapclient expects."""
+    if isinstance(name, str):
+        return name
+    from imapclient.imap_utf7 import decode
+
+    return decode(name)

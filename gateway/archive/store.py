@@ -1,0 +1,213 @@
+"""The blob store: compressed, encrypted, content-addressed message files.
+
+Blob file layout (version 1)::
+
+    b"MGA1" | key id (4 bytes, big-endian) | nonce (12 bytes) | AES-256-GCM(zstd(raw)) + tag
+
+The 8-byte header is the GCM associated data, so a changed key id or magic does not
+open.  The content address is SHA-256 of the raw message; the file name is
+``HMAC(name key, sha256)`` (gateway/archive/keys.py) under ``<dir>/<name[:2]>/`` — one
+level of 256 folders, so a batch's directory fsyncs stay few.  Files are written
+atomically and fsynced (gateway.spool.write_durably); writing the same content twice
+writes the same name, so concurrent writers (node, relay process, import) need no lock.
+
+Legacy blobs (before migration 100: plaintext at ``ab/cd/<sha256>``, key id 0) are
+still read.  Blocking: call from a worker thread.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import struct
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import zstandard
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from gateway.archive import keys as keyring_mod
+from gateway.spool import fsync_dir, write_durably
+
+MAGIC = b"MGA1"
+HEADER = struct.Struct(">4sI")
+NONCE_SIZE = 12
+_RELOAD_EVERY = 10.0  # seconds between checks of the keyring file for a rotation
+
+
+class BlobError(Exception):
+    """A blob is missing, does not decrypt, or does not match its content hash."""
+
+
+@dataclass
+class PreparedBlob:
+    """A message ready to be recorded: hash, file name and encrypted bytes (None if the file exists)."""
+
+    sha256: str
+    name: str
+    size: int
+    key_id: int
+    data: bytes | None
+    stored_size: int
+
+
+class BlobStore:
+    def __init__(self, directory: Path, key_file: Path, level: int = 3):
+        self.directory = Path(directory)
+        self.key_file = Path(key_file)
+        self.level = level
+        self._ring: keyring_mod.Keyring | None = None
+        self._ring_checked = 0.0
+        self._ring_mtime = 0.0
+        self._lock = threading.Lock()
+        self._local = threading.local()  # zstd contexts are not thread-safe
+
+    # -- keys ------------------------------------------------------------------
+
+    @property
+    def keyring(self) -> keyring_mod.Keyring:
+        now = time.monotonic()
+        ring = self._ring
+        if ring is not None and now - self._ring_checked < _RELOAD_EVERY:
+            return ring
+        with self._lock:
+            self._ring_checked = now
+            try:
+                mtime = self.key_file.stat().st_mtime
+            except FileNotFoundError:
+                mtime = -1.0
+            if self._ring is None or mtime != self._ring_mtime:
+                self._ring = keyring_mod.load(self.key_file)
+                self._ring_mtime = self.key_file.stat().st_mtime
+            return self._ring
+
+    def _key(self, key_id: int) -> bytes:
+        ring = self.keyring
+        if key_id not in ring.keys:  # rotated by another process a moment ago
+            self._ring_checked = 0.0
+            ring = self.keyring
+        return ring.key(key_id)
+
+    # -- paths -----------------------------------------------------------------
+
+    def path_of(self, name: str) -> Path:
+        if "/" in name:  # legacy ab/cd/<sha256>
+            return self.directory / name
+        return self.directory / name[:2] / name
+
+    def name_for(self, sha256: str) -> str:
+        return self.keyring.name_for(sha256)
+
+    # -- write -----------------------------------------------------------------
+
+    def prepare(self, raw: bytes, sha256: str | None = None) -> PreparedBlob:
+        """Hash, and compress + encrypt unless the blob file already exists (CPU only, no I/O
+        beyond one stat)."""
+        digest = sha256 or hashlib.sha256(raw).hexdigest()
+        name = self.name_for(digest)
+        path = self.path_of(name)
+        try:
+            stored = path.stat().st_size
+            return PreparedBlob(digest, name, len(raw), self._existing_key_id(path), None, stored)
+        except (FileNotFoundError, BlobError):
+            pass
+        ring = self.keyring
+        key_id = ring.current_id
+        header = HEADER.pack(MAGIC, key_id)
+        nonce = os.urandom(NONCE_SIZE)
+        body = AESGCM(ring.current).encrypt(nonce, self._compressor().compress(raw), header)
+        data = header + nonce + body
+        return PreparedBlob(digest, name, len(raw), key_id, data, len(data))
+
+    def write(self, blob: PreparedBlob, sync_dir: bool = True) -> Path | None:
+        """Write a prepared blob durably; returns its folder (for a later fsync) if written."""
+        if blob.data is None:
+            return None
+        path = self.path_of(blob.name)
+        if path.exists():
+            return None
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_durably(path, blob.data, sync_dir=sync_dir)
+        return path.parent
+
+    def put(self, raw: bytes) -> PreparedBlob:
+        blob = self.prepare(raw)
+        self.write(blob)
+        return blob
+
+    @staticmethod
+    def sync_dirs(dirs: set[Path]) -> None:
+        for d in dirs:
+            fsync_dir(d)
+
+    # -- read ------------------------------------------------------------------
+
+    def read(self, name: str, sha256: str, key_id: int | None = None) -> bytes:
+        """The original bytes; raises BlobError if missing, unreadable or not matching ``sha256``."""
+        path = self.path_of(name)
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            raise BlobError(f"blob {name} is missing") from None
+        raw = self.decode(data, name)
+        if hashlib.sha256(raw).hexdigest() != sha256:
+            raise BlobError(f"blob {name} does not match its content hash (altered)")
+        return raw
+
+    def decode(self, data: bytes, name: str = "") -> bytes:
+        if data[:4] != MAGIC:
+            if "/" in name:  # a legacy plaintext blob
+                return data
+            raise BlobError(f"blob {name}: unknown format (altered?)")
+        if len(data) < HEADER.size + NONCE_SIZE + 16:
+            raise BlobError(f"blob {name}: truncated")
+        _, key_id = HEADER.unpack_from(data)
+        try:
+            key = self._key(key_id)
+        except keyring_mod.KeyringError as exc:
+            raise BlobError(f"blob {name}: {exc}") from None
+        nonce = data[HEADER.size : HEADER.size + NONCE_SIZE]
+        try:
+            packed = AESGCM(key).decrypt(nonce, data[HEADER.size + NONCE_SIZE :], data[: HEADER.size])
+        except InvalidTag:
+            raise BlobError(f"blob {name} does not decrypt (altered, or another key)") from None
+        try:
+            return self._decompressor().decompress(packed)
+        except zstandard.ZstdError as exc:
+            raise BlobError(f"blob {name}: bad compressed data ({exc})") from None
+
+    def key_id_of(self, name: str) -> int:
+        return self._existing_key_id(self.path_of(name))
+
+    def delete(self, name: str) -> bool:
+        try:
+            os.unlink(self.path_of(name))
+            return True
+        except FileNotFoundError:
+            return False
+
+    # -- helpers ---------------------------------------------------------------
+
+    @staticmethod
+    def _existing_key_id(path: Path) -> int:
+        with open(path, "rb") as f:
+            head = f.read(HEADER.size)
+        if head[:4] != MAGIC:
+            raise BlobError(f"{path}: not a blob")
+        return HEADER.unpack(head)[1]
+
+    def _compressor(self) -> zstandard.ZstdCompressor:
+        c = getattr(self._local, "c", None)
+        if c is None:
+            # write_content_size: the decompressor needs it for one-shot decompress().
+            c = self._local.c = zstandard.ZstdCompressor(level=self.level, write_content_size=True)
+        return c
+
+    def _decompressor(self) -> zstandard.ZstdDecompressor:
+        d = getattr(self._local, "d", None)
+        if d is None:
+            d = self._local.d = zstandard.ZstdDecompressor()
+        return d

@@ -1,0 +1,162 @@
+"""`mailgate archive verify`: the whole chain, the head, the checkpoints and every blob.
+
+Problems are returned as one line each (empty list: intact).  What is detected:
+- a record, sighting or event altered (its digest or its link no longer matches);
+- one deleted or reordered (a gap in seq, or a broken prev_hash link);
+- the tail cut (the head names a later seq) or the head rewritten as well (a checkpoint
+  in the operation log names a seq/hash the chain no longer has);
+- a record blanked as if purged without a chained purge event;
+- a blob missing, altered (AES-GCM tag), undecryptable (key removed) or not the content
+  its record names (SHA-256).
+Blocking; reads in batches, so memory stays flat for millions of rows.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator
+
+from gateway.archive import chain
+from gateway.archive.schema import ArchiveEvent, ArchiveRecord, ArchiveSighting
+from gateway.archive.store import BlobError, BlobStore
+from gateway.db.models import AuditLog
+
+CHECKPOINT_ACTION = "archive.checkpoint"
+_BATCH = 5000
+
+
+def _rows(batch: int, top: int) -> Iterator[tuple[int, str, object]]:
+    """(seq, kind, row) of all three tables in seq order, up to ``top`` and anything after
+    it that is not explained by writers appending meanwhile (rows past the head snapshot
+    are checked only if the head is behind them at the end)."""
+    lo = 1
+    while lo <= top:
+        hi = lo + batch
+        rows: list[tuple[int, str, object]] = []
+        for model, kind in ((ArchiveRecord, chain.RECORD), (ArchiveSighting, chain.SIGHTING),
+                            (ArchiveEvent, chain.EVENT)):
+            rows.extend((int(r.seq), kind, r) for r in model.select().where(
+                (model.seq >= lo) & (model.seq < hi) & (model.seq <= top)))
+        rows.sort(key=lambda t: (t[0], t[1]))
+        yield from rows
+        lo = hi
+
+
+def _max_seq(model) -> int:
+    row = model.select(model.seq).where(model.seq.is_null(False)).order_by(model.seq.desc()).first()
+    return int(row.seq) if row else 0
+
+
+def verify_chain(batch: int = _BATCH) -> list[str]:
+    problems: list[str] = []
+    purged_ids = {r.id for r in ArchiveRecord.select(ArchiveRecord.id).where(ArchiveRecord.purged_at.is_null(False))}
+    tombstoned: set[int] = set()
+    checkpoints = _checkpoints()
+    seen_hash: dict[int, str] = {}
+    unchained = ArchiveRecord.select().where(ArchiveRecord.seq.is_null()).count()
+    if unchained:
+        problems.append(f"archive: {unchained} record(s) outside the chain (inserted behind the archive's back)")
+    # The head first: writers may append while we read; what they add is checked next time.
+    head_seq, head_hash = chain.head()
+    top = max(head_seq, *(_max_seq(m) for m in (ArchiveRecord, ArchiveSighting, ArchiveEvent))) \
+        if head_seq == 0 else head_seq
+    prev, expected = chain.GENESIS, 1
+    for seq, kind, row in _rows(batch, top):
+        if seq < expected:
+            problems.append(f"archive chain: seq {seq} appears twice")
+            continue
+        if seq > expected:
+            problems.append(f"archive chain: entries {expected}..{seq - 1} are missing (deleted)")
+        if row.prev_hash != prev:
+            problems.append(f"archive chain: {kind} {row.id} (seq {seq}) does not follow the entry before it")
+        if chain.link(row.prev_hash, seq, kind, row.digest) != row.hash:
+            problems.append(f"archive chain: {kind} {row.id} (seq {seq}) was altered (hash)")
+        elif _fields_changed(kind, row, purged_ids):
+            problems.append(f"archive chain: {kind} {row.id} (seq {seq}) was altered (fields)")
+        if kind == chain.EVENT and row.kind == "purge":
+            tombstoned.update(_purged_in(row))
+        if seq in checkpoints:
+            seen_hash[seq] = row.hash
+        prev, expected = row.hash, seq + 1
+    last = expected - 1
+    beyond = max(_max_seq(m) for m in (ArchiveRecord, ArchiveSighting, ArchiveEvent))
+    if beyond > top and chain.head()[0] < beyond:
+        problems.append(f"archive chain: entries after {top} exist but the head does not name them")
+    if head_seq != last or head_hash != prev:
+        problems.append(f"archive chain: the head names entry {head_seq} but the chain ends at {last} "
+                        "(entries at the end were deleted, or the head was altered)")
+    for seq, h in sorted(checkpoints.items()):
+        if seen_hash.get(seq) != h:
+            problems.append(f"archive chain: checkpoint at entry {seq} (operation log) no longer matches "
+                            "(the chain was rewritten or cut)")
+    for rid in sorted(purged_ids - tombstoned):
+        problems.append(f"archive: record {rid} is blanked as purged but no purge event names it")
+    return problems
+
+
+def _fields_changed(kind: str, row, purged_ids: set[int]) -> bool:
+    if kind == chain.RECORD:
+        return row.id not in purged_ids and chain.record_digest(row) != row.digest
+    if kind == chain.SIGHTING:
+        return row.record_id not in purged_ids and chain.sighting_digest(row) != row.digest
+    return chain.event_digest(row) != row.digest
+
+
+def _purged_in(event: ArchiveEvent) -> list[int]:
+    try:
+        return [int(i) for i in json.loads(event.details).get("records", [])]
+    except (ValueError, TypeError, AttributeError):
+        return []
+
+
+def _checkpoints() -> dict[int, str]:
+    out: dict[int, str] = {}
+    for row in AuditLog.select(AuditLog.details).where(AuditLog.action == CHECKPOINT_ACTION):
+        try:
+            d = json.loads(row.details)
+            out[int(d["seq"])] = str(d["hash"])
+        except (ValueError, KeyError, TypeError):
+            continue
+    return out
+
+
+def verify_blobs(store: BlobStore, batch: int = 1000,
+                 progress: Callable[[int, int], None] | None = None) -> list[str]:
+    problems: list[str] = []
+    q = ArchiveRecord.select(ArchiveRecord.id, ArchiveRecord.blob_path, ArchiveRecord.sha256).where(
+        ArchiveRecord.purged_at.is_null())
+    total = q.count()
+    done, last_id = 0, 0
+    while True:
+        rows = list(q.where(ArchiveRecord.id > last_id).order_by(ArchiveRecord.id).limit(batch))
+        if not rows:
+            break
+        for r in rows:
+            try:
+                store.read(r.blob_path, r.sha256)
+            except BlobError as exc:
+                problems.append(f"archive: record {r.id}: {exc}")
+            except OSError as exc:
+                problems.append(f"archive: record {r.id}: blob unreadable: {exc}")
+        done += len(rows)
+        last_id = rows[-1].id
+        if progress:
+            progress(done, total)
+    return problems
+
+
+def verify(store: BlobStore | None, blobs: bool = True,
+           progress: Callable[[int, int], None] | None = None) -> list[str]:
+    problems = verify_chain()
+    if blobs and store is not None:
+        problems += verify_blobs(store, progress=progress)
+    return problems
+
+
+def checkpoint(actor: str = "system") -> tuple[int, str]:
+    """Record the chain head in the (separately chained) operation log."""
+    from gateway import oplog
+
+    seq, h = chain.head()
+    oplog.record(actor, CHECKPOINT_ACTION, f"seq {seq}", {"seq": seq, "hash": h})
+    return seq, h

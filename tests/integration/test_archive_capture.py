@@ -1,0 +1,231 @@
+"""Every archive capture path against a running gateway and the real Dovecot:
+submission accepted / refused / held, the relayed copy, a whole message served by the
+IMAP proxy, the master-user sync, and `mailgate archive import` from an IMAP account;
+then `mailgate archive verify` passes, and reports an altered blob."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+import uuid
+from email.message import EmailMessage
+
+import pytest
+from imapclient import IMAPClient
+
+from gateway.archive.schema import ArchiveRecord, ArchiveSighting
+from gateway.cli import main
+from gateway.db import connect
+from gateway.demo.sample_data import seed
+from tests.harness.gateway import REPO, GatewayProcess
+from tests.integration.test_submission import submit, tls_ctx
+
+pytestmark = pytest.mark.integration
+
+HOLD_RULE = """
+rules:
+  - name: hold-japan
+    description: mail to Japan needs the manager's approval
+    priority: 50
+    conditions:
+      recipient-country: [JP]
+    actions:
+      - hold_for_approval: {approvers: [manager], reason: "Japan: manager approval"}
+"""
+
+
+@pytest.fixture(scope="module")
+def gw(tmp_path_factory, dovecot, sink):
+    base = tmp_path_factory.mktemp("archive-capture")
+    rules = base / "rules"
+    shutil.copytree(REPO / "rules", rules)
+    (rules / "70-hold-japan.yaml").write_text(HOLD_RULE)
+    archive = {"sync_enabled": True, "master_user": "archiver", "master_password": "archiver-pw",
+               "sync_interval": 0.5, "capture_imap": True}
+    g = GatewayProcess(base / "gw", dovecot, {"rules": {"dir": str(rules)}, "archive": archive})
+    connect(g.db_url)
+    seed()
+    g.start()
+    yield g
+    g.stop()
+
+
+def wait_for(condition, timeout: float = 20.0, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def sightings(**where) -> list[ArchiveSighting]:
+    q = ArchiveSighting.select()
+    for k, v in where.items():
+        q = q.where(getattr(ArchiveSighting, k) == v)
+    return list(q.order_by(ArchiveSighting.seq))
+
+
+def mail(to: str, subject: str) -> EmailMessage:
+    msg = EmailMessage()
+    msg["From"] = "alice@acme.test"
+    msg["To"] = to
+    msg["Subject"] = subject
+    msg.set_content(f"body of {subject}")
+    return msg
+
+
+def unique(label: str) -> str:
+    return f"{label} {uuid.uuid4().hex[:8]}"
+
+
+def test_accepted_submission_and_relayed_copy(gw, sink):
+    subject = unique("Accepted")
+    code, text = submit(gw, "alice@acme.test", "alice-pw", mail("einkauf@hamburg-tools.de", subject))
+    assert code == 250, text
+    rec = ArchiveRecord.get(ArchiveRecord.subject == subject)
+    [sub] = sightings(record=rec.id, place="smtp:submitted")
+    assert (sub.verdict, sub.direction, sub.employee_email) == ("accepted", "outbound", "alice@acme.test")
+    assert json.loads(sub.trace), "the rule trace is archived"
+    relayed = wait_for(lambda: sightings(queue_id=sub.queue_id, place="relay:sent"), what="relay:sent sighting")
+    assert relayed[0].verdict == "sent" and json.loads(relayed[0].recipients) == ["einkauf@hamburg-tools.de"]
+    from gateway.archive import for_config
+    from gateway.config import load
+
+    raw = for_config(load(gw.config_path)).read(ArchiveRecord.get_by_id(relayed[0].record_id))
+    assert f"Subject: {subject}".encode() in raw
+
+
+def test_refused_submission(gw):
+    subject = unique("Poaching")
+    code, _ = submit(gw, "alice@acme.test", "alice-pw", mail("lagos.imports@gmail.com", subject))
+    assert code == 550
+    rec = ArchiveRecord.get(ArchiveRecord.subject == subject)
+    [s] = sightings(record=rec.id)
+    assert s.verdict == "refused" and "lagos.imports@gmail.com" in s.reason
+
+
+def test_held_submission(gw):
+    subject = unique("Japan offer")
+    code, text = submit(gw, "alice@acme.test", "alice-pw", mail("tanaka@osaka-machinery.jp", subject))
+    assert code == 250, text
+    rec = ArchiveRecord.get(ArchiveRecord.subject == subject)
+    assert [s.verdict for s in sightings(record=rec.id)] == ["held"]
+
+
+def test_imap_proxy_whole_fetch_is_archived(gw, dovecot):
+    subject = unique("Inquiry via proxy")
+    raw = f"From: buyer@hamburg-tools.de\r\nTo: bob@acme.test\r\nSubject: {subject}\r\n\r\nPlease quote.\r\n"
+    dovecot.deliver("bob@acme.test", raw.encode())
+    with IMAPClient("127.0.0.1", port=gw.imap_port, ssl=False, timeout=30) as c:
+        c.starttls(tls_ctx(gw))
+        c.login("bob@acme.test", "bob-pw")
+        c.select_folder("INBOX")
+        uid = max(c.search(["SUBJECT", subject.split()[-1]]))
+        body = c.fetch([uid], ["BODY[]"])[uid][b"BODY[]"]
+    assert subject.encode() in body
+    got = wait_for(lambda: sightings(place="imap:bob@acme.test/INBOX", ref=f"{_uidvalidity(gw, 'bob')}:{uid}"),
+                   what="imap sighting")
+    assert got[0].direction == "inbound" and got[0].employee_email == "bob@acme.test"
+    assert ArchiveRecord.get_by_id(got[0].record_id).subject == subject
+
+
+def _uidvalidity(gw, user: str) -> int:
+    with IMAPClient("127.0.0.1", port=gw.dovecot.imaps_port, ssl=True, ssl_context=gw.dovecot.ssl_context()) as c:
+        c.login(f"{user}@acme.test*archiver", "archiver-pw")
+        return int(c.select_folder("INBOX", readonly=True)[b"UIDVALIDITY"])
+
+
+def test_master_user_sync(gw, dovecot):
+    subject = unique("Synced")
+    dovecot.deliver("carol@acme.test", f"From: x@y.example\r\nSubject: {subject}\r\n\r\nhi\r\n".encode())
+    rec = wait_for(lambda: ArchiveRecord.get_or_none(ArchiveRecord.subject == subject), what="synced record")
+    [s] = sightings(record=rec.id)
+    assert s.place == "sync:carol@acme.test/INBOX" and s.verdict == "seen"
+
+
+def test_import_from_imap_account_is_idempotent(gw, dovecot, monkeypatch, capsys):
+    subject = unique("Imported")
+    dovecot.deliver("sales@acme.test", f"From: a@b.example\r\nSubject: {subject}\r\n\r\nold mail\r\n".encode())
+    monkeypatch.setenv("MAILGATE_IMPORT_PASSWORD", "sales-pw")
+    argv = ["-c", str(gw.config_path), "archive", "import", "--imap-user", "sales@acme.test", "--folder", "INBOX"]
+    assert main(argv) == 0, capsys.readouterr()
+    connect(gw.db_url)  # the CLI bound the models to its own connection
+    rec = ArchiveRecord.get(ArchiveRecord.subject == subject)
+    place = "import:imap:sales@acme.test/INBOX"
+    assert len(sightings(record=rec.id, place=place)) == 1
+    assert main(argv) == 0
+    connect(gw.db_url)
+    assert len(sightings(record=rec.id, place=place)) == 1  # a second import adds nothing
+
+
+def test_verify_passes_then_reports_an_altered_blob(gw, capsys):
+    assert main(["-c", str(gw.config_path), "archive", "verify", "--quiet"]) == 0, capsys.readouterr().out
+    connect(gw.db_url)
+    from gateway.archive import for_config
+    from gateway.config import load
+
+    rec = ArchiveRecord.select().where(ArchiveRecord.purged_at.is_null()).order_by(ArchiveRecord.id).first()
+    path = for_config(load(gw.config_path)).blob_path(rec)
+    data = bytearray(path.read_bytes())
+    data[-3] ^= 0xFF
+    path.write_bytes(bytes(data))
+    capsys.readouterr()
+    assert main(["-c", str(gw.config_path), "archive", "verify", "--quiet"]) == 1
+    assert f"record {rec.id}" in capsys.readouterr().out
+    data[-3] ^= 0xFF
+    path.write_bytes(bytes(data))
+    connect(gw.db_url)
+
+
+def test_verify_reports_an_altered_and_a_deleted_record(gw, capsys):
+    from gateway.db.models import database
+
+    argv = ["-c", str(gw.config_path), "archive", "verify", "--no-blobs", "--quiet"]
+    rec = ArchiveRecord.select().order_by(ArchiveRecord.seq).first()
+    database.execute_sql("UPDATE archiverecord SET subject = ? WHERE id = ?", ("rewritten", rec.id))
+    capsys.readouterr()
+    assert main(argv) == 1
+    assert f"record {rec.id} (seq {rec.seq}) was altered" in capsys.readouterr().out
+    connect(gw.db_url)
+    database.execute_sql("UPDATE archiverecord SET subject = ? WHERE id = ?", (rec.subject, rec.id))
+    victim = ArchiveSighting.select().order_by(ArchiveSighting.seq).first()
+    ArchiveSighting.delete().where(ArchiveSighting.id == victim.id).execute()
+    assert main(argv) == 1
+    assert f"entries {victim.seq}..{victim.seq} are missing" in capsys.readouterr().out
+    connect(gw.db_url)
+    victim.save(force_insert=True)
+    assert main(argv) == 0, capsys.readouterr().out
+    connect(gw.db_url)
+
+
+@pytest.fixture(scope="module")
+def optin(tmp_path_factory, dovecot, sink):
+    """A node without a master user: the sync reads with logins captured at proxy login."""
+    archive = {"sync_enabled": True, "capture_credentials_opt_in": True, "sync_interval": 0.5,
+               "capture_imap": True}
+    g = GatewayProcess(tmp_path_factory.mktemp("archive-optin") / "gw", dovecot, {"archive": archive})
+    connect(g.db_url)
+    seed()
+    g.start()
+    yield g
+    g.stop()
+
+
+def test_opt_in_credentials_are_sealed_and_feed_the_sync(optin, dovecot):
+    from gateway.archive.schema import ArchiveCredential
+
+    connect(optin.db_url)
+    subject = unique("Opt-in synced")
+    dovecot.deliver("carol@acme.test", f"From: x@y.example\r\nSubject: {subject}\r\n\r\nhi\r\n".encode())
+    assert ArchiveCredential.get_or_none(ArchiveCredential.account == "carol@acme.test") is None
+    with IMAPClient("127.0.0.1", port=optin.imap_port, ssl=False, timeout=30) as c:
+        c.starttls(tls_ctx(optin))
+        c.login("carol@acme.test", "carol-pw")  # no FETCH: only the sync can archive the message
+    cred = wait_for(lambda: ArchiveCredential.get_or_none(ArchiveCredential.account == "carol@acme.test"),
+                    what="captured login")
+    assert b"carol-pw" not in bytes(cred.sealed), "the password is kept encrypted"
+    rec = wait_for(lambda: ArchiveRecord.get_or_none(ArchiveRecord.subject == subject), what="opt-in sync")
+    assert [s.place for s in sightings(record=rec.id)] == ["sync:carol@acme.test/INBOX"]
