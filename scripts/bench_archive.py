@@ -29,6 +29,7 @@ timestamps spread over two years.
 from __future__ import annotations
 
 import argparse
+import collections
 import datetime as dt
 import os
 import random
@@ -197,11 +198,15 @@ def generate(corpus: Corpus, n: int, batch: int = 2000) -> float:
     t0 = time.perf_counter()
     jobs = [(n, start, min(n, start + batch)) for start in range(0, n, batch)]
     with multiprocessing.get_context("fork").Pool(1) as pool:
-        for k, rows in enumerate(pool.imap(_make_rows, jobs)):
+        pending = collections.deque(pool.apply_async(_make_rows, (job,)) for job in jobs[:3])
+        for k in range(len(jobs)):
+            rows = pending.popleft().get()
+            if k + 3 < len(jobs):  # at most three batches ahead: memory stays flat
+                pending.append(pool.apply_async(_make_rows, (jobs[k + 3],)))
             with db.atomic():
                 index.write_rows(rows)
             done = jobs[k][1] + len(rows)
-            if k and k % 50 == 0:
+            if k and k % 10 == 0:
                 print(f"  generated {done:,} ({done / (time.perf_counter() - t0):,.0f}/s)", flush=True)
     if not is_postgres():
         db.execute_sql("INSERT INTO archivefts(archivefts) VALUES('optimize')")

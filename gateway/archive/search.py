@@ -8,7 +8,11 @@ count of the whole match set: a common word matches most of a million messages).
 SQLite: terms of ≥ 3 characters go to the FTS5 trigram table, which yields rowids
 (= time-ordered docids) newest first, so a page is read without sorting the match set;
 shorter terms go to the short-gram table.  PostgreSQL: ILIKE on the ``doc`` column
-(pg_trgm GIN) and ``grams @>`` (GIN) for short terms.  Blocking: call from a worker thread.
+(pg_trgm GIN) and ``grams @>`` (GIN) for short terms; a common word would make the
+planner recheck every match from the GIN index before sorting, so a text query first
+runs over the ``PG_WINDOW`` newest documents and only when that does not fill the page
+over everything (then the matches are few and the index is the right plan).
+Blocking: call from a worker thread.
 """
 
 from __future__ import annotations
@@ -27,6 +31,9 @@ from gateway.db.models import Alias, CompanyDomain, Contact, Customer, Employee,
 MAX_PER_PAGE = 200
 MAX_OFFSET = 10_000  # deeper pages: narrow the query instead
 _COLUMN = {"from": "sender", "to": "rcpt", "subject": "subject"}
+# PostgreSQL: text queries first look at this many newest documents (see ``search``).
+PG_WINDOW = 2000
+_PG_SOURCE = "archivesearchdoc d"
 
 
 @dataclass
@@ -114,6 +121,7 @@ class _Sql:
         self.mark = "%s" if self.pg else "?"
         self.where: list[str] = []
         self.params: list[object] = []
+        self.text = False  # PostgreSQL: the query has text conditions
 
     def add(self, clause: str, *params: object) -> None:
         self.where.append(clause.replace("?", self.mark))
@@ -136,7 +144,18 @@ def search(query_text: str | Query, *, user_scope: Collection[int] | None = None
         return Results([], page, per_page, False, q)
     sql = _Sql()
     base = _build(sql, q, user_scope)
-    rows = database.obj.execute_sql(f"{base} LIMIT {per_page + 1} OFFSET {offset}", sql.params).fetchall()
+    limit = f" LIMIT {per_page + 1} OFFSET {offset}"
+    rows = None
+    if sql.pg and sql.text and offset + per_page < PG_WINDOW:
+        # Common words: the newest PG_WINDOW documents hold a full page — read it there
+        # without letting the planner gather every match from the trigram index.
+        window = base.replace(_PG_SOURCE, f"(SELECT * FROM archivesearchdoc ORDER BY docid DESC"
+                                          f" LIMIT {PG_WINDOW}) d", 1)
+        rows = database.obj.execute_sql(window + limit, sql.params).fetchall()
+        if len(rows) <= per_page:
+            rows = None  # rarer: the index finds them anywhere
+    if rows is None:
+        rows = database.obj.execute_sql(base + limit, sql.params).fetchall()
     hits = [Hit(record_id=r[1], docid=r[0], created_at=_as_datetime(r[2]), direction=r[3], employee_id=r[4],
                 has_attachment=bool(r[5])) for r in rows[:per_page]]
     _fill_text(hits)
@@ -161,9 +180,10 @@ def _build(sql: _Sql, q: Query, user_scope: Collection[int] | None) -> str:
     cols = "d.docid, d.record_id, d.created_at, d.direction, d.employee_id, d.has_attachment"
     if sql.pg:
         key = "d.docid"
-        source = "archivesearchdoc d"
+        source = _PG_SOURCE
         if long_terms or long_fields or grams:
             source += " JOIN archivesearchtext t ON t.docid = d.docid"
+            sql.text = True
         for term in long_terms:
             sql.add("t.doc ILIKE ?", _like(term))
         for column, value in long_fields:

@@ -63,3 +63,16 @@ def test_trigram_index_is_used_for_chinese_with_utf8_ctype(db, corpus, request):
     assert "archivesearchtext_doc_trgm" in plan
     assert [h.record_id for h in search("报价单").hits] == [1]
     assert index.short_grams("报价单")  # grams are written on PostgreSQL too
+
+
+def test_newest_window_then_whole_index(db, corpus, monkeypatch):
+    from gateway.archive import search as search_mod
+
+    # window of 2000 newest documents: holds the page (common word path)
+    assert [h.record_id for h in search("LED", per_page=1).hits] == [3]
+    assert [h.record_id for h in search("LED", per_page=1, page=2).hits] == [2]
+    # window of the 2 newest (5, 4): no LED there → the whole index answers
+    monkeypatch.setattr(search_mod, "PG_WINDOW", 2)
+    page = search("LED", per_page=1)
+    assert [h.record_id for h in page.hits] == [3] and page.has_more
+    assert [h.record_id for h in search("LED", per_page=1, page=3).hits] == [1]
