@@ -23,6 +23,7 @@ timestamps are stored in UTC).  Blocking: call from a worker thread.
 from __future__ import annotations
 
 import datetime as dt
+import json
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -171,8 +172,18 @@ def recent_blocked(employee_ids: Iterable[int] | None, since: dt.datetime, limit
          .where(ArchiveRecord.direction == "outbound", ArchiveRecord.verdict == "refused",
                 ArchiveRecord.created_at >= since)
          .order_by(ArchiveRecord.created_at.desc()).limit(max(0, min(limit, MAX_LIST))))
-    return [BlockedSend(r.created_at, r.employee, r.mail_from, r.recipients, r.subject[:300], r.reason[:500])
+    return [BlockedSend(r.created_at, r.employee, r.mail_from, _recipients_text(r.recipients), r.subject[:300],
+                        r.reason[:500])
             for r in _scoped(q, ArchiveRecord.employee, employee_ids).namedtuples()]
+
+
+def _recipients_text(stored: str) -> str:
+    """The archive keeps recipients as a JSON list; show them comma-separated."""
+    try:
+        value = json.loads(stored or "[]")
+    except ValueError:
+        return (stored or "")[:500]
+    return ", ".join(str(v) for v in value)[:500] if isinstance(value, list) else str(value)[:500]
 
 
 def stale_customers(employee_ids: Iterable[int] | None, days: int, now: dt.datetime | None = None,

@@ -123,15 +123,21 @@ class Chart:
     grid: list[tuple[float, str]]  # y, value label
 
 
-def _nice_max(value: int) -> int:
-    """A round axis maximum ≥ value (1, 2, 5 × 10^k)."""
-    value = max(1, value)
+def _nice_step(value: int, ticks: int = 4) -> int:
+    """A round tick step (1, 2, 5 × 10^k) so that ``ticks`` steps reach at least ``value``."""
+    target = max(1, value) / ticks
     step = 1
     while True:
         for m in (1, 2, 5):
-            if m * step >= value:
+            if m * step >= target:
                 return m * step
         step *= 10
+
+
+def _nice_max(value: int) -> int:
+    """A round axis maximum ≥ value (a whole number of ticks)."""
+    step = _nice_step(value)
+    return step * max(1, -(-max(1, value) // step))
 
 
 def day_chart(summary: stats.Summary, names: dict[str, str]) -> Chart:
@@ -155,7 +161,8 @@ def day_chart(summary: stats.Summary, names: dict[str, str]) -> Chart:
                             series, f"{day:%m-%d} {names[series]}: {n}"))
         if i % every == 0:
             labels.append((round(left + i * slot + slot / 2, 1), height - 10, f"{day:%m-%d}", "middle"))
-    grid = [(round(top + plot_h - plot_h * k / 4, 1), str(peak * k // 4)) for k in range(5)]
+    step = _nice_step(peak)
+    grid = [(round(top + plot_h - plot_h * v / peak, 1), str(v)) for v in range(0, peak + 1, step)]
     return Chart(width, height, bars, labels, grid)
 
 

@@ -186,3 +186,43 @@ def test_signins_are_in_the_operation_log(http_as, panel_db):
     http_as("auditor")
     entry = AuditLog.select().where(AuditLog.action == "panel.signin").order_by(AuditLog.id.desc()).first()
     assert entry is not None and entry.actor == "local:auditor"
+
+
+@pytest.mark.browser
+def test_forged_form_without_the_csrf_token_is_refused_in_the_browser(page_as, panel_db):
+    """A signed-in browser submits a form whose CSRF token was removed or replaced: 403, nothing changes."""
+    from gateway.db.models import Department
+
+    page = page_as("it_admin")
+    page.goto(page.url.rstrip("/") + "/employees/departments")
+    for token in (None, "forged-token-forged-token-forged"):
+        name = f"CSRF probe {token is None}"
+        page.fill("form[action='/employees/departments/new'] input[name=name]", name)
+        if token is None:
+            page.eval_on_selector("form[action='/employees/departments/new'] input[name=csrf_token]",
+                                  "e => e.remove()")
+        else:
+            page.eval_on_selector("form[action='/employees/departments/new'] input[name=csrf_token]",
+                                  f"e => e.value = '{token}'")
+        with page.expect_navigation() as nav:
+            page.click("form[action='/employees/departments/new'] button[type=submit]")
+        assert nav.value.status == 403
+        assert "安全校验失败" in page.content()
+        assert not Department.select().where(Department.name == name).exists()
+        page.go_back()
+
+
+@pytest.mark.browser
+def test_cross_site_post_does_not_carry_the_session(page_as, panel_url, panel_db):
+    """A page of another site posting a form to the panel: SameSite keeps the session cookie
+    out, so the request counts as signed out (no token either) and changes nothing."""
+    from gateway.db.models import Department
+
+    page = page_as("it_admin")
+    page.goto("about:blank")  # not the panel's origin
+    page.set_content(f"<form method='post' action='{panel_url}/employees/departments/new'>"
+                     "<input name='name' value='Cross site probe'><button id='go'>go</button></form>")
+    with page.expect_navigation() as nav:
+        page.click("#go")
+    assert nav.value.status == 403
+    assert not Department.select().where(Department.name == "Cross site probe").exists()

@@ -215,3 +215,19 @@ def test_search_and_department_filter(http_as, panel_db):
     page = crm.get(f"/employees?dept={dept.id}")
     assert "carol@acme.test" in page.text
     assert re.search(r"Sales Europe", page.text)
+
+
+@pytest.mark.browser
+def test_script_in_an_employee_name_is_inert(http_as, page_as, panel_db):
+    email = unique("xss") + "@acme.test"
+    payload = "<img src=x onerror=\"document.title='pwned'\"><script>document.title='pwned'</script>"
+    assert create(http_as("crm_admin"), email, name="Eve " + payload[:150]).status == 303
+    emp = Employee.get(Employee.email == email)
+    page = page_as("crm_admin")
+    base = page.url.rstrip("/")
+    for path in (f"/employees?q={email}", f"/employees/{emp.id}", "/oplog?action=employee.create"):
+        page.goto(base + path)
+        assert page.title() != "pwned"
+        assert page.locator("img[src=x], main script").count() == 0
+    page.goto(base + f"/employees/{emp.id}")
+    assert "<script>" in page.locator("input[name=name]").input_value()  # shown as text, kept as typed
