@@ -47,3 +47,10 @@ PANEL_MODELS = [LocalAccount, PanelSession]
 @migration(300)
 def panel_accounts_and_sessions(db: Database) -> None:
     db.create_tables(PANEL_MODELS, safe=True)
+
+
+@migration(301)
+def operation_log_filter_indexes(db: Database) -> None:
+    """The operation log area filters by action and date (newest first)."""
+    for name, cols in (("auditlog_action_id", "action, id"), ("auditlog_at", "at")):
+        db.execute_sql(f'CREATE INDEX IF NOT EXISTS "{name}" ON "auditlog" ({cols})')

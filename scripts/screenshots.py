@@ -102,15 +102,19 @@ SHOTS = [
 
 
 def _send(gw, sender: str, to: str, subject: str) -> None:  # noqa: ANN001
+    from email.message import EmailMessage
+
+    msg = EmailMessage()
+    msg["From"], msg["To"], msg["Subject"] = sender, to, subject
+    msg["Date"] = email.utils.formatdate()
+    msg["Message-ID"] = email.utils.make_msgid(domain="acme.test")
+    msg.set_content("Dear partner,\n\nplease find our offer.\n")
     ctx = ssl.create_default_context(cafile=str(gw.cert_path))
-    msg = (f"From: {sender}\r\nTo: {to}\r\nSubject: {subject}\r\nDate: {email.utils.formatdate()}\r\n"
-           f"Message-ID: {email.utils.make_msgid(domain='acme.test')}\r\nMIME-Version: 1.0\r\n"
-           "Content-Type: text/plain; charset=utf-8\r\n\r\nDear partner,\r\n\r\nplease find our offer.\r\n").encode()
     with smtplib.SMTP("127.0.0.1", gw.submission_port, timeout=30) as conn:
         conn.starttls(context=ctx)
         conn.login(sender, PASSWORDS[sender])
         try:
-            conn.sendmail(sender, [to], msg)
+            conn.sendmail(sender, [to], msg.as_bytes())
         except smtplib.SMTPException:
             pass  # refused by policy: counted as a blocked send, which is what the dashboard should show
 
@@ -127,6 +131,7 @@ def _traffic(gw, dovecot) -> None:  # noqa: ANN001
     _send(gw, "alice@acme.test", "lagos.imports@gmail.com", "Cheaper price for you")  # Bob's customer: refused
     _send(gw, "alice@acme.test", "tanaka@osaka-machinery.jp", "お見積り / Quotation Q-7781")  # held
     _send(gw, "bob@acme.test", "tanaka@osaka-machinery.jp", "Sample shipment schedule")  # held
+    _send(gw, "alice@acme.test", "tanaka@osaka-machinery.jp", "Re: 納期のご確認 / delivery date")  # approved below
     for user in ("alice@acme.test", "bob@acme.test"):
         ctx = ssl.create_default_context(cafile=str(gw.cert_path))
         with imaplib.IMAP4_SSL("127.0.0.1", gw.imaps_port, ssl_context=ctx, timeout=30) as imap:
@@ -145,6 +150,28 @@ def _wait_for_holds(count: int, timeout: float = 20.0) -> None:
         if time.monotonic() > deadline:
             raise RuntimeError("the held messages did not show up")
         time.sleep(0.05)
+
+
+def _panel_changes(base: str) -> None:
+    """A few changes through the panel itself (they fill the history and the operation log)."""
+    from gateway.db.models import Approval, Employee
+    from tests.panel.conftest import PanelClient
+
+    carol = PanelClient(base)
+    carol.login(*LOGINS["dept_head"])
+    first = Approval.select().where(Approval.state == "pending").order_by(Approval.id.desc()).first()
+    carol.get(f"/approvals/{first.id}")
+    carol.post(f"/approvals/{first.id}/decide", {"action": "approve"})
+    admin = PanelClient(base)
+    admin.login(*LOGINS["it_admin"])
+    carol_id = Employee.get(Employee.email == "carol@acme.test").id
+    admin.get("/employees/departments")
+    admin.post("/employees/departments/new", {"name": "Sales Asia 亚洲销售部", "parent": "", "head": str(carol_id)})
+    crm = PanelClient(base)
+    crm.login(*LOGINS["crm_admin"])
+    bob = Employee.get(Employee.email == "bob@acme.test").id
+    crm.get(f"/employees/{bob}")
+    crm.post(f"/employees/{bob}/aliases", {"address": "bob.li@acme.test"})
 
 
 def _login(page, base: str, role: str) -> None:  # noqa: ANN001
@@ -239,7 +266,8 @@ def main(argv: list[str] | None = None) -> int:
         gw.start()
         try:
             _traffic(gw, dovecot)
-            _wait_for_holds(2)
+            _wait_for_holds(3)
+            _panel_changes(f"http://127.0.0.1:{gw.panel_port}")
             saved, skipped = take(f"http://127.0.0.1:{gw.panel_port}", args.out, only)
         finally:
             gw.stop()

@@ -84,9 +84,17 @@ def _details(text: str) -> str:
     except ValueError:
         return text[:2000]
     if isinstance(data, dict):
-        return "; ".join(f"{k}: {json.dumps(v, ensure_ascii=False) if not isinstance(v, str) else v}"
-                         for k, v in data.items())[:2000]
+        return "; ".join(f"{k}: {_value(v)}" for k, v in data.items())[:2000]
     return json.dumps(data, ensure_ascii=False)[:2000]
+
+
+def _value(v: Any) -> str:
+    """One detail value: a change {"old": a, "new": b} as "a → b", text as is, the rest as JSON."""
+    if isinstance(v, dict) and set(v) == {"old", "new"}:
+        return f"{_value(v['old'])} → {_value(v['new'])}"
+    if v is None:
+        return "—"
+    return v if isinstance(v, str) else json.dumps(v, ensure_ascii=False)
 
 
 def filtered(actor: str = "", action: str = "", since: dt.date | None = None, until: dt.date | None = None,

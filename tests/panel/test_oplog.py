@@ -63,7 +63,7 @@ def test_panel_changes_show_up(http_as, panel_db):
     name = f"Oplog dept {utcnow():%H%M%S%f}"
     assert admin.post("/employees/departments/new", {"name": name, "parent": "", "head": ""}).status == 303
     page = admin.get("/oplog?action=department.create&actor=local:admin").text
-    assert name in page
+    assert f"name: — → {name}" in page  # a change is shown as old → new
 
 
 def test_integrity_check(http_as):
