@@ -97,13 +97,17 @@ class Appender:
             except Exception:
                 pass
 
-    def append(self, data: bytes, employee_email: str, delivery_id: str) -> bool:
-        """Append unless a copy with this delivery id is there already; True if appended now."""
+    def append(self, data: bytes, employee_email: str, delivery_id: str, check: bool = True) -> bool:
+        """Append unless a copy with this delivery id is there already; True if appended now.
+
+        ``check=False`` skips the search: for a delivery recorded by this very run (no earlier
+        attempt can exist), which keeps a header search of the whole folder off the hot path."""
         try:
             client = self._client(employee_email)
-            client.select_folder(self.folder)
-            if client.search(["HEADER", LOOP_HEADER, delivery_id]):
-                return False
+            if check:
+                client.select_folder(self.folder)
+                if client.search(["HEADER", LOOP_HEADER, delivery_id]):
+                    return False
             client.append(self.folder, data)
             return True
         except Exception:
@@ -116,12 +120,15 @@ class Appender:
 
 
 def finish_append(delivery: DistDelivery, raw: bytes, inquiry: Inquiry, shared: str, employee_email: str,
-                  appender: Appender, hostname: str) -> None:
-    """Append a pending delivery (idempotently) and mark it appended."""
+                  appender: Appender, hostname: str, first_attempt: bool = False) -> None:
+    """Append a pending delivery (idempotently) and mark it appended.
+
+    ``first_attempt``: the delivery row was committed by this run just now, so no copy can
+    exist yet; otherwise (a restart, a repeated round) the folder is searched first."""
     if delivery.state != PENDING:
         return
     data = build_copy(raw, inquiry, shared, employee_email, delivery.delivery_id, hostname)
-    appended = appender.append(data, employee_email, delivery.delivery_id)
+    appended = appender.append(data, employee_email, delivery.delivery_id, check=not first_attempt)
     if not appended:
         log.info("distribution %s: copy already in %s (an earlier run appended it)", delivery.delivery_id,
                  employee_email)

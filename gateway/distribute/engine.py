@@ -19,7 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from gateway.config import Config
-from gateway.db.models import Employee, database, utcnow
+from gateway.db.models import Employee, utcnow
 from gateway.directory import Directory
 from gateway.distribute import deliver
 from gateway.distribute.inquiry import Inquiry, parse
@@ -32,6 +32,7 @@ from gateway.distribute.schema import (
     DistDelivery,
     Distribution,
 )
+from gateway.groupcommit import write_transaction
 from gateway.spool import Spool
 
 log = logging.getLogger(__name__)
@@ -84,7 +85,7 @@ class Distributor:
         """Decide and record one shared message (idempotent on its key).
 
         ``size``: the real size when ``raw`` holds only the header of an oversized message."""
-        with database.atomic():
+        with write_transaction():
             existing = Distribution.get_or_none(
                 (Distribution.mailbox == mailbox) & (Distribution.folder == folder)
                 & (Distribution.uidvalidity == uidvalidity) & (Distribution.uid == uid))
@@ -149,7 +150,7 @@ class Distributor:
         for delivery in outcome.pending:
             email = Employee.get_by_id(delivery.employee_id).email
             deliver.finish_append(delivery, raw, inquiry, outcome.record.mailbox, email, self.appender,
-                                  self.cfg.smtp.hostname)
+                                  self.cfg.smtp.hostname, first_attempt=outcome.new)
 
     # -- manual dispatch (panel, CLI) ----------------------------------------
     def dispatch(self, record_id: int, employee_id: int, actor: str, raw: bytes, note: str = "") -> Outcome:
@@ -157,7 +158,7 @@ class Distributor:
         info = self.directory.employee(employee_id)
         if info is None or not info.active:
             raise DispatchError("no such active employee")
-        with database.atomic():
+        with write_transaction():
             rec = Distribution.get_or_none(Distribution.id == record_id)
             if rec is None:
                 raise DispatchError(f"no distribution record {record_id}")

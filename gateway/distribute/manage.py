@@ -16,7 +16,7 @@ from peewee import fn
 
 from gateway import oplog
 from gateway.config import PUBLIC_MAIL_DOMAINS, Config
-from gateway.db.models import Employee, database, utcnow
+from gateway.db.models import Employee, utcnow
 from gateway.directory import Directory
 from gateway.distribute.engine import DispatchError, Distributor, Outcome
 from gateway.distribute.schema import (
@@ -27,6 +27,7 @@ from gateway.distribute.schema import (
     DistReject,
     Distribution,
 )
+from gateway.groupcommit import write_transaction
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +64,7 @@ def employee_by_email(email: str) -> Employee:
 # -- reject list and mappings ------------------------------------------------------
 def add_reject(value: str, actor: str, note: str = "") -> DistReject:
     key = normalize_key(value)
-    with database.atomic():
+    with write_transaction():
         row, created = DistReject.get_or_create(key=key, defaults={"note": note[:1000], "created_by": actor})
         if created:
             oplog.record(actor, "distribution.reject.add", key, {"note": note[:1000]})
@@ -72,7 +73,7 @@ def add_reject(value: str, actor: str, note: str = "") -> DistReject:
 
 def remove_reject(value: str, actor: str) -> bool:
     key = normalize_key(value)
-    with database.atomic():
+    with write_transaction():
         removed = DistReject.delete().where(DistReject.key == key).execute()
         if removed:
             oplog.record(actor, "distribution.reject.remove", key)
@@ -85,7 +86,7 @@ def set_mapping(value: str, employee_email: str, actor: str) -> DistMapping:
     emp = employee_by_email(employee_email)
     if "@" not in key and key in PUBLIC_MAIL_DOMAINS:
         raise ManageError(f"{key} is a public mail domain: map the exact address instead")
-    with database.atomic():
+    with write_transaction():
         DistMapping.delete().where(DistMapping.key == key).execute()
         row = DistMapping.create(key=key, employee=emp, created_by=actor)
         oplog.record(actor, "distribution.mapping.set", key, {"employee": emp.email})
@@ -94,7 +95,7 @@ def set_mapping(value: str, employee_email: str, actor: str) -> DistMapping:
 
 def remove_mapping(value: str, actor: str) -> bool:
     key = normalize_key(value)
-    with database.atomic():
+    with write_transaction():
         removed = DistMapping.delete().where(DistMapping.key == key).execute()
         if removed:
             oplog.record(actor, "distribution.mapping.remove", key)
@@ -213,7 +214,7 @@ def reject_message(cfg: Config, record_id: int, value: str, actor: str, note: st
     row = add_reject(key, actor, note)
     if rec.state != UNDISTRIBUTED:
         return row
-    with database.atomic():
+    with write_transaction():
         updated = Distribution.update(
             state=REJECTED, step="reject", actor=actor[:320], decided_at=utcnow(),
             reason=f"{rec.from_addr} put on the reject list ({key}) by {actor}"[:2000],

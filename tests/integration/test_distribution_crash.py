@@ -32,6 +32,7 @@ from tests.harness.gateway import REPO, GatewayProcess
 pytestmark = pytest.mark.integration
 
 BURST = 240
+LIVE = 40  # fed while the whole node runs
 
 
 def _count(model) -> int:
@@ -100,7 +101,7 @@ def test_kill_9_mid_stream_no_duplicates_no_losses(tmp_path_factory, dovecot, si
     tag = secrets.token_hex(4)
     mids = [f"<burst-{tag}-{i}@burst.example>" for i in range(BURST)]
 
-    def feed() -> None:
+    def feed(mids: list[str] = mids) -> None:
         with smtplib.LMTP(dovecot.host, dovecot.lmtp_port, local_hostname="localhost") as lmtp:
             for i, mid in enumerate(mids):
                 raw = (f"From: buyer{i}@burst.example\r\nTo: {shared}\r\nSubject: burst {i}\r\n"
@@ -125,10 +126,15 @@ def test_kill_9_mid_stream_no_duplicates_no_losses(tmp_path_factory, dovecot, si
         assert {r.state for r in records} == {"distributed"}
         assert DistDelivery.select().count() == BURST
         assert OutboundMessage.select().count() == BURST  # exactly one forward queued per message
-        # A node relays the queue: every inquiry reaches bob exactly once.
+        # A node relays the queue: every inquiry reaches bob exactly once.  Its own watcher
+        # distributes more mail meanwhile (its writes race the relay process's on the DB).
         sink.clear()
         gw.start()
-        _wait(lambda: sum(1 for m in sink.messages() if tag.encode() in m.data) >= BURST, 60, "sink incomplete")
+        more = [f"<burst-{tag}-live{i}@burst.example>" for i in range(LIVE)]
+        feed(more)
+        mids += more
+        _wait(lambda: sum(1 for m in sink.messages() if tag.encode() in m.data) >= BURST + LIVE, 60,
+              "sink incomplete")
         seen = Counter()
         for m in sink.messages():
             if tag.encode() in m.data:
@@ -138,6 +144,9 @@ def test_kill_9_mid_stream_no_duplicates_no_losses(tmp_path_factory, dovecot, si
                         seen[mid] += 1
         assert set(seen) == set(mids) and set(seen.values()) == {1}
         assert any("watching" in line for line in gw.log_lines)  # the node runs the watcher too
+        assert not [line for line in gw.log_lines if "database is locked" in line]
+        database.close()
+        assert Distribution.select().count() == OutboundMessage.select().count() == BURST + LIVE
     finally:
         watcher.stop()
         gw.stop()
