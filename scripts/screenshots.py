@@ -30,6 +30,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from gateway.demo.run import INBOUND  # noqa: E402
 from gateway.demo.sample_data import PANEL_ACCOUNTS, PASSWORDS  # noqa: E402
 
 CHROMIUM = "/usr/bin/chromium"
@@ -121,7 +122,7 @@ def _send(gw, sender: str, to: str, subject: str) -> None:  # noqa: ANN001
 
 def _traffic(gw, dovecot) -> None:  # noqa: ANN001
     """Real mail: accepted, refused (send conflict) and held sends; inbound mail read through the gateway."""
-    from gateway.demo.run import INBOUND, _inbound
+    from gateway.demo.run import _inbound
 
     for rcpt, sender, subject in INBOUND:
         dovecot.deliver(rcpt, _inbound(sender, rcpt, subject))
@@ -172,6 +173,20 @@ def _panel_changes(base: str) -> None:
     bob = Employee.get(Employee.email == "bob@acme.test").id
     crm.get(f"/employees/{bob}")
     crm.post(f"/employees/{bob}/aliases", {"address": "bob.li@acme.test"})
+
+
+def _wait_for_inbound(count: int, timeout: float = 20.0) -> None:
+    """Until the archive has synced ``count`` received messages (or give up: the shots still work)."""
+    import time
+
+    from gateway.db.models import ArchiveRecord
+
+    deadline = time.monotonic() + timeout
+    while ArchiveRecord.select().where(ArchiveRecord.direction == "inbound").count() < count:
+        if time.monotonic() > deadline:
+            print("note: the archive did not sync the inbound mail in time; 'received' may show 0")
+            return
+        time.sleep(0.1)
 
 
 def _login(page, base: str, role: str) -> None:  # noqa: ANN001
@@ -259,7 +274,12 @@ def main(argv: list[str] | None = None) -> int:
         rules = Path(tmp) / "rules"
         shutil.copytree(REPO / "rules", rules)
         (rules / "70-hold-japan.yaml").write_text(HOLD_RULE)
-        gw = GatewayProcess(Path(tmp) / "gw", dovecot, {"rules": {"dir": str(rules)}})
+        gw = GatewayProcess(Path(tmp) / "gw", dovecot, {
+            "rules": {"dir": str(rules)},
+            # the archive's inbound sync fills "received" on the dashboard
+            "archive": {"sync_enabled": True, "master_user": MASTER_USER[0], "master_password": MASTER_USER[1],
+                        "sync_interval": 1.0},
+        })
         connect(gw.db_url)
         seed()
         seed_panel_accounts()
@@ -267,6 +287,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             _traffic(gw, dovecot)
             _wait_for_holds(3)
+            _wait_for_inbound(len(INBOUND))
             _panel_changes(f"http://127.0.0.1:{gw.panel_port}")
             saved, skipped = take(f"http://127.0.0.1:{gw.panel_port}", args.out, only)
         finally:
