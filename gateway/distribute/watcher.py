@@ -49,6 +49,7 @@ class MailboxWatcher:
         self.last_error = ""
         self.sessions = 0
         self.idle = False
+        self.client: Any = None  # the current session's connection (for status and tests)
 
     # -- the outer loop ---------------------------------------------------------
     def run(self) -> None:
@@ -57,7 +58,7 @@ class MailboxWatcher:
             client = None
             started = time.monotonic()
             try:
-                client = self.connect(self.mailbox)
+                client = self.client = self.connect(self.mailbox)
                 self.sessions += 1
                 self.session(client)
             except Exception as exc:  # any failure: reconnect after a backoff

@@ -296,3 +296,36 @@ def test_manual_dispatch_mapping_and_customer(env: Env) -> None:
     actions = [r.action for r in oplog.search(actor="manager@acme.test", limit=10)[0]]
     assert {"distribution.dispatch", "distribution.mapping.set", "distribution.customer.create"} <= set(actions)
     assert oplog.verify() == []
+
+
+def test_survives_throttling_and_dropped_connections(tmp_path: Path, dovecot) -> None:
+    e = Env(tmp_path, dovecot, reconnect_initial=0.05, reconnect_max=0.2)
+    real = connector(e.cfg)
+    refusals = {"left": 2}
+
+    def throttled(login: str) -> IMAPClient:
+        if refusals["left"]:
+            refusals["left"] -= 1
+            raise IMAPClient.Error("[LIMIT] too many connections, try again later")
+        return real(login)
+
+    try:
+        e.directory.load()
+        e.runner = Runner(e.cfg, e.directory, e.spool, wake=e.wake, connect=throttled)
+        e.runner.start()
+        watcher = e.runner.watchers[0]
+        wait_until(lambda: watcher.sessions >= 1 and watcher.idle, what="watching after two refusals")
+        assert refusals["left"] == 0 and "LIMIT" in watcher.last_error
+        first = message("buyer@customer.example", "Before the drop")
+        e.deliver(first)
+        e.record_for(first)
+        # the connection breaks under the watcher (as a server restart or a NAT timeout would)
+        watcher.client.shutdown()
+        wait_until(lambda: watcher.sessions >= 2 and watcher.idle, what="a new session")
+        second = message("buyer@customer.example", "After the drop")
+        e.deliver(second)
+        assert e.queued_to(e.record_for(second)) == ["bob@acme.test"]
+        assert Distribution.select().count() == 2 and DistDelivery.select().count() == 2
+    finally:
+        e.stop()
+        database.close()
