@@ -59,7 +59,8 @@ def queue_node_and_due_index(db: Database) -> None:
 # (an area's tables live with the area).  Imported before any upgrade.  Version numbers
 # are global; each area numbers in its own range so areas never collide:
 #   core (this file) 1-99, archive 100-199, distribution 200-299, panel 300-399.
-MIGRATION_MODULES: tuple[str, ...] = ("gateway.archive.schema", "gateway.distribute.schema", "panel.schema")
+MIGRATION_MODULES: tuple[str, ...] = ("gateway.archive.schema", "gateway.archive.search_schema",
+                                      "gateway.distribute.schema", "panel.schema", "panel.customer_schema")
 
 
 def _register_all() -> None:

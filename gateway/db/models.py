@@ -81,6 +81,13 @@ class Customer(BaseModel):
     assigned_at = DateTimeField(null=True)
     created_at = DateTimeField(default=utcnow)
     updated_at = DateTimeField(default=utcnow)
+    # -- added by panel.customer_schema (migration 350) --
+    notes = TextField(default="")
+    # Lowercased name, contact addresses and names, domains and tags: what the list searches.
+    search_text = TextField(default="")
+    # When and why the customer last went to the public pool (公海).
+    pool_since = DateTimeField(null=True)
+    pool_reason = CharField(max_length=200, default="")
 
 
 class Contact(BaseModel):
