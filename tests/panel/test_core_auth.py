@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import re
 
 import pytest
 
@@ -226,3 +227,35 @@ def test_cross_site_post_does_not_carry_the_session(page_as, panel_url, panel_db
         page.click("#go")
     assert nav.value.status == 403
     assert not Department.select().where(Department.name == "Cross site probe").exists()
+
+
+def _mailgate(panel_server, *args: str, stdin: str = ""):  # noqa: ANN202
+    import subprocess
+    import sys
+
+    from tests.harness.gateway import REPO
+
+    return subprocess.run([sys.executable, "-m", "gateway.cli", "-c", str(panel_server.config_path), "panel", *args],
+                          cwd=REPO, input=stdin, capture_output=True, text=True, timeout=60)
+
+
+def test_local_accounts_from_the_command_line(panel_server, panel_url, panel_db):
+    """`mailgate panel adduser | passwd | users`: weak passwords refused, new account signs in,
+    a password change signs its sessions out."""
+    weak = _mailgate(panel_server, "adduser", "cliuser", "--role", "auditor", "--password-stdin", stdin="short\n")
+    assert weak.returncode == 1 and "at least 10" in weak.stderr
+    made = _mailgate(panel_server, "adduser", "cliuser", "--role", "auditor,it_admin", "--name", "CLI User",
+                     "--password-stdin", stdin="Kommando-Zeile-31\n")
+    assert made.returncode == 0, made.stderr
+    listed = _mailgate(panel_server, "users")
+    assert re.search(r"^cliuser\s+active\s+auditor,it_admin\s+CLI User$", listed.stdout, re.M)
+    client = PanelClient(panel_url)
+    assert client.login("cliuser", "Kommando-Zeile-31").status == 303
+    assert client.get("/rules").status == 200  # it_admin
+    changed = _mailgate(panel_server, "passwd", "cliuser", "--password-stdin", stdin="Neues-Passwort-77\n")
+    assert changed.returncode == 0 and "1 session(s) signed out" in changed.stdout
+    assert client.get("/").status == 303  # signed out
+    assert PanelClient(panel_url).login("cliuser", "Kommando-Zeile-31").status == 401
+    assert PanelClient(panel_url).login("cliuser", "Neues-Passwort-77").status == 303
+    log = panel_server.log_text()
+    assert "cliuser" in log and "Neues-Passwort-77" not in log and "Kommando-Zeile-31" not in log  # never logged
