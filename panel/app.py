@@ -189,7 +189,8 @@ def _load_areas(app: PanelApp) -> None:
 
 def create_app(cfg: Config, node: Any = None) -> PanelApp:
     """The panel as a WSGI app (an explicit Bottle instance, nothing global)."""
-    app = PanelApp(catchall=True, autojson=False)
+    app = PanelApp(catchall=True)
+    app.config["json.enable"] = False
     app.mailgate = PanelState(
         cfg=cfg,
         node=node,

@@ -259,3 +259,46 @@ def test_local_accounts_from_the_command_line(panel_server, panel_url, panel_db)
     assert PanelClient(panel_url).login("cliuser", "Neues-Passwort-77").status == 303
     log = panel_server.log_text()
     assert "cliuser" in log and "Neues-Passwort-77" not in log and "Kommando-Zeile-31" not in log  # never logged
+
+
+def _wsgi(app, method: str, path: str, form: dict | None = None, cookies: dict | None = None):  # noqa: ANN001, ANN202
+    """One request straight into the WSGI app: (status, headers as a list, body)."""
+    import io
+    import urllib.parse
+    from wsgiref.util import setup_testing_defaults
+
+    body = urllib.parse.urlencode(form or {}).encode()
+    environ: dict = {}
+    setup_testing_defaults(environ)
+    environ.update({"REQUEST_METHOD": method, "PATH_INFO": path, "wsgi.input": io.BytesIO(body),
+                    "CONTENT_LENGTH": str(len(body)), "CONTENT_TYPE": "application/x-www-form-urlencoded",
+                    "REMOTE_ADDR": "127.0.0.1",
+                    "HTTP_COOKIE": "; ".join(f"{k}={v}" for k, v in (cookies or {}).items())})
+    result = {}
+
+    def start_response(status, headers, exc_info=None):  # noqa: ANN001, ANN202
+        result["status"], result["headers"] = status, headers
+
+    text = b"".join(app(environ, start_response)).decode()
+    return int(result["status"].split()[0]), result["headers"], text
+
+
+def test_cookies_are_secure_behind_tls(panel_server, panel_db):
+    """With `[panel] cookie_secure` (or tls) every cookie the panel sets carries Secure."""
+    from gateway.config import load
+    from panel.app import create_app
+
+    cfg = load(panel_server.config_path)
+    cfg.panel.cookie_secure = True
+    app = create_app(cfg)
+    status, headers, text = _wsgi(app, "GET", "/login")
+    pre = [v for k, v in headers if k.lower() == "set-cookie" and v.startswith("mg_csrf=")]
+    assert status == 200 and pre and "Secure" in pre[0] and "HttpOnly" in pre[0]
+    token = re.search(r'name="csrf_token" value="([^"]+)"', text).group(1)
+    status, headers, _ = _wsgi(app, "POST", "/login", {"login": "auditor", "password": ACCOUNTS["auditor"][1],
+                                                       "csrf_token": token}, {"mg_csrf": token})
+    session = [v for k, v in headers if k.lower() == "set-cookie" and v.startswith("mg_session=")]
+    assert status == 303 and session
+    assert "Secure" in session[0] and "HttpOnly" in session[0] and "samesite=lax" in session[0].lower()
+    names = {k.lower() for k, _ in headers}
+    assert {"content-security-policy", "x-frame-options", "x-content-type-options"} <= names
