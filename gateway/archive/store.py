@@ -8,7 +8,7 @@ The 8-byte header is the GCM associated data, so a changed key id or magic does 
 open.  The content address is SHA-256 of the raw message; the file name is
 ``HMAC(name key, sha256)`` (gateway/archive/keys.py) under ``<dir>/<name[:2]>/`` — one
 level of 256 folders, so a batch's directory fsyncs stay few.  Files are written
-atomically and fsynced (gateway.spool.write_durably); writing the same content twice
+atomically (a temporary name unique per writer) and fsynced; writing the same content twice
 writes the same name, so concurrent writers (node, relay process, import) need no lock.
 
 Legacy blobs (before migration 100: plaintext at ``ab/cd/<sha256>``, key id 0) are
@@ -30,7 +30,7 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from gateway.archive import keys as keyring_mod
-from gateway.spool import fsync_dir, write_durably
+from gateway.spool import fsync_dir
 
 MAGIC = b"MGA1"
 HEADER = struct.Struct(">4sI")
@@ -130,7 +130,9 @@ class BlobStore:
         if path.exists():
             return None
         path.parent.mkdir(parents=True, exist_ok=True)
-        write_durably(path, blob.data, sync_dir=sync_dir)
+        _write_durably(path, blob.data)
+        if sync_dir:
+            fsync_dir(path.parent)
         return path.parent
 
     def put(self, raw: bytes) -> PreparedBlob:
@@ -211,3 +213,27 @@ class BlobStore:
         if d is None:
             d = self._local.d = zstandard.ZstdDecompressor()
         return d
+
+
+def _write_durably(path: Path, data: bytes) -> None:
+    """Write ``path`` atomically and fsync it.  The temporary name is unique per writer: the
+    node, the relay process, an import and parallel threads may write the same content at
+    the same moment (the same name; whichever rename comes last replaces equal bytes)."""
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        os.fsync(fd)
+        os.close(fd)
+        fd = -1
+        os.rename(tmp, path)
+    except BaseException:
+        if fd >= 0:
+            os.close(fd)
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise

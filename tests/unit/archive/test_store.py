@@ -67,3 +67,41 @@ def test_keyring_rejects_garbage(tmp_path):
     with pytest.raises(keys.KeyringError, match="archive.keys:1"):
         keys.load(kf)
     assert "not-base64" not in repr(keys.Keyring(kf, {1: b"k" * 32}))
+
+
+def test_concurrent_writers_of_the_same_content(tmp_path):
+    """Node, relay process, import threads: the same message at the same moment."""
+    import threading
+
+    store = BlobStore(tmp_path / "a", tmp_path / "keys")
+    blobs = [store.prepare(b"Subject: same\r\n\r\nsame bytes\r\n") for _ in range(8)]
+    start, errors = threading.Barrier(8), []
+
+    def write(blob) -> None:
+        start.wait()
+        try:
+            store.write(blob, sync_dir=False)
+        except OSError as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=write, args=(b,)) for b in blobs]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert store.read(blobs[0].name, blobs[0].sha256) == b"Subject: same\r\n\r\nsame bytes\r\n"
+    assert [p.name for p in (tmp_path / "a").rglob("*") if p.is_file()] == [blobs[0].name]
+
+
+def test_headers_of_decodes_encoded_and_raw_utf8_headers():
+    from gateway.archive import headers_of
+
+    raw = (b"From: =?utf-8?b?5byg5LiJ?= <zhang@x.cn>\r\nSubject: \xe6\x8a\xa5\xe4\xbb\xb7 =?gb2312?b?wO7LxA==?=\r\n"
+           b" offer\r\nTo: a@b.test,\r\n =?gb2312?b?wO7LxA==?= <li@y.de>\r\nCc: c@d.test\r\n"
+           b"Message-ID: <m1@x.cn>\r\nDate: Mon, 23 Nov 2026 10:00:00 +0800\r\n\r\nbody\r\n")
+    h = headers_of(raw)
+    assert h["subject"] == "报价 李四 offer"
+    assert (h["from"], h["to"], h["message_id"]) == ("zhang@x.cn", ["a@b.test", "li@y.de", "c@d.test"], "<m1@x.cn>")
+    assert h["date"].isoformat() == "2026-11-23T02:00:00"
+    assert headers_of(b"garbage without headers")["subject"] == ""
