@@ -241,6 +241,12 @@ def _employees() -> list[Employee]:
             if "shared" not in e.role_set]
 
 
+def _node_directory() -> Any:
+    """The node's directory inside `mailgate run` (None under `mailgate panel serve`: one is loaded)."""
+    node = getattr(bottle.request.app.mailgate, "node", None)
+    return getattr(node, "directory", None)
+
+
 def _when(value: dt.datetime | None) -> str:
     return f"{value:%Y-%m-%d %H:%M} UTC" if value else ""
 
@@ -391,7 +397,8 @@ def routes(app: Any) -> None:
         _undistributed_or_back(rec)
         employee = form_value("employee", max_length=320)
         try:
-            manage.dispatch(panel_config(), rec.id, employee, current_user().actor, form_value("note", max_length=500))
+            manage.dispatch(panel_config(), rec.id, employee, current_user().actor, form_value("note", max_length=500),
+                            directory=_node_directory())
         except (DispatchError, manage.ManageError) as exc:
             flash(t("dist.failed", error=str(exc)))
             redirect(f"/distribution/{rec.id}")
@@ -411,7 +418,8 @@ def routes(app: Any) -> None:
             row = manage.set_mapping(key, employee, actor)
             flash(t("dist.mapped", entry=row.key, email=row.employee.email))
             if form_value("also_dispatch", max_length=5) and rec.state == UNDISTRIBUTED:
-                manage.dispatch(panel_config(), rec.id, employee, actor, f"mapping {row.key}")
+                manage.dispatch(panel_config(), rec.id, employee, actor, f"mapping {row.key}",
+                                directory=_node_directory())
                 flash(t("dist.dispatched", email=row.employee.email))
         except (DispatchError, manage.ManageError) as exc:
             flash(t("dist.failed", error=str(exc)))
