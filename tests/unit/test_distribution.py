@@ -153,3 +153,60 @@ def test_pop_arrivals_reads_imaplibs_stash() -> None:
     assert "EXISTS" not in Imap.untagged_responses and "FETCH" in Imap.untagged_responses
     assert _pop_arrivals(client) is False
     assert _pop_arrivals(object()) is False
+
+
+GROUP_RULES = """
+groups:
+  rr: {members: [alice@acme.test, bob@acme.test, gone@acme.test], pick: round-robin}
+  ll: {members: [alice@acme.test, bob@acme.test], pick: least-loaded}
+rules:
+  - name: to-gone
+    priority: 1
+    when: {keyword: [gone]}
+    to: gone@acme.test
+  - name: least
+    priority: 2
+    when: {keyword: [least]}
+    group: ll
+  - name: turns
+    priority: 3
+    when: {keyword: [turn]}
+    group: rr
+"""
+
+
+def test_router_groups_and_inactive_targets(db, tmp_path: Path) -> None:
+    from gateway import customers
+    from gateway.directory import Directory
+    from gateway.distribute.router import Router
+    from gateway.distribute.schema import DistDelivery, DistReject, Distribution
+
+    alice = customers.create_employee("alice@acme.test", "Alice")
+    bob = customers.create_employee("bob@acme.test", "Bob")
+    gone = customers.create_employee("gone@acme.test", "Gone")
+    gone.active = False
+    gone.save()
+    directory = Directory(["acme.test"], ())
+    directory.load()
+    ruleset, errors = rules.load(write(tmp_path, GROUP_RULES))
+    assert errors == []
+    router = Router(directory, ruleset)
+
+    def to(subject: str, sender: str = "x@lead.example") -> tuple[str, list[int]]:
+        d = router.route(parse(raw(sender=sender, subject=subject))).decision
+        return d.step, list(d.employees)
+
+    # an inactive employee is skipped: the next rule may decide (none here)
+    assert to("gone") == ("none", [])
+    # round-robin over the active members, in turn; the counter is in the DB (a new router continues)
+    assert [to("turn")[1] for _ in range(3)] == [[alice.id], [bob.id], [alice.id]]
+    assert Router(directory, ruleset).route(parse(raw(subject="turn"))).decision.employees == (bob.id,)
+    # least-loaded: alice has a copy already, so bob
+    rec = Distribution.create(mailbox="s@acme.test", folder="INBOX", uidvalidity=1, uid=1, token="t1",
+                              state="distributed")
+    DistDelivery.create(distribution=rec, employee=alice, method="forward")
+    assert to("least") == ("rule", [bob.id])
+    # the reject list wins over rules, by address or any domain above it
+    DistReject.create(key="lead.example")
+    step, people = to("turn", sender="x@sub.lead.example")
+    assert (step, people) == ("reject", [])
