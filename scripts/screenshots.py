@@ -74,6 +74,47 @@ def _first_link(prefix: str) -> Callable[[object], str | None]:
     return find
 
 
+# The approve links from the approval e-mails Carol received (filled once the mail is in).
+APPROVAL_LINKS: list[str] = []
+
+
+def _pending_link(page) -> str | None:  # noqa: ANN001 - the page is not needed: the link is in the mail
+    """The e-mailed approve link of a message still pending (what an approver opens on a phone)."""
+    import base64
+
+    from gateway.db.models import Approval
+
+    for path in APPROVAL_LINKS:
+        payload = path.split("t=", 1)[1].split(".")[0]
+        approval_id = int(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)).split(b":")[0])
+        if Approval.get_by_id(approval_id).state == "pending":
+            return path
+    return None
+
+
+_pending_link.list_path = "/login"
+
+
+def _collect_links(sink) -> None:  # noqa: ANN001
+    import email
+    import re
+    import time
+    from urllib.parse import urlsplit
+
+    deadline = time.monotonic() + 20
+    while len([m for m in sink.messages() if m.rcpt_tos == ["carol@acme.test"]]) < 3 and time.monotonic() < deadline:
+        time.sleep(0.05)  # the approval requests are relayed after the holds are recorded
+    for m in sink.messages():
+        if m.rcpt_tos != ["carol@acme.test"]:
+            continue
+        for part in email.message_from_bytes(m.data).walk():
+            if part.get_content_type() == "text/plain":
+                text = part.get_payload(decode=True).decode(part.get_content_charset() or "utf-8", "replace")
+                for url in re.findall(r"https?://\S+/approve\?t=[\w.-]+", text):
+                    parts = urlsplit(url)
+                    APPROVAL_LINKS.append(parts.path + "?" + parts.query)
+
+
 def _dry_run(page) -> None:  # noqa: ANN001
     page.fill("input[name=from]", "bob@acme.test")
     page.fill("input[name=to]", "einkauf@hamburg-tools.de")
@@ -92,6 +133,7 @@ SHOTS = [
     Shot("approvals", "/approvals", ("dept_head",)),
     Shot("approval", _first_link("/approvals/"), ("dept_head",)),
     Shot("approvals-history", "/approvals?view=history", ("dept_head",)),
+    Shot("approval-link", _pending_link, ()),  # the e-mailed link, not signed in
     Shot("employees", "/employees?status=all", ("crm_admin",)),
     Shot("departments", "/employees/departments", ("crm_admin",)),
     Shot("rules", "/rules", ("it_admin",)),
@@ -289,6 +331,7 @@ def main(argv: list[str] | None = None) -> int:
             _wait_for_holds(3)
             _wait_for_inbound(len(INBOUND))
             _panel_changes(f"http://127.0.0.1:{gw.panel_port}")
+            _collect_links(sink)
             saved, skipped = take(f"http://127.0.0.1:{gw.panel_port}", args.out, only)
         finally:
             gw.stop()

@@ -84,7 +84,8 @@ def send(gw, subject: str) -> None:
     msg["From"] = "Alice <alice@acme.test>"
     msg["To"] = CUSTOMER
     msg["Subject"] = subject
-    msg["Message-ID"] = "<" + subject.replace(" ", "-") + "@acme.test>"
+    # a long Message-ID, as mail clients make them: the preview must still fit a phone
+    msg["Message-ID"] = "<" + subject.replace(" ", "-") + ".179601242359.26504.580537325474187871@acme.test>"
     msg.set_content("ご確認ください。\n")
     msg.add_alternative(HOSTILE_HTML, subtype="html")
     ctx = ssl.create_default_context(cafile=str(gw.cert_path))
@@ -153,6 +154,7 @@ def test_emailed_link_on_a_phone(gw, db, sink, fresh_page):
     page.goto(gw.url + parts.path + "?" + parts.query)
     assert page.locator("#confirm").is_visible()
     assert "Browser JP-2" in page.content()
+    assert page.evaluate("document.documentElement.scrollWidth") <= 390 + 1  # fits the phone, no sideways scroll
     assert Approval.get_by_id(a.id).state == "pending"  # the GET changed nothing
     page.reload()
     assert Approval.get_by_id(a.id).state == "pending"
