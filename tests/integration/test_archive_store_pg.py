@@ -1,0 +1,55 @@
+"""The archive's storage side on the real PostgreSQL fixture: the same chain, verify,
+retention and import cases as on SQLite (tests/unit/archive), plus concurrent writers."""
+
+from __future__ import annotations
+
+import pytest
+
+from gateway.db import connect, is_postgres
+from tests.unit.archive import test_chain, test_importer, test_retention, test_verify, test_write_lock
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def db(postgres, request):
+    import psycopg2
+
+    name = "t_archstore_" + request.node.name[-30:].lower()
+    conn = psycopg2.connect(host=postgres.host, port=postgres.port, user=postgres.user, dbname="postgres")
+    conn.autocommit = True
+    conn.cursor().execute(f"DROP DATABASE IF EXISTS {name}")
+    conn.cursor().execute(f"CREATE DATABASE {name} TEMPLATE template0 ENCODING 'UTF8'")
+    conn.close()
+    database = connect(postgres.url_for(name))
+    assert is_postgres()
+    yield database
+    database.close()
+
+
+@pytest.fixture
+def archive(db, tmp_path):
+    from gateway.archive import Archive
+
+    return Archive(tmp_path / "archive", tmp_path / "archive.keys")
+
+
+bob = test_retention.bob
+
+test_one_record_per_content_many_sightings = test_chain.test_one_record_per_content_many_sightings
+test_ref_makes_sightings_idempotent = test_chain.test_ref_makes_sightings_idempotent
+test_chain_links_every_row_in_seq_order = test_chain.test_chain_links_every_row_in_seq_order
+test_intact_archive_verifies = test_verify.test_intact_archive_verifies
+test_altered_record_is_reported = test_verify.test_altered_record_is_reported
+test_deleted_record_or_sighting_is_reported = test_verify.test_deleted_record_or_sighting_is_reported
+test_cut_tail_is_reported_and_checkpoint_catches_a_rewritten_head = (
+    test_verify.test_cut_tail_is_reported_and_checkpoint_catches_a_rewritten_head)
+test_altered_or_deleted_blob_is_reported = test_verify.test_altered_or_deleted_blob_is_reported
+test_blanking_without_purge_event_is_reported = test_verify.test_blanking_without_purge_event_is_reported
+test_purge_removes_old_unheld_records_and_keeps_the_chain_verifiable = (
+    test_retention.test_purge_removes_old_unheld_records_and_keeps_the_chain_verifiable)
+test_hold_all_suspends_every_purge = test_retention.test_hold_all_suspends_every_purge
+test_eml_folder_import_is_idempotent_and_skips_bad_files = (
+    test_importer.test_eml_folder_import_is_idempotent_and_skips_bad_files)
+
+test_concurrent_writers_keep_one_unbroken_chain = test_write_lock.test_concurrent_writers_keep_one_unbroken_chain
