@@ -245,7 +245,7 @@ def _login(page, base: str, role: str) -> None:  # noqa: ANN001
 def take(base: str, out: Path, only: set[str]) -> tuple[list[str], list[str]]:
     from playwright.sync_api import sync_playwright
 
-    saved, skipped = [], []
+    saved, skipped, wide = [], [], []
     with sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=CHROMIUM,
                                      args=["--no-sandbox", "--disable-background-networking"])
@@ -281,6 +281,9 @@ def take(base: str, out: Path, only: set[str]) -> tuple[list[str], list[str]]:
                         break
                     if shot.after:
                         shot.after(page)
+                    width = page.evaluate("document.documentElement.scrollWidth")
+                    if width > SIZES[size][0] + 1:
+                        wide.append(f"{shot.name} ({size}: {width} px)")
                     target = out / f"{shot.name}-{size}.png"
                     page.screenshot(path=str(target), full_page=True)
                     saved.append(str(target.relative_to(REPO)) if target.is_relative_to(REPO) else str(target))
@@ -290,7 +293,22 @@ def take(base: str, out: Path, only: set[str]) -> tuple[list[str], list[str]]:
             if not done:
                 skipped.append(shot.name)
         browser.close()
+    for entry in wide:
+        print("warning: wider than the screen, the page scrolls sideways:", entry)
     return saved, skipped
+
+
+def _index(out: Path) -> None:
+    """docs/screenshots/README.md: every page at both widths, in SHOTS order."""
+    lines = ["# Panel screenshots", "",
+             "Made by `scripts/screenshots.py` (demo-like installation, real mail, Debian Chromium); "
+             "desktop 1280 px, phone 390 px. Re-run it to refresh them.", "",
+             "| Page | Desktop | Phone |", "|---|---|---|"]
+    for shot in SHOTS:
+        if (out / f"{shot.name}-desktop.png").exists():
+            lines.append(f"| {shot.name} | ![{shot.name} desktop]({shot.name}-desktop.png) "
+                         f"| ![{shot.name} phone]({shot.name}-phone.png) |")
+    (out / "README.md").write_text("\n".join(lines) + "\n")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -337,6 +355,8 @@ def main(argv: list[str] | None = None) -> int:
             gw.stop()
     for path in saved:
         print("saved", path)
+    if not only:
+        _index(args.out)
     if skipped:
         print("skipped (area not installed or no item to open):", ", ".join(skipped))
     return 0 if saved else 1
