@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import dkim
@@ -117,17 +116,6 @@ def test_signing_mutation_from_config(keys, tmp_path):
     cfg.dkim.enabled = True
     cfg.dkim.key_dir = tmp_path  # no keys there
     assert signing_mutation(cfg) is None
-
-
-def test_rsa_signing_is_fast(signer):
-    rsa_only = DkimSigner({"acme.test": [k for k in signer.keys["acme.test"] if k.algorithm == "rsa-sha256"]})
-    msg = MESSAGE[:10_000]
-    rsa_only.sign(msg, "acme.test")
-    started = time.perf_counter()
-    for _ in range(20):
-        rsa_only.sign(msg, "acme.test")
-    per_message = (time.perf_counter() - started) / 20
-    assert per_message < 0.006, f"{per_message * 1000:.2f} ms"  # target 2 ms; slack for loaded CI machines
 
 
 def test_fast_relaxed_body_equals_dkimpy():
