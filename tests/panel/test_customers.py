@@ -76,6 +76,14 @@ def test_salesperson_scope(http_as, panel_db) -> None:
     assert bobs.name not in alice.get(f"/customers?pool=all&q={address}").text
     assert bobs.name in http_as("dept_head").get(f"/customers?q={address}").text
     assert bobs.name in http_as("crm_admin").get(f"/customers?q={address}").text
+    # a department head sees the department, not other departments' customers
+    from gateway.customers import create_employee
+
+    outsider = create_employee(f"elsewhere-{uid()}@acme.test", "Elsewhere", None)
+    theirs = make_customer(f"Elsewhere's {uid()}", (outsider.email,))
+    assert http_as("dept_head").get(f"/customers/{theirs.id}").status == 403
+    assert theirs.name not in http_as("dept_head").get("/customers?pool=all&q=" + quote(theirs.name)).text
+    assert http_as("crm_admin").get(f"/customers/{theirs.id}").status == 200
     # a salesperson does not delete, add owners or transfer
     assert alice.post(f"/customers/{alices.id}/delete").status == 403
     assert alice.post(f"/customers/{alices.id}/transfer", {"employee": str(emp("bob@acme.test").id)}).status == 403

@@ -160,3 +160,25 @@ def test_cli_pool_sweep(tmp_path, capsys) -> None:
     assert "1 customers returned" in capsys.readouterr().out
     connect("sqlite:///" + str(db_path))
     assert Customer.get_by_id(stale.id).pool == "public" and Customer.get_by_id(kept.id).pool == "owned"
+
+
+def test_service_hook_starts_and_stops_the_sweeper(db) -> None:
+    from types import SimpleNamespace
+
+    from gateway.config import Config
+    from panel import service
+
+    async def scenario(rules_on: bool) -> object:
+        cfg = Config()
+        cfg.panel = PanelConfig(enabled=False, pool_auto_return=rules_on, pool_days_without_contact=30)
+        node = SimpleNamespace(cfg=cfg, stopping=asyncio.Event())
+        stop = await service.start(node, None)
+        tasks = [t.get_name() for t in asyncio.all_tasks()]
+        if stop is not None:
+            await stop()
+        return stop, tasks
+
+    stop, tasks = asyncio.run(scenario(True))
+    assert stop is not None and "pool-sweep" in tasks
+    stop, tasks = asyncio.run(scenario(False))
+    assert stop is None and "pool-sweep" not in tasks
