@@ -143,7 +143,17 @@ def test_master_user_sync(gw, dovecot):
     dovecot.deliver("carol@acme.test", f"From: x@y.example\r\nSubject: {subject}\r\n\r\nhi\r\n".encode())
     rec = wait_for(lambda: ArchiveRecord.get_or_none(ArchiveRecord.subject == subject), what="synced record")
     [s] = sightings(record=rec.id)
-    assert s.place == "sync:carol@acme.test/INBOX" and s.verdict == "seen"
+    assert s.place == "sync:carol@acme.test/INBOX" and s.verdict == "seen" and s.direction == "inbound"
+    # Sent: mail carol sent from another client (straight to the provider) is archived as outbound.
+    sent = unique("Sent elsewhere")
+    with IMAPClient("127.0.0.1", port=gw.dovecot.imaps_port, ssl=True, ssl_context=gw.dovecot.ssl_context()) as c:
+        c.login("carol@acme.test*archiver", "archiver-pw")
+        if not c.folder_exists("Sent"):
+            c.create_folder("Sent")
+        c.append("Sent", f"From: carol@acme.test\r\nTo: x@y.example\r\nSubject: {sent}\r\n\r\nhi\r\n".encode())
+    rec = wait_for(lambda: ArchiveRecord.get_or_none(ArchiveRecord.subject == sent), what="synced Sent record")
+    [s] = sightings(record=rec.id)
+    assert (s.place, s.direction, s.employee_email) == ("sync:carol@acme.test/Sent", "outbound", "carol@acme.test")
 
 
 def test_import_from_imap_account_is_idempotent(gw, dovecot, monkeypatch, capsys):
