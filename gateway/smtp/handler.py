@@ -28,7 +28,7 @@ from aiosmtpd.smtp import SMTP, AuthResult, Envelope
 from aiosmtpd.smtp import Session as SMTPSession
 
 from gateway import metrics
-from gateway.archive import Archive
+from gateway.archive import Archive, PreparedBlob
 from gateway.config import Config
 from gateway.db.models import Customer, utcnow
 from gateway.directory import Directory, EmployeeInfo
@@ -356,11 +356,12 @@ class SubmissionHandler:
 
             credentials = seal(self.credentials_key, ident.username, ident.password, queue_id)
         self.spool.write(queue_id, outgoing.data, sync_dir=False)
-        # The archive blob too, here in parallel: phase 2 (one thread for everybody) then
-        # only inserts rows.  A crash before the commit leaves an unreferenced blob, which
+        # The archive blob too (hash, zstd, AES-GCM, fsync), here in parallel: phase 2 (one
+        # thread for everybody) then only inserts rows.  A crash before the commit leaves an unreferenced blob, which
         # is harmless (content-addressed, written again by the client's retry).
-        self.archive.store_blob(outgoing.data)
-        return outgoing, credentials
+        blob = self.archive.prepare(outgoing.data)
+        self.archive.store.write(blob)
+        return outgoing, credentials, blob
 
     def _archive_fields(self, ctx: Context, verdict: Verdict, queue_id: str) -> dict:
         return {
@@ -379,12 +380,13 @@ class SubmissionHandler:
         for part in prepared:
             self._commit(*part)
 
-    def _commit(self, ctx: Context, verdict: Verdict, queue_id: str, outgoing, credentials: bytes | None) -> None:
+    def _commit(self, ctx: Context, verdict: Verdict, queue_id: str, outgoing, credentials: bytes | None,
+                blob: PreparedBlob | None = None) -> None:
         """Phase 2, in the group-commit thread inside a savepoint."""
         fields = self._archive_fields(ctx, verdict, queue_id)
         state = "held" if verdict.action == HOLD else "queued"
         self.archive.record(outgoing.data, verdict="held" if state == "held" else "accepted",
-                            mail_from=outgoing.mail_from, recipients=outgoing.recipients, **fields)
+                            mail_from=outgoing.mail_from, recipients=outgoing.recipients, prepared=blob, **fields)
         self.spool.insert(queue_id, outgoing.mail_from, outgoing.recipients, len(outgoing.data),
                           employee_id=fields["employee_id"], message_id=fields["message_id"],
                           credentials=credentials, state=state)
