@@ -141,6 +141,7 @@ def setup_db(backend: str, workdir: Path, stack: list) -> str:
         return "sqlite:///" + str(workdir / "bench.db")
     from tests.harness.postgres import PostgresServer
 
+    workdir.chmod(0o755)  # the postgres account must reach its data directory below it
     server = PostgresServer(workdir / "pg")
     server.start()
     stack.append(server.stop)

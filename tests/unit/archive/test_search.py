@@ -119,6 +119,8 @@ def test_removed_records_are_gone(corpus):
     assert ids("quotation") == []
     assert ids("LED") == [1]
     assert ids("单") == [1]  # the short-gram tokens went too
+    index.forget_record(1)  # the retention purge's hook
+    assert ids("LED") == [] and ids("单") == [] and ids("") == [5, 4]
 
 
 def test_bad_queries_give_clear_errors(corpus):
