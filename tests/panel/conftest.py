@@ -226,7 +226,7 @@ def http_as(panel_url: str):
 
 # -- browser -------------------------------------------------------------------------
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")  # sync Playwright keeps an event loop running: end it with tests/panel
 def browser():
     from playwright.sync_api import sync_playwright
 
