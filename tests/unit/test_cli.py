@@ -54,3 +54,15 @@ def test_check_finds_missing_schema_and_certs(tmp_path):
     assert out.returncode == 1
     assert "FAIL database: no schema yet" in out.stdout
     assert "FAIL tls:" in out.stdout
+
+
+def test_installed_console_script_runs_from_any_directory(tmp_path):
+    """`mailgate` as pip installed it (not `python -m` from the checkout) finds its packages."""
+    from pathlib import Path
+
+    script = Path(sys.executable).parent / "mailgate"
+    if not script.exists():
+        pytest.skip("mailgate console script not installed in this environment")
+    result = subprocess.run([str(script), "--help"], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert "archive" in result.stdout and "panel" in result.stdout
