@@ -7,6 +7,7 @@ setup(
     python_requires=">=3.11",
     packages=find_packages(include=["gateway", "gateway.*", "panel", "panel.*"]),
     include_package_data=True,
+    package_data={"panel": ["templates/*.html", "templates/*/*.html", "static/*"]},
     install_requires=[
         "aiosmtpd>=1.4.6",
         "twisted[tls]>=24.7",
