@@ -190,3 +190,12 @@ def test_every_sighting_of_a_message_counts(db, archive):
     assert ids("共享报价 employee:bob@acme.test direction:in") == [rid]
     assert ids("共享报价 employee:alice@acme.test direction:in") == []
     assert ids("共享报价", user_scope=[bob.id]) == [rid]
+
+
+def test_big_customer_walks_the_text_matches(corpus, monkeypatch):
+    from gateway.archive import search as search_mod
+
+    monkeypatch.setattr(search_mod, "FTS_PROBE_LIMIT", 0)  # every customer counts as big
+    assert ids("customer:Hamburg LED") == [3, 2, 1]
+    assert ids(f"customer:{corpus.hamburg.id} 报价") == [1]
+    assert ids("customer:lagos 样品") == [4]
