@@ -172,7 +172,7 @@ class Archive:
             # The file was there when prepared, but a retention purge removed it since.
             self.store.write(self.store.prepare(cap.raw, blob.sha256))
         if known is None:
-            rec = ArchiveRecord.get_or_none(ArchiveRecord.sha256 == blob.sha256)
+            rec = _record_by_sha(blob.sha256)
         else:
             rec = known.get(blob.sha256)
         new_record = rec is None
@@ -253,6 +253,23 @@ def _pool() -> ThreadPoolExecutor:
         if _POOL is None:
             _POOL = ThreadPoolExecutor(max(2, min(8, (os.cpu_count() or 2) * 2)), thread_name_prefix="archive")
         return _POOL
+
+
+_BY_SHA_SQL: dict[type, str] = {}
+
+
+def _record_by_sha(sha256: str) -> ArchiveRecord | None:
+    """``ArchiveRecord.get_or_none(sha256 == …)`` with the statement text cached (peewee
+    building a select of every column costs more CPU than running it)."""
+    db = database.obj
+    sql = _BY_SHA_SQL.get(type(db))
+    if sql is None:
+        q = db.quote
+        sql = _BY_SHA_SQL[type(db)] = (f"SELECT * FROM {q[0]}{ArchiveRecord._meta.table_name}{q[1]} "
+                                       f"WHERE {q[0]}sha256{q[1]} = {db.param} LIMIT 1")
+    for row in ArchiveRecord.raw(sql, sha256):
+        return row
+    return None
 
 
 def _email_of(employee_id: int | None) -> str:
@@ -349,7 +366,7 @@ def relayed_capture(cfg: Any, row: Any, data: bytes, delivered: list[str], remot
 
     def record() -> None:
         try:
-            with database.atomic():
+            with database.atomic(), chain.savepoint():  # a failure rolls back the chain head too
                 archive.record(data, direction="outbound", verdict="sent", place="relay:sent",
                                mail_from=row.mail_from, recipients=list(delivered), queue_id=row.queue_id,
                                employee_id=row.employee_id, reason=f"accepted by {remote}"[:500],

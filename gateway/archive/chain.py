@@ -29,7 +29,7 @@ from typing import Any
 
 from gateway.archive.schema import ArchiveChainHead, ArchiveEvent, ArchiveRecord, ArchiveSighting
 from gateway.db.models import utcnow
-from gateway.groupcommit import write_transaction
+from gateway.groupcommit import insert_row, write_transaction
 
 GENESIS = "0" * 64
 
@@ -67,31 +67,66 @@ def link(prev_hash: str, seq: int, kind: str, digest: str) -> str:
 
 _batch = threading.local()
 
+_PENDING = "pending"  # a lazy batch whose head has not been read yet
+
 
 @contextmanager
-def batch() -> Iterator[None]:
+def batch(lazy: bool = False) -> Iterator[None]:
     """Inside the caller's transaction: lock the head once, chain every append in memory,
     write the head once at the end (a batch ingest saves three statements per row).  If the
-    block raises, the head is not written — the caller's transaction must then roll back."""
+    block raises, the head is not written — the caller's transaction must then roll back.
+
+    ``lazy``: lock and read the head only when the first append (or ``lock()``) needs it, and
+    write it only if something was appended — for a group commit whose batch may hold no
+    archive work at all.  Inside a batch, wrap each unit that may roll back on its own (a
+    savepoint) in ``savepoint()`` so the in-memory head follows the rollback."""
     if getattr(_batch, "state", None) is not None:  # nested: the outer batch writes the head
         yield
         return
-    lock()
-    row = ArchiveChainHead.select(ArchiveChainHead.seq, ArchiveChainHead.hash).where(ArchiveChainHead.id == 1).get()
-    state = _batch.state = [int(row.seq), row.hash]
+    state = _batch.state = [_PENDING] if lazy else _load_head()
     try:
         yield
     finally:
         _batch.state = None
-    ArchiveChainHead.update(seq=state[0], hash=state[1]).where(ArchiveChainHead.id == 1).execute()
+    if state[0] is not _PENDING and state[2]:
+        ArchiveChainHead.update(seq=state[0], hash=state[1]).where(ArchiveChainHead.id == 1).execute()
+
+
+def _load_head() -> list:
+    """Lock the head row and read it: [seq, hash, changed]."""
+    _lock_row()
+    row = ArchiveChainHead.select(ArchiveChainHead.seq, ArchiveChainHead.hash).where(ArchiveChainHead.id == 1).get()
+    return [int(row.seq), row.hash, False]
+
+
+def _state() -> list | None:
+    """The current batch's head state (loaded now if the batch is lazy), or None outside a batch."""
+    state = getattr(_batch, "state", None)
+    if state is not None and state[0] is _PENDING:
+        state[:] = _load_head()
+    return state
+
+
+@contextmanager
+def savepoint() -> Iterator[None]:
+    """Inside ``batch()``: if the block raises (its savepoint rolled back), the in-memory head
+    goes back to where it was, so the next append links to the last row that stays."""
+    state = getattr(_batch, "state", None)
+    saved = list(state) if state is not None else None
+    try:
+        yield
+    except BaseException:
+        if state is not None and saved is not None:
+            state[:] = saved
+        raise
 
 
 def _advance(kind: str, digest: str) -> tuple[int, str, str]:
     """Lock the head, allocate the next seq; returns (seq, prev_hash, hash)."""
-    state = getattr(_batch, "state", None)
+    state = _state()
     if state is not None:
         seq, prev = state[0] + 1, state[1]
-        state[0], state[1] = seq, link(prev, seq, kind, digest)
+        state[0], state[1], state[2] = seq, link(prev, seq, kind, digest), True
         return seq, prev, state[1]
     head = ArchiveChainHead
     if head.update(seq=head.seq + 1).where(head.id == 1).execute() != 1:
@@ -106,8 +141,13 @@ def _advance(kind: str, digest: str) -> tuple[int, str, str]:
 def lock() -> None:
     """Take the chain writer lock now (a no-op UPDATE of the head row), e.g. before a
     look-up whose answer decides what to append."""
-    if getattr(_batch, "state", None) is not None:  # batch(): already locked
+    if getattr(_batch, "state", None) is not None:  # batch(): locked already, or now (lazy)
+        _state()
         return
+    _lock_row()
+
+
+def _lock_row() -> None:
     ArchiveChainHead.update(seq=ArchiveChainHead.seq).where(ArchiveChainHead.id == 1).execute()
 
 
@@ -118,6 +158,8 @@ def append_record(r: ArchiveRecord) -> ArchiveRecord:
     r.created_at = r.created_at.replace(tzinfo=None)
     r.digest = record_digest(r)
     r.seq, r.prev_hash, r.hash = _advance(RECORD, r.digest)
+    if r.id is None:
+        return insert_row(r)
     r.save()
     return r
 
@@ -127,8 +169,7 @@ def append_sighting(s: ArchiveSighting) -> ArchiveSighting:
         s.seen_at = utcnow()
     s.digest = sighting_digest(s)
     s.seq, s.prev_hash, s.hash = _advance(SIGHTING, s.digest)
-    s.save(force_insert=True)
-    return s
+    return insert_row(s)
 
 
 def append_event(kind: str, actor: str = "", target: str = "", details: Any = None) -> ArchiveEvent:
@@ -144,5 +185,8 @@ def append_event(kind: str, actor: str = "", target: str = "", details: Any = No
 
 
 def head() -> tuple[int, str]:
+    state = getattr(_batch, "state", None)
+    if state is not None and state[0] is not _PENDING:  # inside batch(): the head in memory
+        return int(state[0]), state[1]
     row = ArchiveChainHead.get_or_none(ArchiveChainHead.id == 1)
     return (int(row.seq), row.hash) if row else (0, GENESIS)

@@ -76,3 +76,47 @@ def test_run_sync_from_a_plain_thread(db):
     committer.stop()
     assert sorted(results) == [f"t{i}" for i in range(6)]
     assert Department.select().count() == 6
+
+
+def test_archive_chain_advances_in_memory_per_batch_and_follows_rollbacks(db, tmp_path):
+    """One batch: the chain head is written once; a job that appended to the chain and then
+    failed leaves no gap, the next job links to the last row that stayed."""
+    from gateway.archive import Archive, chain
+    from gateway.archive.schema import ArchiveRecord, ArchiveSighting
+    from gateway.archive.verify import verify_chain
+
+    archive = Archive(tmp_path / "archive", tmp_path / "archive.keys")
+    committer = GroupCommitter(max_batch=8)
+    gate, taken = threading.Event(), threading.Event()
+
+    def raw(n):
+        return f"From: a@acme.test\r\nTo: b{n}@example.com\r\nSubject: s{n}\r\n\r\nbody {n}\r\n".encode()
+
+    def blocker():
+        taken.set()
+        gate.wait(10)
+
+    def record(n):
+        return archive.record(raw(n), direction="outbound", verdict="accepted", queue_id=f"Q{n}").seq
+
+    def record_then_fail():
+        archive.record(raw(99), direction="outbound", verdict="accepted")
+        raise ValueError("after the append")
+
+    async def main():
+        first = asyncio.ensure_future(committer.submit(blocker))
+        await asyncio.to_thread(taken.wait, 10)
+        jobs = [committer.submit(record, 1), committer.submit(record_then_fail), committer.submit(record, 2)]
+        futures = [asyncio.ensure_future(j) for j in jobs]
+        gate.set()
+        await first
+        return await asyncio.gather(*futures, return_exceptions=True)
+
+    one, error, two = asyncio.run(main())
+    committer.stop()
+    database.connect(reuse_if_open=True)
+    assert isinstance(error, ValueError)
+    assert (one, two) == (1, 3)  # record 1, its sighting 2, record 3 (the failed job's rows are gone)
+    assert ArchiveRecord.select().count() == 2 and ArchiveSighting.select().count() == 2
+    assert chain.head()[0] == 4
+    assert verify_chain() == []
