@@ -528,6 +528,15 @@ class RelayWorker:
         if not database.is_closed():
             database.close()
 
+    def _remove_file(self, row: OutboundMessage) -> None:
+        """Called in the committer's thread after the commit: the unlink (a journal update)
+        is handed to this worker's thread so the next batch's transaction does not wait for it.
+        A file left by a crash in between is swept as an orphan (its row is no longer queued)."""
+        try:
+            self._executor.submit(self.spool.remove, row)
+        except RuntimeError:  # the worker's executor is shut down: remove it here
+            self.spool.remove(row)
+
     def _claim(self) -> list[OutboundMessage]:
         """Claim a batch.  When outcomes go through a group committer (another thread), this
         thread's connection only ever writes claims, which need no fsync of their own: a claim
@@ -699,7 +708,7 @@ class RelayWorker:
                     log.warning("%s: claim lost during delivery; outcome not recorded", row.queue_id)
                 else:
                     if finished:
-                        self.spool.remove(row)  # the file goes only after the commit
+                        self._remove_file(row)  # the file goes only after the commit
                     self._count(delivered, not finished, failures)
             finally:
                 self._outstanding.release()

@@ -127,8 +127,10 @@ class Spool:
         """Phase 2: the queue row for a file already written.  On failure the file
         is removed and SpoolError raised."""
         try:
+            from gateway.groupcommit import insert_row  # gateway.groupcommit imports this module
+
             with database.atomic():
-                return OutboundMessage.create(
+                return insert_row(OutboundMessage(
                     queue_id=queue_id,
                     employee=employee_id,
                     mail_from=mail_from,
@@ -140,7 +142,7 @@ class Spool:
                     is_bounce=is_bounce,
                     state=state,
                     node=self.node,
-                )
+                ))
         except Exception as exc:
             self.discard(queue_id)
             raise SpoolError(getattr(exc, "errno", None), f"queue record failed: {exc}") from exc
