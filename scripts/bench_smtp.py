@@ -171,7 +171,8 @@ def run_gateway(args: argparse.Namespace, children: Children, base: Path) -> Res
         if args.py_spy:
             profiler = children.spawn(
                 ["py-spy", "record", "--pid", str(node.proc.pid), "--subprocesses", "--threads", "--nonblocking",
-                 "--format", "raw", "--output", str(Path(args.py_spy).resolve())],
+                 "--format", "raw", "--output", str(Path(args.py_spy).resolve()),
+                 *(["--gil"] if args.py_spy_gil else [])],
                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             time.sleep(1.0)
         pid = node.proc.pid
@@ -245,6 +246,8 @@ def main() -> int:
     ap.add_argument("--sink-auth", action="store_true",
                     help="let the gateway's sink announce AUTH (smtp-sink answers AUTH with 250, not 235)")
     ap.add_argument("--py-spy", metavar="FILE", help="profile the gateway with py-spy (collapsed stacks)")
+    ap.add_argument("--py-spy-gil", action="store_true",
+                    help="with --py-spy: sample only threads holding the GIL (CPU in Python, not waits)")
     ap.add_argument("--keep", action="store_true", help="keep the temp dir (configs, logs, DB)")
     args = ap.parse_args()
     args.targets = [t for t in args.targets.split(",") if t]
