@@ -175,7 +175,7 @@ ZH = {
     "pool.settings.days_without_contact": "自客户上一次邮件往来后 N 天未再联系则退回（0 = 不使用）",
     "pool.settings.days_after_assignment": "自业务员接到客户（分配、转移或认领）后 N 天内未联系则退回（0 = 不使用）",
     "pool.settings.exempt": "不退公海的客户阶段",
-    "pool.settings.help": "有效跟进指与客户的真实邮件往来（经网关发出的邮件）。处于所选阶段的客户不会被自动退回。",
+    "pool.settings.help": "有效跟进指与客户的真实邮件往来（经网关发出的邮件和客户发来的邮件）。处于所选阶段的客户不会被自动退回。",
     "pool.settings.last_sweep": "上次执行：{at}，退回 {n} 个客户",
     "pool.settings.never": "尚未执行",
     "pool.settings.sweep_now": "立即执行一次",

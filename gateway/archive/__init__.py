@@ -195,6 +195,8 @@ class Archive:
             if known is not None:
                 known[blob.sha256] = rec
             self._index(rec, cap.raw)
+            if cap.direction == "inbound" and mail_from:
+                _record_contact(mail_from, rec.created_at)
         elif cap.ref and ArchiveSighting.select().where(
                 (ArchiveSighting.record == rec) & (ArchiveSighting.place == cap.place[:1000])
                 & (ArchiveSighting.ref == cap.ref[:500])).exists():
@@ -244,6 +246,18 @@ class Archive:
 
 _POOL: ThreadPoolExecutor | None = None
 _POOL_LOCK = threading.Lock()
+
+
+def _record_contact(sender: str, at: Any) -> None:
+    """A customer who wrote to us was in contact (the public pool's clock, gateway.customers);
+    never costs the archive its record."""
+    try:
+        from gateway.customers import record_contact
+
+        with database.atomic():  # a savepoint
+            record_contact([sender], at)
+    except Exception:
+        log.exception("archive: could not record the last contact of an inbound sender")
 
 
 def _pool() -> ThreadPoolExecutor:

@@ -105,3 +105,23 @@ def test_headers_of_decodes_encoded_and_raw_utf8_headers():
     assert (h["from"], h["to"], h["message_id"]) == ("zhang@x.cn", ["a@b.test", "li@y.de", "c@d.test"], "<m1@x.cn>")
     assert h["date"].isoformat() == "2026-11-23T02:00:00"
     assert headers_of(b"garbage without headers")["subject"] == ""
+
+
+def test_inbound_mail_from_a_customer_counts_as_contact(archive):
+    """The public pool's 'days without contact' clock runs on received mail too."""
+    from gateway.customers import create_customer
+    from gateway.db.models import Customer
+
+    lagos = create_customer("Lagos Imports", contacts=["buyer@lagos-imports.ng"], domains=["lagos-imports.ng"])
+    gmail = create_customer("Private buyer", contacts=["someone@gmail.com"])
+    assert Customer.get_by_id(lagos.id).last_contact_at is None
+    rfq = b"From: Sales <Orders@Lagos-Imports.ng>\r\nTo: alice@acme.test\r\nSubject: RFQ\r\n\r\nhi\r\n"
+    archive.record(rfq,
+                   direction="inbound", verdict="seen", place="imap:alice@acme.test/INBOX")
+    assert Customer.get_by_id(lagos.id).last_contact_at is not None  # by company domain
+    archive.record(b"From: x@gmail.com\r\nTo: alice@acme.test\r\nSubject: hi\r\n\r\nhi\r\n",
+                   direction="inbound", verdict="seen", place="imap:alice@acme.test/INBOX")
+    assert Customer.get_by_id(gmail.id).last_contact_at is None  # never by a public mail domain
+    archive.record(b"From: alice@acme.test\r\nTo: someone@gmail.com\r\nSubject: offer\r\n\r\nhi\r\n",
+                   direction="outbound", verdict="seen", place="imap:alice@acme.test/Sent")
+    assert Customer.get_by_id(gmail.id).last_contact_at is None  # outbound contact comes from the SMTP path
