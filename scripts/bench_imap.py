@@ -22,6 +22,7 @@ import json
 import os
 import random
 import shutil
+import signal
 import ssl
 import statistics
 import subprocess
@@ -127,15 +128,38 @@ async def worker(port: int, ctx: ssl.SSLContext, user: str, uids: list[int], dea
         c.close()
 
 
+async def decide_all(port: int, ctx: ssl.SSLContext) -> None:
+    """Through the proxy, have every message of every mailbox decided (and persisted) once."""
+    async def one(user: str) -> None:
+        c = await Client.open(port, ctx)
+        for text in (f"LOGIN {user} {PASSWORD}", "SELECT INBOX", "UID FETCH 1:* (ENVELOPE)", "LOGOUT"):
+            line, _ = await c.cmd(text)
+            assert b" OK" in line, line
+        c.close()
+
+    await asyncio.gather(*(one(u) for u in USERS))
+
+
+def machine_cpu() -> tuple[float, float]:
+    """(busy, total) jiffies of the whole machine, from /proc/stat."""
+    vals = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = vals[3] + vals[4]
+    return sum(vals) - idle, sum(vals)
+
+
 async def load(port: int, ctx: ssl.SSLContext, sessions: int, seconds: float, uids: list[int]) -> dict:
     lat: list[float] = []
+    cpu0, mbusy0, mtotal0 = time.process_time(), *machine_cpu()
     start = time.perf_counter()
     deadline = start + seconds
     await asyncio.gather(*(worker(port, ctx, USERS[i % len(USERS)], uids, deadline, lat) for i in range(sessions)))
     elapsed = time.perf_counter() - start
+    mbusy1, mtotal1 = machine_cpu()
     lat.sort()
     return {
         "commands": len(lat),
+        "generator_cpu_us_per_cmd": (time.process_time() - cpu0) / len(lat) * 1e6,
+        "machine_busy": (mbusy1 - mbusy0) / max(1, mtotal1 - mtotal0),
         "cmd_per_s": len(lat) / elapsed,
         "p50_ms": statistics.median(lat) * 1000,
         "p99_ms": lat[int(len(lat) * 0.99)] * 1000,
@@ -188,6 +212,15 @@ def message(i: int, customer: bool) -> bytes:
             f"Date: Mon, 1 Jan 2024 10:00:00 +0000\r\n\r\n{body}").encode()
 
 
+def start_profiler(out: str, pid: int, seconds: float) -> subprocess.Popen:
+    """py-spy (pip install py-spy) on the proxy process: samples only while it runs Python code."""
+    spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+    fmt = "raw" if out.endswith(".txt") else "speedscope"
+    return subprocess.Popen([spy, "record", "--pid", str(pid), "--duration", str(max(1, int(seconds))),
+                             "--rate", "250", "--format", fmt, "--output", out],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
 def start_proxy(base: Path, dovecot: DovecotUpstream, db_url: str, cert: Path, key: Path,
                 upstream_security: str = "tls") -> tuple:
     tls_port, plain_port = free_ports(2)
@@ -228,6 +261,12 @@ def main() -> None:
     ap.add_argument("--idle-plain", action="store_true", help="idle clients without TLS (loopback plaintext)")
     ap.add_argument("--upstream-security", choices=("tls", "starttls", "none"), default="tls",
                     help="proxy -> Dovecot (clients always use TLS)")
+    ap.add_argument("--profile", metavar="FILE",
+                    help="sample the proxy with py-spy during the proxied load "
+                         "(speedscope JSON, or collapsed stacks for a .txt name)")
+    ap.add_argument("--syscalls", metavar="FILE",
+                    help="count the proxy's system calls (strace -c; BENCH_STRACE_ARGS overrides -c) "
+                         "during the proxied load")
     args = ap.parse_args()
     global ROUNDS_PER_LOGIN
     ROUNDS_PER_LOGIN = args.rounds_per_login
@@ -254,10 +293,22 @@ def main() -> None:
 
         async def run() -> dict:
             # warm up: every message decided once (decisions persisted), then measure
-            await load(port, pctx, len(USERS), 3, uids)
+            await decide_all(port, pctx)
+            await load(port, pctx, len(USERS), 2, uids)
             direct = await load(dovecot.imaps_port, dctx, args.sessions, args.seconds, uids)
+            spy = start_profiler(args.profile, proc.pid, args.seconds) if args.profile else None
+            strace_args = os.environ.get("BENCH_STRACE_ARGS", "-c").split()
+            trace = subprocess.Popen(["strace", *strace_args, "-f", "-o", args.syscalls, "-p", str(proc.pid)],
+                                     stderr=subprocess.DEVNULL) if args.syscalls else None
             cpu0 = cpu_seconds(proc.pid)
             proxied = await load(port, pctx, args.sessions, args.seconds, uids)
+            if spy is not None:
+                spy.wait()
+            if trace is not None:
+                trace.send_signal(signal.SIGINT)
+                trace.wait()
+                with open(args.syscalls, "a") as f:
+                    f.write(f"commands: {proxied['commands']}\n")
             proxied["proxy_cpu_us_per_cmd"] = (cpu_seconds(proc.pid) - cpu0) / proxied["commands"] * 1e6
             if args.idle_plain:  # no client TLS: shows what TLS itself costs
                 idle = await idle_sessions(plain_port, None, args.idle, proc.pid)
@@ -271,6 +322,9 @@ def main() -> None:
               f"(1/3 of messages from a customer), proxy->upstream {args.upstream_security}")
         print(f"  direct : {d['cmd_per_s']:8.1f} cmd/s  p50 {d['p50_ms']:6.2f} ms  p99 {d['p99_ms']:6.2f} ms")
         print(f"  proxy  : {p['cmd_per_s']:8.1f} cmd/s  p50 {p['p50_ms']:6.2f} ms  p99 {p['p99_ms']:6.2f} ms")
+        print(f"  load generator CPU per command: direct {d['generator_cpu_us_per_cmd']:.0f} us, "
+              f"proxy {p['generator_cpu_us_per_cmd']:.0f} us; machine busy: direct {d['machine_busy']:.0%}, "
+              f"proxy {p['machine_busy']:.0%}")
         print(f"  proxy CPU per command: {p['proxy_cpu_us_per_cmd']:.0f} us (machine: {os.cpu_count()} cores "
               f"shared by load generator, Dovecot and proxy)")
         print(f"  ratio  : throughput {p['cmd_per_s'] / d['cmd_per_s']:.2f}x  "
