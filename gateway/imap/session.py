@@ -22,6 +22,7 @@ from gateway import metrics
 from gateway.imap import upstream as up
 from gateway.imap.capabilities import rewrite_caps_in
 from gateway.imap.decisions import Decision, Tagger
+from gateway.imap.fastio import eager_send, write_now
 from gateway.imap.fetchitems import explicit_uids, parse_fetch
 from gateway.imap.fetchop import FetchOperation
 from gateway.imap.parser import Framer, FramerSink, Incomplete, LiteralInfo, ParseError, parse_astrings
@@ -110,7 +111,7 @@ class ClientSession(PreLogin, FetchOperation, protocol.Protocol, TimeoutMixin, F
     def end_batch(self) -> None:
         batch, self._batch = self._batch, None
         if batch and not self.closing:
-            self.transport.writeSequence(batch)
+            write_now(self.transport, batch[0] if len(batch) == 1 else b"".join(batch))
 
     def close(self, bye: bytes | None = None) -> None:
         if self.closing:
@@ -143,6 +144,7 @@ class ClientSession(PreLogin, FetchOperation, protocol.Protocol, TimeoutMixin, F
         self.counted = True
         metrics.imap_sessions.inc()
         no_delay(self.transport)
+        eager_send(self.transport)
         self.client_valve = Valve(self.transport)
         self.setTimeout(self.cfg.idle_timeout)
         self.send(b"* OK [CAPABILITY " + self.prelogin_caps() + b"] Mailgate IMAP proxy ready\r\n")
@@ -173,6 +175,9 @@ class ClientSession(PreLogin, FetchOperation, protocol.Protocol, TimeoutMixin, F
                 return
             self._discarding_line = False
             data = data[nl + 1 :]
+        upstream = self.upstream if self.logged_in else None
+        if upstream is not None:
+            upstream.hold()  # everything this read relays goes upstream in one write
         try:
             self.framer.feed(data)
             if self.framer.paused and self.framer.buffered > _MAX_QUEUED and self.client_valve:
@@ -185,6 +190,9 @@ class ClientSession(PreLogin, FetchOperation, protocol.Protocol, TimeoutMixin, F
         except Exception:  # noqa: BLE001 - never let one session take the reactor down
             log.exception("IMAP session error")
             self.close(b"Internal error")
+        finally:
+            if upstream is not None:
+                upstream.release()
 
     def _line_too_long(self) -> None:
         data = self.framer.take_buffer()

@@ -20,6 +20,7 @@ from twisted.internet.endpoints import HostnameEndpoint, TCP4ClientEndpoint, con
 from twisted.internet.interfaces import IReactorTCP
 from twisted.python.failure import Failure
 
+from gateway.imap.fastio import eager_send, write_now
 from gateway.imap.parser import Framer, FramerSink, LiteralInfo, ParseError, quote
 
 log = logging.getLogger("mailgate.imap.upstream")
@@ -96,6 +97,7 @@ class UpstreamProtocol(protocol.Protocol, FramerSink):
         self.greeting_caps: list[bytes] | None = None
         # (begin, end) hooks around each read, so the client gets one write per upstream read
         self.batch: tuple[Callable[[], None], Callable[[], None]] | None = None
+        self._out: list[bytes] | None = None  # writes held while one client read is relayed
 
     # -- twisted ---------------------------------------------------------------------
     def connectionMade(self) -> None:
@@ -186,11 +188,24 @@ class UpstreamProtocol(protocol.Protocol, FramerSink):
         tag = tag or self.next_tag()
         d: defer.Deferred[bytes] = defer.Deferred()
         self.waiters[tag] = d
-        self.transport.write(tag + b" " + line)
+        self.write(tag + b" " + line)
         return d
 
     def write(self, data: bytes) -> None:
-        self.transport.write(data)
+        if self._out is not None:
+            self._out.append(data)
+        elif not self.closed:
+            write_now(self.transport, data)
+
+    def hold(self) -> None:
+        """Collect writes until ``release`` (one client read -> one upstream write)."""
+        if self._out is None:
+            self._out = []
+
+    def release(self) -> None:
+        out, self._out = self._out, None
+        if out and not self.closed:
+            write_now(self.transport, out[0] if len(out) == 1 else b"".join(out))
 
 
 def status_of(completion: bytes) -> bytes:
@@ -231,6 +246,7 @@ async def connect(reactor: IReactorTCP, s: UpstreamSettings) -> UpstreamProtocol
         d = connectProtocol(ep, proto)
         d.addTimeout(s.timeout, reactor)
         await d
+        eager_send(proto.transport)
         if s.security == "tls":
             proto.transport.startTLS(s.tls_options)
         g = proto.greeting
