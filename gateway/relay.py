@@ -684,8 +684,10 @@ class RelayWorker:
         changes.update(
             {m.attempts: attempts, m.last_error: errors, m.claimed_by: None, m.claimed_until: None}
         )
-        # Archive: the relayed copy as a "relay:sent" sighting (blob written here, row in store()).
-        archived = relayed_capture(self.config, row, original, delivered, remote) if delivered else None
+        # Archive: the relayed copy as a "relay:sent" sighting (blob written here, row in store());
+        # its search-index update is left to the node's background indexer (off the mail path).
+        archived = (relayed_capture(self.config, row, original, delivered, remote, defer_index=True)
+                    if delivered else None)
 
         def store() -> bool:
             with database.atomic() as txn:

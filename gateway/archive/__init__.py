@@ -73,8 +73,12 @@ class Outcome:
 
 
 class Archive:
-    def __init__(self, directory: Path, key_file: Path | None = None, *, level: int = 3):
-        """``key_file`` None: not usable until ``configure`` (gateway.archive.service does it)."""
+    def __init__(self, directory: Path, key_file: Path | None = None, *, level: int = 3, defer_index: bool = False):
+        """``key_file`` None: not usable until ``configure`` (gateway.archive.service does it).
+        ``defer_index``: new records and sightings are not full-text indexed in their
+        transaction; a background indexer does it (``index.index_pending``, run by
+        gateway.archive.service inside a node) — the node sets it, everything else indexes inline."""
+        self.defer_index = defer_index
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
         self._store: BlobStore | None = None
@@ -136,9 +140,11 @@ class Archive:
         seen_at: dt.datetime | None = None,
         employee_email: str | None = None,
         prepared: PreparedBlob | None = None,
+        defer_index: bool | None = None,
     ) -> ArchiveRecord:
         """Archive one sighting of ``raw``; returns its (possibly existing) record.
-        ``subject``/``message_id`` None: taken from the message's header."""
+        ``subject``/``message_id`` None: taken from the message's header.
+        ``defer_index`` None: this archive's ``defer_index``."""
         cap = Capture(raw=raw, place=place, direction=direction, verdict=verdict, ref=ref, employee_id=employee_id,
                       employee_email=employee_email,
                       mail_from=mail_from, recipients=list(recipients or []), subject=subject,
@@ -146,7 +152,7 @@ class Archive:
         blob = prepared or self.store.prepare(raw)
         self.store.write(blob)
         with write_transaction():
-            return self._chain(cap, blob).record
+            return self._chain(cap, blob, defer=defer_index).record
 
     def ingest_many(self, captures: list[Capture], prepared: list[PreparedBlob] | None = None) -> list[Outcome]:
         """Batch ingest (import, sync, bench): the CPU part (hash, zstd, AES-GCM) and the blob
@@ -161,8 +167,11 @@ class Archive:
                 ArchiveRecord.sha256.in_(sorted({b.sha256 for b in blobs})))}
             return [self._chain(c, b, known) for c, b in zip(captures, blobs, strict=True)]
 
-    def _chain(self, cap: Capture, blob: PreparedBlob, known: dict[str, ArchiveRecord] | None = None) -> Outcome:
-        """``known``: records by content hash already looked up (batch ingest; kept up to date)."""
+    def _chain(self, cap: Capture, blob: PreparedBlob, known: dict[str, ArchiveRecord] | None = None,
+               defer: bool | None = None) -> Outcome:
+        """``known``: records by content hash already looked up (batch ingest; kept up to date).
+        ``defer``: leave the search index to the background indexer (None: ``self.defer_index``)."""
+        inline_index = not (self.defer_index if defer is None else defer)
         # The chain lock (a write) comes before any read of this transaction: a SQLite
         # transaction that read first cannot always become a writer ("database is locked").
         chain.lock()
@@ -194,7 +203,8 @@ class Archive:
                 queue_id=cap.queue_id))
             if known is not None:
                 known[blob.sha256] = rec
-            self._index(rec, cap.raw)
+            if inline_index:
+                self._index(rec, cap.raw)
             if cap.direction == "inbound" and mail_from:
                 _record_contact(mail_from, rec.created_at)
         elif cap.ref and ArchiveSighting.select().where(
@@ -207,7 +217,7 @@ class Archive:
             queue_id=cap.queue_id, employee=cap.employee_id, employee_email=cap.employee_email[:320],
             mail_from=cap.mail_from[:320], recipients=json.dumps(cap.recipients, ensure_ascii=False),
             ref=cap.ref[:500]))
-        if not new_record:
+        if not new_record and inline_index:
             self._index_sighting(sighting)
         return Outcome(rec, new_record, True)
 
@@ -365,11 +375,13 @@ def for_config(cfg: Any) -> Archive:
     return archive
 
 
-def relayed_capture(cfg: Any, row: Any, data: bytes, delivered: list[str], remote: str) -> Any:
+def relayed_capture(cfg: Any, row: Any, data: bytes, delivered: list[str], remote: str, *,
+                    defer_index: bool = False) -> Any:
     """For gateway.relay: prepare the "relay:sent" sighting of ``data`` (hash, encrypt, blob
     file — outside any transaction) and return a function that records it inside the
     caller's transaction (a savepoint; an archive failure is logged, never fails the relay).
-    None if even the preparation failed."""
+    None if even the preparation failed.  ``defer_index``: the sighting's search-index update
+    is left to the node's background indexer (the relay runs inside ``mailgate run``)."""
     try:
         archive = for_config(cfg)
         blob = archive.prepare(data)
@@ -384,7 +396,8 @@ def relayed_capture(cfg: Any, row: Any, data: bytes, delivered: list[str], remot
                 archive.record(data, direction="outbound", verdict="sent", place="relay:sent",
                                mail_from=row.mail_from, recipients=list(delivered), queue_id=row.queue_id,
                                employee_id=row.employee_id, reason=f"accepted by {remote}"[:500],
-                               subject=None, message_id=row.message_id or None, prepared=blob)
+                               subject=None, message_id=row.message_id or None, prepared=blob,
+                               defer_index=defer_index or None)
         except Exception:
             log.exception("%s: archiving the relayed copy failed (record)", row.queue_id)
 

@@ -29,13 +29,18 @@ import email.header
 import email.message
 import email.utils
 import html
+import logging
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from html.parser import HTMLParser
 
+from peewee import fn
+
 from gateway.db import is_postgres
 from gateway.db.models import database
+
+log = logging.getLogger("mailgate.archive.index")
 
 BODY_LIMIT = 64 * 1024  # characters of body text indexed per message
 PART_LIMIT = 1024 * 1024  # bytes of one text part looked at
@@ -348,7 +353,10 @@ def _field(record: object, *names: str, default: object = None) -> object:
 
 def index_record(record: object, raw: bytes) -> None:
     """Index one archived record (call once per new record, inside its transaction)."""
-    ex = extract(raw)
+    _add_record(record, extract(raw))
+
+
+def _add_record(record: object, ex: Extracted) -> None:
     created = _field(record, "created_at", "first_seen_at", default=None) or dt.datetime.now(dt.UTC)
     employee = _field(record, "employee_id", default=None)
     if employee is None:
@@ -476,4 +484,85 @@ def remove_records(record_ids: Iterable[int]) -> int:
             db.execute_sql(f"DELETE FROM archivefts WHERE rowid IN ({marks})", docids)
         removed += len(docids)
     return removed
+
+
+
+# -- background indexing (records written by a node: gateway.archive.service) ------------------
+
+INDEX_BATCH = 200
+
+
+def index_pending(archive: object, limit: int = INDEX_BATCH) -> int:
+    """Index up to ``limit`` records that have no document yet, oldest first, and note up to
+    4 × ``limit`` sightings written since the last call; returns how many records were indexed."""
+    return index_batch(archive, limit)[0]
+
+
+def index_batch(archive: object, limit: int = INDEX_BATCH) -> tuple[int, bool]:
+    """``index_pending``, also telling whether a batch was full (more work waits).
+
+    Blocking (call in a thread).  The blobs are read and their text extracted outside any
+    transaction; the rows go in one short write transaction that re-checks which records
+    are still unindexed (an inline indexer may have been faster), so nothing is indexed
+    twice.  Watermarks (``archivesearchstate``) make a restart resume where it stopped;
+    every archive writer appends under the chain lock, so ids become visible in order and a
+    watermark never skips a row committed later."""
+    from gateway.archive.schema import ArchiveRecord, ArchiveSighting
+    from gateway.archive.search_schema import SearchDoc, SearchState
+    from gateway.groupcommit import write_transaction
+
+    state = {s.name: s.value for s in SearchState.select()}
+    rec_mark, seen_mark = state.get("records", 0), state.get("sightings", 0)
+    # Read first: every record up to ``top`` is committed, so the look-up below sees them all.
+    top = max(rec_mark, int(ArchiveRecord.select(fn.MAX(ArchiveRecord.id)).scalar() or 0))
+    unindexed = ~fn.EXISTS(SearchDoc.select(SearchDoc.docid).where(SearchDoc.record_id == ArchiveRecord.id))
+    recs = list(ArchiveRecord.select().where((ArchiveRecord.id > rec_mark) & (ArchiveRecord.id <= top)
+                                             & ArchiveRecord.purged_at.is_null() & unindexed)
+                .order_by(ArchiveRecord.id).limit(limit))
+    sightings = list(ArchiveSighting.select(ArchiveSighting.id, ArchiveSighting.record, ArchiveSighting.employee,
+                                            ArchiveSighting.direction)
+                     .where(ArchiveSighting.id > seen_mark).order_by(ArchiveSighting.id).limit(limit * 4))
+    if not recs and not sightings and top == rec_mark:
+        return 0, False
+    rows: list[tuple] = []
+    for rec in recs:
+        try:
+            raw = archive.read(rec)  # type: ignore[attr-defined]
+        except Exception:  # noqa: BLE001 - an unreadable blob (verify reports it) must not stop the indexer
+            log.exception("archive record %s: cannot read the blob to index it (skipped)", rec.id)
+            continue
+        rows.append((rec, extract(raw)))
+    # A full batch: handled up to its last record; otherwise every record up to ``top``.
+    # (A sighting of a record not indexed yet is noted when that record is.)
+    new_rec_mark = recs[-1].id if len(recs) == limit else top
+    done = 0
+    with write_transaction():
+        ids = [rec.id for rec, _ in rows]
+        taken = {d.record_id for d in SearchDoc.select(SearchDoc.record_id).where(SearchDoc.record_id.in_(ids))}
+        for rec, ex in rows:
+            if rec.id in taken:
+                continue
+            try:
+                with database.atomic():  # a savepoint: one bad document does not stop the batch
+                    _add_record(rec, ex)
+                done += 1
+            except Exception:
+                log.exception("archive record %s: full-text indexing failed", rec.id)
+        # Every sighting of the records just indexed (later ones may have come first) ...
+        later = ArchiveSighting.select(ArchiveSighting.id, ArchiveSighting.record, ArchiveSighting.employee,
+                                       ArchiveSighting.direction).where(ArchiveSighting.record.in_(ids)) if ids else []
+        # ... and the sightings since the last call.
+        for s in [*later, *sightings]:
+            try:
+                with database.atomic():
+                    index_sighting(s)
+            except Exception:
+                log.exception("archive sighting %s: search index update failed", s.id)
+        marks = {"records": new_rec_mark,
+                 "sightings": sightings[-1].id if sightings else seen_mark}
+        for name, value in marks.items():
+            if value != state.get(name):
+                SearchState.insert(name=name, value=value).on_conflict(
+                    conflict_target=[SearchState.name], update={SearchState.value: value}).execute()
+    return done, len(recs) == limit or len(sightings) == limit * 4
 

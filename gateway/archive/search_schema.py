@@ -87,3 +87,20 @@ def search_index(db: Database) -> None:
                        "subject, sender, rcpt, body, attnames, tokenize='trigram')")
         db.execute_sql("CREATE VIRTUAL TABLE IF NOT EXISTS archivegrams USING fts5("
                        "grams, tokenize='unicode61 remove_diacritics 0', detail='none', content='')")
+
+
+class SearchState(BaseModel):
+    """Durable watermarks of the background indexer (gateway.archive.index.index_pending):
+    ``records`` / ``sightings`` = the highest id it has handled."""
+
+    name = CharField(max_length=40, primary_key=True)
+    value = BigIntegerField(default=0)
+
+    class Meta:
+        table_name = "archivesearchstate"
+
+
+@migration(151)
+def search_index_state(db: Database) -> None:
+    """Watermarks for indexing off the mail path (records/sightings written by a node are indexed later)."""
+    db.create_tables([SearchState], safe=True)

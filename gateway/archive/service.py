@@ -9,6 +9,10 @@
 - Opt-in: the proxy's ``on_login`` hook seals the employee's login (once per process per
   password) for the sync of providers without a master user.
 - Sync: every ``sync_interval`` seconds, one pass over every active employee.
+- Search index: the node's archive (SMTP handler) and the relay defer the full-text index
+  entry of each record/sighting; a background task indexes everything not yet indexed, in
+  order, in batches (``index.index_pending``, a thread), every ``INDEX_POLL`` seconds —
+  and at start-up it catches up what an earlier run left (durable watermarks).
 - Daily: retention purge (when ``retention_years`` > 0) and a chain checkpoint in the
   operation log.
 """
@@ -27,12 +31,14 @@ log = logging.getLogger("mailgate.archive")
 
 CAPTURE_QUEUE = 10_000
 DAILY = 24 * 3600.0
+INDEX_POLL = 0.5  # seconds between background indexer passes when there was nothing to do
 
 
 async def start(node: Any, reactor: Any):  # noqa: ANN201 - async stop function | None
     cfg = node.cfg
     archive: Archive = node.archive
     archive.configure(cfg)
+    archive.defer_index = True  # the SMTP handler's records: indexed by _index_loop, off the mail path
     await asyncio.to_thread(lambda: archive.store.keyring)  # create the key file now, not mid-message
     a = cfg.archive
     tasks: list[asyncio.Task] = []
@@ -44,6 +50,7 @@ async def start(node: Any, reactor: Any):  # noqa: ANN201 - async stop function 
             tasks.append(asyncio.create_task(hooks.capture_worker(stopping), name="archive-imap-capture"))
     if a.sync_enabled:
         tasks.append(asyncio.create_task(_sync_loop(archive, cfg, stopping), name="archive-sync"))
+    tasks.append(asyncio.create_task(index_loop(archive, stopping), name="archive-index"))
     tasks.append(asyncio.create_task(_daily(archive, cfg, stopping), name="archive-daily"))
 
     async def stop() -> None:
@@ -62,6 +69,24 @@ async def _wait(stopping: asyncio.Event, seconds: float) -> bool:
         return True
     except TimeoutError:
         return False
+
+
+async def index_loop(archive: Archive, stopping: asyncio.Event, poll: float = INDEX_POLL) -> None:
+    """Index deferred records and sightings until ``stopping``: right away while there is a
+    backlog (start-up catch-up), else every ``poll`` seconds."""
+    from gateway.archive.index import index_batch
+
+    while not stopping.is_set():
+        failed = more = False
+        try:
+            _, more = await asyncio.to_thread(index_batch, archive)
+        except Exception:
+            log.exception("archive background indexing failed (retried)")
+            failed = True
+        if more:
+            continue
+        if await _wait(stopping, poll * 20 if failed else poll):  # a persistent failure: do not spin
+            return
 
 
 async def _sync_loop(archive: Archive, cfg: Any, stopping: asyncio.Event) -> None:

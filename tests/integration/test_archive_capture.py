@@ -98,6 +98,22 @@ def test_accepted_submission_and_relayed_copy(gw, sink):
     assert f"Subject: {subject}".encode() in raw
 
 
+def test_submission_becomes_searchable(gw):
+    """The node indexes off the mail path (archive service's background indexer): the
+    message turns up in a search shortly after the 250, once."""
+    from gateway.archive.search import record_ids
+    from gateway.archive.search_schema import SearchDoc
+
+    token = uuid.uuid4().hex[:12]
+    code, text = submit(gw, "alice@acme.test", "alice-pw", mail("einkauf@hamburg-tools.de", f"Indexed {token}"))
+    assert code == 250, text
+    rec = ArchiveRecord.get(ArchiveRecord.subject == f"Indexed {token}")
+    assert wait_for(lambda: record_ids(token), what="the search index entry") == [rec.id]
+    assert record_ids(f"body of Indexed {token}") == [rec.id]  # the body text is indexed too
+    wait_for(lambda: sightings(record=rec.id, place="relay:sent"), what="relay:sent sighting")
+    assert SearchDoc.select().where(SearchDoc.record_id == rec.id).count() == 1
+
+
 def test_refused_submission(gw):
     subject = unique("Poaching")
     code, _ = submit(gw, "alice@acme.test", "alice-pw", mail("lagos.imports@gmail.com", subject))

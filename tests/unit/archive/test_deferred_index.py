@@ -1,0 +1,118 @@
+"""Search indexing off the mail path: a node's archive defers the index entry, the
+background indexer (index.index_pending / service.index_loop) catches up, never twice."""
+
+from __future__ import annotations
+
+import asyncio
+
+from gateway import customers
+from gateway.archive import Archive
+from gateway.archive.index import index_batch, index_pending
+from gateway.archive.schema import ArchiveRecord
+from gateway.archive.search import record_ids
+from gateway.archive.search_schema import SearchDoc, SearchSeen, SearchState
+from gateway.archive.service import index_loop
+from tests.unit.archive.conftest import message
+
+
+def _deferred(archive: Archive) -> Archive:
+    return Archive(archive.directory, archive.store.key_file, defer_index=True)
+
+
+def _seen(record_id: int) -> list[tuple]:
+    doc = SearchDoc.get(SearchDoc.record_id == record_id)
+    return sorted((s.employee_id or 0, s.direction) for s in SearchSeen.select().where(SearchSeen.docid == doc.docid))
+
+
+def test_deferred_records_are_indexed_by_the_indexer(archive):
+    node = _deferred(archive)
+    recs = [node.record(message(i, "quotation zebrafish"), direction="outbound", verdict="accepted",
+                        subject=None, message_id=None) for i in range(3)]
+    assert SearchDoc.select().count() == 0 and record_ids("zebrafish") == []
+    assert index_pending(node) == 3
+    assert sorted(record_ids("zebrafish")) == sorted(r.id for r in recs)
+    assert record_ids("Offer 1") == [recs[1].id]
+    assert index_pending(node) == 0  # nothing left, nothing twice
+    assert SearchDoc.select().count() == 3
+    assert SearchState.get_by_id("records").value == max(r.id for r in recs)
+
+
+def test_inline_stays_default_and_is_not_indexed_again(archive):
+    inline = archive.record(message(1), direction="outbound", verdict="accepted", subject=None, message_id=None)
+    assert SearchDoc.select().where(SearchDoc.record_id == inline.id).count() == 1  # indexed in its transaction
+    deferred = _deferred(archive).record(message(2), direction="outbound", verdict="accepted")
+    assert index_pending(archive) == 1  # only the deferred one
+    assert index_pending(archive) == 0
+    assert sorted(d.record_id for d in SearchDoc.select()) == sorted([inline.id, deferred.id])
+
+
+def test_batches_in_order_and_sightings_noted(archive):
+    alice = customers.create_employee("alice@acme.test", "Alice")
+    node = _deferred(archive)
+    recs = [node.record(message(i), direction="outbound", verdict="accepted") for i in range(5)]
+    # A later sighting (the relay's, another employee) before its record is indexed: noted with it.
+    node.record(message(3), direction="outbound", verdict="sent", place="relay:sent", employee_id=alice.id)
+    assert index_pending(node, limit=2) == 2
+    assert sorted(d.record_id for d in SearchDoc.select()) == [recs[0].id, recs[1].id]
+    assert index_pending(node, limit=2) == 2
+    assert _seen(recs[3].id) == [(0, "out"), (alice.id, "out")]
+    assert index_pending(node, limit=2) == 1
+    # A sighting of an already indexed record, deferred: noted by the next pass, once.
+    node.record(message(0), direction="inbound", verdict="seen", place="imap:alice/INBOX", employee_id=alice.id)
+    node.record(message(0), direction="inbound", verdict="seen", place="imap:alice/INBOX", employee_id=alice.id,
+                ref="again")
+    assert index_pending(node) == 0
+    assert _seen(recs[0].id) == [(0, "out"), (alice.id, "in")]
+    assert index_pending(node) == 0
+    assert _seen(recs[0].id) == [(0, "out"), (alice.id, "in")]
+    assert SearchDoc.select().count() == 5
+
+
+def test_crash_before_indexing_is_caught_up_at_start(archive):
+    """Records committed without index entries (the node stopped before its indexer ran):
+    the indexer of the next start indexes them all, then keeps up with new ones."""
+    node = _deferred(archive)
+    recs = [node.record(message(i, "caughtup"), direction="outbound", verdict="accepted") for i in range(7)]
+    assert SearchDoc.select().count() == 0
+
+    async def run() -> list[int]:
+        stopping = asyncio.Event()
+        task = asyncio.create_task(index_loop(node, stopping, poll=0.05))
+        found: list[int] = []
+        async with asyncio.timeout(20):
+            while len(found) < 7:
+                found = await asyncio.to_thread(record_ids, "caughtup")
+                await asyncio.sleep(0.02)
+            late = await asyncio.to_thread(node.record, message(99, "caughtup"), direction="outbound",
+                                           verdict="accepted")
+            while late.id not in found:
+                found = await asyncio.to_thread(record_ids, "caughtup")
+                await asyncio.sleep(0.02)
+        stopping.set()
+        await task
+        return found
+
+    found = asyncio.run(run())
+    assert sorted(found) == sorted([r.id for r in recs] + [ArchiveRecord.select().count()])
+    assert SearchDoc.select().count() == 8  # each once
+
+
+def test_a_sighting_backlog_is_worked_off_in_full_batches(archive):
+    node = _deferred(archive)
+    [rec] = [node.record(message(0), direction="outbound", verdict="accepted")]
+    for i in range(9):
+        node.record(message(0), direction="inbound", verdict="seen", place="sync:x/INBOX", ref=str(i))
+    assert index_batch(node, limit=2) == (1, True)  # the record and the first 8 sightings (4 x limit): more
+    assert SearchState.get_by_id("sightings").value == 8
+    assert index_batch(node, limit=2) == (0, False)
+    assert SearchState.get_by_id("sightings").value == 10
+    assert _seen(rec.id) == [(0, "in"), (0, "out")]
+
+
+def test_an_unreadable_record_does_not_stop_the_indexer(archive):
+    node = _deferred(archive)
+    bad, good = (node.record(message(i), direction="outbound", verdict="accepted") for i in range(2))
+    node.store.path_of(bad.blob_path).unlink()
+    assert index_pending(node) == 1
+    assert [d.record_id for d in SearchDoc.select()] == [good.id]
+    assert index_pending(node) == 0  # the unreadable one is not retried on every pass
