@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from email.header import Header, decode_header, make_header
 from email.message import Message
 from email.utils import getaddresses
 
@@ -17,6 +18,23 @@ from gateway.directory import EmployeeInfo
 ACCEPT = "accept"
 REJECT = "reject"
 HOLD = "hold"
+
+
+def header_text(value: object) -> str:
+    """A header value from the compat32 parser as text (never raises)."""
+    if value is None:
+        return ""
+    if isinstance(value, Header):  # a raw non-ASCII value: chunks of surrogate-escaped bytes
+        value = "".join(str(chunk) for chunk, _ in value._chunks)  # noqa: SLF001
+    text = str(value)
+    if any("\udc80" <= c <= "\udcff" for c in text):
+        text = text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+    if "=?" in text:
+        try:
+            text = str(make_header(decode_header(text)))
+        except Exception:  # noqa: BLE001 - a malformed encoded-word stays as written
+            pass
+    return " ".join(text.split())
 
 
 @dataclass
@@ -93,7 +111,9 @@ class Context:
 
     @property
     def subject(self) -> str:
-        return str(self.headers.get("Subject", ""))
+        """The Subject as a reader sees it: RFC 2047 words decoded (Outlook and Foxmail encode
+        every Chinese subject), raw 8-bit bytes read as UTF-8, folding removed."""
+        return header_text(self.headers.get("Subject"))
 
     def record(self, rule: str, hit: bool, why: str, mode: str = "enforce") -> None:
         self.trace.append(TraceStep(rule, hit, why, mode))

@@ -108,6 +108,19 @@ def test_subject_and_body_contains(world, ctx_factory):
     assert not check(world, "body-contains", "invoice", ctx)[0]
 
 
+def test_chinese_subject_matches_whether_encoded_or_raw(world, ctx_factory):
+    """Outlook and Foxmail send Chinese subjects as RFC 2047 words; some clients send raw UTF-8."""
+    encoded = ctx_factory(subject="回复：最新报价单 PI-2026")  # EmailMessage encodes it on the wire
+    assert b"=?utf-8?" in encoded.raw
+    assert encoded.subject == "回复：最新报价单 PI-2026"
+    assert check(world, "subject-contains", "报价", encoded)[0]
+    assert check(world, "subject-regex", r"报价单\s*PI-\d+", encoded)[0]
+    raw = ("From: alice@acme.test\r\nTo: buyer@own.example\r\nSubject: 报价单 PI\r\n\r\nhi\r\n").encode()
+    raw_ctx = ctx_factory(raw=raw)
+    assert raw_ctx.subject == "报价单 PI"
+    assert check(world, "subject-contains", "报价", raw_ctx)[0]
+
+
 def test_html_body_is_scanned_without_tags(world, ctx_factory):
     from email.message import EmailMessage
     from email.policy import SMTP
