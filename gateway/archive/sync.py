@@ -210,7 +210,8 @@ def sync_account(archive: Archive, cfg, upstream: Upstream, employee: Employee) 
 
 
 def _sync_mailbox(archive: Archive, cfg, client: IMAPClient, employee: Employee, mailbox: str) -> int:  # noqa: ANN001
-    state, _ = ArchiveSyncState.get_or_create(account=employee.email, mailbox=mailbox)
+    with write_transaction():  # read-then-insert: take the write lock first (SQLite "database is locked")
+        state, _ = ArchiveSyncState.get_or_create(account=employee.email, mailbox=mailbox)
     info = client.select_folder(mailbox, readonly=True)
     uidvalidity = int(info.get(b"UIDVALIDITY", 0))
     after = state.last_uid if state.uidvalidity == uidvalidity else 0
@@ -233,7 +234,10 @@ def sync_all(archive: Archive, cfg, should_stop: Callable[[], bool] = lambda: Fa
     """One pass over every active employee; returns new sightings."""
     upstream = Upstream.from_config(cfg)
     total = 0
-    for employee in Employee.select().where(Employee.active == True).order_by(Employee.id):  # noqa: E712
+    # A list, not a lazy cursor: an open SELECT keeps a stale read snapshot, and SQLite then
+    # refuses the sync's write transactions at once ("database is locked", no busy wait).
+    employees = list(Employee.select().where(Employee.active == True).order_by(Employee.id))  # noqa: E712
+    for employee in employees:
         if should_stop():
             break
         try:

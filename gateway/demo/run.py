@@ -27,6 +27,41 @@ INBOUND = [
     ("bob@acme.test", "Chinedu Okafor <lagos.imports@gmail.com>", "Order confirmation"),
 ]
 
+# Inquiries arriving at the shared mailbox sales@ (邮件分发): a known customer (→ Alice), a
+# Nigerian buyer (→ Bob, by the demo's country rule), a quotation request from an unknown
+# trader (→ the inquiries group, by keyword) and one nobody's rule matches (未分发, waits for a
+# manager in the panel).
+SHARED = "sales@acme.test"
+SHARED_INBOUND = [
+    ("Klaus Becker <einkauf@hamburg-tools.de>", "Follow-up: delivery date for PO 4711"),
+    ("Abuja Hardware <info@abuja-hardware.ng>", "Distributor inquiry for Nigeria"),
+    ("王先生 <wang@hangzhou-trading.example>", "询价：不锈钢扳手 5,000 套"),
+    ("Someone <curious.buyer@gmail.com>", "Hello, do you ship to Chile?"),
+]
+MASTER_USER = ("demo-master", "demo-master-pw")
+
+DISTRIBUTION_RULES = """# Written by `mailgate demo`: distribution rules (see rules/distribution/README.md).
+groups:
+  inquiries:
+    members: [alice@acme.test, bob@acme.test]
+    pick: least-loaded
+
+rules:
+  - name: nigeria-to-bob
+    description: Buyers in Nigeria go to Bob.
+    priority: 10
+    when:
+      country: [ng]
+    to: bob@acme.test
+
+  - name: quotation-requests
+    description: Quotation requests go to whoever has had the fewest lately.
+    priority: 50
+    when:
+      keyword: [quotation, RFQ, 报价, 询价]
+    group: inquiries
+"""
+
 
 def _inbound(sender: str, rcpt: str, subject: str) -> bytes:
     return (
@@ -86,7 +121,30 @@ dir = "{Path(__file__).resolve().parents[2] / 'rules'}"
 [panel]
 listen = "127.0.0.1"
 port = {port_base + 80}
+
+[archive]
+# The auditor's archive also gets every employee's INBOX and Sent, through Dovecot's master user.
+sync_enabled = true
+master_user = "{MASTER_USER[0]}"
+master_password = "{MASTER_USER[1]}"
+sync_interval = 30
+
+[distribution]
+enabled = true
+mailboxes = ["{SHARED}"]
+master_user = "{MASTER_USER[0]}"
+master_password = "{MASTER_USER[1]}"
+# The demo's provider relays all outgoing mail to the "Internet" folder, so employees get
+# their copy by IMAP APPEND into their own INBOX.
+delivery = "append"
+append_for = ["*"]
+# Distribute what is already in the shared mailbox at the first start, too.
+initial = "all"
+rules_dir = "{path.parent / 'distribution-rules'}"
 """)
+    rules = path.parent / "distribution-rules"
+    rules.mkdir(exist_ok=True)
+    (rules / "demo.yaml").write_text(DISTRIBUTION_RULES, encoding="utf-8")
 
 
 def run_demo(directory: Path, port_base: int = 10000) -> int:
@@ -98,7 +156,7 @@ def run_demo(directory: Path, port_base: int = 10000) -> int:
     directory.mkdir(parents=True, exist_ok=True)
     sink = SinkServer(directory / "internet")
     sink.start()
-    dovecot = DovecotUpstream(directory / "upstream", PASSWORDS, relay_port=sink.port)
+    dovecot = DovecotUpstream(directory / "upstream", PASSWORDS, master_user=MASTER_USER, relay_port=sink.port)
     dovecot.start()
     try:
         config_path = directory / "mailgate.toml"
@@ -113,6 +171,8 @@ def run_demo(directory: Path, port_base: int = 10000) -> int:
             seed()
             for rcpt, sender, subject in INBOUND:
                 dovecot.deliver(rcpt, _inbound(sender, rcpt, subject))
+            for sender, subject in SHARED_INBOUND:
+                dovecot.deliver(SHARED, _inbound(sender, SHARED, subject))
         seed_panel_accounts()
         return run(cfg, on_ready=lambda: print_instructions(cfg, directory))
     finally:
@@ -145,6 +205,9 @@ Web panel (管理面板): http://127.0.0.1:{cfg.panel.port}/
     alice@acme.test / alice-pw (salesperson), carol@acme.test / carol-pw (department head)
   local accounts: {panel_accounts}
 
+Shared mailbox {SHARED}: its inquiries are distributed (邮件分发) into Alice's and Bob's
+  INBOX; one waits for a manager under 分发 in the panel (sign in as crm or carol).
+Archive (归档): sign in as auditor; `mailgate -c {directory / 'mailgate.toml'} archive verify`
 Metrics: http://127.0.0.1:{cfg.metrics.port}/metrics        Stop: Ctrl-C
 ==========================================================
 """, flush=True)

@@ -64,10 +64,24 @@ def test_demo_starts_prints_settings_and_enforces_policy(demo_dir):
                 ready.set()
         ready.set()
 
+    log: list[str] = []
+    log_changed = threading.Condition()
+
+    def read_log() -> None:
+        for line in proc.stderr:
+            with log_changed:
+                log.append(line)
+                log_changed.notify_all()
+
+    def log_shows(*needles: str, timeout: float = 60) -> bool:
+        with log_changed:
+            return log_changed.wait_for(lambda: all(any(n in line for line in log) for n in needles), timeout)
+
     threading.Thread(target=read, daemon=True).start()
+    threading.Thread(target=read_log, daemon=True).start()
     try:
         assert ready.wait(60)
-        assert proc.poll() is None and banner, proc.stderr.read()
+        assert proc.poll() is None and banner, "".join(log)
         text = "".join(banner)
         assert f"port {base + 993} (SSL/TLS)" in text and f"port {base + 587} (STARTTLS)" in text
         assert "alice@acme.test" in text
@@ -93,6 +107,11 @@ def test_demo_starts_prints_settings_and_enforces_policy(demo_dir):
             client = PanelClient(panel.group(1))
             assert client.login(who, secret).status == 303, who
             assert client.get("/").status == 200
+        # The shared mailbox's inquiries were distributed (one left for a manager), the archive
+        # synced the mailboxes, and nothing failed on the way.
+        assert log_shows("UID 1 distributed (customer)", "UID 2 distributed (rule) rule nigeria-to-bob",
+                         "UID 4 undistributed", "archive sync pass done"), "".join(log)
+        assert not any("Traceback" in line or " ERROR " in line for line in log), "".join(log)
     finally:
         proc.send_signal(signal.SIGINT)
         try:
