@@ -168,6 +168,14 @@ def _hooks(app: PanelApp) -> None:
     @app.hook("before_request")
     def before() -> None:
         database.connect(reuse_if_open=True)
+
+    @app.hook("after_request")
+    def after() -> None:
+        # One connection per request (peewee's advice for web apps): a worker thread's
+        # connection kept across requests could hold a stale SQLite read snapshot left by an
+        # unfinished cursor, and then not see new rows or be refused its writes.
+        if not database.is_closed() and not database.in_transaction():
+            database.close()
         lang = bottle.request.query.get("lang")
         if lang in i18n.LANGUAGES:
             web._set_cookie(i18n.LANG_COOKIE, lang, max_age=365 * 24 * 3600)

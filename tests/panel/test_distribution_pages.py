@@ -188,7 +188,9 @@ def test_mapping_customer_and_reject(gw, db, dovecot) -> None:
     # a customer from a message
     lead = inquiry(gw, dovecot, f"ceo@lead-{secrets.token_hex(3)}.example", "Customer probe")
     name = "Lead Co " + secrets.token_hex(2)
-    client.post(f"/distribution/{lead.id}/customer", {"name": name, "owner": "bob@acme.test", "use_domain": "1"})
+    made = client.post(f"/distribution/{lead.id}/customer", {"name": name, "owner": "bob@acme.test", "use_domain": "1"},
+                       follow=True)
+    assert made.status == 200 and name in made.text, made.text[-3000:]
     database.close()
     customer = Customer.get(Customer.name == name)
     assert {c.email for c in customer.contacts} == {lead.from_addr}
