@@ -16,10 +16,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
 from gateway.distribute.inquiry import Inquiry
+from gateway.rules.loader import RuleFile
 
 PICKS = ("round-robin", "least-loaded")
 CONDITIONS = ("sender_domain", "country", "keyword", "language")
@@ -109,29 +109,9 @@ class RuleSet:
     groups: dict[str, Group] = field(default_factory=dict)
 
 
-class _File:
-    def __init__(self, path: Path, errors: list[str]):
-        self.path = path
-        self.errors = errors
-
-    def error(self, node: Node | None, message: str) -> None:
-        line = node.start_mark.line + 1 if node is not None else 1
-        self.errors.append(f"{self.path}:{line}: {message}")
-
-    def compose(self) -> Node | None:
-        try:
-            text = self.path.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as exc:
-            self.errors.append(f"{self.path}:1: cannot read: {exc}")
-            return None
-        try:
-            return yaml.compose(text, Loader=yaml.SafeLoader)
-        except yaml.MarkedYAMLError as exc:
-            mark = exc.problem_mark or exc.context_mark
-            self.errors.append(f"{self.path}:{mark.line + 1 if mark else 1}: YAML syntax: {exc.problem or exc.context}")
-        except yaml.YAMLError as exc:
-            self.errors.append(f"{self.path}:1: YAML: {exc}")
-        return None
+class _File(RuleFile):
+    """A distribution rule file: the rule loader's file (reading, YAML errors with lines) plus
+    the few shape checks distribution rules need."""
 
     def mapping(self, node: Node, what: str, allowed: set[str] | None = None) -> dict[str, tuple[Node, Node]]:
         if not isinstance(node, MappingNode):

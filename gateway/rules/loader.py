@@ -41,7 +41,7 @@ def _builtins() -> dict[str, Any]:
     return {"send-conflict": SendConflict}
 
 
-class _File:
+class RuleFile:
     """One composed rule file: constructs values and formats errors with lines."""
 
     def __init__(self, path: Path, errors: list[str]):
@@ -113,10 +113,10 @@ def load_rules(directory: str | Path, env: RuleEnv | None = None) -> tuple[list[
     errors: list[str] = []
     if not directory.is_dir():
         return [], [f"{directory}:0: rules directory does not exist"]
-    documents: list[tuple[_File, list[tuple[str, Node, Node]]]] = []
+    documents: list[tuple[RuleFile, list[tuple[str, Node, Node]]]] = []
     groups: dict[str, frozenset[str]] = {}
     for path in _rule_files(directory):
-        f = _File(path, errors)
+        f = RuleFile(path, errors)
         root = f.compose()
         if root is None:
             continue
@@ -153,7 +153,7 @@ def load_rules(directory: str | Path, env: RuleEnv | None = None) -> tuple[list[
     return rules, errors
 
 
-def _read_groups(f: _File, node: Node, groups: dict[str, frozenset[str]]) -> None:
+def _read_groups(f: RuleFile, node: Node, groups: dict[str, frozenset[str]]) -> None:
     for name, key_node, value_node in f.pairs(node, "groups") or []:
         value = f.value(value_node)
         members = value if isinstance(value, list) else [value]
@@ -180,7 +180,7 @@ class _Built:
         return self.rule.source
 
 
-def _build_rule(f: _File, node: Node, env: RuleEnv) -> _Built | None:
+def _build_rule(f: RuleFile, node: Node, env: RuleEnv) -> _Built | None:
     pairs = f.pairs(node, "a rule")
     if pairs is None:
         return None
@@ -245,7 +245,7 @@ def _build_rule(f: _File, node: Node, env: RuleEnv) -> _Built | None:
     return _Built(rule, enabled)
 
 
-def _conditions(f: _File, entry: tuple[Node, Node] | None, env: RuleEnv, what: str) -> list:
+def _conditions(f: RuleFile, entry: tuple[Node, Node] | None, env: RuleEnv, what: str) -> list:
     if entry is None:
         return []
     out = []
@@ -261,7 +261,7 @@ def _conditions(f: _File, entry: tuple[Node, Node] | None, env: RuleEnv, what: s
     return out
 
 
-def _actions(f: _File, entry: tuple[Node, Node] | None, env: RuleEnv) -> list:
+def _actions(f: RuleFile, entry: tuple[Node, Node] | None, env: RuleEnv) -> list:
     if entry is None:
         return []
     node = entry[1]
