@@ -141,13 +141,17 @@ _LOCAL_BAD = re.compile(r"[\s<>()\[\],;:\\\"@]")
 _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
 
 
-class CustomerError(DirectoryError):
-    """A refused customer write; ``code`` and ``params`` let the panel say why in its language."""
+class RefusedWrite(DirectoryError):
+    """A refused panel write; ``code`` and ``params`` let the panel say why in its language."""
 
     def __init__(self, code: str, message: str, **params: object):
         super().__init__(message)
         self.code = code
         self.params = params
+
+
+class CustomerError(RefusedWrite):
+    """A refused customer write."""
 
 
 def normalize_email(value: str) -> str:
@@ -526,13 +530,8 @@ EMPLOYEE_ROLES = ("salesperson", "dept_head", "crm_admin", "auditor", "it_admin"
 _ADDRESS = re.compile(r"^[a-z0-9!#$%&'*+/=?^_`{|}~.-]{1,64}@(?:(?!-)[a-z0-9-]{1,63}(?<!-)\.)+[a-z]{2,63}$")
 
 
-class EmployeeError(DirectoryError):
-    """A refused employee/department write; ``code`` and ``params`` let the panel say why."""
-
-    def __init__(self, code: str, message: str, **params: object):
-        super().__init__(message)
-        self.code = code
-        self.params = params
+class EmployeeError(RefusedWrite):
+    """A refused employee/department write."""
 
 
 def employee_address(value: str) -> str:
