@@ -111,9 +111,11 @@ class PostgresServer:
     ) -> None:
         self.stop()
 
-    def create_database(self, name: str) -> str:
-        """Create database `name` (lower-case identifier) and return its URL."""
-        self._client("createdb", _check_name(name))
+    def create_database(self, name: str, lc_ctype: str | None = None) -> str:
+        """Create database `name` (lower-case identifier) and return its URL; ``lc_ctype``
+        gives it its own character classification (from template0, e.g. "C.UTF-8")."""
+        locale = ("--template=template0", f"--lc-ctype={lc_ctype}") if lc_ctype else ()
+        self._client("createdb", *locale, _check_name(name))
         return self.url_for(name)
 
     def drop_database(self, name: str) -> None:

@@ -15,16 +15,9 @@ pytestmark = pytest.mark.integration
 @pytest.fixture(params=["C", "C.UTF-8"])
 def db(postgres, request):
     """A fresh database; LC_CTYPE C (pg_trgm cannot index CJK: grams must carry it) and C.UTF-8."""
-    import psycopg2
-
     name = "t_archsearch_" + request.node.name.split("[")[0][-20:].lower() + ("_u" if "UTF" in request.param else "_c")
-    conn = psycopg2.connect(host=postgres.host, port=postgres.port, user=postgres.user, dbname="postgres")
-    conn.autocommit = True
-    conn.cursor().execute(f"DROP DATABASE IF EXISTS {name}")
-    conn.cursor().execute(f"CREATE DATABASE {name} TEMPLATE template0 ENCODING 'UTF8' LC_COLLATE 'C' "
-                          f"LC_CTYPE '{request.param}'")
-    conn.close()
-    database = connect(postgres.url_for(name))
+    postgres.drop_database(name)
+    database = connect(postgres.create_database(name, lc_ctype=request.param))
     assert is_postgres()
     yield database
     database.close()

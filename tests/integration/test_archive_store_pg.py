@@ -13,15 +13,9 @@ pytestmark = pytest.mark.integration
 
 @pytest.fixture
 def db(postgres, request):
-    import psycopg2
-
     name = "t_archstore_" + request.node.name[-30:].lower()
-    conn = psycopg2.connect(host=postgres.host, port=postgres.port, user=postgres.user, dbname="postgres")
-    conn.autocommit = True
-    conn.cursor().execute(f"DROP DATABASE IF EXISTS {name}")
-    conn.cursor().execute(f"CREATE DATABASE {name} TEMPLATE template0 ENCODING 'UTF8'")
-    conn.close()
-    database = connect(postgres.url_for(name))
+    postgres.drop_database(name)
+    database = connect(postgres.create_database(name))
     assert is_postgres()
     yield database
     database.close()
