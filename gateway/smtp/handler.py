@@ -368,6 +368,7 @@ class SubmissionHandler:
             "direction": "outbound", "subject": ctx.subject, "queue_id": queue_id, "reason": verdict.reason,
             "message_id": str(ctx.headers.get("Message-ID", "")).strip(),
             "employee_id": ctx.employee.id if ctx.employee else None,
+            "employee_email": ctx.employee.email if ctx.employee else "",  # no lookup in the group commit
             "trace": [s.as_dict() for s in ctx.trace],
         }
 
