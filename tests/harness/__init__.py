@@ -5,7 +5,8 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -25,3 +26,17 @@ def shared_tempdir(prefix: str) -> Iterator[Path]:
     finally:
         if not os.environ.get("MAILGATE_KEEP_TMP"):
             shutil.rmtree(path, ignore_errors=True)
+
+
+def wait_until(condition: Callable[[], object], timeout: float = 20.0, what: str = "condition",
+               interval: float = 0.02) -> object:
+    """Poll ``condition`` (state in another process: a DB row, a mailbox) until it is truthy and
+    return it; TimeoutError after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{what} not reached within {timeout} s")
+        time.sleep(interval)

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import time
 import uuid
 from email.message import EmailMessage
 
@@ -18,6 +17,7 @@ from gateway.archive.schema import ArchiveRecord, ArchiveSighting
 from gateway.cli import main
 from gateway.db import connect
 from gateway.demo.sample_data import seed
+from tests.harness import wait_until
 from tests.harness.gateway import REPO, GatewayProcess
 from tests.integration.test_submission import submit, tls_ctx
 
@@ -51,16 +51,6 @@ def gw(tmp_path_factory, dovecot, sink):
     g.stop()
 
 
-def wait_for(condition, timeout: float = 20.0, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 def sightings(**where) -> list[ArchiveSighting]:
     q = ArchiveSighting.select()
     for k, v in where.items():
@@ -89,7 +79,7 @@ def test_accepted_submission_and_relayed_copy(gw, sink):
     [sub] = sightings(record=rec.id, place="smtp:submitted")
     assert (sub.verdict, sub.direction, sub.employee_email) == ("accepted", "outbound", "alice@acme.test")
     assert json.loads(sub.trace), "the rule trace is archived"
-    relayed = wait_for(lambda: sightings(queue_id=sub.queue_id, place="relay:sent"), what="relay:sent sighting")
+    relayed = wait_until(lambda: sightings(queue_id=sub.queue_id, place="relay:sent"), what="relay:sent sighting")
     assert relayed[0].verdict == "sent" and json.loads(relayed[0].recipients) == ["einkauf@hamburg-tools.de"]
     from gateway.archive import for_config
     from gateway.config import load
@@ -108,9 +98,9 @@ def test_submission_becomes_searchable(gw):
     code, text = submit(gw, "alice@acme.test", "alice-pw", mail("einkauf@hamburg-tools.de", f"Indexed {token}"))
     assert code == 250, text
     rec = ArchiveRecord.get(ArchiveRecord.subject == f"Indexed {token}")
-    assert wait_for(lambda: record_ids(token), what="the search index entry") == [rec.id]
+    assert wait_until(lambda: record_ids(token), what="the search index entry") == [rec.id]
     assert record_ids(f"body of Indexed {token}") == [rec.id]  # the body text is indexed too
-    wait_for(lambda: sightings(record=rec.id, place="relay:sent"), what="relay:sent sighting")
+    wait_until(lambda: sightings(record=rec.id, place="relay:sent"), what="relay:sent sighting")
     assert SearchDoc.select().where(SearchDoc.record_id == rec.id).count() == 1
 
 
@@ -142,7 +132,7 @@ def test_imap_proxy_whole_fetch_is_archived(gw, dovecot):
         uid = max(c.search(["SUBJECT", subject.split()[-1]]))
         body = c.fetch([uid], ["BODY[]"])[uid][b"BODY[]"]
     assert subject.encode() in body
-    got = wait_for(lambda: sightings(place="imap:bob@acme.test/INBOX", ref=f"{_uidvalidity(gw, 'bob')}:{uid}"),
+    got = wait_until(lambda: sightings(place="imap:bob@acme.test/INBOX", ref=f"{_uidvalidity(gw, 'bob')}:{uid}"),
                    what="imap sighting")
     assert got[0].direction == "inbound" and got[0].employee_email == "bob@acme.test"
     assert ArchiveRecord.get_by_id(got[0].record_id).subject == subject
@@ -157,7 +147,7 @@ def _uidvalidity(gw, user: str) -> int:
 def test_master_user_sync(gw, dovecot):
     subject = unique("Synced")
     dovecot.deliver("carol@acme.test", f"From: x@y.example\r\nSubject: {subject}\r\n\r\nhi\r\n".encode())
-    rec = wait_for(lambda: ArchiveRecord.get_or_none(ArchiveRecord.subject == subject), what="synced record")
+    rec = wait_until(lambda: ArchiveRecord.get_or_none(ArchiveRecord.subject == subject), what="synced record")
     [s] = sightings(record=rec.id)
     assert s.place == "sync:carol@acme.test/INBOX" and s.verdict == "seen" and s.direction == "inbound"
     # Sent: mail carol sent from another client (straight to the provider) is archived as outbound.
@@ -167,7 +157,7 @@ def test_master_user_sync(gw, dovecot):
         if not c.folder_exists("Sent"):
             c.create_folder("Sent")
         c.append("Sent", f"From: carol@acme.test\r\nTo: x@y.example\r\nSubject: {sent}\r\n\r\nhi\r\n".encode())
-    rec = wait_for(lambda: ArchiveRecord.get_or_none(ArchiveRecord.subject == sent), what="synced Sent record")
+    rec = wait_until(lambda: ArchiveRecord.get_or_none(ArchiveRecord.subject == sent), what="synced Sent record")
     [s] = sightings(record=rec.id)
     assert (s.place, s.direction, s.employee_email) == ("sync:carol@acme.test/Sent", "outbound", "carol@acme.test")
 
@@ -250,8 +240,8 @@ def test_opt_in_credentials_are_sealed_and_feed_the_sync(optin, dovecot):
     with IMAPClient("127.0.0.1", port=optin.imap_port, ssl=False, timeout=30) as c:
         c.starttls(tls_ctx(optin))
         c.login("carol@acme.test", "carol-pw")  # no FETCH: only the sync can archive the message
-    cred = wait_for(lambda: ArchiveCredential.get_or_none(ArchiveCredential.account == "carol@acme.test"),
+    cred = wait_until(lambda: ArchiveCredential.get_or_none(ArchiveCredential.account == "carol@acme.test"),
                     what="captured login")
     assert b"carol-pw" not in bytes(cred.sealed), "the password is kept encrypted"
-    rec = wait_for(lambda: ArchiveRecord.get_or_none(ArchiveRecord.subject == subject), what="opt-in sync")
+    rec = wait_until(lambda: ArchiveRecord.get_or_none(ArchiveRecord.subject == subject), what="opt-in sync")
     assert [s.place for s in sightings(record=rec.id)] == ["sync:carol@acme.test/INBOX"]

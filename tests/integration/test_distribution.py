@@ -9,8 +9,7 @@ from __future__ import annotations
 
 import email
 import secrets
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -26,6 +25,7 @@ from gateway.distribute.imapconn import connector
 from gateway.distribute.schema import DistDelivery, Distribution
 from gateway.distribute.service import Runner
 from gateway.spool import Spool
+from tests.harness import wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -55,17 +55,6 @@ def message(sender: str, subject: str, body: str = "Hello.", **headers: str) -> 
              "Content-Type: text/plain; charset=utf-8", "Content-Transfer-Encoding: 8bit"]
     lines += [f"{k.replace('_', '-')}: {v}" for k, v in headers.items()]
     return ("\r\n".join(lines) + "\r\n\r\n" + body + "\r\n").encode()
-
-
-def wait_until(condition: Callable[[], object], timeout: float = 15.0, what: str = "condition") -> object:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{what} not reached within {timeout} s")
-        time.sleep(0.02)
 
 
 def make_config(tmp: Path, dovecot, shared: str, **distribution: object) -> config_mod.Config:

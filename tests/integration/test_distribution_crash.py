@@ -17,7 +17,6 @@ import smtplib
 import subprocess
 import sys
 import threading
-import time
 from collections import Counter
 from pathlib import Path
 
@@ -27,6 +26,7 @@ from gateway import customers
 from gateway.db import connect
 from gateway.db.models import OutboundMessage, database
 from gateway.distribute.schema import DistDelivery, Distribution
+from tests.harness import wait_until
 from tests.harness.gateway import REPO, GatewayProcess
 
 pytestmark = pytest.mark.integration
@@ -38,17 +38,6 @@ LIVE = 40  # fed while the whole node runs
 def _count(model) -> int:
     database.close()  # see the other process's commits on a fresh connection
     return model.select().count()
-
-
-def _wait(condition, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise TimeoutError(what)
-        time.sleep(0.05)
 
 
 class Watcher:
@@ -66,7 +55,7 @@ class Watcher:
             cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
             env=dict(os.environ, PYTHONUNBUFFERED="1"))
         threading.Thread(target=self._read, args=(self.proc,), daemon=True).start()
-        _wait(lambda: any("watching" in line for line in self.lines) or self.proc.poll() is not None, 20,
+        wait_until(lambda: any("watching" in line for line in self.lines) or self.proc.poll() is not None, 20,
               "watcher did not start")
         assert self.proc.poll() is None, "\n".join(self.lines[-20:])
 
@@ -112,13 +101,13 @@ def test_kill_9_mid_stream_no_duplicates_no_losses(tmp_path_factory, dovecot, si
         watcher.start()
         feeder = threading.Thread(target=feed)
         feeder.start()
-        _wait(lambda: _count(Distribution) >= 40, 30, "no distribution started")
+        wait_until(lambda: _count(Distribution) >= 40, 30, "no distribution started")
         watcher.kill()  # SIGKILL mid-stream: somewhere between records, keywords and checkpoints
         killed_at = _count(Distribution)
         assert killed_at < BURST, "the burst finished before the kill; make it bigger"
         feeder.join(60)
         watcher.start()
-        _wait(lambda: _count(Distribution) >= BURST, 60, "not every message was distributed after the restart")
+        wait_until(lambda: _count(Distribution) >= BURST, 60, "not every message was distributed after the restart")
         watcher.stop()
         database.close()
         records = list(Distribution.select())
@@ -133,7 +122,7 @@ def test_kill_9_mid_stream_no_duplicates_no_losses(tmp_path_factory, dovecot, si
         more = [f"<burst-{tag}-live{i}@burst.example>" for i in range(LIVE)]
         feed(more)
         mids += more
-        _wait(lambda: sum(1 for m in sink.messages() if tag.encode() in m.data) >= BURST + LIVE, 60,
+        wait_until(lambda: sum(1 for m in sink.messages() if tag.encode() in m.data) >= BURST + LIVE, 60,
               "sink incomplete")
         seen = Counter()
         for m in sink.messages():

@@ -25,7 +25,6 @@ import shutil
 import subprocess
 import sys
 import threading
-import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -35,6 +34,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.harness import wait_until  # noqa: F401 - re-exported for the panel tests
 from tests.harness.gateway import REPO, write_config
 
 ACCOUNTS: dict[str, tuple[str, str]] = {
@@ -278,15 +278,3 @@ def page_as(new_page, panel_url: str):
         return page
 
     return make
-
-
-def wait_until(condition, timeout: float = 10.0, interval: float = 0.02):  # noqa: ANN001, ANN201
-    """Poll ``condition`` until truthy (returned) or raise after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise TimeoutError("condition not met in time")
-        time.sleep(interval)
