@@ -454,6 +454,50 @@ def index_sighting(sighting: object) -> None:
         SearchSeen.insert(docid=doc.docid, employee_id=employee, direction=direction).execute()
 
 
+def index_sightings(sightings: list) -> None:
+    """``index_sighting`` for many sightings with three statements instead of two per
+    sighting (the background indexer sees a relay:sent sighting for nearly every outbound
+    message, nearly always a pair already noted).  One savepoint; if it fails, each sighting
+    is tried on its own so one bad row does not stop the others."""
+    from gateway.archive.search_schema import SearchDoc, SearchSeen
+
+    wanted = [(int(r), _field(s, "employee_id", default=None),
+               _direction(str(_field(s, "direction", default="") or "")))
+              for s in sightings if (r := _field(s, "record_id", default=None)) is not None]
+    if not wanted:
+        return
+    try:
+        with database.atomic():
+            record_ids = sorted({r for r, _, _ in wanted})
+            docs: dict[int, int] = {}
+            for i in range(0, len(record_ids), 500):
+                docs.update(SearchDoc.select(SearchDoc.record_id, SearchDoc.docid)
+                            .where(SearchDoc.record_id.in_(record_ids[i:i + 500])).tuples())
+            docids = sorted(set(docs.values()))
+            seen: set[tuple] = set()
+            for i in range(0, len(docids), 500):
+                seen.update(SearchSeen.select(SearchSeen.docid, SearchSeen.employee_id, SearchSeen.direction)
+                            .where(SearchSeen.docid.in_(docids[i:i + 500])).tuples())
+            new = []
+            for record_id, employee, direction in wanted:
+                docid = docs.get(record_id)
+                key = (docid, None if employee is None else int(employee), direction)
+                if docid is not None and key not in seen:
+                    seen.add(key)
+                    new.append({"docid": key[0], "employee_id": key[1], "direction": key[2]})
+            for i in range(0, len(new), 200):
+                SearchSeen.insert_many(new[i:i + 200]).execute()
+        return
+    except Exception:
+        log.exception("archive sightings: batched search index update failed; one at a time")
+    for s in sightings:
+        try:
+            with database.atomic():
+                index_sighting(s)
+        except Exception:
+            log.exception("archive sighting %s: search index update failed", s.id)
+
+
 def forget_record(record_id: int) -> None:
     """Retention hook (gateway/archive/retention.py): drop one purged record's document."""
     remove_records([record_id])
@@ -552,12 +596,7 @@ def index_batch(archive: object, limit: int = INDEX_BATCH) -> tuple[int, bool]:
         later = ArchiveSighting.select(ArchiveSighting.id, ArchiveSighting.record, ArchiveSighting.employee,
                                        ArchiveSighting.direction).where(ArchiveSighting.record.in_(ids)) if ids else []
         # ... and the sightings since the last call.
-        for s in [*later, *sightings]:
-            try:
-                with database.atomic():
-                    index_sighting(s)
-            except Exception:
-                log.exception("archive sighting %s: search index update failed", s.id)
+        index_sightings([*later, *sightings])
         marks = {"records": new_rec_mark,
                  "sightings": sightings[-1].id if sightings else seen_mark}
         for name, value in marks.items():

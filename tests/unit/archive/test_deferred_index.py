@@ -116,3 +116,22 @@ def test_an_unreadable_record_does_not_stop_the_indexer(archive):
     assert index_pending(node) == 1
     assert [d.record_id for d in SearchDoc.select()] == [good.id]
     assert index_pending(node) == 0  # the unreadable one is not retried on every pass
+
+
+def test_sightings_are_noted_in_one_batch_each_pair_once(archive, caplog):
+    """index_sightings: duplicates within the batch and pairs noted earlier are skipped
+    without falling back to one sighting at a time (the unique index would refuse them)."""
+    from gateway.archive.index import index_sightings
+    from gateway.archive.schema import ArchiveSighting
+
+    alice = customers.create_employee("alice@acme.test", "Alice")
+    rec = archive.record(message(0), direction="outbound", verdict="accepted")  # inline: (0, out) noted
+    for i in range(3):
+        archive.record(message(0), direction="outbound", verdict="sent", place="relay:sent", ref=str(i),
+                       employee_id=alice.id, defer_index=True)
+    archive.record(message(0), direction="inbound", verdict="seen", place="sync:x/INBOX", defer_index=True)
+    index_sightings(list(ArchiveSighting.select()))
+    assert _seen(rec.id) == [(0, "in"), (0, "out"), (alice.id, "out")]
+    index_sightings(list(ArchiveSighting.select()))  # all noted already: nothing new
+    assert _seen(rec.id) == [(0, "in"), (0, "out"), (alice.id, "out")]
+    assert "one at a time" not in caplog.text
