@@ -78,6 +78,7 @@ class RelayProcess:
 
 
 async def run_workers(cfg, wake_fd: int) -> None:
+    from gateway.archive import for_config
     from gateway.credentials import load_or_create_key
     from gateway.groupcommit import GroupCommitter
     from gateway.relay import RelayWorker
@@ -87,7 +88,8 @@ async def run_workers(cfg, wake_fd: int) -> None:
     stop = asyncio.Event()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     loop.add_signal_handler(signal.SIGINT, stop.set)
-    spool = Spool(cfg.spool_dir, node="" if cfg.node.shared_spool else cfg.node.name)
+    # Accepted mail is queued as its archive blob (gateway/spool.py): read through the archive.
+    spool = Spool(cfg.spool_dir, node="" if cfg.node.shared_spool else cfg.node.name, archive=for_config(cfg))
     key = await asyncio.to_thread(load_or_create_key, cfg.relay.credentials_key)
     committer = GroupCommitter()
     workers = [

@@ -41,8 +41,9 @@ class Node:
         self.relay_process = None
         self.directory = Directory(cfg.company.domains, cfg.public_mail_domains)
         self.policy = Policy(self.directory)
-        self.spool = Spool(cfg.spool_dir, node="" if cfg.node.shared_spool else cfg.node.name)
         self.archive = Archive(cfg.archive_dir)
+        # Accepted mail is queued as its archive blob (gateway/spool.py): the relay reads it there.
+        self.spool = Spool(cfg.spool_dir, node="" if cfg.node.shared_spool else cfg.node.name, archive=self.archive)
         self.committer = GroupCommitter()
         self.area_stoppers: list = []
 

@@ -9,6 +9,13 @@ Order of writes, so that a 250 always means "stored":
 A crash between 1 and 2 leaves an orphan file that ``sweep_orphans`` removes;
 the client got no 250 and sends again.  All functions here block: call them
 from a worker thread, never on the event loop.
+
+An accepted submission is not written twice: its archive blob (encrypted,
+compressed, fsynced like a spool file) holds the very bytes the relay sends, so
+its queue row points at the blob instead (``spool_path`` = ``archive:<blob
+name>:<sha256>``, see ``archive_ref``) and the relay reads it back through the
+archive; no spool file exists for it and none is removed after delivery.
+Bounces, held messages and shared spools keep spool files.
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ import secrets
 import time
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 from gateway.db.models import OutboundMessage, database, utcnow
 
@@ -75,11 +83,29 @@ def _unlink(path: Path) -> None:
         pass
 
 
+ARCHIVE_PREFIX = "archive:"
+
+
+def archive_ref(blob_name: str, sha256: str) -> str:
+    """The ``spool_path`` of a queue row whose bytes are an archive blob."""
+    return f"{ARCHIVE_PREFIX}{blob_name}:{sha256}"
+
+
+def parse_archive_ref(spool_path: str) -> tuple[str, str] | None:
+    """(blob name, sha256) of an archive-backed row, None for a spool file."""
+    if not spool_path.startswith(ARCHIVE_PREFIX):
+        return None
+    name, _, sha256 = spool_path[len(ARCHIVE_PREFIX):].rpartition(":")
+    return name, sha256
+
+
 class Spool:
-    def __init__(self, directory: Path, node: str = ""):
-        """``node``: recorded on each row so only this node relays it ("" = shared spool)."""
+    def __init__(self, directory: Path, node: str = "", archive: Any = None):
+        """``node``: recorded on each row so only this node relays it ("" = shared spool).
+        ``archive``: a gateway.archive.Archive to read archive-backed rows from."""
         self.directory = Path(directory)
         self.node = node
+        self.archive = archive
         self.directory.mkdir(parents=True, exist_ok=True)
 
     def path_for(self, queue_id: str) -> Path:
@@ -123,8 +149,10 @@ class Spool:
         credentials: bytes | None = None,
         is_bounce: bool = False,
         state: str = "queued",
+        spool_path: str | None = None,
     ) -> OutboundMessage:
-        """Phase 2: the queue row for a file already written.  On failure the file
+        """Phase 2: the queue row for a file already written (or, with ``spool_path`` =
+        ``archive_ref(…)``, for an archive blob already written).  On failure the file
         is removed and SpoolError raised."""
         try:
             from gateway.groupcommit import insert_row  # gateway.groupcommit imports this module
@@ -135,7 +163,7 @@ class Spool:
                     employee=employee_id,
                     mail_from=mail_from,
                     recipients=json.dumps(list(recipients)),
-                    spool_path=self.path_for(queue_id).name,
+                    spool_path=spool_path or self.path_for(queue_id).name,
                     size=size,
                     message_id=message_id[:998],
                     credentials=credentials,
@@ -152,11 +180,25 @@ class Spool:
         _unlink(self.path_for(queue_id))
 
     def read(self, row: OutboundMessage) -> bytes:
-        return (self.directory / row.spool_path).read_bytes()
+        """The message bytes.  FileNotFoundError when the file (or the archive blob) is
+        gone or the blob does not open/match its hash (the relay treats it as missing)."""
+        ref = parse_archive_ref(row.spool_path)
+        if ref is None:
+            return (self.directory / row.spool_path).read_bytes()
+        if self.archive is None:
+            raise FileNotFoundError(f"{row.spool_path}: no archive to read it from")
+        from gateway.archive import BlobError
+
+        try:
+            return self.archive.store.read(*ref)
+        except BlobError as exc:
+            raise FileNotFoundError(str(exc)) from None
 
     def remove(self, row: OutboundMessage) -> None:
-        """Delete the spooled file of a finished message (the row stays as history)."""
-        _unlink(self.directory / row.spool_path)
+        """Delete the spooled file of a finished message (the row stays as history).
+        An archive blob stays: it is the archive's copy."""
+        if parse_archive_ref(row.spool_path) is None:
+            _unlink(self.directory / row.spool_path)
 
     def sweep_orphans(self, older_than: float = 3600.0) -> int:
         """Remove spool files with no queue row (a crash before the commit)."""

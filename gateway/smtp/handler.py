@@ -41,7 +41,7 @@ from gateway.policy.split import split_hold
 from gateway.smtp.auth import UpstreamAuthenticator, UpstreamUnavailable
 from gateway.smtp.checks import address_problem, has_bare_cr, helo_problem, normalize_bare_lf
 from gateway.smtp.guard import LoginGuard
-from gateway.spool import Spool, SpoolError, new_queue_id
+from gateway.spool import Spool, SpoolError, archive_ref, new_queue_id
 
 log = logging.getLogger("mailgate.smtp")
 
@@ -348,20 +348,35 @@ class SubmissionHandler:
         return f"250 2.0.0 {t('queued', self.language, queue_id=queue_id)}"
 
     def _prepare(self, ctx: Context, verdict: Verdict, queue_id: str, ident: Identity | None):
-        """Phase 1, blocking: the final bytes and the spool file (fsynced)."""
+        """Phase 1, blocking: the final bytes, the archive blob and (unless the blob serves
+        as the queue's copy) the spool file, each fsynced; their directories are fsynced
+        once per batch by the group commit, before it commits."""
         outgoing = apply_mutations(ctx, verdict, self.cfg)
         credentials = None
         if self.cfg.relay.mode == "employee_credentials" and ident is not None:
             from gateway.credentials import seal
 
             credentials = seal(self.credentials_key, ident.username, ident.password, queue_id)
-        self.spool.write(queue_id, outgoing.data, sync_dir=False)
-        # The archive blob too (hash, zstd, AES-GCM, fsync), here in parallel: phase 2 (one
-        # thread for everybody) then only inserts rows.  A crash before the commit leaves an unreferenced blob, which
-        # is harmless (content-addressed, written again by the client's retry).
+        # The archive blob (hash, zstd, AES-GCM, fsync), here in parallel: phase 2 (one thread
+        # for everybody) then only inserts rows.  A crash before the commit leaves an
+        # unreferenced blob, which is harmless (content-addressed, written again by the
+        # client's retry).
         blob = self.archive.prepare(outgoing.data)
-        self.archive.store.write(blob)
-        return outgoing, credentials, blob
+        dirs = {d} if (d := self.archive.store.write(blob, sync_dir=False)) is not None else set()
+        spool_path = None
+        if self._queue_in_archive(verdict):
+            # One durable write per message: the queue row points at the blob (same bytes).
+            spool_path = archive_ref(blob.name, blob.sha256)
+        else:
+            self.spool.write(queue_id, outgoing.data, sync_dir=False)
+            dirs.add(self.spool.directory)
+        return outgoing, credentials, blob, dirs, spool_path
+
+    def _queue_in_archive(self, verdict: Verdict) -> bool:
+        """Accepted mail is relayed from its archive blob, unless the spool is shared between
+        nodes (another node's relay may take the row; the archive directory is this node's).
+        Held mail keeps its spool file (approval rewrites it)."""
+        return verdict.action == ACCEPT and not self.cfg.node.shared_spool
 
     def _archive_fields(self, ctx: Context, verdict: Verdict, queue_id: str) -> dict:
         return {
@@ -382,7 +397,7 @@ class SubmissionHandler:
             self._commit(*part)
 
     def _commit(self, ctx: Context, verdict: Verdict, queue_id: str, outgoing, credentials: bytes | None,
-                blob: PreparedBlob | None = None) -> None:
+                blob: PreparedBlob, dirs: set, spool_path: str | None) -> None:
         """Phase 2, in the group-commit thread inside a savepoint."""
         fields = self._archive_fields(ctx, verdict, queue_id)
         state = "held" if verdict.action == HOLD else "queued"
@@ -390,8 +405,9 @@ class SubmissionHandler:
                             mail_from=outgoing.mail_from, recipients=outgoing.recipients, prepared=blob, **fields)
         self.spool.insert(queue_id, outgoing.mail_from, outgoing.recipients, len(outgoing.data),
                           employee_id=fields["employee_id"], message_id=fields["message_id"],
-                          credentials=credentials, state=state)
-        self.committer.sync_dir(self.spool.directory)
+                          credentials=credentials, state=state, spool_path=spool_path)
+        for directory in dirs:
+            self.committer.sync_dir(directory)
         if state == "held" and self.approvals is not None:
             self.approvals.record_hold(ctx, verdict, queue_id)
         if state == "queued":

@@ -15,6 +15,7 @@ from email.message import EmailMessage
 import pytest
 
 from gateway.db import connect
+from gateway.db.models import OutboundMessage
 from gateway.demo.sample_data import seed
 from tests.harness.gateway import GatewayProcess
 
@@ -103,8 +104,13 @@ def test_queue_survives_restart_while_upstream_refuses(fresh_gateway, dovecot, s
     accepted: list[str] = []
     send_stream(gw, 9, 3, accepted, threading.Lock())
     assert len(accepted) == 3
-    gw.stop()
+    gw.kill()  # no clean shutdown between the 250s and the relay
     assert sink.messages() == []
+    # Accepted mail is queued as its archive blob, not as a second spool file.
+    rows = list(OutboundMessage.select().where(OutboundMessage.state == "queued"))
+    assert len(rows) == 3 and all(r.spool_path.startswith("archive:") for r in rows)
+    spool_dir = gw.base_dir / "var" / "spool"
+    assert spool_dir.is_dir() and not list(spool_dir.glob("*.eml"))
     dovecot.add_user("relay@acme.test", "relay-pw")
     gw.start()
     seen = wait_for_tokens(sink, set(accepted))

@@ -49,3 +49,50 @@ def test_sweep_orphans(db, tmp_path):
     os.utime(orphan, (0, 0))
     assert spool.sweep_orphans(older_than=60) == 1
     assert not orphan.exists() and (tmp_path / "spool" / kept.spool_path).exists()
+
+
+def _archive(tmp_path):
+    from gateway.archive import Archive
+
+    return Archive(tmp_path / "archive", tmp_path / "certs" / "archive.keys")
+
+
+def test_a_row_backed_by_an_archive_blob_reads_back_byte_identical(db, tmp_path):
+    """Accepted mail is queued as its archive blob (one durable write): the relay reads the
+    very bytes back through the archive, and finishing the row never deletes the blob."""
+    from gateway.spool import archive_ref, parse_archive_ref
+
+    archive = _archive(tmp_path)
+    data = b"Subject: x\r\nDKIM-Signature: v=1; a=ed25519-sha256\r\n\r\nbody \xe4\r\n"
+    blob = archive.store.put(data)
+    spool = Spool(tmp_path / "spool", archive=archive)
+    row = spool.insert("Q1", "a@acme.test", ["b@x.com"], len(data), spool_path=archive_ref(blob.name, blob.sha256))
+    stored = OutboundMessage.get(OutboundMessage.queue_id == "Q1")
+    assert parse_archive_ref(stored.spool_path) == (blob.name, blob.sha256)
+    assert spool.read(stored) == data
+    assert list((tmp_path / "spool").iterdir()) == []  # no second copy
+    spool.remove(row)
+    assert archive.store.path_of(blob.name).exists()  # the archive's copy stays
+    spool.sweep_orphans(older_than=0)
+    assert spool.read(stored) == data
+
+
+def test_an_altered_or_missing_archive_blob_reads_as_missing(db, tmp_path):
+    """The relay treats an unreadable blob like a missing spool file (kept, retried, never sent altered)."""
+    from gateway.spool import archive_ref
+
+    archive = _archive(tmp_path)
+    blob = archive.store.put(b"Subject: y\r\n\r\nhi\r\n")
+    spool = Spool(tmp_path / "spool", archive=archive)
+    row = spool.insert("Q2", "a@acme.test", ["b@x.com"], 20, spool_path=archive_ref(blob.name, blob.sha256))
+    path = archive.store.path_of(blob.name)
+    raw = bytearray(path.read_bytes())
+    raw[-1] ^= 1
+    path.write_bytes(bytes(raw))
+    with pytest.raises(FileNotFoundError, match="does not decrypt"):
+        spool.read(row)
+    path.unlink()
+    with pytest.raises(FileNotFoundError, match="missing"):
+        spool.read(row)
+    with pytest.raises(FileNotFoundError, match="no archive"):
+        Spool(tmp_path / "spool").read(row)
