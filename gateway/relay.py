@@ -22,349 +22,51 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import functools
-import ipaddress
 import json
 import logging
 import re
 import secrets
 import smtplib
-import ssl
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from peewee import OperationalError, SqliteDatabase
 
 from gateway.archive import relayed_capture
 from gateway.bounce import Failure, build_dsn
-from gateway.config import Config, ConfigError, UpstreamConfig
+from gateway.config import Config
 from gateway.credentials import CredentialsError, seal, unseal
 from gateway.db.models import OutboundMessage, database, utcnow
 from gateway.metrics import relay_results
+from gateway.relayqueue import backoff, claim_batch, release, release_node_claims
+from gateway.smarthost import (
+    Credentials,
+    RelayError,
+    Reply,
+    SmarthostConnection,
+    describe,
+    is_loopback,
+    tls_context,
+)
 from gateway.spool import Spool, SpoolError, new_queue_id
+
+# Re-exported: the claims and the smarthost session lived here before the split.
+__all__ = [
+    "MAX_OUTSTANDING_OUTCOMES", "RelayError", "RelayWorker", "Reply", "SmarthostConnection", "backoff",
+    "claim_batch", "is_loopback", "release", "release_node_claims", "tls_context",
+]
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
-Credentials = tuple[str, str]
 
-_ENHANCED = re.compile(r"^([245])\.(\d{1,3})\.(\d{1,3})\b")
 _EOL = re.compile(rb"\r\n|\r|\n")
 _MAX_ERROR = 1000
 # Relay outcomes a worker may have waiting for the group commit before it pauses.
 MAX_OUTSTANDING_OUTCOMES = 64
-
-
-# -- schedule and claims (blocking; run them in a thread) ----------------------
-
-
-def backoff(attempts: int, initial: int, maximum: int) -> int:
-    """Seconds to wait after the ``attempts``-th failed attempt: initial, 2×, 4× … ≤ maximum."""
-    if attempts < 1:
-        return 0
-    return min(initial * 2 ** min(attempts - 1, 32), maximum)
-
-
-def _claimable(now: dt.datetime, node: str | None = None) -> Any:
-    m = OutboundMessage
-    due = (
-        (m.state == "queued")
-        & (m.next_attempt_at <= now)
-        & (m.claimed_until.is_null() | (m.claimed_until < now))
-    )
-    # A node relays only what its own spool holds, plus rows of a shared spool ("").
-    return due if node is None else due & m.node.in_([node, ""])
-
-
-def claim_batch(
-    owner: str, now: dt.datetime, claim_timeout: int, limit: int = 10, node: str | None = None
-) -> list[OutboundMessage]:
-    """Claim up to ``limit`` due rows for ``owner``; return the rows won.
-
-    The batch is taken by one compare-and-set UPDATE whose WHERE repeats the
-    "due and unclaimed" test per row, so of several workers racing for a row
-    exactly one gets it (its owner and claim time mark the rows won).  A claim expires after
-    ``claim_timeout`` seconds (the worker died) and the row is due again.
-    """
-    m = OutboundMessage
-    until = now + dt.timedelta(seconds=claim_timeout)
-    while True:
-        candidates = [
-            row_id
-            for (row_id,) in m.select(m.id)
-            .where(_claimable(now, node))
-            .order_by(m.next_attempt_at, m.id)
-            .limit(limit)
-            .tuples()
-        ]
-        if not candidates:
-            return []
-        # One UPDATE for the batch; its WHERE re-checks each row, so a row another
-        # worker took in between is simply not ours.
-        taken = (
-            m.update(claimed_by=owner, claimed_until=until)
-            .where(m.id.in_(candidates) & _claimable(now, node))
-            .execute()
-        )
-        if taken:
-            query = m.select().where(m.id.in_(candidates) & (m.claimed_by == owner) & (m.claimed_until == until))
-            return list(query.order_by(m.next_attempt_at, m.id))
-        # Lost every race (another worker took them all): look again.
-
-
-def release_node_claims(node: str) -> int:
-    """At start-up: free the claims an earlier process of this node left behind
-    (it was killed).  Safe because node names are unique and this runs before
-    the node's own workers start."""
-    m = OutboundMessage
-    prefix = f"{node}/"
-    return (
-        m.update(claimed_by=None, claimed_until=None)
-        .where((m.state == "queued") & m.claimed_by.startswith(prefix))
-        .execute()
-    )
-
-
-def release(row_ids: Iterable[int], owner: str) -> int:
-    """Give back claims not worked on (e.g. when stopping)."""
-    m = OutboundMessage
-    ids = list(row_ids)
-    if not ids:
-        return 0
-    return (
-        m.update(claimed_by=None, claimed_until=None)
-        .where(m.id.in_(ids) & (m.claimed_by == owner) & (m.state == "queued"))
-        .execute()
-    )
-
-
-# -- one SMTP session to the smarthost ----------------------------------------
-
-
-@dataclass(frozen=True)
-class Reply:
-    """An SMTP reply (``code`` None: no reply at all — connection error, timeout …)."""
-
-    code: int | None
-    text: str
-
-    @classmethod
-    def of(cls, code: int | None, text: bytes | str) -> Reply:
-        if isinstance(text, bytes):
-            text = text.decode("utf-8", "replace")
-        return cls(code, " ".join(str(text).split()))
-
-    @property
-    def outcome(self) -> str:
-        if self.code is not None and 200 <= self.code < 300:
-            return "sent"
-        if self.code is not None and 500 <= self.code < 600:
-            return "bounced"
-        return "deferred"
-
-    @property
-    def status(self) -> str:
-        """Enhanced status code: from the reply text, or derived from the basic code."""
-        match = _ENHANCED.match(self.text)
-        if match and self.code is not None and match.group(1) == str(self.code)[0]:
-            return match.group(0)
-        return {"sent": "2.0.0", "bounced": "5.0.0"}.get(self.outcome, "4.0.0")
-
-    def __str__(self) -> str:
-        return f"{self.code} {self.text}" if self.code is not None else self.text
-
-
-class RelayError(Exception):
-    """The session could not be set up; ``reply`` says why (all recipients share it)."""
-
-    def __init__(self, reply: Reply, *, auth: bool = False):
-        super().__init__(str(reply))
-        self.reply = reply
-        self.auth = auth
-
-
-def tls_context(upstream: UpstreamConfig) -> ssl.SSLContext:
-    """Verify with ``ca_file`` (or the system CAs); ``verify_tls = false`` skips the
-    host name check — and, without a ``ca_file``, the certificate check too."""
-    ca_file = str(upstream.ca_file) if upstream.ca_file else None
-    context = ssl.create_default_context(cafile=ca_file)
-    if not upstream.verify_tls:
-        context.check_hostname = False
-        if ca_file is None:
-            context.verify_mode = ssl.CERT_NONE
-    return context
-
-
-def is_loopback(host: str) -> bool:
-    if host.lower() in ("localhost", "localhost.localdomain"):
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
-class SmarthostConnection:
-    """One SMTP session, reused while the credentials stay the same (RSET between)."""
-
-    def __init__(
-        self,
-        host: str,
-        port: int,
-        security: str,
-        *,
-        timeout: float,
-        context: ssl.SSLContext,
-        local_hostname: str,
-    ) -> None:
-        if security not in ("starttls", "tls", "none"):
-            raise ConfigError([f"[relay] security: unknown value {security!r}"])
-        if security == "none" and not is_loopback(host):
-            raise ConfigError(
-                [f"[relay] security = none is allowed only for a loopback host, not {host!r}"]
-            )
-        self.host, self.port, self.security = host, port, security
-        self.timeout = timeout
-        self.context = context
-        self.local_hostname = local_hostname
-        self._smtp: smtplib.SMTP | None = None
-        self._credentials: Credentials | None = None
-        self._clean = False  # the last transaction ended with a 250: no RSET needed
-        self.sessions_opened = 0  # for tests and debugging: reuse shows here
-
-    @property
-    def relay(self) -> str:
-        return f"{self.host}:{self.port}"
-
-    def send(
-        self, credentials: Credentials | None, mail_from: str, recipients: list[str], data: bytes
-    ) -> dict[str, Reply]:
-        """One transaction; the reply for each recipient.  Raises RelayError, OSError,
-        smtplib.SMTPException when no transaction could be made or the session broke."""
-        smtp = self._session(credentials)
-        options = []
-        if smtp.has_extn("size"):
-            options.append(f"SIZE={len(data)}")
-        if not data.isascii() and smtp.has_extn("8bitmime"):
-            options.append("BODY=8BITMIME")
-        if not (mail_from.isascii() and all(r.isascii() for r in recipients)):
-            if not smtp.has_extn("smtputf8"):
-                reply = Reply(553, "5.6.7 the upstream server does not support SMTPUTF8 addresses")
-                return dict.fromkeys(recipients, reply)
-            options.append("SMTPUTF8")
-        reused = self._clean
-        self._clean = False
-        try:
-            code, text = smtp.mail(mail_from, options)
-        except (smtplib.SMTPServerDisconnected, ConnectionError):
-            if not reused:
-                raise
-            # The reused session went away while idle: one fresh session, same transaction.
-            self.close()
-            smtp = self._session(credentials)
-            code, text = smtp.mail(mail_from, options)
-        if code != 250:
-            self._reset()
-            return dict.fromkeys(recipients, Reply.of(code, text))
-        replies: dict[str, Reply] = {}
-        accepted = []
-        for rcpt in recipients:
-            replies[rcpt] = Reply.of(*smtp.rcpt(rcpt))
-            if replies[rcpt].outcome == "sent":
-                accepted.append(rcpt)
-        if not accepted:
-            self._reset()
-            return replies
-        try:
-            final = Reply.of(*smtp.data(data))
-        except smtplib.SMTPDataError as exc:  # DATA itself refused (no 354)
-            final = Reply.of(exc.smtp_code, exc.smtp_error)
-        if final.outcome != "sent":
-            self._reset()
-        else:
-            self._clean = True  # the next transaction may follow without an RSET
-        replies.update(dict.fromkeys(accepted, final))
-        return replies
-
-    def close(self) -> None:
-        smtp, self._smtp, self._credentials = self._smtp, None, None
-        self._clean = False
-        if smtp is None:
-            return
-        try:
-            smtp.quit()
-        except (smtplib.SMTPException, OSError):
-            smtp.close()
-
-    def _reset(self) -> None:
-        if self._smtp is None:
-            return
-        try:
-            self._smtp.rset()
-        except (smtplib.SMTPException, OSError):
-            self.close()
-
-    def _session(self, credentials: Credentials | None) -> smtplib.SMTP:
-        if self._smtp is not None and self._credentials == credentials:
-            if self._clean:
-                return self._smtp
-            try:
-                if self._smtp.rset()[0] == 250:
-                    return self._smtp
-            except (smtplib.SMTPException, OSError):
-                pass
-        self.close()
-        self._smtp = self._connect(credentials)
-        self._credentials = credentials
-        return self._smtp
-
-    def _connect(self, credentials: Credentials | None) -> smtplib.SMTP:
-        try:
-            if self.security == "tls":
-                smtp: smtplib.SMTP = smtplib.SMTP_SSL(
-                    self.host, self.port, local_hostname=self.local_hostname,
-                    timeout=self.timeout, context=self.context,
-                )
-            else:
-                smtp = smtplib.SMTP(
-                    self.host, self.port, local_hostname=self.local_hostname, timeout=self.timeout
-                )
-        except smtplib.SMTPConnectError as exc:
-            raise RelayError(Reply.of(exc.smtp_code, exc.smtp_error)) from None
-        self.sessions_opened += 1
-        try:
-            self._hello(smtp)
-            if self.security == "starttls":
-                if not smtp.has_extn("starttls"):
-                    raise RelayError(Reply(None, "upstream does not offer STARTTLS; not sending in clear"))
-                code, text = smtp.starttls(context=self.context)
-                if code != 220:
-                    raise RelayError(Reply.of(code, text))
-                self._hello(smtp)
-            if credentials is not None and smtp.has_extn("auth"):
-                self._login(smtp, credentials)
-        except BaseException:
-            smtp.close()
-            raise
-        return smtp
-
-    @staticmethod
-    def _hello(smtp: smtplib.SMTP) -> None:
-        code, text = smtp.ehlo()
-        if code != 250:
-            raise RelayError(Reply.of(code, text))
-
-    @staticmethod
-    def _login(smtp: smtplib.SMTP, credentials: Credentials) -> None:
-        try:
-            smtp.login(*credentials)
-        except smtplib.SMTPAuthenticationError as exc:
-            raise RelayError(Reply.of(exc.smtp_code, exc.smtp_error), auth=True) from None
-        except smtplib.SMTPException as exc:  # e.g. no common mechanism: not a reply
-            raise RelayError(Reply(None, f"authentication impossible: {exc}"), auth=True) from None
 
 
 # -- the worker -----------------------------------------------------------------
@@ -635,7 +337,7 @@ class RelayWorker:
             return dict.fromkeys(recipients, reply)
         except (smtplib.SMTPException, OSError) as exc:
             self.connection.close()
-            return dict.fromkeys(recipients, Reply(None, _describe(exc)))
+            return dict.fromkeys(recipients, Reply(None, describe(exc)))
 
     def _employee_auth(self, row: OutboundMessage) -> bool:
         return self.config.relay.mode == "employee_credentials" and bool(row.credentials)
@@ -802,16 +504,3 @@ def _normalize_eol(data: bytes) -> bytes:
     if data.count(b"\r") == crlf and data.count(b"\n") == crlf:
         return data
     return _EOL.sub(b"\r\n", data)
-
-
-def _describe(exc: BaseException) -> str:
-    if isinstance(exc, smtplib.SMTPResponseException):
-        return str(Reply.of(exc.smtp_code, exc.smtp_error))
-    if isinstance(exc, TimeoutError):
-        return "timed out talking to the upstream server"
-    if isinstance(exc, ConnectionRefusedError):
-        return "connection refused by the upstream server"
-    if isinstance(exc, ssl.SSLError):
-        return f"TLS failure: {exc.reason or exc}"
-    text = str(exc) or type(exc).__name__
-    return " ".join(text.split())[:_MAX_ERROR]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
+import re
 import ssl
 from typing import Any
 
@@ -34,6 +35,7 @@ class _AuthMembers:
 
     def __init__(self) -> None:
         self._names: dict[type, list[str]] = {}
+        self._signatures: dict[Any, inspect.Signature] = {}
 
     def getmembers(self, obj: Any, predicate: Any = None) -> list[tuple[str, Any]]:
         names = self._names.get(type(obj))
@@ -42,11 +44,26 @@ class _AuthMembers:
         members = [(n, getattr(obj, n)) for n in names]
         return [(n, m) for n, m in members if predicate is None or predicate(m)]
 
+    def signature(self, fn: Any) -> inspect.Signature:
+        """aiosmtpd asks for the EHLO hook's signature on every connection: once per function."""
+        key = getattr(fn, "__func__", fn)
+        sig = self._signatures.get(key)
+        if sig is None:
+            sig = self._signatures[key] = inspect.signature(fn)
+        return sig
+
     def __getattr__(self, name: str) -> Any:
         return getattr(inspect, name)
 
 
 aiosmtpd.smtp.inspect = _AuthMembers()  # type: ignore[attr-defined]
+
+
+# A plain address in angle brackets (dot-atom local part, host name or address literal
+# domain), optionally followed by parameters: the shape of nearly every MAIL/RCPT argument.
+_PLAIN_ANGLE_ADDR = re.compile(
+    r"\s*<([A-Za-z0-9!#$&'*+/=?^_`{|}~-]+(?:\.[A-Za-z0-9!#$&'*+/=?^_`{|}~-]+)*"
+    r"@[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?)>")
 
 
 class SubmissionSMTP(SMTP):
@@ -79,6 +96,18 @@ class SubmissionSMTP(SMTP):
             SubmissionSMTP.sessions -= 1
             self._counted = False
         super().connection_lost(exc)
+
+    def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
+        """aiosmtpd's parser (email's header grammar, plus a class defined on every call) for
+        anything unusual; a plain ``<local@domain>`` is taken as it is — the same result."""
+        match = _PLAIN_ANGLE_ADDR.match(arg)
+        rest = arg[match.end():].lstrip(" \t") if match is not None else ""
+        if match is None or rest.startswith("("):  # a comment after it: the full grammar
+            return super()._getaddr(arg)
+        addr = match.group(1)
+        if self.local_part_limit and len(addr.rpartition("@")[0]) > self.local_part_limit:
+            return None, None
+        return addr, rest
 
     async def smtp_AUTH(self, arg: str) -> None:
         if not self.is_tls and self.session.extended_smtp:

@@ -37,3 +37,27 @@ def test_helo():
     assert helo_problem("mail.example.com") is None
     assert helo_problem("[192.0.2.1]") is None
     assert helo_problem("bad host") and helo_problem("bad\rhost") and helo_problem("")
+
+
+def test_the_fast_address_parser_agrees_with_aiosmtpds():
+    """SubmissionSMTP._getaddr takes plain <local@domain> itself; every answer must be the one
+    aiosmtpd's own parser gives (the fallback handles everything else)."""
+    import asyncio
+
+    from aiosmtpd.smtp import SMTP
+
+    from gateway.smtp.server import SubmissionSMTP
+
+    class Handler:
+        pass
+
+    loop = asyncio.new_event_loop()
+    try:
+        stock, ours = SMTP(Handler(), loop=loop), SubmissionSMTP(Handler(), loop=loop)
+        for arg in ["<a@b.c>", " <a@b.c> SIZE=5", "<a.b+c@x-y.example.com> BODY=8BITMIME", "<a..b@c>",
+                    '<"q"@b.c>', "<@r:a@b.c>", "a@b.c", "<a@[1.2.3.4]>", "<a@b.c>SIZE=1", "<a@b.c.>",
+                    "<a@b.c>  x", "<a@b.c> (comment) SIZE=1", "<>", "<ä@b.c>", "<a@b.c", "<a%b@c.d>",
+                    "<a!b@c.d>", "<" + "x" * 80 + "@b.c>"]:
+            assert ours._getaddr(arg) == stock._getaddr(arg), arg
+    finally:
+        loop.close()

@@ -1,0 +1,259 @@
+"""One SMTP session to the upstream smarthost (used by the relay workers, gateway/relay.py).
+
+``SmarthostConnection`` opens STARTTLS/TLS (or plain on loopback only), logs in, and
+reuses the session while the credentials stay the same: no RSET after a clean 250.
+``Reply`` classifies an answer (sent / deferred / bounced) and its enhanced status.
+Blocking: call from a worker thread.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+import smtplib
+import ssl
+from dataclasses import dataclass
+
+from gateway.config import ConfigError, UpstreamConfig
+
+Credentials = tuple[str, str]
+
+_ENHANCED = re.compile(r"^([245])\.(\d{1,3})\.(\d{1,3})\b")
+_MAX_ERROR = 1000
+
+
+@dataclass(frozen=True)
+class Reply:
+    """An SMTP reply (``code`` None: no reply at all — connection error, timeout …)."""
+
+    code: int | None
+    text: str
+
+    @classmethod
+    def of(cls, code: int | None, text: bytes | str) -> Reply:
+        if isinstance(text, bytes):
+            text = text.decode("utf-8", "replace")
+        return cls(code, " ".join(str(text).split()))
+
+    @property
+    def outcome(self) -> str:
+        if self.code is not None and 200 <= self.code < 300:
+            return "sent"
+        if self.code is not None and 500 <= self.code < 600:
+            return "bounced"
+        return "deferred"
+
+    @property
+    def status(self) -> str:
+        """Enhanced status code: from the reply text, or derived from the basic code."""
+        match = _ENHANCED.match(self.text)
+        if match and self.code is not None and match.group(1) == str(self.code)[0]:
+            return match.group(0)
+        return {"sent": "2.0.0", "bounced": "5.0.0"}.get(self.outcome, "4.0.0")
+
+    def __str__(self) -> str:
+        return f"{self.code} {self.text}" if self.code is not None else self.text
+
+
+class RelayError(Exception):
+    """The session could not be set up; ``reply`` says why (all recipients share it)."""
+
+    def __init__(self, reply: Reply, *, auth: bool = False):
+        super().__init__(str(reply))
+        self.reply = reply
+        self.auth = auth
+
+
+def tls_context(upstream: UpstreamConfig) -> ssl.SSLContext:
+    """Verify with ``ca_file`` (or the system CAs); ``verify_tls = false`` skips the
+    host name check — and, without a ``ca_file``, the certificate check too."""
+    ca_file = str(upstream.ca_file) if upstream.ca_file else None
+    context = ssl.create_default_context(cafile=ca_file)
+    if not upstream.verify_tls:
+        context.check_hostname = False
+        if ca_file is None:
+            context.verify_mode = ssl.CERT_NONE
+    return context
+
+
+def is_loopback(host: str) -> bool:
+    if host.lower() in ("localhost", "localhost.localdomain"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+class SmarthostConnection:
+    """One SMTP session, reused while the credentials stay the same (RSET between)."""
+
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        security: str,
+        *,
+        timeout: float,
+        context: ssl.SSLContext,
+        local_hostname: str,
+    ) -> None:
+        if security not in ("starttls", "tls", "none"):
+            raise ConfigError([f"[relay] security: unknown value {security!r}"])
+        if security == "none" and not is_loopback(host):
+            raise ConfigError(
+                [f"[relay] security = none is allowed only for a loopback host, not {host!r}"]
+            )
+        self.host, self.port, self.security = host, port, security
+        self.timeout = timeout
+        self.context = context
+        self.local_hostname = local_hostname
+        self._smtp: smtplib.SMTP | None = None
+        self._credentials: Credentials | None = None
+        self._clean = False  # the last transaction ended with a 250: no RSET needed
+        self.sessions_opened = 0  # for tests and debugging: reuse shows here
+
+    @property
+    def relay(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    def send(
+        self, credentials: Credentials | None, mail_from: str, recipients: list[str], data: bytes
+    ) -> dict[str, Reply]:
+        """One transaction; the reply for each recipient.  Raises RelayError, OSError,
+        smtplib.SMTPException when no transaction could be made or the session broke."""
+        smtp = self._session(credentials)
+        options = []
+        if smtp.has_extn("size"):
+            options.append(f"SIZE={len(data)}")
+        if not data.isascii() and smtp.has_extn("8bitmime"):
+            options.append("BODY=8BITMIME")
+        if not (mail_from.isascii() and all(r.isascii() for r in recipients)):
+            if not smtp.has_extn("smtputf8"):
+                reply = Reply(553, "5.6.7 the upstream server does not support SMTPUTF8 addresses")
+                return dict.fromkeys(recipients, reply)
+            options.append("SMTPUTF8")
+        reused = self._clean
+        self._clean = False
+        try:
+            code, text = smtp.mail(mail_from, options)
+        except (smtplib.SMTPServerDisconnected, ConnectionError):
+            if not reused:
+                raise
+            # The reused session went away while idle: one fresh session, same transaction.
+            self.close()
+            smtp = self._session(credentials)
+            code, text = smtp.mail(mail_from, options)
+        if code != 250:
+            self._reset()
+            return dict.fromkeys(recipients, Reply.of(code, text))
+        replies: dict[str, Reply] = {}
+        accepted = []
+        for rcpt in recipients:
+            replies[rcpt] = Reply.of(*smtp.rcpt(rcpt))
+            if replies[rcpt].outcome == "sent":
+                accepted.append(rcpt)
+        if not accepted:
+            self._reset()
+            return replies
+        try:
+            final = Reply.of(*smtp.data(data))
+        except smtplib.SMTPDataError as exc:  # DATA itself refused (no 354)
+            final = Reply.of(exc.smtp_code, exc.smtp_error)
+        if final.outcome != "sent":
+            self._reset()
+        else:
+            self._clean = True  # the next transaction may follow without an RSET
+        replies.update(dict.fromkeys(accepted, final))
+        return replies
+
+    def close(self) -> None:
+        smtp, self._smtp, self._credentials = self._smtp, None, None
+        self._clean = False
+        if smtp is None:
+            return
+        try:
+            smtp.quit()
+        except (smtplib.SMTPException, OSError):
+            smtp.close()
+
+    def _reset(self) -> None:
+        if self._smtp is None:
+            return
+        try:
+            self._smtp.rset()
+        except (smtplib.SMTPException, OSError):
+            self.close()
+
+    def _session(self, credentials: Credentials | None) -> smtplib.SMTP:
+        if self._smtp is not None and self._credentials == credentials:
+            if self._clean:
+                return self._smtp
+            try:
+                if self._smtp.rset()[0] == 250:
+                    return self._smtp
+            except (smtplib.SMTPException, OSError):
+                pass
+        self.close()
+        self._smtp = self._connect(credentials)
+        self._credentials = credentials
+        return self._smtp
+
+    def _connect(self, credentials: Credentials | None) -> smtplib.SMTP:
+        try:
+            if self.security == "tls":
+                smtp: smtplib.SMTP = smtplib.SMTP_SSL(
+                    self.host, self.port, local_hostname=self.local_hostname,
+                    timeout=self.timeout, context=self.context,
+                )
+            else:
+                smtp = smtplib.SMTP(
+                    self.host, self.port, local_hostname=self.local_hostname, timeout=self.timeout
+                )
+        except smtplib.SMTPConnectError as exc:
+            raise RelayError(Reply.of(exc.smtp_code, exc.smtp_error)) from None
+        self.sessions_opened += 1
+        try:
+            self._hello(smtp)
+            if self.security == "starttls":
+                if not smtp.has_extn("starttls"):
+                    raise RelayError(Reply(None, "upstream does not offer STARTTLS; not sending in clear"))
+                code, text = smtp.starttls(context=self.context)
+                if code != 220:
+                    raise RelayError(Reply.of(code, text))
+                self._hello(smtp)
+            if credentials is not None and smtp.has_extn("auth"):
+                self._login(smtp, credentials)
+        except BaseException:
+            smtp.close()
+            raise
+        return smtp
+
+    @staticmethod
+    def _hello(smtp: smtplib.SMTP) -> None:
+        code, text = smtp.ehlo()
+        if code != 250:
+            raise RelayError(Reply.of(code, text))
+
+    @staticmethod
+    def _login(smtp: smtplib.SMTP, credentials: Credentials) -> None:
+        try:
+            smtp.login(*credentials)
+        except smtplib.SMTPAuthenticationError as exc:
+            raise RelayError(Reply.of(exc.smtp_code, exc.smtp_error), auth=True) from None
+        except smtplib.SMTPException as exc:  # e.g. no common mechanism: not a reply
+            raise RelayError(Reply(None, f"authentication impossible: {exc}"), auth=True) from None
+
+
+
+def describe(exc: BaseException) -> str:
+    if isinstance(exc, smtplib.SMTPResponseException):
+        return str(Reply.of(exc.smtp_code, exc.smtp_error))
+    if isinstance(exc, TimeoutError):
+        return "timed out talking to the upstream server"
+    if isinstance(exc, ConnectionRefusedError):
+        return "connection refused by the upstream server"
+    if isinstance(exc, ssl.SSLError):
+        return f"TLS failure: {exc.reason or exc}"
+    text = str(exc) or type(exc).__name__
+    return " ".join(text.split())[:_MAX_ERROR]
