@@ -41,7 +41,7 @@ from gateway.config import Config
 from gateway.credentials import CredentialsError, seal, unseal
 from gateway.db.models import OutboundMessage, database, utcnow
 from gateway.metrics import relay_results
-from gateway.relayqueue import backoff, claim_batch, release, release_node_claims
+from gateway.relayqueue import backoff, claim_batch, finish, release, release_node_claims
 from gateway.smarthost import (
     Credentials,
     RelayError,
@@ -139,7 +139,7 @@ class RelayWorker:
             while not stop.is_set():
                 self._wake.clear()
                 try:
-                    await self.run_once()
+                    await self.run_once(keep_open=True)
                     timeout = await self._call(self._seconds_until_due)
                 except OperationalError as exc:
                     if "locked" not in str(exc):
@@ -150,13 +150,17 @@ class RelayWorker:
                 except Exception:
                     log.exception("relay worker %s: run failed", self.owner)
                     timeout = self.config.relay.poll_interval
-                await self._sleep(stop, timeout)
+                if not await self._sleep(stop, timeout):
+                    await self._call(self.connection.close)  # idle for a while: no session kept
         finally:
             await self.aclose()
             log.info("relay worker %s stopped", self.owner)
 
-    async def run_once(self) -> int:
-        """Relay every row that is due now; return how many were worked on."""
+    async def run_once(self, keep_open: bool = False) -> int:
+        """Relay every row that is due now; return how many were worked on.  ``keep_open``:
+        the upstream session stays open for the next run (``run`` closes it once a wait
+        for work ends without a wake-up), so a steady stream does not pay EHLO/STARTTLS/AUTH
+        again after every short idle moment."""
         done: set[int] = set()
         try:
             while not self._stopping():
@@ -175,7 +179,8 @@ class RelayWorker:
                     done.add(row.id)
         finally:
             await self._call(self.drain)  # every outcome of this run committed
-            await self._call(self.connection.close)  # close idle connections
+            if not keep_open:
+                await self._call(self.connection.close)
         return len(done)
 
     async def aclose(self) -> None:
@@ -190,10 +195,12 @@ class RelayWorker:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._executor, functools.partial(fn, *args))
 
-    async def _sleep(self, stop: asyncio.Event, timeout: float) -> None:
+    async def _sleep(self, stop: asyncio.Event, timeout: float) -> bool:
+        """Wait for a wake-up, ``stop`` or the timeout; True if woken (or stopping)."""
         waiters = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(self._wake.wait())]
         try:
-            await asyncio.wait(waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+            done, _ = await asyncio.wait(waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+            return bool(done)
         finally:
             for waiter in waiters:
                 waiter.cancel()
@@ -393,7 +400,7 @@ class RelayWorker:
 
         def store() -> bool:
             with database.atomic() as txn:
-                updated = m.update(changes).where((m.id == row.id) & (m.claimed_by == self.owner)).execute()
+                updated = finish(row.id, self.owner, changes)
                 if updated != 1:
                     txn.rollback()
                     return False

@@ -10,7 +10,7 @@ import datetime as dt
 from collections.abc import Iterable
 from typing import Any
 
-from gateway.db.models import OutboundMessage
+from gateway.db.models import OutboundMessage, database
 
 
 def backoff(attempts: int, initial: int, maximum: int) -> int:
@@ -18,17 +18,6 @@ def backoff(attempts: int, initial: int, maximum: int) -> int:
     if attempts < 1:
         return 0
     return min(initial * 2 ** min(attempts - 1, 32), maximum)
-
-
-def _claimable(now: dt.datetime, node: str | None = None) -> Any:
-    m = OutboundMessage
-    due = (
-        (m.state == "queued")
-        & (m.next_attempt_at <= now)
-        & (m.claimed_until.is_null() | (m.claimed_until < now))
-    )
-    # A node relays only what its own spool holds, plus rows of a shared spool ("").
-    return due if node is None else due & m.node.in_([node, ""])
 
 
 def claim_batch(
@@ -39,32 +28,81 @@ def claim_batch(
     The batch is taken by one compare-and-set UPDATE whose WHERE repeats the
     "due and unclaimed" test per row, so of several workers racing for a row
     exactly one gets it (its owner and claim time mark the rows won).  A claim expires after
-    ``claim_timeout`` seconds (the worker died) and the row is due again.
+    ``claim_timeout`` seconds (the worker died) and the row is due again.  The three
+    statements' texts are cached (peewee building them cost more CPU than running them).
     """
     m = OutboundMessage
     until = now + dt.timedelta(seconds=claim_timeout)
+    db = database.obj
+    due = [m.state.db_value("queued"), m.next_attempt_at.db_value(now), m.claimed_until.db_value(now)]
+    due += [] if node is None else [node, ""]
     while True:
-        candidates = [
-            row_id
-            for (row_id,) in m.select(m.id)
-            .where(_claimable(now, node))
-            .order_by(m.next_attempt_at, m.id)
-            .limit(limit)
-            .tuples()
-        ]
+        candidates = [row_id for (row_id,) in
+                      db.execute_sql(_sql("candidates", node is not None), [*due, limit]).fetchall()]
         if not candidates:
             return []
         # One UPDATE for the batch; its WHERE re-checks each row, so a row another
         # worker took in between is simply not ours.
-        taken = (
-            m.update(claimed_by=owner, claimed_until=until)
-            .where(m.id.in_(candidates) & _claimable(now, node))
-            .execute()
-        )
+        mark = [m.claimed_by.db_value(owner), m.claimed_until.db_value(until)]
+        taken = db.execute_sql(_sql("claim", node is not None, len(candidates)),
+                               [*mark, *candidates, *due]).rowcount
         if taken:
-            query = m.select().where(m.id.in_(candidates) & (m.claimed_by == owner) & (m.claimed_until == until))
-            return list(query.order_by(m.next_attempt_at, m.id))
+            return list(m.raw(_sql("won", False, len(candidates)), *candidates, *mark))
         # Lost every race (another worker took them all): look again.
+
+
+_SQL: dict[tuple, str] = {}
+
+
+def _sql(kind: str, by_node: bool, count: int = 0) -> str:
+    """The claim statements for this backend, built once per shape."""
+    db = database.obj
+    key = (type(db), kind, by_node, count)
+    sql = _SQL.get(key)
+    if sql is not None:
+        return sql
+    q0, q1 = db.quote
+    p = db.param
+
+    def c(name: str) -> str:
+        return f"{q0}{name}{q1}"
+
+    table = c(OutboundMessage._meta.table_name)
+    due = (f"{c('state')} = {p} AND {c('next_attempt_at')} <= {p}"
+           f" AND ({c('claimed_until')} IS NULL OR {c('claimed_until')} < {p})")
+    if by_node:
+        due += f" AND {c('node')} IN ({p}, {p})"
+    ids = ", ".join([p] * count)
+    order = f"ORDER BY {c('next_attempt_at')}, {c('id')}"
+    if kind == "candidates":
+        sql = f"SELECT {c('id')} FROM {table} WHERE {due} {order} LIMIT {p}"
+    elif kind == "claim":
+        sql = (f"UPDATE {table} SET {c('claimed_by')} = {p}, {c('claimed_until')} = {p}"
+               f" WHERE {c('id')} IN ({ids}) AND {due}")
+    else:  # won
+        columns = ", ".join(c(f.column_name) for f in OutboundMessage._meta.sorted_fields)
+        sql = (f"SELECT {columns} FROM {table} WHERE {c('id')} IN ({ids}) AND {c('claimed_by')} = {p}"
+               f" AND {c('claimed_until')} = {p} {order}")
+    _SQL[key] = sql
+    return sql
+
+
+def finish(row_id: int, owner: str, changes: dict[Any, Any]) -> int:
+    """``UPDATE … SET changes WHERE id = row_id AND claimed_by = owner`` (the outcome of an
+    attempt, only while the claim is still ours); returns the rows updated (0 or 1).  The
+    statement text is cached per set of columns."""
+    db = database.obj
+    fields = list(changes)
+    key = (type(db), "finish", tuple(f.name for f in fields))
+    sql = _SQL.get(key)
+    if sql is None:
+        q0, q1 = db.quote
+        p = db.param
+        sets = ", ".join(f"{q0}{f.column_name}{q1} = {p}" for f in fields)
+        sql = _SQL[key] = (f"UPDATE {q0}{OutboundMessage._meta.table_name}{q1} SET {sets}"
+                           f" WHERE {q0}id{q1} = {p} AND {q0}claimed_by{q1} = {p}")
+    params = [f.db_value(changes[f]) for f in fields] + [row_id, owner]
+    return db.execute_sql(sql, params).rowcount
 
 
 def release_node_claims(node: str) -> int:

@@ -438,3 +438,52 @@ def test_a_session_that_answers_auth_with_250_is_not_a_delivery(tmp_path, spool,
     finally:
         proc.kill()
         proc.wait()
+
+
+def test_session_kept_open_across_wake_ups_of_a_running_worker(sink, spool, workers):
+    """``run`` keeps the upstream session between runs while work keeps coming (no new
+    EHLO/AUTH per wake-up) and closes it only after a wait that ended without work."""
+    worker = RelayWorker(via_sink(sink), spool, "steady", None)
+    workers.append(worker)
+
+    async def scenario() -> None:
+        stop = asyncio.Event()
+        task = asyncio.create_task(worker.run(stop))
+        for n in range(3):
+            await asyncio.to_thread(spool.enqueue, "alice@acme.test", [f"buyer{n}@customer.example"], MESSAGE)
+            worker.wakeup()
+            await asyncio.to_thread(received, sink, n + 1)
+        stop.set()
+        await task
+
+    asyncio.run(scenario())
+    assert worker.connection.sessions_opened == 1
+    assert OutboundMessage.select().where(OutboundMessage.state == "sent").count() == 3
+
+
+def test_a_row_queued_as_its_archive_blob_is_relayed_byte_exact(sink, tmp_path, clock, workers):
+    """Accepted mail is queued as its archive blob (no spool file): the relay reads it back
+    through the archive, sends the very bytes, records relay:sent and keeps the blob."""
+    from gateway.archive import Archive
+    from gateway.archive.schema import ArchiveSighting
+    from gateway.spool import archive_ref
+
+    connect("sqlite:///" + str(tmp_path / "mailgate.db"))
+    cfg = via_sink(sink)
+    cfg.node.data_dir = tmp_path / "var"
+    cfg.archive.key_file = tmp_path / "archive.keys"
+    archive = Archive.from_config(cfg)
+    spool = Spool(tmp_path / "spool", archive=archive)
+    try:
+        blob = archive.store.put(MESSAGE)
+        spool.insert("QARCH1", "alice@acme.test", ["buyer@customer.example"], len(MESSAGE),
+                     spool_path=archive_ref(blob.name, blob.sha256))
+        worker = make_worker(workers, cfg, spool, clock)
+        assert run_once(worker) == 1
+        assert received(sink)[0].data.endswith(MESSAGE)
+        assert row("QARCH1").state == "sent"
+        assert archive.store.path_of(blob.name).exists()
+        assert ArchiveSighting.select().where((ArchiveSighting.queue_id == "QARCH1")
+                                              & (ArchiveSighting.place == "relay:sent")).count() == 1
+    finally:
+        database.close()
