@@ -85,7 +85,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     cfg = _load(args.config)
     _setup_logging(args.log_level)
-    if cfg.relay.process == "separate":
+    if cfg.relay.process == "separate" or cfg.smtp.processes > 1:
         use_multiprocess_metrics(cfg.node.data_dir / "metrics")
     connect(cfg.database.url)
     return run(cfg)

@@ -99,6 +99,9 @@ class SMTPConfig:
     auth_fail_max_delay: float = 30.0
     auth_fail_window: int = 900
     timeout: float = 300.0
+    # Processes accepting on the submission ports (SO_REUSEPORT): the node plus N - 1
+    # acceptors (gateway/smtp/acceptor.py), so the accept path uses more than one core.
+    processes: int = 1
 
 
 @dataclass
@@ -310,6 +313,8 @@ def validate(cfg: Config) -> list[str]:
             problems.append(f"{name}: must be one of tls, starttls, none (got {value!r})")
     if cfg.relay.security and cfg.relay.security not in _SECURITY:
         problems.append(f"[relay] security: must be one of tls, starttls, none (got {cfg.relay.security!r})")
+    if not 1 <= cfg.smtp.processes <= 64:
+        problems.append(f"[smtp] processes: 1 to 64 (got {cfg.smtp.processes})")
     if cfg.relay.process not in ("separate", "inline"):
         problems.append(f"[relay] process: separate or inline (got {cfg.relay.process!r})")
     if cfg.relay.mode not in ("relay_account", "employee_credentials"):

@@ -18,9 +18,7 @@ from gateway.config import Config
 from gateway.directory import Directory
 from gateway.groupcommit import GroupCommitter
 from gateway.policy import Policy
-from gateway.smtp.auth import UpstreamAuthenticator
-from gateway.smtp.guard import LoginGuard
-from gateway.spool import Spool
+from gateway.smtp.stack import node_spool, refresh_directory
 
 log = logging.getLogger("mailgate")
 
@@ -42,21 +40,15 @@ class Node:
         self.directory = Directory(cfg.company.domains, cfg.public_mail_domains)
         self.policy = Policy(self.directory)
         self.archive = Archive(cfg.archive_dir)
-        # Accepted mail is queued as its archive blob (gateway/spool.py): the relay reads it there.
-        self.spool = Spool(cfg.spool_dir, node="" if cfg.node.shared_spool else cfg.node.name, archive=self.archive)
+        self.spool = node_spool(cfg, self.archive)
+        self.acceptors = None  # gateway.smtp.acceptor.AcceptorProcesses when smtp.processes > 1
         self.committer = GroupCommitter()
         self.area_stoppers: list = []
 
     async def start(self, reactor=None) -> None:
-        from gateway.approval import ApprovalService
         from gateway.credentials import load_or_create_key
-        from gateway.dkim import signing_mutation
         from gateway.relay import RelayWorker, release_node_claims
-        from gateway.rules import actions
-        from gateway.rules.env import DepartmentIndex, DomainHistory, RuleEnv
-        from gateway.rules.watcher import initial_load, watch_rules
-        from gateway.smtp.handler import SubmissionHandler
-        from gateway.smtp.server import start_smtp
+        from gateway.smtp.stack import build_submission
 
         cfg = self.cfg
         await asyncio.to_thread(self.directory.load)
@@ -65,17 +57,6 @@ class Node:
         if released:
             log.info("released %d queue claims left by an earlier run of node %s", released, cfg.node.name)
         key = await asyncio.to_thread(load_or_create_key, cfg.relay.credentials_key)
-        self.rule_env = RuleEnv(
-            departments=DepartmentIndex(), history=DomainHistory(), company=cfg.company.name,
-            company_domains=tuple(cfg.company.domains),
-        )
-        self.rule_reloader = await asyncio.to_thread(initial_load, self.policy, cfg, env=self.rule_env)
-        self.sign = await asyncio.to_thread(signing_mutation, cfg)
-        self.approvals = ApprovalService(
-            cfg, self.directory, self.spool, policy=self.policy,
-            signer=self.sign.signer if self.sign else None, on_released=self.wake_relay,
-        )
-        actions.NOTIFIER = self.approvals.notifier
         if cfg.relay.process == "separate":
             from gateway.relayproc import RelayProcess
 
@@ -86,23 +67,24 @@ class Node:
                 RelayWorker(cfg, self.spool, f"{cfg.node.name}-relay{i}", key, committer=self.committer)
                 for i in range(cfg.relay.workers)
             ]
-        handler = SubmissionHandler(
-            cfg, self.directory, self.policy, self.spool, self.archive,
-            UpstreamAuthenticator(cfg),
-            LoginGuard(cfg.smtp.auth_fail_base_delay, cfg.smtp.auth_fail_max_delay, cfg.smtp.auth_fail_window),
-            credentials_key=key,
-            on_queued=self.wake_relay,
-            approvals=self.approvals,
-            sign=self.sign,
-            rule_env=self.rule_env,
-            committer=self.committer,
+        stack = await build_submission(
+            cfg, on_queued=self.wake_relay, stopping=self.stopping, processes=cfg.smtp.processes,
+            directory=self.directory, policy=self.policy, archive=self.archive, spool=self.spool,
+            committer=self.committer, key=key,
         )
-        self.smtp_servers = await start_smtp(cfg, handler)
+        self.rule_env, self.sign, self.approvals = stack.rule_env, stack.sign, stack.approvals
+        self.smtp_servers = stack.servers
+        self.tasks.extend(stack.tasks)
+        if cfg.smtp.processes > 1:
+            from gateway.smtp.acceptor import AcceptorProcesses
+
+            self.acceptors = AcceptorProcesses(cfg.path, cfg.smtp.processes - 1, self.wake_relay,
+                                               logging.getLevelName(logging.getLogger().level))
+            self.acceptors.start(asyncio.get_running_loop())
         for w in self.workers:
             self.tasks.append(asyncio.create_task(w.run(self.stopping), name=w.name))
-        self.tasks.append(asyncio.create_task(self._refresh_directory(), name="directory-refresh"))
         self.tasks.append(asyncio.create_task(
-            watch_rules(self.policy, cfg, self.stopping, reloader=self.rule_reloader), name="rule-watcher"))
+            refresh_directory(self.directory, self.stopping, DIRECTORY_REFRESH), name="directory-refresh"))
         self.tasks.append(asyncio.create_task(self._expire_approvals(), name="approval-expiry"))
         if reactor is not None:
             from gateway.imap.service import listen_imap
@@ -126,17 +108,6 @@ class Node:
             w.wakeup()
         if self.relay_process is not None:
             self.relay_process.wakeup()
-
-    async def _refresh_directory(self) -> None:
-        while not self.stopping.is_set():
-            try:
-                await asyncio.wait_for(self.stopping.wait(), DIRECTORY_REFRESH)
-            except TimeoutError:
-                pass
-            try:
-                await asyncio.to_thread(self.directory.refresh)
-            except Exception:
-                log.exception("directory refresh failed; keeping the last good index")
 
     async def _expire_approvals(self) -> None:
         while not self.stopping.is_set():
@@ -167,6 +138,8 @@ class Node:
                 log.exception("an area service failed while stopping")
         for server in self.smtp_servers:
             server.close()
+        if self.acceptors is not None:
+            await asyncio.to_thread(self.acceptors.stop)
         await asyncio.to_thread(self.committer.stop)
         if self.relay_process is not None:
             await asyncio.to_thread(self.relay_process.stop)

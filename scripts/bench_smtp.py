@@ -145,7 +145,7 @@ def gateway_config(port: int, sink_port: int, args: argparse.Namespace) -> dict[
         "upstream": {"host": HOST, "submission_port": sink_port, "submission_security": "none",
                      "imap_security": "none"},
         "smtp": {"listen": HOST, "submission_port": port, "smtps_port": 0, "hostname": "gw.acme.test",
-                 "trusted_networks": ["127.0.0.0/8"]},
+                 "trusted_networks": ["127.0.0.0/8"], "processes": args.smtp_processes},
         "relay": {"host": HOST, "port": sink_port, "security": "none", "mode": "relay_account",
                   "username": "relay@acme.test", "password": "bench-only", "workers": args.relay_workers},
         "imap": {"listen": HOST, "starttls_port": 0, "tls_port": 0},
@@ -207,7 +207,8 @@ def fmt(value: float | None, spec: str) -> str:
 
 def report(results: dict[str, Result], args: argparse.Namespace, load: float) -> None:
     print(f"\n{args.messages} messages of {args.size} bytes, {args.sessions} sessions, a connection per "
-          f"message; {os.cpu_count()} CPUs, load average {load:.1f} at the start")
+          f"message; {os.cpu_count()} CPUs, load average {load:.1f} at the start, {os.getloadavg()[0]:.1f} at the end; "
+          f"gateway smtp.processes = {args.smtp_processes}")
     print(f"{'target':<9}{'delivered':>11}{'accept s':>10}{'accept/s':>10}{'e2e s':>8}{'msg/s':>8}"
           f"{'CPU ms/msg':>12}{'peak RSS':>10}")
     for r in results.values():
@@ -221,7 +222,7 @@ def report(results: dict[str, Result], args: argparse.Namespace, load: float) ->
             if other in results and (rate := results[other].rate):
                 print(f"gateway / {other}: {gw / rate:.2f}x")
     print("e2e: first message sent -> the sink has counted all; CPU: the target's processes only "
-          "(Postfix: master + children; gateway: node + relay process); RSS: gateway node VmHWM + relay VmHWM, "
+          "(Postfix: master + children; gateway: node + relay + acceptor processes); RSS: gateway VmHWM summed, "
           "Postfix summed PSS sampled every 0.1 s")
     for r in results.values():
         for problem in r.problems or []:
@@ -242,6 +243,8 @@ def main() -> int:
     ap.add_argument("--targets", default=",".join(TARGETS), help="comma-separated subset of %(default)s")
     ap.add_argument("--timeout", type=float, default=120.0, help="seconds per target before giving up")
     ap.add_argument("--relay-workers", type=int, default=4, help="gateway relay workers (default: %(default)s)")
+    ap.add_argument("--smtp-processes", type=int, default=2,
+                    help="gateway smtp.processes: processes accepting on the port (default: %(default)s)")
     ap.add_argument("--dkim", action="store_true", help="let the gateway DKIM-sign (RSA + Ed25519)")
     ap.add_argument("--sink-auth", action="store_true",
                     help="let the gateway's sink announce AUTH (smtp-sink answers AUTH with 250, not 235)")

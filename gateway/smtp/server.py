@@ -137,12 +137,15 @@ def server_tls_context(cfg: Config) -> ssl.SSLContext:
     return ctx
 
 
-async def start_smtp(cfg: Config, handler: SubmissionHandler) -> list[asyncio.AbstractServer]:
-    """Listen on the submission ports; a port of 0 in the config means "off"."""
+async def start_smtp(cfg: Config, handler: SubmissionHandler, processes: int = 1) -> list[asyncio.AbstractServer]:
+    """Listen on the submission ports; a port of 0 in the config means "off".  ``processes`` > 1:
+    this is one of that many processes sharing the ports (SO_REUSEPORT, see
+    gateway/smtp/acceptor.py), each with its share of ``max_sessions``."""
     loop = asyncio.get_running_loop()
     tls = server_tls_context(cfg)
     s = cfg.smtp
-    SubmissionSMTP.max_sessions = s.max_sessions
+    SubmissionSMTP.max_sessions = max(1, -(-s.max_sessions // max(1, processes)))
+    shared = {"reuse_port": True} if processes > 1 else {}
     SubmissionSMTP.line_length_limit = max(1001, s.max_line_length)
 
     def factory(tls_context: ssl.SSLContext | None, implicit: bool = False):
@@ -165,9 +168,11 @@ async def start_smtp(cfg: Config, handler: SubmissionHandler) -> list[asyncio.Ab
 
     servers = []
     if s.submission_port:
-        servers.append(await loop.create_server(factory(tls), s.listen, s.submission_port, reuse_address=True))
+        servers.append(await loop.create_server(factory(tls), s.listen, s.submission_port, reuse_address=True,
+                                                **shared))
     if s.smtps_port:
         servers.append(
-            await loop.create_server(factory(None, implicit=True), s.listen, s.smtps_port, ssl=tls, reuse_address=True)
+            await loop.create_server(factory(None, implicit=True), s.listen, s.smtps_port, ssl=tls,
+                                     reuse_address=True, **shared)
         )
     return servers

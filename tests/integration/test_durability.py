@@ -68,8 +68,20 @@ def fresh_gateway(tmp_path, dovecot):
     gw.stop()
 
 
-def test_kill_9_under_load_loses_nothing(fresh_gateway, sink):
-    gw = fresh_gateway
+@pytest.mark.parametrize("processes", [1, 2])
+def test_kill_9_under_load_loses_nothing(tmp_path, dovecot, sink, processes):
+    """Also with an acceptor process sharing the port (smtp.processes = 2): it dies with
+    the node (PR_SET_PDEATHSIG) and what it answered 250 for is relayed after the restart."""
+    gw = GatewayProcess(tmp_path / "gw", dovecot, {"smtp": {"processes": processes}})
+    connect(gw.db_url)
+    seed()
+    try:
+        kill_under_load(gw, sink)
+    finally:
+        gw.stop()
+
+
+def kill_under_load(gw, sink) -> None:
     gw.start()
     sink.clear()
     accepted: list[str] = []

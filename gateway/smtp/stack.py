@@ -1,0 +1,128 @@
+"""The submission path, assembled: what the node and each extra acceptor process
+(gateway/smtp/acceptor.py) build to accept mail on the submission ports.
+
+directory (loaded) → policy with the rules (+ watcher) → DKIM signer → approval service →
+SubmissionHandler (archive, spool, group committer) → aiosmtpd servers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from gateway.archive import Archive
+from gateway.areas import optional_module
+from gateway.config import Config
+from gateway.directory import Directory
+from gateway.groupcommit import GroupCommitter
+from gateway.policy import Policy
+from gateway.smtp.auth import UpstreamAuthenticator
+from gateway.smtp.guard import LoginGuard
+from gateway.spool import Spool
+
+log = logging.getLogger("mailgate")
+
+
+@dataclass
+class SubmissionStack:
+    directory: Directory
+    policy: Policy
+    spool: Spool
+    archive: Archive
+    committer: GroupCommitter
+    approvals: Any
+    sign: Any
+    rule_env: Any
+    handler: Any
+    servers: list[asyncio.AbstractServer] = field(default_factory=list)
+    tasks: list[asyncio.Task] = field(default_factory=list)
+
+
+def node_spool(cfg: Config, archive: Archive) -> Spool:
+    # Accepted mail is queued as its archive blob (gateway/spool.py): the relay reads it there.
+    return Spool(cfg.spool_dir, node="" if cfg.node.shared_spool else cfg.node.name, archive=archive)
+
+
+async def build_submission(
+    cfg: Config,
+    *,
+    on_queued: Callable[[], None],
+    stopping: asyncio.Event,
+    processes: int = 1,
+    directory: Directory | None = None,
+    policy: Policy | None = None,
+    archive: Archive | None = None,
+    spool: Spool | None = None,
+    committer: GroupCommitter | None = None,
+    key: bytes | None = None,
+    on_released: Callable[[], None] | None = None,
+) -> SubmissionStack:
+    """Build and start the submission path (listening when this returns).  ``processes`` > 1:
+    the ports are shared with that many processes in all (SO_REUSEPORT) and the session cap
+    is split between them.  Objects the caller already has (the node's) are used as they are;
+    anything missing is made here (an acceptor process)."""
+    from gateway.approval import ApprovalService
+    from gateway.credentials import load_or_create_key
+    from gateway.dkim import signing_mutation
+    from gateway.rules import actions
+    from gateway.rules.env import DepartmentIndex, DomainHistory, RuleEnv
+    from gateway.rules.watcher import initial_load, watch_rules
+    from gateway.smtp.handler import SubmissionHandler
+    from gateway.smtp.server import start_smtp
+
+    if directory is None:
+        directory = Directory(cfg.company.domains, cfg.public_mail_domains)
+        await asyncio.to_thread(directory.load)
+    policy = policy or Policy(directory)
+    if archive is None:
+        archive = Archive(cfg.archive_dir)
+        archive.configure(cfg)
+        # The node's archive service (when the area is there) indexes every process's records.
+        archive.defer_index = optional_module("gateway.archive.service") is not None
+    spool = spool or node_spool(cfg, archive)
+    committer = committer or GroupCommitter()
+    if key is None:
+        key = await asyncio.to_thread(load_or_create_key, cfg.relay.credentials_key)
+    rule_env = RuleEnv(
+        departments=DepartmentIndex(), history=DomainHistory(), company=cfg.company.name,
+        company_domains=tuple(cfg.company.domains),
+    )
+    reloader = await asyncio.to_thread(initial_load, policy, cfg, env=rule_env)
+    sign = await asyncio.to_thread(signing_mutation, cfg)
+    approvals = ApprovalService(
+        cfg, directory, spool, policy=policy, signer=sign.signer if sign else None,
+        on_released=on_released or on_queued,
+    )
+    actions.NOTIFIER = approvals.notifier
+    handler = SubmissionHandler(
+        cfg, directory, policy, spool, archive,
+        UpstreamAuthenticator(cfg),
+        LoginGuard(cfg.smtp.auth_fail_base_delay, cfg.smtp.auth_fail_max_delay, cfg.smtp.auth_fail_window),
+        credentials_key=key,
+        on_queued=on_queued,
+        approvals=approvals,
+        sign=sign,
+        rule_env=rule_env,
+        committer=committer,
+    )
+    stack = SubmissionStack(directory, policy, spool, archive, committer, approvals, sign, rule_env, handler)
+    stack.servers = await start_smtp(cfg, handler, processes=processes)
+    stack.tasks.append(asyncio.create_task(watch_rules(policy, cfg, stopping, reloader=reloader),
+                                           name="rule-watcher"))
+    return stack
+
+
+async def refresh_directory(directory: Directory, stopping: asyncio.Event, every: float) -> None:
+    """Replay the directory's change feed every ``every`` seconds until ``stopping``."""
+    while not stopping.is_set():
+        try:
+            await asyncio.wait_for(stopping.wait(), every)
+        except TimeoutError:
+            pass
+        try:
+            await asyncio.to_thread(directory.refresh)
+        except Exception:
+            log.exception("directory refresh failed; keeping the last good index")
