@@ -521,6 +521,57 @@ def record_contact(addresses: Iterable[str], at: dt.datetime, public_domains: It
     return Customer.update(last_contact_at=at).where(Customer.id.in_(sorted(ids)) & older).execute()
 
 
+def record_contacts(contacts: Iterable[tuple[str, dt.datetime]], public_domains: Iterable[str] | None = None) -> int:
+    """``record_contact`` for many (address, moment) pairs at once (the archive's batch
+    ingest): each matched customer's last contact moves to the latest moment of its
+    addresses — one look-up for all, one UPDATE per distinct moment.  Returns how many
+    customers changed."""
+    if public_domains is None:
+        from gateway.config import PUBLIC_MAIL_DOMAINS
+
+        public_domains = PUBLIC_MAIL_DOMAINS
+    public = {d.lower() for d in public_domains}
+    latest: dict[str, dt.datetime] = {}
+    for address, at in contacts:
+        address = (address or "").strip().strip("<>").lower()
+        if "@" not in address:
+            continue
+        at = at.astimezone(dt.UTC).replace(tzinfo=None) if at.tzinfo else at
+        if address not in latest or latest[address] < at:
+            latest[address] = at
+    if not latest:
+        return 0
+    addresses = sorted(latest)
+    by_domain: dict[str, dt.datetime] = {}
+    for address, at in latest.items():
+        domain = address.rpartition("@")[2]
+        if domain not in public and (domain not in by_domain or by_domain[domain] < at):
+            by_domain[domain] = at
+    when: dict[int, dt.datetime] = {}
+
+    def note(customer: int, at: dt.datetime) -> None:
+        if customer not in when or when[customer] < at:
+            when[customer] = at
+
+    for start in range(0, len(addresses), 500):
+        for customer, email in (Contact.select(Contact.customer, Contact.email)
+                                .where(Contact.email.in_(addresses[start:start + 500])).tuples()):
+            note(customer, latest[email.lower()])
+    domains = sorted(by_domain)
+    for start in range(0, len(domains), 500):
+        for customer, domain in (CompanyDomain.select(CompanyDomain.customer, CompanyDomain.domain)
+                                 .where(CompanyDomain.domain.in_(domains[start:start + 500])).tuples()):
+            note(customer, by_domain[domain.lower()])
+    groups: dict[dt.datetime, list[int]] = {}
+    for customer, at in when.items():
+        groups.setdefault(at, []).append(customer)
+    changed = 0
+    for at, ids in groups.items():
+        older = Customer.last_contact_at.is_null() | (Customer.last_contact_at < at)
+        changed += Customer.update(last_contact_at=at).where(Customer.id.in_(sorted(ids)) & older).execute()
+    return changed
+
+
 # -- employees, departments, aliases (panel) --
 # Validated writes for the panel's employee pages.  Each raises EmployeeError (a
 # DirectoryError with a code the panel translates) and records a directory change, so

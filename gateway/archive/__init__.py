@@ -70,6 +70,16 @@ class Outcome:
     record: ArchiveRecord
     new_record: bool
     new_sighting: bool
+    sighting: ArchiveSighting | None = None
+
+
+@dataclass
+class _Batch:
+    """State shared by the messages of one ``ingest_many`` call."""
+
+    now: dt.datetime
+    emails: dict[int | None, str] = field(default_factory=dict)
+    contacts: list[tuple[str, dt.datetime]] = field(default_factory=list)
 
 
 class Archive:
@@ -154,29 +164,77 @@ class Archive:
         with write_transaction():
             return self._chain(cap, blob, defer=defer_index).record
 
-    def ingest_many(self, captures: list[Capture], prepared: list[PreparedBlob] | None = None) -> list[Outcome]:
-        """Batch ingest (import, sync, bench): the CPU part (hash, zstd, AES-GCM) and the blob
-        files (each fsynced, in parallel: fsyncs share journal commits) on a few threads, the
-        folders fsynced once, then every row in one transaction with the chain head written once."""
+    def ingest_many(self, captures: list[Capture], prepared: list[PreparedBlob] | None = None, *,
+                    defer_index: bool | None = None) -> list[Outcome]:
+        """Batch ingest (import, sync, bench), in four steps:
+
+        1. the search index's text extraction starts in worker processes (``workers``);
+        2. hash, zstd and AES-GCM on threads (they release the GIL), the blob files written
+           and fsynced on threads (fsyncs share journal commits), their folders fsynced once
+           — all before any row names a blob;
+        3. every record and sighting in one transaction, the chain head written once;
+        4. after that commit, the new records' index documents in one bulk insert (a second,
+           short transaction).  A crash between 3 and 4 leaves records without a document:
+           the background indexer (``index.index_pending``, inside ``mailgate run``) indexes
+           every record that has none.
+
+        ``defer_index`` (None: this archive's ``defer_index``) skips step 4 and 1."""
+        if not captures:
+            return []
+        inline_index = not (self.defer_index if defer_index is None else defer_index)
+        extraction = None
+        if inline_index and optional_module("gateway.archive.index") is not None:
+            from gateway.archive.workers import extract_async
+
+            extraction = extract_async([c.raw for c in captures])
         pool = _pool()
         blobs = prepared or list(pool.map(lambda c: self.store.prepare(c.raw), captures))
         dirs = {d for d in pool.map(lambda b: self.store.write(b, sync_dir=False), blobs) if d is not None}
         list(pool.map(fsync_dir, dirs))
+        batch = _Batch(now=utcnow())
         with write_transaction(), chain.batch():
             known = {r.sha256: r for r in ArchiveRecord.select().where(
                 ArchiveRecord.sha256.in_(sorted({b.sha256 for b in blobs})))}
-            return [self._chain(c, b, known) for c, b in zip(captures, blobs, strict=True)]
+            outcomes = [self._chain(c, b, known, defer=True, batch=batch)
+                        for c, b in zip(captures, blobs, strict=True)]
+            _record_contacts(batch.contacts)
+        if extraction is not None:
+            self._index_batch(outcomes, extraction.result())
+        return outcomes
+
+    @staticmethod
+    def _index_batch(outcomes: list[Outcome], extracted: list[tuple[Any, list[str]]]) -> None:
+        """Step 4 of ``ingest_many``: documents of the new records, later sightings noted."""
+        index = optional_module("gateway.archive.index")
+        if index is None or not hasattr(index, "index_new"):
+            return
+        entries = [(o.record, ex, grams) for o, (ex, grams) in zip(outcomes, extracted, strict=True) if o.new_record]
+        try:
+            with write_transaction():
+                index.index_new(entries)
+                index.index_sightings([o.sighting for o in outcomes if o.sighting is not None and not o.new_record])
+        except Exception:
+            log.exception("archive batch: full-text indexing failed (records kept; the indexer retries)")
 
     def _chain(self, cap: Capture, blob: PreparedBlob, known: dict[str, ArchiveRecord] | None = None,
-               defer: bool | None = None) -> Outcome:
+               defer: bool | None = None, batch: _Batch | None = None) -> Outcome:
         """``known``: records by content hash already looked up (batch ingest; kept up to date).
-        ``defer``: leave the search index to the background indexer (None: ``self.defer_index``)."""
+        ``defer``: leave the search index to the background indexer (None: ``self.defer_index``).
+        ``batch``: a batch ingest's shared state (one clock reading, employee addresses looked
+        up once, inbound senders collected for one contact update)."""
         inline_index = not (self.defer_index if defer is None else defer)
         # The chain lock (a write) comes before any read of this transaction: a SQLite
         # transaction that read first cannot always become a writer ("database is locked").
         chain.lock()
         if cap.employee_email is None:
-            cap.employee_email = _email_of(cap.employee_id)
+            if batch is None:
+                cap.employee_email = _email_of(cap.employee_id)
+            else:
+                if cap.employee_id not in batch.emails:
+                    batch.emails[cap.employee_id] = _email_of(cap.employee_id)
+                cap.employee_email = batch.emails[cap.employee_id]
+        if cap.seen_at is None and batch is not None:
+            cap.seen_at = batch.now
         if blob.data is None and not self.store.path_of(blob.name).exists():
             # The file was there when prepared, but a retention purge removed it since.
             self.store.write(self.store.prepare(cap.raw, blob.sha256))
@@ -206,7 +264,10 @@ class Archive:
             if inline_index:
                 self._index(rec, cap.raw)
             if cap.direction == "inbound" and mail_from:
-                _record_contact(mail_from, rec.created_at)
+                if batch is None:
+                    _record_contact(mail_from, rec.created_at)
+                else:
+                    batch.contacts.append((mail_from, rec.created_at))
         elif cap.ref and ArchiveSighting.select().where(
                 (ArchiveSighting.record == rec) & (ArchiveSighting.place == cap.place[:1000])
                 & (ArchiveSighting.ref == cap.ref[:500])).exists():
@@ -219,7 +280,7 @@ class Archive:
             ref=cap.ref[:500]))
         if not new_record and inline_index:
             self._index_sighting(sighting)
-        return Outcome(rec, new_record, True)
+        return Outcome(rec, new_record, True, sighting)
 
     @staticmethod
     def _index(rec: ArchiveRecord, raw: bytes) -> None:
@@ -258,16 +319,30 @@ _POOL: ThreadPoolExecutor | None = None
 _POOL_LOCK = threading.Lock()
 
 
-def _record_contact(sender: str, at: Any) -> None:
+def _record_contact(sender: str | list[str], at: Any) -> None:
     """A customer who wrote to us was in contact (the public pool's clock, gateway.customers);
     never costs the archive its record."""
     try:
         from gateway.customers import record_contact
 
         with database.atomic():  # a savepoint
-            record_contact([sender], at)
+            record_contact([sender] if isinstance(sender, str) else sender, at)
     except Exception:
         log.exception("archive: could not record the last contact of an inbound sender")
+
+
+def _record_contacts(contacts: list[tuple[str, dt.datetime]]) -> None:
+    """``_record_contact`` for a batch (one look-up for every sender); never costs the
+    archive its records."""
+    if not contacts:
+        return
+    try:
+        from gateway.customers import record_contacts
+
+        with database.atomic():  # a savepoint
+            record_contacts(contacts)
+    except Exception:
+        log.exception("archive: could not record the last contact of inbound senders")
 
 
 def _pool() -> ThreadPoolExecutor:

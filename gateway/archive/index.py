@@ -47,11 +47,17 @@ PART_LIMIT = 1024 * 1024  # bytes of one text part looked at
 HEADER_LIMIT = 16 * 1024  # characters of one header looked at
 MAX_ADDRESSES = 500
 MAX_ATTACHMENTS = 200
-# Base64 runs longer than this many lines are cut before parsing (their tail can add nothing
-# within BODY_LIMIT, and attachments' lines were most of the parsing time).  1200 lines of 76
-# characters decode to ~68 KB: all of an ASCII text body up to BODY_LIMIT, ~22k CJK characters.
+# Base64 bodies are cut before parsing: an attachment's (a part with a file name, an
+# attachment disposition or a non-text type) to one line — only its name is indexed — and a
+# text part's to BASE64_KEEP_LINES lines (76 characters each decode to ~68 KB: all of an ASCII
+# text body up to BODY_LIMIT, ~22k CJK characters).  Attachments' lines were most of the
+# parsing time.  A run starts after a blank line and ends before the next line starting with
+# "-" (a boundary; base64 has no "-") or a blank line.
 BASE64_KEEP_LINES = 1200
-_BASE64_RUN = re.compile(rb"(?m)^(?:[A-Za-z0-9+/]{60,}={0,2}\r?\n){60,}")
+_BASE64_START = re.compile(rb"\n\r?\n(?=[A-Za-z0-9+/]{60,}={0,2}\r?\n)")
+_TEXT_TYPE = re.compile(rb"content-type:\s*(?:text|multipart|message)/")
+_ANY_TYPE = re.compile(rb"content-type:")
+_RUN_END = re.compile(rb"\n(?:-|\r?\n)")
 _EPOCH = dt.datetime(1970, 1, 1)
 
 # Charsets mail actually carries, mapped to the codec that decodes them best
@@ -233,12 +239,29 @@ def _addresses(msg: email.message.Message, headers: Iterable[str]) -> tuple[list
     return shown, addrs
 
 
-def _cut_base64(match: re.Match) -> bytes:
-    text = match.group(0)
-    line = text.find(b"\n") + 1
-    if len(text) <= line * BASE64_KEEP_LINES:
-        return text
-    return text[:text.rfind(b"\n", 0, line * BASE64_KEEP_LINES) + 1]
+def _cut_base64(raw: bytes) -> bytes:
+    """``raw`` with long base64 bodies shortened (see BASE64_KEEP_LINES); all else as is."""
+    out: list[bytes] = []
+    pos = 0
+    for m in _BASE64_START.finditer(raw):
+        start = m.end()
+        if start < pos:
+            continue
+        end_match = _RUN_END.search(raw, start)
+        end = end_match.start() if end_match else len(raw)
+        part_start = raw.rfind(b"\n--", pos, m.start())
+        headers = raw[part_start + 1 if part_start >= 0 else pos:m.start()].lower()
+        binary = (b"filename" in headers or b"name=" in headers or b"attachment" in headers
+                  or (_ANY_TYPE.search(headers) is not None and _TEXT_TYPE.search(headers) is None))
+        line = raw.find(b"\n", start) + 1 - start
+        keep = start + line * (1 if binary else BASE64_KEEP_LINES)
+        if keep < end:
+            out.append(raw[pos:keep])
+            pos = end
+    if not out:
+        return raw
+    out.append(raw[pos:])
+    return b"".join(out)
 
 
 def extract(raw: bytes) -> Extracted:
@@ -246,7 +269,7 @@ def extract(raw: bytes) -> Extracted:
     out = Extracted()
     try:
         if len(raw) > 64 * 1024:
-            raw = _BASE64_RUN.sub(_cut_base64, raw)
+            raw = _cut_base64(raw)
         msg = email.message_from_bytes(raw)
     except Exception:  # noqa: BLE001
         out.body = decode_bytes(raw[:BODY_LIMIT])[:BODY_LIMIT]
@@ -371,6 +394,55 @@ def _add_record(record: object, ex: Extracted) -> None:
     )
 
 
+def add_documents(entries: list[tuple[object, Extracted, list[str] | None]]) -> int:
+    """Index many new records at once (batch ingest, the background indexer): ``(record,
+    extracted text, short grams or None)`` each; one look-up for docid collisions and one
+    bulk insert.  Call inside a write transaction; returns how many documents were written."""
+    if not entries:
+        return 0
+    rows, taken = [], _taken_docids([docid_for(_created(r), int(r.id)) for r, _, _ in entries])
+    for rec, ex, grams in entries:
+        created = _created(rec)
+        docid = docid_for(created, int(rec.id))
+        while docid in taken:  # the same microsecond and id mod 1024: the next free slot
+            docid += 1024
+            if _docid_taken(docid):
+                taken.add(docid)
+        taken.add(docid)
+        rows.append((docid, int(rec.id), created, _direction(str(_field(rec, "direction", default="") or "")),
+                     _employee_of(rec), ex, grams))
+    write_rows(rows)
+    return len(rows)
+
+
+def _created(record: object) -> dt.datetime:
+    created = _field(record, "created_at", "first_seen_at", default=None) or dt.datetime.now(dt.UTC)
+    if created.tzinfo is not None:
+        created = created.astimezone(dt.UTC).replace(tzinfo=None)
+    return created
+
+
+def _employee_of(record: object) -> int | None:
+    employee = _field(record, "employee_id", default=None)
+    if employee is None:
+        emp = getattr(record, "employee", None)
+        employee = getattr(emp, "id", emp) if emp is not None else None
+    return int(employee) if employee is not None else None
+
+
+def _docid_taken(docid: int) -> bool:
+    taken = f"SELECT 1 FROM archivesearchdoc WHERE docid = {'%s' if is_postgres() else '?'}"
+    return database.obj.execute_sql(taken, (docid,)).fetchone() is not None
+
+
+def _taken_docids(docids: list[int]) -> set[int]:
+    if not docids:
+        return set()
+    marks = ", ".join(["%s" if is_postgres() else "?"] * len(docids))
+    rows = database.obj.execute_sql(f"SELECT docid FROM archivesearchdoc WHERE docid IN ({marks})", docids)
+    return {r[0] for r in rows.fetchall()}
+
+
 def add_document(*, record_id: int, created_at: dt.datetime, direction: str, employee_id: int | None,
                  ex: Extracted) -> int:
     """Insert one document; returns its docid."""
@@ -388,11 +460,11 @@ def add_document(*, record_id: int, created_at: dt.datetime, direction: str, emp
 def doc_row(docid: int, record_id: int, created_at: dt.datetime, direction: str, employee_id: int | None,
             ex: Extracted, *, with_grams: bool = False) -> tuple:
     """A row for ``write_rows``; ``with_grams`` computes the short grams now (e.g. in another process)."""
-    grams = short_grams(_all_text(ex)) if with_grams else None
+    grams = short_grams(all_text(ex)) if with_grams else None
     return (docid, record_id, created_at, _direction(direction), employee_id, ex, grams)
 
 
-def _all_text(ex: Extracted) -> str:
+def all_text(ex: Extracted) -> str:
     return "\n".join((ex.subject, ex.sender, ex.rcpt, ex.attnames, ex.body))
 
 
@@ -407,7 +479,7 @@ def write_rows(rows: list[tuple]) -> None:
             for a in dict.fromkeys(lst):
                 addrs.append((docid, role, a, a.rsplit("@", 1)[-1]))
         if grams is None:
-            grams = short_grams(_all_text(ex))
+            grams = short_grams(all_text(ex))
         texts.append((docid, ex.subject, ex.sender, ex.rcpt, ex.body, ex.attnames, grams))
     cur = db.cursor()
     if is_postgres():
@@ -568,30 +640,15 @@ def index_batch(archive: object, limit: int = INDEX_BATCH) -> tuple[int, bool]:
                      .where(ArchiveSighting.id > seen_mark).order_by(ArchiveSighting.id).limit(limit * 4))
     if not recs and not sightings and top == rec_mark:
         return 0, False
-    rows: list[tuple] = []
-    for rec in recs:
-        try:
-            raw = archive.read(rec)  # type: ignore[attr-defined]
-        except Exception:  # noqa: BLE001 - an unreadable blob (verify reports it) must not stop the indexer
-            log.exception("archive record %s: cannot read the blob to index it (skipped)", rec.id)
-            continue
-        rows.append((rec, extract(raw)))
+    rows = _read_and_extract(archive, recs)
     # A full batch: handled up to its last record; otherwise every record up to ``top``.
     # (A sighting of a record not indexed yet is noted when that record is.)
     new_rec_mark = recs[-1].id if len(recs) == limit else top
     done = 0
     with write_transaction():
-        ids = [rec.id for rec, _ in rows]
+        ids = [rec.id for rec, _, _ in rows]
         taken = {d.record_id for d in SearchDoc.select(SearchDoc.record_id).where(SearchDoc.record_id.in_(ids))}
-        for rec, ex in rows:
-            if rec.id in taken:
-                continue
-            try:
-                with database.atomic():  # a savepoint: one bad document does not stop the batch
-                    _add_record(rec, ex)
-                done += 1
-            except Exception:
-                log.exception("archive record %s: full-text indexing failed", rec.id)
+        done = _insert_documents([(rec, ex, grams) for rec, ex, grams in rows if rec.id not in taken])
         # Every sighting of the records just indexed (later ones may have come first) ...
         later = ArchiveSighting.select(ArchiveSighting.id, ArchiveSighting.record, ArchiveSighting.employee,
                                        ArchiveSighting.direction).where(ArchiveSighting.record.in_(ids)) if ids else []
@@ -605,3 +662,53 @@ def index_batch(archive: object, limit: int = INDEX_BATCH) -> tuple[int, bool]:
                     conflict_target=[SearchState.name], update={SearchState.value: value}).execute()
     return done, len(recs) == limit or len(sightings) == limit * 4
 
+
+
+def index_new(entries: list[tuple[object, Extracted, list[str] | None]]) -> int:
+    """Documents for records just committed (``Archive.ingest_many``), skipping any that an
+    indexer wrote meanwhile.  Call inside a write transaction; returns how many were written."""
+    from gateway.archive.search_schema import SearchDoc
+
+    if not entries:
+        return 0
+    ids = [int(rec.id) for rec, _, _ in entries]
+    taken = {d.record_id for d in SearchDoc.select(SearchDoc.record_id).where(SearchDoc.record_id.in_(ids))}
+    return _insert_documents([e for e in entries if int(e[0].id) not in taken])
+
+
+def _insert_documents(entries: list[tuple[object, Extracted, list[str] | None]]) -> int:
+    """All documents in one bulk insert (a savepoint) or, if one is bad, one at a time (the
+    bad one logged and skipped)."""
+    try:
+        with database.atomic():
+            return add_documents(entries)
+    except Exception:
+        log.warning("archive: bulk indexing failed, indexing one by one", exc_info=True)
+    done = 0
+    for rec, ex, grams in entries:
+        try:
+            with database.atomic():
+                add_documents([(rec, ex, grams)])
+            done += 1
+        except Exception:
+            log.exception("archive record %s: full-text indexing failed", rec.id)
+    return done
+
+
+def _read_and_extract(archive: object, recs: list) -> list[tuple[object, Extracted, list[str]]]:
+    """Blobs read on threads (decryption and zstd release the GIL), text extracted in the
+    worker processes (gateway.archive.workers); unreadable blobs are logged and skipped."""
+    from gateway.archive import _pool
+    from gateway.archive.workers import extract_async
+
+    def read(rec: object) -> bytes | None:
+        try:
+            return archive.read(rec)  # type: ignore[attr-defined]
+        except Exception:  # noqa: BLE001 - an unreadable blob (verify reports it) must not stop the indexer
+            log.exception("archive record %s: cannot read the blob to index it (skipped)", rec.id)
+            return None
+
+    raws = list(_pool().map(read, recs)) if len(recs) > 1 else [read(r) for r in recs]
+    readable = [(rec, raw) for rec, raw in zip(recs, raws, strict=True) if raw is not None]
+    extracted = extract_async([raw for _, raw in readable]).result()
+    return [(rec, ex, grams) for (rec, _), (ex, grams) in zip(readable, extracted, strict=True)]

@@ -18,6 +18,7 @@ Blocking: call from a worker thread.
 from __future__ import annotations
 
 import datetime as dt
+import re
 from collections.abc import Collection
 from dataclasses import dataclass, field
 
@@ -188,9 +189,9 @@ def _build(sql: _Sql, q: Query, user_scope: Collection[int] | None) -> str:
             source += " JOIN archivesearchtext t ON t.docid = d.docid"
             sql.text = True
         for term in long_terms:
-            sql.add("t.doc ILIKE ?", _like(term))
+            _pg_text(sql, term)
         for column, value in long_fields:
-            sql.add("t.doc ILIKE ?", _like(value))
+            _pg_text(sql, value)
             sql.add(f"t.{column} ILIKE ?", _like(value))
         if grams:
             sql.add("t.grams @> ?::text[]", list(dict.fromkeys(grams)))
@@ -261,6 +262,28 @@ def _build(sql: _Sql, q: Query, user_scope: Collection[int] | None) -> str:
             sql.params.extend(params)
     where = (" WHERE " + " AND ".join(sql.where)) if sql.where else ""
     return f"SELECT {cols} FROM {source}{where} ORDER BY {key} DESC"
+
+
+_LATIN_WORDS = re.compile(r"[A-Za-z0-9]+(?: [A-Za-z0-9]+)*")
+
+
+def pg_tsquery(term: str) -> str | None:
+    """The word query for a term of ASCII letters and digits ("price list" →
+    ``price:* <-> list:*``: the words in this order, each as a word start), or None when the
+    term has anything else (CJK, punctuation, addresses: the trigram index answers it)."""
+    if not _LATIN_WORDS.fullmatch(term):
+        return None
+    return " <-> ".join(f"{w.lower()}:*" for w in term.split(" "))
+
+
+def _pg_text(sql: _Sql, term: str) -> None:
+    """One text condition on PostgreSQL, chosen per term: Latin words from the word index
+    (``tsv``, GIN, positions for phrases), anything else from the trigram index (``doc``)."""
+    words = pg_tsquery(term)
+    if words is not None:
+        sql.add("t.tsv @@ to_tsquery('simple', ?)", words)
+    else:
+        sql.add("t.doc ILIKE ?", _like(term))
 
 
 def _at_least(subquery: str, params: list[object], n: int) -> bool:

@@ -16,7 +16,9 @@ SQLite:
                      deleting recomputes the tokens from archivefts (they derive from its text)
 PostgreSQL:
   archivesearchtext  docid, subject, sender, rcpt, attnames, doc (all fields + body) with a
-                     pg_trgm GIN index, grams text[] (the short-gram tokens) with a GIN index.
+                     pg_trgm GIN index, grams text[] (the short-gram tokens) with a GIN index,
+                     tsv = to_tsvector('simple', doc) (a generated column, migration 152) with
+                     a GIN index: Latin words with their positions, for words and phrases.
                      pg_trgm only indexes CJK when the database's LC_CTYPE is a UTF-8 locale;
                      under LC_CTYPE=C a CJK term is still answered correctly (its grams narrow
                      the candidates, ILIKE checks them) — see README.
@@ -104,3 +106,22 @@ class SearchState(BaseModel):
 def search_index_state(db: Database) -> None:
     """Watermarks for indexing off the mail path (records/sightings written by a node are indexed later)."""
     db.create_tables([SearchState], safe=True)
+
+
+@migration(152)
+def search_words(db: Database) -> None:
+    """PostgreSQL: a word index with positions next to the trigram index.  A phrase of common
+    words ("price list") made the trigram index recheck most documents (≈ 1 s at 100k);
+    ``tsv @@ 'price:* <-> list:*'`` answers it from the words and their positions.
+
+    Existing databases: adding the generated column computes it for every row (the
+    backfill, one table rewrite under an exclusive lock — minutes at a million documents).
+    SQLite: nothing (FTS5 answers phrases from its own positions)."""
+    from peewee import PostgresqlDatabase
+
+    if not isinstance(db, PostgresqlDatabase):
+        return
+    db.execute_sql("ALTER TABLE archivesearchtext ADD COLUMN IF NOT EXISTS tsv tsvector"
+                   " GENERATED ALWAYS AS (to_tsvector('simple'::regconfig, doc)) STORED")
+    db.execute_sql("CREATE INDEX IF NOT EXISTS archivesearchtext_tsv ON archivesearchtext USING gin (tsv)")
+    db.execute_sql("ANALYZE archivesearchtext")

@@ -69,3 +69,33 @@ def test_newest_window_then_whole_index(db, corpus, monkeypatch):
     page = search("LED", per_page=1)
     assert [h.record_id for h in page.hits] == [3] and page.has_more
     assert [h.record_id for h in search("LED", per_page=1, page=3).hits] == [1]
+
+
+def test_latin_words_and_phrases_use_the_word_index(db, corpus):
+    from gateway.archive.search import pg_tsquery
+
+    assert pg_tsquery("Price list") == "price:* <-> list:*"
+    assert pg_tsquery("报价单") is None and pg_tsquery("hans@hamburg.de") is None and pg_tsquery("PO-1") is None
+    db.execute_sql("SET enable_seqscan = off")  # five rows: make the planner show it can use the index
+    plan = "\n".join(r[0] for r in db.execute_sql(
+        "EXPLAIN SELECT docid FROM archivesearchtext WHERE tsv @@ to_tsquery('simple', %s)",
+        (pg_tsquery("price list"),)).fetchall())
+    assert "archivesearchtext_tsv" in plan
+    db.execute_sql("SET enable_seqscan = on")
+    assert ids('"price list"') == [2]
+    assert ids('"list price"') == []  # a phrase keeps its order
+    assert ids("quot") == [3, 2]  # a word start
+    assert ids("from:alice quotation") == [2]
+    assert ids("subject:lamps") == [3, 2]
+
+
+def test_migration_152_backfills_the_word_index_of_existing_documents(db, corpus):
+    from gateway.archive.search_schema import search_words
+
+    db.execute_sql("DROP INDEX archivesearchtext_tsv")
+    db.execute_sql("ALTER TABLE archivesearchtext DROP COLUMN tsv")  # a database from before 152
+    search_words(db)
+    empty = db.execute_sql("SELECT count(*) FROM archivesearchtext WHERE tsv IS NULL OR length(tsv) = 0").fetchone()
+    assert empty[0] == 0
+    assert ids('"price list"') == [2]
+    search_words(db)  # idempotent

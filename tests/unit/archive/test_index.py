@@ -114,3 +114,26 @@ def test_big_base64_attachments_are_cut_before_parsing_but_names_and_text_kept()
     ex = extract(raw)
     assert ex.attnames.split("\n") == ["第一个.pdf", "第二个.pdf"]
     assert ex.body.startswith("开头 样品说明") and len(ex.body) > 20_000  # the head of a long base64 body
+
+
+def test_base64_cut_keeps_text_parts_and_drops_attachment_bodies():
+    import base64
+    import os
+
+    from gateway.archive.index import BASE64_KEEP_LINES, _cut_base64
+
+    def b64(data: bytes) -> bytes:
+        return base64.encodebytes(data).replace(b"\n", b"\r\n")
+
+    text = ("first " + "quotation " * 12000 + " last").encode()
+    raw = (b"From: a@x.test\r\nSubject: cut\r\nContent-Type: multipart/mixed; boundary=\"b1\"\r\n\r\n"
+           b"--b1\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Transfer-Encoding: base64\r\n\r\n"
+           + b64(text) + b"--b1\r\nContent-Type: text/plain; name=\"notes.txt\"\r\nContent-Transfer-Encoding: base64"
+           b"\r\n\r\n" + b64(b"secretword " * 3000) + b"--b1\r\nContent-Type: image/png\r\n"
+           b"Content-Transfer-Encoding: base64\r\n\r\n" + b64(os.urandom(200_000)) + b"--b1--\r\n")
+    cut = _cut_base64(raw)
+    assert len(cut) < 78 * (BASE64_KEEP_LINES + 10) < len(raw)
+    ex = extract(raw)
+    assert ex.body.startswith("first quotation") and len(ex.body) > 60_000
+    assert "secretword" not in ex.body and ex.attnames == "notes.txt" and ex.has_attachment
+    assert _cut_base64(b"From: a@x.test\r\n\r\nshort body\r\n") == b"From: a@x.test\r\n\r\nshort body\r\n"

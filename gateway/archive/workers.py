@@ -1,0 +1,119 @@
+"""Full-text extraction on the other cores: a small process pool for the archive's batch paths.
+
+Parsing MIME and building the index text is pure Python (it holds the GIL), about 40 % of
+archiving a message.  ``extract_async(raws)`` hands a batch to worker processes and returns
+a handle; the caller goes on with the blobs and the chain transaction meanwhile and calls
+``result()`` when it writes the index rows.  Each worker answers
+``(Extracted, short grams)`` per message — exactly what ``index.extract`` and
+``index.short_grams`` give inline.
+
+Small batches, a one-core machine, ``MAILGATE_ARCHIVE_WORKERS=0`` or a broken pool: the
+work is done inline (same result, just on this core).  Workers are spawned (not forked: a
+node has threads and an event loop), at most ``max_workers()`` of them, once per process,
+and stopped at exit.
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import multiprocessing
+import os
+import threading
+from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+
+__all__ = ["BrokenProcessPool", "Pending", "extract_async", "max_workers", "shutdown"]
+
+from gateway.archive import index
+
+log = logging.getLogger("mailgate.archive.workers")
+
+MIN_BATCH = 8  # fewer messages: not worth a round trip to another process
+CHUNK = 16  # messages per task sent to a worker
+
+_POOL: ProcessPoolExecutor | None = None
+_LOCK = threading.Lock()
+
+Extraction = tuple[index.Extracted, list[str]]
+
+
+def max_workers() -> int:
+    """``MAILGATE_ARCHIVE_WORKERS`` or the number of cores (at most 4); 0 = no pool."""
+    env = os.environ.get("MAILGATE_ARCHIVE_WORKERS", "").strip()
+    if env.isdigit():
+        return int(env)
+    cores = os.cpu_count() or 1
+    return 0 if cores < 2 else min(4, cores)
+
+
+def extract_one(raw: bytes) -> Extraction:
+    ex = index.extract(raw)
+    return ex, index.short_grams(index.all_text(ex))
+
+
+def _extract_chunk(raws: list[bytes]) -> list[Extraction]:
+    return [extract_one(r) for r in raws]
+
+
+def _pool() -> ProcessPoolExecutor | None:
+    global _POOL
+    workers = max_workers()
+    if workers <= 0:
+        return None
+    with _LOCK:
+        if _POOL is None:
+            _POOL = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
+            atexit.register(shutdown)
+        return _POOL
+
+
+def shutdown() -> None:
+    """Stop the worker processes (at exit; tests)."""
+    global _POOL
+    with _LOCK:
+        pool, _POOL = _POOL, None
+    if pool is not None:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+class Pending:
+    """A batch being extracted; ``result()`` returns one Extraction per message, in order."""
+
+    def __init__(self, raws: list[bytes]) -> None:
+        self._raws = raws
+        self._futures: list[tuple[int, Future]] = []
+        pool = _pool() if len(raws) >= MIN_BATCH else None
+        if pool is None:
+            return
+        try:
+            for start in range(0, len(raws), CHUNK):
+                self._futures.append((start, pool.submit(_extract_chunk, raws[start:start + CHUNK])))
+        except (BrokenProcessPool, RuntimeError):
+            log.warning("archive extraction pool unusable; extracting inline", exc_info=True)
+            _reset()
+            self._futures = []
+
+    def result(self) -> list[Extraction]:
+        out: list[Extraction | None] = [None] * len(self._raws)
+        for start, fut in self._futures:
+            try:
+                for k, item in enumerate(fut.result()):
+                    out[start + k] = item
+            except (BrokenProcessPool, OSError, EOFError):  # a worker died: do its share here
+                log.warning("archive extraction worker failed; extracting inline", exc_info=True)
+                _reset()
+        return [item if item is not None else extract_one(raw) for item, raw in zip(out, self._raws, strict=True)]
+
+
+def _reset() -> None:
+    global _POOL
+    with _LOCK:
+        pool, _POOL = _POOL, None
+    if pool is not None:
+        pool.shutdown(wait=False, cancel_futures=True)
+
+
+def extract_async(raws: list[bytes]) -> Pending:
+    """Start extracting ``raws`` (in worker processes when worthwhile); ``.result()`` collects."""
+    return Pending(raws)

@@ -1,0 +1,87 @@
+"""Batch ingest (``Archive.ingest_many``): text extracted in worker processes, documents
+written after the chain commit, inbound senders' last contact updated once per batch."""
+
+from __future__ import annotations
+
+import datetime as dt
+
+import pytest
+
+from gateway.archive import Capture, workers
+from gateway.archive.schema import ArchiveRecord, ArchiveSighting
+from gateway.archive.search import record_ids
+from gateway.archive.search_schema import SearchDoc, SearchSeen
+from gateway.archive.verify import verify
+from tests.unit.archive.conftest import message
+
+
+@pytest.fixture
+def pool(monkeypatch):
+    """A real worker pool of one process (spawned), stopped after the test."""
+    monkeypatch.setenv("MAILGATE_ARCHIVE_WORKERS", "1")
+    workers.shutdown()
+    yield
+    workers.shutdown()
+
+
+def test_a_batch_is_chained_and_indexed_through_the_worker_pool(archive, pool):
+    caps = [Capture(raw=message(i, f"zebrafish 报价单 batch{i}"), place="import:eml", ref=f"f{i}")
+            for i in range(workers.MIN_BATCH + 4)]
+    caps.append(Capture(raw=message(0, "zebrafish 报价单 batch0"), place="sync:alice/INBOX",
+                        direction="outbound"))  # the same content again: a sighting only
+    out = archive.ingest_many(caps)
+    assert workers._POOL is not None  # the extraction really went to another process
+    assert [o.new_record for o in out] == [True] * (len(caps) - 1) + [False]
+    assert out[-1].record.id == out[0].record.id and out[-1].new_sighting
+    assert ArchiveRecord.select().count() == len(caps) - 1
+    assert ArchiveSighting.select().count() == len(caps)
+    assert SearchDoc.select().count() == len(caps) - 1
+    assert sorted(record_ids("zebrafish")) == sorted(o.record.id for o in out[:-1])
+    assert record_ids("batch3") == [out[3].record.id]
+    assert record_ids("报价单 batch5") == [out[5].record.id]
+    doc = SearchDoc.get(SearchDoc.record_id == out[0].record.id)
+    assert {s.direction for s in SearchSeen.select().where(SearchSeen.docid == doc.docid)} == {"in", "out"}
+    # again: idempotent by ref, nothing indexed twice
+    again = archive.ingest_many(caps[:-1])
+    assert not any(o.new_record or o.new_sighting for o in again)
+    assert SearchDoc.select().count() == len(caps) - 1
+    assert verify(archive.store) == []
+
+
+def test_a_dead_worker_pool_falls_back_to_inline_extraction(pool, monkeypatch):
+    pending = workers.Pending([message(i) for i in range(workers.MIN_BATCH)])
+    monkeypatch.setattr(pending, "_futures", [(0, _Failed())])
+    got = pending.result()
+    assert [ex.subject for ex, _ in got] == [f"Offer {i}" for i in range(workers.MIN_BATCH)]
+
+
+class _Failed:
+    def result(self):
+        raise workers.BrokenProcessPool("a worker died")
+
+
+def test_inbound_batch_moves_each_customers_last_contact_to_its_latest_message(archive):
+    from gateway.customers import create_customer
+    from gateway.db.models import Customer
+
+    hamburg = create_customer("Hamburg GmbH", contacts=["hans@hamburg.de"], domains=["hamburg.de"])
+    lagos = create_customer("Lagos Imports", contacts=["buyer@lagos-imports.ng"])
+    private = create_customer("Private buyer", contacts=["someone@gmail.com"])
+    t0 = dt.datetime(2026, 5, 1, 12, 0)
+
+    def inbound(sender: str, n: int, at: dt.datetime) -> Capture:
+        raw = f"From: {sender}\r\nTo: alice@acme.test\r\nSubject: rfq {n}\r\n\r\nhi\r\n".encode()
+        return Capture(raw=raw, place="import:eml", direction="inbound", seen_at=at)
+
+    archive.ingest_many([
+        inbound("hans@hamburg.de", 1, t0),
+        inbound("Other <other@Hamburg.de>", 2, t0 + dt.timedelta(days=3)),  # the company domain, later
+        inbound("hans@hamburg.de", 3, t0 + dt.timedelta(days=1)),
+        inbound("buyer@lagos-imports.ng", 4, t0 - dt.timedelta(days=9)),
+        inbound("x@gmail.com", 5, t0),  # a public mail domain: never by domain
+    ])
+    assert Customer.get_by_id(hamburg.id).last_contact_at == t0 + dt.timedelta(days=3)
+    assert Customer.get_by_id(lagos.id).last_contact_at == t0 - dt.timedelta(days=9)
+    assert Customer.get_by_id(private.id).last_contact_at is None
+    archive.ingest_many([inbound("hans@hamburg.de", 6, t0 - dt.timedelta(days=30))])  # only moves forward
+    assert Customer.get_by_id(hamburg.id).last_contact_at == t0 + dt.timedelta(days=3)
