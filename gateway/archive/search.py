@@ -191,6 +191,12 @@ def _build(sql: _Sql, q: Query, user_scope: Collection[int] | None) -> str:
         for term in long_terms:
             _pg_text(sql, term)
         for column, value in long_fields:
+            if column in _ROLE and _ADDRESS.fullmatch(value):
+                # A whole address: its rows in archivesearchaddr, not the trigram index (whose
+                # posting lists for "com", "exa" … hold nearly every document at a million).
+                sql.add("d.docid IN (SELECT docid FROM archivesearchaddr WHERE role = ? AND address = ?)",
+                        _ROLE[column], value.lower())
+                continue
             _pg_text(sql, value)
             sql.add(f"t.{column} ILIKE ?", _like(value))
         if grams:
@@ -264,6 +270,8 @@ def _build(sql: _Sql, q: Query, user_scope: Collection[int] | None) -> str:
     return f"SELECT {cols} FROM {source}{where} ORDER BY {key} DESC"
 
 
+_ROLE = {"sender": "from", "rcpt": "to"}
+_ADDRESS = re.compile(r"[^@\s\"<>]+@[^@\s\"<>]+\.[A-Za-z]{2,63}")
 _LATIN_WORDS = re.compile(r"[A-Za-z0-9]+(?: [A-Za-z0-9]+)*")
 
 

@@ -87,6 +87,9 @@ def test_latin_words_and_phrases_use_the_word_index(db, corpus):
     assert ids("quot") == [3, 2]  # a word start
     assert ids("from:alice quotation") == [2]
     assert ids("subject:lamps") == [3, 2]
+    # a whole address: from the address rows; a part of one: the trigram index
+    assert ids("from:Hans@Hamburg.de") == [3] and ids("from:hans@hamburg.d") == [3]
+    assert ids("to:hans@hamburg.de quotation") == [2]
 
 
 def test_migration_152_backfills_the_word_index_of_existing_documents(db, corpus):
