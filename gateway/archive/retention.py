@@ -10,7 +10,12 @@ A purge keeps the chain verifiable: in one transaction (holding the chain lock) 
 blanks each record's and its sightings' descriptive fields (keeping ``digest``, so
 links still verify), renames ``sha256`` to ``purged:<id>``, appends a chained
 ``purge`` event listing the record ids (the tombstone) and an operation-log entry, and
-deletes the blob files just before the commit.  Blocking: call from a worker thread.
+commits.  Only then are the blob files deleted (a failed commit leaves every record with
+its blob), in a second short transaction holding the chain lock that skips any blob a live
+record names again (the same content archived anew meanwhile); a writer that found the file
+before and waits for the lock writes it again (``Archive._chain``).  A crash between the
+two leaves blobs of purged records behind: every purge run deletes those first.
+Blocking: call from a worker thread.
 """
 
 from __future__ import annotations
@@ -134,6 +139,8 @@ def purge(store: BlobStore | None, years: int, actor: str = "system", *, now: dt
     if years <= 0:
         return result
     before = cutoff(years, now)
+    if store is not None and not dry_run:
+        _sweep(store)
     while True:
         with write_transaction():
             chain.lock()
@@ -145,9 +152,8 @@ def purge(store: BlobStore | None, years: int, actor: str = "system", *, now: dt
             if not candidates:
                 break
             _tombstone(candidates, actor, years, before)
-            if store is not None:
-                for r in candidates:  # the last step before the commit (see the module docstring)
-                    store.delete(r.blob_path)
+        if store is not None:  # after the commit (see the module docstring)
+            delete_blobs(store, [r.blob_path for r in candidates])
         result.purged.extend(r.id for r in candidates)
         _forget([r.id for r in candidates])
         if len(candidates) < batch:
@@ -157,6 +163,37 @@ def purge(store: BlobStore | None, years: int, actor: str = "system", *, now: dt
         log.info("archive retention: purged %d record(s) older than %d years; %d kept by legal hold",
                  len(result.purged), years, result.held)
     return result
+
+
+def delete_blobs(store: BlobStore, names: list[str]) -> int:
+    """Delete the blob files of purged records, except those a live record names (content
+    archived again since).  Under the chain lock, so no writer commits a record naming one
+    of them meanwhile.  Returns how many files were deleted."""
+    deleted = 0
+    for start in range(0, len(names), 500):
+        chunk = sorted(set(names[start:start + 500]))
+        with write_transaction():
+            chain.lock()
+            live = {name for (name,) in ArchiveRecord.select(ArchiveRecord.blob_path).where(
+                ArchiveRecord.blob_path.in_(chunk) & ArchiveRecord.purged_at.is_null()).tuples()}
+            deleted += sum(store.delete(name) for name in chunk if name not in live)
+    return deleted
+
+
+def _sweep(store: BlobStore, batch: int = 1000) -> None:
+    """Blobs of purged records still on disk (a crash between a purge's commit and its
+    deletions): delete them now."""
+    last = 0
+    while True:
+        rows = list(ArchiveRecord.select(ArchiveRecord.id, ArchiveRecord.blob_path)
+                    .where(ArchiveRecord.purged_at.is_null(False) & (ArchiveRecord.id > last))
+                    .order_by(ArchiveRecord.id).limit(batch).tuples())
+        if not rows:
+            return
+        last = rows[-1][0]
+        left = [name for _, name in rows if store.path_of(name).exists()]
+        if left:
+            log.info("archive retention: deleting %d blob(s) left by an interrupted purge", delete_blobs(store, left))
 
 
 def _tombstone(records: list[ArchiveRecord], actor: str, years: int, before: dt.datetime) -> None:

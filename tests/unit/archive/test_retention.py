@@ -83,3 +83,63 @@ def test_bad_holds_are_refused(archive):
         place_hold("record", "1", "", "a")
     with pytest.raises(HoldError):
         release_hold(999, "a")
+
+
+def test_a_failed_purge_commit_leaves_every_blob(archive, monkeypatch):
+    from gateway.db.models import database
+
+    old = [_old(archive, i) for i in range(2)]
+    real = database.obj.commit
+    calls = []
+
+    def failing_commit():
+        calls.append(1)
+        if len(calls) == 1:  # the purge's own transaction
+            raise RuntimeError("disk full")
+        return real()
+
+    monkeypatch.setattr(database.obj, "commit", failing_commit)
+    with pytest.raises(RuntimeError, match="disk full"):
+        purge(archive.store, 7)
+    monkeypatch.setattr(database.obj, "commit", real)
+    assert all(ArchiveRecord.get_by_id(r.id).purged_at is None for r in old)
+    assert all(archive.blob_path(r).exists() for r in old)
+    assert verify(archive.store) == []  # no record lost its blob
+    assert sorted(purge(archive.store, 7).purged) == [r.id for r in old]
+    assert not any(archive.blob_path(r).exists() for r in old) and verify(archive.store) == []
+
+
+def test_blob_deletion_spares_content_archived_again_and_sweeps_leftovers(archive):
+    from gateway.archive import retention
+
+    first = _old(archive, 1)
+    other = _old(archive, 2)
+    real = retention.delete_blobs
+    retention.delete_blobs = lambda store, names: 0  # a crash right after the purge's commit
+    try:
+        assert sorted(purge(archive.store, 7).purged) == [first.id, other.id]
+    finally:
+        retention.delete_blobs = real
+    assert archive.blob_path(first).exists()  # left behind
+    again = archive.record(message(1), direction="outbound", verdict="accepted")  # the same content, new record
+    assert again.id != first.id and again.blob_path == first.blob_path
+    assert retention.delete_blobs(archive.store, [first.blob_path, other.blob_path]) == 1  # only the purged one
+    assert archive.read(ArchiveRecord.get_by_id(again.id)) == message(1)
+    assert not archive.store.path_of(other.blob_path).exists()
+    assert verify(archive.store) == []
+
+
+def test_the_next_purge_deletes_blobs_an_interrupted_one_left(archive):
+    from gateway.archive import retention
+
+    old = _old(archive, 3)
+    real = retention.delete_blobs
+    retention.delete_blobs = lambda store, names: 0
+    try:
+        purge(archive.store, 7)
+    finally:
+        retention.delete_blobs = real
+    assert archive.blob_path(old).exists()
+    assert purge(archive.store, 7).purged == []  # nothing new to purge ...
+    assert not archive.blob_path(old).exists()  # ... but the leftover is gone
+    assert verify(archive.store) == []
