@@ -7,9 +7,12 @@ count of the whole match set: a common word matches most of a million messages).
 
 SQLite: terms of ≥ 3 characters go to the FTS5 trigram table, which yields rowids
 (= time-ordered docids) newest first, so a page is read without sorting the match set;
-shorter terms go to the short-gram table.  PostgreSQL: ILIKE on the ``doc`` column
-(pg_trgm GIN) and ``grams @>`` (GIN) for short terms; a common word would make the
-planner recheck every match from the GIN index before sorting, so a text query first
+shorter terms go to the short-gram table.  PostgreSQL, chosen per term: ASCII words and
+phrases match the word index (``tsv @@ to_tsquery('simple', 'price:* <-> list:*')``: the
+words in order, each as a word start — SQLite matches them anywhere in a word); anything
+else ILIKE on the ``doc`` column (pg_trgm GIN); ``grams @>`` (GIN) for short terms;
+``from:``/``to:`` with a whole address the address rows.  A common word would make the
+planner recheck every match from a GIN index before sorting, so a text query first
 runs over the ``PG_WINDOW`` newest documents and only when that does not fill the page
 over everything (then the matches are few and the index is the right plan).
 Blocking: call from a worker thread.
