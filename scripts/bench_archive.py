@@ -281,6 +281,7 @@ def ingest_node(archive: object, msgs: list, threads: int = 6) -> tuple[float, i
     from gateway.archive.index import index_batch
     from gateway.groupcommit import GroupCommitter
 
+    archive.defer_index = True  # as gateway.archive.service sets it on the node's archive
     committer = GroupCommitter(max_batch=32)
     written = [0]
     indexed = [0]
@@ -327,6 +328,7 @@ def ingest_node(archive: object, msgs: list, threads: int = 6) -> tuple[float, i
     worker.join()
     secs = time.perf_counter() - t0
     committer.stop()
+    archive.defer_index = False
     if errors:
         raise errors[0]
     return secs, backlog[0], committer.batches

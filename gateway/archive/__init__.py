@@ -22,6 +22,7 @@ import logging
 import os
 import re
 import threading
+from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -89,6 +90,12 @@ class Archive:
         transaction; a background indexer does it (``index.index_pending``, run by
         gateway.archive.service inside a node) — the node sets it, everything else indexes inline."""
         self.defer_index = defer_index
+        # Deferred indexing: the raw bytes of messages just prepared, by content hash, so the
+        # background indexer need not read, decrypt and decompress their blobs again.
+        # Bounded (RECENT_BYTES, oldest dropped first); each entry is used once.
+        self._recent: OrderedDict[str, bytes] = OrderedDict()
+        self._recent_size = 0
+        self._recent_lock = threading.Lock()
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
         self._store: BlobStore | None = None
@@ -129,7 +136,31 @@ class Archive:
     def prepare(self, raw: bytes) -> PreparedBlob:
         """CPU part of archiving (hash, compress, encrypt): may run before ``record``,
         in any thread, to keep it out of a commit's critical section."""
-        return self.store.prepare(raw)
+        blob = self.store.prepare(raw)
+        if self.defer_index and blob.data is not None:
+            self._remember(blob.sha256, raw)
+        return blob
+
+    def _remember(self, sha256: str, raw: bytes) -> None:
+        if len(raw) > RECENT_MAX_MESSAGE:
+            return
+        with self._recent_lock:
+            if sha256 in self._recent:
+                return
+            self._recent[sha256] = raw
+            self._recent_size += len(raw)
+            while self._recent_size > RECENT_BYTES:
+                _, old = self._recent.popitem(last=False)
+                self._recent_size -= len(old)
+
+    def take_recent(self, sha256: str) -> bytes | None:
+        """The raw bytes of a message this archive prepared lately (for the background
+        indexer), or None; an entry is handed out once."""
+        with self._recent_lock:
+            raw = self._recent.pop(sha256, None)
+            if raw is not None:
+                self._recent_size -= len(raw)
+            return raw
 
     def record(
         self,
@@ -159,7 +190,7 @@ class Archive:
                       employee_email=employee_email,
                       mail_from=mail_from, recipients=list(recipients or []), subject=subject,
                       message_id=message_id, reason=reason, trace=trace, queue_id=queue_id, seen_at=seen_at)
-        blob = prepared or self.store.prepare(raw)
+        blob = prepared or self.prepare(raw)
         self.store.write(blob)
         with write_transaction():
             return self._chain(cap, blob, defer=defer_index).record
@@ -188,7 +219,7 @@ class Archive:
 
             extraction = extract_async([c.raw for c in captures])
         pool = _pool()
-        blobs = prepared or list(pool.map(lambda c: self.store.prepare(c.raw), captures))
+        blobs = prepared or list(pool.map(lambda c: self.prepare(c.raw), captures))
         dirs = {d for d in pool.map(lambda b: self.store.write(b, sync_dir=False), blobs) if d is not None}
         list(pool.map(fsync_dir, dirs))
         batch = _Batch(now=utcnow())
@@ -315,6 +346,8 @@ class Archive:
         return self.store.read(record.blob_path, record.sha256)
 
 
+RECENT_BYTES = 64 * 1024 * 1024  # raw bytes kept for the background indexer (see Archive.prepare)
+RECENT_MAX_MESSAGE = 4 * 1024 * 1024  # larger messages are read back from their blobs
 _POOL: ThreadPoolExecutor | None = None
 _POOL_LOCK = threading.Lock()
 

@@ -702,6 +702,10 @@ def _read_and_extract(archive: object, recs: list) -> list[tuple[object, Extract
     from gateway.archive.workers import extract_async
 
     def read(rec: object) -> bytes | None:
+        take = getattr(archive, "take_recent", None)
+        raw = take(rec.sha256) if take is not None and getattr(rec, "purged_at", None) is None else None
+        if raw is not None:  # prepared by this process a moment ago: no need to decrypt the blob
+            return raw
         try:
             return archive.read(rec)  # type: ignore[attr-defined]
         except Exception:  # noqa: BLE001 - an unreadable blob (verify reports it) must not stop the indexer

@@ -113,6 +113,7 @@ def test_an_unreadable_record_does_not_stop_the_indexer(archive):
     node = _deferred(archive)
     bad, good = (node.record(message(i), direction="outbound", verdict="accepted") for i in range(2))
     node.store.path_of(bad.blob_path).unlink()
+    node = _deferred(archive)  # the indexer after a restart: nothing in memory, blobs read back
     assert index_pending(node) == 1
     assert [d.record_id for d in SearchDoc.select()] == [good.id]
     assert index_pending(node) == 0  # the unreadable one is not retried on every pass
@@ -135,3 +136,21 @@ def test_sightings_are_noted_in_one_batch_each_pair_once(archive, caplog):
     index_sightings(list(ArchiveSighting.select()))  # all noted already: nothing new
     assert _seen(rec.id) == [(0, "in"), (0, "out"), (alice.id, "out")]
     assert "one at a time" not in caplog.text
+
+
+def test_the_indexer_takes_fresh_messages_from_memory_not_from_their_blobs(archive, monkeypatch):
+    import gateway.archive as archive_mod
+
+    node = _deferred(archive)
+    fresh = node.record(message(1, "kingfisher"), direction="outbound", verdict="accepted")
+    reads = []
+    real_read = node.read
+    monkeypatch.setattr(node, "read", lambda rec: reads.append(rec.id) or real_read(rec))
+    assert index_pending(node) == 1 and reads == []  # the bytes prepared a moment ago were used
+    assert record_ids("kingfisher") == [fresh.id]
+    assert node.take_recent(fresh.sha256) is None  # handed out once
+    # bounded: the oldest entries go first; a message seen by another process is read from its blob
+    monkeypatch.setattr(archive_mod, "RECENT_BYTES", 2 * len(message(2, "x" * 100)))
+    recs = [node.record(message(n, "x" * 100), direction="outbound", verdict="accepted") for n in (2, 3, 4)]
+    assert node.take_recent(recs[0].sha256) is None and node.take_recent(recs[2].sha256) == message(4, "x" * 100)
+    assert index_pending(node) == 3 and sorted(reads) == [recs[0].id, recs[2].id]
