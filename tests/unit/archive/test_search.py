@@ -199,3 +199,19 @@ def test_big_customer_walks_the_text_matches(corpus, monkeypatch):
     assert ids("customer:Hamburg LED") == [3, 2, 1]
     assert ids(f"customer:{corpus.hamburg.id} 报价") == [1]
     assert ids("customer:lagos 样品") == [4]
+
+
+def test_sighting_lookups_go_by_record_without_statistics(corpus, db):
+    """SQLite without ANALYZE (the gateway never runs it) once chose the employee_id or
+    direction index for the correlated sighting look-up: one scan of every such sighting per
+    candidate document (seconds at 100k).  The plan must probe by record_id."""
+    from gateway.archive.query import parse
+    from gateway.archive.search import _build, _Sql
+
+    assert db.execute_sql("SELECT count(*) FROM sqlite_master WHERE name = 'sqlite_stat1'").fetchone()[0] == 0
+    for text in ("employee:alice@acme.test quotation", "direction:in 报价单", "quotation"):
+        sql = _Sql()
+        base = _build(sql, parse(text), [corpus.alice.id] if text == "quotation" else None)
+        plan = [r[3] for r in db.execute_sql("EXPLAIN QUERY PLAN " + base, sql.params).fetchall()]
+        probes = [p for p in plan if p.startswith("SEARCH g ")]
+        assert probes and all("(record_id=?)" in p for p in probes), plan
