@@ -10,7 +10,7 @@ a handle; the caller goes on with the blobs and the chain transaction meanwhile 
 Small batches, a one-core machine, ``MAILGATE_ARCHIVE_WORKERS=0`` or a broken pool: the
 work is done inline (same result, just on this core).  Workers are spawned (not forked: a
 node has threads and an event loop), at most ``max_workers()`` of them, once per process,
-and stopped at exit.
+stopped at exit, and exit by themselves within a second when their parent dies (kill -9).
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import logging
 import multiprocessing
 import os
 import threading
+import time
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 
@@ -31,6 +32,7 @@ log = logging.getLogger("mailgate.archive.workers")
 
 MIN_BATCH = 8  # fewer messages: not worth a round trip to another process
 CHUNK = 16  # messages per task sent to a worker
+PARENT_POLL = 1.0  # seconds between a worker's checks that its parent still lives
 
 _POOL: ProcessPoolExecutor | None = None
 _LOCK = threading.Lock()
@@ -56,6 +58,19 @@ def _extract_chunk(raws: list[bytes]) -> list[Extraction]:
     return [extract_one(r) for r in raws]
 
 
+def _watch_parent(parent: int) -> None:
+    """Worker initializer: exit when the process that started the pool is gone (a node
+    killed with -9 must not leave its workers behind; PR_SET_PDEATHSIG would follow the
+    starting *thread*, which may be a short-lived executor thread)."""
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(PARENT_POLL)
+        os._exit(0)
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
+
+
 def _pool() -> ProcessPoolExecutor | None:
     global _POOL
     workers = max_workers()
@@ -63,7 +78,8 @@ def _pool() -> ProcessPoolExecutor | None:
         return None
     with _LOCK:
         if _POOL is None:
-            _POOL = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
+            _POOL = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                                        initializer=_watch_parent, initargs=(os.getpid(),))
             atexit.register(shutdown)
         return _POOL
 

@@ -85,3 +85,38 @@ def test_inbound_batch_moves_each_customers_last_contact_to_its_latest_message(a
     assert Customer.get_by_id(private.id).last_contact_at is None
     archive.ingest_many([inbound("hans@hamburg.de", 6, t0 - dt.timedelta(days=30))])  # only moves forward
     assert Customer.get_by_id(hamburg.id).last_contact_at == t0 + dt.timedelta(days=3)
+
+
+def test_workers_exit_when_the_process_that_started_them_dies(tmp_path):
+    """A node killed with -9 must not leave extraction workers behind."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from tests.harness import wait_until
+
+    script = (
+        "import os, sys\n"
+        "from gateway.archive import workers\n"
+        "pending = workers.extract_async([b'Subject: x\\r\\n\\r\\nbody'] * workers.MIN_BATCH)\n"
+        "pending.result()\n"
+        "print(' '.join(str(p) for p in workers._POOL._processes), flush=True)\n"
+        "sys.stdin.read()\n"
+    )
+    env = {**os.environ, "MAILGATE_ARCHIVE_WORKERS": "1"}
+    proc = subprocess.Popen([sys.executable, "-c", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            env=env, cwd=os.getcwd(), text=True)
+    pids = [int(p) for p in proc.stdout.readline().split()]
+    assert pids and all(_alive(p) for p in pids)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    wait_until(lambda: not any(_alive(p) for p in pids), timeout=15)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
