@@ -18,6 +18,7 @@ from gateway.imap import upstream as up
 from gateway.imap.capabilities import filter_capabilities
 from gateway.imap.decisions import Tagger
 from gateway.imap.parser import LIST, Incomplete, LiteralInfo, ParseError, Parser, parse_astrings
+from gateway.imap.tlslayer import start_tls
 
 if TYPE_CHECKING:
     from gateway.imap.service import ProxyService
@@ -46,7 +47,7 @@ class PreLogin:
 
     def prelogin_caps(self) -> bytes:
         caps = [b"IMAP4rev1", b"LITERAL+", b"SASL-IR", b"ID", b"ENABLE", b"IDLE"]
-        if not self.tls and self.svc.tls_options is not None:
+        if not self.tls and self.svc.tls_context is not None:
             caps.append(b"STARTTLS")
         if self.plaintext_ok():
             caps += [b"AUTH=PLAIN", b"AUTH=LOGIN"]
@@ -128,13 +129,13 @@ class PreLogin:
         self.send(b'* ID ("name" "Mailgate")\r\n' + tag + b" OK ID completed\r\n")
 
     def _starttls(self, tag: bytes) -> None:
-        if self.tls or self.svc.tls_options is None:
+        if self.tls or self.svc.tls_context is None:
             self.send(tag + b" BAD STARTTLS not available\r\n")
             return
         # Anything pipelined after STARTTLS is plaintext injection: drop it.
         self.framer.take_buffer()
         self.transport.write(tag + b" OK Begin TLS negotiation now\r\n")
-        self.transport.startTLS(self.svc.tls_options)
+        start_tls(self.transport, self, self.svc.tls_context, server_side=True)
         self.tls = True
 
     def _authenticate(self, tag: bytes, args: bytes) -> None:

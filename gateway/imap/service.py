@@ -7,18 +7,18 @@
 from __future__ import annotations
 
 import logging
+import ssl as stdssl
 from collections import OrderedDict
 from typing import Any
 
-from OpenSSL import SSL
 from twisted.internet import protocol, ssl, threads
-from twisted.internet._sslverify import ClientTLSOptions
 
 from gateway.config import Config
 from gateway.directory import Directory
 from gateway.imap.decisions import Decision, DecisionStore
 from gateway.imap.limits import ConnectionLimits
 from gateway.imap.session import ClientSession
+from gateway.imap.tlslayer import TLSServerFactory
 from gateway.imap.upstream import UpstreamSettings
 
 log = logging.getLogger("mailgate.imap")
@@ -30,7 +30,7 @@ DECISION_CACHE = 200_000
 
 
 def server_tls_options(config: Config) -> ssl.CertificateOptions | None:
-    """The gateway's own certificate for STARTTLS / implicit TLS (None if missing)."""
+    """The gateway's own certificate as Twisted options (the panel's HTTPS; None if missing)."""
     try:
         cert_pem = config.tls.cert.read_bytes()
         key_pem = config.tls.key.read_bytes()
@@ -45,26 +45,34 @@ def server_tls_options(config: Config) -> ssl.CertificateOptions | None:
     )
 
 
-def upstream_tls_options(config: Config) -> Any:
+def server_ssl_context(config: Config) -> stdssl.SSLContext | None:
+    """The proxy's own TLS (STARTTLS and implicit TLS), for ``tlslayer.TLSLayer`` (None if no cert)."""
+    ctx = stdssl.SSLContext(stdssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = stdssl.TLSVersion.TLSv1_2
+    try:
+        ctx.load_cert_chain(config.tls.cert, config.tls.key)
+    except (OSError, stdssl.SSLError) as exc:
+        log.warning("IMAP TLS disabled: %s", exc)
+        return None
+    return ctx
+
+
+def upstream_ssl_context(config: Config) -> stdssl.SSLContext:
     """Client TLS to the upstream, verified against ``ca_file`` (or the system store).
 
     Session tickets are refused: thousands of idle sessions would each keep the
-    server's tickets (and certificate chain) in memory for nothing.
+    server's tickets in memory for nothing.
     """
     u = config.upstream
-    if not u.verify_tls:
-        opts = ssl.CertificateOptions(verify=False, raiseMinimumTo=ssl.TLSVersion.TLSv1_2)
-        _lean(opts.getContext())
-        return opts
-    trust = ssl.Certificate.loadPEM(u.ca_file.read_bytes()) if u.ca_file else ssl.platformTrust()
-    opts = ssl.CertificateOptions(trustRoot=trust, raiseMinimumTo=ssl.TLSVersion.TLSv1_2)
-    _lean(opts.getContext())
-    return ClientTLSOptions(opts._makeTLSConnection, u.host)
-
-
-def _lean(ctx: SSL.Context) -> None:
-    ctx.set_options(SSL.OP_NO_TICKET)
-    ctx.set_session_cache_mode(SSL.SESS_CACHE_OFF)
+    if u.verify_tls:
+        ctx = stdssl.create_default_context(cafile=str(u.ca_file) if u.ca_file else None)
+    else:
+        ctx = stdssl.SSLContext(stdssl.PROTOCOL_TLS_CLIENT)
+        ctx.check_hostname = False
+        ctx.verify_mode = stdssl.CERT_NONE
+    ctx.minimum_version = stdssl.TLSVersion.TLSv1_2
+    ctx.options |= stdssl.OP_NO_TICKET
+    return ctx
 
 
 class ProxyService:
@@ -83,14 +91,14 @@ class ProxyService:
         self.limits = ConnectionLimits(config.imap.max_connections, config.imap.max_connections_per_user)
         self.store = DecisionStore()
         self.pool = reactor.getThreadPool()
-        self.tls_options = server_tls_options(config)
+        self.tls_context = server_ssl_context(config)
         u = config.upstream
         self.upstream_settings = UpstreamSettings(
             host=u.host,
             port=u.imap_port,
             security=u.imap_security,
             timeout=u.timeout,
-            tls_options=upstream_tls_options(config) if u.imap_security != "none" else None,
+            tls_context=upstream_ssl_context(config) if u.imap_security != "none" else None,
         )
         self._last_refresh = float("-inf")
         self._decisions: OrderedDict[tuple, Decision] = OrderedDict()
@@ -143,9 +151,10 @@ def listen_imap(config: Config, directory: Directory, reactor: Any) -> list:
     if c.starttls_port:
         ports.append(reactor.listenTCP(c.starttls_port, ProxyFactory(svc, False), interface=c.listen))
     if c.tls_port:
-        if svc.tls_options is None:
+        if svc.tls_context is None:
             raise RuntimeError(f"IMAP tls_port {c.tls_port} needs [tls] cert and key")
-        ports.append(reactor.listenSSL(c.tls_port, ProxyFactory(svc, True), svc.tls_options, interface=c.listen))
+        factory = TLSServerFactory(ProxyFactory(svc, True), svc.tls_context)
+        ports.append(reactor.listenTCP(c.tls_port, factory, interface=c.listen))
     for p in ports:
         log.info("IMAP proxy listening on %s", p.getHost())
     return ports

@@ -22,7 +22,7 @@ from gateway import metrics
 from gateway.imap import upstream as up
 from gateway.imap.capabilities import rewrite_caps_in
 from gateway.imap.decisions import Decision, Tagger
-from gateway.imap.fastio import eager_send, write_now
+from gateway.imap.fastio import eager_send
 from gateway.imap.fetchitems import explicit_uids, parse_fetch
 from gateway.imap.fetchop import FetchOperation
 from gateway.imap.parser import Framer, FramerSink, Incomplete, LiteralInfo, ParseError, parse_astrings
@@ -111,7 +111,7 @@ class ClientSession(PreLogin, FetchOperation, protocol.Protocol, TimeoutMixin, F
     def end_batch(self) -> None:
         batch, self._batch = self._batch, None
         if batch and not self.closing:
-            write_now(self.transport, batch[0] if len(batch) == 1 else b"".join(batch))
+            self.transport.write(batch[0] if len(batch) == 1 else b"".join(batch))
 
     def close(self, bye: bytes | None = None) -> None:
         if self.closing:

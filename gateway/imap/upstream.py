@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import base64
 import logging
+import ssl
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -20,8 +21,9 @@ from twisted.internet.endpoints import HostnameEndpoint, TCP4ClientEndpoint, con
 from twisted.internet.interfaces import IReactorTCP
 from twisted.python.failure import Failure
 
-from gateway.imap.fastio import eager_send, write_now
+from gateway.imap.fastio import eager_send
 from gateway.imap.parser import Framer, FramerSink, LiteralInfo, ParseError, quote
+from gateway.imap.tlslayer import start_tls
 
 log = logging.getLogger("mailgate.imap.upstream")
 
@@ -195,7 +197,7 @@ class UpstreamProtocol(protocol.Protocol, FramerSink):
         if self._out is not None:
             self._out.append(data)
         elif not self.closed:
-            write_now(self.transport, data)
+            self.transport.write(data)
 
     def hold(self) -> None:
         """Collect writes until ``release`` (one client read -> one upstream write)."""
@@ -205,7 +207,7 @@ class UpstreamProtocol(protocol.Protocol, FramerSink):
     def release(self) -> None:
         out, self._out = self._out, None
         if out and not self.closed:
-            write_now(self.transport, out[0] if len(out) == 1 else b"".join(out))
+            self.transport.write(out[0] if len(out) == 1 else b"".join(out))
 
 
 def status_of(completion: bytes) -> bytes:
@@ -232,7 +234,7 @@ class UpstreamSettings:
     port: int
     security: str  # tls | starttls | none
     timeout: float
-    tls_options: object | None  # IOpenSSLClientConnectionCreator
+    tls_context: ssl.SSLContext | None  # verifies the upstream (host name and chain)
 
 
 async def connect(reactor: IReactorTCP, s: UpstreamSettings) -> UpstreamProtocol:
@@ -248,7 +250,7 @@ async def connect(reactor: IReactorTCP, s: UpstreamSettings) -> UpstreamProtocol
         await d
         eager_send(proto.transport)
         if s.security == "tls":
-            proto.transport.startTLS(s.tls_options)
+            start_tls(proto.transport, proto, s.tls_context, server_side=False, hostname=s.host)
         g = proto.greeting
         g.addTimeout(s.timeout, reactor)
         greeting = await g
@@ -265,7 +267,7 @@ async def connect(reactor: IReactorTCP, s: UpstreamSettings) -> UpstreamProtocol
         if status_of(done) != b"OK":
             proto.transport.loseConnection()
             raise UpstreamUnavailable("upstream refused STARTTLS")
-        proto.transport.startTLS(s.tls_options)
+        start_tls(proto.transport, proto, s.tls_context, server_side=False, hostname=s.host)
         proto.greeting_caps = None  # capabilities must be asked again under TLS
     return proto
 
