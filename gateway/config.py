@@ -131,6 +131,8 @@ class IMAPConfig:
     tls_port: int = 993
     # Networks where LOGIN without TLS is allowed on the STARTTLS port (e.g. loopback).
     plaintext_networks: list[str] = field(default_factory=lambda: ["127.0.0.0/8", "::1/128"])
+    # Networks where the proxy may reach the upstream without TLS ([upstream] imap_security = "none").
+    plaintext_upstream_networks: list[str] = field(default_factory=lambda: ["127.0.0.0/8", "::1/128"])
     max_line_length: int = 64 * 1024
     max_literal_size: int = 50 * 1024 * 1024
     max_nesting_depth: int = 32
@@ -302,6 +304,21 @@ def _resolve_paths(cfg: Config, base: Path) -> None:
             cfg.database.url = "sqlite:///" + str(base / relative)
 
 
+def host_in_networks(host: str, networks: list[str]) -> bool:
+    """Whether ``host`` (an IP address, or "localhost") lies in one of ``networks`` (names never do)."""
+    try:
+        ip = ipaddress.ip_address("127.0.0.1" if host == "localhost" else host)
+    except ValueError:
+        return False
+    for net in networks:
+        try:
+            if ip in ipaddress.ip_network(net, strict=False):
+                return True
+        except ValueError:
+            continue
+    return False
+
+
 def validate(cfg: Config) -> list[str]:
     """Semantic checks that types alone cannot express."""
     problems = []
@@ -330,6 +347,15 @@ def validate(cfg: Config) -> list[str]:
         problems.append("[relay] retry_initial/retry_max/lifetime: need 0 < retry_initial <= retry_max, lifetime > 0")
     if cfg.relay.mode == "relay_account" and not (cfg.relay.username and cfg.relay.password):
         problems.append("[relay] username/password: required when mode = relay_account")
+    if cfg.upstream.imap_security == "none" and not host_in_networks(cfg.upstream.host,
+                                                                     cfg.imap.plaintext_upstream_networks):
+        problems.append(f"[upstream] imap_security: \"none\" sends passwords and mail in clear; allowed only for a "
+                        f"host inside [imap] plaintext_upstream_networks (got {cfg.upstream.host!r})")
+    for net in cfg.imap.plaintext_upstream_networks:
+        try:
+            ipaddress.ip_network(net, strict=False)
+        except ValueError:
+            problems.append(f"[imap] plaintext_upstream_networks: {net!r} is not an IP network")
     for net in cfg.smtp.trusted_networks:
         try:
             ipaddress.ip_network(net, strict=False)

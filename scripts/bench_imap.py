@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """IMAP proxy benchmark: the same mixed load straight to Dovecot and through the proxy.
 
-    python scripts/bench_imap.py [--seconds 10] [--sessions 8] [--idle 2000]
+    python scripts/bench_imap.py [--seconds 10] [--sessions 8] [--idle 2000] [--pin]
 
 Starts a private Dovecot (gateway.demo.upstream), fills mailboxes over LMTP
 (a third of the messages from customers, so tagging is on), starts the proxy
@@ -147,19 +147,32 @@ def machine_cpu() -> tuple[float, float]:
     return sum(vals) - idle, sum(vals)
 
 
+def core_cpu() -> list[tuple[int, int]]:
+    """(busy, total) jiffies per core."""
+    out = []
+    for line in Path("/proc/stat").read_text().splitlines()[1:]:
+        if not line.startswith("cpu"):
+            break
+        vals = [int(v) for v in line.split()[1:]]
+        out.append((sum(vals) - vals[3] - vals[4], sum(vals)))
+    return out
+
+
 async def load(port: int, ctx: ssl.SSLContext, sessions: int, seconds: float, uids: list[int]) -> dict:
     lat: list[float] = []
-    cpu0, mbusy0, mtotal0 = time.process_time(), *machine_cpu()
+    cpu0, mbusy0, mtotal0, cores0 = time.process_time(), *machine_cpu(), core_cpu()
     start = time.perf_counter()
     deadline = start + seconds
     await asyncio.gather(*(worker(port, ctx, USERS[i % len(USERS)], uids, deadline, lat) for i in range(sessions)))
     elapsed = time.perf_counter() - start
     mbusy1, mtotal1 = machine_cpu()
+    cores = [(b1 - b0) / max(1, t1 - t0) for (b0, t0), (b1, t1) in zip(cores0, core_cpu(), strict=True)]
     lat.sort()
     return {
         "commands": len(lat),
         "generator_cpu_us_per_cmd": (time.process_time() - cpu0) / len(lat) * 1e6,
         "machine_busy": (mbusy1 - mbusy0) / max(1, mtotal1 - mtotal0),
+        "core_busy": cores,
         "cmd_per_s": len(lat) / elapsed,
         "p50_ms": statistics.median(lat) * 1000,
         "p99_ms": lat[int(len(lat) * 0.99)] * 1000,
@@ -222,7 +235,7 @@ def start_profiler(out: str, pid: int, seconds: float) -> subprocess.Popen:
 
 
 def start_proxy(base: Path, dovecot: DovecotUpstream, db_url: str, cert: Path, key: Path,
-                upstream_security: str = "tls") -> tuple:
+                upstream_security: str = "tls", cpus: set[int] | None = None) -> tuple:
     tls_port, plain_port = free_ports(2)
     settings = {
         "config": {
@@ -242,7 +255,8 @@ def start_proxy(base: Path, dovecot: DovecotUpstream, db_url: str, cert: Path, k
     path = base / "proxy.json"
     path.write_text(json.dumps(settings))
     proc = subprocess.Popen([sys.executable, "-m", "tests.integration.imap.run_proxy", str(path)], cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=open(base / "proxy.log", "wb"))
+                            stdout=subprocess.PIPE, stderr=open(base / "proxy.log", "wb"),
+                            preexec_fn=(lambda: os.sched_setaffinity(0, cpus)) if cpus else None)
     line = proc.stdout.readline()
     if not line.startswith(b"READY "):
         raise RuntimeError("proxy did not start: " + (base / "proxy.log").read_text())
@@ -258,6 +272,9 @@ def main() -> None:
     ap.add_argument("--idle", type=int, default=2000)
     ap.add_argument("--rounds-per-login", type=int, default=10,
                     help="rounds (4 FETCHes + IDLE) per session before LOGOUT and a new LOGIN")
+    ap.add_argument("--pin", action="store_true",
+                    help="the proxy alone on the last core, the load generator and Dovecot on the others, "
+                         "in both phases (the gateway on its own core, as on its own host)")
     ap.add_argument("--idle-plain", action="store_true", help="idle clients without TLS (loopback plaintext)")
     ap.add_argument("--upstream-security", choices=("tls", "starttls", "none"), default="tls",
                     help="proxy -> Dovecot (clients always use TLS)")
@@ -271,6 +288,13 @@ def main() -> None:
     global ROUNDS_PER_LOGIN
     ROUNDS_PER_LOGIN = args.rounds_per_login
 
+    proxy_cpus = None
+    if args.pin:
+        cores = sorted(os.sched_getaffinity(0))
+        if len(cores) < 2:
+            ap.error("--pin needs two cores")
+        proxy_cpus = {cores[-1]}
+        os.sched_setaffinity(0, set(cores[:-1]))  # inherited by Dovecot (started below)
     base = Path(tempfile.mkdtemp(prefix="mailgate-bench-imap-"))
     os.chmod(base, 0o755)
     dovecot = BenchDovecot(base / "dovecot", {u: PASSWORD for u in USERS}, auth_penalty=False)
@@ -287,7 +311,7 @@ def main() -> None:
         uids = list(range(1, args.messages + 1))
         cert, key = base / "gw.crt", base / "gw.key"
         make_self_signed_cert(cert, key)
-        proc, port, plain_port = start_proxy(base, dovecot, db_url, cert, key, args.upstream_security)
+        proc, port, plain_port = start_proxy(base, dovecot, db_url, cert, key, args.upstream_security, proxy_cpus)
         dctx = ssl.create_default_context(cafile=str(dovecot.cert_path))
         pctx = ssl.create_default_context(cafile=str(cert))
 
@@ -320,11 +344,15 @@ def main() -> None:
         d, p = res["direct"], res["proxy"]
         print(f"mixed load, {args.sessions} TLS sessions, {args.seconds:.0f} s each, tagging on "
               f"(1/3 of messages from a customer), proxy->upstream {args.upstream_security}")
+        if proxy_cpus:
+            print(f"  pinned: proxy on core {sorted(proxy_cpus)}, load generator + Dovecot on "
+                  f"{sorted(os.sched_getaffinity(0))} (both phases)")
         print(f"  direct : {d['cmd_per_s']:8.1f} cmd/s  p50 {d['p50_ms']:6.2f} ms  p99 {d['p99_ms']:6.2f} ms")
         print(f"  proxy  : {p['cmd_per_s']:8.1f} cmd/s  p50 {p['p50_ms']:6.2f} ms  p99 {p['p99_ms']:6.2f} ms")
         print(f"  load generator CPU per command: direct {d['generator_cpu_us_per_cmd']:.0f} us, "
               f"proxy {p['generator_cpu_us_per_cmd']:.0f} us; machine busy: direct {d['machine_busy']:.0%}, "
-              f"proxy {p['machine_busy']:.0%}")
+              f"proxy {p['machine_busy']:.0%}; per core: direct "
+              f"{'/'.join(f'{c:.0%}' for c in d['core_busy'])}, proxy {'/'.join(f'{c:.0%}' for c in p['core_busy'])}")
         print(f"  proxy CPU per command: {p['proxy_cpu_us_per_cmd']:.0f} us (machine: {os.cpu_count()} cores "
               f"shared by load generator, Dovecot and proxy)")
         print(f"  ratio  : throughput {p['cmd_per_s'] / d['cmd_per_s']:.2f}x  "

@@ -135,7 +135,7 @@ class PreLogin:
         # Anything pipelined after STARTTLS is plaintext injection: drop it.
         self.framer.take_buffer()
         self.transport.write(tag + b" OK Begin TLS negotiation now\r\n")
-        start_tls(self.transport, self, self.svc.tls_context, server_side=True)
+        start_tls(self.transport, self, self.svc.tls_context, server_side=True, clock=self.svc.reactor)
         self.tls = True
 
     def _authenticate(self, tag: bytes, args: bytes) -> None:

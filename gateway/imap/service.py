@@ -13,7 +13,7 @@ from typing import Any
 
 from twisted.internet import protocol, ssl, threads
 
-from gateway.config import Config
+from gateway.config import Config, host_in_networks
 from gateway.directory import Directory
 from gateway.imap.decisions import Decision, DecisionStore
 from gateway.imap.limits import ConnectionLimits
@@ -85,6 +85,9 @@ class ProxyService:
     on_whole_fetch: Any = None
 
     def __init__(self, config: Config, directory: Directory, reactor: Any):
+        u = config.upstream
+        if u.imap_security == "none" and not host_in_networks(u.host, config.imap.plaintext_upstream_networks):
+            raise RuntimeError(f"plaintext IMAP upstream {u.host!r} is outside [imap] plaintext_upstream_networks")
         self.config = config
         self.directory = directory
         self.reactor = reactor
@@ -153,7 +156,7 @@ def listen_imap(config: Config, directory: Directory, reactor: Any) -> list:
     if c.tls_port:
         if svc.tls_context is None:
             raise RuntimeError(f"IMAP tls_port {c.tls_port} needs [tls] cert and key")
-        factory = TLSServerFactory(ProxyFactory(svc, True), svc.tls_context)
+        factory = TLSServerFactory(ProxyFactory(svc, True), svc.tls_context, reactor)
         ports.append(reactor.listenTCP(c.tls_port, factory, interface=c.listen))
     for p in ports:
         log.info("IMAP proxy listening on %s", p.getHost())

@@ -26,7 +26,7 @@ import ssl
 from typing import Any
 
 from twisted.internet import protocol
-from twisted.internet.interfaces import IPushProducer, ITCPTransport
+from twisted.internet.interfaces import IPushProducer, IReactorTime, ITCPTransport
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
@@ -47,8 +47,9 @@ class TLSLayer(protocol.Protocol):
     TLS = True  # what twisted's TCP transport says after startTLS; callers may check it
 
     def __init__(self, ctx: ssl.SSLContext, inner: protocol.Protocol, server_side: bool,
-                 hostname: str | None = None):
+                 hostname: str | None = None, clock: IReactorTime | None = None):
         self.inner = inner
+        self.clock = clock  # for the close-during-handshake timeout (None: the global reactor)
         self._in = ssl.MemoryBIO()
         self._out = ssl.MemoryBIO()
         self._ssl = ctx.wrap_bio(self._in, self._out, server_side=server_side, server_hostname=hostname)
@@ -96,12 +97,12 @@ class TLSLayer(protocol.Protocol):
         try:
             while inc.pending or sslobj.pending():
                 data = sslobj.read(_RECORD)
-                if not data:
-                    break
+                if not data:  # the peer's close_notify
+                    return False
                 parts.append(data)
         except ssl.SSLWantReadError:
             pass
-        except ssl.SSLZeroReturnError:
+        except ssl.SSLZeroReturnError:  # close_notify (when the stdlib raises rather than returns b"")
             return False
         except ssl.SSLError as exc:
             self._fail(exc)
@@ -179,9 +180,10 @@ class TLSLayer(protocol.Protocol):
         if self._handshaking:
             if not self._close_after_handshake:
                 self._close_after_handshake = True
-                from twisted.internet import reactor
-
-                reactor.callLater(CLOSE_HANDSHAKE_TIMEOUT, self._abort_if_handshaking)
+                clock = self.clock
+                if clock is None:
+                    from twisted.internet import reactor as clock
+                clock.callLater(CLOSE_HANDSHAKE_TIMEOUT, self._abort_if_handshaking)
             return
         self.disconnecting = True
         try:
@@ -243,23 +245,24 @@ class TLSLayer(protocol.Protocol):
 class TLSServerFactory(protocol.Factory):
     """Implicit TLS: wraps each protocol of ``factory`` in a server-side ``TLSLayer``."""
 
-    def __init__(self, factory: protocol.Factory, ctx: ssl.SSLContext):
+    def __init__(self, factory: protocol.Factory, ctx: ssl.SSLContext, clock: IReactorTime | None = None):
         self.factory = factory
         self.ctx = ctx
+        self.clock = clock
 
     def buildProtocol(self, addr: Any) -> TLSLayer | None:
         inner = self.factory.buildProtocol(addr)
         if inner is None:
             return None
-        layer = TLSLayer(self.ctx, inner, server_side=True)
+        layer = TLSLayer(self.ctx, inner, server_side=True, clock=self.clock)
         layer.factory = self
         return layer
 
 
 def start_tls(transport: Any, inner: protocol.Protocol, ctx: ssl.SSLContext, server_side: bool,
-              hostname: str | None = None) -> TLSLayer:
+              hostname: str | None = None, clock: IReactorTime | None = None) -> TLSLayer:
     """Put TLS under ``inner`` on its live TCP ``transport`` (STARTTLS, or TLS to the upstream)."""
-    layer = TLSLayer(ctx, inner, server_side, hostname)
+    layer = TLSLayer(ctx, inner, server_side, hostname, clock)
     layer.transport = transport
     layer.connected = 1
     transport.protocol = layer  # twisted's tcp.Connection delivers reads to .protocol

@@ -250,7 +250,7 @@ async def connect(reactor: IReactorTCP, s: UpstreamSettings) -> UpstreamProtocol
         await d
         eager_send(proto.transport)
         if s.security == "tls":
-            start_tls(proto.transport, proto, s.tls_context, server_side=False, hostname=s.host)
+            start_tls(proto.transport, proto, s.tls_context, server_side=False, hostname=s.host, clock=reactor)
         g = proto.greeting
         g.addTimeout(s.timeout, reactor)
         greeting = await g
@@ -267,7 +267,7 @@ async def connect(reactor: IReactorTCP, s: UpstreamSettings) -> UpstreamProtocol
         if status_of(done) != b"OK":
             proto.transport.loseConnection()
             raise UpstreamUnavailable("upstream refused STARTTLS")
-        start_tls(proto.transport, proto, s.tls_context, server_side=False, hostname=s.host)
+        start_tls(proto.transport, proto, s.tls_context, server_side=False, hostname=s.host, clock=reactor)
         proto.greeting_caps = None  # capabilities must be asked again under TLS
     return proto
 

@@ -203,3 +203,19 @@ def test_whole_mailbox_fetch_mixes_tagged_and_untagged(proxy, imap_upstream):
                 tagged += 1
                 assert b"=?UTF-8?B?" in r[b"BODY[]"].split(b"\r\n\r\n")[0]
         assert 0 < tagged < n
+
+
+def test_plaintext_upstream_on_loopback_serves_the_same_bytes(make_proxy, imap_upstream):
+    """[upstream] imap_security = "none" (a trusted link): tagging and byte identity as with TLS."""
+    px = make_proxy(upstream={"imap_port": imap_upstream.imap_port, "imap_security": "none"})
+    mid, raw = message('"Someone" <someone@unknown.test>', body="z" * 70_000 + "\r\n")
+    imap_upstream.deliver("alice@acme.test", raw)
+    d, p = direct(imap_upstream), via(px)
+    uid = uid_of(d, mid)
+    assert uid_of(p, mid) == uid
+    for item in ("BODY.PEEK[]", "BODY.PEEK[HEADER]", "BODY.PEEK[]<100.30000>"):
+        assert fetch_item(p, uid, item) == fetch_item(d, uid, item)
+    d2, p2, uid2 = _tagged_pair(px, imap_upstream)
+    body = fetch_item(p2, uid2, "BODY.PEEK[]")
+    assert fetch_size(p2, uid2) == len(body)
+    assert display_names(body, "From") == ["[客户] Buyer <buyer@buyer.test>"]
