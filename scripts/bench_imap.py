@@ -184,6 +184,31 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def tree_cpu_seconds(root: int) -> float:
+    """CPU of a process tree: the root (with its reaped children) and every live descendant."""
+    tick = os.sysconf("SC_CLK_TCK")
+    children: dict[int, list[int]] = {}
+    own: dict[int, float] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rpartition(")")[2].split()
+        except OSError:
+            continue
+        pid = int(entry.name)
+        children.setdefault(int(fields[1]), []).append(pid)
+        own[pid] = (int(fields[11]) + int(fields[12])) / tick
+        if pid == root:
+            own[pid] += (int(fields[13]) + int(fields[14])) / tick
+    total, todo = 0.0, [root]
+    while todo:
+        pid = todo.pop()
+        total += own.get(pid, 0.0)
+        todo.extend(children.get(pid, []))
+    return total
+
+
 def rss_kb(pid: int) -> int:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
@@ -319,7 +344,11 @@ def main() -> None:
             # warm up: every message decided once (decisions persisted), then measure
             await decide_all(port, pctx)
             await load(port, pctx, len(USERS), 2, uids)
+            dpid = int(dovecot.pid_path.read_text().split()[0])
+            up0 = tree_cpu_seconds(dpid)
             direct = await load(dovecot.imaps_port, dctx, args.sessions, args.seconds, uids)
+            direct["upstream_cpu_us_per_cmd"] = (tree_cpu_seconds(dpid) - up0) / direct["commands"] * 1e6
+            up0 = tree_cpu_seconds(dpid)
             spy = start_profiler(args.profile, proc.pid, args.seconds) if args.profile else None
             strace_args = os.environ.get("BENCH_STRACE_ARGS", "-c").split()
             trace = subprocess.Popen(["strace", *strace_args, "-f", "-o", args.syscalls, "-p", str(proc.pid)],
@@ -334,6 +363,7 @@ def main() -> None:
                 with open(args.syscalls, "a") as f:
                     f.write(f"commands: {proxied['commands']}\n")
             proxied["proxy_cpu_us_per_cmd"] = (cpu_seconds(proc.pid) - cpu0) / proxied["commands"] * 1e6
+            proxied["upstream_cpu_us_per_cmd"] = (tree_cpu_seconds(dpid) - up0) / proxied["commands"] * 1e6
             if args.idle_plain:  # no client TLS: shows what TLS itself costs
                 idle = await idle_sessions(plain_port, None, args.idle, proc.pid)
             else:
@@ -353,8 +383,9 @@ def main() -> None:
               f"proxy {p['generator_cpu_us_per_cmd']:.0f} us; machine busy: direct {d['machine_busy']:.0%}, "
               f"proxy {p['machine_busy']:.0%}; per core: direct "
               f"{'/'.join(f'{c:.0%}' for c in d['core_busy'])}, proxy {'/'.join(f'{c:.0%}' for c in p['core_busy'])}")
-        print(f"  proxy CPU per command: {p['proxy_cpu_us_per_cmd']:.0f} us (machine: {os.cpu_count()} cores "
-              f"shared by load generator, Dovecot and proxy)")
+        print(f"  CPU per command: load generator {d['generator_cpu_us_per_cmd']:.0f} / "
+              f"{p['generator_cpu_us_per_cmd']:.0f} us, Dovecot {d['upstream_cpu_us_per_cmd']:.0f} / "
+              f"{p['upstream_cpu_us_per_cmd']:.0f} us (direct / proxied), proxy {p['proxy_cpu_us_per_cmd']:.0f} us")
         print(f"  ratio  : throughput {p['cmd_per_s'] / d['cmd_per_s']:.2f}x  "
               f"p50 {p['p50_ms'] / d['p50_ms']:.2f}x  p99 {p['p99_ms'] / d['p99_ms']:.2f}x")
         if res["idle"]:

@@ -93,6 +93,11 @@ class Framer:
         return self._remaining > 0
 
     @property
+    def idle(self) -> bool:
+        """At a response/command boundary with nothing buffered (the next byte starts a new line)."""
+        return self._first and not self._remaining and not self._buf and not self.paused
+
+    @property
     def buffered(self) -> int:
         return len(self._buf) - self._pos
 

@@ -406,7 +406,7 @@ class ClientSession(PreLogin, FetchOperation, protocol.Protocol, TimeoutMixin, F
         self.header_cache.clear()
 
 
-class _UpstreamRelay(FramerSink):
+class _UpstreamRelay(up.RelaySink):
     """Upstream responses for the client, byte for byte (with capability filtering)."""
 
     __slots__ = ("s",)
@@ -424,4 +424,7 @@ class _UpstreamRelay(FramerSink):
         s.send(data)
 
     def literal_data(self, data: bytes) -> None:
+        self.s.send(data)
+
+    def verbatim(self, data: bytes) -> None:
         self.s.send(data)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import base64
 import logging
+import re
 import ssl
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -81,13 +82,26 @@ class _Tagged(FramerSink):
 
 Chooser = Callable[[bytes], FramerSink | None]
 
+#: Lines of an upstream response the relay must look at: tagged lines (completions, the proxy's own
+#: ``~mg`` tags) and the untagged responses ``ClientSession.on_untagged`` acts on.  Every other
+#: complete line without a literal is relayed untouched, so it may skip the framer.
+_NEEDS_LOOK = re.compile(rb"(?im)^(?:\* (?:CAPABILITY |OK \[CAPABILITY|PREAUTH|BYE|OK \[UIDVALIDITY)|(?!\* |\+)(?=.))")
+
+
+class RelaySink(FramerSink):
+    """The relay of upstream responses to the client (``ClientSession``'s side)."""
+
+    def verbatim(self, data: bytes) -> None:
+        """Complete response lines that ``_NEEDS_LOOK`` passes over: to the client as they are."""
+        raise NotImplementedError
+
 
 class UpstreamProtocol(protocol.Protocol, FramerSink):
     def __init__(self, max_line: int = 8 * 1024 * 1024):
         self.framer = Framer(self, max_line)
         self.waiters: dict[bytes, defer.Deferred[bytes]] = {}
         self.chooser: Chooser | None = None
-        self.relay: FramerSink | None = None
+        self.relay: RelaySink | None = None
         self.collected: list[bytes] = []
         self.greeting: defer.Deferred[bytes] = defer.Deferred()
         self.ready: defer.Deferred[None] = defer.Deferred()
@@ -110,13 +124,43 @@ class UpstreamProtocol(protocol.Protocol, FramerSink):
         if batch is not None:
             batch[0]()
         try:
-            self.framer.feed(data)
+            if self.relay is None or self.chooser is not None or not self.framer.idle or not self._pass_through(data):
+                self.framer.feed(data)
         except ParseError as exc:
             log.error("upstream protocol error: %s", exc)
             self.fail(f"upstream protocol error: {exc}")
         finally:
             if batch is not None:
                 batch[1]()
+
+    def _pass_through(self, data: bytes) -> bool:
+        """Relay a read of complete lines without literals, framing only the lines the relay must see.
+
+        Returns False (nothing consumed) when the read needs the framer: a partial line, a literal,
+        a bare LF.  If routing changes midway (a completion installs a look-ahead ``chooser``), the
+        rest of the read goes to the framer, which is at a line boundary then.
+        """
+        if data[-2:] != b"\r\n" or b"}\r\n" in data or data.count(b"\n") != data.count(b"\r\n"):
+            return False
+        relay = self.relay
+        assert relay is not None
+        start = 0
+        for m in _NEEDS_LOOK.finditer(data):
+            at = m.start()
+            end = data.index(b"\n", at) + 1
+            if at > start:
+                relay.verbatim(data[start:at])
+            self.segment(data[at:end], True, None)
+            start = end
+            if self.chooser is not None or self.relay is not relay or self.closed:
+                if end < len(data) and not self.closed:
+                    self.framer.feed(data[end:])
+                return True
+        if start == 0:
+            relay.verbatim(data)
+        elif start < len(data):
+            relay.verbatim(data[start:])
+        return True
 
     def fail(self, why: str) -> None:
         if not self.closed:
