@@ -216,8 +216,10 @@ def rss_kb(pid: int) -> int:
     raise RuntimeError("no VmRSS")
 
 
-async def idle_sessions(port: int, ctx: ssl.SSLContext | None, count: int, pid: int) -> dict:
-    before = rss_kb(pid)
+async def idle_sessions(port: int, ctx: ssl.SSLContext | None, count: int, pid: int,
+                        fetch_first: str = "", snapshot: bool = False) -> dict:
+    """RSS growth of the proxy with ``count`` sessions in IDLE; also the slope over the second half,
+    which free memory left in the heap by the load phase cannot flatter."""
     clients: list[Client] = []
     sem = asyncio.Semaphore(50)
 
@@ -227,20 +229,34 @@ async def idle_sessions(port: int, ctx: ssl.SSLContext | None, count: int, pid: 
             line, _ = await c.cmd(f"LOGIN {USERS[i % len(USERS)]} {PASSWORD}")
             assert b" OK" in line, line
             await c.cmd("SELECT INBOX")
+            if fetch_first:
+                await c.cmd(fetch_first)
             c.n += 1
             c.w.write(b"i%d IDLE\r\n" % c.n)
             while not (await c.r.readline()).startswith(b"+"):
                 pass
             clients.append(c)
 
-    await asyncio.gather(*(one(i) for i in range(count)))
+    before = rss_kb(pid)
+    half = count // 2
+    await asyncio.gather(*(one(i) for i in range(half)))
     await asyncio.sleep(2)  # let buffers settle (measurement, not synchronisation)
+    middle = rss_kb(pid)
+    if snapshot:  # tracemalloc snapshots (run_proxy) at the middle and the end
+        os.kill(pid, signal.SIGUSR1)
+        await asyncio.sleep(3)
+    await asyncio.gather(*(one(i) for i in range(half, count)))
+    await asyncio.sleep(2)
     after = rss_kb(pid)
+    if snapshot:
+        os.kill(pid, signal.SIGUSR1)
+        await asyncio.sleep(3)
 
     for c in clients:
         c.close()
-    return {"sessions": count, "rss_before_kb": before, "rss_after_kb": after,
-            "kb_per_session": (after - before) / count}
+    return {"sessions": count, "rss_before_kb": before, "rss_half_kb": middle, "rss_after_kb": after,
+            "kb_per_session": (after - before) / count,
+            "kb_per_session_second_half": (after - middle) / max(1, count - half)}
 
 
 def message(i: int, customer: bool) -> bytes:
@@ -260,7 +276,8 @@ def start_profiler(out: str, pid: int, seconds: float) -> subprocess.Popen:
 
 
 def start_proxy(base: Path, dovecot: DovecotUpstream, db_url: str, cert: Path, key: Path,
-                upstream_security: str = "tls", cpus: set[int] | None = None) -> tuple:
+                upstream_security: str = "tls", cpus: set[int] | None = None,
+                tracemalloc_prefix: str = "") -> tuple:
     tls_port, plain_port = free_ports(2)
     settings = {
         "config": {
@@ -279,7 +296,8 @@ def start_proxy(base: Path, dovecot: DovecotUpstream, db_url: str, cert: Path, k
     }
     path = base / "proxy.json"
     path.write_text(json.dumps(settings))
-    proc = subprocess.Popen([sys.executable, "-m", "tests.integration.imap.run_proxy", str(path)], cwd=ROOT,
+    env = {**os.environ, "MAILGATE_TRACEMALLOC": tracemalloc_prefix} if tracemalloc_prefix else None
+    proc = subprocess.Popen([sys.executable, "-m", "tests.integration.imap.run_proxy", str(path)], cwd=ROOT, env=env,
                             stdout=subprocess.PIPE, stderr=open(base / "proxy.log", "wb"),
                             preexec_fn=(lambda: os.sched_setaffinity(0, cpus)) if cpus else None)
     line = proc.stdout.readline()
@@ -300,12 +318,21 @@ def main() -> None:
     ap.add_argument("--pin", action="store_true",
                     help="the proxy alone on the last core, the load generator and Dovecot on the others, "
                          "in both phases (the gateway on its own core, as on its own host)")
+    ap.add_argument("--boost", type=int, metavar="NICE",
+                    help="scheduler autogroup nice (e.g. -10) for the bench's own session and Dovecot's, the "
+                         "same in both phases: less interference from other work on a shared machine (root)")
     ap.add_argument("--idle-plain", action="store_true", help="idle clients without TLS (loopback plaintext)")
+    ap.add_argument("--idle-fetch", action="store_true",
+                    help="each idle session first reads the mailbox's largest messages whole (~100 KB), "
+                         "so TLS buffers have seen full records before the session idles")
     ap.add_argument("--upstream-security", choices=("tls", "starttls", "none"), default="tls",
                     help="proxy -> Dovecot (clients always use TLS)")
     ap.add_argument("--profile", metavar="FILE",
                     help="sample the proxy with py-spy during the proxied load "
                          "(speedscope JSON, or collapsed stacks for a .txt name)")
+    ap.add_argument("--tracemalloc", metavar="PREFIX",
+                    help="trace the proxy's Python allocations; snapshots PREFIX.1 / PREFIX.2 at half / all "
+                         "idle sessions (compare them with tracemalloc)")
     ap.add_argument("--syscalls", metavar="FILE",
                     help="count the proxy's system calls (strace -c; BENCH_STRACE_ARGS overrides -c) "
                          "during the proxied load")
@@ -324,6 +351,10 @@ def main() -> None:
     os.chmod(base, 0o755)
     dovecot = BenchDovecot(base / "dovecot", {u: PASSWORD for u in USERS}, auth_penalty=False)
     dovecot.start()
+    if args.boost is not None:  # Dovecot daemonizes into its own session (its own autogroup)
+        dpid = int(dovecot.pid_path.read_text().split()[0])
+        for who in ("self", str(dpid)):
+            Path(f"/proc/{who}/autogroup").write_text(str(args.boost))
     proc = None
     try:
         db_url = f"sqlite:///{base}/gw.db"
@@ -336,7 +367,8 @@ def main() -> None:
         uids = list(range(1, args.messages + 1))
         cert, key = base / "gw.crt", base / "gw.key"
         make_self_signed_cert(cert, key)
-        proc, port, plain_port = start_proxy(base, dovecot, db_url, cert, key, args.upstream_security, proxy_cpus)
+        proc, port, plain_port = start_proxy(base, dovecot, db_url, cert, key, args.upstream_security, proxy_cpus,
+                                             args.tracemalloc or "")
         dctx = ssl.create_default_context(cafile=str(dovecot.cert_path))
         pctx = ssl.create_default_context(cafile=str(cert))
 
@@ -367,7 +399,9 @@ def main() -> None:
             if args.idle_plain:  # no client TLS: shows what TLS itself costs
                 idle = await idle_sessions(plain_port, None, args.idle, proc.pid)
             else:
-                idle = await idle_sessions(port, pctx, args.idle, proc.pid) if args.idle else {}
+                first = f"UID FETCH {args.messages - 3}:{args.messages} (BODY.PEEK[])" if args.idle_fetch else ""
+                idle = await idle_sessions(port, pctx, args.idle, proc.pid, first,
+                                           bool(args.tracemalloc)) if args.idle else {}
             return {"direct": direct, "proxy": proxied, "idle": idle}
 
         res = asyncio.run(run())
@@ -391,7 +425,8 @@ def main() -> None:
         if res["idle"]:
             i = res["idle"]
             print(f"idle: {i['sessions']} TLS sessions in IDLE: proxy RSS {i['rss_before_kb']} -> "
-                  f"{i['rss_after_kb']} KB = {i['kb_per_session']:.1f} KB per session "
+                  f"{i['rss_half_kb']} -> {i['rss_after_kb']} KB = {i['kb_per_session']:.1f} KB per session "
+                  f"({i['kb_per_session_second_half']:.1f} KB over the second half) "
                   f"(client {'plain' if args.idle_plain else 'TLS'}, upstream {args.upstream_security})")
         print(json.dumps(res))
     finally:

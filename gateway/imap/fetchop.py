@@ -8,6 +8,7 @@ through ``FetchRewriter``.  A mixin of ``ClientSession``.
 from __future__ import annotations
 
 import logging
+from collections import OrderedDict
 
 from twisted.internet import defer, threads
 from twisted.python.failure import Failure
@@ -243,13 +244,16 @@ class FetchOperation:
             self._cache_header(uid, h)
 
     def _cache_header(self, uid: int, header: bytes) -> None:
-        self.header_cache[uid] = header
-        self.header_cache.move_to_end(uid)
-        while len(self.header_cache) > HEADER_CACHE:
-            self.header_cache.popitem(last=False)
+        cache = self.header_cache
+        if cache is None:
+            cache = self.header_cache = OrderedDict()
+        cache[uid] = header
+        cache.move_to_end(uid)
+        while len(cache) > HEADER_CACHE:
+            cache.popitem(last=False)
 
     async def _new_header(self, verb: bytes, i: int, uid: int, d: Decision) -> bytes:
-        header = self.header_cache.get(uid)
+        header = self.header_cache.get(uid) if self.header_cache is not None else None
         if header is None:
             done, rows = await self._lookahead(verb + b" %d (UID BODY.PEEK[HEADER])\r\n" % i)
             for r in rows:

@@ -279,21 +279,23 @@ class PreLogin:
             await self._learn_special_use(caps)
             if svc.on_login is not None:  # archive: opt-in credential capture
                 svc.on_login(self.account, user, password)
-        self.caps = filter_capabilities(caps, self.cfg.max_literal_size)
         self._start_relay(proto)
-        self.send(tag + b" OK [CAPABILITY " + b" ".join(self.caps) + b"] Logged in\r\n")
+        self.send(tag + b" OK [CAPABILITY " + b" ".join(filter_capabilities(caps, self.cfg.max_literal_size))
+                  + b"] Logged in\r\n")
         self._resume_client()
 
     async def _learn_special_use(self, caps: list[bytes]) -> None:
         cached = self.svc.special_use.get(self.account)
         if cached is not None and self.svc.reactor.seconds() - cached[0] < _SPECIAL_USE_TTL:
-            self.special = set(cached[1])
+            self.special = cached[1]  # shared by the account's sessions (idle sessions hold no copy)
             return
-        await self._list_special_use(caps)
-        self.svc.special_use[self.account] = (self.svc.reactor.seconds(), frozenset(self.special))
+        self.special = frozenset(await self._list_special_use(caps))
+        self.svc.special_use[self.account] = (self.svc.reactor.seconds(), self.special)
 
-    async def _list_special_use(self, caps: list[bytes]) -> None:
+    async def _list_special_use(self, caps: list[bytes]) -> set[bytes]:
+        """The account's \\Sent and \\Drafts mailboxes (LIST, SPECIAL-USE when offered)."""
         assert self.upstream is not None
+        special: set[bytes] = set()
         ucaps = {c.upper() for c in caps}
         self.upstream.collected.clear()
         if b"SPECIAL-USE" in ucaps or b"LIST-EXTENDED" in ucaps:
@@ -303,7 +305,7 @@ class PreLogin:
         try:
             await self.upstream.send(line)
         except up.UpstreamUnavailable:
-            return
+            return special
         for resp in self.upstream.collected:
             if not resp[:7].upper() == b"* LIST ":
                 continue
@@ -318,6 +320,7 @@ class PreLogin:
                 continue
             flags = {a.data.lower() for a in attrs.items} if attrs.kind == LIST else set()
             if flags & {b"\\sent", b"\\drafts"}:
-                self.special.add(mailbox_key(name.data))
+                special.add(mailbox_key(name.data))
         self.upstream.collected.clear()
+        return special
 

@@ -59,7 +59,7 @@ class ClientSession(PreLogin, FetchOperation, protocol.Protocol, TimeoutMixin, F
         self._auth: Callable[[bytes], None] | None = None
         self._discarding_line = False
         # relay state
-        self.inflight: OrderedDict[bytes, list[bytes]] = OrderedDict()
+        self.inflight: dict[bytes, list[bytes]] = {}  # tag -> verbs, oldest first
         self._barrier: defer.Deferred[None] | None = None
         self._skip_literal: bytes | None = None  # tag of a refused command whose literal we swallow
         self._cur_kind = b""
@@ -71,12 +71,11 @@ class ClientSession(PreLogin, FetchOperation, protocol.Protocol, TimeoutMixin, F
         self.uidvalidity: int | None = None
         self._pending_select: dict[bytes, bytes] = {}
         self._pending_uidvalidity: int | None = None
-        self.special: set[bytes] = set()
+        self.special: frozenset[bytes] = frozenset()
         self.decisions: dict[int, Decision] = {}
-        self.header_cache: OrderedDict[int, bytes] = OrderedDict()
+        self.header_cache: OrderedDict[int, bytes] | None = None  # made when first needed
         self.client_valve: Valve | None = None
         self.upstream_valve: Valve | None = None
-        self.caps: list[bytes] = []
         self.logging_out = False
         self.upstream_bye = False
         self._batch: list[bytes] | None = None
@@ -403,7 +402,7 @@ class ClientSession(PreLogin, FetchOperation, protocol.Protocol, TimeoutMixin, F
         self.mailbox = name
         self.uidvalidity = uidvalidity if name is not None else None
         self.decisions = {}
-        self.header_cache.clear()
+        self.header_cache = None
 
 
 class _UpstreamRelay(up.RelaySink):

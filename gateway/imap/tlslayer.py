@@ -33,7 +33,7 @@ from zope.interface import implementer
 log = logging.getLogger("mailgate.imap.tls")
 
 #: Bytes moved through a memory BIO at a time (bounds what an idle connection keeps there).
-CHUNK = 8192
+CHUNK = 4096
 #: Largest TLS record payload: one ``SSLObject.read`` returns at most this much.
 _RECORD = 16384
 #: Seconds a connection closed during its handshake may take to finish it (then it is aborted).

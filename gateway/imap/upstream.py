@@ -11,6 +11,7 @@ client session), else — before relaying starts — into ``collected``.
 from __future__ import annotations
 
 import base64
+import ipaddress
 import logging
 import re
 import ssl
@@ -18,7 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from twisted.internet import defer, protocol
-from twisted.internet.endpoints import HostnameEndpoint, TCP4ClientEndpoint, connectProtocol
+from twisted.internet.endpoints import HostnameEndpoint
 from twisted.internet.interfaces import IReactorTCP
 from twisted.python.failure import Failure
 
@@ -281,15 +282,48 @@ class UpstreamSettings:
     tls_context: ssl.SSLContext | None  # verifies the upstream (host name and chain)
 
 
+class _OneProtocol(protocol.ClientFactory):
+    """Connects ``proto`` itself: no wrapper protocol, no factory class made per connection."""
+
+    def __init__(self, proto: UpstreamProtocol):
+        self.proto = proto
+
+    def buildProtocol(self, addr: object) -> UpstreamProtocol:
+        return self.proto
+
+    def clientConnectionFailed(self, connector: object, reason: Failure) -> None:
+        if not self.proto.ready.called:
+            self.proto.ready.errback(reason)
+
+
+def _give_up(proto: UpstreamProtocol, connector: object | None) -> None:
+    """A connection that failed or timed out must not linger (connecting or connected)."""
+    if proto.transport is not None:
+        proto.closed = True
+        proto.on_lost = None
+        proto.transport.abortConnection()
+    elif connector is not None and getattr(connector, "state", "") == "connecting":
+        connector.stopConnecting()
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
 async def connect(reactor: IReactorTCP, s: UpstreamSettings) -> UpstreamProtocol:
     """Connect (TLS when asked) and read the greeting, or raise UpstreamUnavailable."""
+    proto = UpstreamProtocol()
+    connector = None
     try:
-        if s.host.replace(".", "").isdigit():
-            ep = TCP4ClientEndpoint(reactor, s.host, s.port, timeout=s.timeout)
-        else:
-            ep = HostnameEndpoint(reactor, s.host, s.port, timeout=s.timeout)
-        proto = UpstreamProtocol()
-        d = connectProtocol(ep, proto)
+        if _is_ip(s.host):
+            connector = reactor.connectTCP(s.host, s.port, _OneProtocol(proto), timeout=s.timeout)
+            d = proto.ready
+        else:  # names: HostnameEndpoint tries every address (IPv6 and IPv4)
+            d = HostnameEndpoint(reactor, s.host, s.port, timeout=s.timeout).connect(_OneProtocol(proto))
         d.addTimeout(s.timeout, reactor)
         await d
         eager_send(proto.transport)
@@ -298,9 +332,10 @@ async def connect(reactor: IReactorTCP, s: UpstreamSettings) -> UpstreamProtocol
         g = proto.greeting
         g.addTimeout(s.timeout, reactor)
         greeting = await g
-    except UpstreamUnavailable:
-        raise
     except Exception as exc:  # noqa: BLE001 - every failure here means "unavailable"
+        _give_up(proto, connector)
+        if isinstance(exc, UpstreamUnavailable):
+            raise
         raise UpstreamUnavailable(str(exc) or exc.__class__.__name__) from exc
     if not greeting.upper().startswith(b"* OK"):
         proto.transport.loseConnection()

@@ -44,6 +44,18 @@ def main(path: str) -> None:
         kind = "tls" if p.getHost().port == config.imap.tls_port else "starttls"
         found[kind] = p.getHost().port
     signal.signal(signal.SIGTERM, lambda *_: reactor.callFromThread(reactor.stop))
+    snapshots = os.environ.get("MAILGATE_TRACEMALLOC")
+    if snapshots:  # for scripts/bench_imap.py --tracemalloc: SIGUSR1 writes a numbered snapshot
+        import tracemalloc
+
+        tracemalloc.start(int(os.environ.get("MAILGATE_TRACEMALLOC_FRAMES", "1")))
+        taken = [0]
+
+        def dump(*_: object) -> None:
+            taken[0] += 1
+            tracemalloc.take_snapshot().dump(f"{snapshots}.{taken[0]}")
+
+        signal.signal(signal.SIGUSR1, lambda *_: reactor.callFromThread(dump))
 
     reactor.callWhenRunning(lambda: print("READY " + json.dumps(found), flush=True))
     profile = os.environ.get("MAILGATE_PROFILE")
