@@ -11,10 +11,12 @@ shorter terms go to the short-gram table.  PostgreSQL, chosen per term: ASCII wo
 phrases match the word index (``tsv @@ to_tsquery('simple', 'price:* <-> list:*')``: the
 words in order, each as a word start — SQLite matches them anywhere in a word); anything
 else ILIKE on the ``doc`` column (pg_trgm GIN); ``grams @>`` (GIN) for short terms;
-``from:``/``to:`` with a whole address the address rows.  A common word would make the
-planner recheck every match from a GIN index before sorting, so a text query first
-runs over the ``PG_WINDOW`` newest documents and only when that does not fill the page
-over everything (then the matches are few and the index is the right plan).
+``from:``/``to:`` with a whole address the address rows.  A GIN index cannot say how
+many of its candidates really match (a phrase, a substring), so the plan is chosen from
+evidence (``_pg_text_rows``): the ``PG_WINDOW`` newest documents first; some matches
+there — walk newest first; none — gather from the index and sort.  Known limit: a rare
+phrase of common words ("sample payment invoice") has many GIN candidates and few
+matches either way (≈ 1.5 s at 130k); a word-pair index would answer it.
 Blocking: call from a worker thread.
 """
 
@@ -152,21 +154,43 @@ def search(query_text: str | Query, *, user_scope: Collection[int] | None = None
     sql = _Sql()
     base = _build(sql, q, user_scope)
     limit = f" LIMIT {per_page + 1} OFFSET {offset}"
-    rows = None
     if sql.pg and sql.text and offset + per_page < PG_WINDOW:
-        # Common words: the newest PG_WINDOW documents hold a full page — read it there
-        # without letting the planner gather every match from the trigram index.
-        window = base.replace(_PG_SOURCE, f"(SELECT * FROM archivesearchdoc ORDER BY docid DESC"
-                                          f" LIMIT {PG_WINDOW}) d", 1)
-        rows = database.obj.execute_sql(window + limit, sql.params).fetchall()
-        if len(rows) <= per_page:
-            rows = None  # rarer: the index finds them anywhere
-    if rows is None:
+        rows = _pg_text_rows(sql, base, offset, per_page)
+    else:
         rows = database.obj.execute_sql(base + limit, sql.params).fetchall()
     hits = [Hit(record_id=r[1], docid=r[0], created_at=_as_datetime(r[2]), direction=r[3], employee_id=r[4],
                 has_attachment=bool(r[5])) for r in rows[:per_page]]
     _fill_text(hits)
     return Results(hits, page, per_page, len(rows) > per_page, q)
+
+
+def _pg_text_rows(sql: _Sql, base: str, offset: int, per_page: int) -> list[tuple]:
+    """A page of a PostgreSQL text query, with the plan chosen from evidence rather than
+    left to estimates (a GIN index cannot tell how many of its candidates match a phrase or
+    a substring, and a wrong guess either rechecks most of the archive or walks all of it):
+
+    1. the newest ``PG_WINDOW`` documents: common terms fill the page here;
+    2. some matches there, not a page: the matches are dense enough to walk the documents
+       newest first and stop at the page (bitmap scans off: no GIN gathering);
+    3. none there: they are rare — gather them from the GIN indexes and sort (no walk,
+       which would read every document to find nothing)."""
+    db = database.obj
+    need = offset + per_page + 1
+    window = base.replace(_PG_SOURCE, f"(SELECT * FROM archivesearchdoc ORDER BY docid DESC"
+                                      f" LIMIT {PG_WINDOW}) d", 1)
+    seen = db.execute_sql(f"{window} LIMIT {need}", sql.params).fetchall()
+    if len(seen) == need:
+        return seen[offset:]
+    walk = bool(seen)
+    text = base if walk else base.replace(" ORDER BY d.docid DESC", " ORDER BY d.docid + 0 DESC")
+    with database.atomic():  # SET LOCAL ends with this transaction (or savepoint), error or not
+        db.execute_sql("SET LOCAL enable_seqscan = off")
+        if walk:
+            db.execute_sql("SET LOCAL enable_bitmapscan = off")
+        rows = db.execute_sql(f"{text} LIMIT {per_page + 1} OFFSET {offset}", sql.params).fetchall()
+        db.execute_sql("SET LOCAL enable_seqscan = DEFAULT")  # a caller's outer transaction goes on
+        db.execute_sql("SET LOCAL enable_bitmapscan = DEFAULT")
+    return rows
 
 
 def _as_datetime(value: object) -> dt.datetime:

@@ -102,3 +102,17 @@ def test_migration_152_backfills_the_word_index_of_existing_documents(db, corpus
     assert empty[0] == 0
     assert ids('"price list"') == [2]
     search_words(db)  # idempotent
+
+
+def test_plan_from_the_window_and_planner_settings_restored(db, corpus, monkeypatch):
+    from gateway.archive import search as search_mod
+
+    monkeypatch.setattr(search_mod, "PG_WINDOW", 3)  # the newest three: 5, 4, 3
+    with db.atomic():  # a caller's transaction (the panel) keeps its own settings afterwards
+        assert ids("Lunch") == [5]  # only in the window
+        assert ids("quotation") == [3, 2]  # one match in the window: walk newest first
+        assert ids("报价单") == [1]  # none in the window: gathered from the index
+        assert ids("zzqxv") == []
+        for name in ("enable_seqscan", "enable_bitmapscan"):
+            assert db.execute_sql(f"SHOW {name}").fetchone()[0] == "on"
+    assert [h.record_id for h in search("quotation", per_page=1, page=2).hits] == [2]
