@@ -13,8 +13,8 @@ words in order, each as a word start — SQLite matches them anywhere in a word)
 else ILIKE on the ``doc`` column (pg_trgm GIN); ``grams @>`` (GIN) for short terms;
 ``from:``/``to:`` with a whole address the address rows.  A GIN index cannot say how
 many of its candidates really match (a phrase, a substring), so the plan is chosen from
-evidence (``_pg_text_rows``): the ``PG_WINDOW`` newest documents first; some matches
-there — walk newest first; none — gather from the index and sort.  Known limit: a rare
+evidence (``_pg_text_rows``): the ``PG_WINDOW`` newest documents first; a few matches
+there — walk newest first; fewer — gather from the index and sort.  Known limit: a rare
 phrase of common words ("sample payment invoice") has many GIN candidates and few
 matches either way (≈ 1.5 s at 130k); a word-pair index would answer it.
 Blocking: call from a worker thread.
@@ -39,6 +39,8 @@ MAX_OFFSET = 10_000  # deeper pages: narrow the query instead
 _COLUMN = {"from": "sender", "to": "rcpt", "subject": "subject"}
 # PostgreSQL: text queries first look at this many newest documents (see ``search``).
 PG_WINDOW = 2000
+# ... and walk newest first when that window held at least this many matches (see _pg_text_rows).
+PG_WALK_MIN = 3
 # SQLite: a customer with at most this many documents is intersected with the text matches
 # by FTS5 rowid probes; a bigger one by walking the matches (see ``_build``).
 FTS_PROBE_LIMIT = 300
@@ -170,10 +172,10 @@ def _pg_text_rows(sql: _Sql, base: str, offset: int, per_page: int) -> list[tupl
     a substring, and a wrong guess either rechecks most of the archive or walks all of it):
 
     1. the newest ``PG_WINDOW`` documents: common terms fill the page here;
-    2. some matches there, not a page: the matches are dense enough to walk the documents
-       newest first and stop at the page (bitmap scans off: no GIN gathering);
-    3. none there: they are rare — gather them from the GIN indexes and sort (no walk,
-       which would read every document to find nothing)."""
+    2. at least ``PG_WALK_MIN`` matches there, not a page: dense enough to walk the
+       documents newest first and stop at the page (bitmap scans off: no GIN gathering);
+    3. fewer: rare (one recent hit of an order number says little) — gather them from the
+       GIN indexes and sort (no walk, which would read every document to find them)."""
     db = database.obj
     need = offset + per_page + 1
     window = base.replace(_PG_SOURCE, f"(SELECT * FROM archivesearchdoc ORDER BY docid DESC"
@@ -181,7 +183,7 @@ def _pg_text_rows(sql: _Sql, base: str, offset: int, per_page: int) -> list[tupl
     seen = db.execute_sql(f"{window} LIMIT {need}", sql.params).fetchall()
     if len(seen) == need:
         return seen[offset:]
-    walk = bool(seen)
+    walk = len(seen) >= PG_WALK_MIN
     text = base if walk else base.replace(" ORDER BY d.docid DESC", " ORDER BY d.docid + 0 DESC")
     with database.atomic():  # SET LOCAL ends with this transaction (or savepoint), error or not
         db.execute_sql("SET LOCAL enable_seqscan = off")

@@ -108,9 +108,12 @@ def test_plan_from_the_window_and_planner_settings_restored(db, corpus, monkeypa
     from gateway.archive import search as search_mod
 
     monkeypatch.setattr(search_mod, "PG_WINDOW", 3)  # the newest three: 5, 4, 3
+    monkeypatch.setattr(search_mod, "PG_WALK_MIN", 1)
     with db.atomic():  # a caller's transaction (the panel) keeps its own settings afterwards
         assert ids("Lunch") == [5]  # only in the window
         assert ids("quotation") == [3, 2]  # one match in the window: walk newest first
+        monkeypatch.setattr(search_mod, "PG_WALK_MIN", 2)
+        assert ids("quotation") == [3, 2]  # too few to walk: gathered from the index
         assert ids("报价单") == [1]  # none in the window: gathered from the index
         assert ids("zzqxv") == []
         for name in ("enable_seqscan", "enable_bitmapscan"):
