@@ -120,3 +120,24 @@ def _alive(pid: int) -> bool:
             return f.read().rsplit(")", 1)[1].split()[0] != "Z"
     except FileNotFoundError:
         return False
+
+
+def test_verify_catches_tampering_with_a_batch(archive, pool):
+    import os
+
+    out = archive.ingest_many([Capture(raw=message(i, f"batch body {i}"), place="import:eml")
+                               for i in range(workers.MIN_BATCH + 2)])
+    assert verify(archive.store) == []
+    recs = [o.record for o in out]
+    blob = archive.blob_path(recs[0])
+    data = bytearray(blob.read_bytes())
+    data[-1] ^= 0x55
+    blob.write_bytes(bytes(data))
+    os.unlink(archive.blob_path(recs[1]))
+    ArchiveRecord.update(subject="changed").where(ArchiveRecord.id == recs[2].id).execute()
+    ArchiveSighting.delete().where(ArchiveSighting.record == recs[3].id).execute()
+    problems = verify(archive.store)
+    assert any(f"record {recs[0].id}" in p and "decrypt" in p for p in problems), problems
+    assert any(f"record {recs[1].id}" in p and "missing" in p for p in problems), problems
+    assert any("altered" in p for p in problems), problems
+    assert any("missing (deleted)" in p for p in problems), problems
