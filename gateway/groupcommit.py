@@ -22,7 +22,8 @@ import asyncio
 import logging
 import queue
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -92,12 +93,15 @@ class GroupCommitter:
         self.batches = 0
         self.jobs_done = 0
 
-    async def submit(self, fn: Callable[..., Any], *args: Any) -> Any:
-        """Run ``fn(*args)`` in the writer thread inside the next batch's transaction."""
+    async def submit(self, fn: Callable[..., Any], *args: Any, dirs: Iterable[Path] = ()) -> Any:
+        """Run ``fn(*args)`` in the writer thread inside the next batch's transaction.
+        ``dirs``: directories holding files this job wrote (renamed into place already);
+        they are fsynced, once per batch and in parallel, before the batch takes the
+        database write lock — not while holding it."""
         self._ensure_thread()
         loop = asyncio.get_running_loop()
         future = loop.create_future()
-        self._jobs.put((fn, args, future, loop))
+        self._jobs.put((fn, args, future, loop, frozenset(dirs)))
         return await future
 
     def run_sync(self, fn: Callable[..., Any], *args: Any, timeout: float = 300.0) -> Any:
@@ -105,7 +109,7 @@ class GroupCommitter:
         self._ensure_thread()
         done = threading.Event()
         box: dict[str, Any] = {}
-        self._jobs.put((fn, args, (done, box), None))
+        self._jobs.put((fn, args, (done, box), None, frozenset()))
         if not done.wait(timeout):
             raise TimeoutError("group commit did not answer in time")
         if "error" in box:
@@ -117,7 +121,7 @@ class GroupCommitter:
         """From a plain thread, without waiting: ``on_done(result, error)`` runs in the
         writer thread after the commit (keep it short: no DB work, no blocking)."""
         self._ensure_thread()
-        self._jobs.put((fn, args, on_done, None))
+        self._jobs.put((fn, args, on_done, None, frozenset()))
 
     def sync_dir(self, directory: Path) -> None:
         """Called from a job: fsync ``directory`` before this batch commits."""
@@ -160,23 +164,26 @@ class GroupCommitter:
         from gateway.archive import chain  # here: gateway.archive imports this module
 
         try:
+            # Directory entries of the batch's files first, outside the write lock: an fsync
+            # takes milliseconds, and the relay process and the indexer wait for that lock.
+            synced = set().union(*(job[4] for job in batch))
+            _fsync_dirs(synced)
             # The archive hash chain is advanced in memory for the whole batch: its head row is
             # locked and read at the first archive append and written once before the commit.
             with write_transaction(), chain.batch(lazy=True):
-                for fn, args, _, _ in batch:
+                for fn, args, _, _, _ in batch:
                     try:
                         with database.atomic(), chain.savepoint():  # a savepoint per job
                             outcomes.append((fn(*args), None))
                     except Exception as exc:  # the job's own failure, reported to its caller
                         outcomes.append((None, exc))
-                for directory in self._dirs:
-                    fsync_dir(directory)
+                _fsync_dirs(self._dirs - synced)  # asked for by jobs with sync_dir()
         except Exception as exc:  # the commit itself failed: nobody's rows are stored
             log.error("group commit of %d jobs failed: %s", len(batch), exc)
             outcomes = [(None, exc)] * len(batch)
         self.batches += 1
         self.jobs_done += len(batch)
-        for (_, _, future, loop), outcome in zip(batch, outcomes, strict=True):
+        for (_, _, future, loop, _), outcome in zip(batch, outcomes, strict=True):
             if callable(future):  # post(): the caller's callback
                 try:
                     future(*outcome)
@@ -190,6 +197,21 @@ class GroupCommitter:
                 done.set()
             else:
                 loop.call_soon_threadsafe(_resolve, future, outcome)
+
+
+_DIR_POOL: ThreadPoolExecutor | None = None
+
+
+def _fsync_dirs(dirs: set[Path]) -> None:
+    """fsync every directory; several in parallel (concurrent fsyncs share journal commits)."""
+    global _DIR_POOL
+    if len(dirs) <= 1:
+        for directory in dirs:
+            fsync_dir(directory)
+        return
+    if _DIR_POOL is None:
+        _DIR_POOL = ThreadPoolExecutor(8, thread_name_prefix="dir-fsync")
+    list(_DIR_POOL.map(fsync_dir, dirs))  # re-raises the first failure
 
 
 def _resolve(future: asyncio.Future, outcome: tuple[Any, BaseException | None]) -> None:

@@ -334,7 +334,8 @@ class SubmissionHandler:
         parts = [(ctx, verdict, queue_id)] + ([also] if also else [])
         try:
             prepared = [(c, v, q, *await asyncio.to_thread(self._prepare, c, v, q, ident)) for c, v, q in parts]
-            await self.committer.submit(self._commit_parts, prepared)
+            dirs = set().union(*(p[6] for p in prepared))  # the blob's and spool file's folders
+            await self.committer.submit(self._commit_parts, prepared, dirs=dirs)
         except BaseException as exc:
             for _, _, q in parts:
                 self.spool.discard(q)
@@ -350,7 +351,7 @@ class SubmissionHandler:
     def _prepare(self, ctx: Context, verdict: Verdict, queue_id: str, ident: Identity | None):
         """Phase 1, blocking: the final bytes, the archive blob and (unless the blob serves
         as the queue's copy) the spool file, each fsynced; their directories are fsynced
-        once per batch by the group commit, before it commits."""
+        once per batch by the group commit, before its transaction (see ``submit(dirs=)``)."""
         outgoing = apply_mutations(ctx, verdict, self.cfg)
         credentials = None
         if self.cfg.relay.mode == "employee_credentials" and ident is not None:
@@ -406,8 +407,6 @@ class SubmissionHandler:
         self.spool.insert(queue_id, outgoing.mail_from, outgoing.recipients, len(outgoing.data),
                           employee_id=fields["employee_id"], message_id=fields["message_id"],
                           credentials=credentials, state=state, spool_path=spool_path)
-        for directory in dirs:
-            self.committer.sync_dir(directory)
         if state == "held" and self.approvals is not None:
             self.approvals.record_hold(ctx, verdict, queue_id)
         if state == "queued":

@@ -120,3 +120,57 @@ def test_archive_chain_advances_in_memory_per_batch_and_follows_rollbacks(db, tm
     assert ArchiveRecord.select().count() == 2 and ArchiveSighting.select().count() == 2
     assert chain.head()[0] == 4
     assert verify_chain() == []
+
+
+def test_job_directories_are_fsynced_once_per_batch_outside_the_write_lock(db, tmp_path, monkeypatch):
+    """submit(dirs=): each directory of the batch is fsynced once, before the batch takes the
+    database write lock (an fsync under the lock made the relay process and the indexer wait);
+    a failing fsync fails the whole batch and no row is stored."""
+    import gateway.groupcommit as gc
+
+    dirs = [tmp_path / f"d{i}" for i in range(3)]
+    for d in dirs:
+        d.mkdir()
+    calls: list[tuple] = []
+    real = gc.fsync_dir
+
+    def spy(directory):
+        calls.append((directory, database.in_transaction()))
+        real(directory)
+
+    monkeypatch.setattr(gc, "fsync_dir", spy)
+    committer = GroupCommitter(max_batch=8)
+    gate, taken = threading.Event(), threading.Event()
+
+    def blocker():
+        taken.set()
+        gate.wait(10)
+
+    def insert(name):
+        Department.create(name=name)
+
+    async def main():
+        first = asyncio.ensure_future(committer.submit(blocker))
+        await asyncio.to_thread(taken.wait, 10)
+        jobs = [asyncio.ensure_future(committer.submit(insert, f"d{i}", dirs=[dirs[i % 3], dirs[0]]))
+                for i in range(6)]
+        gate.set()
+        await first
+        await asyncio.gather(*jobs)
+
+    asyncio.run(main())
+    assert sorted(str(d) for d, _ in calls) == sorted(str(d) for d in dirs)  # once each
+    assert not any(in_txn for _, in_txn in calls)
+
+    def failing(directory):
+        raise OSError(5, "I/O error")
+
+    monkeypatch.setattr(gc, "fsync_dir", failing)
+
+    async def doomed():
+        return await asyncio.gather(committer.submit(insert, "never", dirs=[dirs[1]]), return_exceptions=True)
+
+    [error] = asyncio.run(doomed())
+    committer.stop()
+    assert isinstance(error, OSError)
+    assert Department.select().where(Department.name == "never").count() == 0
