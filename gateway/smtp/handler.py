@@ -108,6 +108,11 @@ class SubmissionHandler:
         self.trusted = [ipaddress.ip_network(n, strict=False) for n in cfg.smtp.trusted_networks]
         self.language = cfg.company.language
 
+    def __dir__(self) -> list[str]:
+        from gateway.smtp.server import class_dir  # gateway.smtp.server imports this module
+
+        return class_dir(self)
+
     # -- session facts -------------------------------------------------------
     def is_trusted(self, session: SMTPSession) -> bool:
         try:

@@ -66,12 +66,28 @@ _PLAIN_ANGLE_ADDR = re.compile(
     r"@[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?)>")
 
 
+_CLASS_NAMES: dict[type, list[str]] = {}
+
+
+def class_dir(obj: Any) -> list[str]:
+    """``dir(obj)`` from a per-class cache: aiosmtpd's constructor runs ``dir()`` over the
+    server and the handler on every connection only to collect their ``smtp_*``/``handle_*``
+    methods, which are class attributes (instance attributes never carry those prefixes)."""
+    names = _CLASS_NAMES.get(type(obj))
+    if names is None:
+        names = _CLASS_NAMES[type(obj)] = object.__dir__(obj)
+    return names
+
+
 class SubmissionSMTP(SMTP):
     sessions = 0
     max_sessions = 500
     data_slots: asyncio.Semaphore | None = None
 
     implicit_tls = False
+
+    def __dir__(self) -> list[str]:
+        return class_dir(self)
 
     @property
     def is_tls(self) -> bool:

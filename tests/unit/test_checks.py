@@ -61,3 +61,24 @@ def test_the_fast_address_parser_agrees_with_aiosmtpds():
             assert ours._getaddr(arg) == stock._getaddr(arg), arg
     finally:
         loop.close()
+
+
+def test_cached_class_dir_finds_every_command_and_hook():
+    """SubmissionSMTP/SubmissionHandler answer dir() from a per-class cache (aiosmtpd calls it
+    on every connection): the commands, hooks and AUTH mechanisms found stay the same."""
+    import asyncio
+
+    from gateway.smtp.handler import SubmissionHandler
+    from gateway.smtp.server import SubmissionSMTP
+
+    handler = SubmissionHandler.__new__(SubmissionHandler)  # dir() needs no configured instance
+    loop = asyncio.new_event_loop()
+    try:
+        server = SubmissionSMTP(handler, loop=loop)
+        assert set(server._smtp_methods) == {n[5:] for n in type.__dir__(SubmissionSMTP) if n.startswith("smtp_")}
+        assert set(server._handle_hooks) == {n[7:] for n in type.__dir__(SubmissionHandler) if n.startswith("handle_")}
+        assert {"DATA", "MAIL", "RCPT", "EHLO"} <= set(server._handle_hooks)
+        assert {"PLAIN", "LOGIN"} <= set(server._auth_methods)
+        assert server._smtp_methods["DATA"].__self__ is server  # bound to this connection
+    finally:
+        loop.close()
