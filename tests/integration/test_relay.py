@@ -487,3 +487,32 @@ def test_a_row_queued_as_its_archive_blob_is_relayed_byte_exact(sink, tmp_path, 
                                               & (ArchiveSighting.place == "relay:sent")).count() == 1
     finally:
         database.close()
+
+
+@pytest.mark.parametrize("with_committer", [False, True])
+def test_a_claim_lost_during_delivery_records_nothing(sink, spool, clock, workers, with_committer):
+    """Another worker took the row over (our claim expired) while we delivered: our outcome
+    is not written — no state change, no bounce — whether it goes through a group committer
+    (its own savepoint per job) or commits alone."""
+    from gateway.groupcommit import GroupCommitter
+
+    committer = GroupCommitter() if with_committer else None
+    worker = RelayWorker(via_sink(sink), spool, "loser", None, now=clock, committer=committer)
+    workers.append(worker)
+    refuse_recipient(sink, "gone@customer.example")  # a 5xx would queue a bounce if recorded
+    queued = spool.enqueue("alice@acme.test", ["gone@customer.example"], MESSAGE)
+    real_send = worker.connection.send
+
+    def send_while_stolen(*args, **kwargs):
+        OutboundMessage.update(claimed_by="other-node/w9/abc").where(OutboundMessage.id == queued.id).execute()
+        return real_send(*args, **kwargs)
+
+    worker.connection.send = send_while_stolen
+    try:
+        assert run_once(worker) == 1
+    finally:
+        if committer is not None:
+            committer.stop()
+    stolen = row(queued.queue_id)
+    assert (stolen.state, stolen.attempts, stolen.claimed_by) == ("queued", 0, "other-node/w9/abc")
+    assert bounces() == []
