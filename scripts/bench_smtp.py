@@ -243,7 +243,7 @@ def main() -> int:
     ap.add_argument("--targets", default=",".join(TARGETS), help="comma-separated subset of %(default)s")
     ap.add_argument("--timeout", type=float, default=120.0, help="seconds per target before giving up")
     ap.add_argument("--relay-workers", type=int, default=4, help="gateway relay workers (default: %(default)s)")
-    ap.add_argument("--smtp-processes", type=int, default=2,
+    ap.add_argument("--smtp-processes", type=int, default=1,
                     help="gateway smtp.processes: processes accepting on the port (default: %(default)s)")
     ap.add_argument("--dkim", action="store_true", help="let the gateway DKIM-sign (RSA + Ed25519)")
     ap.add_argument("--sink-auth", action="store_true",
