@@ -8,15 +8,14 @@ count of the whole match set: a common word matches most of a million messages).
 SQLite: terms of ≥ 3 characters go to the FTS5 trigram table, which yields rowids
 (= time-ordered docids) newest first, so a page is read without sorting the match set;
 shorter terms go to the short-gram table.  PostgreSQL, chosen per term: ASCII words and
-phrases match the word index (``tsv @@ to_tsquery('simple', 'price:* <-> list:*')``: the
-words in order, each as a word start — SQLite matches them anywhere in a word); anything
+phrases match the word index (``tsv @@ to_tsquery('simple', 'invoice:*')`` — word starts;
+a phrase ``'price <-> list'`` — whole words in order, narrowed by the word-pair index
+``pairs @> '{"price list"}'``; SQLite matches them anywhere in a word); anything
 else ILIKE on the ``doc`` column (pg_trgm GIN); ``grams @>`` (GIN) for short terms;
 ``from:``/``to:`` with a whole address the address rows.  A GIN index cannot say how
 many of its candidates really match (a phrase, a substring), so the plan is chosen from
 evidence (``_pg_text_rows``): the ``PG_WINDOW`` newest documents first; a few matches
-there — walk newest first; fewer — gather from the index and sort.  Known limit: a rare
-phrase of common words ("sample payment invoice") has many GIN candidates and few
-matches either way (≈ 1.5 s at 130k); a word-pair index would answer it.
+there — walk newest first; fewer — gather from the index and sort.
 Blocking: call from a worker thread.
 """
 
@@ -316,22 +315,38 @@ _LATIN_WORDS = re.compile(r"[A-Za-z0-9]+(?: [A-Za-z0-9]+)*")
 
 
 def pg_tsquery(term: str) -> str | None:
-    """The word query for a term of ASCII letters and digits ("price list" →
-    ``price:* <-> list:*``: the words in this order, each as a word start), or None when the
-    term has anything else (CJK, punctuation, addresses: the trigram index answers it)."""
+    """The word query for a term of ASCII letters and digits, or None when the term has
+    anything else (CJK, punctuation, addresses: the trigram index answers it).  One word
+    matches word starts (``invoice`` → ``invoice:*``, "invoices" too); a phrase matches its
+    whole words in this order (``price list`` → ``price <-> list``)."""
     if not _LATIN_WORDS.fullmatch(term):
         return None
-    return " <-> ".join(f"{w.lower()}:*" for w in term.split(" "))
+    words = term.lower().split(" ")
+    if len(words) == 1:
+        return f"{words[0]}:*"
+    return " <-> ".join(words)
+
+
+def word_pairs(term: str) -> list[str]:
+    """The adjacent word pairs of a phrase ("a b c" → ["a b", "b c"]), as migration 153's
+    ``archive_word_pairs`` stores them for every document."""
+    words = term.lower().split(" ")
+    return list(dict.fromkeys(f"{a} {b}" for a, b in zip(words, words[1:], strict=False)))
 
 
 def _pg_text(sql: _Sql, term: str) -> None:
     """One text condition on PostgreSQL, chosen per term: Latin words from the word index
-    (``tsv``, GIN, positions for phrases), anything else from the trigram index (``doc``)."""
+    (``tsv``, GIN; a phrase also from the word-pair index, whose GIN candidates are nearly
+    the matches — the word index alone cannot tell a rare phrase of common words from its
+    words), anything else from the trigram index (``doc``)."""
     words = pg_tsquery(term)
-    if words is not None:
-        sql.add("t.tsv @@ to_tsquery('simple', ?)", words)
-    else:
+    if words is None:
         sql.add("t.doc ILIKE ?", _like(term))
+        return
+    pairs = word_pairs(term)
+    if pairs:
+        sql.add("t.pairs @> ?::text[]", pairs)
+    sql.add("t.tsv @@ to_tsquery('simple', ?)", words)
 
 
 def _at_least(subquery: str, params: list[object], n: int) -> bool:

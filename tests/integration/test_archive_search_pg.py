@@ -74,17 +74,20 @@ def test_newest_window_then_whole_index(db, corpus, monkeypatch):
 def test_latin_words_and_phrases_use_the_word_index(db, corpus):
     from gateway.archive.search import pg_tsquery
 
-    assert pg_tsquery("Price list") == "price:* <-> list:*"
+    assert pg_tsquery("Price list") == "price <-> list" and pg_tsquery("invoice") == "invoice:*"
     assert pg_tsquery("报价单") is None and pg_tsquery("hans@hamburg.de") is None and pg_tsquery("PO-1") is None
     db.execute_sql("SET enable_seqscan = off")  # five rows: make the planner show it can use the index
     plan = "\n".join(r[0] for r in db.execute_sql(
         "EXPLAIN SELECT docid FROM archivesearchtext WHERE tsv @@ to_tsquery('simple', %s)",
-        (pg_tsquery("price list"),)).fetchall())
+        (pg_tsquery("price"),)).fetchall())
     assert "archivesearchtext_tsv" in plan
     db.execute_sql("SET enable_seqscan = on")
     assert ids('"price list"') == [2]
     assert ids('"list price"') == []  # a phrase keeps its order
-    assert ids("quot") == [3, 2]  # a word start
+    assert ids('"price lis"') == []  # ... and its whole words
+    assert ids("quot") == [3, 2]  # one word: a word start
+    assert ids('"the price list is attached"') == [2]
+    assert ids('"dear hans the price"') == [2]  # across punctuation, as the parser splits
     assert ids("from:alice quotation") == [2]
     assert ids("subject:lamps") == [3, 2]
     # a whole address: from the address rows; a part of one: the trigram index
@@ -119,3 +122,18 @@ def test_plan_from_the_window_and_planner_settings_restored(db, corpus, monkeypa
         for name in ("enable_seqscan", "enable_bitmapscan"):
             assert db.execute_sql(f"SHOW {name}").fetchone()[0] == "on"
     assert [h.record_id for h in search("quotation", per_page=1, page=2).hits] == [2]
+
+
+def test_word_pairs_narrow_a_phrase_and_migration_153_backfills_them(db, corpus):
+    from gateway.archive.search import word_pairs
+    from gateway.archive.search_schema import search_word_pairs
+
+    assert word_pairs("Price list attached") == ["price list", "list attached"]
+    pairs = db.execute_sql("SELECT archive_word_pairs(%s)", ("Dear Hans, the price-list: 样品 OK.",)).fetchone()[0]
+    assert sorted(pairs) == ["dear hans", "hans the", "list ok", "price list", "the price"]
+    db.execute_sql("DROP INDEX archivesearchtext_pairs")
+    db.execute_sql("ALTER TABLE archivesearchtext DROP COLUMN pairs")  # a database from before 153
+    search_word_pairs(db)
+    assert db.execute_sql("SELECT count(*) FROM archivesearchtext WHERE cardinality(pairs) = 0").fetchone()[0] == 0
+    assert ids('"price list"') == [2] and ids('"best alice"') == [2]
+    search_word_pairs(db)  # idempotent
