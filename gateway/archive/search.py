@@ -132,6 +132,10 @@ class _Sql:
         self.where: list[str] = []
         self.params: list[object] = []
         self.text = False  # PostgreSQL: the query has text conditions
+        # PostgreSQL: conditions that only narrow what a GIN index gathers (the word pairs);
+        # a walk newest first skips them (they cost a detoast per row and decide nothing).
+        self.narrow: list[str] = []
+        self.narrow_params: list[object] = []
 
     def add(self, clause: str, *params: object) -> None:
         self.where.append(clause.replace("?", self.mark))
@@ -183,12 +187,18 @@ def _pg_text_rows(sql: _Sql, base: str, offset: int, per_page: int) -> list[tupl
     if len(seen) == need:
         return seen[offset:]
     walk = len(seen) >= PG_WALK_MIN
-    text = base if walk else base.replace(" ORDER BY d.docid DESC", " ORDER BY d.docid + 0 DESC")
+    params = list(sql.params)
+    if walk:
+        text = base
+    else:
+        narrow = "".join(f" AND {c}" for c in sql.narrow)
+        text = base.replace(" ORDER BY d.docid DESC", f"{narrow} ORDER BY d.docid + 0 DESC")
+        params += sql.narrow_params
     with database.atomic():  # SET LOCAL ends with this transaction (or savepoint), error or not
         db.execute_sql("SET LOCAL enable_seqscan = off")
         if walk:
             db.execute_sql("SET LOCAL enable_bitmapscan = off")
-        rows = db.execute_sql(f"{text} LIMIT {per_page + 1} OFFSET {offset}", sql.params).fetchall()
+        rows = db.execute_sql(f"{text} LIMIT {per_page + 1} OFFSET {offset}", params).fetchall()
         db.execute_sql("SET LOCAL enable_seqscan = DEFAULT")  # a caller's outer transaction goes on
         db.execute_sql("SET LOCAL enable_bitmapscan = DEFAULT")
     return rows
@@ -345,7 +355,8 @@ def _pg_text(sql: _Sql, term: str) -> None:
         return
     pairs = word_pairs(term)
     if pairs:
-        sql.add("t.pairs @> ?::text[]", pairs)
+        sql.narrow.append("t.pairs @> %s::text[]")
+        sql.narrow_params.append(pairs)
     sql.add("t.tsv @@ to_tsquery('simple', ?)", words)
 
 
