@@ -408,6 +408,7 @@ async def login(reactor: IReactorTCP, proto: UpstreamProtocol, s: UpstreamSettin
     if status_of(done) != b"OK":
         raise LoginRefused(done)
     _keep_session(s, proto)
+    proto.greeting_caps = None  # not needed any more (an idle session keeps nothing it does not use)
     after = capabilities_from(proto.collected, done)
     if after is None:
         proto.collected.clear()
