@@ -158,24 +158,44 @@ def core_cpu() -> list[tuple[int, int]]:
     return out
 
 
-async def load(port: int, ctx: ssl.SSLContext, sessions: int, seconds: float, uids: list[int]) -> dict:
+async def load(port: int, ctx: ssl.SSLContext, sessions: int, seconds: float, uids: list[int],
+               upstream_pid: int | None = None, proxy_pid: int | None = None) -> dict:
+    """One slice of load: latencies and the CPU the load generator, Dovecot and the proxy used."""
     lat: list[float] = []
+    up0 = tree_cpu_seconds(upstream_pid) if upstream_pid else 0.0
+    px0 = cpu_seconds(proxy_pid) if proxy_pid else 0.0
     cpu0, mbusy0, mtotal0, cores0 = time.process_time(), *machine_cpu(), core_cpu()
     start = time.perf_counter()
     deadline = start + seconds
     await asyncio.gather(*(worker(port, ctx, USERS[i % len(USERS)], uids, deadline, lat) for i in range(sessions)))
     elapsed = time.perf_counter() - start
     mbusy1, mtotal1 = machine_cpu()
-    cores = [(b1 - b0) / max(1, t1 - t0) for (b0, t0), (b1, t1) in zip(cores0, core_cpu(), strict=True)]
-    lat.sort()
     return {
-        "commands": len(lat),
-        "generator_cpu_us_per_cmd": (time.process_time() - cpu0) / len(lat) * 1e6,
-        "machine_busy": (mbusy1 - mbusy0) / max(1, mtotal1 - mtotal0),
-        "core_busy": cores,
-        "cmd_per_s": len(lat) / elapsed,
+        "lat": lat, "elapsed": elapsed, "generator_cpu": time.process_time() - cpu0,
+        "busy": mbusy1 - mbusy0, "total": mtotal1 - mtotal0,
+        "cores": [(b1 - b0, t1 - t0) for (b0, t0), (b1, t1) in zip(cores0, core_cpu(), strict=True)],
+        "upstream_cpu": tree_cpu_seconds(upstream_pid) - up0 if upstream_pid else 0.0,
+        "proxy_cpu": cpu_seconds(proxy_pid) - px0 if proxy_pid else 0.0,
+    }
+
+
+def summary(slices: list[dict]) -> dict:
+    """Slices of one phase, summed: commands/s over their time, latency percentiles, CPU per command."""
+    lat = sorted(x for sl in slices for x in sl["lat"])
+    n = len(lat)
+    cores = [(sum(sl["cores"][i][0] for sl in slices), sum(sl["cores"][i][1] for sl in slices))
+             for i in range(len(slices[0]["cores"]))]
+    return {
+        "commands": n,
+        "slices": len(slices),
+        "generator_cpu_us_per_cmd": sum(sl["generator_cpu"] for sl in slices) / n * 1e6,
+        "upstream_cpu_us_per_cmd": sum(sl["upstream_cpu"] for sl in slices) / n * 1e6,
+        "proxy_cpu_us_per_cmd": sum(sl["proxy_cpu"] for sl in slices) / n * 1e6,
+        "machine_busy": sum(sl["busy"] for sl in slices) / max(1, sum(sl["total"] for sl in slices)),
+        "core_busy": [b / max(1, t) for b, t in cores],
+        "cmd_per_s": n / sum(sl["elapsed"] for sl in slices),
         "p50_ms": statistics.median(lat) * 1000,
-        "p99_ms": lat[int(len(lat) * 0.99)] * 1000,
+        "p99_ms": lat[int(n * 0.99)] * 1000,
     }
 
 
@@ -312,6 +332,8 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=10)
     ap.add_argument("--sessions", type=int, default=8)
     ap.add_argument("--messages", type=int, default=150)
+    ap.add_argument("--slices", type=int, default=1,
+                    help="split each phase into N slices, run alternately direct/proxied (same total time)")
     ap.add_argument("--idle", type=int, default=2000)
     ap.add_argument("--rounds-per-login", type=int, default=10,
                     help="rounds (4 FETCHes + IDLE) per session before LOGOUT and a new LOGIN")
@@ -377,25 +399,24 @@ def main() -> None:
             await decide_all(port, pctx)
             await load(port, pctx, len(USERS), 2, uids)
             dpid = int(dovecot.pid_path.read_text().split()[0])
-            up0 = tree_cpu_seconds(dpid)
-            direct = await load(dovecot.imaps_port, dctx, args.sessions, args.seconds, uids)
-            direct["upstream_cpu_us_per_cmd"] = (tree_cpu_seconds(dpid) - up0) / direct["commands"] * 1e6
-            up0 = tree_cpu_seconds(dpid)
-            spy = start_profiler(args.profile, proc.pid, args.seconds) if args.profile else None
-            strace_args = os.environ.get("BENCH_STRACE_ARGS", "-c").split()
-            trace = subprocess.Popen(["strace", *strace_args, "-f", "-o", args.syscalls, "-p", str(proc.pid)],
-                                     stderr=subprocess.DEVNULL) if args.syscalls else None
-            cpu0 = cpu_seconds(proc.pid)
-            proxied = await load(port, pctx, args.sessions, args.seconds, uids)
-            if spy is not None:
-                spy.wait()
-            if trace is not None:
-                trace.send_signal(signal.SIGINT)
-                trace.wait()
-                with open(args.syscalls, "a") as f:
-                    f.write(f"commands: {proxied['commands']}\n")
-            proxied["proxy_cpu_us_per_cmd"] = (cpu_seconds(proc.pid) - cpu0) / proxied["commands"] * 1e6
-            proxied["upstream_cpu_us_per_cmd"] = (tree_cpu_seconds(dpid) - up0) / proxied["commands"] * 1e6
+            slices = 1 if (args.profile or args.syscalls) else args.slices
+            seconds = args.seconds / slices
+            direct_parts, proxy_parts = [], []
+            for _ in range(slices):  # alternate, so drifting load elsewhere hits both phases alike
+                direct_parts.append(await load(dovecot.imaps_port, dctx, args.sessions, seconds, uids, dpid))
+                spy = start_profiler(args.profile, proc.pid, seconds) if args.profile else None
+                strace_args = os.environ.get("BENCH_STRACE_ARGS", "-c").split()
+                trace = subprocess.Popen(["strace", *strace_args, "-f", "-o", args.syscalls, "-p", str(proc.pid)],
+                                         stderr=subprocess.DEVNULL) if args.syscalls else None
+                proxy_parts.append(await load(port, pctx, args.sessions, seconds, uids, dpid, proc.pid))
+                if spy is not None:
+                    spy.wait()
+                if trace is not None:
+                    trace.send_signal(signal.SIGINT)
+                    trace.wait()
+                    with open(args.syscalls, "a") as f:
+                        f.write(f"commands: {len(proxy_parts[-1]['lat'])}\n")
+            direct, proxied = summary(direct_parts), summary(proxy_parts)
             if args.idle_plain:  # no client TLS: shows what TLS itself costs
                 idle = await idle_sessions(plain_port, None, args.idle, proc.pid)
             else:
@@ -406,7 +427,8 @@ def main() -> None:
 
         res = asyncio.run(run())
         d, p = res["direct"], res["proxy"]
-        print(f"mixed load, {args.sessions} TLS sessions, {args.seconds:.0f} s each, tagging on "
+        print(f"mixed load, {args.sessions} TLS sessions, {args.seconds:.0f} s each in {d['slices']} alternating "
+              f"slice(s), tagging on "
               f"(1/3 of messages from a customer), proxy->upstream {args.upstream_security}")
         if proxy_cpus:
             print(f"  pinned: proxy on core {sorted(proxy_cpus)}, load generator + Dovecot on "
