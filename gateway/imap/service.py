@@ -60,9 +60,8 @@ def server_ssl_context(config: Config) -> stdssl.SSLContext | None:
 def upstream_ssl_context(config: Config) -> stdssl.SSLContext:
     """Client TLS to the upstream, verified against ``ca_file`` (or the system store).
 
-    Session tickets are accepted: each new upstream connection resumes the latest
-    session (``UpstreamSettings.tls_session``), which halves the proxy's CPU for
-    the upstream handshake (a full one parses and verifies the certificate chain).
+    Session tickets are refused: thousands of idle sessions would each keep the
+    server's tickets in memory for nothing.
     """
     u = config.upstream
     if u.verify_tls:
@@ -72,6 +71,7 @@ def upstream_ssl_context(config: Config) -> stdssl.SSLContext:
         ctx.check_hostname = False
         ctx.verify_mode = stdssl.CERT_NONE
     ctx.minimum_version = stdssl.TLSVersion.TLSv1_2
+    ctx.options |= stdssl.OP_NO_TICKET
     return ctx
 
 

@@ -47,28 +47,17 @@ class TLSLayer(protocol.Protocol):
     TLS = True  # what twisted's TCP transport says after startTLS; callers may check it
 
     def __init__(self, ctx: ssl.SSLContext, inner: protocol.Protocol, server_side: bool,
-                 hostname: str | None = None, clock: IReactorTime | None = None,
-                 session: ssl.SSLSession | None = None):
+                 hostname: str | None = None, clock: IReactorTime | None = None):
         self.inner = inner
         self.clock = clock  # for the close-during-handshake timeout (None: the global reactor)
         self._in = ssl.MemoryBIO()
         self._out = ssl.MemoryBIO()
-        self._ssl = ctx.wrap_bio(self._in, self._out, server_side=server_side, server_hostname=hostname,
-                                 session=session)
+        self._ssl = ctx.wrap_bio(self._in, self._out, server_side=server_side, server_hostname=hostname)
         self._handshaking = True
         self._pending: list[bytes] = []  # application writes before the handshake finished
         self._close_after_handshake = False
         self._lost = False
         self.disconnecting = False
-
-    @property
-    def session(self) -> ssl.SSLSession | None:
-        """The TLS session (client side: resumable by a later connection when it has a ticket)."""
-        return self._ssl.session
-
-    @property
-    def session_reused(self) -> bool:
-        return self._ssl.session_reused
 
     # -- below: the TCP connection ---------------------------------------------------------
     def connectionMade(self) -> None:
@@ -271,10 +260,9 @@ class TLSServerFactory(protocol.Factory):
 
 
 def start_tls(transport: Any, inner: protocol.Protocol, ctx: ssl.SSLContext, server_side: bool,
-              hostname: str | None = None, clock: IReactorTime | None = None,
-              session: ssl.SSLSession | None = None) -> TLSLayer:
+              hostname: str | None = None, clock: IReactorTime | None = None) -> TLSLayer:
     """Put TLS under ``inner`` on its live TCP ``transport`` (STARTTLS, or TLS to the upstream)."""
-    layer = TLSLayer(ctx, inner, server_side, hostname, clock, session)
+    layer = TLSLayer(ctx, inner, server_side, hostname, clock)
     layer.transport = transport
     layer.connected = 1
     transport.protocol = layer  # twisted's tcp.Connection delivers reads to .protocol

@@ -25,7 +25,7 @@ from twisted.python.failure import Failure
 
 from gateway.imap.fastio import eager_send
 from gateway.imap.parser import Framer, FramerSink, LiteralInfo, ParseError, quote
-from gateway.imap.tlslayer import TLSLayer, start_tls
+from gateway.imap.tlslayer import start_tls
 
 log = logging.getLogger("mailgate.imap.upstream")
 
@@ -280,9 +280,6 @@ class UpstreamSettings:
     security: str  # tls | starttls | none
     timeout: float
     tls_context: ssl.SSLContext | None  # verifies the upstream (host name and chain)
-    # The latest upstream TLS session with a ticket: the next connection resumes it (TLS 1.3 PSK +
-    # ECDHE), which spares the certificate parsing and verification of a full handshake.
-    tls_session: ssl.SSLSession | None = None
 
 
 class _OneProtocol(protocol.ClientFactory):
@@ -309,16 +306,6 @@ def _give_up(proto: UpstreamProtocol, connector: object | None) -> None:
         connector.stopConnecting()
 
 
-def _keep_session(s: UpstreamSettings, proto: UpstreamProtocol) -> None:
-    """Remember the connection's TLS session for the next one (after the login the server's
-    tickets have arrived)."""
-    layer = proto.transport
-    if isinstance(layer, TLSLayer):
-        session = layer.session
-        if session is not None and session.has_ticket:
-            s.tls_session = session
-
-
 def _is_ip(host: str) -> bool:
     try:
         ipaddress.ip_address(host)
@@ -341,8 +328,7 @@ async def connect(reactor: IReactorTCP, s: UpstreamSettings) -> UpstreamProtocol
         await d
         eager_send(proto.transport)
         if s.security == "tls":
-            start_tls(proto.transport, proto, s.tls_context, server_side=False, hostname=s.host,
-                      clock=reactor, session=s.tls_session)
+            start_tls(proto.transport, proto, s.tls_context, server_side=False, hostname=s.host, clock=reactor)
         g = proto.greeting
         g.addTimeout(s.timeout, reactor)
         greeting = await g
@@ -360,8 +346,7 @@ async def connect(reactor: IReactorTCP, s: UpstreamSettings) -> UpstreamProtocol
         if status_of(done) != b"OK":
             proto.transport.loseConnection()
             raise UpstreamUnavailable("upstream refused STARTTLS")
-        start_tls(proto.transport, proto, s.tls_context, server_side=False, hostname=s.host,
-                  clock=reactor, session=s.tls_session)
+        start_tls(proto.transport, proto, s.tls_context, server_side=False, hostname=s.host, clock=reactor)
         proto.greeting_caps = None  # capabilities must be asked again under TLS
     return proto
 
@@ -407,7 +392,6 @@ async def login(reactor: IReactorTCP, proto: UpstreamProtocol, s: UpstreamSettin
         done = await _login_command(proto, s, reactor, user, password, b"LITERAL+" in caps)
     if status_of(done) != b"OK":
         raise LoginRefused(done)
-    _keep_session(s, proto)
     proto.greeting_caps = None  # not needed any more (an idle session keeps nothing it does not use)
     after = capabilities_from(proto.collected, done)
     if after is None:

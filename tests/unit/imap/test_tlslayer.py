@@ -50,7 +50,7 @@ class Pair:
     """A server layer (implicit TLS) and a client layer (start_tls) joined by StringTransports."""
 
     def __init__(self, contexts, greeting: bytes = b"", split: random.Random | None = None,
-                 server_app: Recorder | None = None, session: ssl.SSLSession | None = None):
+                 server_app: Recorder | None = None):
         server_ctx, client_ctx = contexts
         self.server_app, self.client_app = server_app or Recorder(greeting), Recorder()
         self.server_tcp, self.client_tcp = StringTransport(), StringTransport()
@@ -60,7 +60,7 @@ class Pair:
         self.server.makeConnection(self.server_tcp)
         self.client_app.makeConnection(self.client_tcp)
         self.client = start_tls(self.client_tcp, self.client_app, client_ctx, server_side=False,
-                                hostname="localhost", session=session)
+                                hostname="localhost")
         self.split = split
         self.pump()
 
@@ -193,21 +193,3 @@ def test_producer_calls_go_to_the_tcp_transport(contexts):
     assert p.server_tcp.producer is prod
     p.server.unregisterProducer()
     assert p.server_tcp.producer is None
-
-
-def test_the_upstream_session_is_kept_and_resumed(contexts):
-    from gateway.imap import upstream as up
-
-    first = Pair(contexts, greeting=b"* OK ready\r\n")  # the greeting carries the tickets along
-    assert not first.client.session_reused
-    settings = up.UpstreamSettings("127.0.0.1", 993, "tls", 5.0, contexts[1])
-    proto = up.UpstreamProtocol()
-    proto.transport = first.client
-    up._keep_session(settings, proto)
-    assert settings.tls_session is not None and settings.tls_session.has_ticket
-    second = Pair(contexts, greeting=b"* OK again\r\n", session=settings.tls_session)
-    assert second.client.session_reused
-    assert bytes(second.client_app.data) == b"* OK again\r\n"
-    proto.transport = StringTransport()  # plaintext upstream: nothing to keep
-    up._keep_session(settings, proto)
-    assert settings.tls_session is not None
