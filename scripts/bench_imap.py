@@ -417,6 +417,7 @@ def main() -> None:
                     with open(args.syscalls, "a") as f:
                         f.write(f"commands: {len(proxy_parts[-1]['lat'])}\n")
             direct, proxied = summary(direct_parts), summary(proxy_parts)
+            proxied["proxy_rss_after_load_kb"] = rss_kb(proc.pid)
             if args.idle_plain:  # no client TLS: shows what TLS itself costs
                 idle = await idle_sessions(plain_port, None, args.idle, proc.pid)
             else:
@@ -442,6 +443,7 @@ def main() -> None:
         print(f"  CPU per command: load generator {d['generator_cpu_us_per_cmd']:.0f} / "
               f"{p['generator_cpu_us_per_cmd']:.0f} us, Dovecot {d['upstream_cpu_us_per_cmd']:.0f} / "
               f"{p['upstream_cpu_us_per_cmd']:.0f} us (direct / proxied), proxy {p['proxy_cpu_us_per_cmd']:.0f} us")
+        print(f"  proxy RSS after the load: {p['proxy_rss_after_load_kb'] / 1024:.0f} MB")
         print(f"  ratio  : throughput {p['cmd_per_s'] / d['cmd_per_s']:.2f}x  "
               f"p50 {p['p50_ms'] / d['p50_ms']:.2f}x  p99 {p['p99_ms'] / d['p99_ms']:.2f}x")
         if res["idle"]:
