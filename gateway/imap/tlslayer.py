@@ -139,6 +139,9 @@ class TLSLayer(protocol.Protocol):
         self._lost = True
         self._pending = []
         self.inner.connectionLost(reason)
+        # The OpenSSL objects go now, not when the garbage collector finds the cycle between this
+        # layer and its protocol (their C memory is invisible to its thresholds).
+        self._ssl = self._in = self._out = None  # type: ignore[assignment]
 
     # -- above: the transport of the protocol ----------------------------------------------------
     def write(self, data: bytes) -> None:

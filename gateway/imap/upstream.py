@@ -172,6 +172,7 @@ class UpstreamProtocol(protocol.Protocol, FramerSink):
     def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:
         self.closed = True
         self._lost("upstream connection closed")
+        self.relay = self.chooser = self.batch = None  # no cycle with the client session to wait for the GC
 
     def _lost(self, why: str) -> None:
         waiters, self.waiters = self.waiters, {}

@@ -11,6 +11,7 @@ import time
 import pytest
 
 from gateway.demo.upstream import free_ports
+from tests.harness import wait_until
 from tests.integration.imap.helpers import direct, fetch_item, gateway_context, message, uid_of, via
 
 
@@ -220,6 +221,12 @@ def test_id_is_answered_and_client_address_forwarded(proxy, imap_upstream):
     assert r.until(b"a1")[-1].startswith(b"a1 OK")
     r.send(b"a2 LOGOUT\r\n")
     r.until(b"a2")
-    log = imap_upstream.log_path.read_text()
-    assert "user=<bob@acme.test>, method=PLAIN, rip=127.0.0.2" in log
+    # Dovecot's log process writes the login line a moment after the login is answered.
+    login = "user=<bob@acme.test>, method=PLAIN, rip=127.0.0.2"
+
+    def logged() -> str:
+        text = imap_upstream.log_path.read_text()
+        return text if login in text else ""
+
+    log = wait_until(logged, what="Dovecot's login line")
     assert "6.6.6.6" not in log  # a client cannot claim an address
