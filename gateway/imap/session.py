@@ -40,6 +40,13 @@ _MAX_QUEUED = 256 * 1024  # client bytes buffered while a command runs exclusive
 class ClientSession(PreLogin, FetchOperation, protocol.Protocol, TimeoutMixin, FramerSink):
     """The client side of one proxied IMAP session."""
 
+    # Slots: thousands of sessions sit idle; an instance dict per session costs ~2 KB.
+    __slots__ = ("_auth", "_barrier", "_batch", "_cmd", "_cmd_size", "_cur_kind", "_cur_select", "_cur_tag",
+                 "_discarding_line", "_pending_select", "_pending_uidvalidity", "_skip_literal", "account", "cfg",
+                 "client_valve", "closing", "counted", "decisions", "exclusive", "framer", "header_cache",
+                 "id_params", "idling", "inflight", "limit_key", "logged_in", "logging_out", "mailbox", "special",
+                 "svc", "tagger", "tls", "uidvalidity", "upstream", "upstream_bye", "upstream_valve")
+
     def __init__(self, svc: ProxyService, implicit_tls: bool):
         self.svc = svc
         self.cfg = svc.config.imap

@@ -45,6 +45,8 @@ class TLSLayer(protocol.Protocol):
     """TLS between a TCP transport (below, ``transport``) and a protocol (above, ``inner``)."""
 
     TLS = True  # what twisted's TCP transport says after startTLS; callers may check it
+    __slots__ = ("_close_after_handshake", "_handshaking", "_in", "_lost", "_out", "_pending", "_ssl", "clock",
+                 "disconnecting", "inner")
 
     def __init__(self, ctx: ssl.SSLContext, inner: protocol.Protocol, server_side: bool,
                  hostname: str | None = None, clock: IReactorTime | None = None):

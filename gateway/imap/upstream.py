@@ -98,6 +98,9 @@ class RelaySink(FramerSink):
 
 
 class UpstreamProtocol(protocol.Protocol, FramerSink):
+    __slots__ = ("_current", "_got_greeting", "_n", "_out", "batch", "chooser", "closed", "collected", "framer",
+                 "greeting", "greeting_caps", "on_lost", "ready", "relay", "waiters")
+
     def __init__(self, max_line: int = 8 * 1024 * 1024):
         self.framer = Framer(self, max_line)
         self.waiters: dict[bytes, defer.Deferred[bytes]] = {}
