@@ -32,8 +32,9 @@ from typing import Any
 from peewee import IntegrityError
 
 from gateway import oplog
-from gateway.db.models import Approval, OutboundMessage, UsedApprovalToken, database, utcnow
+from gateway.db.models import Approval, OutboundMessage, UsedApprovalToken, utcnow
 from gateway.directory import Directory
+from gateway.groupcommit import write_transaction
 from gateway.policy.context import REJECT, Context, Verdict
 from gateway.rules.notices import SpoolNotifier
 from gateway.rules.parties import resolve_parties
@@ -139,7 +140,7 @@ def verify_token(key: bytes, token: str, now: float) -> TokenClaims:
 def consume_token(claims: TokenClaims) -> None:
     """Mark the link used; a second use raises ApprovalError."""
     try:
-        with database.atomic():
+        with write_transaction():
             UsedApprovalToken.create(nonce=claims.nonce)
     except IntegrityError:
         raise ApprovalError("link already used") from None

@@ -20,9 +20,9 @@ from gateway.db.models import (
     DirectoryChange,
     Employee,
     Ownership,
-    database,
     utcnow,
 )
+from gateway.groupcommit import write_transaction
 
 
 class DirectoryError(ValueError):
@@ -48,7 +48,7 @@ def create_employee(
     manager: Employee | None = None,
     aliases: Iterable[str] = (),
 ) -> Employee:
-    with database.atomic():
+    with write_transaction():
         emp = Employee.create(
             email=email.lower(), name=name, department=department, roles=",".join(roles), manager=manager
         )
@@ -71,7 +71,7 @@ def create_customer(
     A public mail domain (gmail.com …) is refused as a company domain.
     """
     public = {d.lower() for d in public_domains}
-    with database.atomic():
+    with write_transaction():
         owners = list(owners)
         if "pool" not in fields:
             fields["pool"] = "owned" if owners else "public"
@@ -106,7 +106,7 @@ def add_contact(customer: Customer, email: str, name: str = "") -> Contact:
 
 
 def set_owners(customer: Customer, owners: Iterable[Employee]) -> None:
-    with database.atomic():
+    with write_transaction():
         Ownership.delete().where(Ownership.customer == customer).execute()
         owners = list(owners)
         for emp in owners:
@@ -119,7 +119,7 @@ def set_owners(customer: Customer, owners: Iterable[Employee]) -> None:
 
 
 def delete_customer(customer: Customer) -> None:
-    with database.atomic():
+    with write_transaction():
         cid = customer.id
         customer.delete_instance(recursive=True)
         changed(cid)
@@ -318,7 +318,7 @@ def new_customer(
     cleaned = _clean_fields({"name": name, **fields})
     contact_rows = _clean_contacts(contacts)
     domain_rows = _clean_domains(domains, public_domains)
-    with database.atomic():
+    with write_transaction():
         _check_free(contact_rows, domain_rows, None)
         owners = list(owners)
         customer = create_customer(cleaned.pop("name"), contacts=contact_rows, domains=domain_rows, owners=owners,
@@ -340,7 +340,7 @@ def update_customer(
     cleaned = _clean_fields(fields)
     contact_rows = _clean_contacts(contacts) if contacts is not None else None
     domain_rows = _clean_domains(domains, public_domains) if domains is not None else None
-    with database.atomic():
+    with write_transaction():
         _check_free(contact_rows or [], domain_rows or [], customer.id)
         for key, value in cleaned.items():
             setattr(customer, key, value)
@@ -378,7 +378,7 @@ def merge_contacts_and_domains(
     """Add contacts and domains not yet on the customer (an import's overwrite); return how many."""
     contact_rows = _clean_contacts(contacts)
     domain_rows = _clean_domains(domains, public_domains)
-    with database.atomic():
+    with write_transaction():
         _check_free(contact_rows, domain_rows, customer.id)
         have = {e for (e,) in Contact.select(Contact.email).where(Contact.customer == customer).tuples()}
         have_domains = {d for (d,) in CompanyDomain.select(CompanyDomain.domain)
@@ -414,7 +414,7 @@ def _owned(customer_id: int, assigned: bool) -> None:
 
 def add_owner(customer: Customer, employee: Employee) -> bool:
     """Add one more owner (添加负责人); the others stay.  False if already an owner."""
-    with database.atomic():
+    with write_transaction():
         if employee.id in owner_ids(customer):
             return False
         Ownership.create(customer=customer, employee=employee)
@@ -425,7 +425,7 @@ def add_owner(customer: Customer, employee: Employee) -> bool:
 
 def remove_owner(customer: Customer, employee: Employee, reason: str = "owner removed") -> bool:
     """Remove one owner; a customer left without owners goes to the public pool."""
-    with database.atomic():
+    with write_transaction():
         n = Ownership.delete().where((Ownership.customer == customer) & (Ownership.employee == employee)).execute()
         if n and not owner_ids(customer):
             _to_pool(customer.id, reason)
@@ -438,7 +438,7 @@ def remove_owner(customer: Customer, employee: Employee, reason: str = "owner re
 
 def transfer(customer: Customer, to: Employee) -> set[int]:
     """Transfer (转移): ``to`` becomes the only owner; returns the previous owners' ids."""
-    with database.atomic():
+    with write_transaction():
         before = owner_ids(customer)
         Ownership.delete().where(Ownership.customer == customer).execute()
         Ownership.create(customer=customer, employee=to)
@@ -451,7 +451,7 @@ def handover(leaving: Employee, to: Employee) -> list[int]:
     """Hand over (移交) every customer of a leaving employee; returns the customer ids."""
     if leaving.id == to.id:
         raise CustomerError("same_employee", "cannot hand customers over to the same employee")
-    with database.atomic():
+    with write_transaction():
         ids = [c for (c,) in Ownership.select(Ownership.customer).where(Ownership.employee == leaving)
                .order_by(Ownership.customer).tuples()]
         already = {c for (c,) in Ownership.select(Ownership.customer)
@@ -473,7 +473,7 @@ def _to_pool(customer_id: int, reason: str) -> None:
 
 def release(customer: Customer, reason: str = "returned by hand") -> None:
     """Return a customer to the public pool (退回公海): every owner removed."""
-    with database.atomic():
+    with write_transaction():
         _to_pool(customer.id, reason)
         changed(customer.id)
 
@@ -485,7 +485,7 @@ def claim(customer: Customer | int, employee: Employee) -> None:
     gets CustomerError("not_public").
     """
     cid = customer if isinstance(customer, int) else customer.id
-    with database.atomic():
+    with write_transaction():
         now = utcnow()
         n = (Customer.update(pool="owned", assigned_at=now, updated_at=now, pool_reason="")
              .where((Customer.id == cid) & (Customer.pool == "public")).execute())
@@ -651,7 +651,7 @@ def save_employee(
     address = employee_address(email)
     name = _clean_person_name(name)
     role_text = _clean_roles(roles)
-    with database.atomic():
+    with write_transaction():
         _check_address_free(address, employee.id if employee else None)
         _check_manager(employee.id if employee else None, manager)
         new = {"email": address, "name": name, "department": department.id if department else None,
@@ -677,7 +677,7 @@ def set_employee_active(employee: Employee, active: bool) -> bool:
     """Activate or deactivate; True if it changed.  Inactive employees cannot sign in or send."""
     if employee.active == active:
         return False
-    with database.atomic():
+    with write_transaction():
         Employee.update(active=active).where(Employee.id == employee.id).execute()
         employee.active = active
         changed(None)
@@ -687,7 +687,7 @@ def set_employee_active(employee: Employee, active: bool) -> bool:
 def add_alias(employee: Employee, address: str) -> Alias:
     """Let ``employee`` send as ``address``; refused if another employee uses it."""
     address = employee_address(address)
-    with database.atomic():
+    with write_transaction():
         if address == employee.email or Alias.select().where(
                 (Alias.address == address) & (Alias.employee == employee)).exists():
             raise EmployeeError("alias_exists", f"{employee.email} already has {address}", address=address)
@@ -698,7 +698,7 @@ def add_alias(employee: Employee, address: str) -> Alias:
 
 
 def remove_alias(alias: Alias) -> None:
-    with database.atomic():
+    with write_transaction():
         alias.delete_instance()
         changed(None)
 
@@ -718,7 +718,7 @@ def save_department(
 ) -> tuple[Department, dict[str, tuple[object, object]]]:
     """Create (``department`` None) or update a department.  Returns (row, {field: (old, new)})."""
     name = _clean_person_name(name)
-    with database.atomic():
+    with write_transaction():
         _check_parent(department.id if department else None, parent)
         new = {"name": name, "parent": parent.id if parent else None, "head": head.id if head else None}
         if department is None:
@@ -738,7 +738,7 @@ def save_department(
 
 def delete_department(department: Department) -> None:
     """Delete an empty department (no employees, no sub-departments)."""
-    with database.atomic():
+    with write_transaction():
         if Employee.select().where(Employee.department == department).exists() or \
                 Department.select().where(Department.parent == department).exists():
             raise EmployeeError("department_not_empty", f"department {department.name} still has members",

@@ -28,7 +28,8 @@ from typing import Any
 
 from gateway import oplog
 from gateway.customers import STAGES, owner_ids, release
-from gateway.db.models import Customer, database, utcnow
+from gateway.db.models import Customer, utcnow
+from gateway.groupcommit import write_transaction
 
 log = logging.getLogger(__name__)
 MAX_DAYS = 3650
@@ -105,7 +106,7 @@ def sweep(rules: PoolRules, now: dt.datetime | None = None) -> int:
     now = now or utcnow()
     returned = 0
     for cid, reason in due(rules, now):
-        with database.atomic():
+        with write_transaction():
             customer = Customer.get_or_none((Customer.id == cid) & (Customer.pool == "owned"))
             if customer is None:
                 continue
@@ -113,7 +114,7 @@ def sweep(rules: PoolRules, now: dt.datetime | None = None) -> int:
             release(customer, reason)
             oplog.record("system", "pool.auto_return", f"customer:{cid}", {"reason": reason, "owners": before})
             returned += 1
-    with database.atomic():
+    with write_transaction():
         if PoolSweep.update(last_sweep_at=now, last_sweep_returned=returned).where(PoolSweep.id == 1).execute() == 0:
             PoolSweep.create(id=1, last_sweep_at=now, last_sweep_returned=returned)
     if returned:

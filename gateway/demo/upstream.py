@@ -229,6 +229,9 @@ first_valid_gid = $gid
 $user_settings
 mail_location = maildir:$mail_dir/%d/%n
 mail_max_userip_connections = 2000
+# IDLE learns of new mail through inotify; where that is unavailable or exhausted (many
+# instances on one machine) Dovecot falls back to a check every 30 s by default.
+mailbox_idle_check_interval = 1 secs
 namespace inbox {
   inbox = yes
   separator = /
