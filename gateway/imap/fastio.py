@@ -47,3 +47,31 @@ def eager_send(transport: Any) -> None:
     if not hasattr(tcp, "doWrite") or not hasattr(tcp, "_tempDataBuffer") or not hasattr(tcp, "dataBuffer"):
         return
     tcp.startWriting = _Eager(tcp).start_writing
+
+
+class HeldWrites:
+    """Writes collected between ``hold`` and ``release`` and then sent as one (one read
+    relayed -> one write on the other connection)."""
+
+    __slots__ = ("_parts",)
+
+    def __init__(self) -> None:
+        self._parts: list[bytes] | None = None
+
+    def hold(self) -> None:
+        if self._parts is None:
+            self._parts = []
+
+    def add(self, data: bytes) -> bool:
+        """Keep ``data`` if writes are held (True); False: the caller writes it now."""
+        if self._parts is None:
+            return False
+        self._parts.append(data)
+        return True
+
+    def release(self) -> bytes:
+        """Stop holding; what was held, joined (b"" if nothing)."""
+        parts, self._parts = self._parts, None
+        if not parts:
+            return b""
+        return parts[0] if len(parts) == 1 else b"".join(parts)

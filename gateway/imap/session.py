@@ -22,7 +22,7 @@ from gateway import metrics
 from gateway.imap import upstream as up
 from gateway.imap.capabilities import rewrite_caps_in
 from gateway.imap.decisions import Decision, Tagger
-from gateway.imap.fastio import eager_send
+from gateway.imap.fastio import HeldWrites, eager_send
 from gateway.imap.fetchitems import explicit_uids, parse_fetch
 from gateway.imap.fetchop import FetchOperation
 from gateway.imap.parser import Framer, FramerSink, Incomplete, LiteralInfo, ParseError, parse_astrings
@@ -85,7 +85,7 @@ class ClientSession(PreLogin, FetchOperation, protocol.Protocol, TimeoutMixin, F
         self.upstream_valve: Valve | None = None
         self.logging_out = False
         self.upstream_bye = False
-        self._batch: list[bytes] | None = None
+        self._batch = HeldWrites()
 
     # -- helpers -----------------------------------------------------------------------
     @property
@@ -103,21 +103,16 @@ class ClientSession(PreLogin, FetchOperation, protocol.Protocol, TimeoutMixin, F
         return any(ip in ipaddress.ip_network(n, strict=False) for n in self.cfg.plaintext_networks)
 
     def send(self, data: bytes) -> None:
-        if self.closing:
-            return
-        if self._batch is not None:
-            self._batch.append(data)
-        else:
+        if not self.closing and not self._batch.add(data):
             self.transport.write(data)
 
     def begin_batch(self) -> None:
-        if self._batch is None:
-            self._batch = []
+        self._batch.hold()
 
     def end_batch(self) -> None:
-        batch, self._batch = self._batch, None
-        if batch and not self.closing:
-            self.transport.write(batch[0] if len(batch) == 1 else b"".join(batch))
+        data = self._batch.release()
+        if data and not self.closing:
+            self.transport.write(data)
 
     def close(self, bye: bytes | None = None) -> None:
         if self.closing:

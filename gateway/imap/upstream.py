@@ -23,7 +23,7 @@ from twisted.internet.endpoints import HostnameEndpoint
 from twisted.internet.interfaces import IReactorTCP
 from twisted.python.failure import Failure
 
-from gateway.imap.fastio import eager_send
+from gateway.imap.fastio import HeldWrites, eager_send
 from gateway.imap.parser import Framer, FramerSink, LiteralInfo, ParseError, quote
 from gateway.imap.tlslayer import start_tls
 
@@ -117,7 +117,7 @@ class UpstreamProtocol(protocol.Protocol, FramerSink):
         self.greeting_caps: list[bytes] | None = None
         # (begin, end) hooks around each read, so the client gets one write per upstream read
         self.batch: tuple[Callable[[], None], Callable[[], None]] | None = None
-        self._out: list[bytes] | None = None  # writes held while one client read is relayed
+        self._out = HeldWrites()  # writes held while one client read is relayed
 
     # -- twisted ---------------------------------------------------------------------
     def connectionMade(self) -> None:
@@ -243,20 +243,17 @@ class UpstreamProtocol(protocol.Protocol, FramerSink):
         return d
 
     def write(self, data: bytes) -> None:
-        if self._out is not None:
-            self._out.append(data)
-        elif not self.closed:
+        if not self._out.add(data) and not self.closed:
             self.transport.write(data)
 
     def hold(self) -> None:
         """Collect writes until ``release`` (one client read -> one upstream write)."""
-        if self._out is None:
-            self._out = []
+        self._out.hold()
 
     def release(self) -> None:
-        out, self._out = self._out, None
-        if out and not self.closed:
-            self.transport.write(out[0] if len(out) == 1 else b"".join(out))
+        data = self._out.release()
+        if data and not self.closed:
+            self.transport.write(data)
 
 
 def status_of(completion: bytes) -> bytes:
