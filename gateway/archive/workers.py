@@ -84,13 +84,14 @@ def _pool() -> ProcessPoolExecutor | None:
         return _POOL
 
 
-def shutdown() -> None:
-    """Stop the worker processes (at exit; tests)."""
+def shutdown(wait: bool = True) -> None:
+    """Stop the worker processes (at exit, in tests; ``wait=False`` drops a broken pool: the
+    next batch starts a new one)."""
     global _POOL
     with _LOCK:
         pool, _POOL = _POOL, None
     if pool is not None:
-        pool.shutdown(wait=True, cancel_futures=True)
+        pool.shutdown(wait=wait, cancel_futures=True)
 
 
 class Pending:
@@ -107,7 +108,7 @@ class Pending:
                 self._futures.append((start, pool.submit(_extract_chunk, raws[start:start + CHUNK])))
         except (BrokenProcessPool, RuntimeError):
             log.warning("archive extraction pool unusable; extracting inline", exc_info=True)
-            _reset()
+            shutdown(wait=False)
             self._futures = []
 
     def result(self) -> list[Extraction]:
@@ -118,16 +119,8 @@ class Pending:
                     out[start + k] = item
             except (BrokenProcessPool, OSError, EOFError):  # a worker died: do its share here
                 log.warning("archive extraction worker failed; extracting inline", exc_info=True)
-                _reset()
+                shutdown(wait=False)
         return [item if item is not None else extract_one(raw) for item, raw in zip(out, self._raws, strict=True)]
-
-
-def _reset() -> None:
-    global _POOL
-    with _LOCK:
-        pool, _POOL = _POOL, None
-    if pool is not None:
-        pool.shutdown(wait=False, cancel_futures=True)
 
 
 def extract_async(raws: list[bytes]) -> Pending:
