@@ -40,7 +40,10 @@ def gw(tmp_path_factory, dovecot, sink) -> Iterator[GatewayProcess]:
     dovecot.add_user(shared, "pw-" + secrets.token_hex(6))
     process = GatewayProcess(base / "gw", dovecot, {"distribution": {
         "enabled": True, "mailboxes": [shared], "master_user": "archiver", "master_password": "archiver-pw",
-        "initial": "all", "rules_dir": str(rules), "poll_interval": 30.0}})
+        "initial": "all", "rules_dir": str(rules),
+        # The watcher also rescans every poll_interval while in IDLE: a new message was missed
+        # by IDLE now and then in full runs (cause not found yet; see the stop 11 note).
+        "poll_interval": 5.0}})
     connect(process.db_url)
     seed()
     for role in ("crm_admin", "auditor", "it_admin"):
@@ -86,7 +89,11 @@ def inquiry(gw, dovecot, sender: str, subject: str, html: str | None = None) -> 
         database.close()  # a fresh connection sees the node's commits
         return Distribution.get_or_none(Distribution.message_id == mid)
 
-    return wait_until(made, timeout=20)
+    try:
+        return wait_until(made, timeout=20)
+    except TimeoutError:
+        raise AssertionError(f"no distribution record for {subject!r}; the node's log ends:\n"
+                             + "\n".join(gw.log_lines[-40:])) from None
 
 
 def fresh(rec: Distribution) -> Distribution:
