@@ -144,7 +144,9 @@ class MailboxWatcher:
                 now = time.monotonic()
                 if now >= rescan_at or now >= renew_at:
                     return
-                responses = client.idle_check(timeout=min(1.0, rescan_at - now))
+                # Lines already read off the socket (Dovecot sends "+ idling" and an EXISTS in
+                # one segment) sit in imaplib's buffer, where idle_check's poll() cannot see them.
+                responses = _buffered_responses(client) or client.idle_check(timeout=min(1.0, rescan_at - now))
                 for resp in responses:
                     if resp and resp[0] == b"BYE":
                         raise SessionEnded("server said BYE")
@@ -242,6 +244,40 @@ def _pop_arrivals(client: Any) -> bool:
         if stash.pop(name, None):
             found = True
     return found
+
+
+def _buffered_responses(client: Any) -> list[tuple]:
+    """Complete untagged lines already sitting in imaplib's read buffer (or the TLS layer's).
+
+    ``idle_check`` first poll()s the socket, so a line that arrived together with an earlier one
+    and was buffered by the reader is only seen after the next packet.  Here the socket is made
+    non-blocking and only whole lines are taken, so this never waits and never splits a line.
+    """
+    imap = getattr(client, "_imap", None)
+    reader = getattr(imap, "file", None)
+    if reader is None or not hasattr(reader, "peek"):
+        return []
+    sock = client.socket()
+    out: list[tuple] = []
+    sock.setblocking(False)
+    try:
+        while True:
+            try:
+                pending = reader.peek(1)  # the buffer as it is, or one non-blocking read into it
+            except OSError:  # nothing to read (BlockingIOError, SSLWantReadError)
+                break
+            if b"\n" not in pending:
+                break
+            words = imap._get_line().split(b" ", 3)  # b"*", b"4", b"EXISTS" / b"*", b"BYE", ...
+            if len(words) >= 2 and words[0] == b"*":
+                if words[1].isdigit() and len(words) >= 3:
+                    out.append((int(words[1]), words[2].rstrip()))
+                else:
+                    out.append((words[1].rstrip(),))
+    finally:
+        sock.setblocking(True)
+        client._set_read_timeout()
+    return out
 
 
 def _move(client: Any, uids: list[int], folder: str) -> None:
