@@ -8,8 +8,10 @@ services in dependency order; ``Node.stop`` takes them down in reverse.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 from gateway.archive import Archive
@@ -95,7 +97,7 @@ class Node:
             if module is not None:
                 stopper = await module.start(self, reactor)
                 if stopper is not None:
-                    self.area_stoppers.append(stopper)
+                    self.area_stoppers.append((name, stopper))
         self._start_metrics()
         log.info(
             "mailgate ready: node=%s smtp=%s:%s,%s imap=%s:%s,%s",
@@ -131,27 +133,45 @@ class Node:
 
     async def stop(self) -> None:
         self.stopping.set()
-        for stopper in reversed(self.area_stoppers):
-            try:
-                await stopper()
-            except Exception:
-                log.exception("an area service failed while stopping")
+        log.info("mailgate stopping: node=%s", self.cfg.node.name)
+        for name, stopper in reversed(self.area_stoppers):
+            async with _timed_step(name):
+                try:
+                    await stopper()
+                except Exception:
+                    log.exception("an area service failed while stopping")
         for server in self.smtp_servers:
             server.close()
-        if self.acceptors is not None:
-            await asyncio.to_thread(self.acceptors.stop)
-        await asyncio.to_thread(self.committer.stop)
+        async with _timed_step("smtp"):
+            if self.acceptors is not None:
+                await asyncio.to_thread(self.acceptors.stop)
+            await asyncio.to_thread(self.committer.stop)
         if self.relay_process is not None:
-            await asyncio.to_thread(self.relay_process.stop)
+            async with _timed_step("relay process"):
+                await asyncio.to_thread(self.relay_process.stop)
         for port in self.imap_ports:
             await asyncio.ensure_future(_deferred(port.stopListening()))
         for task in self.tasks:
-            try:
-                await asyncio.wait_for(task, 10)
-            except (TimeoutError, asyncio.CancelledError):
-                task.cancel()
-            except Exception:
-                log.exception("task %s failed while stopping", task.get_name())
+            async with _timed_step(task.get_name()):
+                try:
+                    await asyncio.wait_for(task, 10)
+                except (TimeoutError, asyncio.CancelledError):
+                    task.cancel()
+                except Exception:
+                    log.exception("task %s failed while stopping", task.get_name())
+        log.info("mailgate stopped: node=%s", self.cfg.node.name)
+
+
+@contextlib.asynccontextmanager
+async def _timed_step(what: str, slow: float = 2.0):
+    """Log a shutdown step that takes longer than ``slow`` seconds (what an operator waits for)."""
+    started = time.monotonic()
+    try:
+        yield
+    finally:
+        took = time.monotonic() - started
+        if took > slow:
+            log.warning("stopping %s took %.1f s", what, took)
 
 
 

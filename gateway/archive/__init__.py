@@ -29,6 +29,8 @@ from pathlib import Path
 from typing import Any
 
 from gateway.archive import chain
+from gateway.archive import original as original_mod
+from gateway.archive.original import OriginalCopy
 from gateway.archive.schema import ArchiveRecord, ArchiveSighting
 from gateway.archive.store import BlobError, BlobStore, PreparedBlob
 from gateway.areas import optional_module
@@ -38,7 +40,7 @@ from gateway.spool import fsync_dir
 
 log = logging.getLogger("mailgate.archive")
 
-__all__ = ["Archive", "ArchiveError", "BlobError", "Capture", "PreparedBlob", "headers_of"]
+__all__ = ["Archive", "ArchiveError", "BlobError", "Capture", "OriginalCopy", "PreparedBlob", "headers_of"]
 
 
 class ArchiveError(Exception):
@@ -64,6 +66,7 @@ class Capture:
     trace: list[dict] | None = None
     queue_id: str = ""
     seen_at: dt.datetime | None = None
+    original: OriginalCopy | None = None  # the submitted bytes, when the gateway changed them
 
 
 @dataclass
@@ -182,14 +185,18 @@ class Archive:
         employee_email: str | None = None,
         prepared: PreparedBlob | None = None,
         defer_index: bool | None = None,
+        original: OriginalCopy | None = None,
     ) -> ArchiveRecord:
         """Archive one sighting of ``raw``; returns its (possibly existing) record.
         ``subject``/``message_id`` None: taken from the message's header.
-        ``defer_index`` None: this archive's ``defer_index``."""
+        ``defer_index`` None: this archive's ``defer_index``.  ``original``: the client's
+        bytes as submitted when ``raw`` is what the gateway made of them (``original_copy``),
+        kept with a new record."""
         cap = Capture(raw=raw, place=place, direction=direction, verdict=verdict, ref=ref, employee_id=employee_id,
                       employee_email=employee_email,
                       mail_from=mail_from, recipients=list(recipients or []), subject=subject,
-                      message_id=message_id, reason=reason, trace=trace, queue_id=queue_id, seen_at=seen_at)
+                      message_id=message_id, reason=reason, trace=trace, queue_id=queue_id, seen_at=seen_at,
+                      original=original)
         blob = prepared or self.prepare(raw)
         self.store.write(blob)
         with write_transaction():
@@ -289,7 +296,8 @@ class Archive:
                 mail_from=mail_from[:320], recipients=json.dumps(recipients, ensure_ascii=False),
                 subject=subject[:2000], message_id=message_id[:998], employee=cap.employee_id,
                 verdict=cap.verdict, reason=cap.reason, trace=json.dumps(cap.trace or [], ensure_ascii=False),
-                queue_id=cap.queue_id))
+                queue_id=cap.queue_id, original_sha256=cap.original.sha256 if cap.original else "",
+                original=cap.original.sealed if cap.original else None))
             if known is not None:
                 known[blob.sha256] = rec
             if inline_index:
@@ -340,10 +348,28 @@ class Archive:
     # -- read ----------------------------------------------------------------------
 
     def read(self, record: ArchiveRecord) -> bytes:
-        """The original bytes; raises BlobError if missing/altered, ArchiveError if purged."""
+        """The stored bytes (for outbound mail: as relayed); raises BlobError if
+        missing/altered, ArchiveError if purged."""
         if record.purged_at is not None:
             raise ArchiveError(f"archive record {record.id} was purged on {record.purged_at:%Y-%m-%d}")
         return self.store.read(record.blob_path, record.sha256)
+
+    def original_copy(self, submitted: bytes, stored: bytes) -> OriginalCopy | None:
+        """CPU only (any thread): the sealed submitted bytes to pass to ``record(original=)``
+        when ``stored`` (what is archived and relayed) differs from them; else None."""
+        return original_mod.capture(self.store, submitted, stored)
+
+    def read_original(self, record: ArchiveRecord, stored: bytes | None = None) -> bytes | None:
+        """The bytes the client submitted, or None if the record has no separate original
+        (the blob is what was submitted).  ``stored``: the blob's bytes if already read.
+        Raises BlobError if altered, ArchiveError if purged."""
+        if record.purged_at is not None:
+            raise ArchiveError(f"archive record {record.id} was purged on {record.purged_at:%Y-%m-%d}")
+        if not record.original_sha256:
+            return None
+        if stored is None:
+            stored = self.read(record)
+        return original_mod.restore(self.store, record.original, record.original_sha256, stored)
 
 
 RECENT_BYTES = 64 * 1024 * 1024  # raw bytes kept for the background indexer (see Archive.prepare)

@@ -47,9 +47,14 @@ def _canon(values: list[Any]) -> str:
 
 def record_digest(r: ArchiveRecord) -> str:
     """The fields a record's hash covers (not key_id/stored_size/blob_path: a re-encryption
-    may change those; the blob's content is checked against ``sha256`` instead)."""
-    return _canon([RECORD, _ts(r.created_at), r.sha256, int(r.size), r.direction, r.verdict, r.mail_from,
-                   r.recipients, r.subject, r.message_id, r.reason, r.trace, r.queue_id])
+    may change those; the blob's content is checked against ``sha256`` instead).  The hash of
+    the submitted original is covered when there is one (records before migration 154, and
+    mail the gateway did not change, keep their digests)."""
+    fields = [RECORD, _ts(r.created_at), r.sha256, int(r.size), r.direction, r.verdict, r.mail_from,
+              r.recipients, r.subject, r.message_id, r.reason, r.trace, r.queue_id]
+    if r.original_sha256:
+        fields.append(r.original_sha256)
+    return _canon(fields)
 
 
 def sighting_digest(s: ArchiveSighting) -> str:

@@ -202,7 +202,7 @@ def _tombstone(records: list[ArchiveRecord], actor: str, years: int, before: dt.
     for r in records:
         ArchiveRecord.update(
             sha256=f"purged:{r.id}", subject="", mail_from="", recipients="[]", message_id="", reason="",
-            trace="[]", queue_id="", purged_at=at,
+            trace="[]", queue_id="", original_sha256="", original=None, purged_at=at,
         ).where(ArchiveRecord.id == r.id).execute()
     ArchiveSighting.update(reason="", trace="[]", mail_from="", recipients="[]").where(
         ArchiveSighting.record.in_(ids)).execute()

@@ -182,3 +182,17 @@ def _email(employee_id: int | None) -> str:
         return ""
     e = Employee.get_or_none(Employee.id == employee_id)
     return e.email if e else ""
+
+
+@migration(154)
+def archive_submitted_original(db) -> None:
+    """Outbound mail the gateway changed keeps the client's bytes as submitted (sealed header
+    section or whole message, see gateway/archive/original.py) beside the relayed blob."""
+    from playhouse.migrate import SchemaMigrator, migrate
+
+    migrator = SchemaMigrator.from_database(db)
+    columns = {c.name for c in db.get_columns("archiverecord")}
+    ops = [migrator.add_column("archiverecord", name, getattr(ArchiveRecord, name))
+           for name in ("original_sha256", "original") if name not in columns]
+    if ops:
+        migrate(*ops)

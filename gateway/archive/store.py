@@ -114,13 +114,18 @@ class BlobStore:
             return PreparedBlob(digest, name, len(raw), self._existing_key_id(path), None, stored)
         except (FileNotFoundError, BlobError):
             pass
+        key_id, data = self.seal(raw)
+        return PreparedBlob(digest, name, len(raw), key_id, data, len(data))
+
+    def seal(self, raw: bytes) -> tuple[int, bytes]:
+        """``raw`` compressed and encrypted in the blob format (``decode`` opens it): the key id
+        used and the sealed bytes.  Also for sealed data kept in the database."""
         ring = self.keyring
         key_id = ring.current_id
         header = HEADER.pack(MAGIC, key_id)
         nonce = os.urandom(NONCE_SIZE)
         body = AESGCM(ring.current).encrypt(nonce, self._compressor().compress(raw), header)
-        data = header + nonce + body
-        return PreparedBlob(digest, name, len(raw), key_id, data, len(data))
+        return key_id, header + nonce + body
 
     def write(self, blob: PreparedBlob, sync_dir: bool = True) -> Path | None:
         """Write a prepared blob durably; returns its folder (for a later fsync) if written."""

@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Iterator
 
-from gateway.archive import chain
+from gateway.archive import chain, original
 from gateway.archive.schema import ArchiveEvent, ArchiveRecord, ArchiveSighting
 from gateway.archive.store import BlobError, BlobStore
 from gateway.db.models import AuditLog
@@ -123,7 +123,8 @@ def _checkpoints() -> dict[int, str]:
 def verify_blobs(store: BlobStore, batch: int = 1000,
                  progress: Callable[[int, int], None] | None = None) -> list[str]:
     problems: list[str] = []
-    q = ArchiveRecord.select(ArchiveRecord.id, ArchiveRecord.blob_path, ArchiveRecord.sha256).where(
+    q = ArchiveRecord.select(ArchiveRecord.id, ArchiveRecord.blob_path, ArchiveRecord.sha256,
+                             ArchiveRecord.original_sha256, ArchiveRecord.original).where(
         ArchiveRecord.purged_at.is_null())
     total = q.count()
     done, last_id = 0, 0
@@ -133,7 +134,9 @@ def verify_blobs(store: BlobStore, batch: int = 1000,
             break
         for r in rows:
             try:
-                store.read(r.blob_path, r.sha256)
+                raw = store.read(r.blob_path, r.sha256)
+                if r.original_sha256:  # the submitted bytes kept beside changed outbound mail
+                    original.restore(store, r.original or b"", r.original_sha256, raw)
             except BlobError as exc:
                 problems.append(f"archive: record {r.id}: {exc}")
             except OSError as exc:

@@ -173,6 +173,12 @@ class ArchiveRecord(BaseModel):
     prev_hash = CharField(max_length=64, default="")
     hash = CharField(max_length=64, default="")
     purged_at = DateTimeField(null=True)  # retention purge: blob deleted, fields blanked
+    # Outbound mail the gateway changed (sender rewrite, tags, DKIM): the client's bytes as
+    # submitted, beside the blob's relayed bytes (migration 154).  ``original`` is sealed like a
+    # blob (gateway/archive/original.py): usually only the header section, the body being the
+    # relayed one's.  "" / None: the blob is what was submitted.
+    original_sha256 = CharField(max_length=64, default="")
+    original = BlobField(null=True)
 
 
 class AuditLog(BaseModel):

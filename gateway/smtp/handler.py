@@ -28,7 +28,7 @@ from aiosmtpd.smtp import SMTP, AuthResult, Envelope
 from aiosmtpd.smtp import Session as SMTPSession
 
 from gateway import metrics
-from gateway.archive import Archive, PreparedBlob
+from gateway.archive import Archive, OriginalCopy, PreparedBlob
 from gateway.config import Config
 from gateway.db.models import Customer, utcnow
 from gateway.directory import Directory, EmployeeInfo
@@ -376,7 +376,10 @@ class SubmissionHandler:
         else:
             self.spool.write(queue_id, outgoing.data, sync_dir=False)
             dirs.add(self.spool.directory)
-        return outgoing, credentials, blob, dirs, spool_path
+        # The client's bytes as submitted, kept beside the changed ones (usually their header
+        # section only, sealed into the record row; no second file).
+        original = self.archive.original_copy(ctx.raw, outgoing.data)
+        return outgoing, credentials, blob, dirs, spool_path, original
 
     def _queue_in_archive(self, verdict: Verdict) -> bool:
         """Accepted mail is relayed from its archive blob, unless the spool is shared between
@@ -403,12 +406,13 @@ class SubmissionHandler:
             self._commit(*part)
 
     def _commit(self, ctx: Context, verdict: Verdict, queue_id: str, outgoing, credentials: bytes | None,
-                blob: PreparedBlob, dirs: set, spool_path: str | None) -> None:
+                blob: PreparedBlob, dirs: set, spool_path: str | None, original: OriginalCopy | None) -> None:
         """Phase 2, in the group-commit thread inside a savepoint."""
         fields = self._archive_fields(ctx, verdict, queue_id)
         state = "held" if verdict.action == HOLD else "queued"
         self.archive.record(outgoing.data, verdict="held" if state == "held" else "accepted",
-                            mail_from=outgoing.mail_from, recipients=outgoing.recipients, prepared=blob, **fields)
+                            mail_from=outgoing.mail_from, recipients=outgoing.recipients, prepared=blob,
+                            original=original, **fields)
         self.spool.insert(queue_id, outgoing.mail_from, outgoing.recipients, len(outgoing.data),
                           employee_id=fields["employee_id"], message_id=fields["message_id"],
                           credentials=credentials, state=state, spool_path=spool_path)

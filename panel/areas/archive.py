@@ -89,6 +89,10 @@ i18n.register({
         "archive.no_attachments": "无附件",
         "archive.download": "下载",
         "archive.download_eml": "下载 .eml",
+        "archive.download_original": "下载提交原件 .eml",
+        "archive.original_sha256": "提交原件 SHA-256",
+        "archive.original_note": ("网关改动过这封邮件（发件人改写、标记或 DKIM 签名）："
+                                  "这里显示的是发出的版本，员工客户端提交的原件可单独下载。"),
         "archive.links": "邮件中的链接（仅显示文字）",
         "archive.unreadable": "无法读取归档内容：{error}",
         "archive.purged": "该记录已于 {when} 按保留期限删除。",
@@ -159,6 +163,11 @@ i18n.register({
         "archive.no_attachments": "No attachments",
         "archive.download": "Download",
         "archive.download_eml": "Download .eml",
+        "archive.download_original": "Download as submitted (.eml)",
+        "archive.original_sha256": "SHA-256 as submitted",
+        "archive.original_note": ("The gateway changed this message (sender rewrite, tags or DKIM signature): "
+                                  "shown is the copy that was sent; the copy the employee's client submitted "
+                                  "can be downloaded separately."),
         "archive.links": "Links in the message (text only)",
         "archive.unreadable": "The archived content cannot be read: {error}",
         "archive.purged": "This record was purged on {when} (retention).",
@@ -384,6 +393,26 @@ def routes(app: bottle.Bottle) -> None:
             not_found(i18n.t("archive.unreadable", error=error or "purged"))
         oplog("archive.download", f"archive:{rec.id}", {"what": "eml", "sha256": rec.sha256, "bytes": len(raw)})
         return _download(raw, f"archive-{rec.id}-{safe_filename(rec.subject, 'message')[:60]}.eml",
+                         "message/rfc822")
+
+    @app.get("/archive/<record_id:int>/submitted.eml")
+    @require("auditor")
+    def submitted_eml(record_id: int) -> bytes:
+        """The client's bytes as submitted, for outbound mail the gateway changed."""
+        rec = _record_or_404(record_id)
+        raw, error = _raw(rec)
+        if raw is None:
+            not_found(i18n.t("archive.unreadable", error=error or "purged"))
+        try:
+            original = _archive().read_original(rec, raw)
+        except (ArchiveError, BlobError) as exc:
+            log.warning("archive record %s: submitted original not readable: %s", rec.id, exc)
+            not_found(i18n.t("archive.unreadable", error=str(exc)[:300]))
+        if original is None:
+            not_found()
+        oplog("archive.download", f"archive:{rec.id}", {"what": "submitted-eml", "sha256": rec.original_sha256,
+                                                        "bytes": len(original)})
+        return _download(original, f"archive-{rec.id}-submitted-{safe_filename(rec.subject, 'message')[:60]}.eml",
                          "message/rfc822")
 
     @app.get("/archive/<record_id:int>/attachments/<n:int>")

@@ -6,6 +6,7 @@ then `mailgate archive verify` passes, and reports an altered blob."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import uuid
 from email.message import EmailMessage
@@ -73,7 +74,8 @@ def unique(label: str) -> str:
 
 def test_accepted_submission_and_relayed_copy(gw, sink):
     subject = unique("Accepted")
-    code, text = submit(gw, "alice@acme.test", "alice-pw", mail("einkauf@hamburg-tools.de", subject))
+    sent = mail("einkauf@hamburg-tools.de", subject)
+    code, text = submit(gw, "alice@acme.test", "alice-pw", sent)
     assert code == 250, text
     rec = ArchiveRecord.get(ArchiveRecord.subject == subject)
     [sub] = sightings(record=rec.id, place="smtp:submitted")
@@ -84,8 +86,18 @@ def test_accepted_submission_and_relayed_copy(gw, sink):
     from gateway.archive import for_config
     from gateway.config import load
 
-    raw = for_config(load(gw.config_path)).read(ArchiveRecord.get_by_id(relayed[0].record_id))
+    archive = for_config(load(gw.config_path))
+    raw = archive.read(ArchiveRecord.get_by_id(relayed[0].record_id))
     assert f"Subject: {subject}".encode() in raw
+    # The gateway DKIM-signed (and could have rewritten) the relayed copy; the client's bytes
+    # as submitted are kept beside it: only the gateway's Received and Message-ID added.
+    assert relayed[0].record_id == rec.id and b"DKIM-Signature:" in raw
+    submitted = archive.read_original(rec)
+    assert submitted is not None and b"DKIM-Signature:" not in submitted
+    assert submitted.startswith(b"Received: from ")
+    # smtplib's data() sends bytes with bare LFs as they are and ends them with CRLF; the
+    # gateway turns each bare LF into CRLF.
+    assert submitted.endswith(re.sub(rb"(?<!\r)\n", b"\r\n", sent.as_bytes()) + b"\r\n")
 
 
 def test_submission_becomes_searchable(gw):

@@ -48,9 +48,13 @@ def archived(panel_server):
             message(f"Re: Quotation {tag}", f"We order 500 pcs {tag}.", sender=("Hans", f"hans@hh{tag}.de"),
                     to=("Alice", "alice@acme.test")),
         ]
+        # The second one as the gateway relays it: sender rewritten from the client's own address.
+        submitted = raws[1].replace(b"From: Alice <alice@acme.test>", b"From: Alice <alice.home@acme.test>")
         recs = [archive.record(raw, direction="inbound" if i == 2 else "outbound", verdict="accepted",
-                               subject=None, message_id=None, place="smtp:submitted") for i, raw in enumerate(raws)]
-        yield SimpleNamespace(tag=tag, customer=cust, raws=raws, ids=[r.id for r in recs])
+                               subject=None, message_id=None, place="smtp:submitted",
+                               original=archive.original_copy(submitted, raw) if i == 1 else None)
+                for i, raw in enumerate(raws)]
+        yield SimpleNamespace(tag=tag, customer=cust, raws=raws, ids=[r.id for r in recs], submitted=submitted)
     finally:
         db.close()
 
@@ -70,6 +74,7 @@ def test_only_auditors_get_in(http_as, archived, role):
     client = http_as(role)
     rid = archived.ids[0]
     for path in ("/archive", f"/archive?q={archived.tag}", f"/archive/{rid}", f"/archive/{rid}/message.eml",
+                 f"/archive/{archived.ids[1]}/submitted.eml",
                  f"/archive/{rid}/message.html", f"/archive/{rid}/attachments/0",
                  f"/archive/export?q={archived.tag}&format=zip", "/archive/customers",
                  f"/archive/customers/{archived.customer.id}"):
@@ -137,6 +142,26 @@ def test_message_view_sanitized_html_and_downloads(http_as, archived, panel_db):
     assert [(d.target, '"what": "eml"' in d.details) for d in downloads] == [(f"archive:{rid}", True),
                                                                             (f"archive:{rid}", False)]
     assert "attachment" in downloads[1].details
+
+
+def test_submitted_original_of_changed_outbound_mail(http_as, archived, panel_db):
+    client = http_as("auditor")
+    rid = archived.ids[1]
+    before = _last_id(panel_db)
+    view = client.get(f"/archive/{rid}")
+    assert view.status == 200 and 'id="download-submitted"' in view.text and "archive-original-note" in view.text
+    sent = client.get(f"/archive/{rid}/message.eml")
+    assert sent.text.encode("ascii") == archived.raws[1]
+    original = client.get(f"/archive/{rid}/submitted.eml")
+    assert original.status == 200 and original.header("content-type").startswith("message/rfc822")
+    assert original.text.encode("ascii") == archived.submitted
+    assert "submitted" in original.header("content-disposition")
+    downloads = _trail(panel_db, "archive.download", before)
+    assert [d.target for d in downloads] == [f"archive:{rid}"] * 2 and '"submitted-eml"' in downloads[1].details
+    # A message the gateway did not change has no separate original.
+    plain = archived.ids[0]
+    assert 'id="download-submitted"' not in client.get(f"/archive/{plain}").text
+    assert client.get(f"/archive/{plain}/submitted.eml").status == 404
 
 
 def test_export_mbox_and_zip(http_as, archived, panel_db):
