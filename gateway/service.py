@@ -88,6 +88,7 @@ class Node:
         self.tasks.append(asyncio.create_task(
             refresh_directory(self.directory, self.stopping, DIRECTORY_REFRESH), name="directory-refresh"))
         self.tasks.append(asyncio.create_task(self._expire_approvals(), name="approval-expiry"))
+        self.tasks.append(asyncio.create_task(self._refresh_statistics(), name="db-statistics"))
         if reactor is not None:
             from gateway.imap.service import listen_imap
 
@@ -121,6 +122,23 @@ class Node:
                 await asyncio.wait_for(self.stopping.wait(), APPROVAL_EXPIRY_INTERVAL)
             except TimeoutError:
                 pass
+
+    async def _refresh_statistics(self) -> None:
+        """SQLite planner statistics (gateway/db/statistics.py): soon after start, then every few hours."""
+        from gateway.db import statistics
+
+        delay = statistics.FIRST_DELAY
+        while not self.stopping.is_set():
+            try:
+                await asyncio.wait_for(self.stopping.wait(), delay)
+                return
+            except TimeoutError:
+                pass
+            try:
+                await asyncio.to_thread(statistics.refresh)
+            except Exception:
+                log.exception("refreshing database statistics failed")
+            delay = statistics.INTERVAL
 
     def _start_metrics(self) -> None:
         if not self.cfg.metrics.port:
