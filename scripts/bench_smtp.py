@@ -172,7 +172,7 @@ def run_gateway(args: argparse.Namespace, children: Children, base: Path) -> Res
             profiler = children.spawn(
                 ["py-spy", "record", "--pid", str(node.proc.pid), "--subprocesses", "--threads", "--nonblocking",
                  "--format", "raw", "--output", str(Path(args.py_spy).resolve()),
-                 *(["--gil"] if args.py_spy_gil else [])],
+                 *(["--gil"] if args.py_spy_gil else []), *(["--idle"] if args.py_spy_idle else [])],
                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             time.sleep(1.0)
         pid = node.proc.pid
@@ -251,6 +251,8 @@ def main() -> int:
     ap.add_argument("--py-spy", metavar="FILE", help="profile the gateway with py-spy (collapsed stacks)")
     ap.add_argument("--py-spy-gil", action="store_true",
                     help="with --py-spy: sample only threads holding the GIL (CPU in Python, not waits)")
+    ap.add_argument("--py-spy-idle", action="store_true",
+                    help="with --py-spy: sample idle (waiting) threads too: a wall-clock profile of waits")
     ap.add_argument("--keep", action="store_true", help="keep the temp dir (configs, logs, DB)")
     args = ap.parse_args()
     args.targets = [t for t in args.targets.split(",") if t]
