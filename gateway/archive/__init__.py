@@ -229,6 +229,16 @@ class Archive:
         blobs = prepared or list(pool.map(lambda c: self.prepare(c.raw), captures))
         dirs = {d for d in pool.map(lambda b: self.store.write(b, sync_dir=False), blobs) if d is not None}
         list(pool.map(fsync_dir, dirs))
+        outcomes = self.chain_batch(captures, blobs)
+        if extraction is not None:
+            self.index_committed(outcomes, extraction.result())
+        return outcomes
+
+    def chain_batch(self, captures: list[Capture], blobs: list[PreparedBlob]) -> list[Outcome]:
+        """Step 3 of ``ingest_many``: every record and sighting of a batch in one transaction
+        (the chain head written once, records deduplicated by content hash, inbound senders'
+        last contact updated once).  The blobs must already be durable; the index is not
+        touched (``index_committed`` or the background indexer does it)."""
         batch = _Batch(now=utcnow())
         with write_transaction(), chain.batch():
             known = {r.sha256: r for r in ArchiveRecord.select().where(
@@ -236,13 +246,13 @@ class Archive:
             outcomes = [self._chain(c, b, known, defer=True, batch=batch)
                         for c, b in zip(captures, blobs, strict=True)]
             _record_contacts(batch.contacts)
-        if extraction is not None:
-            self._index_batch(outcomes, extraction.result())
         return outcomes
 
     @staticmethod
-    def _index_batch(outcomes: list[Outcome], extracted: list[tuple[Any, list[str]]]) -> None:
-        """Step 4 of ``ingest_many``: documents of the new records, later sightings noted."""
+    def index_committed(outcomes: list[Outcome], extracted: list[tuple[Any, list[str]]]) -> None:
+        """Step 4 of ``ingest_many``: documents of the new records (``extracted``: one
+        ``(Extracted, short grams)`` per outcome, as ``workers.extract_async`` answers), later
+        sightings noted; a failure is logged (the background indexer retries)."""
         index = optional_module("gateway.archive.index")
         if index is None or not hasattr(index, "index_new"):
             return
