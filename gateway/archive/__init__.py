@@ -93,8 +93,9 @@ class Archive:
         transaction; a background indexer does it (``index.index_pending``, run by
         gateway.archive.service inside a node) — the node sets it, everything else indexes inline."""
         self.defer_index = defer_index
-        # Deferred indexing: the raw bytes of messages just prepared, by content hash, so the
-        # background indexer need not read, decrypt and decompress their blobs again.
+        # Deferred indexing: the indexable bytes of messages just prepared (attachment bodies
+        # cut, ``index.indexable``), by content hash, so the background indexer need not
+        # read, decrypt and decompress their blobs again.
         # Bounded (RECENT_BYTES, oldest dropped first); each entry is used once.
         self._recent: OrderedDict[str, bytes] = OrderedDict()
         self._recent_size = 0
@@ -145,6 +146,10 @@ class Archive:
         return blob
 
     def _remember(self, sha256: str, raw: bytes) -> None:
+        index = optional_module("gateway.archive.index")
+        if index is None:
+            return
+        raw = index.indexable(raw)  # what extraction reads: ~1/20 of the bytes of mail with attachments
         if len(raw) > RECENT_MAX_MESSAGE:
             return
         with self._recent_lock:
@@ -157,8 +162,9 @@ class Archive:
                 self._recent_size -= len(old)
 
     def take_recent(self, sha256: str) -> bytes | None:
-        """The raw bytes of a message this archive prepared lately (for the background
-        indexer), or None; an entry is handed out once."""
+        """The indexable bytes (``index.indexable``: ``index.extract`` reads the same text from
+        them as from the whole message) of a message this archive prepared lately, for the
+        background indexer; or None.  An entry is handed out once."""
         with self._recent_lock:
             raw = self._recent.pop(sha256, None)
             if raw is not None:
@@ -240,7 +246,10 @@ class Archive:
         last contact updated once).  The blobs must already be durable; the index is not
         touched (``index_committed`` or the background indexer does it)."""
         batch = _Batch(now=utcnow())
+        wanted = {c.employee_id for c in captures if c.employee_email is None}
         with write_transaction(), chain.batch():
+            if wanted:
+                batch.emails.update(_emails_of(wanted))
             known = {r.sha256: r for r in ArchiveRecord.select().where(
                 ArchiveRecord.sha256.in_(sorted({b.sha256 for b in blobs})))}
             outcomes = [self._chain(c, b, known, defer=True, batch=batch)
@@ -382,8 +391,8 @@ class Archive:
         return original_mod.restore(self.store, record.original, record.original_sha256, stored)
 
 
-RECENT_BYTES = 64 * 1024 * 1024  # raw bytes kept for the background indexer (see Archive.prepare)
-RECENT_MAX_MESSAGE = 4 * 1024 * 1024  # larger messages are read back from their blobs
+RECENT_BYTES = 64 * 1024 * 1024  # indexable bytes kept for the background indexer (see Archive.prepare)
+RECENT_MAX_MESSAGE = 4 * 1024 * 1024  # larger (after the cut) messages are read back from their blobs
 _POOL: ThreadPoolExecutor | None = None
 _POOL_LOCK = threading.Lock()
 
@@ -440,11 +449,30 @@ def _record_by_sha(sha256: str) -> ArchiveRecord | None:
     return None
 
 
+_EMAIL_SQL: dict[type, str] = {}
+
+
 def _email_of(employee_id: int | None) -> str:
+    """An employee's address ("" for none or unknown); the statement text cached."""
     if employee_id is None:
         return ""
-    row = Employee.select(Employee.email).where(Employee.id == employee_id).first()
-    return row.email if row else ""
+    db = database.obj
+    sql = _EMAIL_SQL.get(type(db))
+    if sql is None:
+        q = db.quote
+        sql = _EMAIL_SQL[type(db)] = (f"SELECT {q[0]}email{q[1]} FROM {q[0]}{Employee._meta.table_name}{q[1]} "
+                                      f"WHERE {q[0]}id{q[1]} = {db.param}")
+    row = db.execute_sql(sql, (int(employee_id),)).fetchone()
+    return row[0] if row else ""
+
+
+def _emails_of(employee_ids: set[int | None]) -> dict[int | None, str]:
+    """``_email_of`` for many employees in one statement (unknown ids: "")."""
+    ids = sorted(i for i in employee_ids if i is not None)
+    out: dict[int | None, str] = dict.fromkeys(employee_ids, "")
+    for start in range(0, len(ids), 500):
+        out.update(Employee.select(Employee.id, Employee.email).where(Employee.id.in_(ids[start:start + 500])).tuples())
+    return out
 
 
 _HEADER_PARSER = email.parser.BytesHeaderParser(policy=email.policy.compat32)  # ~10x faster than default

@@ -154,3 +154,13 @@ def test_the_indexer_takes_fresh_messages_from_memory_not_from_their_blobs(archi
     recs = [node.record(message(n, "x" * 100), direction="outbound", verdict="accepted") for n in (2, 3, 4)]
     assert node.take_recent(recs[0].sha256) is None and node.take_recent(recs[2].sha256) == message(4, "x" * 100)
     assert index_pending(node) == 3 and sorted(reads) == [recs[0].id, recs[2].id]
+    # a message with a large attachment is kept cut to what extraction reads
+    import base64
+    import os
+
+    big = (b"From: a@x.test\r\nSubject: osprey\r\nContent-Type: multipart/mixed; boundary=\"b\"\r\n\r\n"
+           b"--b\r\nContent-Type: text/plain\r\n\r\nosprey\r\n--b\r\nContent-Type: application/pdf; name=\"a.pdf\"\r\n"
+           b"Content-Transfer-Encoding: base64\r\n\r\n"
+           + base64.encodebytes(os.urandom(300_000)).replace(b"\n", b"\r\n") + b"--b--\r\n")
+    rec = node.record(big, direction="outbound", verdict="accepted")
+    assert index_pending(node) == 1 and rec.id not in reads and record_ids("osprey") == [rec.id]

@@ -137,3 +137,8 @@ def test_base64_cut_keeps_text_parts_and_drops_attachment_bodies():
     assert ex.body.startswith("first quotation") and len(ex.body) > 60_000
     assert "secretword" not in ex.body and ex.attnames == "notes.txt" and ex.has_attachment
     assert _cut_base64(b"From: a@x.test\r\n\r\nshort body\r\n") == b"From: a@x.test\r\n\r\nshort body\r\n"
+    # what the node keeps in memory for its indexer: the same text, a fraction of the bytes
+    from gateway.archive.index import indexable
+
+    small = indexable(raw)
+    assert len(small) < len(raw) // 4 and extract(small) == ex and indexable(small) == small
