@@ -192,7 +192,11 @@ def archive_submitted_original(db) -> None:
 
     migrator = SchemaMigrator.from_database(db)
     columns = {c.name for c in db.get_columns("archiverecord")}
-    ops = [migrator.add_column("archiverecord", name, getattr(ArchiveRecord, name))
-           for name in ("original_sha256", "original") if name not in columns]
-    if ops:
-        migrate(*ops)
+    if "original_sha256" not in columns:
+        # Not migrator.add_column: for a NOT NULL column it rebuilds the table on SQLite (copy,
+        # drop, rename), which the sightings' foreign key refuses ("FOREIGN KEY constraint
+        # failed") and which would copy every record of a large archive.  ADD COLUMN with a
+        # constant default is a change of the schema only, on SQLite and PostgreSQL alike.
+        db.execute_sql("ALTER TABLE archiverecord ADD COLUMN original_sha256 VARCHAR(64) NOT NULL DEFAULT ''")
+    if "original" not in columns:
+        migrate(migrator.add_column("archiverecord", "original", ArchiveRecord.original))  # nullable: ADD COLUMN
