@@ -42,7 +42,7 @@ from gateway.config import Config
 from gateway.credentials import CredentialsError, seal, unseal
 from gateway.db.models import OutboundMessage, database, utcnow
 from gateway.metrics import relay_results
-from gateway.relayqueue import backoff, claim_batch, finish, release, release_node_claims
+from gateway.relayqueue import backoff, claim_batch, finish, next_due, release, release_node_claims
 from gateway.smarthost import (
     Credentials,
     RelayError,
@@ -262,14 +262,12 @@ class RelayWorker:
                            self.spool.node)
 
     def _seconds_until_due(self) -> float:
-        m = OutboundMessage
         now = self._now()
-        waiting = (m.state == "queued") & (m.claimed_until.is_null() | (m.claimed_until < now))
-        row = m.select(m.next_attempt_at).where(waiting).order_by(m.next_attempt_at).first()
+        due = next_due(now)
         poll = self.config.relay.poll_interval
-        if row is None:
+        if due is None:
             return poll
-        return min(poll, max(0.1, (row.next_attempt_at - now).total_seconds()))
+        return min(poll, max(0.1, (due - now).total_seconds()))
 
     def _process_safely(self, row: OutboundMessage) -> None:
         try:

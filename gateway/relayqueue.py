@@ -74,7 +74,11 @@ def _sql(kind: str, by_node: bool, count: int = 0) -> str:
         due += f" AND {c('node')} IN ({p}, {p})"
     ids = ", ".join([p] * count)
     order = f"ORDER BY {c('next_attempt_at')}, {c('id')}"
-    if kind == "candidates":
+    if kind == "next":
+        sql = (f"SELECT {c('next_attempt_at')} FROM {table} WHERE {c('state')} = {p}"
+               f" AND ({c('claimed_until')} IS NULL OR {c('claimed_until')} < {p})"
+               f" ORDER BY {c('next_attempt_at')} LIMIT 1")
+    elif kind == "candidates":
         sql = f"SELECT {c('id')} FROM {table} WHERE {due} {order} LIMIT {p}"
     elif kind == "claim":
         sql = (f"UPDATE {table} SET {c('claimed_by')} = {p}, {c('claimed_until')} = {p}"
@@ -85,6 +89,15 @@ def _sql(kind: str, by_node: bool, count: int = 0) -> str:
                f" AND {c('claimed_until')} = {p} {order}")
     _SQL[key] = sql
     return sql
+
+
+def next_due(now: dt.datetime) -> dt.datetime | None:
+    """When the earliest queued, unclaimed row is due (None: no such row).  Asked after every
+    run of a relay worker: the statement text is cached like the claims'."""
+    m = OutboundMessage
+    row = database.obj.execute_sql(
+        _sql("next", False), [m.state.db_value("queued"), m.claimed_until.db_value(now)]).fetchone()
+    return m.next_attempt_at.python_value(row[0]) if row is not None else None
 
 
 def finish(row_id: int, owner: str, changes: dict[Any, Any]) -> int:

@@ -120,3 +120,34 @@ def test_backoff_doubles_up_to_the_maximum():
     assert schedule == [60, 120, 240, 480, 960, 1920, 3600, 3600]
     assert backoff(0, 60, 3600) == 0
     assert backoff(500, 60, 3600) == 3600  # no overflow on huge attempt counts
+
+
+def next_due_checks() -> None:
+    """relayqueue.next_due: the earliest queued row that nobody holds, as a datetime."""
+    from gateway.relayqueue import next_due
+
+    now = utcnow().replace(microsecond=0)
+    assert next_due(now) is None
+    [soon, later, held, sent] = make_rows(4)
+    m = OutboundMessage
+    m.update(next_attempt_at=now + dt.timedelta(seconds=30)).where(m.id == soon).execute()
+    m.update(next_attempt_at=now + dt.timedelta(seconds=90)).where(m.id == later).execute()
+    m.update(next_attempt_at=now - dt.timedelta(seconds=5), claimed_by="w",
+             claimed_until=now + dt.timedelta(seconds=60)).where(m.id == held).execute()
+    m.update(next_attempt_at=now - dt.timedelta(seconds=9), state="sent").where(m.id == sent).execute()
+    assert next_due(now) == now + dt.timedelta(seconds=30)
+    # The held row's claim expires: it is due again (and the earliest).
+    assert next_due(now + dt.timedelta(seconds=61)) == now - dt.timedelta(seconds=5)
+
+
+def test_next_due(db):
+    next_due_checks()
+
+
+def test_next_due_on_postgresql_too(postgres):
+    connect(postgres.create_database("relay_next_due"))
+    try:
+        next_due_checks()
+    finally:
+        database.close()
+        postgres.drop_database("relay_next_due")
