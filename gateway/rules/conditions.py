@@ -414,12 +414,12 @@ class AttachmentType(Condition):
                              f"{', '.join(_TYPE_SHORTCUTS)}")
 
     def test(self, facts: Facts) -> tuple[bool, str]:
-        for a in facts.content.attachments:
+        for a in facts.attachments:
             if _glob_any(self.patterns, a.content_type) is not None:
                 return True, f"attachment {a.name or '(unnamed)'} is {a.content_type}"
-        if not facts.content.attachments:
+        if not facts.attachments:
             return False, "no attachments"
-        kinds = ", ".join(f"{a.name or '(unnamed)'}: {a.content_type}" for a in facts.content.attachments)
+        kinds = ", ".join(f"{a.name or '(unnamed)'}: {a.content_type}" for a in facts.attachments)
         return False, f"no attachment of type {', '.join(self.values)} ({kinds})"
 
 
@@ -430,10 +430,10 @@ class AttachmentName(Condition):
     name = "attachment-name"
 
     def test(self, facts: Facts) -> tuple[bool, str]:
-        for a in facts.content.attachments:
+        for a in facts.attachments:
             if (p := _glob_any(self.values, a.name)) is not None:
                 return True, f"attachment {a.name} matches {p}"
-        return False, "no attachments" if not facts.content.attachments else \
+        return False, "no attachments" if not facts.attachments else \
             f"no attachment name matches {', '.join(self.values)}"
 
 
@@ -486,7 +486,7 @@ class AttachmentCount(_Compare):
     what = "attachment count"
 
     def numbers(self, facts: Facts) -> list[int]:
-        return [len(facts.content.attachments)]
+        return [len(facts.attachments)]
 
 
 @register
@@ -497,7 +497,7 @@ class AttachmentSize(_Compare):
     what = "attachment size"
 
     def numbers(self, facts: Facts) -> list[int]:
-        return [a.size for a in facts.content.attachments]
+        return [a.size for a in facts.attachments]
 
 
 @register

@@ -65,6 +65,14 @@ def _is_attachment(part: Message) -> bool:
     )
 
 
+def may_have_attachments(headers: Message) -> bool:
+    """False when the top-level header section alone shows a message without attachments: a
+    single part (not multipart/*, not message/*) that is not an attachment itself.  For such
+    a message ``parse_content`` finds no attachment (its MIME walk yields only the message),
+    so attachment conditions need not parse the body (~10 ms/MB)."""
+    return headers.get_content_maintype() in ("multipart", "message") or _is_attachment(headers)
+
+
 def _text_of(part: Message, payload: bytes) -> str:
     charset = part.get_content_charset() or "utf-8"
     try:

@@ -11,7 +11,7 @@ from functools import cached_property
 
 from gateway.directory import INTERNAL, Directory, Match, domain_of
 from gateway.policy.context import Context
-from gateway.rules.content import Content, parse_content
+from gateway.rules.content import Attachment, Content, may_have_attachments, parse_content
 from gateway.rules.env import RuleEnv
 
 _ATTR = "_mailgate_rule_facts"
@@ -58,6 +58,14 @@ class Facts:
     @cached_property
     def content(self) -> Content:
         return parse_content(self.ctx.raw)
+
+    @cached_property
+    def attachments(self) -> list[Attachment]:
+        """The attachments, without parsing the MIME tree when the header section already
+        shows a single-part message that is no attachment (most plain-text mail)."""
+        if "content" not in self.__dict__ and not may_have_attachments(self.ctx.headers):
+            return []
+        return self.content.attachments
 
     @cached_property
     def sender_department_ids(self) -> frozenset[int]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import datetime as dt
 
 import pytest
@@ -200,6 +201,35 @@ def test_attachment_name_count_size(world, ctx_factory):
     assert not check(world, "attachment-size", "> 1MB", ctx)[0]
     with pytest.raises(ValueError):
         CONDITIONS["attachment-count"]("> 2MB", world.env)
+
+
+def test_attachment_conditions_skip_the_mime_parse_only_for_single_part_mail(world, ctx_factory):
+    """A plain-text message: no attachments, and the body is never parsed for them.  A
+    single-part message that is an attachment itself, and multipart mail, are parsed."""
+    from gateway.rules.content import may_have_attachments
+
+    text = ctx_factory()
+    facts = facts_for(text, world.directory, world.env)
+    assert not may_have_attachments(text.headers)
+    assert not check(world, "attachment-name", "*", text)[0]
+    assert not check(world, "attachment-count", "> 0", text)[0]
+    assert "content" not in facts.__dict__  # the MIME tree was not parsed
+
+    headers = (b"From: alice@acme.test\r\nTo: buyer@own.example\r\nSubject: x\r\n"
+               b"Content-Type: application/octet-stream\r\n"
+               b"Content-Disposition: attachment; filename=\"setup.exe\"\r\n"
+               b"Content-Transfer-Encoding: base64\r\n\r\n")
+    bare = ctx_factory(raw=headers + base64.encodebytes(EXE).replace(b"\n", b"\r\n"))
+    assert may_have_attachments(bare.headers)
+    hit, why = check(world, "attachment-type", "executable", bare)
+    assert hit and "setup.exe" in why
+
+    multi = ctx_factory(attachments=(("a.pdf", PDF, "application/pdf"),))
+    assert may_have_attachments(multi.headers)
+    assert check(world, "attachment-count", ">= 1", multi)[0]
+    # Parsed already (a body condition asked first): the parse is reused.
+    facts = facts_for(multi, world.directory, world.env)
+    assert facts.attachments is facts.content.attachments
 
 
 def test_message_size(world, ctx_factory):
