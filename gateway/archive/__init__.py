@@ -13,6 +13,7 @@ import base64
 import binascii
 import datetime as dt
 import email.header
+import email.message
 import email.parser
 import email.policy
 import email.quoprimime
@@ -67,6 +68,7 @@ class Capture:
     queue_id: str = ""
     seen_at: dt.datetime | None = None
     original: OriginalCopy | None = None  # the submitted bytes, when the gateway changed them
+    headers: dict[str, Any] | None = None  # headers_of(raw) when already parsed (ingest_many: the extraction's)
 
 
 @dataclass
@@ -235,9 +237,14 @@ class Archive:
         blobs = prepared or list(pool.map(lambda c: self.prepare(c.raw), captures))
         dirs = {d for d in pool.map(lambda b: self.store.write(b, sync_dir=False), blobs) if d is not None}
         list(pool.map(fsync_dir, dirs))
+        extracted = extraction.result() if extraction is not None else None
+        if extracted is not None:  # the extraction parsed the headers already: no second parse
+            for cap, (ex, _) in zip(captures, extracted, strict=True):
+                if cap.headers is None:
+                    cap.headers = getattr(ex, "headers", None)
         outcomes = self.chain_batch(captures, blobs)
-        if extraction is not None:
-            self.index_committed(outcomes, extraction.result())
+        if extracted is not None:
+            self.index_committed(outcomes, extracted)
         return outcomes
 
     def chain_batch(self, captures: list[Capture], blobs: list[PreparedBlob]) -> list[Outcome]:
@@ -304,7 +311,7 @@ class Archive:
             subject, message_id = cap.subject, cap.message_id
             mail_from, recipients = cap.mail_from, cap.recipients
             if subject is None or message_id is None or (not mail_from and not recipients):
-                h = headers_of(cap.raw)
+                h = cap.headers if cap.headers is not None else headers_of(cap.raw)
                 subject = h["subject"] if subject is None else subject
                 message_id = h["message_id"] if message_id is None else message_id
                 if not mail_from and not recipients:
@@ -509,15 +516,52 @@ def _text(value: Any) -> str:
     return text.replace("\r", "").replace("\n", "").strip()  # unfold
 
 
-def headers_of(raw: bytes) -> dict[str, Any]:
-    """Subject, Message-ID, From, To/Cc addresses and Date of a raw message (best effort)."""
+HEAD_LIMIT = 65536  # bytes of the header section headers_of reads
+
+
+def _head_end(raw: bytes) -> int:
     end = raw.find(b"\r\n\r\n")
     if end < 0:
         end = raw.find(b"\n\n")
-    head = raw[: end if end >= 0 else min(len(raw), 65536)][:65536]
+    return end
+
+
+def headers_of(raw: bytes) -> dict[str, Any]:
+    """Subject, Message-ID, From, To/Cc addresses and Date of a raw message (best effort)."""
+    end = _head_end(raw)
+    head = raw[: end if end >= 0 else min(len(raw), HEAD_LIMIT)][:HEAD_LIMIT]
+    try:
+        return header_fields(_HEADER_PARSER.parsebytes(head))
+    except Exception:  # a malformed header never stops archiving
+        log.debug("header parse failed", exc_info=True)
+        return {"subject": "", "message_id": "", "from": "", "to": [], "date": None}
+
+
+_LONE_CR = re.compile(rb"\r(?!\n)")
+
+
+def headers_of_parsed(raw: bytes, msg: email.message.Message) -> dict[str, Any] | None:
+    """``headers_of(raw)`` from ``msg``, a compat32 parse of all of ``raw`` (e.g. text
+    extraction's), without parsing the header section again — or None where the two could
+    differ: a header section past HEAD_LIMIT, none at all, or one whose end the parser finds
+    elsewhere than ``headers_of`` does (a bare-LF blank line before the CRLF one, lone CRs)."""
+    end = _head_end(raw)
+    if end < 0 or end > HEAD_LIMIT or _LONE_CR.search(raw, 0, end + 4) is not None:
+        return None
+    blank = [p for p in (raw.find(b"\n\n", 0, end + 4), raw.find(b"\n\r\n", 0, end + 4)) if p >= 0]
+    crlf = raw.startswith(b"\r\n\r\n", end)
+    if not blank or min(blank) != (end + 1 if crlf else end):
+        return None
+    try:
+        return header_fields(msg)
+    except Exception:  # noqa: BLE001 - headers_of decides (and logs) then
+        return None
+
+
+def header_fields(msg: email.message.Message) -> dict[str, Any]:
+    """``headers_of``'s fields from a parsed (compat32) message."""
     out: dict[str, Any] = {"subject": "", "message_id": "", "from": "", "to": [], "date": None}
     try:
-        msg = _HEADER_PARSER.parsebytes(head)
         out["subject"] = _text(msg.get("subject"))
         out["message_id"] = _text(msg.get("message-id"))
         froms = email.utils.getaddresses([_text(v) for v in msg.get_all("from", [])])

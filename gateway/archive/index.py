@@ -85,6 +85,7 @@ class Extracted:
     to_addrs: list[str] = field(default_factory=list)
     has_attachment: bool = False
     date: dt.datetime | None = None
+    headers: dict | None = None  # gateway.archive.headers_of's fields from the same parse (None: not known)
 
 
 # -- decoding helpers --------------------------------------------------------------------
@@ -282,6 +283,9 @@ def extract(raw: bytes) -> Extracted:
     except Exception:  # noqa: BLE001
         out.body = decode_bytes(raw[:BODY_LIMIT])[:BODY_LIMIT]
         return out
+    from gateway.archive import headers_of_parsed
+
+    out.headers = headers_of_parsed(raw, msg)
     try:
         out.subject = decode_header(msg.get("Subject"))[:2000]
     except Exception:  # noqa: BLE001

@@ -141,3 +141,17 @@ def test_verify_catches_tampering_with_a_batch(archive, pool):
     assert any(f"record {recs[1].id}" in p and "missing" in p for p in problems), problems
     assert any("altered" in p for p in problems), problems
     assert any("missing (deleted)" in p for p in problems), problems
+
+
+def test_batch_ingest_takes_record_headers_from_the_extraction_not_a_second_parse(archive, monkeypatch):
+    import gateway.archive as archive_mod
+
+    parsed = []
+    real = archive_mod.headers_of
+    monkeypatch.setattr(archive_mod, "headers_of", lambda raw: parsed.append(raw) or real(raw))
+    raws = [message(n, "heron") for n in range(10)]
+    outs = archive.ingest_many([Capture(raw=r, place="import:eml") for r in raws])
+    assert parsed == []  # the extraction's parse gave them
+    assert [o.record.subject for o in outs] == [f"Offer {n}" for n in range(10)]
+    assert [o.record.message_id for o in outs] == [f"<m{n}@acme.test>" for n in range(10)]
+    assert outs[3].record.mail_from == "alice@acme.test" and outs[3].record.recipients == '["buyer3@example.com"]'

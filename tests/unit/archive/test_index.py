@@ -142,3 +142,21 @@ def test_base64_cut_keeps_text_parts_and_drops_attachment_bodies():
 
     small = indexable(raw)
     assert len(small) < len(raw) // 4 and extract(small) == ex and indexable(small) == small
+
+
+def test_extraction_hands_over_the_header_fields_headers_of_would_parse():
+    from gateway.archive import headers_of
+
+    plain = (b"Subject: =?utf-8?b?5Lit5paH?=\r\nFrom: =?gb2312?b?1tDOxA==?= <b@y.test>\r\n"
+             b"To: a@x.test, \"Q\" <q@z.test>\r\nCc: c@d.test\r\nMessage-ID: <m1@x.test>\r\n\r\nbody")
+    folded = b"Subject: folded\r\n continued\r\nTo: a@x.test,\r\n b@x.test\r\n\r\nbody"
+    raw8 = b"Subject: \xe4\xb8\xad raw 8bit\r\nFrom: \xe5\xbc\xa0 <z@x.test>\r\n\r\nbody"
+    for raw in (plain, folded, raw8):
+        assert extract(raw).headers == headers_of(raw) and headers_of(raw)["subject"]
+    assert extract(plain).headers["to"] == ["a@x.test", "q@z.test", "c@d.test"]
+    # where a full parse may see another header section than headers_of, it is left to headers_of
+    for raw in (b"From: a@x.test\r\nSubject: mixed\n\nX-Late: 1\r\n\r\nbody",  # bare-LF blank line first
+                b"From: a@x.test\r\nSubject: lone\rcr\r\n\r\nbody",
+                b"From: a@x.test\r\nSubject: no blank line",
+                b"Subject: x\r\nX-Pad: " + b"a" * 70_000 + b"\r\n\r\nbody"):
+        assert extract(raw).headers is None
