@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import ctypes
+import gc
 import logging
 import os
 import signal
@@ -111,6 +112,9 @@ async def run_workers(cfg, wake_fd: int) -> None:
 
     os.set_blocking(wake_fd, False)
     loop.add_reader(wake_fd, on_wake)
+    # Start-up objects out of the full GC's walks, as in the node (gateway.smtp.stack).
+    gc.collect()
+    gc.freeze()
     log.info("relay process started: %d workers", len(workers))
     await asyncio.gather(*(w.run(stop) for w in workers))
     await asyncio.to_thread(committer.stop)

@@ -8,6 +8,7 @@ SubmissionHandler (archive, spool, group committer) → aiosmtpd servers.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -112,7 +113,18 @@ async def build_submission(
     stack.servers = await start_smtp(cfg, handler, processes=processes)
     stack.tasks.append(asyncio.create_task(watch_rules(policy, cfg, stopping, reloader=reloader),
                                            name="rule-watcher"))
+    freeze_startup_objects()
     return stack
+
+
+def freeze_startup_objects() -> None:
+    """Take what start-up allocated (modules, config, directory, rules: ~95k objects in a
+    node) out of the cyclic garbage collector's walks.  Each full collection walked them all,
+    ~120 ms with every thread stopped — the group commit holding the SQLite write lock
+    included — about four times per 2000 messages (bench_smtp); frozen, ~35 ms.  Garbage
+    that exists now is collected first; frozen objects are still freed by reference counting."""
+    gc.collect()
+    gc.freeze()
 
 
 async def refresh_directory(directory: Directory, stopping: asyncio.Event, every: float) -> None:
