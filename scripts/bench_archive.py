@@ -410,9 +410,11 @@ def bench_ingest(n: int, workdir: Path) -> list[tuple[str, float, float, float]]
 def _make_rows(args: tuple[int, int, int]) -> list[tuple]:
     """Worker process, "rows" build: messages start..stop of a corpus of n as (header block,
     content hash, size, direction, employee id, date, extracted fields, short grams) — the
-    grams computed here as the archive's extraction workers compute them."""
+    grams and the record's header fields computed here as the archive's extraction workers
+    compute them."""
     import hashlib
 
+    from gateway.archive import headers_of
     from gateway.archive.index import all_text, short_grams
 
     n, start, stop = args
@@ -421,6 +423,7 @@ def _make_rows(args: tuple[int, int, int]) -> list[tuple]:
     out = []
     for i in range(start, stop):
         head, direction, emp, when, ex, size = corpus.message(i, whole=False)
+        ex.headers = headers_of(head)  # as ingest_many's extraction workers hand them over
         out.append((head, hashlib.sha256(head).hexdigest(), size, direction, emp, when, ex,
                     short_grams(all_text(ex))))
     return out
@@ -430,8 +433,9 @@ def _ingest_rows(archive: object, rows: list[tuple]) -> list:
     """The "rows" build of one batch: ``Archive.chain_batch`` and ``Archive.index_committed``,
     the very steps 3 and 4 of ``ingest_many``, fed with the generator's extracted fields
     instead of steps 1–2 (MIME parsing and the encrypted blob).  Each capture carries the
-    message's header block, from which ``chain_batch`` takes the record's subject, Message-ID,
-    From and To exactly as for a whole message; the blob is described (content hash, its
+    message's header block and ``headers_of`` of it (the record's subject, Message-ID, From and
+    To exactly as for a whole message, parsed in the generator process as ``ingest_many``'s
+    extraction workers parse them); the blob is described (content hash, its
     HMAC file name, size, current key id) but not written — ``data=b""`` marks it as ready,
     so nothing looks for the file."""
     from gateway.archive import PreparedBlob
@@ -439,6 +443,8 @@ def _ingest_rows(archive: object, rows: list[tuple]) -> list:
     store = archive.store
     key_id = store.keyring.current_id
     captures = [_capture(head, d, emp, when) for head, _, _, d, emp, when, _, _ in rows]
+    for cap, row in zip(captures, rows, strict=True):
+        cap.headers = row[6].headers
     blobs = [PreparedBlob(sha, store.name_for(sha), size, key_id, b"", size) for _, sha, size, *_ in rows]
     outcomes = archive.chain_batch(captures, blobs)
     archive.index_committed(outcomes, [(ex, grams) for *_, ex, grams in rows])
@@ -500,7 +506,8 @@ def build(corpus: Corpus, n: int, workdir: Path, drop_blobs: bool, batch: int = 
     t0 = time.perf_counter()
     c0 = cpu_seconds()
     done = 0
-    with multiprocessing.get_context("fork").Pool(1) as pool:
+    # The worker must not inherit main()'s SIGTERM handler: Pool.terminate stops it with SIGTERM.
+    with multiprocessing.get_context("fork").Pool(1, signal.signal, (signal.SIGTERM, signal.SIG_DFL)) as pool:
         ahead = collections.deque(pool.apply_async(make, (job,)) for job in jobs[:3])
         for k in range(len(jobs)):
             msgs = ahead.popleft().get()
