@@ -108,8 +108,12 @@ class GroupCommitter:
     callers.  So the thread that holds the database write lock never waits for a disk flush,
     and the next batch's directory fsyncs overlap the current batch's transaction."""
 
-    def __init__(self, max_batch: int = 32):
+    def __init__(self, max_batch: int = 32, linger: float = 0.0):
+        """``linger``: seconds the first job of a batch may wait for more to join it — for a
+        committer whose callers do not wait for the answer (the relay process's outcomes),
+        so that fewer, larger transactions take the shared write lock."""
         self.max_batch = max_batch
+        self.linger = linger
         self._jobs: queue.SimpleQueue = queue.SimpleQueue()
         self._ready: queue.SimpleQueue = queue.SimpleQueue()  # (batch, fsynced dirs) for the writer
         self._done: queue.SimpleQueue = queue.SimpleQueue()  # (batch, outcomes, wal) to answer
@@ -208,6 +212,8 @@ class GroupCommitter:
             if first is _STOP:
                 break
             batch, stopping = self._take(self._jobs, first, self.max_batch, lambda _: 1)
+            if self.linger and not stopping:
+                stopping = self._linger(batch)
             synced = set().union(*(job[4] for job in batch))
             started = time.monotonic()
             try:
@@ -222,6 +228,19 @@ class GroupCommitter:
                 self.seconds["fsync_dirs"] += time.monotonic() - started
             self._ready.put((batch, synced))
         self._ready.put(_STOP)
+
+    def _linger(self, batch: list) -> bool:
+        """Let more jobs join ``batch`` for up to ``linger`` seconds; True if a stop came."""
+        deadline = time.monotonic() + self.linger
+        while len(batch) < self.max_batch and (left := deadline - time.monotonic()) > 0:
+            try:
+                job = self._jobs.get(timeout=left)
+            except queue.Empty:
+                break
+            if job is _STOP:
+                return True
+            batch.append(job)
+        return False
 
     def _run(self) -> None:
         """Stage 2: every batch that is ready, in one transaction (the write lock's holder)."""

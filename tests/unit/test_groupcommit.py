@@ -174,3 +174,27 @@ def test_job_directories_are_fsynced_once_per_batch_outside_the_write_lock(db, t
     committer.stop()
     assert isinstance(error, OSError)
     assert Department.select().where(Department.name == "never").count() == 0
+
+
+def test_linger_gathers_posted_jobs_into_one_batch_and_stop_ends_it(db):
+    """linger: the first job waits for more (up to max_batch) instead of committing alone;
+    a stop during the wait commits what was gathered."""
+    committer = GroupCommitter(max_batch=5, linger=60.0)
+    done: list[tuple] = []
+    all_done = threading.Event()
+
+    def on_done(result, error):
+        done.append((result, error))
+        if len(done) == 5:
+            all_done.set()
+
+    for i in range(5):  # the fifth fills the batch: no 60 s wait
+        committer.post(lambda i=i: Department.create(name=f"l{i}").name, on_done=on_done)
+    assert all_done.wait(30)
+    assert sorted(done) == [(f"l{i}", None) for i in range(5)] and committer.batches == 1
+
+    results = []
+    committer.post(lambda: Department.create(name="last").name, on_done=lambda r, e: results.append((r, e)))
+    committer.stop()  # ends the linger of the lone job: it is committed, not lost
+    assert results == [("last", None)] and committer.batches == 2
+    assert Department.select().count() == 6
