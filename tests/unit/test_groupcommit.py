@@ -81,6 +81,24 @@ def test_run_sync_from_a_plain_thread(db):
 def test_archive_chain_advances_in_memory_per_batch_and_follows_rollbacks(db, tmp_path):
     """One batch: the chain head is written once; a job that appended to the chain and then
     failed leaves no gap, the next job links to the last row that stayed."""
+    committer = chain_batch_checks(tmp_path)
+    assert committer._wal is not None  # SQLite WAL: fsynced by the committer after each commit
+
+
+def test_the_pipeline_and_the_chain_batch_on_postgresql_too(postgres, tmp_path):
+    """The same on PostgreSQL, where the commit itself is durable (no WAL file to fsync)."""
+    from gateway.db import connect
+
+    connect(postgres.create_database("group_commit"))
+    try:
+        committer = chain_batch_checks(tmp_path)
+        assert committer._wal is None
+    finally:
+        database.close()
+        postgres.drop_database("group_commit")
+
+
+def chain_batch_checks(tmp_path) -> GroupCommitter:
     from gateway.archive import Archive, chain
     from gateway.archive.schema import ArchiveRecord, ArchiveSighting
     from gateway.archive.verify import verify_chain
@@ -120,6 +138,7 @@ def test_archive_chain_advances_in_memory_per_batch_and_follows_rollbacks(db, tm
     assert ArchiveRecord.select().count() == 2 and ArchiveSighting.select().count() == 2
     assert chain.head()[0] == 4
     assert verify_chain() == []
+    return committer
 
 
 def test_job_directories_are_fsynced_once_per_batch_outside_the_write_lock(db, tmp_path, monkeypatch):
