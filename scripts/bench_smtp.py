@@ -50,6 +50,7 @@ from benchlib import (  # noqa: E402
     cpu_seconds,
     free_ports,
     is_alive,
+    process_tree,
     smtp_source,
     tree_cpu_seconds,
     wait_until,
@@ -176,6 +177,26 @@ def indexed(db: Path) -> int:
         return 0
 
 
+def cpu_by_role(root: int) -> dict[str, float]:
+    """CPU seconds of the gateway's processes by role (the node, its relay process, the
+    archive's text-extraction workers, acceptor processes), and of each role's kernel time
+    (``<role> sys``: fsyncs, sockets)."""
+    out: dict[str, float] = {}
+    tick = os.sysconf("SC_CLK_TCK")
+    for pid in process_tree(root):
+        try:
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        role = ("node" if pid == root else "relay" if b"gateway.relayproc" in cmd
+                else "extraction" if b"spawn_main" in cmd else "acceptor" if b"acceptor" in cmd else "other")
+        # utime stime cutime cstime: the process and the children it reaped.
+        out[role] = out.get(role, 0.0) + sum(int(f) for f in fields[11:15]) / tick
+        out[f"{role} sys"] = out.get(f"{role} sys", 0.0) + (int(fields[12]) + int(fields[14])) / tick
+    return out
+
+
 def run_gateway(args: argparse.Namespace, children: Children, base: Path) -> Result:
     sink_port, port = free_ports(2)
     sink = Sink(children, sink_port, announce_auth=args.sink_auth)
@@ -192,12 +213,23 @@ def run_gateway(args: argparse.Namespace, children: Children, base: Path) -> Res
                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             time.sleep(1.0)
         pid = node.proc.pid
+        snapshots: list[dict[str, float]] = []
+
+        def cpu() -> float:
+            snapshots.append(cpu_by_role(pid))
+            return sum(v for k, v in snapshots[-1].items() if not k.endswith(" sys"))
+
         # The node and its relay process (relay.process = "separate").
         # Warm means the archive indexer has indexed the warm-up messages: its text extraction
         # worker processes start at its first batch, and their start-up (imports, ~1.5 s CPU
         # each) would otherwise be counted against the measured messages.
-        result = measure("gateway", port, sink, args, children, lambda: tree_cpu_seconds(pid),
-                         warm=lambda: indexed(node.db) >= WARMUP)
+        result = measure("gateway", port, sink, args, children, cpu, warm=lambda: indexed(node.db) >= WARMUP)
+        if len(snapshots) == 2:
+            before, after = snapshots
+            print("gateway CPU ms/msg by process (of it in the kernel): " + ", ".join(
+                f"{role} {(after[role] - before.get(role, 0.0)) / args.messages * 1000:.2f}"
+                f" ({(after[f'{role} sys'] - before.get(f'{role} sys', 0.0)) / args.messages * 1000:.2f})"
+                for role in sorted(after) if not role.endswith(" sys") and role != "other"))
         result.rss_kb = node.peak_rss_kb()
     finally:
         if profiler is not None:
