@@ -273,6 +273,8 @@ class GroupCommitter:
                 try:
                     _fsync_file(wal)  # the commits are durable from here on (see the module doc)
                 except OSError as exc:
+                    # Committed but perhaps not durable: answered as a failure (a client then
+                    # sends again, and may store the message twice; never a 250 for it).
                     log.error("group commit: fsync of %s failed: %s", wal, exc)
                     failed = exc
             self.seconds["fsync_wal"] += time.monotonic() - started
@@ -331,7 +333,10 @@ class GroupCommitter:
                     box["error"] = error
                 done.set()
             else:
-                loop.call_soon_threadsafe(_resolve, future, outcome)
+                try:
+                    loop.call_soon_threadsafe(_resolve, future, outcome)
+                except RuntimeError:  # the caller's event loop is closed: nobody to answer
+                    log.warning("group commit: a caller's event loop closed before its answer")
 
     def _wal_path(self) -> Path | None:
         """SQLite in WAL mode: switch this thread's connection to ``synchronous=NORMAL`` (once

@@ -217,3 +217,23 @@ def test_linger_gathers_posted_jobs_into_one_batch_and_stop_ends_it(db):
     committer.stop()  # ends the linger of the lone job: it is committed, not lost
     assert results == [("last", None)] and committer.batches == 2
     assert Department.select().count() == 6
+
+
+def test_a_failed_wal_fsync_is_answered_as_a_failure(db, monkeypatch):
+    """The commit happened but may not be durable: the caller hears an error, never success
+    (an SMTP client then gets 451 and sends again)."""
+    import gateway.groupcommit as gc
+
+    real = gc._fsync_file
+
+    def failing(path):
+        if str(path).endswith("-wal"):
+            raise OSError(5, "I/O error")
+        real(path)
+
+    monkeypatch.setattr(gc, "_fsync_file", failing)
+    committer = GroupCommitter()
+    with pytest.raises(OSError, match="I/O error"):
+        asyncio.run(committer.submit(lambda: Department.create(name="maybe").name))
+    committer.stop()
+    assert committer._wal is not None and committer._wal.name.endswith("-wal")
