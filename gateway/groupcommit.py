@@ -3,10 +3,12 @@
 Each accepted message needs a few rows (archive record, queue row, maybe an
 approval) committed before its 250.  With SQLite every commit is an fsync and
 concurrent writers queue on one lock; so jobs from all SMTP sessions go to
-one thread, which takes whatever is waiting (up to ``max_batch``), runs each
-job in its own savepoint (one failing job does not spoil the others), fsyncs
-the directories the jobs asked for once, commits once, and only then
-resolves the callers' futures — nobody hears 250 before the commit.
+one writer thread, which takes whatever is waiting (up to ``max_batch``), runs each
+job in its own savepoint (one failing job does not spoil the others) and commits
+once.  Around it, a pipeline (``GroupCommitter``): before, a thread fsyncs the
+directories the batch's files were written into (outside the write lock); after, a
+thread fsyncs the WAL and only then resolves the callers' futures — nobody hears
+250 before the commit is durable.
 
 On SQLite (WAL) the committer's connection commits without an fsync of its own
 (``synchronous=NORMAL``) and fsyncs the WAL file itself right after the commit — after
