@@ -136,6 +136,7 @@ class _Sql:
         # a walk newest first skips them (they cost a detoast per row and decide nothing).
         self.narrow: list[str] = []
         self.narrow_params: list[object] = []
+        self.below: int | None = None  # before: as a docid bound (PostgreSQL's window probe starts there)
 
     def add(self, clause: str, *params: object) -> None:
         self.where.append(clause.replace("?", self.mark))
@@ -174,14 +175,17 @@ def _pg_text_rows(sql: _Sql, base: str, offset: int, per_page: int) -> list[tupl
     left to estimates (a GIN index cannot tell how many of its candidates match a phrase or
     a substring, and a wrong guess either rechecks most of the archive or walks all of it):
 
-    1. the newest ``PG_WINDOW`` documents: common terms fill the page here;
+    1. the newest ``PG_WINDOW`` documents (before ``before:``): common terms fill the page here;
     2. at least ``PG_WALK_MIN`` matches there, not a page: dense enough to walk the
        documents newest first and stop at the page (bitmap scans off: no GIN gathering);
     3. fewer: rare (one recent hit of an order number says little) — gather them from the
        GIN indexes and sort (no walk, which would read every document to find them)."""
     db = database.obj
     need = offset + per_page + 1
-    window = base.replace(_PG_SOURCE, f"(SELECT * FROM archivesearchdoc ORDER BY docid DESC"
+    # before: the newest documents of the range (the archive's newest lie past its end: a
+    # probe there found nothing and sent a dense month to the sort-everything plan)
+    below = f" WHERE docid < {int(sql.below)}" if sql.below is not None else ""
+    window = base.replace(_PG_SOURCE, f"(SELECT * FROM archivesearchdoc{below} ORDER BY docid DESC"
                                       f" LIMIT {PG_WINDOW}) d", 1)
     seen = db.execute_sql(f"{window} LIMIT {need}", sql.params).fetchall()
     if len(seen) == need:
@@ -265,7 +269,8 @@ def _build(sql: _Sql, q: Query, user_scope: Collection[int] | None) -> str:
     if q.after:
         sql.add(f"{key} >= ?", docid_for(dt.datetime.combine(q.after, dt.time()), 0))
     if q.before:
-        sql.add(f"{key} < ?", docid_for(dt.datetime.combine(q.before, dt.time()), 0))
+        sql.below = docid_for(dt.datetime.combine(q.before, dt.time()), 0)
+        sql.add(f"{key} < ?", sql.below)
     if q.has_attachment:
         sql.add("d.has_attachment = ?", True)
     if q.direction or q.employee:

@@ -137,3 +137,18 @@ def test_word_pairs_narrow_a_phrase_and_migration_153_backfills_them(db, corpus)
     assert db.execute_sql("SELECT count(*) FROM archivesearchtext WHERE cardinality(pairs) = 0").fetchone()[0] == 0
     assert ids('"price list"') == [2] and ids('"best alice"') == [2]
     search_word_pairs(db)  # idempotent
+
+
+def test_the_window_probe_starts_at_the_date_range_end(db, corpus, monkeypatch):
+    from gateway.archive import search as search_mod
+    from gateway.db.models import database
+
+    monkeypatch.setattr(search_mod, "PG_WINDOW", 2)
+    statements: list[str] = []
+    real = database.obj.execute_sql
+    monkeypatch.setattr(database.obj, "execute_sql",
+                        lambda sql, *a, **k: statements.append(sql) or real(sql, *a, **k))
+    # the newest documents (5 and 4, Jan 5 and 4) are past the range: the probe looks at the
+    # range's newest two (3 and 2, both matches), which answer the page — no fallback plan
+    assert ids("quotation before:2026-01-04", per_page=1) == [3]
+    assert not any("SET LOCAL" in s for s in statements), statements
