@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import queue
 import threading
 import time
@@ -359,12 +358,7 @@ class GroupCommitter:
         return self._wal
 
 
-def _fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+_fsync_file = fsync_dir  # opens the path read-only and fsyncs it: a directory or a file alike
 
 
 _DIR_POOL: ThreadPoolExecutor | None = None

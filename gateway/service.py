@@ -17,8 +17,10 @@ from concurrent.futures import ThreadPoolExecutor
 from gateway.archive import Archive
 from gateway.areas import AREA_SERVICES, optional_module
 from gateway.config import Config
+from gateway.db import statistics
 from gateway.directory import Directory
 from gateway.groupcommit import GroupCommitter
+from gateway.periodic import periodically
 from gateway.policy import Policy
 from gateway.smtp.stack import node_spool, refresh_directory
 
@@ -87,8 +89,13 @@ class Node:
             self.tasks.append(asyncio.create_task(w.run(self.stopping), name=w.name))
         self.tasks.append(asyncio.create_task(
             refresh_directory(self.directory, self.stopping, DIRECTORY_REFRESH), name="directory-refresh"))
-        self.tasks.append(asyncio.create_task(self._expire_approvals(), name="approval-expiry"))
-        self.tasks.append(asyncio.create_task(self._refresh_statistics(), name="db-statistics"))
+        self.tasks.append(asyncio.create_task(periodically(
+            self.stopping, self.approvals.expire_due, APPROVAL_EXPIRY_INTERVAL, first=0,
+            failure="approval expiry failed"), name="approval-expiry"))
+        # SQLite planner statistics (gateway/db/statistics.py): soon after start, then every few hours.
+        self.tasks.append(asyncio.create_task(periodically(
+            self.stopping, statistics.refresh, statistics.INTERVAL, first=statistics.FIRST_DELAY,
+            failure="refreshing database statistics failed"), name="db-statistics"))
         if reactor is not None:
             from gateway.imap.service import listen_imap
 
@@ -111,34 +118,6 @@ class Node:
             w.wakeup()
         if self.relay_process is not None:
             self.relay_process.wakeup()
-
-    async def _expire_approvals(self) -> None:
-        while not self.stopping.is_set():
-            try:
-                await asyncio.to_thread(self.approvals.expire_due)
-            except Exception:
-                log.exception("approval expiry failed")
-            try:
-                await asyncio.wait_for(self.stopping.wait(), APPROVAL_EXPIRY_INTERVAL)
-            except TimeoutError:
-                pass
-
-    async def _refresh_statistics(self) -> None:
-        """SQLite planner statistics (gateway/db/statistics.py): soon after start, then every few hours."""
-        from gateway.db import statistics
-
-        delay = statistics.FIRST_DELAY
-        while not self.stopping.is_set():
-            try:
-                await asyncio.wait_for(self.stopping.wait(), delay)
-                return
-            except TimeoutError:
-                pass
-            try:
-                await asyncio.to_thread(statistics.refresh)
-            except Exception:
-                log.exception("refreshing database statistics failed")
-            delay = statistics.INTERVAL
 
     def _start_metrics(self) -> None:
         if not self.cfg.metrics.port:

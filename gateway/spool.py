@@ -69,6 +69,7 @@ def write_durably(path: Path, data: bytes, sync_dir: bool = True) -> None:
 
 
 def fsync_dir(directory: Path) -> None:
+    """fsync a directory's entries (any path opened read-only: a file's data too)."""
     fd = os.open(directory, os.O_RDONLY)
     try:
         os.fsync(fd)

@@ -19,6 +19,7 @@ from gateway.areas import optional_module
 from gateway.config import Config
 from gateway.directory import Directory
 from gateway.groupcommit import GroupCommitter
+from gateway.periodic import periodically
 from gateway.policy import Policy
 from gateway.smtp.auth import UpstreamAuthenticator
 from gateway.smtp.guard import LoginGuard
@@ -129,12 +130,5 @@ def freeze_startup_objects() -> None:
 
 async def refresh_directory(directory: Directory, stopping: asyncio.Event, every: float) -> None:
     """Replay the directory's change feed every ``every`` seconds until ``stopping``."""
-    while not stopping.is_set():
-        try:
-            await asyncio.wait_for(stopping.wait(), every)
-        except TimeoutError:
-            pass
-        try:
-            await asyncio.to_thread(directory.refresh)
-        except Exception:
-            log.exception("directory refresh failed; keeping the last good index")
+    await periodically(stopping, directory.refresh, every,
+                       failure="directory refresh failed; keeping the last good index")
