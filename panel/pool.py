@@ -30,6 +30,7 @@ from gateway import oplog
 from gateway.customers import STAGES, owner_ids, release
 from gateway.db.models import Customer, utcnow
 from gateway.groupcommit import write_transaction
+from gateway.periodic import periodically
 
 log = logging.getLogger(__name__)
 MAX_DAYS = 3650
@@ -131,15 +132,4 @@ def last_sweep() -> tuple[dt.datetime | None, int]:
 
 async def run_daily(rules: PoolRules, stopping: asyncio.Event, first_delay: float = 60.0) -> None:
     """Inside `mailgate run`: sweep shortly after start-up, then once a day, until ``stopping``."""
-    delay = first_delay
-    while not stopping.is_set():
-        try:
-            await asyncio.wait_for(stopping.wait(), delay)
-            return
-        except TimeoutError:
-            pass
-        try:
-            await asyncio.to_thread(sweep, rules)
-        except Exception:
-            log.exception("public pool sweep failed")
-        delay = DAY
+    await periodically(stopping, lambda: sweep(rules), DAY, first=first_delay, failure="public pool sweep failed")
