@@ -5,7 +5,12 @@ approval) committed before its 250.  With SQLite every commit is an fsync and
 concurrent writers queue on one lock; so jobs from all SMTP sessions go to
 one writer thread, which takes whatever is waiting (up to ``max_batch``), runs each
 job in its own savepoint (one failing job does not spoil the others) and commits
-once.  Around it, a pipeline (``GroupCommitter``): before, a thread fsyncs the
+once.  A job may have a batch form (``submit(…, many=)``): the jobs of a batch that share
+it run as one call in one savepoint — one look-up and a few statements for all of them
+instead of a savepoint and a dozen statements each (every statement is a moment the
+writer gives up the GIL, and under load it waits milliseconds to get it back, holding
+the write lock) — and, should that call fail, again one by one in savepoints of their
+own, so one bad job still spoils only itself.  Around it, a pipeline (``GroupCommitter``): before, a thread fsyncs the
 directories the batch's files were written into (outside the write lock); after, a
 thread fsyncs the WAL and only then resolves the callers' futures — nobody hears
 250 before the commit is durable.
@@ -126,19 +131,24 @@ class GroupCommitter:
         self.jobs_done = 0
         # Seconds spent per phase (logged at stop): directory fsyncs, waiting for the write
         # lock (BEGIN), running the jobs, committing, the WAL fsync.  Where the time goes.
-        self.seconds = dict.fromkeys(("fsync_dirs", "begin", "jobs", "commit", "fsync_wal"), 0.0)
+        # jobs_cpu: the writer thread's CPU while running jobs (jobs - jobs_cpu ≈ waits for the GIL).
+        self.seconds = dict.fromkeys(("fsync_dirs", "begin", "jobs", "jobs_cpu", "commit", "fsync_wal"), 0.0)
         self._wal_conn: Any = None  # the connection set to synchronous=NORMAL (see _wal_path)
         self._wal: Path | None = None
 
-    async def submit(self, fn: Callable[..., Any], *args: Any, dirs: Iterable[Path] = ()) -> Any:
+    async def submit(self, fn: Callable[..., Any], *args: Any, dirs: Iterable[Path] = (),
+                     many: Callable[[list[tuple]], list] | None = None) -> Any:
         """Run ``fn(*args)`` in the writer thread inside the next batch's transaction.
         ``dirs``: directories holding files this job wrote (renamed into place already);
         they are fsynced, once per batch and in parallel, before the batch takes the
-        database write lock — not while holding it."""
+        database write lock — not while holding it.  ``many``: the batch form of ``fn``,
+        called with the ``args`` of every job of the batch that names the same ``many`` and
+        returning their results in order; it must do what ``fn`` would do for each (``fn``
+        runs instead, job by job, if it raises)."""
         self._ensure_thread()
         loop = asyncio.get_running_loop()
         future = loop.create_future()
-        self._jobs.put((fn, args, future, loop, frozenset(dirs)))
+        self._jobs.put((fn, args, future, loop, frozenset(dirs), many))
         return await future
 
     def run_sync(self, fn: Callable[..., Any], *args: Any, timeout: float = 300.0) -> Any:
@@ -146,7 +156,7 @@ class GroupCommitter:
         self._ensure_thread()
         done = threading.Event()
         box: dict[str, Any] = {}
-        self._jobs.put((fn, args, (done, box), None, frozenset()))
+        self._jobs.put((fn, args, (done, box), None, frozenset(), None))
         if not done.wait(timeout):
             raise TimeoutError("group commit did not answer in time")
         if "error" in box:
@@ -154,12 +164,13 @@ class GroupCommitter:
         return box.get("result")
 
     def post(self, fn: Callable[..., Any], *args: Any,
-             on_done: Callable[[Any, BaseException | None], None]) -> None:
+             on_done: Callable[[Any, BaseException | None], None],
+             many: Callable[[list[tuple]], list] | None = None) -> None:
         """From a plain thread, without waiting: ``on_done(result, error)`` runs in the
         committer's answering thread after the commit is durable (keep it short: no DB
-        work, no blocking)."""
+        work, no blocking).  ``many``: as for ``submit``."""
         self._ensure_thread()
-        self._jobs.put((fn, args, on_done, None, frozenset()))
+        self._jobs.put((fn, args, on_done, None, frozenset(), many))
 
     def sync_dir(self, directory: Path) -> None:
         """Called from a job: fsync ``directory`` before this batch commits."""
@@ -299,14 +310,10 @@ class GroupCommitter:
             # The archive hash chain is advanced in memory for the whole batch: its head row is
             # locked and read at the first archive append and written once before the commit.
             with write_transaction(), chain.batch(lazy=True):
-                t2 = time.monotonic()
+                t2, c2 = time.monotonic(), time.thread_time()
                 seconds["begin"] += t2 - t1
-                for fn, args, _, _, _ in batch:
-                    try:
-                        with database.atomic(), chain.savepoint():  # a savepoint per job
-                            outcomes.append((fn(*args), None))
-                    except Exception as exc:  # the job's own failure, reported to its caller
-                        outcomes.append((None, exc))
+                outcomes = _run_jobs(batch)
+                seconds["jobs_cpu"] += time.thread_time() - c2
                 _fsync_dirs(self._dirs - synced)  # asked for by jobs with sync_dir()
                 t1 = time.monotonic()
                 seconds["jobs"] += t1 - t2
@@ -321,7 +328,7 @@ class GroupCommitter:
 
     @staticmethod
     def _resolve_all(batch: list, outcomes: list[tuple[Any, BaseException | None]]) -> None:
-        for (_, _, future, loop, _), outcome in zip(batch, outcomes, strict=True):
+        for (_, _, future, loop, _, _), outcome in zip(batch, outcomes, strict=True):
             if callable(future):  # post(): the caller's callback
                 try:
                     future(*outcome)
@@ -356,6 +363,42 @@ class GroupCommitter:
                 _fsync_file(wal.parent)  # the WAL file's own directory entry, once
                 self._wal = wal
         return self._wal
+
+
+def _run_jobs(batch: list) -> list[tuple[Any, BaseException | None]]:
+    """Inside the batch's transaction: every job in a savepoint of its own, except jobs with a
+    batch form, which run together (see ``GroupCommitter.submit``)."""
+    from gateway.archive import chain  # here: gateway.archive imports this module
+
+    def one(job: tuple) -> tuple[Any, BaseException | None]:
+        try:
+            with database.atomic(), chain.savepoint():  # a savepoint per job
+                return job[0](*job[1]), None
+        except Exception as exc:  # the job's own failure, reported to its caller
+            return None, exc
+
+    outcomes: list[Any] = [None] * len(batch)
+    groups: dict[Callable, list[int]] = {}
+    for i, job in enumerate(batch):
+        if job[5] is not None:
+            groups.setdefault(job[5], []).append(i)
+        else:
+            outcomes[i] = one(job)
+    for many, members in groups.items():
+        try:
+            with database.atomic(), chain.savepoint():
+                results = many([batch[i][1] for i in members])
+            if len(results) != len(members):
+                raise RuntimeError(f"{many!r} answered {len(results)} results for {len(members)} jobs")
+        except Exception as exc:  # one job's failure must not spoil the others: each alone
+            log.warning("group commit: the batch form of %d jobs failed (%s); running them one by one",
+                        len(members), exc)
+            for i in members:
+                outcomes[i] = one(batch[i])
+        else:
+            for i, result in zip(members, results, strict=True):
+                outcomes[i] = (result, None)
+    return outcomes
 
 
 _fsync_file = fsync_dir  # opens the path read-only and fsyncs it: a directory or a file alike

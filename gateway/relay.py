@@ -20,7 +20,6 @@ worker's own thread (``_call``).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import datetime as dt
 import functools
 import json
@@ -32,11 +31,12 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from peewee import OperationalError, SqliteDatabase
 
-from gateway.archive import relayed_capture
+from gateway.archive import RelayedCopy, record_relayed, relayed_capture
 from gateway.bounce import Failure, build_dsn
 from gateway.config import Config
 from gateway.credentials import CredentialsError, seal, unseal
@@ -392,22 +392,11 @@ class RelayWorker:
         changes.update(
             {m.attempts: attempts, m.last_error: errors, m.claimed_by: None, m.claimed_until: None}
         )
-        # Archive: the relayed copy as a "relay:sent" sighting (blob written here, row in store());
-        # its search-index update is left to the node's background indexer (off the mail path).
-        archived = (relayed_capture(self.config, row, original, delivered, remote, defer_index=True)
-                    if delivered else None)
-
-        def store() -> bool:
-            # The group committer runs each job in a savepoint of its own already; alone, a
-            # transaction.  A lost claim changes nothing (the UPDATE is the first write).
-            with contextlib.nullcontext() if self.committer is not None else database.atomic():
-                if finish(row.id, self.owner, changes) != 1:
-                    return False
-                if failures:
-                    self._bounce(row, failures, credentials, original)
-                if archived is not None:
-                    archived()
-                return True
+        # Archive: the relayed copy as a "relay:sent" sighting (blob written here, row in the
+        # outcome's transaction); its search-index update is left to the node's background
+        # indexer (off the mail path).
+        attempt = Attempt(self, row, changes, failures, credentials, original,
+                          relayed_capture(self.config, row, original, delivered, remote) if delivered else None)
 
         def recorded(stored: bool | None, error: BaseException | None = None) -> None:
             try:
@@ -424,14 +413,16 @@ class RelayWorker:
                 self._outstanding.release()
 
         # Through the node's group committer when there is one: the outcome shares a
-        # commit with whatever else is being stored, and the worker goes on with the next
-        # message meanwhile (its claim keeps the row from everyone else until then).
+        # commit with whatever else is being stored (the outcomes of a batch recorded
+        # together), and the worker goes on with the next message meanwhile (its claim
+        # keeps the row from everyone else until then).
         self._outstanding.acquire()
         if self.committer is not None:
-            self.committer.post(store, on_done=recorded)
+            self.committer.post(store_attempt, attempt, on_done=recorded, many=store_attempts)
         else:
             try:
-                result = store()
+                with database.atomic():
+                    result = store_attempt(attempt)
             except Exception as exc:
                 recorded(None, exc)
             else:
@@ -501,6 +492,44 @@ class RelayWorker:
             row.queue_id, ",".join(f"<{r}>" for r in rcpts), self.connection.relay,
             (now - row.created_at).total_seconds(),
         )
+
+
+@dataclass
+class Attempt:
+    """The outcome of one delivery attempt, to be recorded (``store_attempts``)."""
+
+    worker: RelayWorker
+    row: OutboundMessage
+    changes: dict[Any, Any]  # the queue row's new state (relayqueue.finish)
+    failures: list[Failure]  # recipients to bounce
+    credentials: Credentials | None
+    original: bytes
+    relayed: RelayedCopy | None  # the "relay:sent" archive sighting, if anything was delivered
+
+
+def store_attempt(attempt: Attempt) -> bool:
+    """Record one attempt inside the caller's transaction (a group-commit savepoint)."""
+    return store_attempts([(attempt,)])[0]
+
+
+def store_attempts(jobs: list[tuple[Attempt]]) -> list[bool]:
+    """Record attempts inside the caller's transaction (the batch form of ``store_attempt``):
+    each queue row's new state — only while the claim is still ours; a lost claim changes
+    nothing, False — its bounce, and the archive sightings of the relayed copies with one
+    look-up of their records."""
+    stored: list[bool] = []
+    relayed: list[RelayedCopy] = []
+    for (a,) in jobs:
+        if finish(a.row.id, a.worker.owner, a.changes) != 1:
+            stored.append(False)
+            continue
+        if a.failures:
+            a.worker._bounce(a.row, a.failures, a.credentials, a.original)
+        if a.relayed is not None:
+            relayed.append(a.relayed)
+        stored.append(True)
+    record_relayed(relayed)
+    return stored
 
 
 def _normalize_eol(data: bytes) -> bytes:

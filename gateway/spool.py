@@ -144,6 +144,26 @@ class Spool:
         mail_from: str,
         recipients: Iterable[str],
         size: int,
+        **fields: Any,
+    ) -> OutboundMessage:
+        """Phase 2: the queue row for a file already written (or, with ``spool_path`` =
+        ``archive_ref(…)``, for an archive blob already written), in a savepoint.  On failure
+        the file is removed and SpoolError raised.  ``fields``: as ``row``."""
+        try:
+            from gateway.groupcommit import insert_row  # gateway.groupcommit imports this module
+
+            with database.atomic():
+                return insert_row(self.row(queue_id, mail_from, recipients, size, **fields))
+        except Exception as exc:
+            self.discard(queue_id)
+            raise SpoolError(getattr(exc, "errno", None), f"queue record failed: {exc}") from exc
+
+    def row(
+        self,
+        queue_id: str,
+        mail_from: str,
+        recipients: Iterable[str],
+        size: int,
         *,
         employee_id: int | None = None,
         message_id: str = "",
@@ -152,29 +172,21 @@ class Spool:
         state: str = "queued",
         spool_path: str | None = None,
     ) -> OutboundMessage:
-        """Phase 2: the queue row for a file already written (or, with ``spool_path`` =
-        ``archive_ref(…)``, for an archive blob already written).  On failure the file
-        is removed and SpoolError raised."""
-        try:
-            from gateway.groupcommit import insert_row  # gateway.groupcommit imports this module
-
-            with database.atomic():
-                return insert_row(OutboundMessage(
-                    queue_id=queue_id,
-                    employee=employee_id,
-                    mail_from=mail_from,
-                    recipients=json.dumps(list(recipients)),
-                    spool_path=spool_path or self.path_for(queue_id).name,
-                    size=size,
-                    message_id=message_id[:998],
-                    credentials=credentials,
-                    is_bounce=is_bounce,
-                    state=state,
-                    node=self.node,
-                ))
-        except Exception as exc:
-            self.discard(queue_id)
-            raise SpoolError(getattr(exc, "errno", None), f"queue record failed: {exc}") from exc
+        """The queue row of a message (not saved): for ``insert``, or for a caller that inserts
+        many inside a transaction of its own (``groupcommit.insert_row``)."""
+        return OutboundMessage(
+            queue_id=queue_id,
+            employee=employee_id,
+            mail_from=mail_from,
+            recipients=json.dumps(list(recipients)),
+            spool_path=spool_path or self.path_for(queue_id).name,
+            size=size,
+            message_id=message_id[:998],
+            credentials=credentials,
+            is_bounce=is_bounce,
+            state=state,
+            node=self.node,
+        )
 
     def discard(self, queue_id: str) -> None:
         """Remove a message file whose row was never committed."""

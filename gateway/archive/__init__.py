@@ -591,13 +591,24 @@ def for_config(cfg: Any) -> Archive:
     return archive
 
 
-def relayed_capture(cfg: Any, row: Any, data: bytes, delivered: list[str], remote: str, *,
-                    defer_index: bool = False) -> Any:
+@dataclass
+class RelayedCopy:
+    """The "relay:sent" sighting of a relayed message, prepared (blob durable) by
+    ``relayed_capture``; ``record_relayed`` writes it inside the caller's transaction."""
+
+    archive: Archive
+    capture: Capture
+    blob: PreparedBlob
+
+    def record(self) -> None:
+        record_relayed([self])
+
+
+def relayed_capture(cfg: Any, row: Any, data: bytes, delivered: list[str], remote: str) -> RelayedCopy | None:
     """For gateway.relay: prepare the "relay:sent" sighting of ``data`` (hash, encrypt, blob
-    file — outside any transaction) and return a function that records it inside the
-    caller's transaction (a savepoint; an archive failure is logged, never fails the relay).
-    None if even the preparation failed.  ``defer_index``: the sighting's search-index update
-    is left to the node's background indexer (the relay runs inside ``mailgate run``)."""
+    file — outside any transaction) for ``record_relayed``.  None if even the preparation
+    failed (logged).  The sighting's search-index update is left to the node's background
+    indexer (the relay runs inside ``mailgate run``)."""
     try:
         archive = for_config(cfg)
         blob = archive.prepare(data)
@@ -605,16 +616,23 @@ def relayed_capture(cfg: Any, row: Any, data: bytes, delivered: list[str], remot
     except Exception:
         log.exception("%s: archiving the relayed copy failed (blob)", getattr(row, "queue_id", "?"))
         return None
+    return RelayedCopy(archive, Capture(
+        raw=data, place="relay:sent", direction="outbound", verdict="sent", mail_from=row.mail_from,
+        recipients=list(delivered), queue_id=row.queue_id, employee_id=row.employee_id,
+        reason=f"accepted by {remote}"[:500], subject=None, message_id=row.message_id or None), blob)
 
-    def record() -> None:
+
+def record_relayed(copies: list[RelayedCopy]) -> None:
+    """Inside the caller's transaction (a savepoint; a failure rolls back the chain head too):
+    the sightings of relayed copies, with one look-up of their records.  An archive failure
+    is logged, never fails the relay."""
+    by_archive: dict[int, list[RelayedCopy]] = {}
+    for copy in copies:
+        by_archive.setdefault(id(copy.archive), []).append(copy)
+    for group in by_archive.values():
         try:
-            with database.atomic(), chain.savepoint():  # a failure rolls back the chain head too
-                archive.record(data, direction="outbound", verdict="sent", place="relay:sent",
-                               mail_from=row.mail_from, recipients=list(delivered), queue_id=row.queue_id,
-                               employee_id=row.employee_id, reason=f"accepted by {remote}"[:500],
-                               subject=None, message_id=row.message_id or None, prepared=blob,
-                               defer_index=defer_index or None)
+            with database.atomic(), chain.savepoint():
+                group[0].archive.chain_batch([c.capture for c in group], [c.blob for c in group])
         except Exception:
-            log.exception("%s: archiving the relayed copy failed (record)", row.queue_id)
-
-    return record
+            log.exception("%s: archiving the relayed copy failed (record)",
+                          ", ".join(c.capture.queue_id for c in group))

@@ -28,11 +28,11 @@ from aiosmtpd.smtp import SMTP, AuthResult, Envelope
 from aiosmtpd.smtp import Session as SMTPSession
 
 from gateway import metrics
-from gateway.archive import Archive, OriginalCopy, PreparedBlob
+from gateway.archive import Archive, Capture
 from gateway.config import Config
 from gateway.db.models import Customer, utcnow
 from gateway.directory import Directory, EmployeeInfo
-from gateway.groupcommit import GroupCommitter
+from gateway.groupcommit import GroupCommitter, insert_row
 from gateway.i18n import t
 from gateway.mutate import apply_mutations
 from gateway.policy import ACCEPT, HOLD, REJECT, Context, Policy, Verdict
@@ -340,7 +340,7 @@ class SubmissionHandler:
         try:
             prepared = [(c, v, q, *await asyncio.to_thread(self._prepare, c, v, q, ident)) for c, v, q in parts]
             dirs = set().union(*(p[6] for p in prepared))  # the blob's and spool file's folders
-            await self.committer.submit(self._commit_parts, prepared, dirs=dirs)
+            await self.committer.submit(self._commit_parts, prepared, dirs=dirs, many=self._commit_many)
         except BaseException as exc:
             for _, _, q in parts:
                 self.spool.discard(q)
@@ -402,26 +402,42 @@ class SubmissionHandler:
                             **self._archive_fields(ctx, verdict, queue_id))
 
     def _commit_parts(self, prepared: list) -> None:
-        for part in prepared:
-            self._commit(*part)
+        """Phase 2 of one message (and the part split off it), in the group-commit thread
+        inside a savepoint."""
+        self._commit_many([(prepared,)])
 
-    def _commit(self, ctx: Context, verdict: Verdict, queue_id: str, outgoing, credentials: bytes | None,
-                blob: PreparedBlob, dirs: set, spool_path: str | None, original: OriginalCopy | None) -> None:
-        """Phase 2, in the group-commit thread inside a savepoint."""
-        fields = self._archive_fields(ctx, verdict, queue_id)
-        state = "held" if verdict.action == HOLD else "queued"
-        self.archive.record(outgoing.data, verdict="held" if state == "held" else "accepted",
-                            mail_from=outgoing.mail_from, recipients=outgoing.recipients, prepared=blob,
-                            original=original, **fields)
-        self.spool.insert(queue_id, outgoing.mail_from, outgoing.recipients, len(outgoing.data),
-                          employee_id=fields["employee_id"], message_id=fields["message_id"],
-                          credentials=credentials, state=state, spool_path=spool_path)
-        if state == "held" and self.approvals is not None:
-            self.approvals.record_hold(ctx, verdict, queue_id)
-        if state == "queued":
-            self._touch_customers(outgoing.recipients)
+    def _commit_many(self, jobs: list[tuple[list]]) -> list[None]:
+        """Phase 2 of every message of a group-commit batch (the batch form of
+        ``_commit_parts``, one savepoint for all): the archive records and sightings with one
+        look-up of content already archived, the queue rows, holds, and the recipients'
+        last contact in one update."""
+        parts = [part for (prepared,) in jobs for part in prepared]
+        captures, blobs = [], []
+        for ctx, verdict, queue_id, outgoing, _, blob, _, _, original in parts:
+            held = verdict.action == HOLD
+            captures.append(Capture(
+                raw=outgoing.data, place="smtp:submitted", verdict="held" if held else "accepted",
+                mail_from=outgoing.mail_from, recipients=list(outgoing.recipients), original=original,
+                **self._archive_fields(ctx, verdict, queue_id)))
+            blobs.append(blob)
+        self.archive.chain_batch(captures, blobs)
+        touched: list[str] = []
+        for (ctx, verdict, queue_id, outgoing, credentials, _, _, spool_path, _), cap in zip(parts, captures,
+                                                                                          strict=True):
+            held = verdict.action == HOLD
+            insert_row(self.spool.row(
+                queue_id, outgoing.mail_from, outgoing.recipients, len(outgoing.data),
+                employee_id=cap.employee_id, message_id=cap.message_id or "", credentials=credentials,
+                state="held" if held else "queued", spool_path=spool_path))
+            if held:
+                if self.approvals is not None:
+                    self.approvals.record_hold(ctx, verdict, queue_id)
+                continue
+            touched.extend(outgoing.recipients)
             if self.rule_env is not None:
                 self._remember_contacts(ctx)
+        self._touch_customers(touched)
+        return [None] * len(jobs)
 
     def _touch_customers(self, recipients: list[str]) -> None:
         """Last contact (the public pool's auto-return clock) comes from real traffic."""
