@@ -41,6 +41,7 @@ from gateway.bounce import Failure, build_dsn
 from gateway.config import Config
 from gateway.credentials import CredentialsError, seal, unseal
 from gateway.db.models import OutboundMessage, database, utcnow
+from gateway.groupcommit import buffered_inserts
 from gateway.metrics import relay_results
 from gateway.relayqueue import backoff, claim_batch, finish, next_due, release, release_node_claims
 from gateway.smarthost import (
@@ -517,6 +518,11 @@ def store_attempts(jobs: list[tuple[Attempt]]) -> list[bool]:
     each queue row's new state — only while the claim is still ours; a lost claim changes
     nothing, False — its bounce, and the archive sightings of the relayed copies with one
     look-up of their records."""
+    with buffered_inserts():  # bounces' queue rows and the sightings: one statement per table
+        return _store_attempts(jobs)
+
+
+def _store_attempts(jobs: list[tuple[Attempt]]) -> list[bool]:
     stored: list[bool] = []
     relayed: list[RelayedCopy] = []
     for (a,) in jobs:

@@ -36,7 +36,7 @@ from gateway.archive.schema import ArchiveRecord, ArchiveSighting
 from gateway.archive.store import BlobError, BlobStore, PreparedBlob
 from gateway.areas import optional_module
 from gateway.db.models import Employee, database, utcnow
-from gateway.groupcommit import write_transaction
+from gateway.groupcommit import buffered_inserts, flush_inserts, write_transaction
 from gateway.spool import fsync_dir
 
 log = logging.getLogger("mailgate.archive")
@@ -254,9 +254,12 @@ class Archive:
         touched (``index_committed`` or the background indexer does it)."""
         batch = _Batch(now=utcnow())
         wanted = {c.employee_id for c in captures if c.employee_email is None}
-        with write_transaction(), chain.batch():
+        with write_transaction(), chain.batch(), buffered_inserts():
             if wanted:
                 batch.emails.update(_emails_of(wanted))
+            # The chain's lock before any read (see _chain) and before buffered_inserts counts ids.
+            chain.lock()
+            flush_inserts()  # an enclosing buffered_inserts() block may hold records
             known = {r.sha256: r for r in ArchiveRecord.select().where(
                 ArchiveRecord.sha256.in_(sorted({b.sha256 for b in blobs})))}
             outcomes = [self._chain(c, b, known, defer=True, batch=batch)
@@ -333,9 +336,7 @@ class Archive:
                     _record_contact(mail_from, rec.created_at)
                 else:
                     batch.contacts.append((mail_from, rec.created_at))
-        elif cap.ref and ArchiveSighting.select().where(
-                (ArchiveSighting.record == rec) & (ArchiveSighting.place == cap.place[:1000])
-                & (ArchiveSighting.ref == cap.ref[:500])).exists():
+        elif cap.ref and _seen_at(rec, cap.place, cap.ref):
             return Outcome(rec, False, False)
         sighting = chain.append_sighting(ArchiveSighting(
             record=rec, seen_at=cap.seen_at or utcnow(), place=cap.place[:1000], direction=cap.direction,
@@ -439,12 +440,22 @@ def _pool() -> ThreadPoolExecutor:
         return _POOL
 
 
+def _seen_at(rec: ArchiveRecord, place: str, ref: str) -> bool:
+    """Whether ``rec`` has a sighting at ``place`` with ``ref`` already (an import or sync
+    seeing the same message again)."""
+    flush_inserts()  # sightings waiting in a buffered_inserts() block
+    return ArchiveSighting.select().where(
+        (ArchiveSighting.record == rec) & (ArchiveSighting.place == place[:1000])
+        & (ArchiveSighting.ref == ref[:500])).exists()
+
+
 _BY_SHA_SQL: dict[type, str] = {}
 
 
 def _record_by_sha(sha256: str) -> ArchiveRecord | None:
     """``ArchiveRecord.get_or_none(sha256 == …)`` with the statement text cached (peewee
     building a select of every column costs more CPU than running it)."""
+    flush_inserts()  # records waiting in a buffered_inserts() block
     db = database.obj
     sql = _BY_SHA_SQL.get(type(db))
     if sql is None:

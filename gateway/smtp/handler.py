@@ -32,7 +32,7 @@ from gateway.archive import Archive, Capture
 from gateway.config import Config
 from gateway.db.models import Customer, utcnow
 from gateway.directory import Directory, EmployeeInfo
-from gateway.groupcommit import GroupCommitter, insert_row
+from gateway.groupcommit import GroupCommitter, buffered_inserts, flush_inserts, insert_row
 from gateway.i18n import t
 from gateway.mutate import apply_mutations
 from gateway.policy import ACCEPT, HOLD, REJECT, Context, Policy, Verdict
@@ -420,6 +420,11 @@ class SubmissionHandler:
                 mail_from=outgoing.mail_from, recipients=list(outgoing.recipients), original=original,
                 **self._archive_fields(ctx, verdict, queue_id)))
             blobs.append(blob)
+        with buffered_inserts():  # the records, sightings and queue rows: one statement per table
+            self._commit_rows(parts, captures, blobs)
+        return [None] * len(jobs)
+
+    def _commit_rows(self, parts: list, captures: list[Capture], blobs: list) -> None:
         self.archive.chain_batch(captures, blobs)
         touched: list[str] = []
         for (ctx, verdict, queue_id, outgoing, credentials, _, _, spool_path, _), cap in zip(parts, captures,
@@ -431,13 +436,13 @@ class SubmissionHandler:
                 state="held" if held else "queued", spool_path=spool_path))
             if held:
                 if self.approvals is not None:
+                    flush_inserts()  # the approval refers to its queue row
                     self.approvals.record_hold(ctx, verdict, queue_id)
                 continue
             touched.extend(outgoing.recipients)
             if self.rule_env is not None:
                 self._remember_contacts(ctx)
         self._touch_customers(touched)
-        return [None] * len(jobs)
 
     def _touch_customers(self, recipients: list[str]) -> None:
         """Last contact (the public pool's auto-return clock) comes from real traffic."""

@@ -237,3 +237,90 @@ def test_a_failed_wal_fsync_is_answered_as_a_failure(db, monkeypatch):
         asyncio.run(committer.submit(lambda: Department.create(name="maybe").name))
     committer.stop()
     assert committer._wal is not None and committer._wal.name.endswith("-wal")
+
+
+def test_jobs_with_a_batch_form_run_together_and_fall_back_one_by_one(db):
+    committer = GroupCommitter(max_batch=16)
+    gate, taken = threading.Event(), threading.Event()
+    calls: list[list[str]] = []
+
+    def blocker():
+        taken.set()
+        gate.wait(10)
+
+    def insert(name):
+        if name == "bad":
+            raise ValueError("bad job")
+        Department.create(name=name)
+        return name
+
+    def insert_many(jobs):
+        calls.append([name for (name,) in jobs])
+        return [insert(name) for (name,) in jobs]
+
+    async def main(names):
+        first = asyncio.ensure_future(committer.submit(blocker))
+        await asyncio.to_thread(taken.wait, 10)  # the next jobs queue up into one batch
+        rest = [asyncio.ensure_future(committer.submit(insert, n, many=insert_many)) for n in names]
+        gate.set()
+        await first
+        return await asyncio.gather(*rest, return_exceptions=True)
+
+    assert asyncio.run(main(["a", "b", "c"])) == ["a", "b", "c"]
+    assert calls == [["a", "b", "c"]]  # one call for the three
+    gate.clear()
+    taken.clear()
+    results = asyncio.run(main(["d", "bad", "e"]))
+    committer.stop()
+    # The batch form failed (and rolled back "d"); each job then ran alone: only "bad" failed.
+    assert results[0] == "d" and results[2] == "e" and isinstance(results[1], ValueError)
+    assert calls[1] == ["d", "bad", "e"]
+    assert sorted(d.name for d in Department.select()) == ["a", "b", "c", "d", "e"]
+
+
+def test_buffered_inserts_count_ids_and_insert_in_one_go(db):
+    from gateway.db.models import Customer
+    from gateway.groupcommit import buffered_inserts, flush_inserts, insert_row, write_transaction
+
+    Department.create(name="existing")
+    with write_transaction(), buffered_inserts():
+        database.execute_sql("UPDATE department SET name = name")  # the write lock, as a caller holds it
+        rows = [insert_row(Department(name=f"b{i}")) for i in range(3)]
+        assert [r.id for r in rows] == [2, 3, 4]  # counted on from the largest id
+        assert Department.select().count() == 1  # not inserted yet
+        flush_inserts()
+        assert Department.select().count() == 4
+        later = insert_row(Department(name="after flush"))
+        customer = insert_row(Customer(name="c"))
+    assert later.id == 5 and customer.id == 1
+    assert {d.id: d.name for d in Department.select()} == {1: "existing", 2: "b0", 3: "b1", 4: "b2", 5: "after flush"}
+    assert Customer.get_by_id(1).name == "c"
+
+    with pytest.raises(RuntimeError), write_transaction(), buffered_inserts():
+        database.execute_sql("UPDATE department SET name = name")
+        insert_row(Department(name="never"))
+        raise RuntimeError("the block fails: nothing it buffered is inserted")
+    assert Department.select().count() == 5
+
+
+def test_the_writer_handoff_lock_excludes_other_processes(tmp_path):
+    import subprocess
+    import sys
+
+    from gateway.db.writerlock import WriterLock
+
+    path = tmp_path / "db-writer.lock"
+    probe = ("import fcntl, os, sys; fd = os.open(sys.argv[1], os.O_RDWR)\n"
+             "try:\n    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)\nexcept BlockingIOError:\n    print('busy')\n"
+             "else:\n    print('free')")
+
+    def other_process() -> str:
+        return subprocess.run([sys.executable, "-c", probe, str(path)], capture_output=True, text=True,
+                              check=True, timeout=30).stdout.strip()
+
+    lock = WriterLock(path)
+    with lock.held():
+        assert other_process() == "busy"
+    assert other_process() == "free"
+    with lock.held():  # taken again after a release
+        assert other_process() == "busy"
