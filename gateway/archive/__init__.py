@@ -260,8 +260,7 @@ class Archive:
             # The chain's lock before any read (see _chain) and before buffered_inserts counts ids.
             chain.lock()
             flush_inserts()  # an enclosing buffered_inserts() block may hold records
-            known = {r.sha256: r for r in ArchiveRecord.select().where(
-                ArchiveRecord.sha256.in_(sorted({b.sha256 for b in blobs})))}
+            known = {r.sha256: r for r in _records_by_sha(sorted({b.sha256 for b in blobs}))}
             outcomes = [self._chain(c, b, known, defer=True, batch=batch)
                         for c, b in zip(captures, blobs, strict=True)]
             _record_contacts(batch.contacts)
@@ -310,7 +309,10 @@ class Archive:
         else:
             rec = known.get(blob.sha256)
         new_record = rec is None
+        trace = json.dumps(cap.trace or [], ensure_ascii=False)  # the record's and the sighting's
+        cap_recipients = json.dumps(cap.recipients, ensure_ascii=False)
         if rec is None:
+            rec_recipients = cap_recipients
             subject, message_id = cap.subject, cap.message_id
             mail_from, recipients = cap.mail_from, cap.recipients
             if subject is None or message_id is None or (not mail_from and not recipients):
@@ -319,12 +321,14 @@ class Archive:
                 message_id = h["message_id"] if message_id is None else message_id
                 if not mail_from and not recipients:
                     mail_from, recipients = h["from"], h["to"]
+                    rec_recipients = json.dumps(recipients, ensure_ascii=False)
             rec = chain.append_record(ArchiveRecord(
                 created_at=cap.seen_at or utcnow(), direction=cap.direction, sha256=blob.sha256,
                 blob_path=blob.name, size=blob.size, stored_size=blob.stored_size, key_id=blob.key_id,
-                mail_from=mail_from[:320], recipients=json.dumps(recipients, ensure_ascii=False),
+                mail_from=mail_from[:320],
+                recipients=rec_recipients,
                 subject=subject[:2000], message_id=message_id[:998], employee=cap.employee_id,
-                verdict=cap.verdict, reason=cap.reason, trace=json.dumps(cap.trace or [], ensure_ascii=False),
+                verdict=cap.verdict, reason=cap.reason, trace=trace,
                 queue_id=cap.queue_id, original_sha256=cap.original.sha256 if cap.original else "",
                 original=cap.original.sealed if cap.original else None))
             if known is not None:
@@ -340,9 +344,9 @@ class Archive:
             return Outcome(rec, False, False)
         sighting = chain.append_sighting(ArchiveSighting(
             record=rec, seen_at=cap.seen_at or utcnow(), place=cap.place[:1000], direction=cap.direction,
-            verdict=cap.verdict, reason=cap.reason, trace=json.dumps(cap.trace or [], ensure_ascii=False),
+            verdict=cap.verdict, reason=cap.reason, trace=trace,
             queue_id=cap.queue_id, employee=cap.employee_id, employee_email=cap.employee_email[:320],
-            mail_from=cap.mail_from[:320], recipients=json.dumps(cap.recipients, ensure_ascii=False),
+            mail_from=cap.mail_from[:320], recipients=cap_recipients,
             ref=cap.ref[:500]))
         if not new_record and inline_index:
             self._index_sighting(sighting)
@@ -447,6 +451,18 @@ def _seen_at(rec: ArchiveRecord, place: str, ref: str) -> bool:
     return ArchiveSighting.select().where(
         (ArchiveSighting.record == rec) & (ArchiveSighting.place == place[:1000])
         & (ArchiveSighting.ref == ref[:500])).exists()
+
+
+def _records_by_sha(hashes: list[str]) -> list[ArchiveRecord]:
+    """The records with these content hashes (``select().where(sha256.in_(…))`` without peewee
+    building the statement: the SMTP group commit asks once per batch)."""
+    if not hashes:
+        return []
+    db = database.obj
+    q = db.quote
+    sql = (f"SELECT * FROM {q[0]}{ArchiveRecord._meta.table_name}{q[1]} "
+           f"WHERE {q[0]}sha256{q[1]} IN ({', '.join([db.param] * len(hashes))})")
+    return list(ArchiveRecord.raw(sql, *hashes))
 
 
 _BY_SHA_SQL: dict[type, str] = {}

@@ -23,12 +23,13 @@ import time
 from dataclasses import dataclass
 from email.parser import BytesHeaderParser
 from email.policy import compat32
+from typing import NoReturn
 
 from aiosmtpd.smtp import SMTP, AuthResult, Envelope
 from aiosmtpd.smtp import Session as SMTPSession
 
 from gateway import metrics
-from gateway.archive import Archive, Capture
+from gateway.archive import Archive, Capture, PreparedBlob
 from gateway.config import Config
 from gateway.db.models import Customer, utcnow
 from gateway.directory import Directory, EmployeeInfo
@@ -270,20 +271,11 @@ class SubmissionHandler:
             ),
             language=self.language,
         )
-        # Body and attachment conditions parse MIME (~10 ms/MB): off the loop.
-        verdict = await asyncio.to_thread(self.policy.decide, ctx)
-        free = None
-        if verdict.action == HOLD and self.cfg.approval.split_recipients:
-            split = await asyncio.to_thread(split_hold, self.policy, ctx, verdict)
-            if split is not None:
-                free, held = split
-                ctx, verdict = held.ctx, held.verdict
-                free = (free.ctx, free.verdict, new_queue_id())
-        for v in (verdict, free[1] if free else None):
-            if v is not None and self.sign is not None and v.action != REJECT:
-                v.mutations.append(self.sign)
         try:
-            reply = await self._store(ctx, verdict, queue_id, ident, also=free)
+            # One trip to a worker thread for the policy (body and attachment conditions parse
+            # MIME, ~10 ms/MB) and phase 1 of the store (sealing, fsyncs): off the loop.
+            ctx, verdict, free, prepared = await asyncio.to_thread(self._decide_and_prepare, ctx, queue_id, ident)
+            reply = await self._store(ctx, verdict, queue_id, prepared, also=free)
         except SpoolError as exc:
             log.error("%s: store failed: %s", queue_id, exc)
             if exc.errno == errno.ENOSPC or "database or disk is full" in str(exc):
@@ -320,35 +312,73 @@ class SubmissionHandler:
             extra = f"Message-ID: <{queue_id}.{int(time.time())}@{domain}>\r\n".encode()
         return received + extra + data
 
-    async def _store(self, ctx: Context, verdict: Verdict, queue_id: str, ident: Identity | None,
-                     also: tuple[Context, Verdict, str] | None = None) -> str:
-        """Archive and spool, then the reply text.  Raises SpoolError when nothing was stored.
+    def _decide_and_prepare(self, ctx: Context, queue_id: str, ident: Identity | None) -> tuple:
+        """Blocking (a worker thread): the verdict — a held message's free recipients split
+        off (accepted at once, with their own queue id) when configured — and phase 1 of
+        storing each part that is not refused (``_prepare``).  Returns (ctx, verdict, split-off
+        part or None, prepared parts or None).  Raises SpoolError when phase 1 failed."""
+        verdict = self.policy.decide(ctx)
+        free = None
+        if verdict.action == HOLD and self.cfg.approval.split_recipients:
+            split = split_hold(self.policy, ctx, verdict)
+            if split is not None:
+                free, held = split
+                ctx, verdict = held.ctx, held.verdict
+                free = (free.ctx, free.verdict, new_queue_id())
+        for v in (verdict, free[1] if free else None):
+            if v is not None and self.sign is not None and v.action != REJECT:
+                v.mutations.append(self.sign)
+        if verdict.action == REJECT:
+            return ctx, verdict, free, self._prepare_refusal(ctx, queue_id)
+        parts = [(ctx, verdict, queue_id)] + ([free] if free else [])
+        try:
+            return ctx, verdict, free, [(c, v, q, *self._prepare(c, v, q, ident)) for c, v, q in parts]
+        except BaseException as exc:
+            self._store_failed(parts, exc)
 
-        Phase 1 (any worker thread, in parallel): mutations, sealing, the spool file.
+    def _prepare_refusal(self, ctx: Context, queue_id: str) -> tuple[PreparedBlob, set] | None:
+        """Phase 1 of a refused message's archive record: its blob, written (None if that
+        failed: the record is then tried with the blob made in phase 2)."""
+        try:
+            blob = self.archive.prepare(ctx.raw)
+            folder = self.archive.store.write(blob, sync_dir=False)
+        except Exception:
+            log.exception("%s: archiving a refused message: blob failed", queue_id)
+            return None
+        return blob, {folder} if folder is not None else set()
+
+    def _store_failed(self, parts: list[tuple[Context, Verdict, str]], exc: BaseException) -> NoReturn:
+        """Nothing of ``parts`` is stored: their spool files go, a SpoolError is raised."""
+        for _, _, q in parts:
+            self.spool.discard(q)
+        if isinstance(exc, SpoolError):
+            raise exc
+        if isinstance(exc, OSError):
+            raise SpoolError(exc.errno, f"store failed: {exc.strerror or exc}") from exc
+        raise SpoolError(None, f"store failed: {exc}") from exc
+
+    async def _store(self, ctx: Context, verdict: Verdict, queue_id: str, prepared: list | None,
+                     also: tuple[Context, Verdict, str] | None = None) -> str:
+        """Phase 2 of storing, then the reply text.  Raises SpoolError when nothing was stored.
+
+        Phase 1 (``_prepare``, any worker thread, in parallel): mutations, sealing, the files.
         Phase 2 (the group-commit thread): archive record, queue row, approval, in
         one savepoint of a shared transaction; the 250 follows its commit.  ``also`` is
         the recipients split off a held message (accepted at once); both parts commit
         in the same savepoint, so the client's retry after a failure never duplicates."""
         if verdict.action == REJECT:
+            blob, dirs = prepared or (None, ())
             try:
-                await self.committer.submit(self._record_refusal, ctx, verdict, queue_id)
+                await self.committer.submit(self._record_refusal, ctx, verdict, queue_id, blob, dirs=dirs)
             except Exception:
                 log.exception("%s: archive record of a refused message failed", queue_id)
             summary = t("conflict.summary", self.language) + "\n" if verdict.rule == "send-conflict" else ""
             return smtp_reply(verdict.smtp_code, verdict.enhanced, summary + verdict.reason)
-        parts = [(ctx, verdict, queue_id)] + ([also] if also else [])
         try:
-            prepared = [(c, v, q, *await asyncio.to_thread(self._prepare, c, v, q, ident)) for c, v, q in parts]
             dirs = set().union(*(p[6] for p in prepared))  # the blob's and spool file's folders
             await self.committer.submit(self._commit_parts, prepared, dirs=dirs, many=self._commit_many)
         except BaseException as exc:
-            for _, _, q in parts:
-                self.spool.discard(q)
-            if isinstance(exc, SpoolError):
-                raise
-            if isinstance(exc, OSError):
-                raise SpoolError(exc.errno, f"store failed: {exc.strerror or exc}") from exc
-            raise SpoolError(None, f"store failed: {exc}") from exc
+            self._store_failed([(ctx, verdict, queue_id)] + ([also] if also else []), exc)
         if also:
             return f"250 2.0.0 {t('queued_split', self.language, queue_id=also[2], held_id=queue_id)}"
         return f"250 2.0.0 {t('queued', self.language, queue_id=queue_id)}"
@@ -396,10 +426,10 @@ class SubmissionHandler:
             "trace": [s.as_dict() for s in ctx.trace],
         }
 
-    def _record_refusal(self, ctx: Context, verdict: Verdict, queue_id: str) -> None:
+    def _record_refusal(self, ctx: Context, verdict: Verdict, queue_id: str, blob: PreparedBlob | None) -> None:
         """Phase 2 of a refused message: only its archive record."""
         self.archive.record(ctx.raw, verdict="refused", mail_from=ctx.mail_from, recipients=ctx.rcpt_tos,
-                            **self._archive_fields(ctx, verdict, queue_id))
+                            prepared=blob, **self._archive_fields(ctx, verdict, queue_id))
 
     def _commit_parts(self, prepared: list) -> None:
         """Phase 2 of one message (and the part split off it), in the group-commit thread
