@@ -40,6 +40,9 @@ async def start(node: Any, reactor: Any):  # noqa: ANN201 - async stop function 
     archive.configure(cfg)
     archive.defer_index = True  # the SMTP handler's records: indexed by _index_loop, off the mail path
     await asyncio.to_thread(lambda: archive.store.keyring)  # create the key file now, not mid-message
+    from gateway.archive import workers
+
+    await asyncio.to_thread(workers.start)  # the indexer's extraction processes now, not mid-traffic
     a = cfg.archive
     tasks: list[asyncio.Task] = []
     stopping = node.stopping

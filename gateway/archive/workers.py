@@ -9,8 +9,9 @@ a handle; the caller goes on with the blobs and the chain transaction meanwhile 
 
 Small batches, a one-core machine, ``MAILGATE_ARCHIVE_WORKERS=0`` or a broken pool: the
 work is done inline (same result, just on this core).  Workers are spawned (not forked: a
-node has threads and an event loop), at most ``max_workers()`` of them, once per process,
-stopped at exit, and exit by themselves within a second when their parent dies (kill -9).
+node has threads and an event loop), at most ``max_workers()`` of them, once per process —
+by ``start()`` when a node starts its archive, else by the first batch — stopped at exit,
+and exit by themselves within a second when their parent dies (kill -9).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import time
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 
-__all__ = ["BrokenProcessPool", "Pending", "extract_async", "max_workers", "shutdown"]
+__all__ = ["BrokenProcessPool", "Pending", "extract_async", "max_workers", "shutdown", "start"]
 
 from gateway.archive import index
 
@@ -82,6 +83,23 @@ def _pool() -> ProcessPoolExecutor | None:
                                         initializer=_watch_parent, initargs=(os.getpid(),))
             atexit.register(shutdown)
         return _POOL
+
+
+def start() -> None:
+    """Start every worker process now and wait until each answers (a node calls it at
+    start-up: a spawned worker imports the gateway, a fraction of a second of CPU each, which
+    should not land in the middle of the first burst of mail).  Errors are left to the first
+    batch, which falls back to extracting inline."""
+    pool = _pool()
+    if pool is None:
+        return
+    try:
+        # Each submit finds no idle worker and spawns one, up to the pool's size.
+        for fut in [pool.submit(os.getpid) for _ in range(max_workers())]:
+            fut.result()
+    except (BrokenProcessPool, RuntimeError, OSError):
+        log.warning("archive extraction pool did not start; batches extract inline until it does", exc_info=True)
+        shutdown(wait=False)
 
 
 def shutdown(wait: bool = True) -> None:

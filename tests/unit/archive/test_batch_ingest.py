@@ -155,3 +155,14 @@ def test_batch_ingest_takes_record_headers_from_the_extraction_not_a_second_pars
     assert [o.record.subject for o in outs] == [f"Offer {n}" for n in range(10)]
     assert [o.record.message_id for o in outs] == [f"<m{n}@acme.test>" for n in range(10)]
     assert outs[3].record.mail_from == "alice@acme.test" and outs[3].record.recipients == '["buyer3@example.com"]'
+
+
+def test_start_spawns_every_worker_before_the_first_batch(monkeypatch):
+    monkeypatch.setenv("MAILGATE_ARCHIVE_WORKERS", "2")
+    workers.shutdown()
+    try:
+        workers.start()
+        assert workers._POOL is not None and len(workers._POOL._processes) == 2
+        assert all(p.is_alive() for p in workers._POOL._processes.values())
+    finally:
+        workers.shutdown()
