@@ -644,12 +644,17 @@ def index_batch(archive: object, limit: int = INDEX_BATCH) -> tuple[int, bool]:
     # Read first: every record up to ``top`` is committed, so the look-up below sees them all.
     top = max(rec_mark, int(ArchiveRecord.select(fn.MAX(ArchiveRecord.id)).scalar() or 0))
     unindexed = ~fn.EXISTS(SearchDoc.select(SearchDoc.docid).where(SearchDoc.record_id == ArchiveRecord.id))
-    recs = list(ArchiveRecord.select().where((ArchiveRecord.id > rec_mark) & (ArchiveRecord.id <= top)
-                                             & ArchiveRecord.purged_at.is_null() & unindexed)
+    # Only the columns a document and a blob read need (a full row per record cost more in
+    # peewee than the look-up in SQLite); sightings as plain named tuples.
+    fields = (ArchiveRecord.id, ArchiveRecord.sha256, ArchiveRecord.blob_path, ArchiveRecord.created_at,
+              ArchiveRecord.direction, ArchiveRecord.employee, ArchiveRecord.purged_at)
+    recs = list(ArchiveRecord.select(*fields).where((ArchiveRecord.id > rec_mark) & (ArchiveRecord.id <= top)
+                                                    & ArchiveRecord.purged_at.is_null() & unindexed)
                 .order_by(ArchiveRecord.id).limit(limit))
-    sightings = list(ArchiveSighting.select(ArchiveSighting.id, ArchiveSighting.record, ArchiveSighting.employee,
-                                            ArchiveSighting.direction)
-                     .where(ArchiveSighting.id > seen_mark).order_by(ArchiveSighting.id).limit(limit * 4))
+    seen_fields = (ArchiveSighting.id, ArchiveSighting.record.alias("record_id"),
+                   ArchiveSighting.employee.alias("employee_id"), ArchiveSighting.direction)
+    sightings = list(ArchiveSighting.select(*seen_fields).where(ArchiveSighting.id > seen_mark)
+                     .order_by(ArchiveSighting.id).limit(limit * 4).namedtuples())
     if not recs and not sightings and top == rec_mark:
         return 0, False
     rows = _read_and_extract(archive, recs)
@@ -661,11 +666,10 @@ def index_batch(archive: object, limit: int = INDEX_BATCH) -> tuple[int, bool]:
         ids = [rec.id for rec, _, _ in rows]
         taken = {d.record_id for d in SearchDoc.select(SearchDoc.record_id).where(SearchDoc.record_id.in_(ids))}
         done = _insert_documents([(rec, ex, grams) for rec, ex, grams in rows if rec.id not in taken])
-        # Every sighting of the records just indexed (later ones may have come first) ...
-        later = ArchiveSighting.select(ArchiveSighting.id, ArchiveSighting.record, ArchiveSighting.employee,
-                                       ArchiveSighting.direction).where(ArchiveSighting.record.in_(ids)) if ids else []
-        # ... and the sightings since the last call.
-        index_sightings([*later, *sightings])
+        # Every sighting of the records just indexed (later ones may have come first) and the
+        # sightings since the last call — mostly the same rows: each once.
+        later = ArchiveSighting.select(*seen_fields).where(ArchiveSighting.record.in_(ids)).namedtuples() if ids else []
+        index_sightings(list({s.id: s for s in [*later, *sightings]}.values()))
         marks = {"records": new_rec_mark,
                  "sightings": sightings[-1].id if sightings else seen_mark}
         for name, value in marks.items():
@@ -708,23 +712,31 @@ def _insert_documents(entries: list[tuple[object, Extracted, list[str] | None]])
 
 
 def _read_and_extract(archive: object, recs: list) -> list[tuple[object, Extracted, list[str]]]:
-    """Blobs read on threads (decryption and zstd release the GIL), text extracted in the
-    worker processes (gateway.archive.workers); unreadable blobs are logged and skipped."""
+    """Fresh messages from the archive's memory (``take_recent``, here: a dict look-up is
+    cheaper than a thread hand-off), the others' blobs read on threads (decryption and zstd
+    release the GIL); text extracted in the worker processes (gateway.archive.workers);
+    unreadable blobs are logged and skipped."""
     from gateway.archive import _pool
     from gateway.archive.workers import extract_async
 
+    take = getattr(archive, "take_recent", None)
+
+    def recent(rec: object) -> bytes | None:
+        return take(rec.sha256) if take is not None and getattr(rec, "purged_at", None) is None else None
+
     def read(rec: object) -> bytes | None:
-        take = getattr(archive, "take_recent", None)
-        raw = take(rec.sha256) if take is not None and getattr(rec, "purged_at", None) is None else None
-        if raw is not None:  # prepared by this process a moment ago: no need to decrypt the blob
-            return raw
         try:
             return archive.read(rec)  # type: ignore[attr-defined]
         except Exception:  # noqa: BLE001 - an unreadable blob (verify reports it) must not stop the indexer
             log.exception("archive record %s: cannot read the blob to index it (skipped)", rec.id)
             return None
 
-    raws = list(_pool().map(read, recs)) if len(recs) > 1 else [read(r) for r in recs]
+    raws = [recent(rec) for rec in recs]
+    missing = [i for i, raw in enumerate(raws) if raw is None]
+    if missing:
+        got = list(_pool().map(read, [recs[i] for i in missing])) if len(missing) > 1 else [read(recs[missing[0]])]
+        for i, raw in zip(missing, got, strict=True):
+            raws[i] = raw
     readable = [(rec, raw) for rec, raw in zip(recs, raws, strict=True) if raw is not None]
     extracted = extract_async([raw for _, raw in readable]).result()
     return [(rec, ex, grams) for (rec, _), (ex, grams) in zip(readable, extracted, strict=True)]
