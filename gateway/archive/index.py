@@ -274,8 +274,10 @@ def indexable(raw: bytes) -> bytes:
     return _cut_base64(raw) if len(raw) > CUT_ABOVE else raw
 
 
-def extract(raw: bytes) -> Extracted:
-    """The searchable text of a raw message.  Never raises."""
+def extract(raw: bytes, headers: bool = True) -> Extracted:
+    """The searchable text of a raw message.  Never raises.  ``headers``: also the record's
+    header fields (``Extracted.headers``, for a batch that creates the records); the
+    background indexer's records exist already, so it skips them (a quarter of the work)."""
     out = Extracted()
     try:
         raw = indexable(raw)
@@ -283,9 +285,10 @@ def extract(raw: bytes) -> Extracted:
     except Exception:  # noqa: BLE001
         out.body = decode_bytes(raw[:BODY_LIMIT])[:BODY_LIMIT]
         return out
-    from gateway.archive import headers_of_parsed
+    if headers:
+        from gateway.archive import headers_of_parsed
 
-    out.headers = headers_of_parsed(raw, msg)
+        out.headers = headers_of_parsed(raw, msg)
     try:
         out.subject = decode_header(msg.get("Subject"))[:2000]
     except Exception:  # noqa: BLE001
@@ -754,5 +757,5 @@ def _read_and_extract(archive: object, recs: list) -> list[tuple[object, Extract
         for i, raw in zip(missing, got, strict=True):
             raws[i] = raw
     readable = [(rec, raw) for rec, raw in zip(recs, raws, strict=True) if raw is not None]
-    extracted = extract_async([raw for _, raw in readable]).result()
+    extracted = extract_async([raw for _, raw in readable], headers=False).result()  # the records exist
     return [(rec, ex, grams) for (rec, _), (ex, grams) in zip(readable, extracted, strict=True)]

@@ -50,13 +50,13 @@ def max_workers() -> int:
     return 0 if cores < 2 else min(4, cores)
 
 
-def extract_one(raw: bytes) -> Extraction:
-    ex = index.extract(raw)
+def extract_one(raw: bytes, headers: bool = True) -> Extraction:
+    ex = index.extract(raw, headers)
     return ex, index.short_grams(index.all_text(ex))
 
 
-def _extract_chunk(raws: list[bytes]) -> list[Extraction]:
-    return [extract_one(r) for r in raws]
+def _extract_chunk(raws: list[bytes], headers: bool = True) -> list[Extraction]:
+    return [extract_one(r, headers) for r in raws]
 
 
 def _watch_parent(parent: int) -> None:
@@ -115,15 +115,16 @@ def shutdown(wait: bool = True) -> None:
 class Pending:
     """A batch being extracted; ``result()`` returns one Extraction per message, in order."""
 
-    def __init__(self, raws: list[bytes]) -> None:
+    def __init__(self, raws: list[bytes], headers: bool = True) -> None:
         self._raws = raws
+        self._headers = headers
         self._futures: list[tuple[int, Future]] = []
         pool = _pool() if len(raws) >= MIN_BATCH else None
         if pool is None:
             return
         try:
             for start in range(0, len(raws), CHUNK):
-                self._futures.append((start, pool.submit(_extract_chunk, raws[start:start + CHUNK])))
+                self._futures.append((start, pool.submit(_extract_chunk, raws[start:start + CHUNK], headers)))
         except (BrokenProcessPool, RuntimeError):
             log.warning("archive extraction pool unusable; extracting inline", exc_info=True)
             shutdown(wait=False)
@@ -138,9 +139,11 @@ class Pending:
             except (BrokenProcessPool, OSError, EOFError):  # a worker died: do its share here
                 log.warning("archive extraction worker failed; extracting inline", exc_info=True)
                 shutdown(wait=False)
-        return [item if item is not None else extract_one(raw) for item, raw in zip(out, self._raws, strict=True)]
+        return [item if item is not None else extract_one(raw, self._headers)
+                for item, raw in zip(out, self._raws, strict=True)]
 
 
-def extract_async(raws: list[bytes]) -> Pending:
-    """Start extracting ``raws`` (in worker processes when worthwhile); ``.result()`` collects."""
-    return Pending(raws)
+def extract_async(raws: list[bytes], headers: bool = True) -> Pending:
+    """Start extracting ``raws`` (in worker processes when worthwhile); ``.result()`` collects.
+    ``headers``: also each message's record header fields (``index.extract``)."""
+    return Pending(raws, headers)

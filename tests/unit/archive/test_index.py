@@ -160,3 +160,14 @@ def test_extraction_hands_over_the_header_fields_headers_of_would_parse():
                 b"From: a@x.test\r\nSubject: no blank line",
                 b"Subject: x\r\nX-Pad: " + b"a" * 70_000 + b"\r\n\r\nbody"):
         assert extract(raw).headers is None
+
+
+def test_extract_without_headers_reads_the_same_text_and_skips_only_the_record_fields():
+    raw = (b"From: =?utf-8?b?5byg5LiJ?= <zhang@cust.example>\r\nTo: Alice <alice@acme.test>, bob@acme.test\r\n"
+           b"Cc: carol@acme.test\r\nSubject: =?utf-8?b?5oql5Lu35Y2V?= PI-778\r\nMessage-ID: <m1@cust.example>\r\n"
+           b"Date: Mon, 02 Mar 2026 10:00:00 +0800\r\nContent-Type: text/plain; charset=utf-8\r\n\r\n"
+           + "请查收附件 quotation for 200 LED panels\r\n".encode())
+    full, light = extract(raw), extract(raw, headers=False)
+    assert full.headers is not None and full.headers["message_id"] == "<m1@cust.example>"
+    assert light.headers is None
+    assert {**vars(light), "headers": full.headers} == vars(full)
