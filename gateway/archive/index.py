@@ -244,21 +244,24 @@ def _cut_base64(raw: bytes) -> bytes:
     """``raw`` with long base64 bodies shortened (see BASE64_KEEP_LINES); all else as is."""
     out: list[bytes] = []
     pos = 0
-    for m in _BASE64_START.finditer(raw):
+    m = _BASE64_START.search(raw)
+    while m is not None:
         start = m.end()
-        if start < pos:
-            continue
         end_match = _RUN_END.search(raw, start)
         end = end_match.start() if end_match else len(raw)
-        part_start = raw.rfind(b"\n--", pos, m.start())
-        headers = raw[part_start + 1 if part_start >= 0 else pos:m.start()].lower()
-        binary = (b"filename" in headers or b"name=" in headers or b"attachment" in headers
-                  or (_ANY_TYPE.search(headers) is not None and _TEXT_TYPE.search(headers) is None))
-        line = raw.find(b"\n", start) + 1 - start
-        keep = start + line * (1 if binary else BASE64_KEEP_LINES)
-        if keep < end:
-            out.append(raw[pos:keep])
-            pos = end
+        if start >= pos:
+            part_start = raw.rfind(b"\n--", pos, m.start())
+            headers = raw[part_start + 1 if part_start >= 0 else pos:m.start()].lower()
+            binary = (b"filename" in headers or b"name=" in headers or b"attachment" in headers
+                      or (_ANY_TYPE.search(headers) is not None and _TEXT_TYPE.search(headers) is None))
+            line = raw.find(b"\n", start) + 1 - start
+            keep = start + line * (1 if binary else BASE64_KEEP_LINES)
+            if keep < end:
+                out.append(raw[pos:keep])
+                pos = end
+        # A run holds no blank line before ``end`` (that is how its end was found), so the next
+        # start is searched from there: the run's bytes are scanned once, not twice.
+        m = _BASE64_START.search(raw, end)
     if not out:
         return raw
     out.append(raw[pos:])
