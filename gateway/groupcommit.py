@@ -400,6 +400,7 @@ class GroupCommitter:
 
     @staticmethod
     def _resolve_all(batch: list, outcomes: list[tuple[Any, BaseException | None]]) -> None:
+        by_loop: dict[asyncio.AbstractEventLoop, list] = {}  # one wake-up per event loop, not per job
         for (_, _, future, loop, _, _), outcome in zip(batch, outcomes, strict=True):
             if callable(future):  # post(): the caller's callback
                 try:
@@ -413,10 +414,12 @@ class GroupCommitter:
                     box["error"] = error
                 done.set()
             else:
-                try:
-                    loop.call_soon_threadsafe(_resolve, future, outcome)
-                except RuntimeError:  # the caller's event loop is closed: nobody to answer
-                    log.warning("group commit: a caller's event loop closed before its answer")
+                by_loop.setdefault(loop, []).append((future, outcome))
+        for loop, answers in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_resolve_many, answers)
+            except RuntimeError:  # the caller's event loop is closed: nobody to answer
+                log.warning("group commit: an event loop closed before its %d answers", len(answers))
 
     def _wal_path(self) -> Path | None:
         """SQLite in WAL mode: switch this thread's connection to ``synchronous=NORMAL`` (once
@@ -491,11 +494,11 @@ def _fsync_dirs(dirs: set[Path]) -> None:
     list(_DIR_POOL.map(fsync_dir, dirs))  # re-raises the first failure
 
 
-def _resolve(future: asyncio.Future, outcome: tuple[Any, BaseException | None]) -> None:
-    if future.done():
-        return
-    result, exc = outcome
-    if exc is not None:
-        future.set_exception(exc)
-    else:
-        future.set_result(result)
+def _resolve_many(answers: list[tuple[asyncio.Future, tuple[Any, BaseException | None]]]) -> None:
+    for future, (result, exc) in answers:
+        if future.done():
+            continue
+        if exc is not None:
+            future.set_exception(exc)
+        else:
+            future.set_result(result)

@@ -38,6 +38,9 @@ def _has_long_line(data: bytes, line_limit: int) -> bool:
     """A line (split at CRLF only, like aiosmtpd) longer than ``line_limit`` with its CRLF."""
     if len(data) <= line_limit:
         return False
+    if len(data) <= 1 << 20:  # split copies the data once: C speed, bounded memory
+        lines = data.split(b"\r\n")
+        return max(map(len, lines[:-1]), default=0) + 2 > line_limit or len(lines[-1]) > line_limit
     start = 0
     while (end := data.find(b"\r\n", start)) >= 0:
         if end + 2 - start > line_limit:
