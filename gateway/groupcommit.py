@@ -51,7 +51,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from peewee import Model, SqliteDatabase
+from peewee import AutoField, Model, SqliteDatabase
 
 from gateway.db.models import database
 from gateway.db.writerlock import handoff
@@ -108,6 +108,9 @@ def insert_row(instance: Model) -> Model:
     data = instance.__data__
     pk = meta.primary_key
     buffer = getattr(_buffer, "rows", None)
+    if buffer is not None and not isinstance(pk, AutoField):  # only integer ids can be counted here
+        flush_inserts()  # keep the order of inserts
+        buffer = None
     if buffer is not None:
         if data.get(pk.name) is None:
             setattr(instance, pk.name, _next_id(model))
