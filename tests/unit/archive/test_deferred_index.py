@@ -164,3 +164,36 @@ def test_the_indexer_takes_fresh_messages_from_memory_not_from_their_blobs(archi
            + base64.encodebytes(os.urandom(300_000)).replace(b"\n", b"\r\n") + b"--b--\r\n")
     rec = node.record(big, direction="outbound", verdict="accepted")
     assert index_pending(node) == 1 and rec.id not in reads and record_ids("osprey") == [rec.id]
+
+
+def test_short_transactions_while_records_arrive_one_for_a_backlog_left_after_the_mail_stopped(archive, monkeypatch):
+    from gateway import groupcommit
+    from gateway.archive.index import INDEX_CHUNK
+
+    node = _deferred(archive)
+    limit = INDEX_CHUNK + 4
+    transactions: list[int] = []
+    real = groupcommit.write_transaction
+
+    def counted():  # noqa: ANN202
+        transactions.append(SearchDoc.select().count())
+        return real()
+
+    monkeypatch.setattr(groupcommit, "write_transaction", counted)
+
+    def add(first: int, n: int) -> None:
+        for i in range(first, first + n):
+            node.record(message(i, f"sandpiper arrival{i}"), direction="outbound", verdict="accepted")
+
+    add(0, 2 * limit)
+    assert index_batch(node, limit=limit) == (limit, True)
+    assert len(transactions) == 2  # the first pass: mail may be flowing — chunks of INDEX_CHUNK
+    transactions.clear()
+    assert index_batch(node, limit=limit) == (limit, True)
+    assert len(transactions) == 1  # no record since the previous pass: the backlog in one go
+    add(2 * limit, limit)
+    transactions.clear()
+    assert index_batch(node, limit=limit) == (limit, True)
+    assert len(transactions) == 2  # records arrived again: short transactions
+    assert index_batch(node, limit=limit) == (0, False)
+    assert len(record_ids("sandpiper")) == 3 * limit
