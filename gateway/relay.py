@@ -41,6 +41,7 @@ from gateway.bounce import Failure, build_dsn
 from gateway.config import Config
 from gateway.credentials import CredentialsError, seal, unseal
 from gateway.db.models import OutboundMessage, database, utcnow
+from gateway.db.writerlock import handoff
 from gateway.groupcommit import buffered_inserts
 from gateway.metrics import relay_results
 from gateway.relayqueue import backoff, claim_batch, finish, next_due, release, release_node_claims
@@ -259,8 +260,12 @@ class RelayWorker:
             if self._relaxed_conn is not conn:
                 database.execute_sql("PRAGMA synchronous=NORMAL")
                 self._relaxed_conn = conn
-        return claim_batch(self.owner, self._now(), self.config.relay.claim_timeout, self.batch_size,
-                           self.spool.node)
+        # The writers' hand-off lock (gateway/db/writerlock.py): the claim's UPDATE takes the
+        # write lock the node's committer and indexer pass between them, and would otherwise
+        # sleep in SQLite's busy handler while they hand it on.
+        with handoff():
+            return claim_batch(self.owner, self._now(), self.config.relay.claim_timeout, self.batch_size,
+                               self.spool.node)
 
     def _seconds_until_due(self) -> float:
         now = self._now()
