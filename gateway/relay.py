@@ -40,9 +40,9 @@ from gateway.archive import RelayedCopy, record_relayed, relayed_capture
 from gateway.bounce import Failure, build_dsn
 from gateway.config import Config
 from gateway.credentials import CredentialsError, seal, unseal
+from gateway.db.inserts import buffered_inserts
 from gateway.db.models import OutboundMessage, database, utcnow
 from gateway.db.writerlock import handoff
-from gateway.groupcommit import buffered_inserts
 from gateway.metrics import relay_results
 from gateway.relayqueue import backoff, claim_batch, finish, next_due, release, release_node_claims
 from gateway.smarthost import (

@@ -28,6 +28,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from gateway.db.inserts import insert_row
 from gateway.db.models import OutboundMessage, database, utcnow
 
 
@@ -150,8 +151,6 @@ class Spool:
         ``archive_ref(…)``, for an archive blob already written), in a savepoint.  On failure
         the file is removed and SpoolError raised.  ``fields``: as ``row``."""
         try:
-            from gateway.groupcommit import insert_row  # gateway.groupcommit imports this module
-
             with database.atomic():
                 return insert_row(self.row(queue_id, mail_from, recipients, size, **fields))
         except Exception as exc:
@@ -173,7 +172,7 @@ class Spool:
         spool_path: str | None = None,
     ) -> OutboundMessage:
         """The queue row of a message (not saved): for ``insert``, or for a caller that inserts
-        many inside a transaction of its own (``groupcommit.insert_row``)."""
+        many inside a transaction of its own (``gateway.db.inserts.insert_row``)."""
         return OutboundMessage(
             queue_id=queue_id,
             employee=employee_id,

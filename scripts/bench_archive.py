@@ -368,7 +368,7 @@ def ingest_node(archive: object, msgs: list, threads: int = 6) -> tuple[float, i
         return [None] * len(jobs)
 
     try:
-        from gateway.groupcommit import buffered_inserts
+        from gateway.db.inserts import buffered_inserts
     except ImportError:  # a group commit without batch forms (older revisions, for before/after runs)
         batch_form = {}
     else:

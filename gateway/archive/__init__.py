@@ -35,8 +35,9 @@ from gateway.archive.original import OriginalCopy
 from gateway.archive.schema import ArchiveRecord, ArchiveSighting
 from gateway.archive.store import BlobError, BlobStore, PreparedBlob
 from gateway.areas import optional_module
+from gateway.db.inserts import buffered_inserts, flush_inserts
 from gateway.db.models import Employee, database, utcnow
-from gateway.groupcommit import buffered_inserts, flush_inserts, write_transaction
+from gateway.groupcommit import write_transaction
 from gateway.spool import fsync_dir
 
 log = logging.getLogger("mailgate.archive")

@@ -28,8 +28,9 @@ from contextlib import contextmanager
 from typing import Any
 
 from gateway.archive.schema import ArchiveChainHead, ArchiveEvent, ArchiveRecord, ArchiveSighting
+from gateway.db.inserts import insert_row
 from gateway.db.models import database, utcnow
-from gateway.groupcommit import insert_row, write_transaction
+from gateway.groupcommit import write_transaction
 
 GENESIS = "0" * 64
 

@@ -31,9 +31,10 @@ from aiosmtpd.smtp import Session as SMTPSession
 from gateway import metrics
 from gateway.archive import Archive, Capture, PreparedBlob
 from gateway.config import Config
+from gateway.db.inserts import buffered_inserts, flush_inserts, insert_row
 from gateway.db.models import Customer, utcnow
 from gateway.directory import Directory, EmployeeInfo
-from gateway.groupcommit import GroupCommitter, buffered_inserts, flush_inserts, insert_row
+from gateway.groupcommit import GroupCommitter
 from gateway.i18n import t
 from gateway.mutate import apply_mutations
 from gateway.policy import ACCEPT, HOLD, REJECT, Context, Policy, Verdict

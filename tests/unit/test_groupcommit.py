@@ -279,8 +279,9 @@ def test_jobs_with_a_batch_form_run_together_and_fall_back_one_by_one(db):
 
 
 def test_buffered_inserts_count_ids_and_insert_in_one_go(db):
+    from gateway.db.inserts import buffered_inserts, flush_inserts, insert_row
     from gateway.db.models import Customer
-    from gateway.groupcommit import buffered_inserts, flush_inserts, insert_row, write_transaction
+    from gateway.groupcommit import write_transaction
 
     Department.create(name="existing")
     with write_transaction(), buffered_inserts():
