@@ -10,10 +10,10 @@ it run as one call in one savepoint — one look-up and a few statements for all
 instead of a savepoint and a dozen statements each (every statement is a moment the
 writer gives up the GIL, and under load it waits milliseconds to get it back, holding
 the write lock) — and, should that call fail, again one by one in savepoints of their
-own, so one bad job still spoils only itself.  Around it, a pipeline (``GroupCommitter``): before, a thread fsyncs the
-directories the batch's files were written into (outside the write lock); after, a
-thread fsyncs the WAL and only then resolves the callers' futures — nobody hears
-250 before the commit is durable.
+own, so one bad job still spoils only itself.  Around it, a pipeline
+(``GroupCommitter``): before, a thread fsyncs the directories the batch's files were
+written into (outside the write lock); after, a thread fsyncs the WAL and only then
+resolves the callers' futures — nobody hears 250 before the commit is durable.
 
 On SQLite (WAL) the committer's connection commits without an fsync of its own
 (``synchronous=NORMAL``) and fsyncs the WAL file itself right after the commit — after
@@ -48,7 +48,7 @@ import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from peewee import SqliteDatabase
 
@@ -59,6 +59,15 @@ from gateway.spool import fsync_dir
 log = logging.getLogger("mailgate.store")
 
 _STOP = object()
+
+
+class _Job(NamedTuple):
+    fn: Callable[..., Any]
+    args: tuple
+    reply: Any  # a future (submit), (Event, box) (run_sync) or a callback (post)
+    loop: asyncio.AbstractEventLoop | None  # the future's event loop (submit only)
+    dirs: frozenset  # directories to fsync before the batch's transaction
+    many: Callable[[list[tuple]], list] | None  # the batch form of fn
 
 
 def write_transaction() -> Any:
@@ -112,7 +121,7 @@ class GroupCommitter:
         self._ensure_thread()
         loop = asyncio.get_running_loop()
         future = loop.create_future()
-        self._jobs.put((fn, args, future, loop, frozenset(dirs), many))
+        self._jobs.put(_Job(fn, args, future, loop, frozenset(dirs), many))
         return await future
 
     def run_sync(self, fn: Callable[..., Any], *args: Any, timeout: float = 300.0) -> Any:
@@ -120,7 +129,7 @@ class GroupCommitter:
         self._ensure_thread()
         done = threading.Event()
         box: dict[str, Any] = {}
-        self._jobs.put((fn, args, (done, box), None, frozenset(), None))
+        self._jobs.put(_Job(fn, args, (done, box), None, frozenset(), None))
         if not done.wait(timeout):
             raise TimeoutError("group commit did not answer in time")
         if "error" in box:
@@ -134,7 +143,7 @@ class GroupCommitter:
         committer's answering thread after the commit is durable (keep it short: no DB
         work, no blocking).  ``many``: as for ``submit``."""
         self._ensure_thread()
-        self._jobs.put((fn, args, on_done, None, frozenset(), many))
+        self._jobs.put(_Job(fn, args, on_done, None, frozenset(), many))
 
     def sync_dir(self, directory: Path) -> None:
         """Called from a job: fsync ``directory`` before this batch commits."""
@@ -190,7 +199,7 @@ class GroupCommitter:
             batch, stopping = self._take(self._jobs, first, self.max_batch, lambda _: 1)
             if self.linger and not stopping:
                 stopping = self._linger(batch)
-            synced = set().union(*(job[4] for job in batch))
+            synced = set().union(*(job.dirs for job in batch))
             started = time.monotonic()
             try:
                 # Directory entries of the batch's files first, outside the write lock: an fsync
@@ -273,8 +282,8 @@ class GroupCommitter:
             t1 = time.monotonic()
             # The archive hash chain is advanced in memory for the whole batch: its head row is
             # locked and read at the first archive append and written once before the commit.
-            # The hand-off lock first (gateway.db.writerlock): woken the moment the relay
-            # process's committer lets go, instead of SQLite's busy handler sleeping past it.
+            # The hand-off lock first (gateway.db.writerlock): woken the moment another
+            # writer lets go, instead of SQLite's busy handler sleeping past it.
             with handoff(), write_transaction(), chain.batch(lazy=True):
                 t2, c2 = time.monotonic(), time.thread_time()
                 seconds["begin"] += t2 - t1
@@ -295,7 +304,8 @@ class GroupCommitter:
     @staticmethod
     def _resolve_all(batch: list, outcomes: list[tuple[Any, BaseException | None]]) -> None:
         by_loop: dict[asyncio.AbstractEventLoop, list] = {}  # one wake-up per event loop, not per job
-        for (_, _, future, loop, _, _), outcome in zip(batch, outcomes, strict=True):
+        for job, outcome in zip(batch, outcomes, strict=True):
+            future, loop = job.reply, job.loop
             if callable(future):  # post(): the caller's callback
                 try:
                     future(*outcome)
@@ -334,29 +344,29 @@ class GroupCommitter:
         return self._wal
 
 
-def _run_jobs(batch: list) -> list[tuple[Any, BaseException | None]]:
+def _run_jobs(batch: list[_Job]) -> list[tuple[Any, BaseException | None]]:
     """Inside the batch's transaction: every job in a savepoint of its own, except jobs with a
     batch form, which run together (see ``GroupCommitter.submit``)."""
     from gateway.archive import chain  # here: gateway.archive imports this module
 
-    def one(job: tuple) -> tuple[Any, BaseException | None]:
+    def one(job: _Job) -> tuple[Any, BaseException | None]:
         try:
             with database.atomic(), chain.savepoint():  # a savepoint per job
-                return job[0](*job[1]), None
+                return job.fn(*job.args), None
         except Exception as exc:  # the job's own failure, reported to its caller
             return None, exc
 
     outcomes: list[Any] = [None] * len(batch)
     groups: dict[Callable, list[int]] = {}
     for i, job in enumerate(batch):
-        if job[5] is not None:
-            groups.setdefault(job[5], []).append(i)
+        if job.many is not None:
+            groups.setdefault(job.many, []).append(i)
         else:
             outcomes[i] = one(job)
     for many, members in groups.items():
         try:
             with database.atomic(), chain.savepoint():
-                results = many([batch[i][1] for i in members])
+                results = many([batch[i].args for i in members])
             if len(results) != len(members):
                 raise RuntimeError(f"{many!r} answered {len(results)} results for {len(members)} jobs")
         except Exception as exc:  # one job's failure must not spoil the others: each alone

@@ -434,13 +434,15 @@ class RelayWorker:
             else:
                 recorded(result)
 
-    def _bounce(
+    def bounce(
         self,
         row: OutboundMessage,
         failures: list[Failure],
         credentials: Credentials | None,
         original: bytes,
     ) -> None:
+        """Queue a delivery status notification (RFC 3464) of ``failures`` to the sender,
+        inside the caller's transaction."""
         if row.is_bounce or not row.mail_from:
             log.info("%s: undeliverable bounce dropped (never bounce a bounce)", row.queue_id)
             return
@@ -523,23 +525,19 @@ def store_attempts(jobs: list[tuple[Attempt]]) -> list[bool]:
     each queue row's new state — only while the claim is still ours; a lost claim changes
     nothing, False — its bounce, and the archive sightings of the relayed copies with one
     look-up of their records."""
-    with buffered_inserts():  # bounces' queue rows and the sightings: one statement per table
-        return _store_attempts(jobs)
-
-
-def _store_attempts(jobs: list[tuple[Attempt]]) -> list[bool]:
     stored: list[bool] = []
     relayed: list[RelayedCopy] = []
-    for (a,) in jobs:
-        if finish(a.row.id, a.worker.owner, a.changes) != 1:
-            stored.append(False)
-            continue
-        if a.failures:
-            a.worker._bounce(a.row, a.failures, a.credentials, a.original)
-        if a.relayed is not None:
-            relayed.append(a.relayed)
-        stored.append(True)
-    record_relayed(relayed)
+    with buffered_inserts():  # bounces' queue rows and the sightings: one statement per table
+        for (a,) in jobs:
+            if finish(a.row.id, a.worker.owner, a.changes) != 1:
+                stored.append(False)
+                continue
+            if a.failures:
+                a.worker.bounce(a.row, a.failures, a.credentials, a.original)
+            if a.relayed is not None:
+                relayed.append(a.relayed)
+            stored.append(True)
+        record_relayed(relayed)
     return stored
 
 

@@ -256,11 +256,10 @@ class Archive:
         batch = _Batch(now=utcnow())
         wanted = {c.employee_id for c in captures if c.employee_email is None}
         with write_transaction(), chain.batch(), buffered_inserts():
-            if wanted:
-                batch.emails.update(_emails_of(wanted))
             # The chain's lock before any read (see _chain) and before buffered_inserts counts ids.
             chain.lock()
-            flush_inserts()  # an enclosing buffered_inserts() block may hold records
+            if wanted:
+                batch.emails.update(_emails_of(wanted))
             known = {r.sha256: r for r in _records_by_sha(sorted({b.sha256 for b in blobs}))}
             outcomes = [self._chain(c, b, known, defer=True, batch=batch)
                         for c, b in zip(captures, blobs, strict=True)]
@@ -460,6 +459,7 @@ def _seen_at(rec: ArchiveRecord, place: str, ref: str) -> bool:
 def _records_by_sha(hashes: list[str]) -> list[ArchiveRecord]:
     """The records with these content hashes (``select().where(sha256.in_(…))`` without peewee
     building the statement: the SMTP group commit asks once per batch)."""
+    flush_inserts()  # records waiting in a buffered_inserts() block
     if not hashes:
         return []
     db = database.obj
@@ -469,22 +469,10 @@ def _records_by_sha(hashes: list[str]) -> list[ArchiveRecord]:
     return list(ArchiveRecord.raw(sql, *hashes))
 
 
-_BY_SHA_SQL: dict[type, str] = {}
-
-
 def _record_by_sha(sha256: str) -> ArchiveRecord | None:
-    """``ArchiveRecord.get_or_none(sha256 == …)`` with the statement text cached (peewee
-    building a select of every column costs more CPU than running it)."""
-    flush_inserts()  # records waiting in a buffered_inserts() block
-    db = database.obj
-    sql = _BY_SHA_SQL.get(type(db))
-    if sql is None:
-        q = db.quote
-        sql = _BY_SHA_SQL[type(db)] = (f"SELECT * FROM {q[0]}{ArchiveRecord._meta.table_name}{q[1]} "
-                                       f"WHERE {q[0]}sha256{q[1]} = {db.param} LIMIT 1")
-    for row in ArchiveRecord.raw(sql, sha256):
-        return row
-    return None
+    """``ArchiveRecord.get_or_none(sha256 == …)`` without peewee building the statement."""
+    found = _records_by_sha([sha256])
+    return found[0] if found else None
 
 
 _EMAIL_SQL: dict[type, str] = {}

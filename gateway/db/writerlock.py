@@ -22,7 +22,7 @@ import fcntl
 import os
 import threading
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
 
 from peewee import SqliteDatabase
@@ -60,11 +60,6 @@ class WriterLock:
                 fcntl.flock(fd, fcntl.LOCK_UN)
 
 
-@contextmanager
-def _nothing() -> Iterator[None]:
-    yield
-
-
 def writer_lock() -> WriterLock | None:
     """The hand-off lock of the bound database (None: not a SQLite file)."""
     db = database.obj
@@ -78,7 +73,7 @@ def writer_lock() -> WriterLock | None:
         return lock
 
 
-def handoff():  # noqa: ANN201 - a context manager
+def handoff() -> AbstractContextManager[None]:
     """Hold the hand-off lock around a write transaction (see the module doc)."""
     lock = writer_lock()
-    return lock.held() if lock is not None else _nothing()
+    return lock.held() if lock is not None else nullcontext()

@@ -23,13 +23,13 @@ import time
 from dataclasses import dataclass
 from email.parser import BytesHeaderParser
 from email.policy import compat32
-from typing import NoReturn
+from typing import Any, NamedTuple, NoReturn
 
 from aiosmtpd.smtp import SMTP, AuthResult, Envelope
 from aiosmtpd.smtp import Session as SMTPSession
 
 from gateway import metrics
-from gateway.archive import Archive, Capture, PreparedBlob
+from gateway.archive import Archive, Capture, OriginalCopy, PreparedBlob
 from gateway.config import Config
 from gateway.db.inserts import buffered_inserts, flush_inserts, insert_row
 from gateway.db.models import Customer, utcnow
@@ -61,6 +61,20 @@ class Identity:
 
     def __repr__(self) -> str:
         return f"Identity({self.username!r})"
+
+
+class Prepared(NamedTuple):
+    """A message part after phase 1 of storing (``SubmissionHandler._prepare``)."""
+
+    ctx: Context
+    verdict: Verdict
+    queue_id: str
+    outgoing: Any  # gateway.mutate.Outgoing: the final envelope and bytes
+    credentials: bytes | None  # sealed employee login (relay.mode = employee_credentials)
+    blob: PreparedBlob  # the archive blob, written and fsynced
+    dirs: set  # folders of the files written, fsynced once per batch
+    spool_path: str | None  # archive_ref of the blob, or None: the spool file
+    original: OriginalCopy | None  # the submitted bytes, when mutations changed them
 
 
 def split_header_block(data: bytes) -> bytes:
@@ -333,7 +347,7 @@ class SubmissionHandler:
             return ctx, verdict, free, self._prepare_refusal(ctx, queue_id)
         parts = [(ctx, verdict, queue_id)] + ([free] if free else [])
         try:
-            return ctx, verdict, free, [(c, v, q, *self._prepare(c, v, q, ident)) for c, v, q in parts]
+            return ctx, verdict, free, [self._prepare(c, v, q, ident) for c, v, q in parts]
         except BaseException as exc:
             self._store_failed(parts, exc)
 
@@ -358,7 +372,7 @@ class SubmissionHandler:
             raise SpoolError(exc.errno, f"store failed: {exc.strerror or exc}") from exc
         raise SpoolError(None, f"store failed: {exc}") from exc
 
-    async def _store(self, ctx: Context, verdict: Verdict, queue_id: str, prepared: list | None,
+    async def _store(self, ctx: Context, verdict: Verdict, queue_id: str, prepared: Any,
                      also: tuple[Context, Verdict, str] | None = None) -> str:
         """Phase 2 of storing, then the reply text.  Raises SpoolError when nothing was stored.
 
@@ -376,7 +390,7 @@ class SubmissionHandler:
             summary = t("conflict.summary", self.language) + "\n" if verdict.rule == "send-conflict" else ""
             return smtp_reply(verdict.smtp_code, verdict.enhanced, summary + verdict.reason)
         try:
-            dirs = set().union(*(p[6] for p in prepared))  # the blob's and spool file's folders
+            dirs = set().union(*(p.dirs for p in prepared))  # the blob's and spool file's folders
             await self.committer.submit(self._commit_parts, prepared, dirs=dirs, many=self._commit_many)
         except BaseException as exc:
             self._store_failed([(ctx, verdict, queue_id)] + ([also] if also else []), exc)
@@ -384,7 +398,7 @@ class SubmissionHandler:
             return f"250 2.0.0 {t('queued_split', self.language, queue_id=also[2], held_id=queue_id)}"
         return f"250 2.0.0 {t('queued', self.language, queue_id=queue_id)}"
 
-    def _prepare(self, ctx: Context, verdict: Verdict, queue_id: str, ident: Identity | None):
+    def _prepare(self, ctx: Context, verdict: Verdict, queue_id: str, ident: Identity | None) -> Prepared:
         """Phase 1, blocking: the final bytes, the archive blob and (unless the blob serves
         as the queue's copy) the spool file, each fsynced; their directories are fsynced
         once per batch by the group commit, before its transaction (see ``submit(dirs=)``)."""
@@ -410,7 +424,7 @@ class SubmissionHandler:
         # The client's bytes as submitted, kept beside the changed ones (usually their header
         # section only, sealed into the record row; no second file).
         original = self.archive.original_copy(ctx.raw, outgoing.data)
-        return outgoing, credentials, blob, dirs, spool_path, original
+        return Prepared(ctx, verdict, queue_id, outgoing, credentials, blob, dirs, spool_path, original)
 
     def _queue_in_archive(self, verdict: Verdict) -> bool:
         """Accepted mail is relayed from its archive blob, unless the spool is shared between
@@ -421,59 +435,60 @@ class SubmissionHandler:
     def _archive_fields(self, ctx: Context, verdict: Verdict, queue_id: str) -> dict:
         return {
             "direction": "outbound", "subject": ctx.subject, "queue_id": queue_id, "reason": verdict.reason,
-            "message_id": str(ctx.headers.get("Message-ID", "")).strip(),
+            "message_id": self._message_id(ctx),
             "employee_id": ctx.employee.id if ctx.employee else None,
             "employee_email": ctx.employee.email if ctx.employee else "",  # no lookup in the group commit
             "trace": [s.as_dict() for s in ctx.trace],
         }
+
+    @staticmethod
+    def _message_id(ctx: Context) -> str:
+        return str(ctx.headers.get("Message-ID", "")).strip()
 
     def _record_refusal(self, ctx: Context, verdict: Verdict, queue_id: str, blob: PreparedBlob | None) -> None:
         """Phase 2 of a refused message: only its archive record."""
         self.archive.record(ctx.raw, verdict="refused", mail_from=ctx.mail_from, recipients=ctx.rcpt_tos,
                             prepared=blob, **self._archive_fields(ctx, verdict, queue_id))
 
-    def _commit_parts(self, prepared: list) -> None:
+    def _commit_parts(self, prepared: list[Prepared]) -> None:
         """Phase 2 of one message (and the part split off it), in the group-commit thread
         inside a savepoint."""
         self._commit_many([(prepared,)])
 
-    def _commit_many(self, jobs: list[tuple[list]]) -> list[None]:
+    def _commit_many(self, jobs: list[tuple[list[Prepared]]]) -> list[None]:
         """Phase 2 of every message of a group-commit batch (the batch form of
         ``_commit_parts``, one savepoint for all): the archive records and sightings with one
         look-up of content already archived, the queue rows, holds, and the recipients'
         last contact in one update."""
         parts = [part for (prepared,) in jobs for part in prepared]
-        captures, blobs = [], []
-        for ctx, verdict, queue_id, outgoing, _, blob, _, _, original in parts:
-            held = verdict.action == HOLD
-            captures.append(Capture(
-                raw=outgoing.data, place="smtp:submitted", verdict="held" if held else "accepted",
-                mail_from=outgoing.mail_from, recipients=list(outgoing.recipients), original=original,
-                **self._archive_fields(ctx, verdict, queue_id)))
-            blobs.append(blob)
+        touched: list[str] = []
         with buffered_inserts():  # the records, sightings and queue rows: one statement per table
-            self._commit_rows(parts, captures, blobs)
+            self.archive.chain_batch([self._capture(p) for p in parts], [p.blob for p in parts])
+            for p in parts:
+                held = p.verdict.action == HOLD
+                insert_row(self.spool.row(
+                    p.queue_id, p.outgoing.mail_from, p.outgoing.recipients, len(p.outgoing.data),
+                    employee_id=p.ctx.employee.id if p.ctx.employee else None,
+                    message_id=self._message_id(p.ctx), credentials=p.credentials,
+                    state="held" if held else "queued", spool_path=p.spool_path))
+                if held:
+                    if self.approvals is not None:
+                        flush_inserts()  # the approval refers to its queue row
+                        self.approvals.record_hold(p.ctx, p.verdict, p.queue_id)
+                    continue
+                touched.extend(p.outgoing.recipients)
+                if self.rule_env is not None:
+                    self._remember_contacts(p.ctx)
+            self._touch_customers(touched)
         return [None] * len(jobs)
 
-    def _commit_rows(self, parts: list, captures: list[Capture], blobs: list) -> None:
-        self.archive.chain_batch(captures, blobs)
-        touched: list[str] = []
-        for (ctx, verdict, queue_id, outgoing, credentials, _, _, spool_path, _), cap in zip(parts, captures,
-                                                                                          strict=True):
-            held = verdict.action == HOLD
-            insert_row(self.spool.row(
-                queue_id, outgoing.mail_from, outgoing.recipients, len(outgoing.data),
-                employee_id=cap.employee_id, message_id=cap.message_id or "", credentials=credentials,
-                state="held" if held else "queued", spool_path=spool_path))
-            if held:
-                if self.approvals is not None:
-                    flush_inserts()  # the approval refers to its queue row
-                    self.approvals.record_hold(ctx, verdict, queue_id)
-                continue
-            touched.extend(outgoing.recipients)
-            if self.rule_env is not None:
-                self._remember_contacts(ctx)
-        self._touch_customers(touched)
+    def _capture(self, p: Prepared) -> Capture:
+        """The archive's view of an accepted or held part: the bytes as relayed, with the
+        submitted ones beside them."""
+        return Capture(raw=p.outgoing.data, place="smtp:submitted",
+                       verdict="held" if p.verdict.action == HOLD else "accepted",
+                       mail_from=p.outgoing.mail_from, recipients=list(p.outgoing.recipients),
+                       original=p.original, **self._archive_fields(p.ctx, p.verdict, p.queue_id))
 
     def _touch_customers(self, recipients: list[str]) -> None:
         """Last contact (the public pool's auto-return clock) comes from real traffic."""

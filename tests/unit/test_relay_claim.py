@@ -35,12 +35,17 @@ def test_two_workers_racing_claim_each_row_exactly_once(db):
 
 
 def test_racing_on_postgresql_too(postgres):
-    connect(postgres.create_database("relay_claim_race"))
+    on_postgresql(postgres, "relay_claim_race", race_two_workers)
+
+
+def on_postgresql(postgres, name: str, check) -> None:
+    """Run ``check`` against a fresh PostgreSQL database ``name``, dropped after."""
+    connect(postgres.create_database(name))
     try:
-        race_two_workers()
+        check()
     finally:
         database.close()
-        postgres.drop_database("relay_claim_race")
+        postgres.drop_database(name)
 
 
 def race_two_workers() -> None:
@@ -145,9 +150,4 @@ def test_next_due(db):
 
 
 def test_next_due_on_postgresql_too(postgres):
-    connect(postgres.create_database("relay_next_due"))
-    try:
-        next_due_checks()
-    finally:
-        database.close()
-        postgres.drop_database("relay_next_due")
+    on_postgresql(postgres, "relay_next_due", next_due_checks)
