@@ -52,7 +52,7 @@ def test_relay_outcomes_of_a_batch_are_recorded_together_on_postgresql(db, sink,
         spool.insert(f"QPG{i}", "alice@acme.test", ["buyer@customer.example"], len(data),
                      spool_path=archive_ref(blob.name, blob.sha256))
     spool.enqueue("alice@acme.test", ["gone@customer.example"], MESSAGE, queue_id="QPGBAD")
-    committer = GroupCommitter(linger=0.5)  # the outcomes gather into one batch
+    committer = GroupCommitter(max_batch=5, linger=60)  # the five outcomes gather into one batch
     worker = RelayWorker(cfg, spool, "w1", None, now=Clock(), committer=committer)
     real_send = worker.connection.send
 
