@@ -39,7 +39,7 @@ from html.parser import HTMLParser
 from peewee import fn
 
 from gateway.db import is_postgres
-from gateway.db.models import database
+from gateway.db.models import database, utcnow
 
 log = logging.getLogger("mailgate.archive.index")
 
@@ -634,8 +634,13 @@ def index_pending(archive: object, limit: int = INDEX_BATCH) -> int:
     return index_batch(archive, limit)[0]
 
 
-def index_batch(archive: object, limit: int = INDEX_BATCH) -> tuple[int, bool]:
+def index_batch(archive: object, limit: int = INDEX_BATCH, lag: float = 0.0) -> tuple[int, bool]:
     """``index_pending``, also telling whether a batch was full (more work waits).
+
+    ``lag`` > 0 (``[archive] index_lag``, the node's background indexer): while records keep
+    arriving, wait until the oldest unindexed one is ``lag`` seconds old — the index yields
+    to the mail path during a burst and catches up, in large transactions, once it ends (or
+    keeps ``lag`` behind under sustained load).  Returns ``(0, False)`` for a pass it skipped.
 
     Blocking (call in a thread).  The blobs are read and their text extracted outside any
     transaction; the rows go in short write transactions of ``INDEX_CHUNK`` documents while
@@ -661,6 +666,9 @@ def index_batch(archive: object, limit: int = INDEX_BATCH) -> tuple[int, bool]:
     recs = list(ArchiveRecord.select(*fields).where((ArchiveRecord.id > rec_mark) & (ArchiveRecord.id <= top)
                                                     & ArchiveRecord.purged_at.is_null() & unindexed)
                 .order_by(ArchiveRecord.id).limit(limit))
+    arriving = _records_arriving(archive, top)
+    if lag > 0 and arriving and recs and _age(recs[0].created_at) < lag:
+        return 0, False  # a burst: the index waits (see the docstring)
     seen_fields = (ArchiveSighting.id, ArchiveSighting.record.alias("record_id"),
                    ArchiveSighting.employee.alias("employee_id"), ArchiveSighting.direction)
     sightings = list(ArchiveSighting.select(*seen_fields).where(ArchiveSighting.id > seen_mark)
@@ -680,7 +688,7 @@ def index_batch(archive: object, limit: int = INDEX_BATCH) -> tuple[int, bool]:
     # transaction flushes a small FTS5 segment that is merged again later (16 documents a
     # transaction cost the indexer ~0.5 ms more CPU a document than 200), so a backlog left
     # once the mail stopped (no new record since the previous pass) goes in one transaction.
-    size = INDEX_CHUNK if _records_arriving(archive, top) else max(1, len(rows))
+    size = INDEX_CHUNK if arriving else max(1, len(rows))
     chunks = [rows[i:i + size] for i in range(0, len(rows), size)] or [[]]
     noted: set[int] = set()
     for n, chunk in enumerate(chunks):
@@ -709,6 +717,15 @@ def index_batch(archive: object, limit: int = INDEX_BATCH) -> tuple[int, bool]:
 
 
 _LAST_TOP: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # archive -> newest record id seen
+
+
+def _age(created_at: object) -> float:
+    """Seconds since ``created_at`` (a naive UTC datetime, or its text from a raw query)."""
+    if isinstance(created_at, str):
+        created_at = dt.datetime.fromisoformat(created_at)
+    if not isinstance(created_at, dt.datetime):
+        return float("inf")
+    return (utcnow() - created_at.replace(tzinfo=None)).total_seconds()
 
 
 def _records_arriving(archive: object, top: int) -> bool:

@@ -53,7 +53,7 @@ async def start(node: Any, reactor: Any):  # noqa: ANN201 - async stop function 
             tasks.append(asyncio.create_task(hooks.capture_worker(stopping), name="archive-imap-capture"))
     if a.sync_enabled:
         tasks.append(asyncio.create_task(_sync_loop(archive, cfg, stopping), name="archive-sync"))
-    tasks.append(asyncio.create_task(index_loop(archive, stopping), name="archive-index"))
+    tasks.append(asyncio.create_task(index_loop(archive, stopping, lag=a.index_lag), name="archive-index"))
     tasks.append(asyncio.create_task(_daily(archive, cfg, stopping), name="archive-daily"))
 
     async def stop() -> None:
@@ -74,15 +74,17 @@ async def _wait(stopping: asyncio.Event, seconds: float) -> bool:
         return False
 
 
-async def index_loop(archive: Archive, stopping: asyncio.Event, poll: float = INDEX_POLL) -> None:
+async def index_loop(archive: Archive, stopping: asyncio.Event, poll: float = INDEX_POLL,
+                     lag: float = 0.0) -> None:
     """Index deferred records and sightings until ``stopping``: right away while there is a
-    backlog (start-up catch-up), else every ``poll`` seconds."""
+    backlog (start-up catch-up), else every ``poll`` seconds; while mail keeps arriving, up to
+    ``lag`` seconds behind it (``index.index_batch``)."""
     from gateway.archive.index import index_batch
 
     while not stopping.is_set():
         failed = more = False
         try:
-            _, more = await asyncio.to_thread(index_batch, archive)
+            _, more = await asyncio.to_thread(index_batch, archive, lag=lag)
         except Exception:
             log.exception("archive background indexing failed (retried)")
             failed = True

@@ -35,6 +35,10 @@ class ArchiveConfig:
     # Opt-in: keep employees' IMAP passwords (sealed) captured at proxy login, for the sync
     # of providers without a master user.
     capture_credentials_opt_in: bool = False
+    # Seconds the search index may fall behind while mail keeps arriving: during a burst the
+    # background indexer waits (the SMTP path and the indexer share SQLite's write lock) and
+    # catches up after it, in larger transactions; 0 = index every pass.
+    index_lag: float = 60.0
     # Messages larger than this are not archived from IMAP/sync (logged instead).
     max_message_size: int = 50 * 1024 * 1024
 
@@ -49,6 +53,8 @@ def validate(section: ArchiveConfig) -> list[str]:
         problems.append("[archive] sync_interval: must be > 0")
     if section.master_user and not section.master_password:
         problems.append("[archive] master_password: required when master_user is set")
+    if section.index_lag < 0:
+        problems.append("[archive] index_lag: must be >= 0 (0 = index at once)")
     if section.max_message_size <= 0:
         problems.append("[archive] max_message_size: must be > 0")
     if section.sync_enabled and not section.master_user and not section.capture_credentials_opt_in:

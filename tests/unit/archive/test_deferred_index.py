@@ -197,3 +197,33 @@ def test_short_transactions_while_records_arrive_one_for_a_backlog_left_after_th
     assert len(transactions) == 2  # records arrived again: short transactions
     assert index_batch(node, limit=limit) == (0, False)
     assert len(record_ids("sandpiper")) == 3 * limit
+
+
+def test_the_indexer_yields_to_a_burst_of_mail_up_to_the_lag(archive):
+    """``lag``: while records keep arriving the pass is skipped until the oldest unindexed
+    record is ``lag`` seconds old; once none arrive, everything waiting goes in."""
+    import datetime as dt
+
+    from gateway.archive import index
+
+    node = _deferred(archive)
+
+    def add(first: int, n: int) -> list[ArchiveRecord]:
+        return [node.record(message(i, f"kittiwake burst{i}"), direction="outbound", verdict="accepted")
+                for i in range(first, first + n)]
+
+    add(0, 3)
+    assert index_batch(node, lag=60) == (0, False)  # the first pass sees mail arriving: waits
+    add(3, 2)
+    assert index_batch(node, lag=60) == (0, False)  # more arrived: still waiting
+    assert SearchDoc.select().count() == 0
+    assert index_batch(node, lag=60) == (5, False)  # nothing new since the last pass: all in
+    assert len(record_ids("kittiwake")) == 5
+
+    late = add(5, 2)
+    old = index.utcnow() - dt.timedelta(seconds=61)  # the oldest waiting one is past the lag
+    ArchiveRecord.update(created_at=old).where(ArchiveRecord.id == late[0].id).execute()
+    add(7, 1)
+    assert index_batch(node, lag=60) == (3, False)  # arriving, but behind by more than the lag
+    assert index_batch(node, lag=0) == (0, False)  # lag 0: every pass indexes (nothing left)
+    assert len(record_ids("kittiwake")) == 8
