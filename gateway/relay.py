@@ -173,13 +173,7 @@ class RelayWorker:
                     await self._call(release, [r.id for r in rows if r.id in done], self.owner)
                 if not fresh:
                     break
-                ordered = self._reuse_order(fresh)
-                for index, row in enumerate(ordered):
-                    if self._stopping():
-                        await self._call(release, [r.id for r in ordered[index:]], self.owner)
-                        break
-                    await self._call(self._process_safely, row)
-                    done.add(row.id)
+                done.update(await self._call(self._process_rows, self._reuse_order(fresh)))
         finally:
             await self._call(self.drain)  # every outcome of this run committed
             if not keep_open:
@@ -274,6 +268,19 @@ class RelayWorker:
         if due is None:
             return poll
         return min(poll, max(0.1, (due - now).total_seconds()))
+
+    def _process_rows(self, rows: list[OutboundMessage]) -> list[int]:
+        """The claimed rows one after the other, in this worker's thread (one hand-off from the
+        event loop per claim, not per message); at a stop, the rest is released.  Returns the
+        ids of the rows worked on."""
+        done = []
+        for index, row in enumerate(rows):
+            if self._stopping():  # asyncio.Event.is_set: a plain attribute read, thread-safe
+                release([r.id for r in rows[index:]], self.owner)
+                break
+            self._process_safely(row)
+            done.append(row.id)
+        return done
 
     def _process_safely(self, row: OutboundMessage) -> None:
         try:

@@ -135,6 +135,19 @@ class SmarthostConnection:
             options.append("SMTPUTF8")
         reused = self._clean
         self._clean = False
+        if smtp.has_extn("pipelining") and _plain(mail_from, recipients):
+            try:
+                return self._pipelined(smtp, mail_from, recipients, options, data)
+            except _Stale as exc:
+                if not reused:
+                    raise exc.cause from None
+            # The reused session went away while idle: one fresh session, same transaction.
+            self.close()
+            smtp = self._session(credentials)
+            try:
+                return self._pipelined(smtp, mail_from, recipients, options, data)
+            except _Stale as exc:
+                raise exc.cause from None
         try:
             code, text = smtp.mail(mail_from, options)
         except (smtplib.SMTPServerDisconnected, ConnectionError):
@@ -164,6 +177,47 @@ class SmarthostConnection:
             self._reset()
         else:
             self._clean = True  # the next transaction may follow without an RSET
+        replies.update(dict.fromkeys(accepted, final))
+        return replies
+
+    def _pipelined(
+        self, smtp: smtplib.SMTP, mail_from: str, recipients: list[str], options: list[str], data: bytes
+    ) -> dict[str, Reply]:
+        """The transaction with PIPELINING (RFC 2920): MAIL, every RCPT and DATA in one write,
+        their replies read in order; the message after a 354 only.  One round trip less per
+        recipient, and one send instead of one per command.  ``data`` has CRLF line ends
+        (the relay normalizes them), so dot-stuffing is a plain replace."""
+        params = "".join(f" {o}" for o in options)
+        commands = [f"MAIL FROM:<{mail_from}>{params}\r\n", *(f"RCPT TO:<{r}>\r\n" for r in recipients), "DATA\r\n"]
+        try:
+            smtp.send("".join(commands))
+            mail = Reply.of(*smtp.getreply())
+        except (smtplib.SMTPServerDisconnected, ConnectionError) as exc:
+            raise _Stale(exc) from None  # gone before it answered anything: safe to try again
+        replies = {rcpt: Reply.of(*smtp.getreply()) for rcpt in recipients}
+        go_ahead = Reply.of(*smtp.getreply())
+        if mail.code != 250:  # the RCPTs and DATA were refused for it (503)
+            replies = dict.fromkeys(recipients, mail)
+        accepted = [r for r in recipients if replies[r].outcome == "sent"] if mail.code == 250 else []
+        if go_ahead.code == 354 and not accepted:
+            smtp.send(".\r\n")  # a server that took DATA anyway: end it empty, then reset
+            smtp.getreply()
+        if go_ahead.code != 354 or not accepted:
+            self._reset()
+            if accepted:  # DATA itself refused: that answer is every accepted recipient's
+                replies.update(dict.fromkeys(accepted, go_ahead))
+            return replies
+        stuffed = data.replace(b"\r\n.", b"\r\n..")
+        if stuffed.startswith(b"."):
+            stuffed = b"." + stuffed
+        if not stuffed.endswith(b"\r\n"):
+            stuffed += b"\r\n"
+        smtp.send(stuffed + b".\r\n")
+        final = Reply.of(*smtp.getreply())
+        if final.outcome != "sent":
+            self._reset()
+        else:
+            self._clean = True
         replies.update(dict.fromkeys(accepted, final))
         return replies
 
@@ -244,6 +298,23 @@ class SmarthostConnection:
         except smtplib.SMTPException as exc:  # e.g. no common mechanism: not a reply
             raise RelayError(Reply(None, f"authentication impossible: {exc}"), auth=True) from None
 
+
+
+class _Stale(Exception):
+    """The session was gone before the first reply of a pipelined transaction."""
+
+    def __init__(self, cause: BaseException) -> None:
+        super().__init__(str(cause))
+        self.cause = cause
+
+
+_PLAIN = re.compile(r"[!#-;=?-~]*\Z")  # printable ASCII without space, "<", ">" (and "\"" nowhere)
+
+
+def _plain(mail_from: str, recipients: list[str]) -> bool:
+    """Addresses that go between angle brackets as they are (every queued address passed the
+    submission's checks; anything unusual takes smtplib's own quoting, unpipelined)."""
+    return all(_PLAIN.match(a) for a in (mail_from, *recipients))
 
 
 def describe(exc: BaseException) -> str:

@@ -7,6 +7,8 @@ always has a complete ``.eml`` next to it.  Names sort in arrival order.
 
 Failures for tests: ``fail_rcpt`` maps an address to its RCPT reply, (code, text) or a
 whole line; ``defer_next = n`` answers the end of DATA of the next n messages with 451.
+It announces PIPELINING (RFC 2920; aiosmtpd reads pipelined commands one by one) unless
+``pipelining`` is set False, so both ways of a client can be tested.
 
 Run in-process with :class:`SinkServer` or as ``python -m gateway.demo.sink --port P --dir D``
 (``--port 0`` picks a free port; the line ``READY <port>`` on stdout says it listens).
@@ -96,6 +98,15 @@ class SinkHandler:
         self._defer_next = 0
         self._lock = threading.Lock()
         self._seq = 0
+        self.pipelining = True  # announce PIPELINING in the EHLO reply
+
+    async def handle_EHLO(  # aiosmtpd hook name
+        self, server: SMTP, session: Session, envelope: Envelope, hostname: str, responses: list[str]
+    ) -> list[str]:
+        session.host_name = hostname
+        if self.pipelining:
+            responses.insert(len(responses) - 1, "250-PIPELINING")
+        return responses
 
     @property
     def defer_next(self) -> int:
@@ -110,6 +121,7 @@ class SinkHandler:
         self.fail_rcpt.clear()
         self.defer_next = 0
         self.defer_reply = DEFER_REPLY
+        self.pipelining = True
 
     async def handle_RCPT(  # aiosmtpd hook name
         self,

@@ -148,6 +148,13 @@ def received(sink, count: int = 1) -> list:
     return sink.wait_for(count, timeout=20)
 
 
+@pytest.fixture(params=[True, False], ids=["pipelining", "one-by-one"])
+def pipelining(request, sink) -> bool:
+    """The sink announces PIPELINING (RFC 2920) or not: the relay uses it when offered."""
+    sink.handler.pipelining = request.param
+    return request.param
+
+
 def refuse_recipient(sink, address: str) -> None:
     sink.fail_rcpt[address] = (550, f"5.1.1 <{address}>: no such user")
 
@@ -323,7 +330,7 @@ def test_refused_recipient_bounces_to_sender_others_delivered(dovecot, sink, spo
     assert "Subject: Quotation 2024-17" in headers.get_payload()
 
 
-def test_all_recipients_refused_direct_to_sink(sink, spool, clock, workers):
+def test_all_recipients_refused_direct_to_sink(sink, pipelining, spool, clock, workers):
     refuse_recipient(sink, "nobody@customer.example")
     worker = make_worker(workers, via_sink(sink), spool, clock)
     queued = spool.enqueue("alice@acme.test", ["nobody@customer.example"], MESSAGE)
@@ -336,7 +343,7 @@ def test_all_recipients_refused_direct_to_sink(sink, spool, clock, workers):
     assert dsn_status(notice.data)[0]["Status"].startswith("5.1.")
 
 
-def test_temporary_failure_is_retried(sink, spool, clock, workers):
+def test_temporary_failure_is_retried(sink, pipelining, spool, clock, workers):
     sink.defer_next = 1
     worker = make_worker(workers, via_sink(sink), spool, clock)
     queued = spool.enqueue("alice@acme.test", ["buyer@customer.example"], MESSAGE)
@@ -360,7 +367,7 @@ def test_a_failing_bounce_is_dropped_not_bounced(sink, spool, clock, workers):
     assert bounces() == [row(queued.queue_id)]  # no new DSN about the DSN
 
 
-def test_bare_line_ends_are_sent_as_crlf(sink, spool, clock, workers):
+def test_bare_line_ends_are_sent_as_crlf(sink, pipelining, spool, clock, workers):
     worker = make_worker(workers, via_sink(sink), spool, clock)
     spool.enqueue("alice@acme.test", ["buyer@customer.example"], b"Subject: x\n\nline1\rline2\n.\nend\r\n")
     run_once(worker)
@@ -516,3 +523,50 @@ def test_a_claim_lost_during_delivery_records_nothing(sink, spool, clock, worker
     stolen = row(queued.queue_id)
     assert (stolen.state, stolen.attempts, stolen.claimed_by) == ("queued", 0, "other-node/w9/abc")
     assert bounces() == []
+
+
+def test_pipelining_when_offered_one_write_for_the_commands(sink, pipelining, spool, clock, workers, monkeypatch):
+    """MAIL, every RCPT and DATA go in one write when the upstream offers PIPELINING (the
+    message in a second), one command at a time otherwise; a refused recipient among them
+    and a leading dot come out the same either way."""
+    import smtplib
+
+    writes: list[bytes] = []
+    real = smtplib.SMTP.send
+
+    def send(self, s):  # noqa: ANN001, ANN202
+        writes.append(s if isinstance(s, bytes) else s.encode())
+        return real(self, s)
+
+    monkeypatch.setattr(smtplib.SMTP, "send", send)
+    refuse_recipient(sink, "nobody@customer.example")
+    worker = make_worker(workers, via_sink(sink), spool, clock)
+    rcpts = ["buyer@customer.example", "nobody@customer.example", "agent@customer.example"]
+    queued = spool.enqueue("alice@acme.test", rcpts, MESSAGE)
+    assert run_once(worker) == 1
+    [got] = received(sink)
+    assert got.data == MESSAGE and list(got.rcpt_tos) == [rcpts[0], rcpts[2]]
+    assert json.loads(row(queued.queue_id).recipients) == ["nobody@customer.example"]
+    transaction = [w for w in writes if not w.startswith((b"ehlo", b"EHLO", b"quit", b"QUIT"))]
+    if pipelining:
+        assert transaction[0] == (b"MAIL FROM:<alice@acme.test> SIZE=%d BODY=8BITMIME\r\n" % len(MESSAGE)
+                                  + b"".join(b"RCPT TO:<%s>\r\n" % r.encode() for r in rcpts) + b"DATA\r\n")
+        assert len(transaction) == 2 and transaction[1].endswith(b"\r\n.\r\n")
+        assert b"\r\n..leading dot line\r\n" in transaction[1]  # dot-stuffed on the wire
+    else:
+        assert len(transaction) == 6  # MAIL, 3 × RCPT, DATA, the message
+
+
+def test_a_pipelined_session_closed_while_idle_is_reopened_once(sink, pipelining, spool, clock, workers):
+    """A kept session the upstream dropped meanwhile: the next transaction opens a new one
+    and goes through, nothing counted as failed."""
+    worker = make_worker(workers, via_sink(sink), spool, clock)
+    spool.enqueue("alice@acme.test", ["buyer@customer.example"], MESSAGE)
+    assert asyncio.run(worker.run_once(keep_open=True)) == 1
+    received(sink)
+    worker.connection._smtp.sock.shutdown(2)  # as if the server had timed the idle session out
+    queued = spool.enqueue("alice@acme.test", ["buyer@customer.example"], MESSAGE)
+    clock.advance(1)
+    assert run_once(worker) == 1
+    assert len(received(sink, 2)) == 2 and row(queued.queue_id).state == "sent"
+    assert worker.connection.sessions_opened == 2
