@@ -140,6 +140,8 @@ def run_postfix(args: argparse.Namespace, children: Children, base: Path) -> Res
         sampler.stop()
         postfix.stop()
         Children.terminate(sink.proc)
+    # The master is gone when ``stop`` returns; its children end on their own a moment later.
+    wait_until(lambda: not sampler.survivors(), 10.0, step=0.1)
     if left := sampler.survivors():
         result.problems.append(f"Postfix processes left after stop: {left}")
     return result
