@@ -42,14 +42,16 @@ __all__ = [
 class ArchiveSighting(BaseModel):
     """One time/place a message was seen.  Chained; never updated except blanked by a purge."""
 
-    record = ForeignKeyField(ArchiveRecord, backref="sightings", on_delete="RESTRICT")
-    seen_at = DateTimeField(default=utcnow, index=True)
+    # Looked up by record through the (record, place, ref) index below; seen_at, direction and
+    # queue_id are never searched on their own (migration 155 dropped their indexes).
+    record = ForeignKeyField(ArchiveRecord, backref="sightings", on_delete="RESTRICT", index=False)
+    seen_at = DateTimeField(default=utcnow)
     place = CharField(max_length=1000, index=True)  # see the module docstring
-    direction = CharField(max_length=10, index=True)  # outbound | inbound
+    direction = CharField(max_length=10)  # outbound | inbound
     verdict = CharField(max_length=20, default="")  # accepted | refused | held | sent | seen | imported
     reason = TextField(default="")
     trace = TextField(default="[]")  # JSON list of rule decision steps (outbound)
-    queue_id = CharField(max_length=32, default="", index=True)
+    queue_id = CharField(max_length=32, default="")
     # Filter by employee id; the chained copy is employee_email (an employee row may go away).
     employee = ForeignKeyField(Employee, null=True, backref="archive_sightings", on_delete="SET NULL", index=True)
     employee_email = CharField(max_length=320, default="", index=True)
@@ -200,3 +202,14 @@ def archive_submitted_original(db) -> None:
         db.execute_sql("ALTER TABLE archiverecord ADD COLUMN original_sha256 VARCHAR(64) NOT NULL DEFAULT ''")
     if "original" not in columns:
         migrate(migrator.add_column("archiverecord", "original", ArchiveRecord.original))  # nullable: ADD COLUMN
+
+
+@migration(155)
+def archive_fewer_indexes(db) -> None:
+    """Indexes nothing searches by, each one more B-tree to update for every record and
+    sighting the SMTP path and the relay write: the non-unique twin of the unique index on
+    the record's SHA-256, and the sightings' record (the (record, place, ref) index starts with
+    it), seen_at, direction and queue_id."""
+    for name in ("archiverecord_sha256", "archivesighting_record_id", "archivesighting_seen_at",
+                 "archivesighting_direction", "archivesighting_queue_id"):
+        db.execute_sql(f"DROP INDEX IF EXISTS {name}")

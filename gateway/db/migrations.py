@@ -55,6 +55,13 @@ def queue_node_and_due_index(db: Database) -> None:
     migrate(*ops)
 
 
+@migration(4)
+def queue_fewer_indexes(db: Database) -> None:
+    """The queue's index on state alone: the (state, next_attempt_at) index starts with it, and
+    every queued and every finished message updated both."""
+    db.execute_sql("DROP INDEX IF EXISTS outboundmessage_state")
+
+
 # Modules beyond this one that define models and @migration functions of their own
 # (an area's tables live with the area).  Imported before any upgrade.  Version numbers
 # are global; each area numbers in its own range so areas never collide:

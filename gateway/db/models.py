@@ -129,7 +129,7 @@ class OutboundMessage(BaseModel):
     size = BigIntegerField()
     message_id = CharField(max_length=998, default="", index=True)
     # queued -> (claimed) -> sent | bounced ; held while waiting for approval.
-    state = CharField(max_length=20, default="queued", index=True)
+    state = CharField(max_length=20, default="queued")  # indexed with next_attempt_at (migration 3)
     attempts = IntegerField(default=0)
     next_attempt_at = DateTimeField(default=utcnow, index=True)
     last_error = TextField(default="")
@@ -152,7 +152,7 @@ class ArchiveRecord(BaseModel):
 
     created_at = DateTimeField(default=utcnow, index=True)
     direction = CharField(max_length=10)  # outbound | inbound
-    sha256 = CharField(max_length=64, index=True)
+    sha256 = CharField(max_length=64)  # unique index: archiverecord_sha256_unique (migration 100)
     blob_path = CharField(max_length=1000)
     size = BigIntegerField()
     mail_from = CharField(max_length=320, default="")
