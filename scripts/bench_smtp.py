@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Outbound SMTP throughput: the gateway against a bare sink and a Postfix relay.
 
-    python scripts/bench_smtp.py [--messages N] [--sessions 20] [--size 5120]
+    python scripts/bench_smtp.py [--messages N] [--sessions 20] [--size 5120] [--rounds R]
 
 One run, loopback only.  Postfix's ``smtp-source`` sends N messages of SIZE bytes
 over SESSIONS parallel sessions (a connection per message, no AUTH) to:
@@ -16,7 +16,10 @@ them, so its text-extraction worker processes have started).  Then, for each: th
 the first message until the sink has counted all N,
 messages/s, the accept rate (smtp-source finished), peak RSS (gateway: VmHWM;
 Postfix: sampled sum of PSS over its processes).  Nothing may be lost: every sink must
-count exactly N (and the gateway's queue rows must all be 'sent').  Every
+count exactly N (and the gateway's queue rows must all be 'sent'; its search index must
+catch up with every record: the time and CPU that takes are printed).  ``--rounds R`` runs
+the targets R times, interleaved, and prints medians — on a shared machine one run's ratio
+moves by ±0.1×.  Every
 process started here is stopped at the end, also after an error or Ctrl-C.
 Target (issue 2): gateway >= 300 msg/s on 2 cores and >= 0.5x Postfix.
 """
@@ -29,6 +32,7 @@ import os
 import shutil
 import signal
 import sqlite3
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -328,6 +332,8 @@ def main() -> int:
                     help="with --py-spy: sample only threads holding the GIL (CPU in Python, not waits)")
     ap.add_argument("--py-spy-idle", action="store_true",
                     help="with --py-spy: sample idle (waiting) threads too: a wall-clock profile of waits")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="run every target this many times, interleaved, and print the medians (default: 1)")
     ap.add_argument("--keep", action="store_true", help="keep the temp dir (configs, logs, DB)")
     args = ap.parse_args()
     args.targets = [t for t in args.targets.split(",") if t]
@@ -343,14 +349,21 @@ def main() -> int:
     base = Path(tempfile.mkdtemp(prefix="bench-smtp-"))
     base.chmod(0o755)  # Postfix's processes (user postfix) must reach their dirs below
     children = Children()
-    results: dict[str, Result] = {}
+    rounds: list[tuple[float, dict[str, Result]]] = []
     try:
-        for target in args.targets:
-            print(f"{target} ...", flush=True)
-            try:
-                results[target] = RUNNERS[target](args, children, base)
-            except (RuntimeError, OSError, subprocess.SubprocessError, sqlite3.Error) as exc:
-                results[target] = Result(target, args.messages, problems=[f"{type(exc).__name__}: {exc}"])
+        for n in range(max(1, args.rounds)):
+            # Rounds interleave the targets, so that a machine whose speed drifts (other work,
+            # throttling) affects each about equally; every round starts from fresh directories.
+            results: dict[str, Result] = {}
+            rounds.append((os.getloadavg()[0], results))
+            where = base / f"round{n + 1}" if args.rounds > 1 else base
+            where.mkdir(exist_ok=True)
+            for target in args.targets:
+                print(f"{target} ...", flush=True)
+                try:
+                    results[target] = RUNNERS[target](args, children, where)
+                except (RuntimeError, OSError, subprocess.SubprocessError, sqlite3.Error) as exc:
+                    results[target] = Result(target, args.messages, problems=[f"{type(exc).__name__}: {exc}"])
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
     finally:
@@ -362,8 +375,31 @@ def main() -> int:
             print(f"kept {base}")
         else:
             shutil.rmtree(base, ignore_errors=True)
-    report(results, args, load)
-    return 0 if results and all(not r.problems for r in results.values()) else 1
+    for n, (round_load, results) in enumerate(rounds):
+        if len(rounds) > 1:
+            print(f"\n== round {n + 1} of {len(rounds)}")
+        report(results, args, round_load if len(rounds) > 1 else load)
+    if len(rounds) > 1:
+        summarize([results for _, results in rounds])
+    every = [r for _, results in rounds for r in results.values()]
+    return 0 if every and all(not r.problems for r in every) else 1
+
+
+def summarize(rounds: list[dict[str, Result]]) -> None:
+    """Medians over the rounds: each target's msg/s, and the gateway's ratios round by round
+    (a ratio is only meaningful within one round: the machine's speed drifts between them)."""
+    print(f"\nmedians over {len(rounds)} rounds (e2e msg/s; ratios taken within each round):")
+    for target in rounds[0]:
+        rates = [r[target].rate for r in rounds if target in r and r[target].rate is not None]
+        if rates:
+            each = " ".join(f"{x:.0f}" for x in rates)
+            print(f"  {target:<9}{statistics.median(rates):>8.0f} msg/s   rounds: {each}")
+    for other in ("sink", "postfix"):
+        ratios = [r["gateway"].rate / r[other].rate for r in rounds
+                  if "gateway" in r and other in r and r["gateway"].rate and r[other].rate]
+        if ratios:
+            print(f"  gateway / {other}: {statistics.median(ratios):.2f}x   rounds: "
+                  + " ".join(f"{x:.2f}" for x in ratios))
 
 
 if __name__ == "__main__":
