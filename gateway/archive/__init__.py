@@ -18,13 +18,14 @@ import email.parser
 import email.policy
 import email.quoprimime
 import email.utils
+import functools
 import json
 import logging
 import os
 import re
 import threading
 from collections import OrderedDict
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -216,9 +217,10 @@ class Archive:
         """Batch ingest (import, sync, bench), in four steps:
 
         1. the search index's text extraction starts in worker processes (``workers``);
-        2. hash, zstd and AES-GCM on threads (they release the GIL), the blob files written
-           and fsynced on threads (fsyncs share journal commits), their folders fsynced once
-           — all before any row names a blob;
+        2. hash, zstd and AES-GCM on one thread per core (they release the GIL), each blob
+           file written and fsynced on the I/O threads as soon as it is sealed (fsyncs in
+           flight together share journal commits, and their waits overlap the sealing), their
+           folders fsynced once — all before any row names a blob (``_durable_blobs``);
         3. every record and sighting in one transaction, the chain head written once;
         4. after that commit, the new records' index documents in one bulk insert (a second,
            short transaction).  A crash between 3 and 4 leaves records without a document:
@@ -234,10 +236,7 @@ class Archive:
             from gateway.archive.workers import extract_async
 
             extraction = extract_async([c.raw for c in captures])
-        pool = _pool()
-        blobs = prepared or list(pool.map(lambda c: self.prepare(c.raw), captures))
-        dirs = {d for d in pool.map(lambda b: self.store.write(b, sync_dir=False), blobs) if d is not None}
-        list(pool.map(fsync_dir, dirs))
+        blobs = self._durable_blobs(captures, prepared)
         extracted = extraction.result() if extraction is not None else None
         if extracted is not None:  # the extraction parsed the headers already: no second parse
             for cap, (ex, _) in zip(captures, extracted, strict=True):
@@ -247,6 +246,31 @@ class Archive:
         if extracted is not None:
             self.index_committed(outcomes, extracted)
         return outcomes
+
+    def _durable_blobs(self, captures: list[Capture], prepared: list[PreparedBlob] | None) -> list[PreparedBlob]:
+        """Step 2 of ``ingest_many``: every capture's blob prepared (unless ``prepared``) on the
+        CPU threads (one per core), each file written and fsynced on the I/O threads as soon as
+        its blob is sealed — the fsyncs' waits overlap the sealing of the next blobs instead of
+        following all of them — then their folders fsynced once.  Returns when every file is
+        durable; raises (after the writes under way ended) if a blob could not be prepared or
+        written."""
+        prepared = prepared or None
+        io = _io_pool()
+        sealing = [] if prepared is not None else [_pool().submit(self.prepare, c.raw) for c in captures]
+        blobs: list[PreparedBlob] = []
+        writing: list[Future] = []
+        try:
+            for item in prepared if prepared is not None else sealing:
+                blob = item if isinstance(item, PreparedBlob) else item.result()
+                blobs.append(blob)
+                writing.append(io.submit(self.store.write, blob, False))
+        finally:
+            for fut in sealing:
+                fut.cancel()
+            wait(writing)
+        dirs = {fut.result() for fut in writing} - {None}
+        list(io.map(fsync_dir, dirs))
+        return blobs
 
     def chain_batch(self, captures: list[Capture], blobs: list[PreparedBlob]) -> list[Outcome]:
         """Step 3 of ``ingest_many``: every record and sighting of a batch in one transaction
@@ -405,7 +429,9 @@ class Archive:
 
 RECENT_BYTES = 64 * 1024 * 1024  # indexable bytes kept for the background indexer (see Archive.prepare)
 RECENT_MAX_MESSAGE = 4 * 1024 * 1024  # larger (after the cut) messages are read back from their blobs
+IO_THREADS = 8  # blob writers of batch ingest (see _io_pool)
 _POOL: ThreadPoolExecutor | None = None
+_IO_POOL: ThreadPoolExecutor | None = None
 _POOL_LOCK = threading.Lock()
 
 
@@ -445,6 +471,17 @@ def _pool() -> ThreadPoolExecutor:
         if _POOL is None:
             _POOL = ThreadPoolExecutor(max(2, min(8, os.cpu_count() or 2)), thread_name_prefix="archive")
         return _POOL
+
+
+def _io_pool() -> ThreadPoolExecutor:
+    """Threads that write and fsync blob files for batch ingest (``_durable_blobs``): they
+    wait on the disk, holding the GIL only for a few system calls each, so there are more of
+    them than cores — fsyncs in flight together share the file system's journal commits."""
+    global _IO_POOL
+    with _POOL_LOCK:
+        if _IO_POOL is None:
+            _IO_POOL = ThreadPoolExecutor(IO_THREADS, thread_name_prefix="archive-io")
+        return _IO_POOL
 
 
 def _seen_at(rec: ArchiveRecord, place: str, ref: str) -> bool:
@@ -528,7 +565,7 @@ def _text(value: Any) -> str:
         chunks = value._chunks  # noqa: SLF001 - a Header from a non-ASCII raw value
         value = "".join(str(c) for c, _ in chunks)
     text = str(value)
-    if not text.isascii() and any("\udc80" <= c <= "\udcff" for c in text):  # raw 8-bit header bytes: UTF-8 in practice
+    if not text.isascii() and _SURROGATE.search(text) is not None:  # raw 8-bit header bytes: UTF-8 in practice
         text = text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
     if "=?" in text:
         text = _ENCODED_WORD.sub(_decode_word, _BETWEEN_WORDS.sub(r"\1\2", text))
@@ -577,15 +614,25 @@ def headers_of_parsed(raw: bytes, msg: email.message.Message) -> dict[str, Any] 
         return None
 
 
+_SURROGATE = re.compile("[\udc80-\udcff]")  # raw 8-bit header bytes as compat32 keeps them
+
+
+@functools.lru_cache(maxsize=4096)
+def _getaddresses(values: tuple[str, ...]) -> tuple[tuple[str, str], ...]:
+    """``email.utils.getaddresses`` remembered (pure Python and costly; the same From and To
+    values come back in message after message)."""
+    return tuple(email.utils.getaddresses(values))
+
+
 def header_fields(msg: email.message.Message) -> dict[str, Any]:
     """``headers_of``'s fields from a parsed (compat32) message."""
     out: dict[str, Any] = {"subject": "", "message_id": "", "from": "", "to": [], "date": None}
     try:
         out["subject"] = _text(msg.get("subject"))
         out["message_id"] = _text(msg.get("message-id"))
-        froms = email.utils.getaddresses([_text(v) for v in msg.get_all("from", [])])
+        froms = _getaddresses(tuple(_text(v) for v in msg.get_all("from", [])))
         out["from"] = froms[0][1] if froms else ""
-        tos = email.utils.getaddresses([_text(v) for k in ("to", "cc") for v in msg.get_all(k, [])])
+        tos = _getaddresses(tuple(_text(v) for k in ("to", "cc") for v in msg.get_all(k, [])))
         out["to"] = [a for _, a in tos if a]
         date = msg.get("date")
         if date:

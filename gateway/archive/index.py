@@ -28,6 +28,7 @@ import email
 import email.header
 import email.message
 import email.utils
+import functools
 import html
 import logging
 import re
@@ -35,6 +36,7 @@ import weakref
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from html.parser import HTMLParser
+from typing import NamedTuple
 
 from peewee import fn
 
@@ -73,6 +75,10 @@ _CHARSET_ALIASES = {
 
 _CJK = re.compile(r"[\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af\uf900-\ufaff\U00020000-\U0002ffff]+")
 _WORD = re.compile(r"[^\W_]+", re.UNICODE)
+_SURROGATE = re.compile("[\udc80-\udcff]")  # raw 8-bit header bytes as compat32 keeps them
+
+
+Grams = list[str] | str | None  # short grams: a list, or joined by spaces (workers), or None: not computed yet
 
 
 @dataclass
@@ -120,7 +126,7 @@ def decode_bytes(data: bytes, charset: str | None = None) -> str:
 
 def _unsurrogate(text: str) -> str:
     """compat32 keeps raw 8-bit header bytes as surrogates; decode them properly."""
-    if not any("\udc80" <= ch <= "\udcff" for ch in text):
+    if text.isascii() or _SURROGATE.search(text) is None:
         return text
     return decode_bytes(text.encode("utf-8", errors="surrogateescape"))
 
@@ -229,7 +235,7 @@ def _addresses(msg: email.message.Message, headers: Iterable[str]) -> tuple[list
             values.append(decode_header(v))
     shown, addrs = [], []
     try:
-        pairs = email.utils.getaddresses(values)
+        pairs = getaddresses(tuple(values))
     except Exception:  # noqa: BLE001
         pairs = [("", v) for v in values]
     for name, addr in pairs[:MAX_ADDRESSES]:
@@ -239,6 +245,14 @@ def _addresses(msg: email.message.Message, headers: Iterable[str]) -> tuple[list
         if "@" in addr and len(addr) <= 320:
             addrs.append(addr)
     return shown, addrs
+
+
+@functools.lru_cache(maxsize=4096)
+def getaddresses(values: tuple[str, ...]) -> tuple[tuple[str, str], ...]:
+    """``email.utils.getaddresses`` remembered: a pure function of its text, parsed by pure
+    Python (the most costly step of reading a header section), and the same From and To
+    values come back in message after message (a company's people and its correspondents)."""
+    return tuple(email.utils.getaddresses(values))
 
 
 def _cut_base64(raw: bytes) -> bytes:
@@ -413,7 +427,7 @@ def _add_record(record: object, ex: Extracted) -> None:
     )
 
 
-def add_documents(entries: list[tuple[object, Extracted, list[str] | None]]) -> int:
+def add_documents(entries: list[tuple[object, Extracted, Grams]]) -> int:
     """Index many new records at once (batch ingest, the background indexer): ``(record,
     extracted text, short grams or None)`` each; one look-up for docid collisions and one
     bulk insert.  Call inside a write transaction; returns how many documents were written."""
@@ -488,7 +502,8 @@ def all_text(ex: Extracted) -> str:
 
 
 def write_rows(rows: list[tuple]) -> None:
-    """Bulk insert prepared document rows (also used by the benchmark's generator)."""
+    """Bulk insert prepared document rows (also used by the benchmark's generator); a row's
+    grams (``Grams``) may be a list, one space-separated text or None (computed here)."""
     db = database.obj
     docs, addrs, texts, seen = [], [], [], []
     for docid, record_id, created_at, direction, employee_id, ex, grams in rows:
@@ -510,7 +525,8 @@ def write_rows(rows: list[tuple]) -> None:
         if addrs:
             execute_values(cur, "INSERT INTO archivesearchaddr (docid, role, address, domain) VALUES %s", addrs)
         execute_values(cur, "INSERT INTO archivesearchtext (docid, subject, sender, rcpt, attnames, doc, grams)"
-                       " VALUES %s", [(d, s, f, r, a, "\n".join((s, f, r, a, b)), g) for d, s, f, r, b, a, g in texts])
+                       " VALUES %s", [(d, s, f, r, a, "\n".join((s, f, r, a, b)),
+                                       g.split() if isinstance(g, str) else g) for d, s, f, r, b, a, g in texts])
         return
     cur.executemany("INSERT INTO archivesearchdoc (docid, record_id, created_at, direction, employee_id,"
                     " has_attachment) VALUES (?, ?, ?, ?, ?, ?)", docs)
@@ -519,7 +535,8 @@ def write_rows(rows: list[tuple]) -> None:
         cur.executemany("INSERT INTO archivesearchaddr (docid, role, address, domain) VALUES (?, ?, ?, ?)", addrs)
     cur.executemany("INSERT INTO archivefts (rowid, subject, sender, rcpt, body, attnames) VALUES (?, ?, ?, ?, ?, ?)",
                     [t[:6] for t in texts])
-    cur.executemany("INSERT INTO archivegrams (rowid, grams) VALUES (?, ?)", [(t[0], " ".join(t[6])) for t in texts])
+    cur.executemany("INSERT INTO archivegrams (rowid, grams) VALUES (?, ?)",
+                    [(t[0], t[6] if isinstance(t[6], str) else " ".join(t[6])) for t in texts])
 
 
 def _direction(value: str) -> str:
@@ -624,7 +641,8 @@ def remove_records(record_ids: Iterable[int]) -> int:
 
 # -- background indexing (records written by a node: gateway.archive.service) ------------------
 
-INDEX_BATCH = 200
+INDEX_BATCH = 200  # records per pass of the background indexer while records keep arriving
+DRAIN_BATCH = 600  # records per pass once none arrive (a backlog: one transaction each, see index_batch)
 INDEX_CHUNK = 16  # documents per write transaction of the background indexer (see index_batch)
 
 
@@ -634,8 +652,11 @@ def index_pending(archive: object, limit: int = INDEX_BATCH) -> int:
     return index_batch(archive, limit)[0]
 
 
-def index_batch(archive: object, limit: int = INDEX_BATCH, lag: float = 0.0) -> tuple[int, bool]:
-    """``index_pending``, also telling whether a batch was full (more work waits).
+def index_batch(archive: object, limit: int | None = None, lag: float = 0.0) -> tuple[int, bool]:
+    """``index_pending``, also telling whether a batch was full (more work waits).  ``limit``
+    None: ``INDEX_BATCH`` records while records keep arriving, ``DRAIN_BATCH`` once none
+    came since the previous pass (a backlog drains in fewer, larger transactions: each one
+    flushes an FTS5 segment, and each pass has its own queries and hand-offs).
 
     ``lag`` > 0 (``[archive] index_lag``, the node's background indexer): while records keep
     arriving, wait until the oldest unindexed one is ``lag`` seconds old — the index yields
@@ -658,6 +679,9 @@ def index_batch(archive: object, limit: int = INDEX_BATCH, lag: float = 0.0) -> 
     rec_mark, seen_mark = state.get("records", 0), state.get("sightings", 0)
     # Read first: every record up to ``top`` is committed, so the look-up below sees them all.
     top = max(rec_mark, int(ArchiveRecord.select(fn.MAX(ArchiveRecord.id)).scalar() or 0))
+    arriving = _records_arriving(archive, top)
+    if limit is None:
+        limit = INDEX_BATCH if arriving else DRAIN_BATCH
     unindexed = ~fn.EXISTS(SearchDoc.select(SearchDoc.docid).where(SearchDoc.record_id == ArchiveRecord.id))
     # Only the columns a document and a blob read need (a full row per record cost more in
     # peewee than the look-up in SQLite); sightings as plain named tuples.
@@ -666,7 +690,6 @@ def index_batch(archive: object, limit: int = INDEX_BATCH, lag: float = 0.0) -> 
     recs = list(ArchiveRecord.select(*fields).where((ArchiveRecord.id > rec_mark) & (ArchiveRecord.id <= top)
                                                     & ArchiveRecord.purged_at.is_null() & unindexed)
                 .order_by(ArchiveRecord.id).limit(limit))
-    arriving = _records_arriving(archive, top)
     if lag > 0 and arriving and recs and _age(recs[0].created_at) < lag:
         return 0, False  # a burst: the index waits (see the docstring)
     seen_fields = (ArchiveSighting.id, ArchiveSighting.record.alias("record_id"),
@@ -676,6 +699,10 @@ def index_batch(archive: object, limit: int = INDEX_BATCH, lag: float = 0.0) -> 
     if not recs and not sightings and top == rec_mark:
         return 0, False
     rows = _read_and_extract(archive, recs)
+    if not arriving and len(recs) == limit:  # a backlog drains: the next batch is extracted while this one is written
+        _extract_ahead(archive, list(ArchiveRecord.select(*fields).where(
+            (ArchiveRecord.id > recs[-1].id) & (ArchiveRecord.id <= top) & ArchiveRecord.purged_at.is_null()
+            & unindexed).order_by(ArchiveRecord.id).limit(limit)))
     # A full batch: handled up to its last record; otherwise every record up to ``top``.
     # (A sighting of a record not indexed yet is noted when that record is.)
     new_rec_mark = recs[-1].id if len(recs) == limit else top
@@ -738,7 +765,7 @@ def _records_arriving(archive: object, top: int) -> bool:
     return before is None or top != before
 
 
-def index_new(entries: list[tuple[object, Extracted, list[str] | None]]) -> int:
+def index_new(entries: list[tuple[object, Extracted, Grams]]) -> int:
     """Documents for records just committed (``Archive.ingest_many``), skipping any that an
     indexer wrote meanwhile.  Call inside a write transaction; returns how many were written."""
     from gateway.archive.search_schema import SearchDoc
@@ -750,7 +777,7 @@ def index_new(entries: list[tuple[object, Extracted, list[str] | None]]) -> int:
     return _insert_documents([e for e in entries if int(e[0].id) not in taken])
 
 
-def _insert_documents(entries: list[tuple[object, Extracted, list[str] | None]]) -> int:
+def _insert_documents(entries: list[tuple[object, Extracted, Grams]]) -> int:
     """All documents in one bulk insert (a savepoint) or, if one is bad, one at a time (the
     bad one logged and skipped)."""
     try:
@@ -769,11 +796,49 @@ def _insert_documents(entries: list[tuple[object, Extracted, list[str] | None]])
     return done
 
 
-def _read_and_extract(archive: object, recs: list) -> list[tuple[object, Extracted, list[str]]]:
+class _Extraction(NamedTuple):
+    """Text extraction under way (``workers.Pending``) for the records whose bytes were read."""
+
+    recs: list
+    pending: object
+
+
+_AHEAD: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # archive -> _Extraction of its next batch
+
+
+def _extract_ahead(archive: object, recs: list) -> None:
+    """Start extracting the next batch of a backlog while this one is written (``index_batch``):
+    the worker processes and the write transaction overlap instead of waiting for each other.
+    Extraction depends on a record's content only (immutable under its hash), so the next
+    pass uses these results for the same records and extracts any others itself."""
+    try:
+        _AHEAD[archive] = _start_extraction(archive, recs)
+    except TypeError:  # not weakly referable: no look-ahead
+        pass
+
+
+def _read_and_extract(archive: object, recs: list) -> list[tuple[object, Extracted, Grams]]:
+    """Text of ``recs``: taken from the extraction the previous pass started ahead where it
+    covers them, else started now (``_start_extraction``); unreadable blobs are skipped."""
+    try:
+        ahead = _AHEAD.pop(archive, None)
+    except TypeError:
+        ahead = None
+    got: dict[tuple[int, str], tuple[Extracted, Grams]] = {}
+    if ahead is not None:
+        got.update(zip([(r.id, r.sha256) for r in ahead.recs], ahead.pending.result(), strict=True))
+    rest = [rec for rec in recs if (rec.id, rec.sha256) not in got]
+    if rest:
+        now = _start_extraction(archive, rest)
+        got.update(zip([(r.id, r.sha256) for r in now.recs], now.pending.result(), strict=True))
+    return [(rec, *got[(rec.id, rec.sha256)]) for rec in recs if (rec.id, rec.sha256) in got]
+
+
+def _start_extraction(archive: object, recs: list) -> _Extraction:
     """Fresh messages from the archive's memory (``take_recent``, here: a dict look-up is
     cheaper than a thread hand-off), the others' blobs read on threads (decryption and zstd
-    release the GIL); text extracted in the worker processes (gateway.archive.workers);
-    unreadable blobs are logged and skipped."""
+    release the GIL); text extraction started in the worker processes (gateway.archive.workers);
+    unreadable blobs are logged and left out."""
     from gateway.archive import _pool
     from gateway.archive.workers import extract_async
 
@@ -784,7 +849,8 @@ def _read_and_extract(archive: object, recs: list) -> list[tuple[object, Extract
 
     def read(rec: object) -> bytes | None:
         try:
-            return archive.read(rec)  # type: ignore[attr-defined]
+            # only what extract reads (attachment bodies cut): less to hold and to send to a worker
+            return indexable(archive.read(rec))  # type: ignore[attr-defined]
         except Exception:  # noqa: BLE001 - an unreadable blob (verify reports it) must not stop the indexer
             log.exception("archive record %s: cannot read the blob to index it (skipped)", rec.id)
             return None
@@ -796,5 +862,5 @@ def _read_and_extract(archive: object, recs: list) -> list[tuple[object, Extract
         for i, raw in zip(missing, got, strict=True):
             raws[i] = raw
     readable = [(rec, raw) for rec, raw in zip(recs, raws, strict=True) if raw is not None]
-    extracted = extract_async([raw for _, raw in readable], headers=False).result()  # the records exist
-    return [(rec, ex, grams) for (rec, _), (ex, grams) in zip(readable, extracted, strict=True)]
+    return _Extraction([rec for rec, _ in readable],
+                       extract_async([raw for _, raw in readable], headers=False))  # the records exist

@@ -166,3 +166,49 @@ def test_start_spawns_every_worker_before_the_first_batch(monkeypatch):
         assert all(p.is_alive() for p in workers._POOL._processes.values())
     finally:
         workers.shutdown()
+
+
+def test_short_grams_from_the_workers_are_those_computed_inline(archive, pool):
+    """The workers hand the short grams over as one text; the index holds the same tokens."""
+    from gateway.archive import index
+
+    raw = message(1, "报价单 PI 样 for CE")
+    ex, grams = workers.extract_one(raw)
+    assert grams.split(" ") == index.short_grams(index.all_text(ex))
+    caps = [Capture(raw=message(i, f"报价单 PI 样 godwit{i}"), place="import:eml") for i in range(workers.MIN_BATCH)]
+    out = archive.ingest_many(caps)
+    assert workers._POOL is not None
+    ids = sorted(o.record.id for o in out)
+    assert sorted(record_ids("报价")) == ids and sorted(record_ids("样")) == ids and sorted(record_ids("PI")) == ids
+    assert record_ids("godwit3") == [out[3].record.id]
+
+
+def test_a_blob_that_cannot_be_written_stops_the_batch_before_any_row(archive, monkeypatch):
+    real = archive.store.write
+    calls: list[int] = []
+
+    def write(blob, sync_dir=True):  # noqa: ANN001, ANN202
+        calls.append(1)
+        if len(calls) == 3:
+            raise OSError("disk full")
+        return real(blob, sync_dir)
+
+    monkeypatch.setattr(archive.store, "write", write)
+    caps = [Capture(raw=message(i, f"whimbrel {i}"), place="import:eml") for i in range(6)]
+    with pytest.raises(OSError, match="disk full"):
+        archive.ingest_many(caps)
+    assert ArchiveRecord.select().count() == 0 and ArchiveSighting.select().count() == 0
+    monkeypatch.setattr(archive.store, "write", real)
+    assert len(archive.ingest_many(caps)) == 6 and verify(archive.store) == []
+
+
+def test_remembered_address_parsing_is_the_email_packages():
+    import email.utils
+
+    from gateway.archive import _getaddresses
+    from gateway.archive.index import getaddresses
+
+    for values in (("Ann <ann@x.test>, bob@y.test",), ('"Lee, K" <k@z.test>', "=?utf-8?b?5p2O?= <li@c.test>"), ()):
+        assert list(getaddresses(values)) == email.utils.getaddresses(list(values))
+        assert list(_getaddresses(values)) == email.utils.getaddresses(list(values))
+        assert getaddresses(values) is getaddresses(tuple(values))  # remembered

@@ -227,3 +227,72 @@ def test_the_indexer_yields_to_a_burst_of_mail_up_to_the_lag(archive):
     assert index_batch(node, lag=60) == (3, False)  # arriving, but behind by more than the lag
     assert index_batch(node, lag=0) == (0, False)  # lag 0: every pass indexes (nothing left)
     assert len(record_ids("kittiwake")) == 8
+
+
+def test_a_backlog_drains_in_larger_passes_once_no_record_arrives(archive, monkeypatch):
+    """``index_batch`` without a limit: ``INDEX_BATCH`` records a pass while records keep
+    arriving, ``DRAIN_BATCH`` once none came since the previous pass."""
+    from gateway.archive import index
+
+    monkeypatch.setattr(index, "INDEX_BATCH", 2)
+    monkeypatch.setattr(index, "DRAIN_BATCH", 3)
+    node = _deferred(archive)
+    recs = [node.record(message(i, f"turnstone drain{i}"), direction="outbound", verdict="accepted")
+            for i in range(7)]
+    assert index_batch(node) == (2, True)  # the first pass: mail may be flowing
+    assert index_batch(node) == (3, True)  # nothing new since: a larger pass
+    recs.append(node.record(message(7, "turnstone drain7"), direction="outbound", verdict="accepted"))
+    assert index_batch(node) == (2, True)  # a record arrived: the smaller pass again
+    assert index_batch(node) == (1, False)
+    assert sorted(record_ids("turnstone")) == sorted(r.id for r in recs)
+
+
+def test_a_blob_read_back_is_cut_to_what_extraction_reads(archive, monkeypatch):
+    """The indexer extracts the same text from a blob read back as from the message."""
+    import base64
+    import os
+
+    from gateway.archive import index
+
+    node = _deferred(archive)
+    big = (b"From: a@x.test\r\nSubject: dunlin report\r\nContent-Type: multipart/mixed; boundary=b\r\n\r\n"
+           b"--b\r\nContent-Type: text/plain\r\n\r\ndunlin body text\r\n--b\r\nContent-Type: application/pdf\r\n"
+           b"Content-Disposition: attachment; filename=\"dunlin.pdf\"\r\nContent-Transfer-Encoding: base64\r\n\r\n"
+           + base64.encodebytes(os.urandom(300_000)).replace(b"\n", b"\r\n") + b"--b--\r\n")
+    rec = node.record(big, direction="outbound", verdict="accepted")
+    node.take_recent(rec.sha256)  # as if the node had restarted: the indexer reads the blob
+    sent: list[bytes] = []
+    real = index.extract
+
+    def spy(raw: bytes, headers: bool = True) -> index.Extracted:
+        sent.append(raw)
+        return real(raw, headers)
+
+    monkeypatch.setattr(index, "extract", spy)
+    assert index_pending(node) == 1
+    assert sent == [index.indexable(big)] and len(sent[0]) < len(big) // 10
+    assert record_ids("dunlin") == [rec.id] and record_ids("dunlin.pdf") == [rec.id]
+    assert index.extract(sent[0]) == index.extract(big)
+
+
+def test_a_draining_backlog_is_extracted_one_batch_ahead_and_each_record_gets_its_own_text(archive, monkeypatch):
+    from gateway.archive import index, workers
+
+    monkeypatch.setattr(index, "INDEX_BATCH", 3)
+    monkeypatch.setattr(index, "DRAIN_BATCH", 3)
+    node = _deferred(archive)
+    words = ["heron", "egret", "stork", "crane", "ibis", "plover", "curlew", "avocet"]
+    recs = [node.record(message(i, w), direction="outbound", verdict="accepted") for i, w in enumerate(words)]
+    extracted: list[int] = []
+    real = workers.extract_async
+    monkeypatch.setattr(workers, "extract_async", lambda raws, headers=True: extracted.append(len(raws))
+                        or real(raws, headers))
+    assert index_batch(node) == (3, True) and extracted == [3]  # mail may be arriving: no look-ahead
+    assert index_batch(node) == (3, True)
+    assert extracted == [3, 3, 2] and node in index._AHEAD  # the backlog's next batch started ahead
+    ArchiveRecord.update(purged_at=ArchiveRecord.created_at).where(ArchiveRecord.id == recs[7].id).execute()
+    assert index_batch(node) == (1, False)  # from the look-ahead; the purged one is not indexed
+    assert extracted == [3, 3, 2] and node not in index._AHEAD
+    for rec, word in zip(recs[:7], words, strict=False):
+        assert record_ids(word) == [rec.id]
+    assert record_ids("avocet") == []
