@@ -284,9 +284,9 @@ def fmt(value: float | None, spec: str) -> str:
     return format(value, spec) if value is not None else "-"
 
 
-def report(results: dict[str, Result], args: argparse.Namespace, load: float) -> None:
+def report(results: dict[str, Result], args: argparse.Namespace, load: float, end_load: float) -> None:
     print(f"\n{args.messages} messages of {args.size} bytes, {args.sessions} sessions, a connection per "
-          f"message; {os.cpu_count()} CPUs, load average {load:.1f} at the start, {os.getloadavg()[0]:.1f} at the end; "
+          f"message; {os.cpu_count()} CPUs, load average {load:.1f} at the start, {end_load:.1f} at the end; "
           f"gateway smtp.processes = {args.smtp_processes}")
     print(f"{'target':<9}{'delivered':>11}{'accept s':>10}{'accept/s':>10}{'e2e s':>8}{'msg/s':>8}"
           f"{'CPU ms/msg':>12}{'peak RSS':>10}")
@@ -349,13 +349,14 @@ def main() -> int:
     base = Path(tempfile.mkdtemp(prefix="bench-smtp-"))
     base.chmod(0o755)  # Postfix's processes (user postfix) must reach their dirs below
     children = Children()
-    rounds: list[tuple[float, dict[str, Result]]] = []
+    rounds: list[tuple[list[float], dict[str, Result]]] = []  # (load at start and end, results)
     try:
         for n in range(max(1, args.rounds)):
             # Rounds interleave the targets, so that a machine whose speed drifts (other work,
             # throttling) affects each about equally; every round starts from fresh directories.
             results: dict[str, Result] = {}
-            rounds.append((os.getloadavg()[0], results))
+            loads = [os.getloadavg()[0]]
+            rounds.append((loads, results))
             where = base / f"round{n + 1}" if args.rounds > 1 else base
             where.mkdir(exist_ok=True)
             for target in args.targets:
@@ -364,6 +365,7 @@ def main() -> int:
                     results[target] = RUNNERS[target](args, children, where)
                 except (RuntimeError, OSError, subprocess.SubprocessError, sqlite3.Error) as exc:
                     results[target] = Result(target, args.messages, problems=[f"{type(exc).__name__}: {exc}"])
+            loads.append(os.getloadavg()[0])
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
     finally:
@@ -375,10 +377,10 @@ def main() -> int:
             print(f"kept {base}")
         else:
             shutil.rmtree(base, ignore_errors=True)
-    for n, (round_load, results) in enumerate(rounds):
+    for n, (loads, results) in enumerate(rounds):
         if len(rounds) > 1:
             print(f"\n== round {n + 1} of {len(rounds)}")
-        report(results, args, round_load if len(rounds) > 1 else load)
+        report(results, args, load if n == 0 else loads[0], loads[-1] if len(loads) > 1 else os.getloadavg()[0])
     if len(rounds) > 1:
         summarize([results for _, results in rounds])
     every = [r for _, results in rounds for r in results.values()]
