@@ -746,6 +746,24 @@ def index_batch(archive: object, limit: int | None = None, lag: float = 0.0) -> 
 _LAST_TOP: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # archive -> newest record id seen
 
 
+BACKLOG_CAP = 10_000
+
+
+def backlog() -> int:
+    """Records the search cannot find yet: committed without a document, after the indexer's
+    watermark (the node's background indexer waits out a burst, ``[archive] index_lag``).
+    Counted up to ``BACKLOG_CAP`` (the panel asks on every search page)."""
+    from gateway.archive.schema import ArchiveRecord
+    from gateway.archive.search_schema import SearchDoc, SearchState
+
+    mark = SearchState.select(SearchState.value).where(SearchState.name == "records").scalar() or 0
+    unindexed = ~fn.EXISTS(SearchDoc.select(SearchDoc.docid).where(SearchDoc.record_id == ArchiveRecord.id))
+    waiting = (ArchiveRecord.select(ArchiveRecord.id)
+               .where((ArchiveRecord.id > mark) & ArchiveRecord.purged_at.is_null() & unindexed)
+               .limit(BACKLOG_CAP))
+    return waiting.count()
+
+
 def _age(created_at: object) -> float:
     """Seconds since ``created_at`` (a naive UTC datetime, or its text from a raw query)."""
     if isinstance(created_at, str):

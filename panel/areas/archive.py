@@ -26,6 +26,7 @@ import bottle
 
 from gateway.archive import ArchiveError, BlobError, for_config
 from gateway.archive.export import ExportItem, attachments, safe_filename, write_mbox, write_zip
+from gateway.archive.index import backlog
 from gateway.archive.query import QueryError
 from gateway.archive.schema import ArchiveSighting
 from gateway.archive.search import MAX_OFFSET, record_ids, search
@@ -51,6 +52,7 @@ i18n.register({
                          "has:attachment direction:in|out employee:邮箱 customer:客户名或编号；短语请加引号。"),
         "archive.results": "搜索结果（最新的在前）",
         "archive.no_results": "没有找到邮件。",
+        "archive.pending": "最新的 {n} 封邮件还在建立索引，暂时搜不到（邮件高峰时索引最多落后约 {lag} 秒）。",
         "archive.col.date": "时间 (UTC)",
         "archive.col.direction": "方向",
         "archive.col.from": "发件人",
@@ -125,6 +127,8 @@ i18n.register({
                          "customer:name-or-id; put phrases in quotes."),
         "archive.results": "Results (newest first)",
         "archive.no_results": "No messages found.",
+        "archive.pending": ("The newest {n} messages are still being indexed and cannot be found yet "
+                            "(during a burst of mail the index may fall up to about {lag} s behind)."),
         "archive.col.date": "Date (UTC)",
         "archive.col.direction": "Direction",
         "archive.col.from": "From",
@@ -294,12 +298,14 @@ def routes(app: bottle.Bottle) -> None:
     @require("auditor")
     def index() -> str:
         params = bottle.request.query
+        # Mail the background indexer has not reached yet (it waits out bursts): said, not hidden.
+        waiting = {"pending": backlog(), "lag": int(panel_config().archive.index_lag)}
         if "q" not in params:
             return render("archive/search.html", q="", page=1, rows=[], has_more=False, error="", searched=False,
-                          export_max=EXPORT_MAX, base_url="/archive")
+                          export_max=EXPORT_MAX, base_url="/archive", **waiting)
         query = (params.getunicode("q") or "").strip()[:1000]
         ctx = _run_search(query, params.get("page"))
-        return render("archive/search.html", export_max=EXPORT_MAX, base_url="/archive", **ctx)
+        return render("archive/search.html", export_max=EXPORT_MAX, base_url="/archive", **ctx, **waiting)
 
     @app.get("/archive/export")
     @require("auditor")

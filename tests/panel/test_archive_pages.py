@@ -206,3 +206,25 @@ def test_correspondence_per_customer(http_as, archived, panel_db):
     trail = _trail(panel_db, "archive.search", before)
     assert [t.target for t in trail] == [f"customer:{archived.customer.id}"] * 2
     assert client.get("/archive/customers/999999999").status == 404
+
+
+def test_mail_not_indexed_yet_is_announced_on_the_search_page(http_as, archived, panel_server, panel_db):
+    """A record the background indexer has not reached (it waits out bursts of mail) is not
+    found by a search; the page says how many are waiting instead of hiding them."""
+    from gateway.archive import Archive
+    from gateway.archive.index import index_pending
+
+    client = http_as("auditor")
+    archive = for_config(load(panel_server.config_path))
+    node = Archive(archive.directory, archive.store.key_file, defer_index=True)  # as a node's SMTP path
+    while index_pending(node):  # whatever other tests left unindexed
+        pass
+    assert 'id="archive-pending"' not in client.get("/archive").text
+    node.record(message(f"Waiting {archived.tag}", f"not indexed yet {archived.tag}"), direction="outbound",
+                verdict="accepted")
+    page = client.get("/archive?q=" + quote(f"waiting {archived.tag}"))
+    assert 'id="archive-pending"' in page.text and "最新的 1 封邮件还在建立索引" in page.text
+    assert "60 秒" in page.text and 'data-record="' not in page.text
+    assert index_pending(node) == 1
+    page = client.get("/archive?q=" + quote(f"waiting {archived.tag}"))
+    assert 'id="archive-pending"' not in page.text and 'data-record="' in page.text
