@@ -212,3 +212,10 @@ def test_remembered_address_parsing_is_the_email_packages():
         assert list(getaddresses(values)) == email.utils.getaddresses(list(values))
         assert list(_getaddresses(values)) == email.utils.getaddresses(list(values))
         assert getaddresses(values) is getaddresses(tuple(values))  # remembered
+
+
+def test_workers_run_at_a_lower_priority_than_their_parent(pool):
+    import os
+
+    pending = workers._pool().submit(os.nice, 0)  # a worker's own niceness
+    assert pending.result() == min(19, os.nice(0) + workers.WORKER_NICE)
