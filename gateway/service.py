@@ -14,7 +14,7 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from gateway.archive import Archive
+from gateway.archive import Archive, pending
 from gateway.areas import AREA_SERVICES, optional_module
 from gateway.config import Config
 from gateway.db import statistics
@@ -47,6 +47,7 @@ class Node:
         self.spool = node_spool(cfg, self.archive)
         self.acceptors = None  # gateway.smtp.acceptor.AcceptorProcesses when smtp.processes > 1
         self.committer = GroupCommitter()
+        self.blob_syncer: pending.BlobSyncer | None = None
         self.area_stoppers: list = []
 
     async def start(self, reactor=None) -> None:
@@ -57,6 +58,13 @@ class Node:
         cfg = self.cfg
         await asyncio.to_thread(self.directory.load)
         await asyncio.to_thread(self.spool.sweep_orphans)
+        # Blob files whose sealed bytes are still in the database (an unclean stop before they
+        # were synced): written again before anything reads them; then their syncer.
+        self.archive.configure(cfg)
+        await asyncio.to_thread(pending.recover, self.archive.store, cfg.node.name)
+        self.blob_syncer = pending.BlobSyncer(self.archive.store, cfg.node.name, cfg.archive.blob_sync_interval)
+        self.blob_syncer.start()
+        self.archive.sync_later = True
         released = await asyncio.to_thread(release_node_claims, cfg.node.name)
         if released:
             log.info("released %d queue claims left by an earlier run of node %s", released, cfg.node.name)
@@ -143,6 +151,8 @@ class Node:
             if self.acceptors is not None:
                 await asyncio.to_thread(self.acceptors.stop)
             await asyncio.to_thread(self.committer.stop)
+            if self.blob_syncer is not None:  # a last round: a clean stop leaves no row behind
+                await asyncio.to_thread(self.blob_syncer.stop)
         if self.relay_process is not None:
             async with _timed_step("relay process"):
                 await asyncio.to_thread(self.relay_process.stop)

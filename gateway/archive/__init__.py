@@ -97,6 +97,9 @@ class Archive:
         transaction; a background indexer does it (``index.index_pending``, run by
         gateway.archive.service inside a node) — the node sets it, everything else indexes inline."""
         self.defer_index = defer_index
+        # The SMTP path's blob files are fsynced later, in bulk, by the node's BlobSyncer
+        # (gateway/archive/pending.py); set by the node when it runs one (and in its acceptors).
+        self.sync_later = False
         # Deferred indexing: the indexable bytes of messages just prepared (attachment bodies
         # cut, ``index.indexable``), by content hash, so the background indexer need not
         # read, decrypt and decompress their blobs again.

@@ -39,6 +39,9 @@ class ArchiveConfig:
     # background indexer waits (the SMTP path and the indexer share SQLite's write lock) and
     # catches up after it, in larger transactions; 0 = index every pass.
     index_lag: float = 60.0
+    # Seconds between two syncs of the archive's file system by the node (gateway/archive/pending.py):
+    # till then a just-accepted message's sealed bytes are kept durable in the database instead.
+    blob_sync_interval: float = 1.0
     # Messages larger than this are not archived from IMAP/sync (logged instead).
     max_message_size: int = 50 * 1024 * 1024
 
@@ -53,6 +56,8 @@ def validate(section: ArchiveConfig) -> list[str]:
         problems.append("[archive] sync_interval: must be > 0")
     if section.master_user and not section.master_password:
         problems.append("[archive] master_password: required when master_user is set")
+    if section.blob_sync_interval <= 0:
+        problems.append("[archive] blob_sync_interval: must be > 0")
     if section.index_lag < 0:
         problems.append("[archive] index_lag: must be >= 0 (0 = index at once)")
     if section.max_message_size <= 0:

@@ -127,16 +127,18 @@ class BlobStore:
         body = AESGCM(ring.current).encrypt(nonce, self._compressor().compress(raw), header)
         return key_id, header + nonce + body
 
-    def write(self, blob: PreparedBlob, sync_dir: bool = True) -> Path | None:
-        """Write a prepared blob durably; returns its folder (for a later fsync) if written."""
+    def write(self, blob: PreparedBlob, sync_dir: bool = True, durable: bool = True) -> Path | None:
+        """Write a prepared blob durably; returns its folder (for a later fsync) if written.
+        ``durable=False``: no fsync at all — for a blob whose sealed bytes are kept durable
+        elsewhere until its file is synced (gateway/archive/pending.py)."""
         if blob.data is None:
             return None
         path = self.path_of(blob.name)
         if path.exists():
             return None
         path.parent.mkdir(parents=True, exist_ok=True)
-        _write_durably(path, blob.data)
-        if sync_dir:
+        _write_durably(path, blob.data, sync=durable)
+        if sync_dir and durable:
             fsync_dir(path.parent)
         return path.parent
 
@@ -220,8 +222,8 @@ class BlobStore:
         return d
 
 
-def _write_durably(path: Path, data: bytes) -> None:
-    """Write ``path`` atomically and fsync it.  The temporary name is unique per writer: the
+def _write_durably(path: Path, data: bytes, sync: bool = True) -> None:
+    """Write ``path`` atomically and fsync it (``sync``).  The temporary name is unique per writer: the
     node, the relay process, an import and parallel threads may write the same content at
     the same moment (the same name; whichever rename comes last replaces equal bytes)."""
     tmp = path.with_name(f"{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
@@ -230,7 +232,8 @@ def _write_durably(path: Path, data: bytes) -> None:
         view = memoryview(data)
         while view:
             view = view[os.write(fd, view):]
-        os.fsync(fd)
+        if sync:
+            os.fsync(fd)
         os.close(fd)
         fd = -1
         os.rename(tmp, path)

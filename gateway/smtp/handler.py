@@ -29,7 +29,8 @@ from aiosmtpd.smtp import SMTP, AuthResult, Envelope
 from aiosmtpd.smtp import Session as SMTPSession
 
 from gateway import metrics
-from gateway.archive import Archive, Capture, OriginalCopy, PreparedBlob
+from gateway.archive import Archive, Capture, OriginalCopy, PreparedBlob, pending
+from gateway.archive.pending import PENDING_MAX
 from gateway.config import Config
 from gateway.db.inserts import buffered_inserts, flush_inserts, insert_row
 from gateway.db.models import Customer, utcnow
@@ -75,6 +76,7 @@ class Prepared(NamedTuple):
     dirs: set  # folders of the files written, fsynced once per batch
     spool_path: str | None  # archive_ref of the blob, or None: the spool file
     original: OriginalCopy | None  # the submitted bytes, when mutations changed them
+    sync_later: bool = False  # the blob file is not fsynced: its sealed bytes go in the transaction
 
 
 def split_header_block(data: bytes) -> bytes:
@@ -413,7 +415,14 @@ class SubmissionHandler:
         # unreferenced blob, which is harmless (content-addressed, written again by the
         # client's retry).
         blob = self.archive.prepare(outgoing.data)
-        dirs = {d} if (d := self.archive.store.write(blob, sync_dir=False)) is not None else set()
+        # The node's blob syncer running (gateway/archive/pending.py): the file without an
+        # fsync, its sealed bytes durable in the group commit's transaction instead.
+        later = self.archive.sync_later and blob.data is not None and len(blob.data) <= PENDING_MAX
+        if later:
+            self.archive.store.write(blob, durable=False)
+            dirs = set()
+        else:
+            dirs = {d} if (d := self.archive.store.write(blob, sync_dir=False)) is not None else set()
         spool_path = None
         if self._queue_in_archive(verdict):
             # One durable write per message: the queue row points at the blob (same bytes).
@@ -424,7 +433,7 @@ class SubmissionHandler:
         # The client's bytes as submitted, kept beside the changed ones (usually their header
         # section only, sealed into the record row; no second file).
         original = self.archive.original_copy(ctx.raw, outgoing.data)
-        return Prepared(ctx, verdict, queue_id, outgoing, credentials, blob, dirs, spool_path, original)
+        return Prepared(ctx, verdict, queue_id, outgoing, credentials, blob, dirs, spool_path, original, later)
 
     def _queue_in_archive(self, verdict: Verdict) -> bool:
         """Accepted mail is relayed from its archive blob, unless the spool is shared between
@@ -465,6 +474,8 @@ class SubmissionHandler:
         with buffered_inserts():  # the records, sightings and queue rows: one statement per table
             self.archive.chain_batch([self._capture(p) for p in parts], [p.blob for p in parts])
             for p in parts:
+                if p.sync_later:
+                    insert_row(pending.row(self.cfg.node.name, p.blob.name, p.blob.data))
                 held = p.verdict.action == HOLD
                 insert_row(self.spool.row(
                     p.queue_id, p.outgoing.mail_from, p.outgoing.recipients, len(p.outgoing.data),

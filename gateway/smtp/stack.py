@@ -84,6 +84,7 @@ async def build_submission(
         archive.configure(cfg)
         # The node's archive service (when the area is there) indexes every process's records.
         archive.defer_index = optional_module("gateway.archive.service") is not None
+        archive.sync_later = True  # an acceptor: its node's BlobSyncer syncs the archive's file system
     spool = spool or node_spool(cfg, archive)
     committer = committer or GroupCommitter()
     if key is None:
