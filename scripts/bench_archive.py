@@ -304,7 +304,10 @@ def _capture(raw: bytes, direction: str, emp: int, when: dt.datetime | None) -> 
 
 def ingest_node(archive: object, msgs: list, threads: int = 6, lag: float = 0.0) -> tuple[float, int, int]:
     """The shape of ``mailgate run``: SMTP phase 1 on ``threads`` worker threads (asyncio's
-    default executor on 2 cores) — hash, zstd, AES-GCM, blob file + fsync, and the header
+    default executor on 2 cores) — hash, zstd, AES-GCM, the blob file (as the handler does
+    with the node's BlobSyncer running since 5469869: written without an fsync, its sealed
+    bytes in the batch's transaction, the file system synced once a second; fsynced, its folder
+    once per batch, where that mechanism is absent or the blob is too large), and the header
     fields the handler already has — then the records of outbound submissions (the SMTP
     handler archives nothing else; inbound mail comes by sync, the batch shape) posted to the
     real GroupCommitter (one writer thread, batches of ≤ 32, nobody blocked while it commits)
@@ -354,13 +357,42 @@ def ingest_node(archive: object, msgs: list, threads: int = 6, lag: float = 0.0)
                 else:
                     all_written.wait(INDEX_POLL)
 
+    try:  # deferred blob durability (5469869): as the SMTP handler when the node runs a BlobSyncer
+        from gateway.archive import pending
+        from gateway.archive.pending import PENDING_MAX
+    except ImportError:  # older revisions: every blob file fsynced before the 250
+        pending, PENDING_MAX = None, 0
+    syncer = pending.BlobSyncer(archive.store, "bench") if pending is not None else None
+
     def phase1(m: tuple) -> tuple:
+        """``SubmissionHandler._prepare``'s archive part: the blob sealed, its file written —
+        without an fsync when its sealed bytes go into the transaction (``pending``), else
+        fsynced, its folder fsynced once per group-commit batch."""
         raw, direction, emp, _ = m
         blob = archive.prepare(raw)
-        archive.store.write(blob)
-        return raw, direction, emp, blob, headers_of(raw)  # the handler has these from its own parsing
+        later = pending is not None and blob.data is not None and len(blob.data) <= PENDING_MAX
+        if later:
+            archive.store.write(blob, durable=False)
+            folder = None
+        else:
+            folder = archive.store.write(blob, sync_dir=pending is None)
+        # the handler has the header fields from its own parsing
+        return raw, direction, emp, blob, headers_of(raw), later, folder
 
-    def phase2(raw: bytes, direction: str, emp: int, blob: object, h: dict) -> None:
+    def settle(jobs: list[tuple]) -> None:
+        """Inside the batch's transaction: the pending rows of files not fsynced, the folders
+        of those that were fsynced before the commit (``GroupCommitter.sync_dir``)."""
+        from gateway.db.inserts import insert_row
+
+        for _, _, _, blob, _, later, folder in jobs:
+            if later:
+                insert_row(pending.row("bench", blob.name, blob.data))
+            elif folder is not None and pending is not None:
+                committer.sync_dir(folder)
+
+    def phase2(raw: bytes, direction: str, emp: int, blob: object, h: dict, later: bool = False,
+               folder: object = None) -> None:
+        settle([(raw, direction, emp, blob, h, later, folder)])
         cap = _capture(raw, "out", emp, None)  # SMTP archives submissions: outbound (smtp.handler)
         archive.record(raw, direction=cap.direction, verdict=cap.verdict, place=cap.place, employee_id=emp,
                        employee_email=f"sales{emp - 1}@acme.test", subject=h["subject"], message_id=h["message_id"],
@@ -373,9 +405,10 @@ def ingest_node(archive: object, msgs: list, threads: int = 6, lag: float = 0.0)
         caps = [Capture(raw=raw, place="smtp:submitted", direction="outbound", verdict="accepted", employee_id=emp,
                         employee_email=f"sales{emp - 1}@acme.test", subject=h["subject"],
                         message_id=h["message_id"], mail_from=h["from"], recipients=h["to"])
-                for raw, _, emp, _, h in jobs]
+                for raw, _, emp, _, h, _, _ in jobs]
         with buffered_inserts():
             archive.chain_batch(caps, [job[3] for job in jobs])
+            settle(jobs)
         return [None] * len(jobs)
 
     try:
@@ -393,6 +426,8 @@ def ingest_node(archive: object, msgs: list, threads: int = 6, lag: float = 0.0)
             committed_at[0] = time.perf_counter() - t0
             all_written.set()
 
+    if syncer is not None:
+        syncer.start()
     t0 = time.perf_counter()
     worker = threading.Thread(target=indexer, name="bench-indexer")
     worker.start()
@@ -403,6 +438,8 @@ def ingest_node(archive: object, msgs: list, threads: int = 6, lag: float = 0.0)
     worker.join()
     secs = time.perf_counter() - t0
     committer.stop()
+    if syncer is not None:
+        syncer.stop()  # its last round: every file synced, no row left
     archive.defer_index = False
     if errors:
         raise errors[0]
