@@ -12,11 +12,14 @@ import ipaddress
 import re
 import smtplib
 import ssl
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 from gateway.config import ConfigError, UpstreamConfig
 
 Credentials = tuple[str, str]
+T = TypeVar("T")
 
 _ENHANCED = re.compile(r"^([245])\.(\d{1,3})\.(\d{1,3})\b")
 _MAX_ERROR = 1000
@@ -136,27 +139,10 @@ class SmarthostConnection:
         reused = self._clean
         self._clean = False
         if smtp.has_extn("pipelining") and _plain(mail_from, recipients):
-            try:
-                return self._pipelined(smtp, mail_from, recipients, options, data)
-            except _Stale as exc:
-                if not reused:
-                    raise exc.cause from None
-            # The reused session went away while idle: one fresh session, same transaction.
-            self.close()
-            smtp = self._session(credentials)
-            try:
-                return self._pipelined(smtp, mail_from, recipients, options, data)
-            except _Stale as exc:
-                raise exc.cause from None
-        try:
-            code, text = smtp.mail(mail_from, options)
-        except (smtplib.SMTPServerDisconnected, ConnectionError):
-            if not reused:
-                raise
-            # The reused session went away while idle: one fresh session, same transaction.
-            self.close()
-            smtp = self._session(credentials)
-            code, text = smtp.mail(mail_from, options)
+            return self._reopened_if_stale(
+                smtp, credentials, reused, lambda s: self._pipelined(s, mail_from, recipients, options, data))
+        code, text = self._reopened_if_stale(smtp, credentials, reused, lambda s: _mail(s, mail_from, options))
+        smtp = self._smtp  # the fresh session, if one was opened
         if code != 250:
             self._reset()
             return dict.fromkeys(recipients, Reply.of(code, text))
@@ -179,6 +165,21 @@ class SmarthostConnection:
             self._clean = True  # the next transaction may follow without an RSET
         replies.update(dict.fromkeys(accepted, final))
         return replies
+
+    def _reopened_if_stale(self, smtp: smtplib.SMTP, credentials: Credentials | None, reused: bool,
+                           attempt: Callable[[smtplib.SMTP], T]) -> T:
+        """``attempt(smtp)``; if a kept session turns out gone before its first reply (it went
+        away while idle), once more on a fresh session — the same transaction, never sent."""
+        try:
+            return attempt(smtp)
+        except _Stale as exc:
+            if not reused:
+                raise exc.cause from None
+        self.close()
+        try:
+            return attempt(self._session(credentials))
+        except _Stale as exc:
+            raise exc.cause from None
 
     def _pipelined(
         self, smtp: smtplib.SMTP, mail_from: str, recipients: list[str], options: list[str], data: bytes
@@ -301,11 +302,19 @@ class SmarthostConnection:
 
 
 class _Stale(Exception):
-    """The session was gone before the first reply of a pipelined transaction."""
+    """The session was gone before the first reply of a transaction (safe to try again)."""
 
     def __init__(self, cause: BaseException) -> None:
         super().__init__(str(cause))
         self.cause = cause
+
+
+def _mail(smtp: smtplib.SMTP, mail_from: str, options: list[str]) -> tuple[int, bytes]:
+    """MAIL FROM, one command at a time; a session found gone raises ``_Stale``."""
+    try:
+        return smtp.mail(mail_from, options)
+    except (smtplib.SMTPServerDisconnected, ConnectionError) as exc:
+        raise _Stale(exc) from None
 
 
 _PLAIN = re.compile(r"[!#-;=?-~]*\Z")  # printable ASCII without space, "<", ">" (and "\"" nowhere)

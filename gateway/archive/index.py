@@ -682,14 +682,11 @@ def index_batch(archive: object, limit: int | None = None, lag: float = 0.0) -> 
     arriving = _records_arriving(archive, top)
     if limit is None:
         limit = INDEX_BATCH if arriving else DRAIN_BATCH
-    unindexed = ~fn.EXISTS(SearchDoc.select(SearchDoc.docid).where(SearchDoc.record_id == ArchiveRecord.id))
     # Only the columns a document and a blob read need (a full row per record cost more in
     # peewee than the look-up in SQLite); sightings as plain named tuples.
     fields = (ArchiveRecord.id, ArchiveRecord.sha256, ArchiveRecord.blob_path, ArchiveRecord.created_at,
               ArchiveRecord.direction, ArchiveRecord.employee, ArchiveRecord.purged_at)
-    recs = list(ArchiveRecord.select(*fields).where((ArchiveRecord.id > rec_mark) & (ArchiveRecord.id <= top)
-                                                    & ArchiveRecord.purged_at.is_null() & unindexed)
-                .order_by(ArchiveRecord.id).limit(limit))
+    recs = list(_unindexed(fields, rec_mark, top).limit(limit))
     if lag > 0 and arriving and recs and _age(recs[0].created_at) < lag:
         return 0, False  # a burst: the index waits (see the docstring)
     seen_fields = (ArchiveSighting.id, ArchiveSighting.record.alias("record_id"),
@@ -700,9 +697,7 @@ def index_batch(archive: object, limit: int | None = None, lag: float = 0.0) -> 
         return 0, False
     rows = _read_and_extract(archive, recs)
     if not arriving and len(recs) == limit:  # a backlog drains: the next batch is extracted while this one is written
-        _extract_ahead(archive, list(ArchiveRecord.select(*fields).where(
-            (ArchiveRecord.id > recs[-1].id) & (ArchiveRecord.id <= top) & ArchiveRecord.purged_at.is_null()
-            & unindexed).order_by(ArchiveRecord.id).limit(limit)))
+        _extract_ahead(archive, list(_unindexed(fields, recs[-1].id, top).limit(limit)))
     # A full batch: handled up to its last record; otherwise every record up to ``top``.
     # (A sighting of a record not indexed yet is noted when that record is.)
     new_rec_mark = recs[-1].id if len(recs) == limit else top
@@ -742,10 +737,6 @@ def index_batch(archive: object, limit: int | None = None, lag: float = 0.0) -> 
     return done, len(recs) == limit or len(sightings) == limit * 4
 
 
-
-_LAST_TOP: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # archive -> newest record id seen
-
-
 BACKLOG_CAP = 10_000
 
 
@@ -754,23 +745,31 @@ def backlog() -> int:
     watermark (the node's background indexer waits out a burst, ``[archive] index_lag``).
     Counted up to ``BACKLOG_CAP`` (the panel asks on every search page)."""
     from gateway.archive.schema import ArchiveRecord
-    from gateway.archive.search_schema import SearchDoc, SearchState
+    from gateway.archive.search_schema import SearchState
 
     mark = SearchState.select(SearchState.value).where(SearchState.name == "records").scalar() or 0
-    unindexed = ~fn.EXISTS(SearchDoc.select(SearchDoc.docid).where(SearchDoc.record_id == ArchiveRecord.id))
-    waiting = (ArchiveRecord.select(ArchiveRecord.id)
-               .where((ArchiveRecord.id > mark) & ArchiveRecord.purged_at.is_null() & unindexed)
-               .limit(BACKLOG_CAP))
-    return waiting.count()
+    return _unindexed((ArchiveRecord.id,), mark).limit(BACKLOG_CAP).count()
 
 
-def _age(created_at: object) -> float:
-    """Seconds since ``created_at`` (a naive UTC datetime, or its text from a raw query)."""
-    if isinstance(created_at, str):
-        created_at = dt.datetime.fromisoformat(created_at)
-    if not isinstance(created_at, dt.datetime):
-        return float("inf")
-    return (utcnow() - created_at.replace(tzinfo=None)).total_seconds()
+def _unindexed(fields: tuple, after: int, top: int | None = None):  # noqa: ANN202 - a peewee query
+    """Records after id ``after`` (up to ``top``), not purged and without a document, oldest first."""
+    from gateway.archive.schema import ArchiveRecord
+    from gateway.archive.search_schema import SearchDoc
+
+    r = ArchiveRecord
+    where = (r.id > after) & r.purged_at.is_null() & ~fn.EXISTS(
+        SearchDoc.select(SearchDoc.docid).where(SearchDoc.record_id == r.id))
+    if top is not None:
+        where &= r.id <= top
+    return r.select(*fields).where(where).order_by(r.id)
+
+
+def _age(created_at: dt.datetime) -> float:
+    """Seconds since ``created_at`` (naive UTC, as the records keep it)."""
+    return (utcnow() - created_at).total_seconds()
+
+
+_LAST_TOP: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # archive -> newest record id seen
 
 
 def _records_arriving(archive: object, top: int) -> bool:

@@ -418,11 +418,8 @@ class SubmissionHandler:
         # The node's blob syncer running (gateway/archive/pending.py): the file without an
         # fsync, its sealed bytes durable in the group commit's transaction instead.
         later = self.archive.sync_later and blob.data is not None and len(blob.data) <= PENDING_MAX
-        if later:
-            self.archive.store.write(blob, durable=False)
-            dirs = set()
-        else:
-            dirs = {d} if (d := self.archive.store.write(blob, sync_dir=False)) is not None else set()
+        folder = self.archive.store.write(blob, sync_dir=False, durable=not later)
+        dirs = {folder} if folder is not None and not later else set()
         spool_path = None
         if self._queue_in_archive(verdict):
             # One durable write per message: the queue row points at the blob (same bytes).
