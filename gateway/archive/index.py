@@ -33,13 +33,14 @@ import html
 import logging
 import re
 import weakref
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from html.parser import HTMLParser
 from typing import NamedTuple
 
 from peewee import fn
 
+from gateway.archive import mime_walk
 from gateway.db import is_postgres
 from gateway.db.models import database, utcnow
 
@@ -292,14 +293,31 @@ def indexable(raw: bytes) -> bytes:
     return _cut_base64(raw) if len(raw) > CUT_ABOVE else raw
 
 
+def parse_message(raw: bytes) -> email.message.Message:
+    """``email.message_from_bytes(raw)``: the same tree, by ``mime_walk`` where it knows the
+    message's shape (≈ 5x faster), else by the email package."""
+    msg = mime_walk.parse(raw)
+    return msg if msg is not None else email.message_from_bytes(raw)
+
+
 def extract(raw: bytes, headers: bool = True) -> Extracted:
     """The searchable text of a raw message.  Never raises.  ``headers``: also the record's
     header fields (``Extracted.headers``, for a batch that creates the records); the
     background indexer's records exist already, so it skips them (a quarter of the work)."""
+    return _extract(raw, headers, parse_message)
+
+
+def extract_reference(raw: bytes, headers: bool = True) -> Extracted:
+    """``extract`` with the email package's parser alone: the reference ``mime_walk`` is
+    tested against (tests/unit/archive/test_mime_walk.py)."""
+    return _extract(raw, headers, email.message_from_bytes)
+
+
+def _extract(raw: bytes, headers: bool, parse: Callable[[bytes], email.message.Message]) -> Extracted:
     out = Extracted()
     try:
         raw = indexable(raw)
-        msg = email.message_from_bytes(raw)
+        msg = parse(raw)
     except Exception:  # noqa: BLE001
         out.body = decode_bytes(raw[:BODY_LIMIT])[:BODY_LIMIT]
         return out
