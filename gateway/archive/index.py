@@ -445,10 +445,13 @@ def _add_record(record: object, ex: Extracted) -> None:
     )
 
 
-def add_documents(entries: list[tuple[object, Extracted, Grams]]) -> int:
+def add_documents(entries: list[tuple[object, Extracted, Grams]],
+                  written: dict[int, tuple[int, int | None, str]] | None = None) -> int:
     """Index many new records at once (batch ingest, the background indexer): ``(record,
     extracted text, short grams or None)`` each; one look-up for docid collisions and one
-    bulk insert.  Call inside a write transaction; returns how many documents were written."""
+    bulk insert.  Call inside a write transaction; returns how many documents were written.
+    ``written``: filled with record id → (docid, employee id, direction) of each document
+    (``index_sightings``' ``known``)."""
     if not entries:
         return 0
     rows, taken = [], _taken_docids([docid_for(_created(r), int(r.id)) for r, _, _ in entries])
@@ -463,6 +466,8 @@ def add_documents(entries: list[tuple[object, Extracted, Grams]]) -> int:
         rows.append((docid, int(rec.id), created, _direction(str(_field(rec, "direction", default="") or "")),
                      _employee_of(rec), ex, grams))
     write_rows(rows)
+    if written is not None:
+        written.update((row[1], (row[0], row[4], row[3])) for row in rows)
     return len(rows)
 
 
@@ -580,39 +585,41 @@ def index_sighting(sighting: object) -> None:
         SearchSeen.insert(docid=doc.docid, employee_id=employee, direction=direction).execute()
 
 
-def index_sightings(sightings: list) -> None:
-    """``index_sighting`` for many sightings with three statements instead of two per
+def index_sightings(sightings: list, known: dict[int, tuple[int, int | None, str]] | None = None) -> None:
+    """``index_sighting`` for many sightings with a few statements instead of two per
     sighting (the background indexer sees a relay:sent sighting for nearly every outbound
-    message, nearly always a pair already noted).  One savepoint; if it fails, each sighting
-    is tried on its own so one bad row does not stop the others."""
-    from gateway.archive.search_schema import SearchDoc, SearchSeen
-
+    message, nearly always a pair already noted).  ``known``: record id → (docid, employee id,
+    direction) of documents written in this transaction (their docid and their one seen row
+    need no look-up: a node's smtp:submitted sighting is nearly always exactly that row).
+    One savepoint; if it fails, each sighting is tried on its own so one bad row does not
+    stop the others."""
     wanted = [(int(r), _field(s, "employee_id", default=None),
                _direction(str(_field(s, "direction", default="") or "")))
               for s in sightings if (r := _field(s, "record_id", default=None)) is not None]
     if not wanted:
         return
+    known = known or {}
     try:
         with database.atomic():
-            record_ids = sorted({r for r, _, _ in wanted})
-            docs: dict[int, int] = {}
-            for i in range(0, len(record_ids), 500):
-                docs.update(SearchDoc.select(SearchDoc.record_id, SearchDoc.docid)
-                            .where(SearchDoc.record_id.in_(record_ids[i:i + 500])).tuples())
-            docids = sorted(set(docs.values()))
-            seen: set[tuple] = set()
-            for i in range(0, len(docids), 500):
-                seen.update(SearchSeen.select(SearchSeen.docid, SearchSeen.employee_id, SearchSeen.direction)
-                            .where(SearchSeen.docid.in_(docids[i:i + 500])).tuples())
+            docs = {record_id: doc[0] for record_id, doc in known.items()}
+            seen: set[tuple] = {doc for doc in known.values()}
+            ask = sorted({r for r, _, _ in wanted if r not in docs})
+            docs.update(_select_in("SELECT record_id, docid FROM archivesearchdoc WHERE record_id IN", ask))
+            ask_docs = sorted({docid for r, _, _ in wanted if (docid := docs.get(r)) is not None and r not in known})
+            seen.update(_select_in("SELECT docid, employee_id, direction FROM archivesearchseen WHERE docid IN",
+                                   ask_docs))
             new = []
             for record_id, employee, direction in wanted:
                 docid = docs.get(record_id)
                 key = (docid, None if employee is None else int(employee), direction)
                 if docid is not None and key not in seen:
                     seen.add(key)
-                    new.append({"docid": key[0], "employee_id": key[1], "direction": key[2]})
-            for i in range(0, len(new), 200):
-                SearchSeen.insert_many(new[i:i + 200]).execute()
+                    new.append(key)
+            if new:
+                mark = "%s" if is_postgres() else "?"
+                database.obj.cursor().executemany(
+                    f"INSERT INTO archivesearchseen (docid, employee_id, direction) VALUES ({mark}, {mark}, {mark})",
+                    new)
         return
     except Exception:
         log.exception("archive sightings: batched search index update failed; one at a time")
@@ -622,6 +629,21 @@ def index_sightings(sightings: list) -> None:
                 index_sighting(s)
         except Exception:
             log.exception("archive sighting %s: search index update failed", s.id)
+
+
+IN_CHUNK = 500  # ids per "IN (...)" list
+
+
+def _select_in(sql: str, ids: list) -> list[tuple]:
+    """Rows of ``sql`` + " (ids…)" for every id (in chunks of ``IN_CHUNK``), as tuples: the
+    indexer's look-ups by id, as plain SQL (peewee built a node per id — a tenth of the
+    drain's Python)."""
+    out: list[tuple] = []
+    mark = "%s" if is_postgres() else "?"
+    for i in range(0, len(ids), IN_CHUNK):
+        chunk = ids[i:i + IN_CHUNK]
+        out.extend(database.obj.execute_sql(f"{sql} ({', '.join([mark] * len(chunk))})", chunk).fetchall())
+    return out
 
 
 def forget_record(record_id: int) -> None:
@@ -688,8 +710,8 @@ def index_batch(archive: object, limit: int | None = None, lag: float = 0.0) -> 
     nothing is indexed twice.  Watermarks (``archivesearchstate``) make a restart resume where
     it stopped; every archive writer appends under the chain lock, so ids become visible in order and a
     watermark never skips a row committed later."""
-    from gateway.archive.schema import ArchiveRecord, ArchiveSighting
-    from gateway.archive.search_schema import SearchDoc, SearchState
+    from gateway.archive.schema import ArchiveRecord
+    from gateway.archive.search_schema import SearchState
     from gateway.db.writerlock import handoff
     from gateway.groupcommit import write_transaction
 
@@ -704,18 +726,18 @@ def index_batch(archive: object, limit: int | None = None, lag: float = 0.0) -> 
     # peewee than the look-up in SQLite); sightings as plain named tuples.
     fields = (ArchiveRecord.id, ArchiveRecord.sha256, ArchiveRecord.blob_path, ArchiveRecord.created_at,
               ArchiveRecord.direction, ArchiveRecord.employee, ArchiveRecord.purged_at)
-    recs = list(_unindexed(fields, rec_mark, top).limit(limit))
+    recs = list(_unindexed(fields, rec_mark, top).limit(limit).namedtuples())
     if lag > 0 and arriving and recs and _age(recs[0].created_at) < lag:
         return 0, False  # a burst: the index waits (see the docstring)
-    seen_fields = (ArchiveSighting.id, ArchiveSighting.record.alias("record_id"),
-                   ArchiveSighting.employee.alias("employee_id"), ArchiveSighting.direction)
-    sightings = list(ArchiveSighting.select(*seen_fields).where(ArchiveSighting.id > seen_mark)
-                     .order_by(ArchiveSighting.id).limit(limit * 4).namedtuples())
+    mark = "%s" if is_postgres() else "?"
+    sightings = [_Sighting(*row) for row in database.obj.execute_sql(
+        f"SELECT {_SIGHTING_COLUMNS} FROM archivesighting WHERE id > {mark} ORDER BY id LIMIT {mark}",
+        (seen_mark, limit * 4)).fetchall()]
     if not recs and not sightings and top == rec_mark:
         return 0, False
     rows = _read_and_extract(archive, recs)
     if not arriving and len(recs) == limit:  # a backlog drains: the next batch is extracted while this one is written
-        _extract_ahead(archive, list(_unindexed(fields, recs[-1].id, top).limit(limit)))
+        _extract_ahead(archive, list(_unindexed(fields, recs[-1].id, top).limit(limit).namedtuples()))
     # A full batch: handled up to its last record; otherwise every record up to ``top``.
     # (A sighting of a record not indexed yet is noted when that record is.)
     new_rec_mark = recs[-1].id if len(recs) == limit else top
@@ -735,14 +757,15 @@ def index_batch(archive: object, limit: int | None = None, lag: float = 0.0) -> 
         last = n == len(chunks) - 1
         with handoff(), write_transaction():
             ids = [rec.id for rec, _, _ in chunk]
-            taken = {d.record_id for d in SearchDoc.select(SearchDoc.record_id).where(SearchDoc.record_id.in_(ids))}
-            done += _insert_documents([(rec, ex, grams) for rec, ex, grams in chunk if rec.id not in taken])
+            taken = {r for r, in _select_in("SELECT record_id FROM archivesearchdoc WHERE record_id IN", ids)}
+            written: dict[int, tuple[int, int | None, str]] = {}
+            done += _insert_documents([(rec, ex, grams) for rec, ex, grams in chunk if rec.id not in taken], written)
             # Every sighting of the records just indexed (later ones may have come first) and,
             # with the last chunk, the sightings since the last call — mostly the same rows: each once.
-            later = (ArchiveSighting.select(*seen_fields).where(ArchiveSighting.record.in_(ids)).namedtuples()
-                     if ids else [])
+            later = [_Sighting(*row) for row in _select_in(
+                f"SELECT {_SIGHTING_COLUMNS} FROM archivesighting WHERE record_id IN", ids)]
             todo = {s.id: s for s in [*later, *(sightings if last else [])] if s.id not in noted}
-            index_sightings(list(todo.values()))
+            index_sightings(list(todo.values()), written)
             noted.update(todo)
             if not last:
                 continue
@@ -754,6 +777,17 @@ def index_batch(archive: object, limit: int | None = None, lag: float = 0.0) -> 
                         conflict_target=[SearchState.name], update={SearchState.value: value}).execute()
     return done, len(recs) == limit or len(sightings) == limit * 4
 
+
+class _Sighting(NamedTuple):
+    """What the indexer reads of a sighting."""
+
+    id: int
+    record_id: int
+    employee_id: int | None
+    direction: str
+
+
+_SIGHTING_COLUMNS = "id, record_id, employee_id, direction"
 
 BACKLOG_CAP = 10_000
 
@@ -812,19 +846,27 @@ def index_new(entries: list[tuple[object, Extracted, Grams]]) -> int:
     return _insert_documents([e for e in entries if int(e[0].id) not in taken])
 
 
-def _insert_documents(entries: list[tuple[object, Extracted, Grams]]) -> int:
+def _insert_documents(entries: list[tuple[object, Extracted, Grams]],
+                      written: dict[int, tuple[int, int | None, str]] | None = None) -> int:
     """All documents in one bulk insert (a savepoint) or, if one is bad, one at a time (the
-    bad one logged and skipped)."""
+    bad one logged and skipped).  ``written``: see ``add_documents``."""
     try:
         with database.atomic():
-            return add_documents(entries)
+            wrote: dict[int, tuple[int, int | None, str]] = {}
+            done = add_documents(entries, wrote)
+        if written is not None:
+            written.update(wrote)
+        return done
     except Exception:
         log.warning("archive: bulk indexing failed, indexing one by one", exc_info=True)
     done = 0
     for rec, ex, grams in entries:
         try:
             with database.atomic():
-                add_documents([(rec, ex, grams)])
+                wrote = {}
+                add_documents([(rec, ex, grams)], wrote)
+            if written is not None:
+                written.update(wrote)
             done += 1
         except Exception:
             log.exception("archive record %s: full-text indexing failed", rec.id)
