@@ -25,3 +25,17 @@ def test_migration_154_upgrades_an_archive_with_records_and_sightings(db, archiv
     assert row.original_sha256 == "" and row.original is None and row.hash == rec.hash
     assert ArchiveSighting.select().where(ArchiveSighting.record == rec.id).count() == 2
     assert verify_chain() == [] and verify_blobs(archive.store) == []
+
+
+def test_migration_160_gives_the_trigram_table_a_larger_pending_terms_buffer(db, archive):
+    from gateway.archive.search_schema import FTS_HASHSIZE
+
+    archive.record(message(1), direction="outbound", verdict="accepted")  # a document in the table
+    db.execute_sql("DELETE FROM archivefts_config WHERE k = 'hashsize'")
+    SchemaVersion.delete().where(SchemaVersion.version == 160).execute()
+    assert upgrade(db) == [160]
+    assert dict(db.execute_sql("SELECT k, v FROM archivefts_config").fetchall())["hashsize"] == FTS_HASHSIZE
+    archive.record(message(2, "hashsizecheck"), direction="outbound", verdict="accepted")
+    from gateway.archive.search import record_ids
+
+    assert len(record_ids("hashsizecheck")) == 1
