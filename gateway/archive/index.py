@@ -728,25 +728,19 @@ def index_batch(archive: object, limit: int | None = None, lag: float = 0.0) -> 
               ArchiveRecord.direction, ArchiveRecord.employee, ArchiveRecord.purged_at)
     recs = list(_unindexed(fields, rec_mark, top).limit(limit).namedtuples())
     if lag > 0 and arriving and recs and _age(recs[0].created_at) < lag:
-        # A burst: the index waits (see the docstring) — but its text is extracted meanwhile,
-        # at the workers' low priority, on the core the mail path leaves idle.
-        ahead = _ahead_of(archive)
-        if ahead is not None and ahead.records() < AHEAD_MAX:
-            _extract_ahead(archive, list(_unindexed(fields, max(rec_mark, ahead.upto), top)
-                                         .limit(AHEAD_MAX - ahead.records()).namedtuples()))
-        return 0, False
+        return 0, False  # a burst: the index waits (see the docstring)
     mark = "%s" if is_postgres() else "?"
     sightings = [_Sighting(*row) for row in database.obj.execute_sql(
         f"SELECT {_SIGHTING_COLUMNS} FROM archivesighting WHERE id > {mark} ORDER BY id LIMIT {mark}",
         (seen_mark, limit * 4)).fetchall()]
     if not recs and not sightings and top == rec_mark:
         return 0, False
+    rows = _read_and_extract(archive, recs)
+    if not arriving and len(recs) == limit:  # a backlog drains: the next batch is extracted while this one is written
+        _extract_ahead(archive, list(_unindexed(fields, recs[-1].id, top).limit(limit).namedtuples()))
     # A full batch: handled up to its last record; otherwise every record up to ``top``.
     # (A sighting of a record not indexed yet is noted when that record is.)
     new_rec_mark = recs[-1].id if len(recs) == limit else top
-    rows = _read_and_extract(archive, recs, new_rec_mark)
-    if not arriving and len(recs) == limit:  # a backlog drains: the next batch is extracted while this one is written
-        _extract_ahead(archive, list(_unindexed(fields, recs[-1].id, top).limit(limit).namedtuples()))
     done = 0
     # Short write transactions, a few documents each, taking the writers' hand-off lock: the
     # SMTP group commit waits for this lock before every 250, and one transaction for the
@@ -882,93 +876,39 @@ def _insert_documents(entries: list[tuple[object, Extracted, Grams]],
 class _Extraction(NamedTuple):
     """Text extraction under way (``workers.Pending``) for the records whose bytes were read."""
 
-    recs: list  # the records whose bytes were read, in order
-    pending: object  # workers.Pending of their text
-    asked: list[tuple[int, str]]  # (id, sha256) of every record asked for, unreadable ones too
-    size: int  # bytes handed to the workers
+    recs: list
+    pending: object
 
 
-AHEAD_MAX = 4 * DRAIN_BATCH  # records extracted ahead of the pass that writes them, at most
-AHEAD_BYTES = 32 * 1024 * 1024  # and bytes of their messages handed out (the workers' input is held until done)
-
-
-class _Ahead:
-    """A node indexer's extraction started before the pass that writes its records: during a
-    burst (``index_batch`` waits out ``index_lag``, the workers would idle) and while a backlog
-    drains (the next batch while this one is written).  ``running`` extractions, in record
-    order; ``ready`` results of finished ones — (id, sha256) → (text, grams), or None for an
-    unreadable blob (logged once); ``upto`` the highest record id asked for."""
-
-    def __init__(self) -> None:
-        self.running: list[_Extraction] = []
-        self.ready: dict[tuple[int, str], tuple[Extracted, Grams] | None] = {}
-        self.upto = 0
-
-    def records(self) -> int:
-        return len(self.ready) + sum(len(e.asked) for e in self.running)
-
-    def size(self) -> int:
-        return sum(e.size for e in self.running)
-
-
-_AHEAD: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # archive -> _Ahead
-
-
-def _ahead_of(archive: object) -> _Ahead | None:
-    try:
-        ahead = _AHEAD.get(archive)
-        if ahead is None:
-            ahead = _AHEAD[archive] = _Ahead()
-    except TypeError:  # not weakly referable: no extraction ahead
-        return None
-    return ahead
+_AHEAD: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # archive -> _Extraction of its next batch
 
 
 def _extract_ahead(archive: object, recs: list) -> None:
-    """Start extracting records before the pass that will write them (``index_batch``: the next
-    batch of a backlog while this one is written; a burst's records while the index waits):
-    the worker processes run while the indexer writes or idles instead of each waiting for
-    the other.  Extraction depends on a record's content only (immutable under its hash), so
-    a later pass uses these results for the same records and extracts any others itself.
-    Records asked for before are skipped; at most ``AHEAD_MAX`` records and ``AHEAD_BYTES``."""
-    ahead = _ahead_of(archive)
-    if ahead is None or ahead.size() >= AHEAD_BYTES:
-        return
-    recs = [rec for rec in recs if rec.id > ahead.upto][:max(0, AHEAD_MAX - ahead.records())]
-    if recs:
-        ahead.running.append(_start_extraction(archive, recs))
-        ahead.upto = recs[-1].id
+    """Start extracting the next batch of a backlog while this one is written (``index_batch``):
+    the worker processes and the write transaction overlap instead of waiting for each other.
+    Extraction depends on a record's content only (immutable under its hash), so the next
+    pass uses these results for the same records and extracts any others itself."""
+    try:
+        _AHEAD[archive] = _start_extraction(archive, recs)
+    except TypeError:  # not weakly referable: no look-ahead
+        pass
 
 
-def _read_and_extract(archive: object, recs: list, through: int | None = None) -> list[tuple[object, Extracted, Grams]]:
-    """Text of ``recs``: taken from extraction started ahead (``_extract_ahead``) where it
-    covers them, else started now (``_start_extraction``); unreadable blobs are skipped.
-    ``through``: the pass handles every record up to this id (default: the last of ``recs``);
-    results ahead for others up to it are dropped (records purged or indexed meanwhile)."""
-    got: dict[tuple[int, str], tuple[Extracted, Grams] | None] = {}
-    ahead = _ahead_of(archive)
-    if ahead is not None and (recs or through is not None):
-        last = max(recs[-1].id if recs else 0, through or 0)
-        running = []
-        for ext in ahead.running:
-            if ext.asked and ext.asked[0][0] <= last:  # reaches into this batch (or is stale): collect
-                done: dict[tuple[int, str], tuple[Extracted, Grams] | None] = dict.fromkeys(ext.asked)
-                done.update(zip([(r.id, r.sha256) for r in ext.recs], ext.pending.result(), strict=True))
-                ahead.ready.update(done)
-            else:
-                running.append(ext)
-        ahead.running = running
-        for rec in recs:
-            key = (rec.id, rec.sha256)
-            if key in ahead.ready:
-                got[key] = ahead.ready.pop(key)
-        for key in [k for k in ahead.ready if k[0] <= last]:  # records indexed meanwhile by someone else
-            del ahead.ready[key]
+def _read_and_extract(archive: object, recs: list) -> list[tuple[object, Extracted, Grams]]:
+    """Text of ``recs``: taken from the extraction the previous pass started ahead where it
+    covers them, else started now (``_start_extraction``); unreadable blobs are skipped."""
+    try:
+        ahead = _AHEAD.pop(archive, None)
+    except TypeError:
+        ahead = None
+    got: dict[tuple[int, str], tuple[Extracted, Grams]] = {}
+    if ahead is not None:
+        got.update(zip([(r.id, r.sha256) for r in ahead.recs], ahead.pending.result(), strict=True))
     rest = [rec for rec in recs if (rec.id, rec.sha256) not in got]
     if rest:
         now = _start_extraction(archive, rest)
         got.update(zip([(r.id, r.sha256) for r in now.recs], now.pending.result(), strict=True))
-    return [(rec, *ex) for rec in recs if (ex := got.get((rec.id, rec.sha256))) is not None]
+    return [(rec, *got[(rec.id, rec.sha256)]) for rec in recs if (rec.id, rec.sha256) in got]
 
 
 def _start_extraction(archive: object, recs: list) -> _Extraction:
@@ -1000,5 +940,4 @@ def _start_extraction(archive: object, recs: list) -> _Extraction:
             raws[i] = raw
     readable = [(rec, raw) for rec, raw in zip(recs, raws, strict=True) if raw is not None]
     return _Extraction([rec for rec, _ in readable],
-                       extract_async([raw for _, raw in readable], headers=False),  # the records exist
-                       [(rec.id, rec.sha256) for rec in recs], sum(len(raw) for _, raw in readable))
+                       extract_async([raw for _, raw in readable], headers=False))  # the records exist

@@ -289,34 +289,10 @@ def test_a_draining_backlog_is_extracted_one_batch_ahead_and_each_record_gets_it
                         or real(raws, headers))
     assert index_batch(node) == (3, True) and extracted == [3]  # mail may be arriving: no look-ahead
     assert index_batch(node) == (3, True)
-    assert extracted == [3, 3, 2] and index._AHEAD[node].running  # the backlog's next batch started ahead
+    assert extracted == [3, 3, 2] and node in index._AHEAD  # the backlog's next batch started ahead
     ArchiveRecord.update(purged_at=ArchiveRecord.created_at).where(ArchiveRecord.id == recs[7].id).execute()
     assert index_batch(node) == (1, False)  # from the look-ahead; the purged one is not indexed
-    assert extracted == [3, 3, 2] and not index._AHEAD[node].running and not index._AHEAD[node].ready
+    assert extracted == [3, 3, 2] and node not in index._AHEAD
     for rec, word in zip(recs[:7], words, strict=False):
         assert record_ids(word) == [rec.id]
     assert record_ids("avocet") == []
-
-
-def test_a_burst_is_extracted_while_the_index_waits_and_written_once_it_ends(archive, monkeypatch):
-    """index_lag: while records keep arriving the pass writes nothing, but their text is
-    extracted meanwhile; the pass after the burst writes them with those results (each record
-    its own text), extracting only what came after."""
-    from gateway.archive import index, workers
-
-    node = _deferred(archive)
-    words = ["heron", "egret", "stork", "crane", "ibis"]
-    recs = [node.record(message(i, w), direction="outbound", verdict="accepted") for i, w in enumerate(words[:3])]
-    extracted: list[int] = []
-    real = workers.extract_async
-    monkeypatch.setattr(workers, "extract_async", lambda raws, headers=True: extracted.append(len(raws))
-                        or real(raws, headers))
-    assert index_batch(node, lag=60) == (0, False)  # the first pass: mail may be arriving, the lag not reached
-    assert extracted == [3] and SearchDoc.select().count() == 0
-    recs += [node.record(message(i, w), direction="outbound", verdict="accepted") for i, w in enumerate(words[3:], 3)]
-    assert index_batch(node, lag=60) == (0, False)  # still arriving: only the two new ones
-    assert extracted == [3, 2] and SearchDoc.select().count() == 0
-    assert index_batch(node, lag=60) == (5, False)  # the burst is over: written, nothing extracted again
-    assert extracted == [3, 2] and not index._AHEAD[node].running and not index._AHEAD[node].ready
-    for rec, word in zip(recs, words, strict=True):
-        assert record_ids(word) == [rec.id]
