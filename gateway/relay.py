@@ -37,6 +37,7 @@ from typing import Any, TypeVar
 from peewee import OperationalError, SqliteDatabase
 
 from gateway.archive import RelayedCopy, record_relayed, relayed_capture
+from gateway.archive.schema import ArchiveSighting
 from gateway.bounce import Failure, build_dsn
 from gateway.config import Config
 from gateway.credentials import CredentialsError, seal, unseal
@@ -44,7 +45,7 @@ from gateway.db.inserts import buffered_inserts
 from gateway.db.models import OutboundMessage, database, utcnow
 from gateway.db.writerlock import handoff
 from gateway.metrics import relay_results
-from gateway.relayqueue import backoff, claim_batch, finish, next_due, release, release_node_claims
+from gateway.relayqueue import backoff, claim_batch, finish_many, next_due, release, release_node_claims
 from gateway.smarthost import (
     Credentials,
     RelayError,
@@ -532,18 +533,17 @@ def store_attempts(jobs: list[tuple[Attempt]]) -> list[bool]:
     each queue row's new state — only while the claim is still ours; a lost claim changes
     nothing, False — its bounce, and the archive sightings of the relayed copies with one
     look-up of their records."""
-    stored: list[bool] = []
     relayed: list[RelayedCopy] = []
-    with buffered_inserts():  # bounces' queue rows and the sightings: one statement per table
-        for (a,) in jobs:
-            if finish(a.row.id, a.worker.owner, a.changes) != 1:
-                stored.append(False)
+    # Bounces' queue rows and the sightings: one statement per table.
+    with buffered_inserts((ArchiveSighting, OutboundMessage)):
+        stored = finish_many([(a.row.id, a.worker.owner, a.changes) for (a,) in jobs])
+        for (a,), ours in zip(jobs, stored, strict=True):
+            if not ours:  # the claim was lost: nothing of this attempt is recorded
                 continue
             if a.failures:
                 a.worker.bounce(a.row, a.failures, a.credentials, a.original)
             if a.relayed is not None:
                 relayed.append(a.relayed)
-            stored.append(True)
         record_relayed(relayed)
     return stored
 

@@ -26,6 +26,7 @@ import re
 import threading
 from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor, wait
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -282,7 +283,10 @@ class Archive:
         touched (``index_committed`` or the background indexer does it)."""
         batch = _Batch(now=utcnow())
         wanted = {c.employee_id for c in captures if c.employee_email is None}
-        with write_transaction(), chain.batch(), buffered_inserts():
+        # Inside a transaction already (the group commit's batch form, the relay's outcomes): no
+        # savepoint of our own — the caller's savepoint rolls back the whole batch anyway.
+        with (write_transaction() if not database.in_transaction() else nullcontext()), chain.batch(), \
+                buffered_inserts((ArchiveRecord, ArchiveSighting)):
             # The chain's lock before any read (see _chain) and before buffered_inserts counts ids.
             chain.lock()
             if wanted:

@@ -102,7 +102,7 @@ _HEAD_SQL: dict[tuple[type, str], str] = {}
 
 
 def _head_sql(kind: str) -> str:
-    """The head row's three batch statements, their texts built once per backend (peewee
+    """The head row's batch statements, their texts built once per backend (peewee
     building them cost more CPU than running them; a group commit runs them per batch)."""
     db = database.obj
     sql = _HEAD_SQL.get((type(db), kind))
@@ -112,7 +112,8 @@ def _head_sql(kind: str) -> str:
         seq, hash_, id_ = (f"{q[0]}{name}{q[1]}" for name in ("seq", "hash", "id"))
         sql = _HEAD_SQL[(type(db), kind)] = {
             "lock": f"UPDATE {table} SET {seq} = {seq} WHERE {id_} = 1",
-            "read": f"SELECT {seq}, {hash_} FROM {table} WHERE {id_} = 1",
+            # Lock and read in one statement (SQLite ≥ 3.35 and PostgreSQL know RETURNING).
+            "lock+read": f"UPDATE {table} SET {seq} = {seq} WHERE {id_} = 1 RETURNING {seq}, {hash_}",
             "write": f"UPDATE {table} SET {seq} = {db.param}, {hash_} = {db.param} WHERE {id_} = 1",
         }[kind]
     return sql
@@ -120,8 +121,8 @@ def _head_sql(kind: str) -> str:
 
 def _load_head() -> list:
     """Lock the head row and read it: [seq, hash, changed]."""
-    _lock_row()
-    row = database.execute_sql(_head_sql("read")).fetchone()
+    rows = database.execute_sql(_head_sql("lock+read")).fetchall()  # all: the statement ends
+    row = rows[0] if rows else None
     if row is None:
         raise ArchiveChainHead.DoesNotExist("archive chain head row missing (migration 100 not applied?)")
     return [int(row[0]), row[1], False]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sqlite3
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
@@ -17,11 +18,15 @@ SQLITE_PRAGMAS = {
     "busy_timeout": 10000,
     "cache_size": -16000,
 }
+SQLITE_MIN = (3, 35)
 
 
 def open_database(url: str) -> Database:
     """Create (but do not bind) a peewee database for a sqlite:/// or postgresql:// URL."""
     if url.startswith("sqlite:///"):
+        if sqlite3.sqlite_version_info < SQLITE_MIN:  # RETURNING (3.35), FTS5 trigram (3.34)
+            raise RuntimeError(f"SQLite {sqlite3.sqlite_version} is too old: Mailgate needs "
+                               f"{'.'.join(map(str, SQLITE_MIN))} or newer (Debian 12 has 3.40)")
         path = url[len("sqlite:///"):]
         if path != ":memory:":
             Path(path).parent.mkdir(parents=True, exist_ok=True)

@@ -75,7 +75,7 @@ _buffer = threading.local()
 
 
 @contextmanager
-def buffered_inserts() -> Iterator[None]:
+def buffered_inserts(models: tuple[type[Model], ...] = ()) -> Iterator[None]:
     """Inside a SQLite write transaction whose write lock is held already: the rows that
     ``insert_row`` adds in the block go to the database when it ends, one ``executemany``
     per table and column set, tables in the order each first appeared (parents before children).
@@ -84,16 +84,19 @@ def buffered_inserts() -> Iterator[None]:
     statement is a moment a thread gives up the GIL — under load it waits milliseconds to
     get it back, holding the write lock all along — so a batch's twenty inserts become
     three.  Reads inside the block do not see the waiting rows: call ``flush_inserts()``
-    before one that must.  PostgreSQL (and nested blocks): inserts go at once, as outside."""
+    before one that must.  PostgreSQL (and nested blocks): inserts go at once, as outside.
+
+    ``models``: the tables the block will probably insert into; the first id needed reads
+    the largest id of each of them in one statement instead of one each."""
     if getattr(_buffer, "rows", None) is not None or not isinstance(database.obj, SqliteDatabase):
         yield
         return
-    _buffer.rows, _buffer.ids = {}, {}
+    _buffer.rows, _buffer.ids, _buffer.models = {}, {}, models
     try:
         yield
         flush_inserts()
     finally:
-        _buffer.rows = _buffer.ids = None
+        _buffer.rows = _buffer.ids = _buffer.models = None
 
 
 def flush_inserts() -> None:
@@ -112,10 +115,27 @@ def _next_id(model: type[Model]) -> int:
     ids = _buffer.ids
     last = ids.get(model)
     if last is None:
-        meta = model._meta
-        q = database.obj.quote
-        (last,) = database.execute_sql(
-            f"SELECT max({q[0]}{meta.primary_key.column_name}{q[1]}) FROM {q[0]}{meta.table_name}{q[1]}").fetchone()
-        last = last or 0
+        wanted = (model, *(m for m in _buffer.models if m is not model and m not in ids))
+        ids.update(zip(wanted, _largest_ids(wanted), strict=True))
+        last = ids[model]
     ids[model] = last + 1
     return last + 1
+
+
+_MAX_SQL: dict[tuple, str] = {}
+
+
+def _largest_ids(models: tuple[type[Model], ...]) -> tuple[int, ...]:
+    """The largest id of each table (0 for an empty one), in one statement."""
+    key = (type(database.obj), models)
+    sql = _MAX_SQL.get(key)
+    if sql is None:
+        q = database.obj.quote
+
+        def largest(model: type[Model]) -> str:
+            meta = model._meta
+            return (f"(SELECT max({q[0]}{meta.primary_key.column_name}{q[1]})"
+                    f" FROM {q[0]}{meta.table_name}{q[1]})")
+
+        sql = _MAX_SQL[key] = "SELECT " + ", ".join(largest(m) for m in models)
+    return tuple(last or 0 for last in database.execute_sql(sql).fetchone())

@@ -31,9 +31,10 @@ from aiosmtpd.smtp import Session as SMTPSession
 from gateway import metrics
 from gateway.archive import Archive, Capture, OriginalCopy, PreparedBlob, pending
 from gateway.archive.pending import PENDING_MAX
+from gateway.archive.schema import ArchiveRecord, ArchiveSighting
 from gateway.config import Config
 from gateway.db.inserts import buffered_inserts, flush_inserts, insert_row
-from gateway.db.models import Customer, utcnow
+from gateway.db.models import Customer, OutboundMessage, utcnow
 from gateway.directory import Directory, EmployeeInfo
 from gateway.groupcommit import GroupCommitter
 from gateway.i18n import t
@@ -468,7 +469,8 @@ class SubmissionHandler:
         last contact in one update."""
         parts = [part for (prepared,) in jobs for part in prepared]
         touched: list[str] = []
-        with buffered_inserts():  # the records, sightings and queue rows: one statement per table
+        # The records, sightings, blob rows and queue rows: one statement per table.
+        with buffered_inserts((ArchiveRecord, ArchiveSighting, pending.ArchivePendingBlob, OutboundMessage)):
             self.archive.chain_batch([self._capture(p) for p in parts], [p.blob for p in parts])
             for p in parts:
                 if p.sync_later:

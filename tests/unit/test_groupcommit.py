@@ -304,6 +304,30 @@ def test_buffered_inserts_count_ids_and_insert_in_one_go(db):
     assert Department.select().count() == 5
 
 
+def test_buffered_inserts_read_the_largest_ids_of_the_named_tables_at_once(db):
+    from gateway.db.inserts import buffered_inserts, insert_row
+    from gateway.db.models import Customer
+    from gateway.groupcommit import write_transaction
+
+    Department.create(name="existing")
+    for name in ("c1", "c2"):
+        Customer.create(name=name)
+    statements: list[str] = []
+    with write_transaction(), buffered_inserts((Department, Customer)):
+        database.execute_sql("UPDATE department SET name = name")
+        database.connection().set_trace_callback(statements.append)
+        try:
+            d = insert_row(Department(name="d"))
+            c = insert_row(Customer(name="c3"))
+            d2 = insert_row(Department(name="d2"))
+        finally:
+            database.connection().set_trace_callback(None)
+    assert (d.id, c.id, d2.id) == (2, 3, 3)
+    reads = [s for s in statements if s.startswith("SELECT")]
+    assert len(reads) == 1 and "department" in reads[0] and "customer" in reads[0]
+    assert Customer.get_by_id(3).name == "c3" and Department.get_by_id(3).name == "d2"
+
+
 def test_the_writer_handoff_lock_excludes_other_processes(tmp_path):
     import subprocess
     import sys

@@ -151,3 +151,25 @@ def test_next_due(db):
 
 def test_next_due_on_postgresql_too(postgres):
     on_postgresql(postgres, "relay_next_due", next_due_checks)
+
+
+def test_finish_many_records_only_the_rows_still_claimed_by_their_worker(db):
+    from gateway.relayqueue import finish_many
+
+    ids = make_rows(3)
+    now = utcnow()
+    mine = claim_batch("node/w1", now, claim_timeout=60, limit=3)
+    assert sorted(r.id for r in mine) == ids
+    # Row 2's claim expired and another worker took it meanwhile.
+    OutboundMessage.update(claimed_by="node/w2").where(OutboundMessage.id == ids[1]).execute()
+    m = OutboundMessage
+    sent = {m.state: "sent", m.done_at: now, m.claimed_by: None, m.claimed_until: None}
+    later = {m.next_attempt_at: now + dt.timedelta(minutes=5), m.attempts: 1, m.claimed_by: None,
+             m.claimed_until: None}
+    with database.atomic("IMMEDIATE"):
+        stored = finish_many([(ids[0], "node/w1", sent), (ids[1], "node/w1", sent), (ids[2], "node/w1", later)])
+    assert stored == [True, False, True]
+    rows = {r.id: r for r in OutboundMessage.select()}
+    assert rows[ids[0]].state == "sent" and rows[ids[0]].claimed_by is None
+    assert rows[ids[1]].state == "queued" and rows[ids[1]].claimed_by == "node/w2"  # untouched
+    assert rows[ids[2]].state == "queued" and rows[ids[2]].attempts == 1 and rows[ids[2]].claimed_by is None
