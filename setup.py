@@ -25,6 +25,7 @@ setup(
         "nh3>=0.2.17",
         "Jinja2>=3.1",
         "zstandard>=0.22",
+        "uvloop>=0.19",
     ],
     extras_require={
         "postgres": ["psycopg2-binary>=2.9"],

@@ -50,6 +50,9 @@ class NodeConfig:
     # True when data_dir/spool is storage shared by every node (then any node may
     # relay any queued message); False: each node relays what its own spool holds.
     shared_spool: bool = False
+    # The event loop of the node and its SMTP acceptor and relay processes: "uvloop" (libuv,
+    # less CPU per connection) or "asyncio" (the standard library's).
+    event_loop: str = "uvloop"
 
 
 @dataclass
@@ -332,6 +335,8 @@ def validate(cfg: Config) -> list[str]:
         problems.append(f"[relay] security: must be one of tls, starttls, none (got {cfg.relay.security!r})")
     if not 1 <= cfg.smtp.processes <= 64:
         problems.append(f"[smtp] processes: 1 to 64 (got {cfg.smtp.processes})")
+    if cfg.node.event_loop not in ("uvloop", "asyncio"):
+        problems.append(f"[node] event_loop: uvloop or asyncio (got {cfg.node.event_loop!r})")
     if cfg.relay.process not in ("separate", "inline"):
         problems.append(f"[relay] process: separate or inline (got {cfg.relay.process!r})")
     if cfg.relay.mode not in ("relay_account", "employee_credentials"):

@@ -134,7 +134,14 @@ def main(argv: list[str] | None = None) -> int:
     cfg = _load(args.config)
     _setup_logging(args.log_level)
     connect(cfg.database.url, migrate=False)
-    asyncio.run(run_workers(cfg, args.wake_fd))
+    from gateway.eventloop import new_event_loop
+
+    loop = new_event_loop(cfg.node.event_loop)
+    try:
+        loop.run_until_complete(run_workers(cfg, args.wake_fd))
+    finally:
+        loop.run_until_complete(loop.shutdown_asyncgens())
+        loop.close()
     return 0
 
 

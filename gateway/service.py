@@ -19,6 +19,7 @@ from gateway.areas import AREA_SERVICES, optional_module
 from gateway.config import Config
 from gateway.db import statistics
 from gateway.directory import Directory
+from gateway.eventloop import new_event_loop
 from gateway.groupcommit import GroupCommitter
 from gateway.periodic import periodically
 from gateway.policy import Policy
@@ -191,7 +192,7 @@ def run(cfg: Config, on_ready=None) -> int:
     """Run a node until SIGTERM/SIGINT.  Returns the exit status.
 
     ``on_ready`` is called once every service listens (the demo prints its banner then)."""
-    loop = asyncio.new_event_loop()
+    loop = new_event_loop(cfg.node.event_loop)
     asyncio.set_event_loop(loop)
     # Blocking work (fsyncs above all) runs here; parallel fsyncs share the journal's
     # commits, so more threads than cores is what keeps the disk busy, not the CPU.

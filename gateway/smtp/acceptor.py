@@ -154,8 +154,10 @@ def main(argv: list[str] | None = None) -> int:
     for handler in logging.getLogger().handlers:  # which process wrote a line
         handler.setFormatter(logging.Formatter(f"%(asctime)s %(name)s[acceptor{args.index}] %(levelname)s %(message)s"))
     connect(cfg.database.url, migrate=False)
-    loop = asyncio.new_event_loop()
+    from gateway.eventloop import new_event_loop
     from gateway.service import IO_THREADS
+
+    loop = new_event_loop(cfg.node.event_loop)
 
     loop.set_default_executor(ThreadPoolExecutor(max_workers=IO_THREADS, thread_name_prefix="io"))
     try:
