@@ -72,6 +72,18 @@ class Capture:
     seen_at: dt.datetime | None = None
     original: OriginalCopy | None = None  # the submitted bytes, when the gateway changed them
     headers: dict[str, Any] | None = None  # headers_of(raw) when already parsed (ingest_many: the extraction's)
+    staged: Staged | None = None  # the rows' values made ahead (Archive.stage), outside the transaction
+
+
+@dataclass
+class Staged:
+    """What ``Archive.stage`` works out before the transaction: the trace and recipients as
+    stored, and the record a new content hash gets (its digest computed; seq, links and id
+    come in the transaction)."""
+
+    trace: str
+    recipients: str
+    record: ArchiveRecord
 
 
 @dataclass
@@ -340,48 +352,70 @@ class Archive:
         else:
             rec = known.get(blob.sha256)
         new_record = rec is None
-        trace = json.dumps(cap.trace or [], ensure_ascii=False)  # the record's and the sighting's
-        cap_recipients = json.dumps(cap.recipients, ensure_ascii=False)
+        staged = cap.staged
+        if staged is None or staged.record.sha256 != blob.sha256 or staged.record.id is not None:
+            # Not staged, or staged for other bytes, or its record was inserted once already (a
+            # batch that rolled back and is run again job by job): made afresh.
+            staged = self._staged(cap, blob)
         if rec is None:
-            rec_recipients = cap_recipients
-            subject, message_id = cap.subject, cap.message_id
-            mail_from, recipients = cap.mail_from, cap.recipients
-            if subject is None or message_id is None or (not mail_from and not recipients):
-                h = cap.headers if cap.headers is not None else headers_of(cap.raw)
-                subject = h["subject"] if subject is None else subject
-                message_id = h["message_id"] if message_id is None else message_id
-                if not mail_from and not recipients:
-                    mail_from, recipients = h["from"], h["to"]
-                    rec_recipients = json.dumps(recipients, ensure_ascii=False)
-            rec = chain.append_record(ArchiveRecord(
-                created_at=cap.seen_at or utcnow(), direction=cap.direction, sha256=blob.sha256,
-                blob_path=blob.name, size=blob.size, stored_size=blob.stored_size, key_id=blob.key_id,
-                mail_from=mail_from[:320],
-                recipients=rec_recipients,
-                subject=subject[:2000], message_id=message_id[:998], employee=cap.employee_id,
-                verdict=cap.verdict, reason=cap.reason, trace=trace,
-                queue_id=cap.queue_id, original_sha256=cap.original.sha256 if cap.original else "",
-                original=cap.original.sealed if cap.original else None))
+            rec = chain.append_record(staged.record, digest=staged.record.digest)
             if known is not None:
                 known[blob.sha256] = rec
             if inline_index:
                 self._index(rec, cap.raw)
-            if cap.direction == "inbound" and mail_from:
+            if cap.direction == "inbound" and rec.mail_from:
                 if batch is None:
-                    _record_contact(mail_from, rec.created_at)
+                    _record_contact(rec.mail_from, rec.created_at)
                 else:
-                    batch.contacts.append((mail_from, rec.created_at))
+                    batch.contacts.append((rec.mail_from, rec.created_at))
         elif cap.ref and _seen_at(rec, cap.place, cap.ref):
             return Outcome(rec, False, False)
         sighting = chain.append_sighting(ArchiveSighting(
             record=rec, seen_at=cap.seen_at or utcnow(), place=cap.place[:1000], direction=cap.direction,
-            verdict=cap.verdict, reason=cap.reason, trace=trace,
+            verdict=cap.verdict, reason=cap.reason, trace=staged.trace,
             queue_id=cap.queue_id, employee=cap.employee_id, employee_email=cap.employee_email[:320],
-            mail_from=cap.mail_from[:320], recipients=cap_recipients,
+            mail_from=cap.mail_from[:320], recipients=staged.recipients,
             ref=cap.ref[:500]))
         if not new_record and inline_index:
             self._index_sighting(sighting)
         return Outcome(rec, new_record, True, sighting)
+
+    def stage(self, cap: Capture, blob: PreparedBlob) -> Capture:
+        """CPU only, any thread, before the transaction (the SMTP handler's phase 1): the
+        capture's record and its digest, the trace and recipients as stored, made now, so the
+        group commit — holding the database write lock — only links and inserts them.  Sets
+        ``seen_at`` (the record's time) and ``staged``; returns ``cap``."""
+        if cap.seen_at is None:
+            cap.seen_at = utcnow()
+        cap.staged = self._staged(cap, blob)
+        cap.staged.record.digest = chain.record_digest(cap.staged.record)
+        return cap
+
+    @staticmethod
+    def _staged(cap: Capture, blob: PreparedBlob) -> Staged:
+        """The rows' values that need no database: the record a new content hash gets (no
+        digest yet), the trace and recipients as stored."""
+        trace = json.dumps(cap.trace or [], ensure_ascii=False)  # the record's and the sighting's
+        cap_recipients = json.dumps(cap.recipients, ensure_ascii=False)
+        rec_recipients = cap_recipients
+        subject, message_id = cap.subject, cap.message_id
+        mail_from, recipients = cap.mail_from, cap.recipients
+        if subject is None or message_id is None or (not mail_from and not recipients):
+            h = cap.headers if cap.headers is not None else headers_of(cap.raw)
+            subject = h["subject"] if subject is None else subject
+            message_id = h["message_id"] if message_id is None else message_id
+            if not mail_from and not recipients:
+                mail_from, recipients = h["from"], h["to"]
+                rec_recipients = json.dumps(recipients, ensure_ascii=False)
+        record = ArchiveRecord(
+            created_at=(cap.seen_at or utcnow()).replace(tzinfo=None), direction=cap.direction,
+            sha256=blob.sha256, blob_path=blob.name, size=blob.size, stored_size=blob.stored_size,
+            key_id=blob.key_id, mail_from=mail_from[:320], recipients=rec_recipients,
+            subject=subject[:2000], message_id=message_id[:998], employee=cap.employee_id,
+            verdict=cap.verdict, reason=cap.reason, trace=trace,
+            queue_id=cap.queue_id, original_sha256=cap.original.sha256 if cap.original else "",
+            original=cap.original.sealed if cap.original else None)
+        return Staged(trace, cap_recipients, record)
 
     @staticmethod
     def _index(rec: ArchiveRecord, raw: bytes) -> None:

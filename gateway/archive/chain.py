@@ -180,12 +180,13 @@ def _lock_row() -> None:
     database.execute_sql(_head_sql("lock"))
 
 
-def append_record(r: ArchiveRecord) -> ArchiveRecord:
-    """Chain and insert (or save) a record.  Caller holds a transaction."""
+def append_record(r: ArchiveRecord, digest: str | None = None) -> ArchiveRecord:
+    """Chain and insert (or save) a record.  Caller holds a transaction.  ``digest``: the
+    record's ``record_digest``, computed ahead (outside the transaction) by the caller."""
     if r.created_at is None:
         r.created_at = utcnow()
     r.created_at = r.created_at.replace(tzinfo=None)
-    r.digest = record_digest(r)
+    r.digest = digest or record_digest(r)
     r.seq, r.prev_hash, r.hash = _advance(RECORD, r.digest)
     if r.id is None:
         return insert_row(r)

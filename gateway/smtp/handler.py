@@ -78,6 +78,7 @@ class Prepared(NamedTuple):
     spool_path: str | None  # archive_ref of the blob, or None: the spool file
     original: OriginalCopy | None  # the submitted bytes, when mutations changed them
     sync_later: bool = False  # the blob file is not fsynced: its sealed bytes go in the transaction
+    capture: Capture | None = None  # the archive's view, its rows' values staged (Archive.stage)
 
 
 def split_header_block(data: bytes) -> bytes:
@@ -431,7 +432,11 @@ class SubmissionHandler:
         # The client's bytes as submitted, kept beside the changed ones (usually their header
         # section only, sealed into the record row; no second file).
         original = self.archive.original_copy(ctx.raw, outgoing.data)
-        return Prepared(ctx, verdict, queue_id, outgoing, credentials, blob, dirs, spool_path, original, later)
+        # The archive rows' values (digest, JSON) made here: the group commit, which holds the
+        # database write lock, then only links and inserts them.
+        capture = self.archive.stage(self._capture(ctx, verdict, queue_id, outgoing, original), blob)
+        return Prepared(ctx, verdict, queue_id, outgoing, credentials, blob, dirs, spool_path, original, later,
+                        capture)
 
     def _queue_in_archive(self, verdict: Verdict) -> bool:
         """Accepted mail is relayed from its archive blob, unless the spool is shared between
@@ -471,7 +476,8 @@ class SubmissionHandler:
         touched: list[str] = []
         # The records, sightings, blob rows and queue rows: one statement per table.
         with buffered_inserts((ArchiveRecord, ArchiveSighting, pending.ArchivePendingBlob, OutboundMessage)):
-            self.archive.chain_batch([self._capture(p) for p in parts], [p.blob for p in parts])
+            self.archive.chain_batch([p.capture or self._capture(p.ctx, p.verdict, p.queue_id, p.outgoing, p.original)
+                                      for p in parts], [p.blob for p in parts])
             for p in parts:
                 if p.sync_later:
                     insert_row(pending.row(self.cfg.node.name, p.blob.name, p.blob.data))
@@ -492,13 +498,14 @@ class SubmissionHandler:
             self._touch_customers(touched)
         return [None] * len(jobs)
 
-    def _capture(self, p: Prepared) -> Capture:
+    def _capture(self, ctx: Context, verdict: Verdict, queue_id: str, outgoing: Any,
+                 original: OriginalCopy | None) -> Capture:
         """The archive's view of an accepted or held part: the bytes as relayed, with the
         submitted ones beside them."""
-        return Capture(raw=p.outgoing.data, place="smtp:submitted",
-                       verdict="held" if p.verdict.action == HOLD else "accepted",
-                       mail_from=p.outgoing.mail_from, recipients=list(p.outgoing.recipients),
-                       original=p.original, **self._archive_fields(p.ctx, p.verdict, p.queue_id))
+        return Capture(raw=outgoing.data, place="smtp:submitted",
+                       verdict="held" if verdict.action == HOLD else "accepted",
+                       mail_from=outgoing.mail_from, recipients=list(outgoing.recipients),
+                       original=original, **self._archive_fields(ctx, verdict, queue_id))
 
     def _touch_customers(self, recipients: list[str]) -> None:
         """Last contact (the public pool's auto-return clock) comes from real traffic."""
