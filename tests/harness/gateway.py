@@ -105,7 +105,10 @@ class GatewayProcess:
         return "sqlite:///" + str(self.base_dir / "var" / "mailgate.db")
 
     def start(self, timeout: float = 20.0) -> None:
-        self._ready.clear()
+        # An event of this process's own: the reader of a process killed just before (a restart)
+        # sets its event when it reaches the end of that process's output, which must not pass
+        # for "the new process is ready".
+        self._ready = ready = threading.Event()
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "gateway.cli", "-c", str(self.config_path), "run", "--log-level", "INFO"],
@@ -115,20 +118,20 @@ class GatewayProcess:
             env=env,
             text=True,
         )
-        threading.Thread(target=self._read_log, args=(self.proc,), daemon=True).start()
+        threading.Thread(target=self._read_log, args=(self.proc, ready), daemon=True).start()
         atexit.register(self.kill)  # never leave a gateway behind, whatever the test did
-        if not self._ready.wait(timeout) or self.proc.poll() is not None:
+        if not ready.wait(timeout) or self.proc.poll() is not None:
             self.stop()
             raise RuntimeError("gateway did not start:\n" + "\n".join(self.log_lines[-40:]))
 
-    def _read_log(self, proc: subprocess.Popen) -> None:
+    def _read_log(self, proc: subprocess.Popen, ready: threading.Event) -> None:
         for line in proc.stderr:
             with self._logged:
                 self.log_lines.append(line.rstrip("\n"))
                 self._logged.notify_all()
             if "mailgate ready" in line:
-                self._ready.set()
-        self._ready.set()  # process ended: wake a waiter so it can report
+                ready.set()
+        ready.set()  # process ended: wake a waiter so it can report
 
     def wait_for_log(self, text: str, after: int = 0, timeout: float = 20.0) -> str:
         """Wait until a log line (from index ``after`` on) contains ``text``; return it."""
