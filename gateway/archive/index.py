@@ -211,6 +211,18 @@ def _part_text(part: email.message.Message) -> str:
 
 
 def _filename(part: email.message.Message) -> str:
+    """An attachment's file name (Content-Disposition filename, else Content-Type name), decoded."""
+    # Parameter names are matched case-insensitively and read from the first header of each
+    # kind, so without the letters "name" there neither has one (the text part of nearly every
+    # message): the email package's parameter parsing is skipped.
+    for header in ("content-disposition", "content-type"):
+        value = part.get(header)
+        if value is not None and "name" in str(value).lower():
+            return _filename_params(part)
+    return ""
+
+
+def _filename_params(part: email.message.Message) -> str:
     try:
         name = part.get_filename()
     except Exception:  # noqa: BLE001
@@ -386,10 +398,11 @@ def short_grams(text: str) -> list[str]:
     pair, and every Latin word of one or two letters (lower case).  Deduplicated."""
     seen: dict[str, None] = {}
     for run in _CJK.findall(text):
-        for i, ch in enumerate(run):
-            seen[ch] = None
-            if i + 1 < len(run):
-                seen[run[i:i + 2]] = None
+        # each character, then the pair it starts (this order: see remove_records)
+        for a, b in zip(run, run[1:], strict=False):
+            seen[a] = None
+            seen[a + b] = None
+        seen[run[-1]] = None
     for word in _WORD.findall(_CJK.sub(" ", text)):
         if len(word) <= 2:
             seen[word.lower()] = None

@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from gateway.archive import mime_walk
-from gateway.archive.index import extract, extract_reference, indexable
+from gateway.archive.index import _filename, _filename_params, extract, extract_reference, indexable
 from tests.unit.archive.mailfactory import message
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[3] / "scripts"))
@@ -36,6 +36,8 @@ def same(raw: bytes, *, walked: bool | None = None) -> None:
         assert (mine is not None) == walked
     if mine is not None:
         assert tree(mine) == tree(email.message_from_bytes(raw))
+    for part in email.message_from_bytes(raw).walk():  # extract's short cut for parts without a name
+        assert _filename(part) == _filename_params(part)
     assert extract(raw) == extract_reference(raw)
     assert extract(raw, headers=False) == extract_reference(raw, headers=False)
 
