@@ -307,8 +307,9 @@ def ingest_node(archive: object, msgs: list, threads: int = 6, lag: float = 0.0)
     default executor on 2 cores) — hash, zstd, AES-GCM, the blob file (as the handler does
     with the node's BlobSyncer running since 5469869: written without an fsync, its sealed
     bytes in the batch's transaction, the file system synced once a second; fsynced, its folder
-    once per batch, where that mechanism is absent or the blob is too large), and the header
-    fields the handler already has — then the records of outbound submissions (the SMTP
+    once per batch, where that mechanism is absent or the blob is too large), the header
+    fields the handler already has and (since e61219d) the rows' values staged
+    (``Archive.stage``: record, digest, JSON) — then the records of outbound submissions (the SMTP
     handler archives nothing else; inbound mail comes by sync, the batch shape) posted to the
     real GroupCommitter (one writer thread, batches of ≤ 32, nobody blocked while it commits)
     with the handler's batch form: ``Archive.chain_batch`` of the batch's captures inside
@@ -377,7 +378,10 @@ def ingest_node(archive: object, msgs: list, threads: int = 6, lag: float = 0.0)
         else:
             folder = archive.store.write(blob, sync_dir=pending is None)
         # the handler has the header fields from its own parsing
-        return raw, direction, emp, blob, headers_of(raw), later, folder
+        h = headers_of(raw)
+        if stage is not None:  # since e61219d the handler stages the rows' values here (Archive.stage)
+            h = dict(h, capture=stage(capture_of(raw, emp, h), blob))
+        return raw, direction, emp, blob, h, later, folder
 
     def settle(jobs: list[tuple]) -> None:
         """Inside the batch's transaction: the pending rows of files not fsynced, the folders
@@ -398,14 +402,18 @@ def ingest_node(archive: object, msgs: list, threads: int = 6, lag: float = 0.0)
                        employee_email=f"sales{emp - 1}@acme.test", subject=h["subject"], message_id=h["message_id"],
                        mail_from=h["from"], recipients=h["to"], prepared=blob, defer_index=True)
 
-    def phase2_many(jobs: list[tuple]) -> list[None]:
-        """``phase2`` of a whole group-commit batch, as the SMTP handler's batch form does it."""
+    def capture_of(raw: bytes, emp: int, h: dict) -> object:
         from gateway.archive import Capture
 
-        caps = [Capture(raw=raw, place="smtp:submitted", direction="outbound", verdict="accepted", employee_id=emp,
-                        employee_email=f"sales{emp - 1}@acme.test", subject=h["subject"],
-                        message_id=h["message_id"], mail_from=h["from"], recipients=h["to"])
-                for raw, _, emp, _, h, _, _ in jobs]
+        return Capture(raw=raw, place="smtp:submitted", direction="outbound", verdict="accepted", employee_id=emp,
+                       employee_email=f"sales{emp - 1}@acme.test", subject=h["subject"],
+                       message_id=h["message_id"], mail_from=h["from"], recipients=h["to"])
+
+    stage = getattr(archive, "stage", None)
+
+    def phase2_many(jobs: list[tuple]) -> list[None]:
+        """``phase2`` of a whole group-commit batch, as the SMTP handler's batch form does it."""
+        caps = [h.get("capture") or capture_of(raw, emp, h) for raw, _, emp, _, h, _, _ in jobs]
         with buffered_inserts():
             archive.chain_batch(caps, [job[3] for job in jobs])
             settle(jobs)
