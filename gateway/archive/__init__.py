@@ -353,12 +353,14 @@ class Archive:
             rec = known.get(blob.sha256)
         new_record = rec is None
         staged = cap.staged
-        if staged is None or staged.record.sha256 != blob.sha256 or staged.record.id is not None:
-            # Not staged, or staged for other bytes, or its record was inserted once already (a
-            # batch that rolled back and is run again job by job): made afresh.
-            staged = self._staged(cap, blob)
+        if staged is not None and (staged.record.sha256 != blob.sha256 or staged.record.id is not None):
+            # Staged for other bytes, or its record was inserted once already (a batch that
+            # rolled back and is run again job by job): made afresh.
+            staged = None
+        trace, cap_recipients = (staged.trace, staged.recipients) if staged is not None else _texts(cap)
         if rec is None:
-            rec = chain.append_record(staged.record, digest=staged.record.digest)
+            record = staged.record if staged is not None else _new_record(cap, blob, trace, cap_recipients)
+            rec = chain.append_record(record, digest=record.digest)
             if known is not None:
                 known[blob.sha256] = rec
             if inline_index:
@@ -372,9 +374,9 @@ class Archive:
             return Outcome(rec, False, False)
         sighting = chain.append_sighting(ArchiveSighting(
             record=rec, seen_at=cap.seen_at or utcnow(), place=cap.place[:1000], direction=cap.direction,
-            verdict=cap.verdict, reason=cap.reason, trace=staged.trace,
+            verdict=cap.verdict, reason=cap.reason, trace=trace,
             queue_id=cap.queue_id, employee=cap.employee_id, employee_email=cap.employee_email[:320],
-            mail_from=cap.mail_from[:320], recipients=staged.recipients,
+            mail_from=cap.mail_from[:320], recipients=cap_recipients,
             ref=cap.ref[:500]))
         if not new_record and inline_index:
             self._index_sighting(sighting)
@@ -387,35 +389,11 @@ class Archive:
         ``seen_at`` (the record's time) and ``staged``; returns ``cap``."""
         if cap.seen_at is None:
             cap.seen_at = utcnow()
-        cap.staged = self._staged(cap, blob)
-        cap.staged.record.digest = chain.record_digest(cap.staged.record)
+        trace, recipients = _texts(cap)
+        record = _new_record(cap, blob, trace, recipients)
+        record.digest = chain.record_digest(record)
+        cap.staged = Staged(trace, recipients, record)
         return cap
-
-    @staticmethod
-    def _staged(cap: Capture, blob: PreparedBlob) -> Staged:
-        """The rows' values that need no database: the record a new content hash gets (no
-        digest yet), the trace and recipients as stored."""
-        trace = json.dumps(cap.trace or [], ensure_ascii=False)  # the record's and the sighting's
-        cap_recipients = json.dumps(cap.recipients, ensure_ascii=False)
-        rec_recipients = cap_recipients
-        subject, message_id = cap.subject, cap.message_id
-        mail_from, recipients = cap.mail_from, cap.recipients
-        if subject is None or message_id is None or (not mail_from and not recipients):
-            h = cap.headers if cap.headers is not None else headers_of(cap.raw)
-            subject = h["subject"] if subject is None else subject
-            message_id = h["message_id"] if message_id is None else message_id
-            if not mail_from and not recipients:
-                mail_from, recipients = h["from"], h["to"]
-                rec_recipients = json.dumps(recipients, ensure_ascii=False)
-        record = ArchiveRecord(
-            created_at=(cap.seen_at or utcnow()).replace(tzinfo=None), direction=cap.direction,
-            sha256=blob.sha256, blob_path=blob.name, size=blob.size, stored_size=blob.stored_size,
-            key_id=blob.key_id, mail_from=mail_from[:320], recipients=rec_recipients,
-            subject=subject[:2000], message_id=message_id[:998], employee=cap.employee_id,
-            verdict=cap.verdict, reason=cap.reason, trace=trace,
-            queue_id=cap.queue_id, original_sha256=cap.original.sha256 if cap.original else "",
-            original=cap.original.sealed if cap.original else None)
-        return Staged(trace, cap_recipients, record)
 
     @staticmethod
     def _index(rec: ArchiveRecord, raw: bytes) -> None:
@@ -523,6 +501,33 @@ def _io_pool() -> ThreadPoolExecutor:
         if _IO_POOL is None:
             _IO_POOL = ThreadPoolExecutor(IO_THREADS, thread_name_prefix="archive-io")
         return _IO_POOL
+
+
+def _texts(cap: Capture) -> tuple[str, str]:
+    """The trace and the recipients as the record and the sighting store them."""
+    return json.dumps(cap.trace or [], ensure_ascii=False), json.dumps(cap.recipients, ensure_ascii=False)
+
+
+def _new_record(cap: Capture, blob: PreparedBlob, trace: str, recipients_json: str) -> ArchiveRecord:
+    """The record a capture of new content gets (no digest, seq or id yet); subject, Message-ID
+    and addresses the capture does not give come from the message's header."""
+    subject, message_id = cap.subject, cap.message_id
+    mail_from, recipients = cap.mail_from, cap.recipients
+    if subject is None or message_id is None or (not mail_from and not recipients):
+        h = cap.headers if cap.headers is not None else headers_of(cap.raw)
+        subject = h["subject"] if subject is None else subject
+        message_id = h["message_id"] if message_id is None else message_id
+        if not mail_from and not recipients:
+            mail_from, recipients = h["from"], h["to"]
+            recipients_json = json.dumps(recipients, ensure_ascii=False)
+    return ArchiveRecord(
+        created_at=(cap.seen_at or utcnow()).replace(tzinfo=None), direction=cap.direction,
+        sha256=blob.sha256, blob_path=blob.name, size=blob.size, stored_size=blob.stored_size,
+        key_id=blob.key_id, mail_from=mail_from[:320], recipients=recipients_json,
+        subject=subject[:2000], message_id=message_id[:998], employee=cap.employee_id,
+        verdict=cap.verdict, reason=cap.reason, trace=trace,
+        queue_id=cap.queue_id, original_sha256=cap.original.sha256 if cap.original else "",
+        original=cap.original.sealed if cap.original else None)
 
 
 def _seen_at(rec: ArchiveRecord, place: str, ref: str) -> bool:
