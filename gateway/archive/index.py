@@ -542,7 +542,12 @@ def write_rows(rows: list[tuple]) -> None:
     grams (``Grams``) may be a list, one space-separated text or None (computed here)."""
     db = database.obj
     docs, addrs, texts, seen = [], [], [], []
-    for docid, record_id, created_at, direction, employee_id, ex, grams in rows:
+    # In docid order: FTS5 writes out its pending terms whenever a rowid is not above the
+    # previous one, and the records of a batch are not always in time order (the SMTP handler
+    # stamps them in parallel worker threads before the commit; id mod 1024 wraps): out of
+    # order, a 600-document drain went out as hundreds of tiny segments, merged again —
+    # three times the CPU (see BENCHMARKS, archive, 2026-11-30 evening).
+    for docid, record_id, created_at, direction, employee_id, ex, grams in sorted(rows, key=_docid_of):
         docs.append((docid, record_id, created_at, direction, employee_id, ex.has_attachment))
         seen.append((docid, employee_id, direction))
         for role, lst in (("from", ex.from_addrs), ("to", ex.to_addrs)):
@@ -573,6 +578,10 @@ def write_rows(rows: list[tuple]) -> None:
                     [t[:6] for t in texts])
     cur.executemany("INSERT INTO archivegrams (rowid, grams) VALUES (?, ?)",
                     [(t[0], t[6] if isinstance(t[6], str) else " ".join(t[6])) for t in texts])
+
+
+def _docid_of(row: tuple) -> int:
+    return row[0]
 
 
 def _direction(value: str) -> str:

@@ -194,3 +194,20 @@ def _short_grams_as_first_written(text: str) -> list[str]:
 @given(st.text(alphabet="报价单样品 PIceCE和的\n_-.1ab\u3042\uac00\U00020001", max_size=60))
 def test_short_grams_keep_their_tokens_and_order(text):
     assert short_grams(text) == _short_grams_as_first_written(text)
+
+
+def test_documents_out_of_time_order_go_into_one_fts_segment_per_transaction(db):
+    """FTS5 writes its pending terms out whenever a rowid is not above the previous one: rows
+    are inserted in docid order, whatever order the records come in (the SMTP handler stamps
+    them in parallel threads), so a transaction leaves one segment, not one per step back."""
+    import datetime as dt
+
+    from gateway.archive.index import Extracted, write_rows
+
+    rows = [(1000 + i, i, dt.datetime(2026, 1, 1), "out", None,
+             Extracted(subject=f"subject {i} 报价", body="price list " * 20), None) for i in range(1, 61)]
+    with db.atomic():
+        write_rows(list(reversed(rows)))
+    for table in ("archivefts_idx", "archivegrams_idx"):
+        assert db.execute_sql(f"SELECT count(DISTINCT segid) FROM {table}").fetchone()[0] == 1
+    assert db.execute_sql("SELECT count(*) FROM archivefts WHERE archivefts MATCH '\"price list\"'").fetchone()[0] == 60
