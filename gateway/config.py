@@ -50,9 +50,9 @@ class NodeConfig:
     # True when data_dir/spool is storage shared by every node (then any node may
     # relay any queued message); False: each node relays what its own spool holds.
     shared_spool: bool = False
-    # The event loop of the node and its SMTP acceptor and relay processes: "uvloop" (libuv,
-    # less CPU per connection) or "asyncio" (the standard library's).
-    event_loop: str = "uvloop"
+    # The event loop of the node and its SMTP acceptor and relay processes: "asyncio" (the
+    # standard library's) or "uvloop" (libuv; less CPU per SMTP message at low concurrency).
+    event_loop: str = "asyncio"
 
 
 @dataclass

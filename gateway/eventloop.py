@@ -1,9 +1,9 @@
 """The event loop every long-running process of a node runs on (``[node] event_loop``).
 
-uvloop (libuv) handles a connection's transport, reads and timers in C: measured on the SMTP
-path it cut the acceptors' CPU per message by 10-20 % (BENCHMARKS.md, SMTP).  Twisted's
-asyncio reactor (the IMAP proxy) and aiosmtpd's STARTTLS run on it unchanged; "asyncio"
-keeps the standard library's loop.
+"asyncio" (the default) is the standard library's loop.  "uvloop" (libuv) handles a
+connection's transport, reads and timers in C: with 5 parallel SMTP sessions it cut the SMTP
+processes' CPU per message by ~10 %, with 20 it made no difference (BENCHMARKS.md, SMTP).
+Twisted's asyncio reactor (the IMAP proxy) and aiosmtpd's STARTTLS run on either.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 
 
-def new_event_loop(kind: str = "uvloop") -> asyncio.AbstractEventLoop:
+def new_event_loop(kind: str = "asyncio") -> asyncio.AbstractEventLoop:
     """A new event loop of ``kind`` ("uvloop" or "asyncio")."""
     if kind == "uvloop":
         import uvloop

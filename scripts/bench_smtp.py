@@ -153,7 +153,7 @@ def run_postfix(args: argparse.Namespace, children: Children, base: Path) -> Res
 
 def gateway_config(port: int, sink_port: int, args: argparse.Namespace) -> dict[str, dict[str, object]]:
     return {
-        "node": {"name": "bench", "data_dir": "var"},
+        "node": {"name": "bench", "data_dir": "var", "event_loop": args.event_loop},
         "database": {"url": "sqlite:///var/mailgate.db"},
         "company": {"name": "Bench Trading", "domains": ["acme.test"], "language": "en"},
         "upstream": {"host": HOST, "submission_port": sink_port, "submission_security": "none",
@@ -287,7 +287,7 @@ def fmt(value: float | None, spec: str) -> str:
 def report(results: dict[str, Result], args: argparse.Namespace, load: float, end_load: float) -> None:
     print(f"\n{args.messages} messages of {args.size} bytes, {args.sessions} sessions, a connection per "
           f"message; {os.cpu_count()} CPUs, load average {load:.1f} at the start, {end_load:.1f} at the end; "
-          f"gateway smtp.processes = {args.smtp_processes}")
+          f"gateway smtp.processes = {args.smtp_processes}, event loop {args.event_loop}")
     print(f"{'target':<9}{'delivered':>11}{'accept s':>10}{'accept/s':>10}{'e2e s':>8}{'msg/s':>8}"
           f"{'CPU ms/msg':>12}{'peak RSS':>10}")
     for r in results.values():
@@ -324,6 +324,8 @@ def main() -> int:
     ap.add_argument("--relay-workers", type=int, default=4, help="gateway relay workers (default: %(default)s)")
     ap.add_argument("--smtp-processes", type=int, default=1,
                     help="gateway smtp.processes: processes accepting on the port (default: %(default)s)")
+    ap.add_argument("--event-loop", choices=("asyncio", "uvloop"), default="asyncio",
+                    help="the gateway's [node] event_loop (default: %(default)s)")
     ap.add_argument("--dkim", action="store_true", help="let the gateway DKIM-sign (RSA + Ed25519)")
     ap.add_argument("--sink-auth", action="store_true",
                     help="let the gateway's sink announce AUTH (smtp-sink answers AUTH with 250, not 235)")

@@ -74,3 +74,40 @@ def test_two_processes_accept_and_nothing_is_delivered_twice(gw, sink):
     assert submitted == COUNT and relayed == [["buyer@unknown-buyer.com"]] * COUNT
     assert gw.stop() == 0
     assert any("smtp acceptor 1 stopped" in line for line in gw.log_lines)
+
+
+def test_on_uvloop_the_node_and_its_acceptor_take_starttls_logins_and_relay(tmp_path, dovecot, sink):
+    """``[node] event_loop = "uvloop"``: the node, its acceptor and its relay process run on
+    libuv's loop — aiosmtpd's STARTTLS (asyncio's SSL protocol over a uvloop transport), the
+    upstream login check and the relay as on the standard loop."""
+    import ssl
+
+    gw = GatewayProcess(tmp_path / "gw", dovecot, {"node": {"event_loop": "uvloop"}, "smtp": {"processes": 2}})
+    connect(gw.db_url)
+    seed()
+    try:
+        gw.start()
+        gw.wait_for_log("smtp acceptor 1 ready")
+        sink.clear()
+        tls = ssl.create_default_context(cafile=str(gw.cert_path))
+
+        def send(n: int) -> None:
+            msg = EmailMessage()
+            msg["From"], msg["To"], msg["Subject"] = "alice@acme.test", "buyer@unknown-buyer.com", f"acceptors {n}"
+            msg.set_content(f"message {n}")
+            with smtplib.SMTP("127.0.0.1", gw.submission_port, timeout=30) as conn:
+                conn.starttls(context=tls)
+                conn.login("alice@acme.test", "alice-pw")
+                conn.send_message(msg)
+
+        with ThreadPoolExecutor(4) as pool:
+            list(pool.map(send, range(12)))
+        arrived: list[str] = []
+        while len(arrived) < 12:
+            sink.wait_for(len(arrived) + 1, timeout=60)
+            arrived = [m.group(1).decode() for msg in sink.messages() if (m := TOKEN.search(msg.data))]
+        assert sorted(arrived, key=int) == [str(n) for n in range(12)]
+        assert {"node", "acceptor1"} <= {"acceptor1" if "[acceptor1]" in line else "node"
+                                         for line in gw.log_lines if "verdict=accept" in line}
+    finally:
+        gw.stop()

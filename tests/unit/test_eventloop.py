@@ -1,4 +1,4 @@
-"""``[node] event_loop``: uvloop by default, the standard library's on request."""
+"""``[node] event_loop``: the standard library's loop by default, uvloop on request."""
 
 import asyncio
 
@@ -19,8 +19,8 @@ def test_the_configured_loop_runs_coroutines(kind, expected):
         loop.close()
 
 
-def test_uvloop_is_the_default_and_a_wrong_name_is_a_config_problem():
-    assert config.from_dict({"relay": {"username": "u", "password": "p"}}).node.event_loop == "uvloop"
+def test_asyncio_is_the_default_and_a_wrong_name_is_a_config_problem():
+    assert config.from_dict({"relay": {"username": "u", "password": "p"}}).node.event_loop == "asyncio"
     with pytest.raises(config.ConfigError) as err:
         config.from_dict({"node": {"event_loop": "trio"}, "relay": {"username": "u", "password": "p"}})
     assert any(p.startswith("[node] event_loop: uvloop or asyncio") for p in err.value.problems)
