@@ -324,8 +324,8 @@ def ingest_node(archive: object, msgs: list, threads: int = 6, lag: float = 0.0)
     from concurrent.futures import ThreadPoolExecutor
 
     from gateway.archive import headers_of
-    from gateway.archive.index import index_batch
-    from gateway.archive.service import INDEX_POLL
+    from gateway.archive.index import index_batch, waiting
+    from gateway.archive.service import BURST_POLL, INDEX_POLL
     from gateway.groupcommit import GroupCommitter
 
     archive.defer_index = True  # as gateway.archive.service sets it on the node's archive
@@ -338,10 +338,11 @@ def ingest_node(archive: object, msgs: list, threads: int = 6, lag: float = 0.0)
     all_written = threading.Event()
 
     def indexer() -> None:
-        """``service.index_loop``'s pacing: the next pass at once after a full batch, else
-        after INDEX_POLL — except that with ``lag`` 0 the last pass starts as soon as
-        everything is written (the clock stops when the last message is indexed); with a lag
-        the pass that still saw the burst arriving is followed by INDEX_POLL, as in a node."""
+        """``service.index_loop``'s pacing: the next pass at once after a full batch, after
+        BURST_POLL while a pass waits out a burst (``lag``), else after INDEX_POLL — except
+        that with ``lag`` 0 the last pass starts as soon as everything is written (the clock
+        stops when the last message is indexed); with a lag the pass that still saw the burst
+        arriving is followed by BURST_POLL, as in a node."""
         idle = 0
         while True:
             done, more = index_batch(archive, lag=lag) if lag else index_batch(archive)
@@ -353,10 +354,11 @@ def ingest_node(archive: object, msgs: list, threads: int = 6, lag: float = 0.0)
             if idle >= 3:  # nothing left that it would index (an unreadable record?): stop anyway
                 return
             if not more:
+                delay = min(INDEX_POLL, BURST_POLL) if waiting(archive) else INDEX_POLL
                 if all_written.is_set() and lag:
-                    time.sleep(INDEX_POLL)
+                    time.sleep(delay)
                 else:
-                    all_written.wait(INDEX_POLL)
+                    all_written.wait(delay)
 
     try:  # deferred blob durability (5469869): as the SMTP handler when the node runs a BlobSyncer
         from gateway.archive import pending

@@ -750,7 +750,9 @@ def index_batch(archive: object, limit: int | None = None, lag: float = 0.0) -> 
               ArchiveRecord.direction, ArchiveRecord.employee, ArchiveRecord.purged_at)
     recs = list(_unindexed(fields, rec_mark, top).limit(limit).namedtuples())
     if lag > 0 and arriving and recs and _age(recs[0].created_at) < lag:
+        _waiting(archive, True)
         return 0, False  # a burst: the index waits (see the docstring)
+    _waiting(archive, False)
     mark = "%s" if is_postgres() else "?"
     sightings = [_Sighting(*row) for row in database.obj.execute_sql(
         f"SELECT {_SIGHTING_COLUMNS} FROM archivesighting WHERE id > {mark} ORDER BY id LIMIT {mark}",
@@ -844,6 +846,27 @@ def _age(created_at: dt.datetime) -> float:
 
 
 _LAST_TOP: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # archive -> newest record id seen
+_WAITING: weakref.WeakSet = weakref.WeakSet()  # archives whose last pass waited out a burst
+
+
+def waiting(archive: object) -> bool:
+    """Whether ``index_batch``'s last pass for ``archive`` was skipped to wait out a burst
+    (``lag``): the background indexer then looks again sooner, to start the drain as soon as
+    the burst ends."""
+    try:
+        return archive in _WAITING
+    except TypeError:
+        return False
+
+
+def _waiting(archive: object, value: bool) -> None:
+    try:
+        if value:
+            _WAITING.add(archive)
+        else:
+            _WAITING.discard(archive)
+    except TypeError:  # not weakly referable: never counts as waiting
+        pass
 
 
 def _records_arriving(archive: object, top: int) -> bool:

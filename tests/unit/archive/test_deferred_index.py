@@ -229,6 +229,37 @@ def test_the_indexer_yields_to_a_burst_of_mail_up_to_the_lag(archive):
     assert len(record_ids("kittiwake")) == 8
 
 
+def test_while_a_pass_waits_out_a_burst_the_loop_looks_again_sooner(archive, monkeypatch):
+    """A pass skipped for ``lag`` marks the archive as waiting; ``index_loop`` then waits
+    ``BURST_POLL`` instead of ``poll`` before the next pass, so the drain starts soon after
+    the burst ends; a pass that indexes clears the mark."""
+    from gateway.archive import index, service
+
+    node = _deferred(archive)
+    node.record(message(0, "shearwater 0"), direction="outbound", verdict="accepted")
+    assert index_batch(node, lag=60) == (0, False) and index.waiting(node)  # mail arriving: waits
+    assert index_batch(node, lag=60) == (1, False) and not index.waiting(node)  # quiet: drained
+
+    node.record(message(1, "shearwater 1"), direction="outbound", verdict="accepted")
+    delays: list[float] = []
+
+    async def run() -> None:
+        stopping = asyncio.Event()
+
+        async def fake_wait(_stopping: asyncio.Event, seconds: float) -> bool:
+            delays.append(seconds)
+            if len(delays) == 2:
+                stopping.set()
+            return stopping.is_set()
+
+        monkeypatch.setattr(service, "_wait", fake_wait)
+        await index_loop(node, stopping, poll=0.5, lag=60)
+
+    asyncio.run(run())
+    assert delays == [service.BURST_POLL, 0.5]  # waited out the arrival, then drained: back to poll
+    assert len(record_ids("shearwater")) == 2
+
+
 def test_a_backlog_drains_in_larger_passes_once_no_record_arrives(archive, monkeypatch):
     """``index_batch`` without a limit: ``INDEX_BATCH`` records a pass while records keep
     arriving, ``DRAIN_BATCH`` once none came since the previous pass."""
