@@ -18,7 +18,6 @@ import email.parser
 import email.policy
 import email.quoprimime
 import email.utils
-import functools
 import json
 import logging
 import os
@@ -33,6 +32,7 @@ from typing import Any
 
 from gateway.archive import chain
 from gateway.archive import original as original_mod
+from gateway.archive.headertext import SURROGATE, getaddresses
 from gateway.archive.original import OriginalCopy
 from gateway.archive.schema import ArchiveRecord, ArchiveSighting
 from gateway.archive.store import BlobError, BlobStore, PreparedBlob
@@ -611,7 +611,7 @@ def _text(value: Any) -> str:
         chunks = value._chunks  # noqa: SLF001 - a Header from a non-ASCII raw value
         value = "".join(str(c) for c, _ in chunks)
     text = str(value)
-    if not text.isascii() and _SURROGATE.search(text) is not None:  # raw 8-bit header bytes: UTF-8 in practice
+    if not text.isascii() and SURROGATE.search(text) is not None:  # raw 8-bit header bytes: UTF-8 in practice
         text = text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
     if "=?" in text:
         text = _ENCODED_WORD.sub(_decode_word, _BETWEEN_WORDS.sub(r"\1\2", text))
@@ -660,25 +660,15 @@ def headers_of_parsed(raw: bytes, msg: email.message.Message) -> dict[str, Any] 
         return None
 
 
-_SURROGATE = re.compile("[\udc80-\udcff]")  # raw 8-bit header bytes as compat32 keeps them
-
-
-@functools.lru_cache(maxsize=4096)
-def _getaddresses(values: tuple[str, ...]) -> tuple[tuple[str, str], ...]:
-    """``email.utils.getaddresses`` remembered (pure Python and costly; the same From and To
-    values come back in message after message)."""
-    return tuple(email.utils.getaddresses(values))
-
-
 def header_fields(msg: email.message.Message) -> dict[str, Any]:
     """``headers_of``'s fields from a parsed (compat32) message."""
     out: dict[str, Any] = {"subject": "", "message_id": "", "from": "", "to": [], "date": None}
     try:
         out["subject"] = _text(msg.get("subject"))
         out["message_id"] = _text(msg.get("message-id"))
-        froms = _getaddresses(tuple(_text(v) for v in msg.get_all("from", [])))
+        froms = getaddresses(tuple(_text(v) for v in msg.get_all("from", [])))
         out["from"] = froms[0][1] if froms else ""
-        tos = _getaddresses(tuple(_text(v) for k in ("to", "cc") for v in msg.get_all(k, [])))
+        tos = getaddresses(tuple(_text(v) for k in ("to", "cc") for v in msg.get_all(k, [])))
         out["to"] = [a for _, a in tos if a]
         date = msg.get("date")
         if date:

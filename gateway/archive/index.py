@@ -28,7 +28,6 @@ import email
 import email.header
 import email.message
 import email.utils
-import functools
 import html
 import logging
 import re
@@ -41,6 +40,7 @@ from typing import NamedTuple
 from peewee import fn
 
 from gateway.archive import mime_walk
+from gateway.archive.headertext import SURROGATE, getaddresses
 from gateway.db import is_postgres
 from gateway.db.models import database, utcnow
 
@@ -76,7 +76,6 @@ _CHARSET_ALIASES = {
 
 _CJK = re.compile(r"[\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af\uf900-\ufaff\U00020000-\U0002ffff]+")
 _WORD = re.compile(r"[^\W_]+", re.UNICODE)
-_SURROGATE = re.compile("[\udc80-\udcff]")  # raw 8-bit header bytes as compat32 keeps them
 
 
 Grams = list[str] | str | None  # short grams: a list, or joined by spaces (workers), or None: not computed yet
@@ -127,7 +126,7 @@ def decode_bytes(data: bytes, charset: str | None = None) -> str:
 
 def _unsurrogate(text: str) -> str:
     """compat32 keeps raw 8-bit header bytes as surrogates; decode them properly."""
-    if text.isascii() or _SURROGATE.search(text) is None:
+    if text.isascii() or SURROGATE.search(text) is None:
         return text
     return decode_bytes(text.encode("utf-8", errors="surrogateescape"))
 
@@ -258,14 +257,6 @@ def _addresses(msg: email.message.Message, headers: Iterable[str]) -> tuple[list
         if "@" in addr and len(addr) <= 320:
             addrs.append(addr)
     return shown, addrs
-
-
-@functools.lru_cache(maxsize=4096)
-def getaddresses(values: tuple[str, ...]) -> tuple[tuple[str, str], ...]:
-    """``email.utils.getaddresses`` remembered: a pure function of its text, parsed by pure
-    Python (the most costly step of reading a header section), and the same From and To
-    values come back in message after message (a company's people and its correspondents)."""
-    return tuple(email.utils.getaddresses(values))
 
 
 def _cut_base64(raw: bytes) -> bytes:

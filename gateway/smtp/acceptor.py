@@ -158,7 +158,6 @@ def main(argv: list[str] | None = None) -> int:
     from gateway.service import IO_THREADS
 
     loop = new_event_loop(cfg.node.event_loop)
-
     loop.set_default_executor(ThreadPoolExecutor(max_workers=IO_THREADS, thread_name_prefix="io"))
     try:
         loop.run_until_complete(serve(cfg, args.queued_fd, args.index))

@@ -77,8 +77,8 @@ class Prepared(NamedTuple):
     dirs: set  # folders of the files written, fsynced once per batch
     spool_path: str | None  # archive_ref of the blob, or None: the spool file
     original: OriginalCopy | None  # the submitted bytes, when mutations changed them
-    sync_later: bool = False  # the blob file is not fsynced: its sealed bytes go in the transaction
-    capture: Capture | None = None  # the archive's view, its rows' values staged (Archive.stage)
+    sync_later: bool  # the blob file is not fsynced: its sealed bytes go in the transaction
+    capture: Capture  # the archive's view, its rows' values staged (Archive.stage)
 
 
 def split_header_block(data: bytes) -> bytes:
@@ -476,8 +476,7 @@ class SubmissionHandler:
         touched: list[str] = []
         # The records, sightings, blob rows and queue rows: one statement per table.
         with buffered_inserts((ArchiveRecord, ArchiveSighting, pending.ArchivePendingBlob, OutboundMessage)):
-            self.archive.chain_batch([p.capture or self._capture(p.ctx, p.verdict, p.queue_id, p.outgoing, p.original)
-                                      for p in parts], [p.blob for p in parts])
+            self.archive.chain_batch([p.capture for p in parts], [p.blob for p in parts])
             for p in parts:
                 if p.sync_later:
                     insert_row(pending.row(self.cfg.node.name, p.blob.name, p.blob.data))

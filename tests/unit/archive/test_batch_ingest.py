@@ -205,12 +205,10 @@ def test_a_blob_that_cannot_be_written_stops_the_batch_before_any_row(archive, m
 def test_remembered_address_parsing_is_the_email_packages():
     import email.utils
 
-    from gateway.archive import _getaddresses
-    from gateway.archive.index import getaddresses
+    from gateway.archive.headertext import getaddresses
 
     for values in (("Ann <ann@x.test>, bob@y.test",), ('"Lee, K" <k@z.test>', "=?utf-8?b?5p2O?= <li@c.test>"), ()):
         assert list(getaddresses(values)) == email.utils.getaddresses(list(values))
-        assert list(_getaddresses(values)) == email.utils.getaddresses(list(values))
         assert getaddresses(values) is getaddresses(tuple(values))  # remembered
 
 

@@ -1,0 +1,19 @@
+"""Header helpers shared by the archive's record fields (gateway/archive/__init__.py) and the
+search index's extraction (gateway/archive/index.py)."""
+
+from __future__ import annotations
+
+import email.utils
+import functools
+import re
+
+# compat32 keeps a header's raw 8-bit bytes as these surrogates (UTF-8 in practice).
+SURROGATE = re.compile("[\udc80-\udcff]")
+
+
+@functools.lru_cache(maxsize=4096)
+def getaddresses(values: tuple[str, ...]) -> tuple[tuple[str, str], ...]:
+    """``email.utils.getaddresses`` remembered: a pure function of its text, parsed by pure
+    Python (the most costly step of reading a header section), and the same From and To
+    values come back in message after message (a company's people and its correspondents)."""
+    return tuple(email.utils.getaddresses(values))
