@@ -36,7 +36,7 @@ from typing import Any, TypeVar
 
 from peewee import OperationalError, SqliteDatabase
 
-from gateway.archive import RelayedCopy, record_relayed, relayed_capture
+from gateway.archive import PreparedBlob, RelayedCopy, record_relayed, relayed_capture
 from gateway.archive.schema import ArchiveSighting
 from gateway.bounce import Failure, build_dsn
 from gateway.config import Config
@@ -302,8 +302,12 @@ class RelayWorker:
         recipients: list[str] = json.loads(row.recipients)
         credentials: Credentials | None = None
         data = b""
+        stored = None  # the archive blob of exactly the bytes relayed, if they are one
         try:
-            data = _normalize_eol(self.spool.read(row))
+            read, stored = self.spool.read_blob(row)
+            data = _normalize_eol(read)
+            if data is not read:
+                stored = None
             credentials = self._credentials_for(row)
         except FileNotFoundError:
             replies = dict.fromkeys(recipients, Reply(None, "spool file missing on this node"))
@@ -311,7 +315,7 @@ class RelayWorker:
             replies = dict.fromkeys(recipients, Reply(None, str(exc)))
         else:
             replies = self._deliver(row, credentials, recipients, data)
-        self._record(row, recipients, replies, credentials, data)
+        self._record(row, recipients, replies, credentials, data, stored)
 
     def _renew_claim(self, row: OutboundMessage) -> bool:
         m = OutboundMessage
@@ -369,7 +373,10 @@ class RelayWorker:
         replies: dict[str, Reply],
         credentials: Credentials | None,
         original: bytes,
+        stored: PreparedBlob | None = None,
     ) -> None:
+        """``stored``: the archive blob ``original`` was read from, unchanged (its "relay:sent"
+        sighting then needs no preparation)."""
         now = self._now()
         by_outcome: dict[str, list[str]] = {"sent": [], "deferred": [], "bounced": []}
         for rcpt in recipients:
@@ -410,7 +417,7 @@ class RelayWorker:
         # outcome's transaction); its search-index update is left to the node's background
         # indexer (off the mail path).
         attempt = Attempt(self, row, changes, failures, credentials, original,
-                          relayed_capture(self.config, row, original, delivered, remote) if delivered else None)
+                          relayed_capture(self.config, row, original, delivered, remote, stored) if delivered else None)
 
         def recorded(stored: bool | None, error: BaseException | None = None) -> None:
             try:

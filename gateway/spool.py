@@ -194,15 +194,20 @@ class Spool:
     def read(self, row: OutboundMessage) -> bytes:
         """The message bytes.  FileNotFoundError when the file (or the archive blob) is
         gone or the blob does not open/match its hash (the relay treats it as missing)."""
+        return self.read_blob(row)[0]
+
+    def read_blob(self, row: OutboundMessage) -> tuple[bytes, Any]:
+        """``read``, and for an archive-backed row the archive blob it came from (a
+        gateway.archive.PreparedBlob; None for a spool file or a legacy blob)."""
         ref = parse_archive_ref(row.spool_path)
         if ref is None:
-            return (self.directory / row.spool_path).read_bytes()
+            return (self.directory / row.spool_path).read_bytes(), None
         if self.archive is None:
             raise FileNotFoundError(f"{row.spool_path}: no archive to read it from")
         from gateway.archive import BlobError
 
         try:
-            return self.archive.store.read(*ref)
+            return self.archive.store.open(*ref)
         except BlobError as exc:
             raise FileNotFoundError(str(exc)) from None
 

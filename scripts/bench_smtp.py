@@ -226,6 +226,7 @@ def run_gateway(args: argparse.Namespace, children: Children, base: Path) -> Res
             profiler = children.spawn(
                 ["py-spy", "record", "--pid", str(node.proc.pid), "--subprocesses", "--threads", "--nonblocking",
                  "--format", "raw", "--output", str(Path(args.py_spy).resolve()),
+                 "--rate", str(args.py_spy_rate),
                  *(["--gil"] if args.py_spy_gil else []), *(["--idle"] if args.py_spy_idle else [])],
                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             time.sleep(1.0)
@@ -330,6 +331,8 @@ def main() -> int:
     ap.add_argument("--sink-auth", action="store_true",
                     help="let the gateway's sink announce AUTH (smtp-sink answers AUTH with 250, not 235)")
     ap.add_argument("--py-spy", metavar="FILE", help="profile the gateway with py-spy (collapsed stacks)")
+    ap.add_argument("--py-spy-rate", type=int, default=100, metavar="HZ",
+                    help="with --py-spy: samples a second (default: 100)")
     ap.add_argument("--py-spy-gil", action="store_true",
                     help="with --py-spy: sample only threads holding the GIL (CPU in Python, not waits)")
     ap.add_argument("--py-spy-idle", action="store_true",

@@ -706,15 +706,20 @@ class RelayedCopy:
         record_relayed([self])
 
 
-def relayed_capture(cfg: Any, row: Any, data: bytes, delivered: list[str], remote: str) -> RelayedCopy | None:
+def relayed_capture(cfg: Any, row: Any, data: bytes, delivered: list[str], remote: str,
+                    stored: PreparedBlob | None = None) -> RelayedCopy | None:
     """For gateway.relay: prepare the "relay:sent" sighting of ``data`` (hash, encrypt, blob
-    file — outside any transaction) for ``record_relayed``.  None if even the preparation
-    failed (logged).  The sighting's search-index update is left to the node's background
-    indexer (the relay runs inside ``mailgate run``)."""
+    file — outside any transaction) for ``record_relayed``; ``stored``: the archive blob
+    ``data`` was read from unchanged (``BlobStore.open``), nothing to prepare.  None if even
+    the preparation failed (logged).  The sighting's search-index update is left to the
+    node's background indexer (the relay runs inside ``mailgate run``)."""
     try:
         archive = for_config(cfg)
-        blob = archive.prepare(data)
-        archive.store.write(blob)
+        if stored is not None:
+            blob = stored
+        else:
+            blob = archive.prepare(data)
+            archive.store.write(blob)
     except Exception:
         log.exception("%s: archiving the relayed copy failed (blob)", getattr(row, "queue_id", "?"))
         return None

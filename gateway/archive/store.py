@@ -156,15 +156,23 @@ class BlobStore:
 
     def read(self, name: str, sha256: str, key_id: int | None = None) -> bytes:
         """The original bytes; raises BlobError if missing, unreadable or not matching ``sha256``."""
-        path = self.path_of(name)
+        return self.open(name, sha256)[0]
+
+    def open(self, name: str, sha256: str) -> tuple[bytes, PreparedBlob | None]:
+        """``read``, and the blob as ``prepare`` would describe these bytes now that its file
+        exists (None for a legacy plaintext blob): who archives the same bytes again (the relay's
+        "relay:sent" copy) need not hash, stat and open the file once more."""
         try:
-            data = path.read_bytes()
+            with open(self.path_of(name), "rb") as f:
+                data = f.read()
         except FileNotFoundError:
             raise BlobError(f"blob {name} is missing") from None
         raw = self.decode(data, name)
         if hashlib.sha256(raw).hexdigest() != sha256:
             raise BlobError(f"blob {name} does not match its content hash (altered)")
-        return raw
+        if data[:4] != MAGIC:
+            return raw, None
+        return raw, PreparedBlob(sha256, name, len(raw), HEADER.unpack_from(data)[1], None, len(data))
 
     def decode(self, data: bytes, name: str = "") -> bytes:
         if data[:4] != MAGIC:

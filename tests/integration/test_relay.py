@@ -468,11 +468,17 @@ def test_session_kept_open_across_wake_ups_of_a_running_worker(sink, spool, work
     assert OutboundMessage.select().where(OutboundMessage.state == "sent").count() == 3
 
 
-def test_a_row_queued_as_its_archive_blob_is_relayed_byte_exact(sink, tmp_path, clock, workers):
+@pytest.mark.parametrize("bare_lf", [False, True])
+def test_a_row_queued_as_its_archive_blob_is_relayed_byte_exact(sink, tmp_path, clock, workers, monkeypatch,
+                                                                 bare_lf):
     """Accepted mail is queued as its archive blob (no spool file): the relay reads it back
-    through the archive, sends the very bytes, records relay:sent and keeps the blob."""
+    through the archive, sends the very bytes, records relay:sent and keeps the blob.  The
+    relay:sent copy is described by the blob just read (no second hash, stat or seal) —
+    unless the relay changed the bytes (a bare LF made CRLF): then that copy is archived as
+    what was sent, a blob of its own."""
     from gateway.archive import Archive
-    from gateway.archive.schema import ArchiveSighting
+    from gateway.archive.schema import ArchiveRecord, ArchiveSighting
+    from gateway.archive.store import BlobStore
     from gateway.spool import archive_ref
 
     connect("sqlite:///" + str(tmp_path / "mailgate.db"))
@@ -481,17 +487,28 @@ def test_a_row_queued_as_its_archive_blob_is_relayed_byte_exact(sink, tmp_path, 
     cfg.archive.key_file = tmp_path / "archive.keys"
     archive = Archive.from_config(cfg)
     spool = Spool(tmp_path / "spool", archive=archive)
+    queued = MESSAGE.replace(b"\r\n\r\n", b"\r\n\nbare LF above\r\n\r\n", 1) if bare_lf else MESSAGE
+    sent = queued.replace(b"\r\n\n", b"\r\n\r\n") if bare_lf else MESSAGE
+    prepared: list[bytes] = []
+    real_prepare = BlobStore.prepare
     try:
-        blob = archive.store.put(MESSAGE)
-        spool.insert("QARCH1", "alice@acme.test", ["buyer@customer.example"], len(MESSAGE),
+        blob = archive.store.put(queued)
+        monkeypatch.setattr(BlobStore, "prepare",
+                            lambda self, raw, *a: prepared.append(raw) or real_prepare(self, raw, *a))
+        spool.insert("QARCH1", "alice@acme.test", ["buyer@customer.example"], len(queued),
                      spool_path=archive_ref(blob.name, blob.sha256))
         worker = make_worker(workers, cfg, spool, clock)
         assert run_once(worker) == 1
-        assert received(sink)[0].data.endswith(MESSAGE)
+        assert received(sink)[0].data.endswith(sent)
         assert row("QARCH1").state == "sent"
         assert archive.store.path_of(blob.name).exists()
-        assert ArchiveSighting.select().where((ArchiveSighting.queue_id == "QARCH1")
-                                              & (ArchiveSighting.place == "relay:sent")).count() == 1
+        copy = ArchiveSighting.get((ArchiveSighting.queue_id == "QARCH1") & (ArchiveSighting.place == "relay:sent"))
+        rec = ArchiveRecord.get_by_id(copy.record_id)
+        assert prepared == ([sent] if bare_lf else [])
+        assert archive.read(rec) == sent
+        if not bare_lf:  # the record made from the blob read: its file, key and sizes
+            assert (rec.sha256, rec.blob_path, rec.size) == (blob.sha256, blob.name, len(MESSAGE))
+            assert (rec.key_id, rec.stored_size) == (blob.key_id, blob.stored_size)
     finally:
         database.close()
 
