@@ -329,6 +329,7 @@ def ingest_node(archive: object, msgs: list, threads: int = 6, lag: float = 0.0)
     from gateway.groupcommit import GroupCommitter
 
     archive.defer_index = True  # as gateway.archive.service sets it on the node's archive
+    archive.keep_recent = True  # (since keep_recent exists: set with it)
     committer = GroupCommitter(max_batch=32)
     written = [0]
     committed_at = [0.0]

@@ -104,12 +104,17 @@ class _Batch:
 
 
 class Archive:
-    def __init__(self, directory: Path, key_file: Path | None = None, *, level: int = 3, defer_index: bool = False):
+    def __init__(self, directory: Path, key_file: Path | None = None, *, level: int = 3, defer_index: bool = False,
+                 keep_recent: bool | None = None):
         """``key_file`` None: not usable until ``configure`` (gateway.archive.service does it).
         ``defer_index``: new records and sightings are not full-text indexed in their
         transaction; a background indexer does it (``index.index_pending``, run by
-        gateway.archive.service inside a node) — the node sets it, everything else indexes inline."""
+        gateway.archive.service inside a node) — the node sets it, everything else indexes inline.
+        ``keep_recent`` (None: as ``defer_index``): keep what ``prepare`` saw for a background
+        indexer in this process (``take_recent``); an acceptor process, whose records the
+        node indexes, keeps nothing."""
         self.defer_index = defer_index
+        self.keep_recent = defer_index if keep_recent is None else keep_recent
         # The SMTP path's blob files are fsynced later, in bulk, by the node's BlobSyncer
         # (gateway/archive/pending.py); set by the node when it runs one (and in its acceptors).
         self.sync_later = False
@@ -161,7 +166,7 @@ class Archive:
         """CPU part of archiving (hash, compress, encrypt): may run before ``record``,
         in any thread, to keep it out of a commit's critical section."""
         blob = self.store.prepare(raw)
-        if self.defer_index and blob.data is not None:
+        if self.keep_recent and blob.data is not None:
             self._remember(blob.sha256, raw)
         return blob
 

@@ -43,6 +43,7 @@ async def start(node: Any, reactor: Any):  # noqa: ANN201 - async stop function 
     archive: Archive = node.archive
     archive.configure(cfg)
     archive.defer_index = True  # the SMTP handler's records: indexed by _index_loop, off the mail path
+    archive.keep_recent = True  # ... which takes fresh messages from memory (Archive.take_recent)
     await asyncio.to_thread(lambda: archive.store.keyring)  # create the key file now, not mid-message
     from gateway.archive import workers
 

@@ -43,6 +43,19 @@ class SubmissionStack:
     tasks: list[asyncio.Task] = field(default_factory=list)
 
 
+def acceptor_archive(cfg: Config) -> Archive:
+    """The archive of an acceptor process (gateway/smtp/acceptor.py)."""
+    archive = Archive(cfg.archive_dir)
+    archive.configure(cfg)
+    # The node's archive service (when the area is there) indexes every process's records ...
+    archive.defer_index = optional_module("gateway.archive.service") is not None
+    # ... in the node, which reads their blobs back: nothing is kept here for an indexer (it
+    # was up to 64 MB of message copies that no one took).
+    archive.keep_recent = False
+    archive.sync_later = True  # its node's BlobSyncer syncs the archive's file system
+    return archive
+
+
 def node_spool(cfg: Config, archive: Archive) -> Spool:
     # Accepted mail is queued as its archive blob (gateway/spool.py): the relay reads it there.
     return Spool(cfg.spool_dir, node="" if cfg.node.shared_spool else cfg.node.name, archive=archive)
@@ -80,11 +93,7 @@ async def build_submission(
         await asyncio.to_thread(directory.load)
     policy = policy or Policy(directory)
     if archive is None:
-        archive = Archive(cfg.archive_dir)
-        archive.configure(cfg)
-        # The node's archive service (when the area is there) indexes every process's records.
-        archive.defer_index = optional_module("gateway.archive.service") is not None
-        archive.sync_later = True  # an acceptor: its node's BlobSyncer syncs the archive's file system
+        archive = acceptor_archive(cfg)
     spool = spool or node_spool(cfg, archive)
     committer = committer or GroupCommitter()
     if key is None:

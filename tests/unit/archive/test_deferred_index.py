@@ -138,6 +138,25 @@ def test_sightings_are_noted_in_one_batch_each_pair_once(archive, caplog):
     assert "one at a time" not in caplog.text
 
 
+def test_only_an_archive_with_an_indexer_in_its_process_keeps_fresh_messages(archive, tmp_path):
+    """The node's archive keeps what it prepared for its background indexer; an acceptor
+    process's archive (its records are indexed by the node, from their blobs) keeps nothing."""
+    from gateway.config import Config
+    from gateway.smtp.stack import acceptor_archive
+
+    node = _deferred(archive)
+    assert node.keep_recent
+    blob = node.prepare(message(1, "heron"))
+    assert node.take_recent(blob.sha256) == message(1, "heron")
+    cfg = Config()
+    cfg.node.data_dir = tmp_path / "var"
+    cfg.archive.key_file = archive.store.key_file
+    acceptor = acceptor_archive(cfg)
+    assert acceptor.defer_index and not acceptor.keep_recent and acceptor.sync_later
+    blob = acceptor.prepare(message(2, "egret"))
+    assert blob.data is not None and acceptor.take_recent(blob.sha256) is None
+
+
 def test_the_indexer_takes_fresh_messages_from_memory_not_from_their_blobs(archive, monkeypatch):
     import gateway.archive as archive_mod
 
