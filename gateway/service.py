@@ -159,15 +159,28 @@ class Node:
                 await asyncio.to_thread(self.relay_process.stop)
         for port in self.imap_ports:
             await asyncio.ensure_future(_deferred(port.stopListening()))
-        for task in self.tasks:
-            async with _timed_step(task.get_name()):
-                try:
-                    await asyncio.wait_for(task, 10)
-                except (TimeoutError, asyncio.CancelledError):
-                    task.cancel()
-                except Exception:
-                    log.exception("task %s failed while stopping", task.get_name())
+        await _finish_tasks(self.tasks, TASK_GRACE)
         log.info("mailgate stopped: node=%s", self.cfg.node.name)
+
+
+TASK_GRACE = 10.0  # seconds the node's tasks get, together, to end after ``stopping`` is set
+
+
+async def _finish_tasks(tasks: list[asyncio.Task], grace: float) -> None:
+    """Wait for the node's tasks together (they all saw ``stopping``; one after the other,
+    a stop could take ``grace`` per task), at most ``grace`` seconds; cancel the rest, naming them."""
+    if not tasks:
+        return
+    async with _timed_step("tasks"):
+        done, pending = await asyncio.wait(tasks, timeout=grace)
+        for task in pending:
+            log.warning("task %s did not end within %g s of the stop: cancelled", task.get_name(), grace)
+            task.cancel()
+        if pending:
+            await asyncio.wait(pending, timeout=1.0)
+        for task in done:
+            if not task.cancelled() and task.exception() is not None:
+                log.error("task %s failed while stopping", task.get_name(), exc_info=task.exception())
 
 
 @contextlib.asynccontextmanager

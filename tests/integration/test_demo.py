@@ -47,6 +47,9 @@ def demo_dir():
         yield path
 
 
+STOP_BOUND = 20 + 15 + 10 + 10  # seconds (see the stop below)
+
+
 def test_demo_starts_prints_settings_and_enforces_policy(demo_dir):
     tmp_path = demo_dir
     base = free_base()
@@ -115,11 +118,14 @@ def test_demo_starts_prints_settings_and_enforces_policy(demo_dir):
     finally:
         proc.send_signal(signal.SIGINT)
         try:
-            proc.wait(30)
+            # The stop's own bounds, each for a part that does not end by itself: acceptors 20 s,
+            # relay process 15 s, the node's tasks 10 s together, Dovecot 10 s.  Well within
+            # them it takes a few seconds; under a loaded machine it took over 30 s at times.
+            proc.wait(STOP_BOUND)
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
-    assert proc.returncode == 0, "the demo did not stop within 30 s of SIGINT:\n" + "".join(log[-40:])
+    assert proc.returncode == 0, f"the demo did not stop within {STOP_BOUND} s of SIGINT:\n" + "".join(log[-40:])
     # The Dovecot it started is gone too.
     assert not (tmp_path / "demo" / "upstream" / "run" / "master.pid").exists() or \
         subprocess.run(["pgrep", "-f", str(tmp_path / "demo" / "upstream")], capture_output=True).returncode != 0
