@@ -59,6 +59,22 @@ class _AuthMembers:
 
 aiosmtpd.smtp.inspect = _AuthMembers()  # type: ignore[attr-defined]
 
+_MAIL_LOG = logging.getLogger("mail.log")  # aiosmtpd's logger; gateway.cli sets it to ERROR
+_sanitized_log = aiosmtpd.smtp.sanitized_log
+_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO}
+
+
+def _sanitized_log_if_enabled(func: Any, msg: Any, *args: Any, **kwargs: Any) -> None:
+    """aiosmtpd escapes every command line for two log calls (debug and info) before the
+    logger looks at its level (~1 % of an SMTP process's CPU); with that level off, nothing."""
+    level = _LEVELS.get(getattr(func, "__name__", ""))
+    if level is not None and not _MAIL_LOG.isEnabledFor(level):
+        return
+    _sanitized_log(func, msg, *args, **kwargs)
+
+
+aiosmtpd.smtp.sanitized_log = _sanitized_log_if_enabled  # type: ignore[attr-defined]
+
 
 # A plain address in angle brackets (dot-atom local part, host name or address literal
 # domain), optionally followed by parameters: the shape of nearly every MAIL/RCPT argument.
