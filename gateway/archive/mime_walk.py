@@ -1,4 +1,5 @@
-"""A lean MIME parser for text extraction: the same message tree as the email package's, faster.
+"""A lean MIME parser for text extraction (and the SMTP handler's header view, ``parse_headers``):
+the same message tree as the email package's, faster.
 
 ``email.message_from_bytes`` (compat32) reads a message line by line in Python — each line
 through a buffered sub-file, a stack of end-of-part predicates and a regular expression —
@@ -29,9 +30,10 @@ cases and generated ones.
 from __future__ import annotations
 
 import re
+from email import errors
 from email.message import Message
 
-__all__ = ["MAX_DEPTH", "parse"]
+__all__ = ["MAX_DEPTH", "parse", "parse_headers"]
 
 MAX_DEPTH = 40  # nested parts; deeper: the email package
 
@@ -74,22 +76,35 @@ def _strip_eol(value: str) -> str:
     return value
 
 
-def _entity(text: str, start: int, end: int, default_type: str, depth: int) -> tuple[Message, Message]:
-    """The message or part in ``text[start:end]`` and the message the feed parser created
-    last while parsing it (its parent trims that one's trailing line break)."""
-    if depth > MAX_DEPTH:
-        raise _Unsupported
+def parse_headers(raw: bytes) -> Message | None:
+    """``BytesHeaderParser(policy=compat32).parsebytes(raw)`` (the header fields, the rest as
+    the payload, unparsed), or None where this parser does not follow the email package.
+    The SMTP handler's view of a submitted message's header block."""
+    text = raw.decode("ascii", "surrogateescape")
+    if "\r" in text and _LONE_CR.search(text) is not None:
+        return None
     msg = Message()
-    if default_type != "text/plain":
-        msg.set_default_type(default_type)
+    try:
+        pos, separated = _header_section(msg, text, 0, len(text))
+    except _Unsupported:
+        return None
+    if not separated:  # the feed parser notes a body that begins without the blank line
+        msg.defects.append(errors.MissingHeaderBodySeparatorDefect())
+    msg._payload = text[pos:]  # noqa: SLF001 - as the feed parser's headers-only set_payload
+    return msg
+
+
+def _header_section(msg: Message, text: str, start: int, end: int) -> tuple[int, bool]:
+    """Read the header fields of ``text[start:end]`` into ``msg`` as the feed parser's
+    ``set_raw`` does; the index where its body starts, and False if a non-header line (not
+    the blank line) ended the fields."""
     headers = msg._headers  # noqa: SLF001 - filled as the feed parser's set_raw does
     pos = start
     first = True
     while pos < end:
         c = text[pos]
         if c == "\n" or text.startswith("\r\n", pos):  # the blank line: the header section ends
-            pos = _line_end(text, pos, end)
-            break
+            return _line_end(text, pos, end), True
         m = _FIELD.match(text, pos, end)
         if m is None:
             if first and text.startswith("From ", pos):  # an mbox envelope line
@@ -100,11 +115,23 @@ def _entity(text: str, start: int, end: int, default_type: str, depth: int) -> t
                 continue
             if c in _BLANKS or c == ":" or text.startswith("From ", pos):
                 raise _Unsupported  # the feed parser repairs these (defects)
-            break  # not a header line: the body starts here (no blank line)
+            return pos, False  # not a header line: the body starts here (no blank line)
         value = text[m.end(1) + 1:m.end()].lstrip(_BLANKS).rstrip("\r\n")
         headers.append((m.group(1), value))
         pos = m.end()
         first = False
+    return pos, True
+
+
+def _entity(text: str, start: int, end: int, default_type: str, depth: int) -> tuple[Message, Message]:
+    """The message or part in ``text[start:end]`` and the message the feed parser created
+    last while parsing it (its parent trims that one's trailing line break)."""
+    if depth > MAX_DEPTH:
+        raise _Unsupported
+    msg = Message()
+    if default_type != "text/plain":
+        msg.set_default_type(default_type)
+    pos, _ = _header_section(msg, text, start, end)
     ctype = msg.get_content_type()
     if ctype in ("multipart/digest", "message/delivery-status"):
         raise _Unsupported

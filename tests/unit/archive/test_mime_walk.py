@@ -199,3 +199,66 @@ def test_generated_messages(lines: list[str], eol: str, last_eol: bool) -> None:
 @given(st.binary(max_size=1500))
 def test_garbage(raw: bytes) -> None:
     same(raw)
+
+
+# The headers-only parse (the SMTP handler's view of a submitted header block): the email
+# package's ``BytesHeaderParser`` tree, defects included.
+
+def same_headers(raw: bytes, *, walked: bool | None = None) -> None:
+    from email.parser import BytesHeaderParser
+    from email.policy import compat32
+
+    mine = mime_walk.parse_headers(raw)
+    if walked is not None:
+        assert (mine is not None) == walked
+    if mine is not None:
+        ref = BytesHeaderParser(policy=compat32).parsebytes(raw)
+        assert tree(mine) == tree(ref)
+        assert [type(d) for d in mine.defects] == [type(d) for d in ref.defects]
+
+
+def test_headers_of_the_bench_corpus_and_their_header_blocks() -> None:
+    from gateway.smtp.handler import split_header_block
+
+    corpus = Corpus(seed=12)
+    corpus.n = 300
+    for i in range(300):
+        raw = corpus.raw(i)[0]
+        same_headers(raw, walked=True)
+        same_headers(split_header_block(raw), walked=True)
+        same_headers(raw.replace(b"\r\n", b"\n"), walked=True)
+
+
+@pytest.mark.parametrize("raw", [
+    b"Subject: x\r\nnot a header\r\nTo: a@b.test\r\n\r\nbody",  # no blank line: a defect
+    b"From sender Mon Jan  1 00:00:00 2024\nSubject: x\n\nbody\n",  # an mbox envelope line
+    b"Subject: x\r\n folded\r\n\tagain\r\nTo: a@b.test\r\n",  # continuation lines, no body
+    b"Subject: x",  # no line end at all
+    b"",
+])
+def test_headers_of_odd_shapes(raw: bytes) -> None:
+    same_headers(raw, walked=True)
+
+
+@pytest.mark.parametrize("raw", [b" leading continuation\r\n\r\n", b":no name\r\n\r\n", b"Subject: x\rlone CR\r\n",
+                                 b"Subject: x\r\nFrom inside\r\n\r\n"])
+def test_headers_the_feed_parser_repairs_go_to_the_email_package(raw: bytes) -> None:
+    same_headers(raw, walked=False)
+
+
+@settings(max_examples=600, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.sampled_from(_PIECES), max_size=40), st.sampled_from(["\n", "\r\n", "mixed"]), st.booleans())
+def test_headers_of_generated_messages(lines: list[str], eol: str, last_eol: bool) -> None:
+    if eol == "mixed":
+        text = "".join(line + ("\r\n" if i % 3 else "\n") for i, line in enumerate(lines))
+    else:
+        text = "".join(line + eol for line in lines)
+    if not last_eol:
+        text = text.rstrip("\r\n")
+    same_headers(text.encode())
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=1500))
+def test_headers_of_garbage(raw: bytes) -> None:
+    same_headers(raw)
