@@ -510,9 +510,11 @@ def _io_pool() -> ThreadPoolExecutor:
         return _IO_POOL
 
 
+_JSON = json.JSONEncoder(ensure_ascii=False).encode  # json.dumps(..., ensure_ascii=False) without a new encoder per call
+
 def _texts(cap: Capture) -> tuple[str, str]:
     """The trace and the recipients as the record and the sighting store them."""
-    return json.dumps(cap.trace or [], ensure_ascii=False), json.dumps(cap.recipients, ensure_ascii=False)
+    return _JSON(cap.trace or []), _JSON(cap.recipients)
 
 
 def _new_record(cap: Capture, blob: PreparedBlob, trace: str, recipients_json: str) -> ArchiveRecord:
@@ -526,7 +528,7 @@ def _new_record(cap: Capture, blob: PreparedBlob, trace: str, recipients_json: s
         message_id = h["message_id"] if message_id is None else message_id
         if not mail_from and not recipients:
             mail_from, recipients = h["from"], h["to"]
-            recipients_json = json.dumps(recipients, ensure_ascii=False)
+            recipients_json = _JSON(recipients)
     return ArchiveRecord(
         created_at=(cap.seen_at or utcnow()).replace(tzinfo=None), direction=cap.direction,
         sha256=blob.sha256, blob_path=blob.name, size=blob.size, stored_size=blob.stored_size,

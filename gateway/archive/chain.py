@@ -41,9 +41,13 @@ def _ts(value: dt.datetime | None) -> str:
     return value.isoformat(timespec="microseconds") if value is not None else ""
 
 
+# json.dumps with any non-default argument builds a new JSONEncoder per call; the same
+# encoder, once (encode() keeps no state between calls).
+_CANON_JSON = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), default=str).encode
+
+
 def _canon(values: list[Any]) -> str:
-    payload = json.dumps(values, ensure_ascii=False, separators=(",", ":"), default=str)
-    return hashlib.sha256(payload.encode("utf-8")).hexdigest()
+    return hashlib.sha256(_CANON_JSON(values).encode("utf-8")).hexdigest()
 
 
 def record_digest(r: ArchiveRecord) -> str:
