@@ -510,7 +510,8 @@ def _io_pool() -> ThreadPoolExecutor:
         return _IO_POOL
 
 
-_JSON = json.JSONEncoder(ensure_ascii=False).encode  # json.dumps(..., ensure_ascii=False) without a new encoder per call
+# json.dumps(..., ensure_ascii=False) without a new encoder per call
+_JSON = json.JSONEncoder(ensure_ascii=False).encode
 
 def _texts(cap: Capture) -> tuple[str, str]:
     """The trace and the recipients as the record and the sighting store them."""
