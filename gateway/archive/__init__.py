@@ -351,7 +351,7 @@ class Archive:
                 cap.employee_email = batch.emails[cap.employee_id]
         if cap.seen_at is None and batch is not None:
             cap.seen_at = batch.now
-        if blob.data is None and not self.store.path_of(blob.name).exists():
+        if blob.data is None and not os.path.exists(self.store.path_str(blob.name)):
             # The file was there when prepared, but a retention purge removed it since.
             self.store.write(self.store.prepare(cap.raw, blob.sha256))
         if known is None:

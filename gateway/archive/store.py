@@ -57,6 +57,7 @@ class PreparedBlob:
 class BlobStore:
     def __init__(self, directory: Path, key_file: Path, level: int = 3):
         self.directory = Path(directory)
+        self._dir_str = str(self.directory)
         self.key_file = Path(key_file)
         self.level = level
         self._ring: keyring_mod.Keyring | None = None
@@ -94,9 +95,14 @@ class BlobStore:
     # -- paths -----------------------------------------------------------------
 
     def path_of(self, name: str) -> Path:
+        return Path(self.path_str(name))
+
+    def path_str(self, name: str) -> str:
+        """``path_of`` as a string: what the per-message paths (``prepare``'s stat, ``open``)
+        use, without building Path objects twice a message."""
         if "/" in name:  # legacy ab/cd/<sha256>
-            return self.directory / name
-        return self.directory / name[:2] / name
+            return f"{self._dir_str}/{name}"
+        return f"{self._dir_str}/{name[:2]}/{name}"
 
     def name_for(self, sha256: str) -> str:
         return self.keyring.name_for(sha256)
@@ -108,9 +114,9 @@ class BlobStore:
         beyond one stat)."""
         digest = sha256 or hashlib.sha256(raw).hexdigest()
         name = self.name_for(digest)
-        path = self.path_of(name)
+        path = self.path_str(name)
         try:
-            stored = path.stat().st_size
+            stored = os.stat(path).st_size
             return PreparedBlob(digest, name, len(raw), self._existing_key_id(path), None, stored)
         except (FileNotFoundError, BlobError):
             pass
@@ -163,7 +169,7 @@ class BlobStore:
         exists (None for a legacy plaintext blob): who archives the same bytes again (the relay's
         "relay:sent" copy) need not hash, stat and open the file once more."""
         try:
-            with open(self.path_of(name), "rb") as f:
+            with open(self.path_str(name), "rb") as f:
                 data = f.read()
         except FileNotFoundError:
             raise BlobError(f"blob {name} is missing") from None
