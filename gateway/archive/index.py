@@ -735,14 +735,14 @@ def index_batch(archive: object, limit: int | None = None, lag: float = 0.0) -> 
     arriving = _records_arriving(archive, top)
     if limit is None:
         limit = INDEX_BATCH if arriving else DRAIN_BATCH
-    # Only the columns a document and a blob read need (a full row per record cost more in
-    # peewee than the look-up in SQLite); sightings as plain named tuples.
     if lag > 0 and arriving:  # only the oldest one's age first: during a burst this runs every BURST_POLL
         oldest = _unindexed((ArchiveRecord.created_at,), rec_mark, top).limit(1).tuples().first()
         if oldest is not None and _age(oldest[0]) < lag:
             _waiting(archive, True)
             return 0, False  # a burst: the index waits (see the docstring)
     _waiting(archive, False)
+    # Only the columns a document and a blob read need (a full row per record cost more in
+    # peewee than the look-up in SQLite); sightings as plain named tuples.
     fields = (ArchiveRecord.id, ArchiveRecord.sha256, ArchiveRecord.blob_path, ArchiveRecord.created_at,
               ArchiveRecord.direction, ArchiveRecord.employee, ArchiveRecord.purged_at)
     recs = list(_unindexed(fields, rec_mark, top).limit(limit).namedtuples())
