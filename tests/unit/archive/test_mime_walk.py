@@ -186,13 +186,18 @@ _PIECES = [
 @settings(max_examples=600, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(st.sampled_from(_PIECES), max_size=40), st.sampled_from(["\n", "\r\n", "mixed"]), st.booleans())
 def test_generated_messages(lines: list[str], eol: str, last_eol: bool) -> None:
+    same(generated(lines, eol, last_eol))
+
+
+def generated(lines: list[str], eol: str, last_eol: bool) -> bytes:
+    """The message of ``lines`` with line breaks of style ``eol`` ("mixed": CRLF and LF)."""
     if eol == "mixed":
         text = "".join(line + ("\r\n" if i % 3 else "\n") for i, line in enumerate(lines))
     else:
         text = "".join(line + eol for line in lines)
     if not last_eol:
         text = text.rstrip("\r\n")
-    same(text.encode())
+    return text.encode()
 
 
 @settings(max_examples=300, deadline=None)
@@ -249,13 +254,7 @@ def test_headers_the_feed_parser_repairs_go_to_the_email_package(raw: bytes) -> 
 @settings(max_examples=600, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(st.sampled_from(_PIECES), max_size=40), st.sampled_from(["\n", "\r\n", "mixed"]), st.booleans())
 def test_headers_of_generated_messages(lines: list[str], eol: str, last_eol: bool) -> None:
-    if eol == "mixed":
-        text = "".join(line + ("\r\n" if i % 3 else "\n") for i, line in enumerate(lines))
-    else:
-        text = "".join(line + eol for line in lines)
-    if not last_eol:
-        text = text.rstrip("\r\n")
-    same_headers(text.encode())
+    same_headers(generated(lines, eol, last_eol))
 
 
 @settings(max_examples=300, deadline=None)
