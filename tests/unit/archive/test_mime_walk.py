@@ -42,11 +42,15 @@ def same(raw: bytes, *, walked: bool | None = None) -> None:
     assert extract(raw, headers=False) == extract_reference(raw, headers=False)
 
 
+def corpus_messages(seed: int, n: int) -> list[bytes]:
+    """``n`` messages of the benchmark's generated corpus."""
+    corpus = Corpus(seed=seed)
+    corpus.n = n
+    return [corpus.raw(i)[0] for i in range(n)]
+
+
 def test_bench_corpus() -> None:
-    corpus = Corpus(seed=11)
-    corpus.n = 400
-    for i in range(400):
-        raw = corpus.raw(i)[0]
+    for raw in corpus_messages(11, 400):
         same(raw, walked=True)
         same(indexable(raw), walked=True)
 
@@ -225,10 +229,7 @@ def same_headers(raw: bytes, *, walked: bool | None = None) -> None:
 def test_headers_of_the_bench_corpus_and_their_header_blocks() -> None:
     from gateway.smtp.handler import split_header_block
 
-    corpus = Corpus(seed=12)
-    corpus.n = 300
-    for i in range(300):
-        raw = corpus.raw(i)[0]
+    for raw in corpus_messages(12, 300):
         same_headers(raw, walked=True)
         same_headers(split_header_block(raw), walked=True)
         same_headers(raw.replace(b"\r\n", b"\n"), walked=True)
