@@ -251,12 +251,15 @@ def seed_directory(corpus: Corpus) -> None:
 # -- CPU accounting ---------------------------------------------------------------------------------
 
 
-def _proc_cpu(pid: int) -> float:
+def _proc_cpu(pid: int, reaped: bool = False) -> float:
+    """CPU seconds of a process; ``reaped``: plus those of its children that ended and were
+    waited for (``cutime``/``cstime``)."""
     try:
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     except OSError:
         return 0.0
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    ticks = int(fields[11]) + int(fields[12]) + (int(fields[13]) + int(fields[14]) if reaped else 0)
+    return ticks / os.sysconf("SC_CLK_TCK")
 
 
 def _children(ppid: int) -> list[int]:
@@ -278,7 +281,9 @@ def cpu_seconds() -> tuple[float, float]:
     server = 0.0
     if PG_DATA is not None and (PG_DATA / "postmaster.pid").exists():
         postmaster = int((PG_DATA / "postmaster.pid").read_text().split()[0])
-        server = _proc_cpu(postmaster) + sum(_proc_cpu(p) for p in _children(postmaster))
+        # the backends that ended count too (the postmaster waits for them): the node shape's
+        # connections, autovacuum workers (they clean the GIN pending lists)
+        server = _proc_cpu(postmaster, reaped=True) + sum(_proc_cpu(p) for p in _children(postmaster))
     return mine, server
 
 
