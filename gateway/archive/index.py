@@ -31,6 +31,7 @@ import email.utils
 import html
 import logging
 import re
+import threading
 import weakref
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -531,14 +532,22 @@ def all_text(ex: Extracted) -> str:
 def write_rows(rows: list[tuple]) -> None:
     """Bulk insert prepared document rows (also used by the benchmark's generator); a row's
     grams (``Grams``) may be a list, one space-separated text or None (computed here)."""
-    db = database.obj
-    docs, addrs, texts, seen = [], [], [], []
     # In docid order: FTS5 writes out its pending terms whenever a rowid is not above the
     # previous one, and the records of a batch are not always in time order (the SMTP handler
     # stamps them in parallel worker threads before the commit; id mod 1024 wraps): out of
     # order, a 600-document drain went out as hundreds of tiny segments, merged again —
     # three times the CPU (see BENCHMARKS, archive, 2026-11-30 evening).
-    for docid, record_id, created_at, direction, employee_id, ex, grams in sorted(rows, key=_docid_of):
+    ordered = sorted(rows, key=_docid_of)
+    if is_postgres() and len(ordered) >= PG_SPLIT_MIN:
+        _write_split(ordered)
+    else:
+        _write_ordered(ordered)
+
+
+def _write_ordered(ordered: list[tuple]) -> None:
+    db = database.obj
+    docs, addrs, texts, seen = [], [], [], []
+    for docid, record_id, created_at, direction, employee_id, ex, grams in ordered:
         docs.append((docid, record_id, created_at, direction, employee_id, ex.has_attachment))
         seen.append((docid, employee_id, direction))
         for role, lst in (("from", ex.from_addrs), ("to", ex.to_addrs)):
@@ -567,6 +576,44 @@ def write_rows(rows: list[tuple]) -> None:
                     [t[:6] for t in texts])
     cur.executemany("INSERT INTO archivegrams (rowid, grams) VALUES (?, ?)",
                     [(t[0], t[6] if isinstance(t[6], str) else " ".join(t[6])) for t in texts])
+
+
+PG_SPLIT_MIN = 64  # documents: a larger write goes out on two PostgreSQL connections at once
+
+
+def _write_split(ordered: list[tuple]) -> None:
+    """PostgreSQL: the older half of the documents written on a second connection, in its own
+    transaction, while this one writes the newer half in the caller's.  A document's server
+    CPU is nearly all GIN maintenance (trigram, words, word pairs, grams) in the one backend
+    that inserts it; two backends use both cores (3 × 600 bench documents: 1.10 → 0.74 ms a
+    document of wall time, the same CPU).  Only for documents of committed records (the
+    indexer's drain, ``ingest_many``'s step 4), which may be indexed in any grouping: if either
+    half fails, this raises once both are over, and the caller's one-by-one fallback skips the
+    records the other half did index (``_insert_documents``).  The second connection is opened
+    and closed per call (a few ms; none stays open to hold a database).  Writers order the
+    documents the same way (by docid), so two calls on overlapping records wait for each other
+    in one direction only."""
+    half = len(ordered) // 2
+    failed: list[BaseException] = []
+    # A thread of its own per call (no shared pool: a call whose half waits behind another
+    # call's could wait, through the database, for that very call)
+    apart = threading.Thread(target=_write_apart, args=(ordered[:half], failed), name="archive-index-copy")
+    apart.start()
+    try:
+        _write_ordered(ordered[half:])
+    finally:
+        apart.join()
+    if failed:
+        raise failed[0]
+
+
+def _write_apart(rows: list[tuple], failed: list[BaseException]) -> None:
+    db = database.obj
+    try:
+        with db.connection_context(), db.atomic():
+            _write_ordered(rows)
+    except BaseException as exc:  # noqa: BLE001 - handed to the caller's thread
+        failed.append(exc)
 
 
 def _copy_texts(cur: object, texts: list[tuple]) -> None:
@@ -953,8 +1000,14 @@ def _insert_documents(entries: list[tuple[object, Extracted, Grams]],
         return done
     except Exception:
         log.warning("archive: bulk indexing failed, indexing one by one", exc_info=True)
+    # a split write (PostgreSQL, ``_write_split``) may have committed one half: those are done
+    have = {r for r, in _select_in("SELECT record_id FROM archivesearchdoc WHERE record_id IN",
+                                   [int(rec.id) for rec, _, _ in entries])}
     done = 0
     for rec, ex, grams in entries:
+        if int(rec.id) in have:
+            done += 1
+            continue
         try:
             with database.atomic():
                 wrote = {}

@@ -270,3 +270,45 @@ def test_migrations_161_162_on_an_archive_with_documents(db, corpus):
 
     search_pairs_from_the_writer(db)  # idempotent
     search_text_lz4(db)
+
+
+def _entries(n: int, bad: int | None = None) -> list[tuple]:
+    import datetime as dt
+    from types import SimpleNamespace
+
+    out = []
+    for i in range(n):
+        rec = SimpleNamespace(id=1000 + i, created_at=dt.datetime(2026, 2, 1) + dt.timedelta(minutes=i),
+                              direction="outbound", employee_id=None)
+        ex = index.Extracted(subject=f"split {i}" + ("\x00" if i == bad else ""), body=f"price list number{i}",
+                             from_addrs=[f"a{i}@b.test"])
+        out.append((rec, ex, None))
+    return out
+
+
+@pytest.mark.parametrize("n, bad", [(70, None), (70, 3), (70, 60), (600, None)])
+def test_a_large_write_goes_out_on_two_connections(db, n, bad, caplog, monkeypatch):
+    """≥ PG_SPLIT_MIN documents: the older half on a second connection, the rest here; a bad
+    document in either half (a NUL: the server refuses it) costs only itself — the one-by-one
+    fallback skips what the other half already committed."""
+    import threading
+
+    from gateway.archive.search import record_ids
+
+    apart: list[tuple[str, list[int]]] = []
+    real = index._write_apart
+    monkeypatch.setattr(index, "_write_apart", lambda rows, failed: apart.append(
+        (threading.current_thread().name, [r[1] for r in rows])) or real(rows, failed))
+    assert index.PG_SPLIT_MIN <= 70
+    with db.atomic():
+        done = index._insert_documents(_entries(n, bad))
+    expected = n - 1 if bad is not None else n
+    assert done == expected
+    assert [(name, len(ids), ids[0]) for name, ids in apart] == [("archive-index-copy", n // 2, 1000)]
+    assert db.execute_sql("SELECT count(*) FROM archivesearchdoc d JOIN archivesearchtext t USING (docid)"
+                          " WHERE d.record_id >= 1000").fetchone()[0] == expected
+    assert len(record_ids('"price list"')) == expected
+    failed = [r for r in caplog.records if "full-text indexing failed" in r.getMessage()]
+    assert [r.args for r in failed] == ([] if bad is None else [(1000 + bad,)])
+    assert db.execute_sql("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+                          " AND pid <> pg_backend_pid()").fetchone()[0] == 0  # the second connection is closed
