@@ -215,9 +215,19 @@ def test_text_rows_keep_every_character_through_copy(db):
     import datetime as dt
 
     ex = index.Extracted(subject="tab\there \\N back\\slash", sender='"Q, uoted" <a@b.test>', rcpt="cr\rlf\r\nend",
-                         body="line1\nline2\\.\n\\.\nprice\tlist", attnames='x"y\\z.pdf', from_addrs=["a@b.test"])
+                         body="line1\nline2\\.\n\\.\nprice\tlist", attnames='x"y\\z.pdf', from_addrs=["a@b.test"],
+                         to_addrs=["odd\\one\t@x.test"], has_attachment=True)
     grams = ["ab", 'a"', "b\\", "中"]
-    index.write_rows([(12345, 77, dt.datetime(2026, 1, 9), "out", None, ex, grams)])
+    when = dt.datetime(2026, 1, 9, 8, 7, 6, 543210)
+    plain = index.Extracted(subject="plain", body="no employee")
+    index.write_rows([(12345, 77, when, "out", None, ex, grams), (12346, 78, when, "in", 5, plain, None)])
+    docs = db.execute_sql("SELECT docid, record_id, created_at, direction, employee_id, has_attachment"
+                          " FROM archivesearchdoc ORDER BY docid").fetchall()
+    assert docs == [(12345, 77, when, "out", None, True), (12346, 78, when, "in", 5, False)]
+    assert db.execute_sql("SELECT docid, employee_id, direction FROM archivesearchseen ORDER BY docid").fetchall() == [
+        (12345, None, "out"), (12346, 5, "in")]
+    assert db.execute_sql("SELECT docid, role, address, domain FROM archivesearchaddr ORDER BY role").fetchall() == [
+        (12345, "from", "a@b.test", "b.test"), (12345, "to", "odd\\one\t@x.test", "x.test")]
     row = db.execute_sql("SELECT subject, sender, rcpt, attnames, doc, grams, pairs FROM archivesearchtext"
                          " WHERE docid = 12345").fetchone()
     doc = "\n".join((ex.subject, ex.sender, ex.rcpt, ex.attnames, ex.body))

@@ -211,3 +211,26 @@ def test_documents_out_of_time_order_go_into_one_fts_segment_per_transaction(db)
     for table in ("archivefts_idx", "archivegrams_idx"):
         assert db.execute_sql(f"SELECT count(DISTINCT segid) FROM {table}").fetchone()[0] == 1
     assert db.execute_sql("SELECT count(*) FROM archivefts WHERE archivefts MATCH '\"price list\"'").fetchone()[0] == 60
+
+
+def test_copy_lines_are_read_in_chunks_as_they_are_made():
+    """index._Lines (PostgreSQL COPY input): read(size) hands out at most size characters,
+    together exactly the lines, and makes a line only when it is needed."""
+    from gateway.archive.index import _Lines
+
+    made: list[int] = []
+
+    def lines():
+        for i in range(50):
+            made.append(i)
+            yield f"{i}\t" + "报价x" * (i * 7) + "\n"
+
+    reader = _Lines(lines())
+    first = reader.read(100)
+    assert len(first) == 100 and len(made) < 10
+    chunks = [first]
+    while chunk := reader.read(100):
+        assert len(chunk) <= 100
+        chunks.append(chunk)
+    assert "".join(chunks) == "".join(f"{i}\t" + "报价x" * (i * 7) + "\n" for i in range(50))
+    assert _Lines(iter(["a\n", "b\n"])).read() == "a\nb\n"
