@@ -41,6 +41,8 @@ class KeyringError(Exception):
 class Keyring:
     path: Path
     keys: dict[int, bytes] = field(default_factory=dict)
+    # (the oldest key, the blob-name key derived from it): name_for runs once a message
+    _name_key: tuple[bytes, bytes] | None = field(default=None, repr=False, compare=False)
 
     @property
     def current_id(self) -> int:
@@ -57,8 +59,11 @@ class Keyring:
             raise KeyringError(f"archive key {key_id} is not in {self.path}") from None
 
     def name_for(self, sha256_hex: str) -> str:
-        name_key = hmac.new(self.keys[min(self.keys)], _NAME_CONTEXT, hashlib.sha256).digest()
-        return hmac.new(name_key, sha256_hex.encode("ascii"), hashlib.sha256).hexdigest()
+        first = self.keys[min(self.keys)]
+        derived = self._name_key
+        if derived is None or derived[0] is not first:  # derived once per (oldest) key
+            derived = self._name_key = (first, hmac.digest(first, _NAME_CONTEXT, "sha256"))
+        return hmac.digest(derived[1], sha256_hex.encode("ascii"), "sha256").hex()
 
     def __repr__(self) -> str:  # never show key material
         return f"Keyring({str(self.path)!r}, ids={sorted(self.keys)})"

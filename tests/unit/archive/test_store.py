@@ -125,3 +125,24 @@ def test_inbound_mail_from_a_customer_counts_as_contact(archive):
     archive.record(b"From: alice@acme.test\r\nTo: someone@gmail.com\r\nSubject: offer\r\n\r\nhi\r\n",
                    direction="outbound", verdict="seen", place="imap:alice@acme.test/Sent")
     assert Customer.get_by_id(gmail.id).last_contact_at is None  # outbound contact comes from the SMTP path
+
+
+def test_blob_names_follow_the_one_rule_of_the_files_on_disk(tmp_path):
+    """A blob's file name is HMAC-SHA256(HMAC-SHA256(oldest key, context), content hash): the
+    names of the files already written must never change (the derived key is remembered,
+    not the rule), whichever key is current and when a keyring gains a key."""
+    import hmac
+
+    from gateway.archive.keys import _NAME_CONTEXT, Keyring
+
+    def rule(oldest: bytes, sha: str) -> str:
+        return hmac.new(hmac.new(oldest, _NAME_CONTEXT, hashlib.sha256).digest(), sha.encode(),
+                        hashlib.sha256).hexdigest()
+
+    ring = Keyring(tmp_path / "k", {3: b"c" * 32, 5: b"e" * 32})
+    shas = [hashlib.sha256(bytes([i])).hexdigest() for i in range(3)]
+    assert [ring.name_for(s) for s in shas] == [rule(b"c" * 32, s) for s in shas]
+    ring.keys[7] = b"g" * 32  # rotation: a newer key; names unchanged
+    assert [ring.name_for(s) for s in shas] == [rule(b"c" * 32, s) for s in shas]
+    other = Keyring(tmp_path / "k2", {1: b"a" * 32})
+    assert other.name_for(shas[0]) == rule(b"a" * 32, shas[0]) != ring.name_for(shas[0])
