@@ -95,6 +95,9 @@ def smtp_reply(code: int, enhanced: str, text: str) -> str:
     return "\r\n".join(out)
 
 
+TRUSTED_MEMO = 4096  # client addresses whose trusted-network answer is remembered
+
+
 class SubmissionHandler:
     def __init__(
         self,
@@ -126,7 +129,8 @@ class SubmissionHandler:
         self.sign = sign  # gateway.dkim.DkimSign mutation, or None when DKIM is off
         self.rule_env = rule_env  # gateway.rules.env.RuleEnv: its history feeds first-contact
         self.committer = committer or GroupCommitter()
-        self.trusted = [ipaddress.ip_network(n, strict=False) for n in cfg.smtp.trusted_networks]
+        self.trusted = tuple(ipaddress.ip_network(n, strict=False) for n in cfg.smtp.trusted_networks)
+        self._trusted_memo: dict[str, bool] = {}
         self.language = cfg.company.language
 
     def __dir__(self) -> list[str]:
@@ -136,11 +140,23 @@ class SubmissionHandler:
 
     # -- session facts -------------------------------------------------------
     def is_trusted(self, session: SMTPSession) -> bool:
+        """Whether the client's address is in ``smtp.trusted_networks`` (asked at MAIL and at
+        every RCPT: the answer is remembered per address, up to TRUSTED_MEMO of them)."""
         try:
-            ip = ipaddress.ip_address(session.peer[0])
-        except (TypeError, ValueError, IndexError):
+            peer = session.peer[0]
+        except (TypeError, IndexError):
             return False
-        return any(ip in net for net in self.trusted)
+        known = self._trusted_memo.get(peer)
+        if known is None:
+            try:
+                ip = ipaddress.ip_address(peer)
+            except (TypeError, ValueError):
+                return False
+            known = any(ip in net for net in self.trusted)
+            if len(self._trusted_memo) >= TRUSTED_MEMO:
+                self._trusted_memo.clear()
+            self._trusted_memo[peer] = known
+        return known
 
     @staticmethod
     def identity(session: SMTPSession) -> Identity | None:
