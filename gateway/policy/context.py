@@ -11,8 +11,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from email.header import Header, decode_header, make_header
 from email.message import Message
-from email.utils import getaddresses
 
+from gateway.archive.headertext import getaddresses
 from gateway.directory import EmployeeInfo
 
 ACCEPT = "accept"
@@ -98,7 +98,7 @@ class Context:
         values = []
         for name in names:
             values.extend(str(v) for v in self.headers.get_all(name, []))
-        return [addr for _, addr in getaddresses(values) if addr]
+        return [addr for _, addr in getaddresses(tuple(values)) if addr]  # remembered: the same values recur
 
     def all_recipients(self) -> list[str]:
         """Envelope recipients plus To/Cc/Bcc, lower-cased, de-duplicated, in order."""
