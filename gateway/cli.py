@@ -24,6 +24,13 @@ def _setup_logging(level: str = "INFO") -> None:
     )
     # aiosmtpd logs every session at INFO; our own one-line-per-transaction log replaces it.
     logging.getLogger("mail.log").setLevel(logging.ERROR)
+    # No format of ours prints a record's caller, thread or process, and finding the caller
+    # walks the stack for every line (one per message and per relay outcome): the logging
+    # HOWTO's "Optimization" switches.
+    logging._srcfile = None  # noqa: SLF001 - the documented switch
+    logging.logThreads = False
+    logging.logProcesses = False
+    logging.logMultiprocessing = False
 
 
 def _load(path: str) -> config_mod.Config:

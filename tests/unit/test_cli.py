@@ -66,3 +66,30 @@ def test_installed_console_script_runs_from_any_directory(tmp_path):
     result = subprocess.run([str(script), "--help"], cwd=tmp_path, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     assert "archive" in result.stdout and "panel" in result.stdout
+
+
+def test_log_lines_carry_what_the_format_prints_and_no_stack_walk(monkeypatch):
+    """A process's logging (node, acceptor, relay) formats time, logger, level and message;
+    no caller is looked up for a line (a stack walk per message), no thread or process info."""
+    import io
+    import logging
+
+    from gateway.cli import _setup_logging
+
+    for name in ("_srcfile", "logThreads", "logProcesses", "logMultiprocessing"):
+        monkeypatch.setattr(logging, name, getattr(logging, name))  # restored after the test
+    root = logging.getLogger()
+    monkeypatch.setattr(root, "handlers", [])
+    monkeypatch.setattr(root, "level", root.level)
+    stream = io.StringIO()
+    monkeypatch.setattr("sys.stderr", stream)
+    _setup_logging("INFO")
+    walks = []
+    real = logging.Logger.findCaller
+    monkeypatch.setattr(logging.Logger, "findCaller", lambda self, *a: walks.append(1) or real(self, *a))
+    logging.getLogger("mailgate.smtp").info("Q1: from=<%s> verdict=%s", "alice@acme.test", "accept")
+    line = stream.getvalue()
+    assert " mailgate.smtp INFO Q1: from=<alice@acme.test> verdict=accept" in line, line
+    assert walks == []
+    for handler in root.handlers:
+        handler.close()
