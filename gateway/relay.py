@@ -302,12 +302,12 @@ class RelayWorker:
         recipients: list[str] = json.loads(row.recipients)
         credentials: Credentials | None = None
         data = b""
-        stored = None  # the archive blob of exactly the bytes relayed, if they are one
+        archived = None  # the archive blob of exactly the bytes relayed, if they are one
         try:
-            read, stored = self.spool.read_blob(row)
+            read, archived = self.spool.read_blob(row)
             data = _normalize_eol(read)
             if data is not read:
-                stored = None
+                archived = None
             credentials = self._credentials_for(row)
         except FileNotFoundError:
             replies = dict.fromkeys(recipients, Reply(None, "spool file missing on this node"))
@@ -315,7 +315,7 @@ class RelayWorker:
             replies = dict.fromkeys(recipients, Reply(None, str(exc)))
         else:
             replies = self._deliver(row, credentials, recipients, data)
-        self._record(row, recipients, replies, credentials, data, stored)
+        self._record(row, recipients, replies, credentials, data, archived)
 
     def _renew_claim(self, row: OutboundMessage) -> bool:
         m = OutboundMessage
@@ -373,10 +373,10 @@ class RelayWorker:
         replies: dict[str, Reply],
         credentials: Credentials | None,
         original: bytes,
-        stored: PreparedBlob | None = None,
+        archived: PreparedBlob | None = None,
     ) -> None:
-        """``stored``: the archive blob ``original`` was read from, unchanged (its "relay:sent"
-        sighting then needs no preparation)."""
+        """``archived``: the spool's archive blob ``original`` was read from, unchanged (its
+        "relay:sent" sighting then needs no preparation)."""
         now = self._now()
         by_outcome: dict[str, list[str]] = {"sent": [], "deferred": [], "bounced": []}
         for rcpt in recipients:
@@ -417,7 +417,8 @@ class RelayWorker:
         # outcome's transaction); its search-index update is left to the node's background
         # indexer (off the mail path).
         attempt = Attempt(self, row, changes, failures, credentials, original,
-                          relayed_capture(self.config, row, original, delivered, remote, stored) if delivered else None)
+                          relayed_capture(self.config, row, original, delivered, remote, archived, self.spool.archive)
+                          if delivered else None)
 
         def recorded(stored: bool | None, error: BaseException | None = None) -> None:
             try:

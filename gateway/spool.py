@@ -207,7 +207,7 @@ class Spool:
         from gateway.archive import BlobError
 
         try:
-            return self.archive.store.open(*ref)
+            return self.archive.store.read_blob(*ref)
         except BlobError as exc:
             raise FileNotFoundError(str(exc)) from None
 

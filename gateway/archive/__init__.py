@@ -697,20 +697,11 @@ _ARCHIVES: dict[tuple[str, str], Archive] = {}
 
 def for_config(cfg: Any) -> Archive:
     """One Archive per (directory, key file) in this process."""
-    last = _LAST_CONFIG[0]
-    if last is not None and last[0] is cfg and last[1] == (cfg.node.data_dir, cfg.archive.dir, cfg.archive.key_file):
-        return last[2]  # the relay asks once per message with the same config
     key = (str(cfg.archive_dir), str(cfg.archive.key_file))
     archive = _ARCHIVES.get(key)
     if archive is None:
         archive = _ARCHIVES[key] = Archive.from_config(cfg)
-    _LAST_CONFIG[0] = (cfg, (cfg.node.data_dir, cfg.archive.dir, cfg.archive.key_file), archive)
     return archive
-
-
-# (config, the settings archive_dir derives from, its Archive) of the last call; one tuple
-# swapped whole, so another thread never sees half of it
-_LAST_CONFIG: list[tuple[Any, tuple, Archive] | None] = [None]
 
 
 @dataclass
@@ -727,14 +718,15 @@ class RelayedCopy:
 
 
 def relayed_capture(cfg: Any, row: Any, data: bytes, delivered: list[str], remote: str,
-                    stored: PreparedBlob | None = None) -> RelayedCopy | None:
+                    stored: PreparedBlob | None = None, archive: Archive | None = None) -> RelayedCopy | None:
     """For gateway.relay: prepare the "relay:sent" sighting of ``data`` (hash, encrypt, blob
-    file — outside any transaction) for ``record_relayed``; ``stored``: the archive blob
-    ``data`` was read from unchanged (``BlobStore.open``), nothing to prepare.  None if even
-    the preparation failed (logged).  The sighting's search-index update is left to the
-    node's background indexer (the relay runs inside ``mailgate run``)."""
+    file — outside any transaction) for ``record_relayed``.  ``archive``: the one the message
+    was read from (None: the config's); ``stored``: its blob that ``data`` was read from
+    unchanged (``BlobStore.read_blob``), nothing to prepare.  None if even the preparation
+    failed (logged).  The sighting's search-index update is left to the node's background
+    indexer (the relay runs inside ``mailgate run``)."""
     try:
-        archive = for_config(cfg)
+        archive = archive or for_config(cfg)
         if stored is not None:
             blob = stored
         else:

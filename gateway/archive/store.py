@@ -162,9 +162,9 @@ class BlobStore:
 
     def read(self, name: str, sha256: str, key_id: int | None = None) -> bytes:
         """The original bytes; raises BlobError if missing, unreadable or not matching ``sha256``."""
-        return self.open(name, sha256)[0]
+        return self.read_blob(name, sha256)[0]
 
-    def open(self, name: str, sha256: str) -> tuple[bytes, PreparedBlob | None]:
+    def read_blob(self, name: str, sha256: str) -> tuple[bytes, PreparedBlob | None]:
         """``read``, and the blob as ``prepare`` would describe these bytes now that its file
         exists (None for a legacy plaintext blob): who archives the same bytes again (the relay's
         "relay:sent" copy) need not hash, stat and open the file once more."""
