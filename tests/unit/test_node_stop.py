@@ -17,7 +17,8 @@ def test_tasks_end_together_and_stuck_ones_are_cancelled_at_once_by_name(caplog)
 
         async def ends_after_stop(name: str) -> None:
             await stopping.wait()
-            await asyncio.sleep(0.2)  # some work to finish, as a real task has
+            for _ in range(3):  # some work to finish after the stop, as a real task has
+                await asyncio.sleep(0)
             ended.append(name)
 
         async def stuck(other: int) -> None:
