@@ -1,7 +1,8 @@
 """Fast inserts for the write paths that run per message (the SMTP group commit, the
 relay's outcomes, the archive chain): the INSERT text built once per model and column set
 (``insert_row``), and inside a write transaction the rows of a batch sent as one
-``executemany`` per table (``buffered_inserts``)."""
+statement per table (``buffered_inserts``): SQLite one ``executemany``, PostgreSQL one
+multi-row ``INSERT … VALUES`` (psycopg2's ``execute_values``)."""
 
 from __future__ import annotations
 
@@ -76,19 +77,22 @@ _buffer = threading.local()
 
 @contextmanager
 def buffered_inserts(models: tuple[type[Model], ...] = ()) -> Iterator[None]:
-    """Inside a SQLite write transaction whose write lock is held already: the rows that
-    ``insert_row`` adds in the block go to the database when it ends, one ``executemany``
-    per table and column set, tables in the order each first appeared (parents before children).
-    The ids are assigned when the row is added, counting on from the table's largest id as
-    SQLite itself would (nobody else can insert while we hold the write lock).  Every
-    statement is a moment a thread gives up the GIL — under load it waits milliseconds to
-    get it back, holding the write lock all along — so a batch's twenty inserts become
+    """Inside a write transaction (on SQLite: whose write lock is held already): the rows
+    that ``insert_row`` adds in the block go to the database when it ends, one statement
+    per table and column set, tables in the order each first appeared (parents before
+    children).  The ids are assigned when the row is added: on SQLite counting on from the
+    table's largest id as SQLite itself would (nobody else can insert while we hold the
+    write lock); on PostgreSQL drawn from the table's sequence a block at a time (ids
+    another writer draws meanwhile are its own; the ids of a block left unused are gaps, as
+    a rolled-back insert leaves).  Every statement is a moment a thread gives up the GIL —
+    under load it waits milliseconds to get it back, holding the write lock all along — and
+    on PostgreSQL a round trip the server parses and plans: a batch's twenty inserts become
     three.  Reads inside the block do not see the waiting rows: call ``flush_inserts()``
-    before one that must.  PostgreSQL (and nested blocks): inserts go at once, as outside.
+    before one that must.  Nested blocks: the outer one holds the rows.
 
-    ``models``: the tables the block will probably insert into; the first id needed reads
-    the largest id of each of them in one statement instead of one each."""
-    if getattr(_buffer, "rows", None) is not None or not isinstance(database.obj, SqliteDatabase):
+    ``models``: the tables the block will probably insert into; on SQLite the first id
+    needed reads the largest id of each of them in one statement instead of one each."""
+    if getattr(_buffer, "rows", None) is not None:
         yield
         return
     _buffer.rows, _buffer.ids, _buffer.models = {}, {}, models
@@ -106,12 +110,20 @@ def flush_inserts() -> None:
         return
     pending = list(rows.items())
     rows.clear()
+    sqlite = isinstance(database.obj, SqliteDatabase)
     for model, by_columns in pending:
         for fields, params in by_columns.values():
-            database.obj.cursor().executemany(_insert_sql(model, fields, False), params)
+            if sqlite:
+                database.obj.cursor().executemany(_insert_sql(model, fields, False), params)
+            else:
+                from psycopg2.extras import execute_values  # PostgreSQL only (an optional extra)
+
+                execute_values(database.obj.cursor(), _values_sql(model, fields), params, page_size=PG_PAGE)
 
 
 def _next_id(model: type[Model]) -> int:
+    if not isinstance(database.obj, SqliteDatabase):
+        return _drawn_id(model)
     ids = _buffer.ids
     last = ids.get(model)
     if last is None:
@@ -139,3 +151,49 @@ def _largest_ids(models: tuple[type[Model], ...]) -> tuple[int, ...]:
 
         sql = _MAX_SQL[key] = "SELECT " + ", ".join(largest(m) for m in models)
     return tuple(last or 0 for last in database.execute_sql(sql).fetchone())
+
+
+# PostgreSQL: rows a multi-row INSERT carries (a larger batch goes as several statements).
+PG_PAGE = 500
+# PostgreSQL: ids drawn from a sequence at a time — the first block small (a group commit of
+# one message wastes few), each next one of a block twice as large, up to PG_ID_BLOCK_MAX.
+PG_ID_BLOCK = 8
+PG_ID_BLOCK_MAX = 256
+_SEQ_SQL: dict[tuple, str] = {}
+
+
+def _drawn_id(model: type[Model]) -> int:
+    """The next id for a buffered row of ``model`` on PostgreSQL, from the block of its
+    sequence's values this block drew (a new block when it is used up)."""
+    ids = _buffer.ids
+    block = ids.get(model)
+    if not block:
+        size = min(PG_ID_BLOCK_MAX, ids.get((model, "size"), PG_ID_BLOCK // 2) * 2)
+        ids[(model, "size")] = size
+        block = ids[model] = _draw_ids(model, size)
+    return block.pop()
+
+
+def _draw_ids(model: type[Model], n: int) -> list[int]:
+    """``n`` values of ``model``'s id sequence, the smallest last (``pop`` takes them in order)."""
+    key = (type(database.obj), model)
+    sql = _SEQ_SQL.get(key)
+    if sql is None:
+        meta = model._meta
+        table = f'"{meta.table_name}"'
+        sql = _SEQ_SQL[key] = (f"SELECT nextval(pg_get_serial_sequence('{table}', '{meta.primary_key.column_name}'))"
+                               " FROM generate_series(1, %s)")
+    return sorted((row[0] for row in database.execute_sql(sql, (n,)).fetchall()), reverse=True)
+
+
+_VALUES_SQL: dict[tuple, str] = {}
+
+
+def _values_sql(model: type[Model], fields: list) -> str:
+    """``INSERT INTO t (columns) VALUES %s`` for psycopg2's ``execute_values``, built once."""
+    key = (model, tuple(f.name for f in fields))
+    sql = _VALUES_SQL.get(key)
+    if sql is None:
+        sql = _insert_sql(model, fields, False)
+        sql = _VALUES_SQL[key] = sql[:sql.rindex(" VALUES (")] + " VALUES %s"
+    return sql

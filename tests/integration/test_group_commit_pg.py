@@ -1,7 +1,8 @@
 """The group commit's batch forms on the real PostgreSQL fixture: relay outcomes recorded
 together (queue rows, a bounce, the relay:sent sightings through Archive.chain_batch), one
 lost claim among them, and the SMTP handler's shape of archive records plus queue rows in
-one savepoint — the same code that uses buffered inserts on SQLite inserts at once here."""
+one savepoint; buffered inserts on PostgreSQL (ids drawn from the sequences in blocks, one
+multi-row INSERT a table)."""
 
 from __future__ import annotations
 
@@ -117,3 +118,52 @@ def test_a_node_on_postgresql_stores_parallel_submissions_in_shared_batches(post
 
     assert main(["-c", str(gw.config_path), "archive", "verify"]) == 0
     database.close()
+
+
+def test_buffered_inserts_draw_ids_from_the_sequence_and_insert_in_one_go(db, monkeypatch):
+    from gateway.db.inserts import PG_ID_BLOCK, buffered_inserts, flush_inserts, insert_row
+    from gateway.db.models import Customer, Department
+    from gateway.groupcommit import write_transaction
+
+    Department.create(name="existing")  # id 1
+    n = 3 * PG_ID_BLOCK + 5  # several blocks of ids
+    statements = []
+    with write_transaction(), buffered_inserts((Department, Customer)):
+        rows = [insert_row(Department(name=f"b{i}")) for i in range(n)]
+        ids = [r.id for r in rows]
+        assert ids == sorted(ids) and len(set(ids)) == n and ids[0] == 2  # in order, from the sequence
+        assert Department.select().count() == 1  # not inserted yet
+        other = database.connection().cursor()  # the sequence is shared: another writer's id is its own
+        other.execute("SELECT nextval(pg_get_serial_sequence('department', 'id'))")
+        assert other.fetchone()[0] not in ids
+        cursor = database.obj.cursor
+        with monkeypatch.context() as m:
+            m.setattr(database.obj, "cursor", lambda *a, **k: _Counting(cursor(*a, **k), statements))
+            flush_inserts()
+        assert Department.select().count() == n + 1
+        customer = insert_row(Customer(name="c"))
+    assert [s.split(" VALUES ")[0] for s in statements] == ['INSERT INTO "department" ("id", "name")']  # one statement
+    assert {d.id: d.name for d in Department.select().where(Department.id.in_(ids))} == {
+        i: f"b{k}" for k, i in enumerate(ids)}
+    assert Customer.get_by_id(customer.id).name == "c"
+
+    with pytest.raises(RuntimeError), write_transaction(), buffered_inserts():
+        insert_row(Department(name="never"))
+        raise RuntimeError("the block fails: nothing it buffered is inserted")
+    assert Department.select().where(Department.name == "never").count() == 0
+    later = Department.create(name="after")  # the unused ids of a block are gaps, not reused
+    assert later.id > max(ids)
+
+
+class _Counting:
+    """A cursor that notes each statement it runs."""
+
+    def __init__(self, cursor, statements):
+        self._cursor, self._statements = cursor, statements
+
+    def execute(self, sql, params=None):
+        self._statements.append(sql.decode() if isinstance(sql, bytes) else sql)
+        return self._cursor.execute(sql, params)
+
+    def __getattr__(self, name):
+        return getattr(self._cursor, name)
