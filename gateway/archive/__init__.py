@@ -34,6 +34,7 @@ from gateway.archive import chain
 from gateway.archive import original as original_mod
 from gateway.archive.headertext import SURROGATE, getaddresses
 from gateway.archive.original import OriginalCopy
+from gateway.archive.pipeline import IndexWriter
 from gateway.archive.schema import ArchiveRecord, ArchiveSighting
 from gateway.archive.store import BlobError, BlobStore, PreparedBlob
 from gateway.areas import optional_module
@@ -128,6 +129,7 @@ class Archive:
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
         self._store: BlobStore | None = None
+        self._index_writer = IndexWriter()  # ingest_many(pipeline=True)'s step 4, one batch at a time
         if key_file is not None:
             self._store = BlobStore(self.directory, key_file, level)
 
@@ -234,7 +236,7 @@ class Archive:
             return self._chain(cap, blob, defer=defer_index).record
 
     def ingest_many(self, captures: list[Capture], prepared: list[PreparedBlob] | None = None, *,
-                    defer_index: bool | None = None) -> list[Outcome]:
+                    defer_index: bool | None = None, pipeline: bool = False) -> list[Outcome]:
         """Batch ingest (import, sync, bench), in four steps:
 
         1. the search index's text extraction starts in worker processes (``workers``);
@@ -248,7 +250,16 @@ class Archive:
            the background indexer (``index.index_pending``, inside ``mailgate run``) indexes
            every record that has none.
 
-        ``defer_index`` (None: this archive's ``defer_index``) skips step 4 and 1."""
+        ``defer_index`` (None: this archive's ``defer_index``) skips step 4 and 1.
+
+        ``pipeline``: step 4 goes to this archive's index-writer thread (gateway/archive/
+        pipeline.py) and the call returns after step 3 — the caller's next batch (steps 1-3)
+        overlaps this one's index write, which the next pipelined call waits for before it
+        hands over its own (one in flight).  The caller calls ``wait_indexed`` once it is
+        done (before it reports its messages as archived).  Inside a transaction of the
+        caller's, step 4 runs here, in it, as without ``pipeline``.  Without ``pipeline``, step 4
+        first waits for a pipelined write in flight: a batch is never indexed before an
+        earlier one."""
         if not captures:
             return []
         inline_index = not (self.defer_index if defer_index is None else defer_index)
@@ -264,9 +275,21 @@ class Archive:
                 if cap.headers is None:
                     cap.headers = getattr(ex, "headers", None)
         outcomes = self.chain_batch(captures, blobs)
-        if extracted is not None:
-            self.index_committed(outcomes, extracted)
+        if extracted is None:
+            return outcomes
+        if not database.in_transaction():
+            if pipeline:
+                self._index_writer.hand_over(lambda: self.index_committed(outcomes, extracted))
+                return outcomes
+            self.wait_indexed()  # (not inside a transaction: on SQLite it holds the lock that write needs)
+        self.index_committed(outcomes, extracted)
         return outcomes
+
+    def wait_indexed(self) -> None:
+        """Until the index write of the last pipelined ``ingest_many`` batch is over (at once
+        if there is none).  Raises nothing: a failed write was logged, and the background
+        indexer (``index.index_pending``) indexes the records it left without documents."""
+        self._index_writer.wait()
 
     def _durable_blobs(self, captures: list[Capture], prepared: list[PreparedBlob] | None) -> list[PreparedBlob]:
         """Step 2 of ``ingest_many``: every capture's blob prepared (unless ``prepared``) on the

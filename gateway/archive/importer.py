@@ -91,6 +91,10 @@ def _looks_like_mail(raw: bytes) -> bool:
 
 
 class _Batcher:
+    """Captures into ``Archive.ingest_many`` per BATCH, pipelined: a batch's index rows are
+    written while the next batch is read and stored.  The import functions call
+    ``archive.wait_indexed()`` before they return (their messages searchable by then)."""
+
     def __init__(self, archive: Archive, result: ImportResult):
         self.archive, self.result, self.pending = archive, result, []
 
@@ -102,7 +106,7 @@ class _Batcher:
     def flush(self) -> None:
         if not self.pending:
             return
-        for o in self.archive.ingest_many(self.pending):
+        for o in self.archive.ingest_many(self.pending, pipeline=True):
             self.result.new_records += o.new_record
             self.result.new_sightings += o.new_sighting
         self.result.seen += len(self.pending)
@@ -127,23 +131,26 @@ def import_eml(archive: Archive, paths: list[Path], *, employee: str | None = No
     emp = _employee(employee)
     files = list(_eml_files([Path(p) for p in paths]))
     batcher = _Batcher(archive, result)
-    for n, path in enumerate(files, 1):
-        try:
-            size = path.stat().st_size
-            if size > max_size:
-                raise ValueError(f"{size} bytes is over max_message_size")
-            raw = path.read_bytes()
-            if not raw.strip() or not _looks_like_mail(raw):
-                raise ValueError("not an e-mail message")
-        except (OSError, ValueError) as exc:
-            result.errors.append(f"{path}: {exc}")
-        else:
-            batcher.add(Capture(raw=raw, place="import:eml", direction=direction, verdict="imported",
-                                ref=str(path.resolve()), employee_id=emp.id if emp else None,
-                                employee_email=emp.email if emp else ""))
-        if progress is not None:
-            progress.update(n, len(files))
-    batcher.flush()
+    try:
+        for n, path in enumerate(files, 1):
+            try:
+                size = path.stat().st_size
+                if size > max_size:
+                    raise ValueError(f"{size} bytes is over max_message_size")
+                raw = path.read_bytes()
+                if not raw.strip() or not _looks_like_mail(raw):
+                    raise ValueError("not an e-mail message")
+            except (OSError, ValueError) as exc:
+                result.errors.append(f"{path}: {exc}")
+            else:
+                batcher.add(Capture(raw=raw, place="import:eml", direction=direction, verdict="imported",
+                                    ref=str(path.resolve()), employee_id=emp.id if emp else None,
+                                    employee_email=emp.email if emp else ""))
+            if progress is not None:
+                progress.update(n, len(files))
+        batcher.flush()
+    finally:
+        archive.wait_indexed()  # also when an error stops the import: no index write left in flight
     return result
 
 
@@ -176,6 +183,7 @@ def import_mbox(archive: Archive, path: Path, *, employee: str | None = None, di
         batcher.flush()
     finally:
         box.close()
+        archive.wait_indexed()  # also when an error stops the import: no index write left in flight
     return result
 
 
@@ -203,6 +211,7 @@ def import_imap(archive: Archive, upstream, user: str, password: str, mailboxes:
 
             try:
                 before = result.new_sightings
+                # (fetch_mailbox pipelines its chunks and waits for their index rows before it returns)
                 _, new = fetch_mailbox(archive, client, mbox, f"import:imap:{account}/{mbox}", employee=emp,
                                        verdict="imported", max_size=max_size, progress=report)
                 result.new_sightings = before + new

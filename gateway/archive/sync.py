@@ -109,33 +109,41 @@ def fetch_mailbox(
     if uids is None:
         found = client.search(["UID", f"{after_uid + 1}:*"]) if info.get(b"EXISTS", 0) else []
         uids = sorted(u for u in found if u > after_uid)
-    new = 0
-    done = 0
-    for chunk in _chunks(uids, FETCH_CHUNK):
-        sizes = client.fetch(chunk, ["RFC822.SIZE"])
-        wanted = []
-        for uid in chunk:
-            size = int(sizes.get(uid, {}).get(b"RFC822.SIZE", 0))
-            if size > max_size:
-                log.warning("archive: %s UID %d is %d bytes (> max_message_size); not archived", place, uid, size)
-            elif uid in sizes:
-                wanted.append(uid)
-        captures = []
-        if wanted:
-            for uid, data in sorted(client.fetch(wanted, ["BODY.PEEK[]"]).items()):
-                raw = data.get(b"BODY[]")
-                if raw is None:
-                    continue
-                captures.append(Capture(
-                    raw=bytes(raw), place=place, direction=direction, verdict=verdict, ref=f"{uidvalidity}:{uid}",
-                    employee_id=employee.id if employee else None, employee_email=employee.email if employee else ""))
-        if captures:
-            new += sum(o.new_sighting for o in archive.ingest_many(captures))
-        if on_chunk is not None:
-            on_chunk(uidvalidity, max(chunk))
-        done += len(chunk)
-        if progress is not None:
-            progress(done, len(uids))
+    new = done = 0
+    try:
+        for chunk in _chunks(uids, FETCH_CHUNK):
+            sizes = client.fetch(chunk, ["RFC822.SIZE"])
+            wanted = []
+            for uid in chunk:
+                size = int(sizes.get(uid, {}).get(b"RFC822.SIZE", 0))
+                if size > max_size:
+                    log.warning("archive: %s UID %d is %d bytes (> max_message_size); not archived", place, uid, size)
+                elif uid in sizes:
+                    wanted.append(uid)
+            captures = []
+            if wanted:
+                for uid, data in sorted(client.fetch(wanted, ["BODY.PEEK[]"]).items()):
+                    raw = data.get(b"BODY[]")
+                    if raw is None:
+                        continue
+                    captures.append(Capture(
+                        raw=bytes(raw), place=place, direction=direction, verdict=verdict,
+                        ref=f"{uidvalidity}:{uid}", employee_id=employee.id if employee else None,
+                        employee_email=employee.email if employee else ""))
+            if captures:
+                new += sum(o.new_sighting for o in archive.ingest_many(captures, pipeline=True))
+            if on_chunk is not None:  # the chunk's records are committed (its index rows may follow: see below)
+                on_chunk(uidvalidity, max(chunk))
+            done += len(chunk)
+            if progress is not None:
+                progress(done, len(uids))
+    finally:
+        # The chunks' ingest is pipelined (a chunk's index rows are written while the next one
+        # is fetched and stored); wait here, at the end of the folder, not of the sync pass:
+        # every caller (sync, import --imap, the IMAP capture) takes this return as "the
+        # folder's messages are archived and searchable", and a folder is where the chunks
+        # are (a pass over many small folders has little to overlap).  Also after an error.
+        archive.wait_indexed()
     return uidvalidity, new
 
 
