@@ -22,7 +22,7 @@ from gateway.archive.schema import ArchiveRecord, ArchiveSighting
 from gateway.archive.search import record_ids
 from gateway.archive.search_schema import SearchDoc, SearchSeen
 from gateway.archive.verify import verify
-from gateway.db import connect
+from gateway.db import connect, is_postgres
 from tests.unit.archive.conftest import message
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -44,7 +44,8 @@ def db(request, tmp_path):
 
 
 @pytest.fixture
-def archive(db, tmp_path) -> Archive:
+def archive(db, tmp_path, monkeypatch) -> Archive:
+    monkeypatch.setattr(pipeline, "ON_SQLITE", True)  # the thread on SQLite too (its default: inline)
     return Archive(tmp_path / "archive", tmp_path / "archive.keys")
 
 
@@ -171,6 +172,18 @@ def test_the_default_call_is_unchanged_inline_and_starts_no_thread(archive):
     archive.wait_indexed()  # nothing in flight: returns at once
 
 
+def test_by_default_only_postgresql_hands_the_write_to_the_thread(archive, monkeypatch):
+    monkeypatch.setattr(pipeline, "ON_SQLITE", False)
+    before = set(threading.enumerate())
+    out = archive.ingest_many(batch(0), pipeline=True)
+    threaded = any(t.name.startswith("archive-index-write") for t in set(threading.enumerate()) - before)
+    assert threaded == is_postgres()
+    if not is_postgres():  # SQLite: written inline, before the call returned
+        assert documents([o.record for o in out]) == {o.record.id for o in out}
+    archive.wait_indexed()
+    assert documents([o.record for o in out]) == {o.record.id for o in out}
+
+
 def test_a_failed_background_write_is_logged_and_its_records_are_indexed_later(archive, monkeypatch, caplog):
     def broken(outcomes, extracted) -> None:
         raise ConnectionError("the database went away")
@@ -196,9 +209,10 @@ def test_a_kill_during_the_index_write_leaves_records_the_indexer_indexes(archiv
     records (committed before) stay, without documents; ``index_pending`` indexes them."""
     script = f"""
 import os, sys, threading
-from gateway.archive import Archive, Capture, index
+from gateway.archive import Archive, Capture, index, pipeline
 from gateway.db import connect
 connect({db.url!r})
+pipeline.ON_SQLITE = True
 archive = Archive({str(archive.directory)!r}, {str(archive.store.key_file)!r})
 real = index.index_new
 def held(entries):

@@ -32,6 +32,7 @@ from typing import Any
 
 from gateway.archive import chain
 from gateway.archive import original as original_mod
+from gateway.archive import pipeline as pipeline_mod
 from gateway.archive.headertext import SURROGATE, getaddresses
 from gateway.archive.original import OriginalCopy
 from gateway.archive.pipeline import IndexWriter
@@ -252,8 +253,9 @@ class Archive:
 
         ``defer_index`` (None: this archive's ``defer_index``) skips step 4 and 1.
 
-        ``pipeline``: step 4 goes to this archive's index-writer thread (gateway/archive/
-        pipeline.py) and the call returns after step 3 — the caller's next batch (steps 1-3)
+        ``pipeline`` (on PostgreSQL; on SQLite it measured no gain and step 4 stays here, see
+        ``pipeline.worthwhile``): step 4 goes to this archive's index-writer thread
+        (gateway/archive/pipeline.py) and the call returns after step 3 — the caller's next batch (steps 1-3)
         overlaps this one's index write, which the next pipelined call waits for before it
         hands over its own (one in flight).  The caller calls ``wait_indexed`` once it is
         done (before it reports its messages as archived).  Inside a transaction of the
@@ -278,7 +280,7 @@ class Archive:
         if extracted is None:
             return outcomes
         if not database.in_transaction():
-            if pipeline:
+            if pipeline and pipeline_mod.worthwhile():
                 self._index_writer.hand_over(lambda: self.index_committed(outcomes, extracted))
                 return outcomes
             self.wait_indexed()  # (not inside a transaction: on SQLite it holds the lock that write needs)

@@ -19,9 +19,23 @@ import threading
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 
+from gateway.db import is_postgres
 from gateway.db.models import database
 
 log = logging.getLogger("mailgate.archive")
+
+
+# SQLite too?  Measured (bench_archive's batch shape, 2 cores, 2026-12-01): no gain there — the
+# document write is in-process CPU (≈ 0.3 ms a message inline) that the next batch's sealing
+# threads then compete with for the GIL and the cores: 3-5 % fewer msg/s, 0.1-0.6 ms more CPU
+# a message.  Tests set it to run the thread on SQLite as well.
+ON_SQLITE = False
+
+
+def worthwhile() -> bool:
+    """Whether ``ingest_many(pipeline=True)`` hands its index write to the thread on this
+    database: on PostgreSQL, where the write mostly waits for the server (GIN upkeep)."""
+    return ON_SQLITE or is_postgres()
 
 
 class IndexWriter:
