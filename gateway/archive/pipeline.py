@@ -27,8 +27,9 @@ log = logging.getLogger("mailgate.archive")
 
 # SQLite too?  Measured (bench_archive's batch shape, 2 cores, 2026-12-01): no gain there — the
 # document write is in-process CPU (≈ 0.3 ms a message inline) that the next batch's sealing
-# threads then compete with for the GIL and the cores: 3-5 % fewer msg/s, 0.1-0.6 ms more CPU
-# a message.  Tests set it to run the thread on SQLite as well.
+# threads then compete with for the GIL and the cores: 1-9 % fewer msg/s in 3 of 4 pairs and up
+# to 0.6 ms more CPU a message (BENCHMARKS.md, archive, 2026-12-01).  Tests set it to run the
+# thread on SQLite as well.
 ON_SQLITE = False
 
 
