@@ -1,4 +1,5 @@
-"""Session-wide real servers: an SMTP sink, a private Dovecot relaying to it, PostgreSQL."""
+"""Session-wide real servers: an SMTP sink, a private Dovecot relaying to it, PostgreSQL;
+and the archive's worker pool for a test (``pool``)."""
 
 from __future__ import annotations
 
@@ -45,3 +46,14 @@ def postgres() -> Iterator[pg.PostgresServer]:
         pytest.skip("PostgreSQL server binaries (/usr/lib/postgresql/*/bin) or runuser not available")
     with shared_tempdir("mailgate-postgres-") as base, pg.PostgresServer(base) as server:
         yield server
+
+
+@pytest.fixture
+def pool(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """The archive's real worker pool of one process (spawned), stopped after the test."""
+    from gateway.archive import workers
+
+    monkeypatch.setenv("MAILGATE_ARCHIVE_WORKERS", "1")
+    workers.shutdown()
+    yield
+    workers.shutdown()

@@ -49,15 +49,6 @@ def archive(db, tmp_path, monkeypatch) -> Archive:
     return Archive(tmp_path / "archive", tmp_path / "archive.keys")
 
 
-@pytest.fixture
-def pool(monkeypatch):
-    """A real worker pool of one process (spawned), stopped after the test."""
-    monkeypatch.setenv("MAILGATE_ARCHIVE_WORKERS", "1")
-    workers.shutdown()
-    yield
-    workers.shutdown()
-
-
 def batch(first: int, n: int = workers.MIN_BATCH + 2, word: str = "zebrafish") -> list[Capture]:
     """``n`` new messages (enough for the worker processes to extract them)."""
     return [Capture(raw=message(i, f"{word} 报价单 pipe{i}"), place="import:eml", ref=f"f{i}")
@@ -120,6 +111,22 @@ def test_pipelined_batches_are_all_indexed_once_waited_for(archive, pool):
     assert ArchiveSighting.select().count() == len(records) + 1
     assert verify(archive.store) == []
     assert index_pending(archive) == 0  # nothing left for the background indexer
+
+
+@pytest.mark.parametrize("pipelined", [False, True])
+def test_a_batch_that_starts_with_a_known_content_stores_its_new_records_before_their_sightings(
+        archive, pipelined):
+    """The first capture a re-sighting, the rest new: the buffered inserts still go to the
+    tables parents first (a sighting's record before the sighting), on both backends."""
+    (known,) = archive.ingest_many(batch(0, 1))
+    again = Capture(raw=message(0, "zebrafish 报价单 pipe0"), place="sync:alice/Sent", direction="outbound")
+    out = archive.ingest_many([again, *batch(100, 3)], pipeline=pipelined)
+    archive.wait_indexed()
+    assert not out[0].new_record and out[0].new_sighting and out[0].record.id == known.record.id
+    assert all(o.new_record for o in out[1:])
+    assert ArchiveRecord.select().count() == 4 and ArchiveSighting.select().count() == 5
+    assert documents([o.record for o in out[1:]]) == {o.record.id for o in out[1:]}
+    assert verify(archive.store) == []
 
 
 def test_a_pipelined_call_returns_before_its_index_write_and_the_next_one_waits_for_it(archive, monkeypatch):

@@ -77,18 +77,19 @@ _buffer = threading.local()
 
 @contextmanager
 def buffered_inserts(models: tuple[type[Model], ...] = ()) -> Iterator[None]:
-    """Inside a write transaction (on SQLite: whose write lock is held already): the rows
-    that ``insert_row`` adds in the block go to the database when it ends, one statement
-    per table and column set, tables in the order each first appeared (parents before
-    children).  The ids are assigned when the row is added: on SQLite counting on from the
-    table's largest id as SQLite itself would (nobody else can insert while we hold the
-    write lock); on PostgreSQL drawn from the table's sequence a block at a time (ids
-    another writer draws meanwhile are its own; the ids of a block left unused are gaps, as
-    a rolled-back insert leaves).  Every statement is a moment a thread gives up the GIL —
-    under load it waits milliseconds to get it back, holding the write lock all along — and
-    on PostgreSQL a round trip the server parses and plans: a batch's twenty inserts become
-    three.  Reads inside the block do not see the waiting rows: call ``flush_inserts()``
-    before one that must.  Nested blocks: the outer one holds the rows.
+    """Inside a write transaction (on SQLite: whose write lock is held already): the rows that
+    ``insert_row`` adds in the block go to the database when it ends, one statement per
+    table and column set, a table's rows in the order they were added and every table after
+    the tables its foreign keys point at (``_parents_first``).  The ids are assigned when
+    the row is added: on SQLite counting on from the table's largest id as SQLite itself
+    would (nobody else can insert while we hold the write lock); on PostgreSQL drawn from
+    the table's sequence a block at a time (ids another writer draws meanwhile are its own;
+    the ids of a block left unused are gaps, as a rolled-back insert leaves).  Every
+    statement is a moment a thread gives up the GIL — under load it waits milliseconds to
+    get it back, holding the write lock all along — and on PostgreSQL a round trip the
+    server parses and plans: a batch's twenty inserts become three.  Reads inside the block
+    do not see the waiting rows: call ``flush_inserts()`` before one that must.  Nested
+    blocks: the outer one holds the rows.
 
     ``models``: the tables the block will probably insert into; on SQLite the first id
     needed reads the largest id of each of them in one statement instead of one each."""
@@ -108,7 +109,7 @@ def flush_inserts() -> None:
     rows = getattr(_buffer, "rows", None)
     if not rows:
         return
-    pending = list(rows.items())
+    pending = _parents_first(rows)
     rows.clear()
     sqlite = isinstance(database.obj, SqliteDatabase)
     for model, by_columns in pending:
@@ -119,6 +120,27 @@ def flush_inserts() -> None:
                 from psycopg2.extras import execute_values  # PostgreSQL only (an optional extra)
 
                 execute_values(database.obj.cursor(), _values_sql(model, fields), params, page_size=PG_PAGE)
+
+
+def _parents_first(rows: dict[type[Model], dict]) -> list[tuple[type[Model], dict]]:
+    """The buffered tables in the order they first appeared, except that a table whose
+    foreign key points at another buffered table comes after it: a batch whose first
+    archive capture is a re-sighting (a sighting of a record stored earlier) still inserts
+    its new records before their sightings."""
+    ordered: list[type[Model]] = []
+    placed: set[type[Model]] = set()
+
+    def place(model: type[Model]) -> None:
+        placed.add(model)  # before the parents: a cycle of foreign keys ends here
+        for parent in model._meta.refs.values():
+            if parent in rows and parent not in placed:
+                place(parent)
+        ordered.append(model)
+
+    for model in rows:
+        if model not in placed:
+            place(model)
+    return [(model, rows[model]) for model in ordered]
 
 
 def _next_id(model: type[Model]) -> int:

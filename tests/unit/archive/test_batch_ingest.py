@@ -15,15 +15,6 @@ from gateway.archive.verify import verify
 from tests.unit.archive.conftest import message
 
 
-@pytest.fixture
-def pool(monkeypatch):
-    """A real worker pool of one process (spawned), stopped after the test."""
-    monkeypatch.setenv("MAILGATE_ARCHIVE_WORKERS", "1")
-    workers.shutdown()
-    yield
-    workers.shutdown()
-
-
 def test_a_batch_is_chained_and_indexed_through_the_worker_pool(archive, pool):
     caps = [Capture(raw=message(i, f"zebrafish 报价单 batch{i}"), place="import:eml", ref=f"f{i}")
             for i in range(workers.MIN_BATCH + 4)]
