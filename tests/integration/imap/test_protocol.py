@@ -182,14 +182,16 @@ def test_idle_passes_through(proxy, imap_upstream):
         assert c.noop()[0]
 
 
-def test_pipelined_commands(proxy):
+def test_pipelined_commands(proxy, imap_upstream):
+    # The INBOX must not be empty whichever tests ran before: FETCH 1:* of none is a BAD.
+    imap_upstream.deliver("alice@acme.test", message("Buyer <buyer@buyer.test>", subject="Pipelined")[1])
     r = Raw(proxy.host, proxy.starttls_port)
     r.send(b"a1 LOGIN alice@acme.test alice-pw\r\na2 SELECT INBOX\r\na3 FETCH 1:* (UID RFC822.SIZE ENVELOPE)\r\n"
            b"a4 NOOP\r\na5 UID FETCH 1:* (FLAGS)\r\n")
     lines = r.until(b"a5")
-    done = [ln.split(b" ")[0] for ln in lines if ln[:1] == b"a"]
-    assert done == [b"a1", b"a2", b"a3", b"a4", b"a5"]
-    assert all(b" OK" in ln for ln in lines if ln[:1] == b"a")
+    tagged = [ln for ln in lines if ln[:1] == b"a"]
+    assert [ln.split(b" ")[:2] for ln in tagged] == [[t, b"OK"] for t in (b"a1", b"a2", b"a3", b"a4", b"a5")]
+    assert any(b'"Pipelined"' in ln for ln in lines)  # a3's answer, through the proxy
 
 
 def test_connection_limits(make_proxy):
