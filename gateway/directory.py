@@ -1,4 +1,4 @@
-"""The directory: "whose customer is this address?" (ARCHITECTURE §5).
+"""The directory: "whose customer is this address?" (docs/ARCHITECTURE.md §3).
 
 An in-memory index kept in step with the DB.  Lookups are dictionary hits:
 exact contact address first, then the customer's company domains, except for

@@ -1,4 +1,4 @@
-"""Step 2 of the pipeline (ARCHITECTURE §3): apply the verdict's mutations.
+"""Step 2 of the pipeline (docs/ARCHITECTURE.md §2): apply the verdict's mutations.
 
 The order is fixed here, never in rule files: tag headers -> rewrite sender
 (envelope + From, Reply-To policy) -> other header edits -> DKIM sign (last,

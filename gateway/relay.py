@@ -1,4 +1,4 @@
-"""The relay worker: drains the outbound queue to the upstream smarthost (ARCHITECTURE §3.3).
+"""The relay worker: drains the outbound queue to the upstream smarthost (docs/ARCHITECTURE.md §2).
 
 Each worker claims due rows with a compare-and-set UPDATE (safe with several
 workers, processes and nodes on one database), delivers them with smtplib in

@@ -1,4 +1,4 @@
-"""One node: every service in one process, one event loop (ARCHITECTURE §2).
+"""One node: every service in one process, one event loop (docs/ARCHITECTURE.md §1).
 
 Twisted runs on the asyncio loop (asyncioreactor), so the Twisted IMAP proxy
 and the aiosmtpd submission servers share it.  ``Node.start`` composes the

@@ -44,8 +44,8 @@ def insert_row(instance: Model) -> Model:
     the INSERT text is cached per model, column set and backend.  The same columns and
     values as ``save()`` (the fields set on the instance, defaults included), the new id
     set on the instance.  Plain models only (no ``save()`` overrides, no signals).
-    Inside ``buffered_inserts()`` on SQLite the row waits for the block's end (its id is
-    set at once)."""
+    Inside ``buffered_inserts()`` the row waits for the block's end (its id is set at once,
+    on both backends)."""
     model = type(instance)
     meta = model._meta
     data = instance.__data__

@@ -1,4 +1,4 @@
-"""The data model (ARCHITECTURE §6), one peewee model per table.
+"""The data model (docs/ARCHITECTURE.md §5), one peewee model per table.
 
 All models bind to ``database``, a proxy that ``gateway.db.connect`` points at
 SQLite (WAL) or PostgreSQL.  Schema changes go through ``gateway.db.migrations``;

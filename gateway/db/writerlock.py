@@ -9,8 +9,9 @@ the time).  Taking an exclusive ``flock`` on a file beside the database before t
 transaction makes the waiter sleep in the kernel instead, woken the moment the holder
 releases it.
 
-Only a hand-off, never what keeps data safe: SQLite's own lock still decides.  Writers
-that do not take it (the panel, the indexer, CLI tools) are unaffected and still wait
+Only a hand-off, never what keeps data safe: SQLite's own lock still decides.  The group
+committers, the relay's claims, the background indexer's write transactions and the blob
+syncer take it; writers that do not (the panel, CLI tools) are unaffected and still wait
 in SQLite's busy handler.  A holder only ever waits for SQLite's lock, never for
 another holder, so there is no deadlock; a process that dies drops its flock.
 PostgreSQL and in-memory databases: a no-op.

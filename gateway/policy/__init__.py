@@ -1,4 +1,4 @@
-"""The outbound policy entry point (ARCHITECTURE §3, step 1: decide).
+"""The outbound policy entry point (docs/ARCHITECTURE.md §2, step 1: decide).
 
 ``Policy.decide(ctx)`` runs every rule in priority order, records each in the
 trace, and returns one Verdict.  The first rule in enforce mode that rejects

@@ -1,4 +1,4 @@
-"""What the policy sees and what it answers (ARCHITECTURE §3).
+"""What the policy sees and what it answers (docs/ARCHITECTURE.md §2).
 
 A submitted message becomes one ``Context``; rules read it and append to its
 trace; the outcome is one ``Verdict``: accept, reject(reason) or

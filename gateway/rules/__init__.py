@@ -1,4 +1,4 @@
-"""Rule files: company policy in rules/*.yaml (ARCHITECTURE §3, step 1).
+"""Rule files: company policy in rules/*.yaml (docs/ARCHITECTURE.md §2, step 1).
 
 loader     YAML -> rule objects, file:line errors
 conditions one class per condition, by kebab-case name

@@ -25,7 +25,7 @@ from gateway.archive.verify import verify
 from gateway.db import connect, is_postgres
 from tests.unit.archive.conftest import message
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.integration)])
