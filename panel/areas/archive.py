@@ -3,8 +3,11 @@ correspondence per customer (往来邮件).
 
 Only the ``auditor`` role gets in (everyone else: 403, checked on the server for every
 route).  Every search, message view, download and export is written to the operation log
-(``archive.search``, ``archive.view``, ``archive.download``, ``archive.export``) with the
-auditor as actor, so the auditors' own trail can be audited.
+(``archive.search``, ``archive.view``, ``archive.view_html``, ``archive.download``,
+``archive.export``) with the auditor as actor, so the auditors' own trail can be audited.
+Opening a message therefore logs two reads: ``archive.view`` (the page: headers, text,
+attachment list) and ``archive.view_html`` (its HTML part, fetched by the page's iframe —
+or directly: that URL is a read of its own and logged as one).
 
 The message HTML is never inlined: it is sanitized by ``panel.preview`` and served from
 its own URL under ``HTML_CSP`` inside ``<iframe sandbox>`` (no scripts, no same-origin,
@@ -380,8 +383,9 @@ def routes(app: bottle.Bottle) -> None:
     @require("auditor")
     def message_html(record_id: int) -> str:
         rec = _record_or_404(record_id)
-        raw, _ = _raw(rec)
+        raw, error = _raw(rec)
         preview = build_preview(raw) if raw is not None else Preview(html="")
+        oplog("archive.view_html", f"archive:{rec.id}", {"sha256": rec.sha256, **({"error": error} if error else {})})
         bottle.response.content_type = "text/html; charset=utf-8"
         bottle.response.set_header("Content-Security-Policy", HTML_CSP)
         bottle.response.set_header("X-Frame-Options", "SAMEORIGIN")

@@ -137,11 +137,28 @@ def test_message_view_sanitized_html_and_downloads(http_as, archived, panel_db):
     assert client.get("/archive/999999999").status == 404
 
     views = _trail(panel_db, "archive.view", before)
+    assert [v.target for v in _trail(panel_db, "archive.view_html", before)] == [f"archive:{rid}"]  # the iframe
     downloads = _trail(panel_db, "archive.download", before)
     assert [v.target for v in views] == [f"archive:{rid}"]
     assert [(d.target, '"what": "eml"' in d.details) for d in downloads] == [(f"archive:{rid}", True),
                                                                             (f"archive:{rid}", False)]
     assert "attachment" in downloads[1].details
+
+
+def test_html_part_read_directly_is_logged(http_as, archived, panel_db):
+    """The iframe's URL is a read of its own: fetched without the message page, it still
+    leaves an ``archive.view_html`` entry (auditor, record) — and no ``archive.view``."""
+    client = http_as("auditor")
+    rid = archived.ids[0]
+    before = _last_id(panel_db)
+    frame = client.get(f"/archive/{rid}/message.html")
+    assert frame.status == 200 and f"<b>{archived.tag}</b>" in frame.text
+    trail = _trail(panel_db, "archive.view_html", before)
+    assert [(t.actor, t.target) for t in trail] == [("local:auditor", f"archive:{rid}")]
+    assert trail[0].details and "sha256" in trail[0].details
+    assert _trail(panel_db, "archive.view", before) == []
+    assert client.get("/archive/999999999/message.html").status == 404
+    assert _trail(panel_db, "archive.view_html", trail[0].id) == []
 
 
 def test_submitted_original_of_changed_outbound_mail(http_as, archived, panel_db):
