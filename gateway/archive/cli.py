@@ -157,7 +157,14 @@ def cmd_purge(args: argparse.Namespace) -> int:
     from gateway.archive.retention import purge
 
     cfg, archive = _setup(args)
-    years = args.years if args.years is not None else cfg.archive.retention_years
+    configured = cfg.archive.retention_years
+    if args.years is not None and (configured <= 0 or args.years < configured):
+        # Retention is policy, set in the configuration; a command line may keep mail longer, never shorter.
+        print(f"archive purge: --years {args.years} is shorter than [archive] retention_years = "
+              f"{configured or 'keep forever'}; a purge may only keep mail longer than the configured "
+              "retention", file=sys.stderr)
+        return 2
+    years = args.years if args.years is not None else configured
     if years <= 0:
         print("archive retention_years is 0: records are kept forever; nothing to purge")
         return 0
@@ -211,7 +218,7 @@ def add_parsers(sub) -> None:  # noqa: ANN001 - argparse's private subparsers ac
 
     pg = asub.add_parser("purge", help="delete records past [archive] retention_years (not on hold); logged")
     pg.add_argument("--dry-run", action="store_true", help="only count")
-    pg.add_argument("--years", type=int, help="override retention_years")
+    pg.add_argument("--years", type=int, help="keep mail longer than retention_years (never shorter)")
     pg.set_defaults(func=cmd_purge)
 
     # --- search side: `mailgate archive search …` (gateway/archive/search_cli.py, owned by the search helper)

@@ -4,7 +4,8 @@ A record is due for purging once ``created_at`` (when it was first archived) is 
 than ``[archive] retention_years`` (0 = keep forever) — unless a legal hold covers it:
 scope ``record`` (one record id), ``employee`` (every record with a sighting of that
 employee's address) or ``all`` (suspends every purge).  Holds and releases are chained
-events and operation-log entries.
+events and operation-log entries; a hold the chain leaves in force holds whatever the hold
+table says (``active_holds``), and ``verify`` reports where the two disagree.
 
 A purge keeps the chain verifiable: in one transaction (holding the chain lock) it
 blanks each record's and its sightings' descriptive fields (keeping ``digest``, so
@@ -21,6 +22,7 @@ Blocking: call from a worker thread.
 from __future__ import annotations
 
 import datetime as dt
+import json
 import logging
 from dataclasses import dataclass, field
 
@@ -85,10 +87,16 @@ def place_hold(scope: str, target: str, reason: str, actor: str) -> ArchiveHold:
 
 
 def release_hold(hold_id: int, actor: str, reason: str = "") -> ArchiveHold:
+    """Release a hold in force — by the table or by the chain (``active_holds``): the release
+    is chained, and the table row set (made again if it was deleted)."""
     with write_transaction():
         hold = ArchiveHold.get_or_none(ArchiveHold.id == hold_id)
-        if hold is None or hold.released_at is not None:
+        chained = chained_holds().get(hold_id)
+        if chained is None and (hold is None or hold.released_at is not None):
             raise HoldError(f"no active hold {hold_id}")
+        if hold is None:
+            ArchiveHold.insert(id=hold_id, scope=chained[0], target=chained[1], created_by="(from the chain)").execute()
+            hold = ArchiveHold.get_by_id(hold_id)
         hold.released_at, hold.released_by = utcnow(), actor[:320]
         hold.save()
         target = f"{hold.scope}:{hold.target}"
@@ -98,7 +106,56 @@ def release_hold(hold_id: int, actor: str, reason: str = "") -> ArchiveHold:
 
 
 def active_holds() -> list[ArchiveHold]:
-    return list(ArchiveHold.select().where(ArchiveHold.released_at.is_null()).order_by(ArchiveHold.id))
+    """The holds in force: those the hold table has as active and — whatever the table now
+    says — those the chained hold/release events leave active.  Releasing a hold by editing
+    the table (not through ``release_hold``, which chains the release) does not lift it;
+    ``verify`` reports the difference (``hold_problems``)."""
+    table = list(ArchiveHold.select().where(ArchiveHold.released_at.is_null()).order_by(ArchiveHold.id))
+    have = {h.id for h in table}
+    extra = [ArchiveHold(id=hid, scope=scope, target=target, created_by="(from the chain: the hold table was altered)")
+             for hid, (scope, target) in chained_holds().items() if hid not in have]
+    return sorted(table + extra, key=lambda h: h.id)
+
+
+def chained_holds() -> dict[int, tuple[str, str]]:
+    """Hold id → (scope, target) of every hold that the chain's events place and do not
+    release, in chain order."""
+    from gateway.archive.schema import ArchiveEvent
+
+    active: dict[int, tuple[str, str]] = {}
+    events = ArchiveEvent.select(ArchiveEvent.kind, ArchiveEvent.target, ArchiveEvent.details).where(
+        ArchiveEvent.kind.in_(("hold", "release"))).order_by(ArchiveEvent.seq)
+    for e in events:
+        try:
+            hid = int(json.loads(e.details)["hold"])
+        except (ValueError, KeyError, TypeError):
+            continue  # an altered event: verify reports it (its digest)
+        if e.kind == "hold":
+            scope, _, target = e.target.partition(":")
+            active[hid] = (scope, target)
+        else:
+            active.pop(hid, None)
+    return active
+
+
+def hold_problems() -> list[str]:
+    """Where the hold table and the chained hold/release events disagree (one line each)."""
+    problems = []
+    chained = chained_holds()
+    table = {h.id: h for h in ArchiveHold.select()}
+    for hid, (scope, target) in sorted(chained.items()):
+        row = table.get(hid)
+        if row is None:
+            problems.append(f"archive: legal hold {hid} ({scope}:{target}) is in force by the chain "
+                            "but missing from the hold table (deleted; purges still keep it)")
+        elif row.released_at is not None:
+            problems.append(f"archive: legal hold {hid} ({scope}:{target}) is released in the hold table "
+                            "without a chained release (purges still keep it)")
+    for hid, row in sorted(table.items()):
+        if row.released_at is None and hid not in chained:
+            problems.append(f"archive: legal hold {hid} ({row.scope}:{row.target}) is active in the hold table "
+                            "but no chained event places it (or a chained release lifted it)")
+    return problems
 
 
 def is_held(record: ArchiveRecord) -> bool:

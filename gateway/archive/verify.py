@@ -6,6 +6,8 @@ Problems are returned as one line each (empty list: intact).  What is detected:
 - the tail cut (the head names a later seq) or the head rewritten as well (a checkpoint
   in the operation log names a seq/hash the chain no longer has);
 - a record blanked as if purged without a chained purge event;
+- a legal hold released or deleted in the hold table without a chained release (or one
+  active there that no chained event placed) — purges keep the chained holds regardless;
 - a blob missing, altered (AES-GCM tag), undecryptable (key removed) or not the content
   its record names (SHA-256).
 Blocking; reads in batches, so memory stays flat for millions of rows.
@@ -150,7 +152,9 @@ def verify_blobs(store: BlobStore, batch: int = 1000,
 
 def verify(store: BlobStore | None, blobs: bool = True,
            progress: Callable[[int, int], None] | None = None) -> list[str]:
-    problems = verify_chain()
+    from gateway.archive.retention import hold_problems
+
+    problems = verify_chain() + hold_problems()
     if blobs and store is not None:
         problems += verify_blobs(store, progress=progress)
     return problems

@@ -5,7 +5,7 @@ import datetime as dt
 import pytest
 
 from gateway.archive import ArchiveError
-from gateway.archive.retention import HoldError, is_held, place_hold, purge, release_hold
+from gateway.archive.retention import HoldError, active_holds, is_held, place_hold, purge, release_hold
 from gateway.archive.schema import ArchiveRecord, ArchiveSighting
 from gateway.archive.verify import verify
 from gateway.db.models import AuditLog, Employee, utcnow
@@ -143,3 +143,73 @@ def test_the_next_purge_deletes_blobs_an_interrupted_one_left(archive):
     assert purge(archive.store, 7).purged == []  # nothing new to purge ...
     assert not archive.blob_path(old).exists()  # ... but the leftover is gone
     assert verify(archive.store) == []
+
+
+def test_a_hold_released_or_deleted_in_the_table_still_holds_and_verify_reports_it(archive):
+    """The hold table is not the authority: the chained hold/release events are."""
+    from gateway.archive.schema import ArchiveHold
+
+    old = [_old(archive, i) for i in range(3)]
+    by_record = place_hold("record", str(old[0].id), "litigation", "auditor@acme.test")
+    place_hold("record", str(old[1].id), "regulator", "auditor@acme.test")
+    # an administrator "releases" one in the database and deletes the other
+    ArchiveHold.update(released_at=utcnow(), released_by="dba").where(ArchiveHold.id == by_record.id).execute()
+    ArchiveHold.delete().where(ArchiveHold.target == str(old[1].id)).execute()
+    assert is_held(ArchiveRecord.get_by_id(old[0].id)) and is_held(ArchiveRecord.get_by_id(old[1].id))
+    result = purge(archive.store, 7)
+    assert result.purged == [old[2].id] and result.held == 2
+    problems = verify(archive.store)
+    assert len(problems) == 2
+    assert any(f"hold {by_record.id} " in p and "without a chained release" in p for p in problems)
+    assert any("missing from the hold table" in p for p in problems)
+    # released properly (chained), both are lifted and the table is made true again
+    for rec in old[:2]:
+        hold = next(h for h in active_holds() if h.target == str(rec.id))
+        release_hold(hold.id, "auditor@acme.test", "case closed")
+    assert verify(archive.store) == []
+    assert sorted(purge(archive.store, 7).purged) == [old[0].id, old[1].id]
+
+
+def test_a_hold_inserted_behind_the_chains_back_is_reported_and_a_real_release_is_clean(archive):
+    from gateway.archive.schema import ArchiveHold
+
+    rec = _old(archive, 1)
+    forged = ArchiveHold.create(scope="record", target=str(rec.id), reason="not chained", created_by="dba")
+    assert verify(archive.store) == [f"archive: legal hold {forged.id} (record:{rec.id}) is active in the hold "
+                                     "table but no chained event places it (or a chained release lifted it)"]
+    forged.delete_instance()
+    hold = place_hold("record", str(rec.id), "case", "auditor@acme.test")
+    release_hold(hold.id, "auditor@acme.test", "closed")
+    assert verify(archive.store) == [] and purge(archive.store, 7).purged == [rec.id]
+
+
+def test_the_command_line_may_keep_mail_longer_but_never_shorter(tmp_path, capsys):
+    from gateway.archive import Archive
+    from gateway.cli import main
+    from gateway.config import load
+    from gateway.db import connect
+    from tests.harness.gateway import write_config
+
+    path = tmp_path / "mailgate.toml"
+    cfg = {"node": {"name": "t", "data_dir": "var"}, "database": {"url": "sqlite:///var/m.db"},
+           "company": {"name": "ACME", "domains": ["acme.test"]},
+           "relay": {"mode": "relay_account", "username": "relay@acme.test", "password": "pw"},
+           "archive": {"retention_years": 7}}
+    write_config(path, cfg)
+    assert main(["-c", str(path), "init"]) == 0
+    db = connect(load(path).database.url)
+    archive = Archive.from_config(load(path))
+    rec = archive.record(message(1), direction="outbound", verdict="accepted", seen_at=utcnow() - dt.timedelta(
+        days=365 * 5))
+    db.close()
+    capsys.readouterr()
+    assert main(["-c", str(path), "archive", "purge", "--years", "3"]) == 2
+    assert "shorter than [archive] retention_years = 7" in capsys.readouterr().err
+    assert main(["-c", str(path), "archive", "purge", "--years", "10"]) == 0  # longer: allowed
+    assert main(["-c", str(path), "archive", "purge"]) == 0
+    assert "purged 0 record(s) older than 7 years" in capsys.readouterr().out
+    cfg["archive"] = {"retention_years": 0}
+    write_config(path, cfg)
+    assert main(["-c", str(path), "archive", "purge", "--years", "3"]) == 2  # 0 = keep forever
+    connect(load(path).database.url)
+    assert ArchiveRecord.get_by_id(rec.id).purged_at is None
