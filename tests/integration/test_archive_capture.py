@@ -123,6 +123,8 @@ def test_refused_submission(gw):
     rec = ArchiveRecord.get(ArchiveRecord.subject == subject)
     [s] = sightings(record=rec.id)
     assert s.verdict == "refused" and "lagos.imports@gmail.com" in s.reason
+    hits = [step for step in json.loads(s.trace) if step["hit"]]  # the rule trace says which rule refused
+    assert [step["rule"] for step in hits if step["mode"] == "enforce"][:1] == ["send-conflict"]
 
 
 def test_held_submission(gw):
@@ -130,7 +132,9 @@ def test_held_submission(gw):
     code, text = submit(gw, "alice@acme.test", "alice-pw", mail("tanaka@osaka-machinery.jp", subject))
     assert code == 250, text
     rec = ArchiveRecord.get(ArchiveRecord.subject == subject)
-    assert [s.verdict for s in sightings(record=rec.id)] == ["held"]
+    [s] = sightings(record=rec.id)
+    assert s.verdict == "held" and "Japan: manager approval" in s.reason
+    assert any(step["rule"] == "hold-japan" and step["hit"] for step in json.loads(s.trace))
 
 
 def test_imap_proxy_whole_fetch_is_archived(gw, dovecot):
