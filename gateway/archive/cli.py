@@ -1,4 +1,4 @@
-"""`mailgate archive verify|import|rotate-key|hold|release|holds|purge` (+ search, from the search side).
+"""`mailgate archive verify|head|import|rotate-key|hold|release|holds|purge` (+ search, from the search side).
 
 Exit codes: 0 fine, 1 a problem found (verify) or some items failed (import), 2 bad usage/config.
 """
@@ -10,9 +10,13 @@ import getpass
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from gateway import config as config_mod
 from gateway.areas import optional_module
+
+if TYPE_CHECKING:
+    from gateway.archive.anchors import Anchor
 
 
 def _setup(args: argparse.Namespace):  # noqa: ANN202 - (Config, Archive)
@@ -39,7 +43,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
     _, archive = _setup(args)
     progress = Progress("verify blobs") if not args.quiet else None
-    problems = verify(archive.store, blobs=not args.no_blobs, progress=progress.update if progress else None)
+    problems = verify(archive.store, blobs=not args.no_blobs, progress=progress.update if progress else None,
+                      anchors=args.anchor or (), directory=archive.directory)
     if progress:
         progress.finish()
     for p in problems:
@@ -47,9 +52,28 @@ def cmd_verify(args: argparse.Namespace) -> int:
     if problems:
         print(f"archive verify: {len(problems)} problem(s)", file=sys.stderr)
         return 1
-    seq, h = checkpoint(_actor(args))
+    seq, h = checkpoint(_actor(args), archive.directory)
     print(f"archive verify: OK ({seq} chain entries; head {h[:16]}…)")
+    print(f"anchor: {seq}:{h}")  # keep it off-host; `verify --anchor` checks it later
     return 0
+
+
+def cmd_head(args: argparse.Namespace) -> int:
+    from gateway.archive import chain
+
+    _setup(args)
+    seq, h = chain.head()
+    print(f"anchor: {seq}:{h}")
+    return 0
+
+
+def _anchor_arg(text: str) -> Anchor:
+    from gateway.archive.anchors import AnchorError, parse
+
+    try:
+        return parse(text)
+    except AnchorError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def cmd_import(args: argparse.Namespace) -> int:
@@ -181,7 +205,13 @@ def add_parsers(sub) -> None:  # noqa: ANN001 - argparse's private subparsers ac
     v = asub.add_parser("verify", help="check the hash chain and every blob; non-zero exit on any problem")
     v.add_argument("--no-blobs", action="store_true", help="check the chain only (fast)")
     v.add_argument("--quiet", action="store_true", help="no progress output")
+    v.add_argument("--anchor", action="append", type=_anchor_arg, metavar="SEQ:HASH",
+                   help="an anchor kept off-host (printed by an earlier verify or `archive head`); "
+                        "the chain must still hold it (repeatable)")
     v.set_defaults(func=cmd_verify)
+
+    hd = asub.add_parser("head", help="print the chain head as an anchor line (anchor: SEQ:HASH) to keep off-host")
+    hd.set_defaults(func=cmd_head)
 
     i = asub.add_parser("import", help="import existing mail: .eml files/folders, --mbox FILE, or an IMAP account")
     i.add_argument("paths", nargs="*", help=".eml files or folders (searched recursively)")

@@ -14,7 +14,7 @@
   order, in batches (``index.index_pending``, a thread), every ``INDEX_POLL`` seconds —
   and at start-up it catches up what an earlier run left (durable watermarks).
 - Daily: retention purge (when ``retention_years`` > 0) and a chain checkpoint in the
-  operation log.
+  operation log and the archive directory's ``chain-anchors.log`` (gateway/archive/anchors.py).
 """
 
 from __future__ import annotations
@@ -124,7 +124,7 @@ async def _daily(archive: Archive, cfg: Any, stopping: asyncio.Event) -> None:
         try:
             if cfg.archive.purge_enabled and cfg.archive.retention_years > 0:
                 await asyncio.to_thread(purge, archive.store, cfg.archive.retention_years, "system")
-            await asyncio.to_thread(checkpoint, "system")
+            await asyncio.to_thread(checkpoint, "system", archive.directory)
         except Exception:
             log.exception("archive daily retention/checkpoint failed")
         if await _wait(stopping, DAILY - 60.0):

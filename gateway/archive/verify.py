@@ -9,15 +9,26 @@ Problems are returned as one line each (empty list: intact).  What is detected:
 - a legal hold released or deleted in the hold table without a chained release (or one
   active there that no chained event placed) — purges keep the chained holds regardless;
 - a blob missing, altered (AES-GCM tag), undecryptable (key removed) or not the content
-  its record names (SHA-256).
+  its record names (SHA-256);
+- the tail cut and the head AND the newest operation-log checkpoints rewritten too: the
+  anchors kept outside the database (gateway/archive/anchors.py) — ``chain-anchors.log`` in
+  the archive directory (one line per checkpoint) and any ``anchors`` an auditor kept
+  off-host — must each still name an entry with that hash; a missing anchors file (once
+  the operation log says one was written), a malformed line, or an anchored operation-log
+  checkpoint absent from the file is reported too.
+Honest limit: whoever can rewrite both the database and the archive directory can still
+cut the tail after the last anchor held off-host (``mailgate archive verify`` prints
+``anchor: SEQ:HASH``; keep it, or copy chain-anchors.log, somewhere they cannot write).
 Blocking; reads in batches, so memory stays flat for millions of rows.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
 
+from gateway.archive import anchors as anchors_mod
 from gateway.archive import chain, original
 from gateway.archive.schema import ArchiveEvent, ArchiveRecord, ArchiveSighting
 from gateway.archive.store import BlobError, BlobStore
@@ -151,19 +162,35 @@ def verify_blobs(store: BlobStore, batch: int = 1000,
 
 
 def verify(store: BlobStore | None, blobs: bool = True,
-           progress: Callable[[int, int], None] | None = None) -> list[str]:
+           progress: Callable[[int, int], None] | None = None,
+           anchors: Iterable[anchors_mod.Anchor] = (), directory: Path | None = None) -> list[str]:
+    """The chain, the holds, the anchors (``chain-anchors.log`` in ``directory``, default the
+    store's directory, i.e. the archive directory; plus ``anchors`` kept off-host) and the blobs."""
     from gateway.archive.retention import hold_problems
 
     problems = verify_chain() + hold_problems()
+    problems += verify_anchors(directory if directory is not None else store.directory if store else None,
+                               anchors)
     if blobs and store is not None:
         problems += verify_blobs(store, progress=progress)
     return problems
 
 
-def checkpoint(actor: str = "system") -> tuple[int, str]:
-    """Record the chain head in the (separately chained) operation log."""
+def verify_anchors(directory: Path | None, anchors: Iterable[anchors_mod.Anchor] = ()) -> list[str]:
+    """Anchors kept outside the database (gateway/archive/anchors.py); ``directory`` None:
+    only ``anchors``."""
+    return anchors_mod.verify(directory, anchors, CHECKPOINT_ACTION)
+
+
+def checkpoint(actor: str = "system", directory: Path | None = None) -> tuple[int, str]:
+    """Record the chain head in the (separately chained) operation log and, with the
+    archive ``directory``, first as a line of its ``chain-anchors.log`` (fsynced)."""
     from gateway import oplog
 
     seq, h = chain.head()
-    oplog.record(actor, CHECKPOINT_ACTION, f"seq {seq}", {"seq": seq, "hash": h})
+    details: dict[str, object] = {"seq": seq, "hash": h}
+    if directory is not None:
+        anchors_mod.append(directory, anchors_mod.Anchor(seq, h))
+        details["anchored"] = True  # from now on verify requires the file
+    oplog.record(actor, CHECKPOINT_ACTION, f"seq {seq}", details)
     return seq, h

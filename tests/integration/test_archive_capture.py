@@ -212,6 +212,32 @@ def test_verify_passes_then_reports_an_altered_blob(gw, capsys):
     connect(gw.db_url)
 
 
+def test_verify_prints_and_checks_anchors_kept_off_host(gw, capsys):
+    argv = ["-c", str(gw.config_path), "archive", "verify", "--no-blobs", "--quiet"]
+    capsys.readouterr()
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    kept = re.search(r"^anchor: (\d+):([0-9a-f]{64})$", out, re.M)
+    assert kept, out
+    seq, h = int(kept[1]), kept[2]
+    from gateway.config import load
+
+    anchors_file = load(gw.config_path).archive_dir / "chain-anchors.log"
+    assert f"{seq}:{h} " in anchors_file.read_text()  # the checkpoint's line
+    assert main(["-c", str(gw.config_path), "archive", "head"]) == 0
+    assert re.fullmatch(r"anchor: \d+:[0-9a-f]{64}\n", capsys.readouterr().out)
+    assert main([*argv, "--anchor", f"{seq}:{h}"]) == 0
+    capsys.readouterr()
+    assert main([*argv, "--anchor", f"{seq}:{h}", "--anchor", f"{seq + 10**6}:{h}"]) == 1
+    assert "tail was cut" in capsys.readouterr().out
+    assert main([*argv, "--anchor", f"{seq}:{'0' * 64}"]) == 1
+    assert "another hash" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exc:
+        main([*argv, "--anchor", f"{seq}-{h}"])
+    assert exc.value.code == 2 and "not an anchor" in capsys.readouterr().err
+    connect(gw.db_url)
+
+
 def test_verify_reports_an_altered_and_a_deleted_record(gw, capsys):
     from gateway.db.models import database
 

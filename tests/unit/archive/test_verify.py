@@ -2,9 +2,11 @@ from __future__ import annotations
 
 import os
 
-from gateway.archive import chain
+import pytest
+
+from gateway.archive import anchors, chain
 from gateway.archive.schema import ArchiveChainHead, ArchiveRecord, ArchiveSighting
-from gateway.archive.verify import checkpoint, verify
+from gateway.archive.verify import checkpoint, verify, verify_chain
 
 from .conftest import message
 
@@ -87,3 +89,88 @@ def test_blanking_without_purge_event_is_reported(archive):
 
     ArchiveRecord.update(subject="", purged_at=utcnow()).where(ArchiveRecord.id == recs[0].id).execute()
     assert any("no purge event" in p for p in verify(archive.store))
+
+
+# -- anchors kept outside the database (gateway/archive/anchors.py) -------------------------
+
+
+def _cut_tail_after_checkpoints(archive):
+    """Checkpoint, add entries, then do what the audit found undetected: delete the entries
+    after the checkpoint, rewrite the head to the last kept one and delete the newest
+    operation-log checkpoint."""
+    from gateway.db.models import AuditLog
+
+    _fill(archive)
+    checkpoint("test", archive.directory)
+    keep = chain.head()
+    _fill(archive, 5)
+    checkpoint("test", archive.directory)  # the anchor that will name the cut tail
+    assert verify(archive.store) == []
+    for model in (ArchiveSighting, ArchiveRecord):  # sightings first: they reference records
+        model.delete().where(model.seq > keep[0]).execute()
+    ArchiveChainHead.update(seq=keep[0], hash=keep[1]).execute()
+    newest = AuditLog.select().where(AuditLog.action == "archive.checkpoint").order_by(AuditLog.id.desc()).first()
+    AuditLog.delete().where(AuditLog.id == newest.id).execute()
+    assert verify_chain() == []  # the database alone no longer shows it
+    return keep
+
+
+def test_anchors_file_catches_a_cut_tail_with_head_and_checkpoint_rewritten(archive):
+    _cut_tail_after_checkpoints(archive)
+    problems = verify(archive.store)
+    assert any("tail was cut" in p and "chain-anchors.log line 2" in p for p in problems), problems
+
+
+def test_deleted_anchors_file_is_reported(archive):
+    _cut_tail_after_checkpoints(archive)
+    (archive.directory / "chain-anchors.log").unlink()
+    problems = verify(archive.store)
+    assert any("anchors file missing" in p for p in problems), problems
+
+
+def test_anchors_file_lines_removed_are_reported(archive):
+    _fill(archive)
+    checkpoint("test", archive.directory)
+    path = archive.directory / "chain-anchors.log"
+    assert verify(archive.store) == []
+    path.write_text("")  # emptied: the operation log's anchored checkpoint is not in it
+    assert any("is not in" in p for p in verify(archive.store))
+
+
+def test_malformed_anchors_line_is_reported(archive):
+    _fill(archive)
+    checkpoint("test", archive.directory)
+    with open(archive.directory / "chain-anchors.log", "a") as f:
+        f.write("12:nothex 2026-12-01T00:00:00Z\n")
+    problems = verify(archive.store)
+    assert len(problems) == 1 and "line 2 is malformed" in problems[0], problems
+
+
+def test_rewritten_entry_contradicts_an_anchor(archive):
+    _fill(archive)
+    seq, h = checkpoint("test", archive.directory)
+    ArchiveSighting.update(hash="f" * 64).where(ArchiveSighting.seq == seq).execute()
+    assert any("another hash" in p for p in verify(archive.store))
+
+
+def test_anchor_kept_off_host(archive):
+    _fill(archive)
+    seq, h = chain.head()
+    assert verify(archive.store, anchors=[anchors.Anchor(seq, h)]) == []
+    problems = verify(archive.store, anchors=[anchors.Anchor(seq + 5, h)])
+    assert any("--anchor" in p and "tail was cut" in p for p in problems), problems
+    assert any("another hash" in p for p in verify(archive.store, anchors=[anchors.Anchor(seq, "0" * 64)]))
+
+
+def test_checkpoint_without_directory_needs_no_anchors_file(archive):
+    _fill(archive)
+    checkpoint("test")  # the op log only (as before anchors existed)
+    assert verify(archive.store) == [] and not (archive.directory / "chain-anchors.log").exists()
+
+
+def test_parse_anchor():
+    h = "a" * 64
+    assert anchors.parse(f" 12:{h.upper()} ") == anchors.Anchor(12, h)
+    for bad in ("12", f"x:{h}", "12:abc", f"-1:{h}", f"12:{h}0"):
+        with pytest.raises(anchors.AnchorError):
+            anchors.parse(bad)
