@@ -208,7 +208,7 @@ def create_app(cfg: Config, node: Any = None) -> PanelApp:
     i18n.set_default(cfg.company.language)
     app.install(web.CSRFPlugin())
     _hooks(app)
-    for code in (400, 403, 404, 405, 413, 429, 500, 502, 503):
+    for code in (400, 403, 404, 405, 409, 413, 429, 500, 502, 503):
         app.error(code)(_error_page)
     _core_routes(app)
     _load_areas(app)

@@ -7,7 +7,9 @@ one with its decoded bytes.
 ``write_mbox(out, messages)`` writes the mboxrd variant (RFC 4155 "From " separator
 lines; body lines matching ``>*From `` get one more ``>``, so the original is
 recoverable exactly).  ``write_zip(out, messages)`` writes one ``.eml`` file per message
-plus ``index.csv`` (record id, date, direction, from, to, subject, SHA-256, file name).
+plus ``index.csv`` (record id, date, direction, from, to, subject, SHA-256, file name)
+and, given ``notes``, an ``EXPORT-NOTES.txt`` written last (what is missing and why —
+known only once every message was read).
 Both take an iterable of ``ExportItem`` and write to a binary file object, so a large
 export goes through a temporary file rather than memory.  Blocking.
 """
@@ -22,7 +24,7 @@ import email.utils
 import io
 import re
 import zipfile
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from email.policy import compat32
 from typing import BinaryIO
@@ -157,8 +159,12 @@ def _joined(lines: list[bytes]) -> bytes:
     return b"\n".join(lines) + b"\n"
 
 
-def write_zip(out: BinaryIO, items: Iterable[ExportItem]) -> int:
-    """One ``<date>-<record id>-<subject>.eml`` per message plus ``index.csv``."""
+NOTES_FILE = "EXPORT-NOTES.txt"
+
+
+def write_zip(out: BinaryIO, items: Iterable[ExportItem], notes: Callable[[int], str] | None = None) -> int:
+    """One ``<date>-<record id>-<subject>.eml`` per message plus ``index.csv``; with ``notes``
+    also ``EXPORT-NOTES.txt``: ``notes(count)``, called after the last message."""
     index = io.StringIO()
     table = csv.writer(index)
     table.writerow(["record_id", "created_at_utc", "direction", "from", "to", "subject", "sha256", "file"])
@@ -172,4 +178,6 @@ def write_zip(out: BinaryIO, items: Iterable[ExportItem]) -> int:
                             item.mail_from, item.recipients, item.subject, item.sha256, name])
             count += 1
         zf.writestr("index.csv", "\ufeff" + index.getvalue())  # BOM: spreadsheet programs read UTF-8
+        if notes is not None:
+            zf.writestr(NOTES_FILE, "\ufeff" + notes(count))  # BOM: Windows editors read UTF-8
     return count

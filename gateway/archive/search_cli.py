@@ -3,7 +3,8 @@
 Same query syntax as the panel (gateway/archive/query.py).  Both are written to the
 operation log (``archive.search`` / ``archive.export``, actor ``cli:<os user>`` or
 ``--actor``), like an auditor's searches in the panel.  Exit codes: 0 fine, 1 nothing
-found / something unreadable, 2 bad query or config.
+found / an export incomplete (a message unreadable, or more matches than ``--limit``:
+said on stderr), 2 bad query or config.
 """
 
 from __future__ import annotations
@@ -84,10 +85,13 @@ def cmd_export(args: argparse.Namespace) -> int:
     out_path = Path(args.output)
     fmt = args.format or ("zip" if out_path.suffix.lower() == ".zip" else "mbox")
     try:
-        ids = record_ids(args.query, limit=max(1, min(args.limit, EXPORT_MAX)))
+        limit = max(1, min(args.limit, EXPORT_MAX))
+        ids = record_ids(args.query, limit=limit + 1)  # one more: does the limit cut the result set?
     except QueryError as exc:
         print(f"mailgate: {exc}", file=sys.stderr)
         return 2
+    truncated = len(ids) > limit
+    ids = ids[:limit]
     skipped: list[int] = []
 
     def items():  # noqa: ANN202
@@ -112,7 +116,11 @@ def cmd_export(args: argparse.Namespace) -> int:
     with open(out_path, "wb") as fh:
         count = (write_zip if fmt == "zip" else write_mbox)(fh, items())
     oplog.record(_actor(args), "archive.export", "archive",
-                 {"query": args.query, "format": fmt, "messages": count, "skipped": skipped[:100], "via": "cli"})
+                 {"query": args.query, "format": fmt, "messages": count, "skipped": skipped[:100], "via": "cli",
+                  **({"truncated_at": limit} if truncated else {})})
     print(f"archive export: {count} message(s) → {out_path} ({fmt})"
           + (f"; {len(skipped)} skipped" if skipped else ""))
-    return 1 if skipped else 0
+    if truncated:
+        print(f"archive export: INCOMPLETE — the query finds more than {limit} messages; only the newest "
+              f"{limit} were exported (raise --limit, at most {EXPORT_MAX}, or narrow the query)", file=sys.stderr)
+    return 1 if skipped or truncated else 0

@@ -14,10 +14,19 @@ its own URL under ``HTML_CSP`` inside ``<iframe sandbox>`` (no scripts, no same-
 no remote content).  Attachments are always sent as ``application/octet-stream`` with
 ``Content-Disposition: attachment`` so the browser never renders them in the panel's
 origin.
+
+An export holds at most ``EXPORT_MAX`` messages (the newest) and never hides what it
+lacks: a zip always carries ``EXPORT-NOTES.txt`` ("N of M exported", the cap, and every
+record left out as unreadable with the reason — or that the export is complete); an mbox
+has no place for such a note, so an mbox export that would be incomplete (over the cap,
+or a message unreadable) is refused with a 409 page saying why and what to do instead
+(narrow the query, export zip, or ``mailgate archive export --limit`` up to 100 000).
+The search page says so beside the export buttons when the results exceed the cap.
 """
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import logging
 import tempfile
@@ -32,7 +41,8 @@ from gateway.archive.export import ExportItem, attachments, safe_filename, write
 from gateway.archive.index import backlog
 from gateway.archive.query import QueryError
 from gateway.archive.schema import ArchiveSighting
-from gateway.archive.search import MAX_OFFSET, record_ids, search
+from gateway.archive.search import MAX_OFFSET, count_up_to, record_ids, search
+from gateway.archive.search_cli import EXPORT_MAX as CLI_EXPORT_MAX
 from gateway.db.models import ArchiveRecord, CompanyDomain, Contact, Customer, Employee
 from panel import i18n
 from panel.preview import HTML_CSP, IFRAME_SANDBOX, NOTE_TEXTS, Preview, build_preview, html_document
@@ -72,6 +82,28 @@ i18n.register({
         "archive.export_mbox": "导出 mbox",
         "archive.export_zip": "导出 zip（.eml）",
         "archive.export_limit": "一次最多导出 {n} 封邮件。",
+        "archive.export_over": ("这次搜索找到的邮件超过 {n} 封，导出只包含最新的 {n} 封：zip 里的 EXPORT-NOTES.txt "
+                                "会注明，mbox 则不予导出。请缩小查询范围（例如 after: before:），或在命令行用 "
+                                "mailgate archive export --limit（最多 {cli} 封）。"),
+        "archive.export_mbox_over": ("这次搜索找到的邮件超过 {n} 封，mbox 导出会不完整，因此未导出。"
+                                     "请缩小查询范围（例如 after: before:），或导出 zip（只含最新的 {n} 封，"
+                                     "EXPORT-NOTES.txt 注明缺少的部分），或在命令行用 "
+                                     "mailgate archive export --limit（最多 {cli} 封）。"),
+        "archive.export_mbox_skipped": ("有 {k} 封邮件无法读取，mbox 导出会不完整，因此未导出：{items}。"
+                                        "请导出 zip（EXPORT-NOTES.txt 列出缺少的邮件及原因），或缩小查询范围。"),
+        "archive.notes.title": "Mailgate 归档导出说明",
+        "archive.notes.query": "查询：{q}",
+        "archive.notes.created": "导出时间 (UTC)：{when}",
+        "archive.notes.exported": "已导出 {n} 封，搜索共找到 {m} 封。",
+        "archive.notes.exported_over": "已导出 {n} 封，搜索找到的超过 {m} 封。",
+        "archive.notes.cap": ("一次导出最多 {cap} 封（最新的）：更早的邮件不在本文件中。"
+                              "请缩小查询范围（例如 after: before:），"
+                              "或在命令行用 mailgate archive export --limit（最多 {cli} 封）。"),
+        "archive.notes.skipped": "以下 {k} 封邮件无法读取，不在本文件中：",
+        "archive.notes.skipped_row": "记录 {id}：{reason}",
+        "archive.notes.complete": "导出完整：搜索找到的每封邮件都在本文件中。",
+        "archive.notes.purged": "已按保留期限删除",
+        "archive.notes.gone": "记录不存在",
         "archive.export_empty": "没有可导出的邮件。",
         "archive.too_deep": "结果页太靠后，请缩小查询范围。",
         "archive.message": "归档邮件 #{id}",
@@ -148,6 +180,30 @@ i18n.register({
         "archive.export_mbox": "Export mbox",
         "archive.export_zip": "Export zip (.eml)",
         "archive.export_limit": "At most {n} messages per export.",
+        "archive.export_over": ("This search finds more than {n} messages; an export holds only the newest {n}: "
+                                "a zip says so in EXPORT-NOTES.txt, an mbox is refused. Narrow the query "
+                                "(e.g. after: before:) or use mailgate archive export --limit (up to {cli}) "
+                                "on the command line."),
+        "archive.export_mbox_over": ("This search finds more than {n} messages, so an mbox export would be "
+                                     "incomplete and was not made. Narrow the query (e.g. after: before:), export "
+                                     "zip (the newest {n} only, with EXPORT-NOTES.txt saying what is missing), or "
+                                     "use mailgate archive export --limit (up to {cli}) on the command line."),
+        "archive.export_mbox_skipped": ("{k} message(s) cannot be read, so an mbox export would be incomplete "
+                                        "and was not made: {items}. Export zip (EXPORT-NOTES.txt lists what is "
+                                        "missing and why) or narrow the query."),
+        "archive.notes.title": "Mailgate archive export notes",
+        "archive.notes.query": "Query: {q}",
+        "archive.notes.created": "Exported (UTC): {when}",
+        "archive.notes.exported": "{n} of {m} messages exported.",
+        "archive.notes.exported_over": "{n} of more than {m} messages exported.",
+        "archive.notes.cap": ("One export holds at most {cap} messages (the newest): older matches are not in "
+                              "this file. Narrow the query (e.g. after: before:) or use mailgate archive export "
+                              "--limit (up to {cli}) on the command line."),
+        "archive.notes.skipped": "These {k} message(s) could not be read and are not in this file:",
+        "archive.notes.skipped_row": "record {id}: {reason}",
+        "archive.notes.complete": "Complete: every message the search found is in this file.",
+        "archive.notes.purged": "purged (retention)",
+        "archive.notes.gone": "record not found",
         "archive.export_empty": "Nothing to export.",
         "archive.too_deep": "That page is too deep: narrow the query.",
         "archive.message": "Archived message #{id}",
@@ -229,13 +285,18 @@ def _hit_row(hit: Any) -> dict[str, Any]:
 def _run_search(query: str, page_arg: Any, *, target: str = "archive") -> dict[str, Any]:
     """Search and log it.  Returns the template context."""
     page = max(1, int_arg(page_arg, 1))
-    ctx: dict[str, Any] = {"q": query, "page": page, "rows": [], "has_more": False, "error": "", "searched": True}
+    ctx: dict[str, Any] = {"q": query, "page": page, "rows": [], "has_more": False, "error": "", "searched": True,
+                           "export_over": False}
     try:
         if (page - 1) * PER_PAGE > MAX_OFFSET:
             raise QueryError(i18n.t("archive.too_deep"))
         results = search(query, page=page, per_page=PER_PAGE)
         ctx["rows"] = [_hit_row(h) for h in results.hits]
         ctx["has_more"] = results.has_more
+        if results.has_more:  # more than this page: may an export hold them all?
+            ctx["export_over"] = count_up_to(query, EXPORT_MAX + 1) > EXPORT_MAX
+        else:  # the last page: the whole count is known
+            ctx["export_over"] = (page - 1) * PER_PAGE + len(results.hits) > EXPORT_MAX
     except QueryError as exc:
         ctx["error"] = str(exc)
     oplog("archive.search", target, {"query": query, "page": page, "results": len(ctx["rows"]),
@@ -257,7 +318,8 @@ def _disposition(filename: str) -> str:
     return f"attachment; filename=\"{ascii_name}\"; filename*=UTF-8''{quote(name)}"
 
 
-def _export_items(ids: list[int], skipped: list[int]) -> Iterator[ExportItem]:
+def _export_items(ids: list[int], skipped: list[tuple[int, str]]) -> Iterator[ExportItem]:
+    """The messages of ``ids``; each one left out goes to ``skipped`` as (record id, why)."""
     archive = _archive()
     for start in range(0, len(ids), 200):
         chunk = ids[start:start + 200]
@@ -265,17 +327,40 @@ def _export_items(ids: list[int], skipped: list[int]) -> Iterator[ExportItem]:
         for rid in chunk:
             rec = recs.get(rid)
             if rec is None or rec.purged_at is not None:
-                skipped.append(rid)
+                skipped.append((rid, i18n.t("archive.notes.gone" if rec is None else "archive.notes.purged")))
                 continue
             try:
                 raw = archive.read(rec)
-            except (ArchiveError, BlobError, OSError):
-                log.warning("export: archive record %s not readable", rid)
-                skipped.append(rid)
+            except (ArchiveError, BlobError, OSError) as exc:
+                log.warning("export: archive record %s not readable: %s", rid, exc)
+                skipped.append((rid, str(exc)[:300] or type(exc).__name__))
                 continue
             yield ExportItem(record_id=rec.id, created_at=rec.created_at, direction=rec.direction,
                              mail_from=rec.mail_from, recipients=", ".join(_recipients(rec)),
                              subject=rec.subject, sha256=rec.sha256, raw=raw)
+
+
+def _export_notes(query: str, found: int, truncated: bool, skipped: list[tuple[int, str]], count: int) -> str:
+    """EXPORT-NOTES.txt: what the export holds, what it lacks and why (the auditor's language)."""
+    t = i18n.t
+    lines = [t("archive.notes.title"), "", t("archive.notes.query", q=query),
+             t("archive.notes.created", when=f"{dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M:%S}"), ""]
+    if truncated:
+        lines += [t("archive.notes.exported_over", n=count, m=EXPORT_MAX),
+                  t("archive.notes.cap", cap=EXPORT_MAX, cli=CLI_EXPORT_MAX)]
+    else:
+        lines.append(t("archive.notes.exported", n=count, m=found))
+    if skipped:
+        lines += ["", t("archive.notes.skipped", k=len(skipped))]
+        lines += [t("archive.notes.skipped_row", id=rid, reason=reason) for rid, reason in skipped]
+    if not truncated and not skipped:
+        lines.append(t("archive.notes.complete"))
+    return "\r\n".join(lines) + "\r\n"
+
+
+def _export_caps() -> dict[str, int]:
+    """The export limits the search pages state."""
+    return {"export_max": EXPORT_MAX, "cli_export_max": CLI_EXPORT_MAX}
 
 
 def _recipients(rec: Any) -> list[str]:
@@ -305,10 +390,10 @@ def routes(app: bottle.Bottle) -> None:
         waiting = {"pending": backlog(), "lag": int(panel_config().archive.index_lag)}
         if "q" not in params:
             return render("archive/search.html", q="", page=1, rows=[], has_more=False, error="", searched=False,
-                          export_max=EXPORT_MAX, base_url="/archive", **waiting)
+                          export_over=False, **_export_caps(), base_url="/archive", **waiting)
         query = (params.getunicode("q") or "").strip()[:1000]
         ctx = _run_search(query, params.get("page"))
-        return render("archive/search.html", export_max=EXPORT_MAX, base_url="/archive", **ctx, **waiting)
+        return render("archive/search.html", **_export_caps(), base_url="/archive", **ctx, **waiting)
 
     @app.get("/archive/export")
     @require("auditor")
@@ -319,23 +404,41 @@ def routes(app: bottle.Bottle) -> None:
         if fmt not in FORMATS:
             bottle.abort(400, "format: mbox or zip")
         try:
-            ids = record_ids(query, limit=EXPORT_MAX)
+            ids = record_ids(query, limit=EXPORT_MAX + 1)  # one more: is the result set over the cap?
         except QueryError as exc:
             bottle.abort(400, str(exc))
-        skipped: list[int] = []
+        truncated = len(ids) > EXPORT_MAX
+        ids = ids[:EXPORT_MAX]
+        if truncated and fmt == "mbox":  # an mbox has no room for a note: incomplete → not made
+            oplog("archive.export", "archive", {"query": query, "format": fmt, "refused": "over cap",
+                                                "cap": EXPORT_MAX})
+            bottle.abort(409, i18n.t("archive.export_mbox_over", n=EXPORT_MAX, cli=CLI_EXPORT_MAX))
+        skipped: list[tuple[int, str]] = []
         out = tempfile.SpooledTemporaryFile(max_size=32 * 1024 * 1024)  # noqa: SIM115 - returned to the server
-        writer = write_mbox if fmt == "mbox" else write_zip
-        count = writer(out, _export_items(ids, skipped))
+        if fmt == "mbox":
+            count = write_mbox(out, _export_items(ids, skipped))
+        else:
+            count = write_zip(out, _export_items(ids, skipped),
+                              notes=lambda n: _export_notes(query, len(ids), truncated, skipped, n))
         size = out.tell()
         out.seek(0)
-        oplog("archive.export", "archive", {"query": query, "format": fmt, "messages": count,
-                                            "skipped": skipped[:100], "bytes": size})
+        details = {"query": query, "format": fmt, "messages": count, "skipped": [rid for rid, _ in skipped[:100]],
+                   "bytes": size, **({"truncated_at": EXPORT_MAX} if truncated else {})}
+        if skipped and fmt == "mbox":
+            out.close()
+            oplog("archive.export", "archive", {**details, "refused": "unreadable", "bytes": 0})
+            items = "; ".join(f"#{rid} ({reason})" for rid, reason in skipped[:20])
+            bottle.abort(409, i18n.t("archive.export_mbox_skipped", k=len(skipped),
+                                     items=items + (" …" if len(skipped) > 20 else "")))
+        oplog("archive.export", "archive", details)
         content_type, ext = FORMATS[fmt]
         bottle.response.content_type = content_type
         bottle.response.set_header("Content-Disposition", _disposition(f"archive-export.{ext}"))
         bottle.response.set_header("Content-Length", str(size))
         bottle.response.set_header("Cache-Control", "no-store")
         bottle.response.set_header("X-Mailgate-Exported", str(count))
+        bottle.response.set_header("X-Mailgate-Skipped", str(len(skipped)))
+        bottle.response.set_header("X-Mailgate-Truncated", "yes" if truncated else "no")
         return out
 
     @app.get("/archive/customers")
@@ -361,7 +464,7 @@ def routes(app: bottle.Bottle) -> None:
         ctx = _run_search(query, bottle.request.query.get("page"), target=f"customer:{customer.id}")
         ctx["q"] = refine
         return render("archive/correspondence.html", customer=_customer_summary(customer), full_query=query,
-                      export_max=EXPORT_MAX, base_url=f"/archive/customers/{customer.id}", **ctx)
+                      **_export_caps(), base_url=f"/archive/customers/{customer.id}", **ctx)
 
     @app.get("/archive/<record_id:int>")
     @require("auditor")

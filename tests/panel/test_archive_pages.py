@@ -199,7 +199,9 @@ def test_export_mbox_and_zip(http_as, archived, panel_db):
         data = resp.read()
     zf = zipfile.ZipFile(io.BytesIO(data))
     names = zf.namelist()
-    assert len(names) == 4 and "index.csv" in names
+    assert len(names) == 5 and "index.csv" in names and "EXPORT-NOTES.txt" in names
+    notes = zf.read("EXPORT-NOTES.txt").decode("utf-8-sig")
+    assert "已导出 3 封，搜索共找到 3 封。" in notes and "导出完整" in notes  # the company's language: zh-CN
     rows = list(csv.DictReader(io.StringIO(zf.read("index.csv").decode("utf-8-sig"))))
     assert [int(r["record_id"]) for r in rows] == list(reversed(archived.ids))
     assert zf.read(rows[-1]["file"]) == archived.raws[0]
@@ -245,3 +247,143 @@ def test_mail_not_indexed_yet_is_announced_on_the_search_page(http_as, archived,
     assert index_pending(node) == 1
     page = client.get("/archive?q=" + quote(f"waiting {archived.tag}"))
     assert 'id="archive-pending"' not in page.text and 'data-record="' in page.text
+
+
+def _get_bytes(client, path: str) -> tuple[int, dict[str, str], bytes]:
+    """GET through the signed-in client without text decoding (zip bodies)."""
+    import urllib.error
+    import urllib.request
+
+    req = urllib.request.Request(client.base_url + path)
+    try:
+        with client._plain.open(req, timeout=30) as resp:
+            return resp.status, {k.lower(): v for k, v in resp.headers.items()}, resp.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, {k.lower(): v for k, v in exc.headers.items()}, exc.read()
+
+
+def _notes(data: bytes) -> str:
+    zf = zipfile.ZipFile(io.BytesIO(data))
+    return zf.read("EXPORT-NOTES.txt").decode("utf-8-sig")
+
+
+@pytest.fixture
+def one_unreadable(panel_server, panel_db):
+    """Two messages of their own tag; the blob of the newer one altered on disk."""
+    tag = uuid.uuid4().hex[:8]
+    archive = for_config(load(panel_server.config_path))
+    recs = [archive.record(message(f"Broken {tag} {n}", f"body {tag} {n}"), direction="outbound",
+                           verdict="accepted", place="smtp:submitted") for n in range(2)]
+    path = archive.blob_path(recs[1])
+    data = bytearray(path.read_bytes())
+    data[-5] ^= 0xFF  # the GCM tag no longer matches
+    path.write_bytes(bytes(data))
+    return SimpleNamespace(tag=tag, ids=[r.id for r in recs])
+
+
+def test_export_names_unreadable_messages(http_as, one_unreadable, panel_db):
+    """A message whose blob cannot be read is never left out silently: the zip's
+    EXPORT-NOTES.txt names it with the reason; an mbox (no room for a note) is refused."""
+    client = http_as("auditor")
+    good, bad = one_unreadable.ids
+    before = _last_id(panel_db)
+    status, headers, data = _get_bytes(client, f"/archive/export?q={one_unreadable.tag}&format=zip&lang=en")
+    assert status == 200 and headers["x-mailgate-exported"] == "1" and headers["x-mailgate-skipped"] == "1"
+    notes = _notes(data)
+    assert "1 of 2 messages exported." in notes and f"Query: {one_unreadable.tag}" in notes
+    assert "These 1 message(s) could not be read" in notes and f"record {bad}: " in notes
+    assert f"record {good}" not in notes and "Complete" not in notes
+
+    mbox = client.get(f"/archive/export?q={one_unreadable.tag}&format=mbox&lang=zh-CN")
+    assert mbox.status == 409 and f"#{bad}" in mbox.text and "无法读取" in mbox.text
+    assert 'class="error-text"' in mbox.text and "无法按要求完成" in mbox.text  # the panel's own error page
+    assert not mbox.header("content-disposition")
+    exports = _trail(panel_db, "archive.export", before)
+    assert len(exports) == 2 and f'"skipped": [{bad}]' in exports[0].details
+    assert '"refused": "unreadable"' in exports[1].details
+
+
+def test_export_over_the_cap_is_said(panel_server, panel_db, monkeypatch):
+    """Over EXPORT_MAX (here 2, in the real app in this process): the search page says so
+    beside the export buttons, a zip holds the newest 2 and says "2 of more than 2", an
+    mbox is refused with what to do instead."""
+    from panel.app import create_app
+    from panel.areas import archive as area
+
+    monkeypatch.setattr(area, "EXPORT_MAX", 2)
+    app = create_app(load(panel_server.config_path))
+    cookies = _wsgi_login(app)
+    tag = uuid.uuid4().hex[:8]
+    archive = for_config(load(panel_server.config_path))
+    ids = [archive.record(message(f"Capped {tag} {n}", f"body {tag} {n}"), verdict="accepted",
+                          direction="inbound" if n == 0 else "outbound", place="smtp:submitted").id for n in range(3)]
+    status, _, page = _wsgi_get(app, f"/archive?q={tag}&lang=en", cookies)
+    assert status == 200 and 'id="archive-export-over"' in page.decode()
+    assert "more than 2 messages" in page.decode()
+    status, _, page = _wsgi_get(app, "/archive?q=" + quote(f"{tag} direction:in") + "&lang=en", cookies)
+    assert 'id="archive-export-over"' not in page.decode() and "At most 2 messages per export" in page.decode()
+    monkeypatch.setattr(area, "PER_PAGE", 1)  # more pages: counted (up to the cap + 1) rather than seen
+    for query, over in ((tag, True), (f"{tag} direction:out", False)):
+        _, _, page = _wsgi_get(app, "/archive?q=" + quote(query) + "&lang=en", cookies)
+        assert 'rel="next"' in page.decode() and ('id="archive-export-over"' in page.decode()) is over, query
+
+    status, headers, data = _wsgi_get(app, f"/archive/export?q={tag}&format=zip&lang=en", cookies)
+    assert status == 200 and headers["x-mailgate-truncated"] == "yes" and headers["x-mailgate-exported"] == "2"
+    notes = _notes(data)
+    assert "2 of more than 2 messages exported." in notes and "at most 2 messages" in notes
+    assert "mailgate archive export --limit (up to 100000)" in notes
+    rows = list(csv.DictReader(io.StringIO(zipfile.ZipFile(io.BytesIO(data)).read("index.csv").decode("utf-8-sig"))))
+    assert [int(r["record_id"]) for r in rows] == [ids[2], ids[1]]  # the newest
+
+    before = _last_id(panel_db)
+    status, headers, body = _wsgi_get(app, f"/archive/export?q={tag}&format=mbox&lang=en", cookies)
+    assert status == 409 and "content-disposition" not in headers
+    assert "more than 2 messages" in body.decode() and "narrow the query" in body.decode().lower()
+    refused = _trail(panel_db, "archive.export", before)
+    assert len(refused) == 1 and '"refused": "over cap"' in refused[0].details
+
+
+def _wsgi_get(app, path: str, cookies: dict[str, str]) -> tuple[int, dict[str, str], bytes]:  # noqa: ANN001
+    return _wsgi(app, "GET", path, cookies=cookies)
+
+
+def _wsgi(app, method: str, path: str, form: dict | None = None,  # noqa: ANN001
+          cookies: dict[str, str] | None = None) -> tuple[int, dict[str, str], bytes]:
+    """One request straight into the WSGI app; Set-Cookie values merged into ``cookies``."""
+    import urllib.parse
+    from wsgiref.util import setup_testing_defaults
+
+    path, _, query = path.partition("?")
+    body = urllib.parse.urlencode(form or {}).encode()
+    environ: dict = {}
+    setup_testing_defaults(environ)
+    environ.update({"REQUEST_METHOD": method, "PATH_INFO": path, "QUERY_STRING": query,
+                    "wsgi.input": io.BytesIO(body), "CONTENT_LENGTH": str(len(body)),
+                    "CONTENT_TYPE": "application/x-www-form-urlencoded", "REMOTE_ADDR": "127.0.0.1",
+                    "HTTP_COOKIE": "; ".join(f"{k}={v}" for k, v in (cookies or {}).items())})
+    result: dict = {}
+
+    def start_response(status, headers, exc_info=None):  # noqa: ANN001, ANN202
+        result["status"], result["headers"] = status, headers
+
+    data = b"".join(app(environ, start_response))
+    if cookies is not None:
+        for k, v in result["headers"]:
+            if k.lower() == "set-cookie":
+                name, _, rest = v.partition("=")
+                cookies[name] = rest.split(";")[0]
+    return int(result["status"].split()[0]), {k.lower(): v for k, v in result["headers"]}, data
+
+
+def _wsgi_login(app) -> dict[str, str]:  # noqa: ANN001
+    import re
+
+    from tests.panel.conftest import ACCOUNTS
+
+    cookies: dict[str, str] = {}
+    _, _, page = _wsgi(app, "GET", "/login", cookies=cookies)
+    token = re.search(r'name="csrf_token" value="([^"]+)"', page.decode()).group(1)
+    status, _, _ = _wsgi(app, "POST", "/login", {"login": "auditor", "password": ACCOUNTS["auditor"][1],
+                                                "csrf_token": token}, cookies)
+    assert status == 303 and "mg_session" in cookies
+    return cookies

@@ -165,9 +165,13 @@ def test_cli_search_and_export(tmp_path, capsys):
     out = tmp_path / "x.mbox"
     assert main(["-c", str(path), "archive", "export", "报价单", "-o", str(out), "--actor", "tester"]) == 0
     assert read_mbox(out.read_bytes()) == [raws[2].replace(b"\r\n", b"\n"), raws[0].replace(b"\r\n", b"\n")]
+    capsys.readouterr()
+    assert main(["-c", str(path), "archive", "export", "报价单", "-o", str(out), "--limit", "1",
+                 "--actor", "tester"]) == 1  # incomplete: said, not silent
+    assert "INCOMPLETE" in capsys.readouterr().err and len(read_mbox(out.read_bytes())) == 1
     db = connect(load(path).database.url, migrate=False)
     assert [r.action for r in AuditLog.select().where(AuditLog.actor == "tester").order_by(AuditLog.id)] == [
-        "archive.search", "archive.export"]
+        "archive.search", "archive.export", "archive.export"]
     db.close()
 
 
