@@ -65,7 +65,7 @@ def verify_chain(batch: int = _BATCH) -> list[str]:
     purged_ids = {r.id for r in ArchiveRecord.select(ArchiveRecord.id).where(ArchiveRecord.purged_at.is_null(False))}
     tombstoned: set[int] = set()
     checkpoints = _checkpoints()
-    seen_hash: dict[int, str] = {}
+    seen_hash: dict[int, str] = {0: chain.GENESIS}  # a checkpoint of the empty chain
     unchained = ArchiveRecord.select().where(ArchiveRecord.seq.is_null()).count()
     if unchained:
         problems.append(f"archive: {unchained} record(s) outside the chain (inserted behind the archive's back)")

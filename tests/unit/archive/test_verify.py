@@ -174,3 +174,12 @@ def test_parse_anchor():
     for bad in ("12", f"x:{h}", "12:abc", f"-1:{h}", f"12:{h}0"):
         with pytest.raises(anchors.AnchorError):
             anchors.parse(bad)
+
+
+def test_checkpoint_of_an_empty_archive_stays_valid(archive):
+    """The node's first daily checkpoint may come before any mail (seq 0, GENESIS)."""
+    assert verify(archive.store) == []
+    assert checkpoint("test", archive.directory) == (0, chain.GENESIS)
+    assert verify(archive.store) == []
+    _fill(archive)
+    assert verify(archive.store) == []
