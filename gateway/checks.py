@@ -1,4 +1,6 @@
-"""``mailgate check``: every problem one line, nothing changed."""
+"""``mailgate check``: every problem one line, nothing changed.  ``run_checks`` lists
+failures; ``config_warnings`` settings that work but are probably not meant (a warning,
+never a failure)."""
 
 from __future__ import annotations
 
@@ -20,6 +22,15 @@ def run_checks(cfg: Config, network: bool = True) -> list[str]:
     if network:
         problems += check_upstream(cfg)
     return problems
+
+
+def config_warnings(cfg: Config) -> list[str]:
+    """Settings that are valid but probably not what was meant (not failures: a deployment may
+    want them): say them, e.g. ``WARN <line>``."""
+    from gateway.archive.settings import capture_problem
+
+    problem = capture_problem(cfg.archive)
+    return [problem] if problem else []
 
 
 def check_database(cfg: Config) -> list[str]:

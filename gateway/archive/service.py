@@ -1,6 +1,9 @@
 """The archive inside `mailgate run`: inbound sync loop, IMAP capture worker, daily purge.
 
 - Configures ``node.archive`` (key file) and creates the keyring if missing.
+- Says once (warning) when inbound capture is off for want of a way to read upstream
+  (``settings.capture_problem``: ``capture_imap`` on, but no master user and no credential
+  opt-in); ``gateway.checks.config_warnings`` returns the same line (for ``mailgate check``).
 - IMAP capture: the proxy's ``on_whole_fetch`` hook only queues (account, mailbox,
   UIDVALIDITY, UIDs) on a bounded queue (the reactor thread never waits); a worker fetches
   those messages again upstream (master user or opt-in credentials) in a thread and
@@ -26,6 +29,7 @@ import logging
 from typing import Any
 
 from gateway.archive import Archive
+from gateway.archive.settings import ArchiveConfig, capture_imap_on, capture_problem
 
 log = logging.getLogger("mailgate.archive")
 
@@ -36,6 +40,14 @@ INDEX_POLL = 0.5  # seconds between background indexer passes when there was not
 # after the last record instead of 0.5-1.0 s; a pass that finds mail still arriving costs
 # three indexed look-ups.
 BURST_POLL = 0.1
+
+
+def announce_capture(section: ArchiveConfig) -> None:
+    """One warning at start when inbound capture is on but cannot work (no master user, no
+    credential opt-in): otherwise every capture would be skipped quietly (sync.capture_uids)."""
+    problem = capture_problem(section)
+    if problem:
+        log.warning("%s", problem)
 
 
 async def start(node: Any, reactor: Any):  # noqa: ANN201 - async stop function | None
@@ -49,12 +61,13 @@ async def start(node: Any, reactor: Any):  # noqa: ANN201 - async stop function 
 
     await asyncio.to_thread(workers.start)  # the indexer's extraction processes now, not mid-traffic
     a = cfg.archive
+    announce_capture(a)
     tasks: list[asyncio.Task] = []
     stopping = node.stopping
     hooks = _Hooks(archive, cfg)
     if reactor is not None:
         hooks.install()
-        if a.capture_imap:
+        if capture_imap_on(a):
             tasks.append(asyncio.create_task(hooks.capture_worker(stopping), name="archive-imap-capture"))
     if a.sync_enabled:
         tasks.append(asyncio.create_task(_sync_loop(archive, cfg, stopping), name="archive-sync"))
@@ -142,7 +155,7 @@ class _Hooks:
     def install(self) -> None:
         from gateway.imap.service import ProxyService
 
-        if self.cfg.archive.capture_imap:
+        if capture_imap_on(self.cfg.archive):
             ProxyService.on_whole_fetch = self.on_whole_fetch
         if self.cfg.archive.capture_credentials_opt_in:
             ProxyService.on_login = self.on_login

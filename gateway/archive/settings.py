@@ -31,6 +31,10 @@ class ArchiveConfig:
     # Mailboxes synced per employee (names at the upstream).
     sync_mailboxes: list[str] = field(default_factory=lambda: ["INBOX", "Sent"])
     # Archive whole messages served through the IMAP proxy (fetched again upstream, off the proxy path).
+    # Needs a way to read upstream: master_user or capture_credentials_opt_in; without either it
+    # is off and the node warns at start (`capture_problem`) — a warning, not a config error,
+    # because `mailgate init` writes `capture_imap = true` into every config, so "set in the
+    # file" does not tell intent.  false = off, quietly (a deployment archiving outbound only).
     capture_imap: bool = True
     # Opt-in: keep employees' IMAP passwords (sealed) captured at proxy login, for the sync
     # of providers without a master user.
@@ -44,6 +48,27 @@ class ArchiveConfig:
     blob_sync_interval: float = 1.0
     # Messages larger than this are not archived from IMAP/sync (logged instead).
     max_message_size: int = 50 * 1024 * 1024
+
+
+def can_read_upstream(section: ArchiveConfig) -> bool:
+    """Whether IMAP capture and the sync have a way to log in upstream (sync.login_for)."""
+    return bool(section.master_user) or section.capture_credentials_opt_in
+
+
+def capture_imap_on(section: ArchiveConfig) -> bool:
+    """Whether the node captures whole messages the IMAP proxy serves."""
+    return section.capture_imap and can_read_upstream(section)
+
+
+def capture_problem(section: ArchiveConfig) -> str | None:
+    """Why inbound capture is off although nobody switched it off, or None.  A warning, not
+    an error: ``capture_imap`` on without a way to read upstream."""
+    if not section.capture_imap or can_read_upstream(section):
+        return None
+    return ("[archive] inbound mail is not archived: IMAP proxy capture and the background sync "
+            "(sync_enabled) are off because neither master_user (with master_password) nor "
+            "capture_credentials_opt_in = true is set; only mail through the gateway's SMTP is archived. "
+            "Set one of them, or capture_imap = false to archive outbound mail only on purpose")
 
 
 def validate(section: ArchiveConfig) -> list[str]:
@@ -62,6 +87,6 @@ def validate(section: ArchiveConfig) -> list[str]:
         problems.append("[archive] index_lag: must be >= 0 (0 = index at once)")
     if section.max_message_size <= 0:
         problems.append("[archive] max_message_size: must be > 0")
-    if section.sync_enabled and not section.master_user and not section.capture_credentials_opt_in:
+    if section.sync_enabled and not can_read_upstream(section):
         problems.append("[archive] sync_enabled: needs master_user or capture_credentials_opt_in = true")
     return problems
