@@ -400,18 +400,6 @@ def _fill_text(hits: list[Hit]) -> None:
         hit.subject, hit.sender, hit.rcpt = subject, sender, rcpt
 
 
-def count_up_to(query_text: str | Query, n: int, *, user_scope: Collection[int] | None = None) -> int:
-    """How many records match, counting no further than ``n`` (reads at most n ids) —
-    enough to say "more than n" without counting a million matches."""
-    q = query_text if isinstance(query_text, Query) else parse(query_text)
-    if user_scope is not None and not user_scope:
-        return 0
-    sql = _Sql()
-    base = _build(sql, q, user_scope)
-    row = database.obj.execute_sql(f"SELECT count(*) FROM ({base} LIMIT {int(n)}) x", sql.params).fetchone()
-    return int(row[0])
-
-
 def record_ids(query_text: str | Query, *, user_scope: Collection[int] | None = None,
                limit: int = 10_000) -> list[int]:
     """Record ids of the first ``limit`` matches, newest first (for exports)."""
