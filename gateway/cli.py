@@ -99,7 +99,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    from gateway.checks import run_checks
+    from gateway.checks import config_warnings, run_checks
 
     try:
         cfg = config_mod.load(args.config)
@@ -108,6 +108,8 @@ def cmd_check(args: argparse.Namespace) -> int:
             print(f"FAIL config: {problem}")
         return 1
     problems = run_checks(cfg, network=not args.offline)
+    for line in config_warnings(cfg):  # valid, probably not what was meant: said, not failed
+        print(f"WARN {line}")
     for line in problems:
         print(f"FAIL {line}")
     if not problems:
