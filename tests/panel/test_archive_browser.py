@@ -46,4 +46,6 @@ def test_search_view_download(page_as, archived, panel_db, tmp_path):  # noqa: F
     trail = list(AuditLog.select().where((AuditLog.actor == "local:auditor")
                                          & (AuditLog.target == f"archive:{archived.ids[0]}"))
                  .order_by(AuditLog.id))
-    assert [row.action for row in trail][-3:] == ["archive.view", "archive.download", "archive.download"]
+    # the page, its sandboxed HTML part (the iframe's own request), the .eml, the attachment
+    assert [row.action for row in trail][-4:] == ["archive.view", "archive.view_html", "archive.download",
+                                                  "archive.download"]
