@@ -6,6 +6,8 @@ Problems are returned as one line each (empty list: intact).  What is detected:
 - the tail cut (the head names a later seq) or the head rewritten as well (a checkpoint
   in the operation log names a seq/hash the chain no longer has);
 - a record blanked as if purged without a chained purge event;
+- an operation-log entry altered, deleted or reordered (its own chain: the checkpoints, the
+  purges and the auditors' trail are there);
 - a legal hold released or deleted in the hold table without a chained release (or one
   active there that no chained event placed) — purges keep the chained holds regardless;
 - a blob missing, altered (AES-GCM tag), undecryptable (key removed) or not the content
@@ -164,11 +166,13 @@ def verify_blobs(store: BlobStore, batch: int = 1000,
 def verify(store: BlobStore | None, blobs: bool = True,
            progress: Callable[[int, int], None] | None = None,
            anchors: Iterable[anchors_mod.Anchor] = (), directory: Path | None = None) -> list[str]:
-    """The chain, the holds, the anchors (``chain-anchors.log`` in ``directory``, default the
+    """The chain, the holds, the operation log's own chain (where the checkpoints, purges and
+    the auditors' trail are), the anchors (``chain-anchors.log`` in ``directory``, default the
     store's directory, i.e. the archive directory; plus ``anchors`` kept off-host) and the blobs."""
+    from gateway import oplog
     from gateway.archive.retention import hold_problems
 
-    problems = verify_chain() + hold_problems()
+    problems = verify_chain() + hold_problems() + oplog.verify()
     problems += verify_anchors(directory if directory is not None else store.directory if store else None,
                                anchors)
     if blobs and store is not None:

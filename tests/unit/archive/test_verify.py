@@ -183,3 +183,21 @@ def test_checkpoint_of_an_empty_archive_stays_valid(archive):
     assert verify(archive.store) == []
     _fill(archive)
     assert verify(archive.store) == []
+
+
+def test_the_operation_logs_own_chain_is_verified_too(archive):
+    """The checkpoints, the purges and the auditors' trail are in the operation log: an entry
+    altered or deleted there is an archive verify problem too."""
+    from gateway import oplog
+    from gateway.db.models import AuditLog
+
+    archive.record(message(1), direction="outbound", verdict="accepted")
+    searched = oplog.record("local:auditor", "archive.search", "archive", {"query": "报价单"})
+    oplog.record("local:auditor", "archive.view", "archive:1")
+    assert verify(archive.store) == []
+    AuditLog.update(details='{"query": "lunch"}').where(AuditLog.id == searched.id).execute()
+    assert verify(archive.store) == [f"operation log: entry {searched.id} was altered"]
+    AuditLog.delete().where(AuditLog.id == searched.id).execute()
+    assert [p for p in verify(archive.store) if p.startswith("operation log")] == [
+        f"operation log: entry {searched.id + 1} does not follow the one before it "
+        "(an entry was deleted or reordered)"]
