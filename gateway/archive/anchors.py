@@ -18,7 +18,6 @@ README, "Anchors").
 from __future__ import annotations
 
 import datetime as dt
-import json
 import os
 import re
 from collections.abc import Iterable
@@ -27,7 +26,6 @@ from pathlib import Path
 
 from gateway.archive import chain
 from gateway.archive.schema import ArchiveChainHead, ArchiveEvent, ArchiveRecord, ArchiveSighting
-from gateway.db.models import AuditLog
 
 FILE_NAME = "chain-anchors.log"
 _HASH = re.compile(r"[0-9a-f]{64}")
@@ -131,14 +129,15 @@ def check(anchors: Iterable[tuple[str, Anchor]]) -> list[str]:
     return problems
 
 
-def verify(directory: Path | None, extra: Iterable[Anchor] = (), checkpoint_action: str = "") -> list[str]:
+def verify(directory: Path | None, extra: Iterable[Anchor] = (), anchored: dict[int, str] | None = None) -> list[str]:
     """Check the anchors file in ``directory`` (None: only ``extra``) and the anchors in
-    ``extra`` (given by an auditor).  The file must exist once an operation-log checkpoint
-    (``checkpoint_action``) says it was anchored, and must hold every such checkpoint."""
+    ``extra`` (given by an auditor).  ``anchored``: seq → hash of the operation-log
+    checkpoints that say they were written to the file — it must exist once there is one,
+    and must hold every one."""
     problems: list[str] = []
     todo: list[tuple[str, Anchor]] = [("given with --anchor", a) for a in extra]
+    anchored = anchored or {}
     if directory is not None:
-        anchored = _anchored_checkpoints(checkpoint_action) if checkpoint_action else {}
         got = read(directory)
         path = path_in(directory)
         if got is None:
@@ -154,18 +153,6 @@ def verify(directory: Path | None, extra: Iterable[Anchor] = (), checkpoint_acti
                     problems.append(f"archive anchors: the operation log's checkpoint at entry {seq} is not in "
                                     f"{path} (lines were removed or the file was replaced)")
     return problems + check(todo)
-
-
-def _anchored_checkpoints(action: str) -> dict[int, str]:
-    out: dict[int, str] = {}
-    for row in AuditLog.select(AuditLog.details).where(AuditLog.action == action):
-        try:
-            d = json.loads(row.details)
-            if d.get("anchored"):
-                out[int(d["seq"])] = str(d["hash"])
-        except (ValueError, KeyError, TypeError, AttributeError):
-            continue
-    return out
 
 
 def _hashes(seqs: list[int]) -> dict[int, str]:

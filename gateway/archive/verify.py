@@ -124,13 +124,16 @@ def _purged_in(event: ArchiveEvent) -> list[int]:
         return []
 
 
-def _checkpoints() -> dict[int, str]:
+def _checkpoints(anchored_only: bool = False) -> dict[int, str]:
+    """seq → hash of the chain-head checkpoints in the operation log (``anchored_only``: of
+    those also written to ``chain-anchors.log``)."""
     out: dict[int, str] = {}
     for row in AuditLog.select(AuditLog.details).where(AuditLog.action == CHECKPOINT_ACTION):
         try:
             d = json.loads(row.details)
-            out[int(d["seq"])] = str(d["hash"])
-        except (ValueError, KeyError, TypeError):
+            if not anchored_only or d.get("anchored"):
+                out[int(d["seq"])] = str(d["hash"])
+        except (ValueError, KeyError, TypeError, AttributeError):
             continue
     return out
 
@@ -183,7 +186,7 @@ def verify(store: BlobStore | None, blobs: bool = True,
 def verify_anchors(directory: Path | None, anchors: Iterable[anchors_mod.Anchor] = ()) -> list[str]:
     """Anchors kept outside the database (gateway/archive/anchors.py); ``directory`` None:
     only ``anchors``."""
-    return anchors_mod.verify(directory, anchors, CHECKPOINT_ACTION)
+    return anchors_mod.verify(directory, anchors, _checkpoints(anchored_only=True))
 
 
 def checkpoint(actor: str = "system", directory: Path | None = None) -> tuple[int, str]:

@@ -21,7 +21,8 @@ record left out as unreadable with the reason — or that the export is complete
 has no place for such a note, so an mbox export that would be incomplete (over the cap,
 or a message unreadable) is refused with a 409 page saying why and what to do instead
 (narrow the query, export zip, or ``mailgate archive export --limit`` up to 100 000).
-The search page says so beside the export buttons when the results exceed the cap.
+The search page shows the cap beside the export buttons, and warns once the pages shown
+pass it (it does not count a text query's matches: a second search per page).
 """
 
 from __future__ import annotations
