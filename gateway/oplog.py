@@ -3,7 +3,9 @@
 Every panel change, every approval decision and every auditor search, view and
 download is one ``AuditLog`` row.  Each row's hash covers its own fields and the
 previous row's hash, so editing or deleting a row breaks the chain and ``verify``
-names the first row where it breaks.  Writers are serialized (SQLite: an IMMEDIATE
+names the first row where it breaks; a cut at the end (the newest rows deleted) is seen
+only against an anchor kept elsewhere (``head`` → ``chain-anchors.log``, see
+gateway/archive/anchors.py).  Writers are serialized (SQLite: an IMMEDIATE
 transaction; PostgreSQL: a transaction-scoped advisory lock) so the chain never forks.
 Blocking: call from a worker thread.
 """
@@ -58,6 +60,14 @@ def _append(at: dt.datetime, actor: str, action: str, target: str, details: str)
     return AuditLog.create(at=at, actor=actor[:320], action=action[:100], target=target[:500],
                            details=details, prev_hash=prev,
                            hash=_digest(prev, at, actor[:320], action[:100], target[:500], details))
+
+
+def head() -> tuple[int, str]:
+    """(id, hash) of the last committed entry; (0, GENESIS) when the log is empty.  The
+    archive's checkpoints write it to ``chain-anchors.log`` (gateway/archive/anchors.py) so a
+    cut at the log's end is seen: the chain's own links cannot show a missing tail."""
+    last = AuditLog.select(AuditLog.id, AuditLog.hash).order_by(AuditLog.id.desc()).first()
+    return (int(last.id), last.hash) if last else (0, GENESIS)
 
 
 def verify(batch: int = 5000) -> list[str]:

@@ -1,14 +1,24 @@
-"""Chain anchors kept outside the database: ``chain-anchors.log`` in the archive directory.
+"""Anchors kept outside the database: ``chain-anchors.log`` in the archive directory.
 
 Everything ``verify`` checks otherwise lives in one database, so someone who can write it
 can delete the newest chain entries, rewrite ``archivechainhead`` and delete the newest
-``archive.checkpoint`` rows of the operation log — and the chain still verifies.  An anchor
-is a (seq, hash) pair kept elsewhere: each checkpoint (daily in the node, after every
-successful ``mailgate archive verify``) appends one line ``SEQ:HASH UTC-TIME`` to this file
-(append, fsync; on creation the directory is fsynced too), and ``mailgate archive verify
---anchor SEQ:HASH`` checks pairs an auditor kept off-host.  For every anchor the chain must
-still hold entry ``seq`` with exactly that hash: a seq past the chain's end means the tail
-was cut, another hash means the chain was rewritten.
+``archive.checkpoint`` rows of the operation log — and the chain still verifies; likewise
+they can delete the newest operation-log rows (the auditors' own trail, a purge's entry) and
+the log's own chain still verifies.  An anchor is an (entry, hash) pair kept elsewhere, in
+one of two kinds:
+
+- ``SEQ:HASH`` — the archive chain's entry ``seq``;
+- ``oplog:ID:HASH`` — the operation log's entry ``id`` (``oplog:0:<GENESIS>``: the empty log).
+
+Each checkpoint (daily in the node, after every successful ``mailgate archive verify``)
+appends, in one write, one line ``SEQ:HASH UTC-TIME`` (the chain head) and one line
+``oplog:ID:HASH UTC-TIME`` (the operation log's last entry *before* the checkpoint's own
+entry, which is written afterwards and so is covered by the next checkpoint) to this file
+(append, fsync; on creation the directory is fsynced too).  Files written before op-log
+anchors existed hold only the first kind and stay valid.  ``mailgate archive verify
+--anchor A`` checks anchors of either kind an auditor kept off-host.  For every anchor the
+chain (or the log) must still hold that entry with exactly that hash: an entry past the end
+means the tail was cut, another hash means it was rewritten.
 
 Limit: the file sits beside the blobs; whoever can rewrite both the database and this
 directory can still cut the tail after the last anchor held off-host (see the archive
@@ -20,53 +30,65 @@ from __future__ import annotations
 import datetime as dt
 import os
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from gateway import oplog
 from gateway.archive import chain
 from gateway.archive.schema import ArchiveChainHead, ArchiveEvent, ArchiveRecord, ArchiveSighting
+from gateway.db.models import AuditLog
 
 FILE_NAME = "chain-anchors.log"
+CHAIN = "chain"
+OPLOG = "oplog"
+_OPLOG_PREFIX = "oplog:"
 _HASH = re.compile(r"[0-9a-f]{64}")
 _CHUNK = 500  # seqs per IN (...) look-up
 
 
 class AnchorError(ValueError):
-    """A malformed anchor (``SEQ:HASH``)."""
+    """A malformed anchor (``SEQ:HASH`` or ``oplog:ID:HASH``)."""
 
 
 @dataclass(frozen=True)
 class Anchor:
-    seq: int
+    seq: int  # the chain's seq, or the operation log's entry id (log == OPLOG)
     hash: str
+    log: str = CHAIN
 
     def __str__(self) -> str:
-        return f"{self.seq}:{self.hash}"
+        return f"{_OPLOG_PREFIX if self.log == OPLOG else ''}{self.seq}:{self.hash}"
 
 
 def parse(text: str) -> Anchor:
-    """``SEQ:HASH`` (what ``verify`` and ``head`` print after ``anchor:``) → Anchor."""
-    seq_text, sep, h = text.strip().partition(":")
+    """``SEQ:HASH`` or ``oplog:ID:HASH`` (what ``verify`` and ``head`` print after ``anchor:``) → Anchor."""
+    body, log = text.strip(), CHAIN
+    if body.lower().startswith(_OPLOG_PREFIX):
+        body, log = body[len(_OPLOG_PREFIX):], OPLOG
+    seq_text, sep, h = body.partition(":")
     h = h.strip().lower()
     if not sep or not seq_text.strip().isdigit() or not _HASH.fullmatch(h):
-        raise AnchorError(f"not an anchor (SEQ:HASH, HASH 64 hex digits): {text.strip()[:100]!r}")
-    return Anchor(int(seq_text), h)
+        raise AnchorError("not an anchor (SEQ:HASH or oplog:ID:HASH, HASH 64 hex digits): "
+                          f"{text.strip()[:100]!r}")
+    return Anchor(int(seq_text), h, log)
 
 
 def path_in(directory: Path) -> Path:
     return Path(directory) / FILE_NAME
 
 
-def append(directory: Path, anchor: Anchor, at: dt.datetime | None = None) -> Path:
-    """Append one line and fsync it (and the directory when the file is new)."""
+def append(directory: Path, anchors: Anchor | Sequence[Anchor], at: dt.datetime | None = None) -> Path:
+    """Append one line per anchor in ONE write, and fsync it (and the directory when the
+    file is new)."""
     path = path_in(directory)
     when = (at or dt.datetime.now(dt.UTC)).astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-    line = f"{anchor} {when}\n".encode("ascii")
+    items = [anchors] if isinstance(anchors, Anchor) else list(anchors)
+    data = "".join(f"{a} {when}\n" for a in items).encode("ascii")
     created = not path.exists()
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
     try:
-        os.write(fd, line)  # one write of < 100 bytes: the line lands whole
+        os.write(fd, data)  # one write of a few hundred bytes: the lines land whole, together
         os.fsync(fd)
     finally:
         os.close(fd)
@@ -80,7 +102,8 @@ def append(directory: Path, anchor: Anchor, at: dt.datetime | None = None) -> Pa
 
 
 def read(directory: Path) -> tuple[list[tuple[int, Anchor]], list[str]] | None:
-    """(line number, anchor) of every line, and one problem per malformed line; None: no file."""
+    """(line number, anchor) of every line (either kind), and one problem per malformed
+    line; None: no file."""
     path = path_in(directory)
     try:
         text = path.read_text("ascii", errors="replace")
@@ -92,7 +115,7 @@ def read(directory: Path) -> tuple[list[tuple[int, Anchor]], list[str]] | None:
         fields = line.split()
         try:
             if len(fields) != 2:
-                raise AnchorError("expected SEQ:HASH TIME")
+                raise AnchorError("expected ANCHOR TIME")
             dt.datetime.strptime(fields[1], "%Y-%m-%dT%H:%M:%SZ")
             out.append((n, parse(fields[0])))
         except ValueError:
@@ -101,13 +124,23 @@ def read(directory: Path) -> tuple[list[tuple[int, Anchor]], list[str]] | None:
 
 
 def check(anchors: Iterable[tuple[str, Anchor]]) -> list[str]:
-    """(where it came from, anchor) → one problem per anchor the chain no longer matches."""
+    """(where it came from, anchor) → one problem per anchor the chain (or, for op-log
+    anchors, the operation log) no longer matches."""
+    todo = list(anchors)
+    problems = _check([t for t in todo if t[1].log == CHAIN], _hashes, _chain_end(), chain.GENESIS,
+                      "archive anchor", "the chain")
+    problems += _check([t for t in todo if t[1].log == OPLOG], _oplog_hashes, oplog.head()[0], oplog.GENESIS,
+                       "operation-log anchor", "the operation log")
+    return problems
+
+
+def _check(anchors: list[tuple[str, Anchor]], lookup, end: int, genesis: str,  # noqa: ANN001
+           label: str, what: str) -> list[str]:
     by_seq: dict[int, list[tuple[str, Anchor]]] = {}
     for source, a in anchors:
         by_seq.setdefault(a.seq, []).append((source, a))
-    found = _hashes(sorted(s for s in by_seq if s > 0))
-    found[0] = chain.GENESIS  # seq 0: the empty chain
-    end = _chain_end()
+    found = lookup(sorted(s for s in by_seq if s > 0))
+    found[0] = genesis  # 0: the empty chain / log
     problems: list[str] = []
     for seq in sorted(by_seq):
         seen: set[str] = set()
@@ -119,38 +152,41 @@ def check(anchors: Iterable[tuple[str, Anchor]]) -> list[str]:
             if h == a.hash:
                 continue
             if h is None and seq > end:
-                why = (f"the chain ends at entry {end}: entries at the end were deleted (the tail was cut) "
-                       "and the head rewritten")
+                why = (f"{what} ends at entry {end}: entries at the end were deleted (the tail was cut)"
+                       + (" and the head rewritten" if a.log == CHAIN else ""))
             elif h is None:
                 why = f"entry {seq} is missing (deleted)"
             else:
-                why = f"entry {seq} has another hash now (the chain was rewritten)"
-            problems.append(f"archive anchor {seq}:{a.hash[:16]}… ({source}) no longer matches: {why}")
+                why = f"entry {seq} has another hash now ({what} was rewritten)"
+            problems.append(f"{label} {a.seq}:{a.hash[:16]}… ({source}) no longer matches: {why}")
     return problems
 
 
-def verify(directory: Path | None, extra: Iterable[Anchor] = (), anchored: dict[int, str] | None = None) -> list[str]:
+def verify(directory: Path | None, extra: Iterable[Anchor] = (), anchored: Iterable[Anchor] = (),
+           checkpoints: int = 0) -> list[str]:
     """Check the anchors file in ``directory`` (None: only ``extra``) and the anchors in
-    ``extra`` (given by an auditor).  ``anchored``: seq → hash of the operation-log
-    checkpoints that say they were written to the file — it must exist once there is one,
-    and must hold every one."""
+    ``extra`` (given by an auditor).  ``anchored``: the anchors the operation log's
+    checkpoints (``checkpoints`` of them) say they wrote to the file — it must exist once
+    there is one, and must hold every one."""
     problems: list[str] = []
     todo: list[tuple[str, Anchor]] = [("given with --anchor", a) for a in extra]
-    anchored = anchored or {}
+    anchored = sorted(set(anchored), key=lambda a: (a.log, a.seq, a.hash))
     if directory is not None:
         got = read(directory)
         path = path_in(directory)
         if got is None:
             if anchored:
                 problems.append(f"archive anchors: {path} is missing (anchors file missing) but the operation "
-                                f"log has {len(anchored)} anchored checkpoint(s): the file was deleted")
+                                f"log has {checkpoints or len(anchored)} anchored checkpoint(s): the file was deleted")
         else:
             lines, problems = got
             todo += [(f"{FILE_NAME} line {n}", a) for n, a in lines]
-            have = {(a.seq, a.hash) for _, a in lines}
-            for seq, h in sorted(anchored.items()):
-                if (seq, h) not in have:
-                    problems.append(f"archive anchors: the operation log's checkpoint at entry {seq} is not in "
+            have = {a for _, a in lines}
+            for a in anchored:
+                if a not in have:
+                    which = (f"checkpoint at entry {a.seq}" if a.log == CHAIN
+                             else f"checkpoint's anchor of its own end (entry {a.seq})")
+                    problems.append(f"archive anchors: the operation log's {which} is not in "
                                     f"{path} (lines were removed or the file was replaced)")
     return problems + check(todo)
 
@@ -172,3 +208,12 @@ def _chain_end() -> int:
         row = model.select(model.seq).where(model.seq.is_null(False)).order_by(model.seq.desc()).first()
         ends.append(int(row.seq) if row else 0)
     return max(ends)
+
+
+def _oplog_hashes(ids: list[int]) -> dict[int, str]:
+    out: dict[int, str] = {}
+    for i in range(0, len(ids), _CHUNK):
+        for r in AuditLog.select(AuditLog.id, AuditLog.hash).where(AuditLog.id.in_(ids[i:i + _CHUNK])):
+            out[int(r.id)] = r.hash
+    return out
+

@@ -54,16 +54,24 @@ def cmd_verify(args: argparse.Namespace) -> int:
         return 1
     seq, h = checkpoint(_actor(args), archive.directory)
     print(f"archive verify: OK ({seq} chain entries; head {h[:16]}…)")
-    print(f"anchor: {seq}:{h}")  # keep it off-host; `verify --anchor` checks it later
+    _print_anchors((seq, h))  # keep them off-host; `verify --anchor` checks them later
     return 0
 
 
-def cmd_head(args: argparse.Namespace) -> int:
+def _print_anchors(head: tuple[int, str] | None = None) -> None:
+    """The chain head (``head``, default the current one) and the operation log's end (its
+    newest entry, after verify the checkpoint just written), one ``anchor:`` line each."""
+    from gateway import oplog
     from gateway.archive import chain
+    from gateway.archive.anchors import OPLOG, Anchor
 
+    print(f"anchor: {Anchor(*(head or chain.head()))}")
+    print(f"anchor: {Anchor(*oplog.head(), OPLOG)}")
+
+
+def cmd_head(args: argparse.Namespace) -> int:
     _setup(args)
-    seq, h = chain.head()
-    print(f"anchor: {seq}:{h}")
+    _print_anchors()
     return 0
 
 
@@ -205,12 +213,13 @@ def add_parsers(sub) -> None:  # noqa: ANN001 - argparse's private subparsers ac
     v = asub.add_parser("verify", help="check the hash chain and every blob; non-zero exit on any problem")
     v.add_argument("--no-blobs", action="store_true", help="check the chain only (fast)")
     v.add_argument("--quiet", action="store_true", help="no progress output")
-    v.add_argument("--anchor", action="append", type=_anchor_arg, metavar="SEQ:HASH",
+    v.add_argument("--anchor", action="append", type=_anchor_arg, metavar="SEQ:HASH|oplog:ID:HASH",
                    help="an anchor kept off-host (printed by an earlier verify or `archive head`); "
-                        "the chain must still hold it (repeatable)")
+                        "the chain (oplog: the operation log) must still hold it (repeatable)")
     v.set_defaults(func=cmd_verify)
 
-    hd = asub.add_parser("head", help="print the chain head as an anchor line (anchor: SEQ:HASH) to keep off-host")
+    hd = asub.add_parser("head", help="print the chain head and the operation log's end as anchor lines "
+                         "(anchor: SEQ:HASH, anchor: oplog:ID:HASH) to keep off-host")
     hd.set_defaults(func=cmd_head)
 
     i = asub.add_parser("import", help="import existing mail: .eml files/folders, --mbox FILE, or an IMAP account")

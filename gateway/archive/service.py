@@ -17,7 +17,8 @@
   order, in batches (``index.index_pending``, a thread), every ``INDEX_POLL`` seconds —
   and at start-up it catches up what an earlier run left (durable watermarks).
 - Daily: retention purge (when ``retention_years`` > 0) and a chain checkpoint in the
-  operation log and the archive directory's ``chain-anchors.log`` (gateway/archive/anchors.py).
+  operation log and the archive directory's ``chain-anchors.log`` (the chain head and the
+  operation log's end, the purge's entry included; gateway/archive/anchors.py).
 """
 
 from __future__ import annotations

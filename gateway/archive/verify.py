@@ -17,10 +17,15 @@ Problems are returned as one line each (empty list: intact).  What is detected:
   the archive directory (one line per checkpoint) and any ``anchors`` an auditor kept
   off-host — must each still name an entry with that hash; a missing anchors file (once
   the operation log says one was written), a malformed line, or an anchored operation-log
-  checkpoint absent from the file is reported too.
+  checkpoint absent from the file is reported too;
+- the operation log's newest entries deleted (its own links cannot show a cut at the end):
+  the same file holds an ``oplog:ID:HASH`` line per checkpoint (the log's last entry before
+  the checkpoint's own), and an auditor may give such anchors too; each must still name an
+  entry with that hash.
 Honest limit: whoever can rewrite both the database and the archive directory can still
 cut the tail after the last anchor held off-host (``mailgate archive verify`` prints
-``anchor: SEQ:HASH``; keep it, or copy chain-anchors.log, somewhere they cannot write).
+``anchor: SEQ:HASH`` and ``anchor: oplog:ID:HASH``; keep them, or copy chain-anchors.log,
+somewhere they cannot write).
 Blocking; reads in batches, so memory stays flat for millions of rows.
 """
 
@@ -124,18 +129,38 @@ def _purged_in(event: ArchiveEvent) -> list[int]:
         return []
 
 
-def _checkpoints(anchored_only: bool = False) -> dict[int, str]:
-    """seq → hash of the chain-head checkpoints in the operation log (``anchored_only``: of
-    those also written to ``chain-anchors.log``)."""
-    out: dict[int, str] = {}
+def _checkpoints() -> dict[int, str]:
+    """seq → hash of the chain-head checkpoints in the operation log."""
+    return {a.seq: a.hash for a, _ in _checkpoint_rows()}
+
+
+def _anchored() -> tuple[list[anchors_mod.Anchor], int]:
+    """The anchors the operation log's checkpoints say they wrote to ``chain-anchors.log``
+    (the chain head, and since op-log anchors exist the log's end before the checkpoint),
+    and how many such checkpoints there are."""
+    out: list[anchors_mod.Anchor] = []
+    n = 0
+    for a, d in _checkpoint_rows():
+        if not d.get("anchored"):
+            continue
+        n += 1
+        out.append(a)
+        end = d.get("oplog_end")
+        if isinstance(end, dict):
+            try:
+                out.append(anchors_mod.Anchor(int(end["id"]), str(end["hash"]), anchors_mod.OPLOG))
+            except (KeyError, TypeError, ValueError):
+                continue
+    return out, n
+
+
+def _checkpoint_rows() -> Iterator[tuple[anchors_mod.Anchor, dict]]:
     for row in AuditLog.select(AuditLog.details).where(AuditLog.action == CHECKPOINT_ACTION):
         try:
             d = json.loads(row.details)
-            if not anchored_only or d.get("anchored"):
-                out[int(d["seq"])] = str(d["hash"])
+            yield anchors_mod.Anchor(int(d["seq"]), str(d["hash"])), d
         except (ValueError, KeyError, TypeError, AttributeError):
             continue
-    return out
 
 
 def verify_blobs(store: BlobStore, batch: int = 1000,
@@ -186,18 +211,25 @@ def verify(store: BlobStore | None, blobs: bool = True,
 def verify_anchors(directory: Path | None, anchors: Iterable[anchors_mod.Anchor] = ()) -> list[str]:
     """Anchors kept outside the database (gateway/archive/anchors.py); ``directory`` None:
     only ``anchors``."""
-    return anchors_mod.verify(directory, anchors, _checkpoints(anchored_only=True))
+    anchored, checkpoints = _anchored()
+    return anchors_mod.verify(directory, anchors, anchored, checkpoints)
 
 
 def checkpoint(actor: str = "system", directory: Path | None = None) -> tuple[int, str]:
     """Record the chain head in the (separately chained) operation log and, with the
-    archive ``directory``, first as a line of its ``chain-anchors.log`` (fsynced)."""
+    archive ``directory``, first in its ``chain-anchors.log`` (fsynced): one line for the
+    chain head, one for the operation log's end.  The log's anchor names its last entry
+    BEFORE this checkpoint's own entry (that one's hash is not known until it is written;
+    the next checkpoint covers it), so every anchored entry is already committed."""
     from gateway import oplog
 
     seq, h = chain.head()
     details: dict[str, object] = {"seq": seq, "hash": h}
     if directory is not None:
-        anchors_mod.append(directory, anchors_mod.Anchor(seq, h))
+        end_id, end_hash = oplog.head()
+        anchors_mod.append(directory, [anchors_mod.Anchor(seq, h),
+                                       anchors_mod.Anchor(end_id, end_hash, anchors_mod.OPLOG)])
         details["anchored"] = True  # from now on verify requires the file
+        details["oplog_end"] = {"id": end_id, "hash": end_hash}  # ... and this line in it
     oplog.record(actor, CHECKPOINT_ACTION, f"seq {seq}", details)
     return seq, h

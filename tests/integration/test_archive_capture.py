@@ -225,7 +225,7 @@ def test_verify_prints_and_checks_anchors_kept_off_host(gw, capsys):
     anchors_file = load(gw.config_path).archive_dir / "chain-anchors.log"
     assert f"{seq}:{h} " in anchors_file.read_text()  # the checkpoint's line
     assert main(["-c", str(gw.config_path), "archive", "head"]) == 0
-    assert re.fullmatch(r"anchor: \d+:[0-9a-f]{64}\n", capsys.readouterr().out)
+    assert re.fullmatch(r"anchor: \d+:[0-9a-f]{64}\nanchor: oplog:\d+:[0-9a-f]{64}\n", capsys.readouterr().out)
     assert main([*argv, "--anchor", f"{seq}:{h}"]) == 0
     capsys.readouterr()
     assert main([*argv, "--anchor", f"{seq}:{h}", "--anchor", f"{seq + 10**6}:{h}"]) == 1

@@ -118,7 +118,7 @@ def _cut_tail_after_checkpoints(archive):
 def test_anchors_file_catches_a_cut_tail_with_head_and_checkpoint_rewritten(archive):
     _cut_tail_after_checkpoints(archive)
     problems = verify(archive.store)
-    assert any("tail was cut" in p and "chain-anchors.log line 2" in p for p in problems), problems
+    assert any("tail was cut" in p and "chain-anchors.log line 3" in p for p in problems), problems
 
 
 def test_deleted_anchors_file_is_reported(archive):
@@ -143,7 +143,7 @@ def test_malformed_anchors_line_is_reported(archive):
     with open(archive.directory / "chain-anchors.log", "a") as f:
         f.write("12:nothex 2026-12-01T00:00:00Z\n")
     problems = verify(archive.store)
-    assert len(problems) == 1 and "line 2 is malformed" in problems[0], problems
+    assert len(problems) == 1 and "line 3 is malformed" in problems[0], problems
 
 
 def test_rewritten_entry_contradicts_an_anchor(archive):
@@ -171,7 +171,10 @@ def test_checkpoint_without_directory_needs_no_anchors_file(archive):
 def test_parse_anchor():
     h = "a" * 64
     assert anchors.parse(f" 12:{h.upper()} ") == anchors.Anchor(12, h)
-    for bad in ("12", f"x:{h}", "12:abc", f"-1:{h}", f"12:{h}0"):
+    op = anchors.parse(f"oplog:7:{h}")
+    assert op == anchors.Anchor(7, h, anchors.OPLOG) and op != anchors.Anchor(7, h)
+    assert anchors.parse(str(op)) == op and str(op) == f"oplog:7:{h}"
+    for bad in ("12", f"x:{h}", "12:abc", f"-1:{h}", f"12:{h}0", f"oplog:{h}", f"oplog:x:{h}", f"log:7:{h}"):
         with pytest.raises(anchors.AnchorError):
             anchors.parse(bad)
 
@@ -201,3 +204,85 @@ def test_the_operation_logs_own_chain_is_verified_too(archive):
     assert [p for p in verify(archive.store) if p.startswith("operation log")] == [
         f"operation log: entry {searched.id + 1} does not follow the one before it "
         "(an entry was deleted or reordered)"]
+
+
+# -- the operation log's own end, anchored in the same file -----------------------------------
+
+
+def _trail(n: int) -> list:
+    from gateway import oplog
+
+    return [oplog.record("local:auditor", "archive.search", "archive", {"query": f"q{i}"}) for i in range(n)]
+
+
+def test_checkpoint_anchors_the_operation_logs_end_before_its_own_entry(archive):
+    from gateway import oplog
+
+    _fill(archive)
+    last = _trail(2)[-1]
+    seq, h = checkpoint("test", archive.directory)
+    lines = (archive.directory / "chain-anchors.log").read_text().splitlines()
+    assert [ln.split()[0] for ln in lines] == [f"{seq}:{h}", f"oplog:{last.id}:{last.hash}"]
+    assert oplog.head()[0] == last.id + 1  # the checkpoint's own entry, covered by the next one
+    assert verify(archive.store) == []
+
+
+def test_cut_at_the_operation_logs_end_is_reported(archive):
+    """The auditors' newest trail entries (and the checkpoint after them) deleted: the log's
+    own chain still verifies, its anchor in chain-anchors.log does not."""
+    from gateway import oplog
+    from gateway.db.models import AuditLog
+
+    _fill(archive)
+    checkpoint("test", archive.directory)  # lines 1-2
+    trail = _trail(3)
+    checkpoint("test", archive.directory)  # lines 3-4: line 4 names trail[-1]
+    assert verify(archive.store) == []
+    AuditLog.delete().where(AuditLog.id >= trail[0].id).execute()
+    assert oplog.verify() == [] and verify_chain() == []  # the database alone no longer shows it
+    problems = verify(archive.store)
+    assert any(p.startswith(f"operation-log anchor {trail[-1].id}:") and "chain-anchors.log line 4" in p
+               and "tail was cut" in p for p in problems), problems
+    _trail(5)  # written over the cut (SQLite reuses the ids): still not the anchored entry
+    problems = verify(archive.store)
+    assert any(p.startswith("operation-log anchor") and "line 4" in p for p in problems), problems
+
+
+def test_operation_log_anchor_line_removed_is_reported(archive):
+    _fill(archive)
+    _trail(1)
+    checkpoint("test", archive.directory)
+    path = archive.directory / "chain-anchors.log"
+    path.write_text("".join(ln for ln in path.read_text().splitlines(True) if not ln.startswith("oplog:")))
+    problems = verify(archive.store)
+    assert len(problems) == 1 and "anchor of its own end" in problems[0] and "is not in" in problems[0], problems
+
+
+def test_anchors_file_from_before_operation_log_anchors_still_verifies(archive):
+    """Files (and checkpoints) written before op-log anchors existed: chain lines only."""
+    from gateway import oplog
+
+    _fill(archive)
+    seq, h = chain.head()
+    anchors.append(archive.directory, anchors.Anchor(seq, h))  # what the old checkpoint wrote ...
+    oplog.record("test", "archive.checkpoint", f"seq {seq}", {"seq": seq, "hash": h, "anchored": True})
+    _trail(2)
+    assert verify(archive.store) == []
+    checkpoint("test", archive.directory)  # a new checkpoint appends both kinds to the old file
+    assert verify(archive.store) == []
+    assert len((archive.directory / "chain-anchors.log").read_text().splitlines()) == 3
+
+
+def test_operation_log_anchor_kept_off_host(archive):
+    from gateway import oplog
+    from gateway.db.models import AuditLog
+
+    _fill(archive)
+    trail = _trail(3)
+    kept = anchors.Anchor(*oplog.head(), anchors.OPLOG)
+    assert verify(archive.store, anchors=[kept, anchors.Anchor(0, oplog.GENESIS, anchors.OPLOG)]) == []
+    AuditLog.delete().where(AuditLog.id == trail[-1].id).execute()
+    problems = verify(archive.store, anchors=[kept])
+    assert len(problems) == 1 and "--anchor" in problems[0] and "tail was cut" in problems[0], problems
+    problems = verify(archive.store, anchors=[anchors.Anchor(trail[0].id, "0" * 64, anchors.OPLOG)])
+    assert len(problems) == 1 and "operation log was rewritten" in problems[0], problems
