@@ -115,9 +115,11 @@ def cmd_import(args: argparse.Namespace) -> int:
             print("mailgate archive import: give .eml files/folders, --mbox FILE or --imap-user LOGIN", file=sys.stderr)
             return 2
     except ValueError as exc:
+        progress.close()  # a bar already on screen gets its line ended before the message
         print(f"mailgate archive import: {exc}", file=sys.stderr)
         return 2
     except OSError as exc:  # IMAP connection / login
+        progress.close()
         print(f"mailgate archive import: {exc}", file=sys.stderr)
         return 1
     progress.finish()

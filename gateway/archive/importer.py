@@ -4,7 +4,9 @@ Idempotent: a message already archived gets no second record (content hash), and
 same file / mbox entry / IMAP UID gets no second sighting (the sighting ref is the
 file's path, ``<mbox path>#<n>`` or ``<uidvalidity>:<uid>``).  Bad input (unreadable,
 empty, too large, not a mail) is reported per item and skipped; nothing else is lost.
-Progress: a bar on stderr when it is a terminal, otherwise a line every few seconds.
+Progress (``Progress``): a bar on stderr when it is a terminal, otherwise a line every few
+seconds; always a final count.  The total is known up front (files, mbox entries, the IMAP
+folders' STATUS counts).
 """
 
 from __future__ import annotations
@@ -34,7 +36,10 @@ class ImportResult:
 
 
 class Progress:
-    """A one-line progress bar (TTY) or periodic plain counts (pipes, logs)."""
+    """A one-line progress bar (TTY: redrawn in place with ``\\r`` at most every 0.1 s, the
+    line ended by ``finish``) or periodic plain counts (pipes, logs: a line every ``every``
+    seconds) — ``LABEL: DONE/TOTAL messages (RATE/s)``.  ``finish`` always draws the final
+    count, so a log shows where it ended; ``close`` (after an error) only ends the bar's line."""
 
     def __init__(self, label: str, total: int | None = None, stream: TextIO | None = None, every: float = 5.0):
         self.label, self.total, self.stream = label, total, stream or sys.stderr
@@ -42,6 +47,7 @@ class Progress:
         self.every = 0.1 if self.tty else every
         self.start = self._last = time.monotonic()
         self.done = 0
+        self._width = 0  # of the bar's line on screen (TTY): a shorter redraw blanks the rest
 
     def update(self, done: int, total: int | None = None) -> None:
         self.done = done
@@ -53,12 +59,16 @@ class Progress:
             self._draw()
 
     def finish(self) -> None:
-        self._draw()
-        if self.tty:
+        self._draw(final=True)
+        self.close()
+
+    def close(self) -> None:
+        if self.tty and self._width:
             self.stream.write("\n")
+            self._width = 0
         self.stream.flush()
 
-    def _draw(self) -> None:
+    def _draw(self, final: bool = False) -> None:
         elapsed = max(time.monotonic() - self.start, 1e-6)
         rate = self.done / elapsed
         if self.tty:
@@ -66,13 +76,14 @@ class Progress:
                 width = 30
                 filled = int(width * min(self.done, self.total) / self.total)
                 bar = "#" * filled + "-" * (width - filled)
-                text = f"\r{self.label} [{bar}] {self.done}/{self.total} ({rate:.0f}/s)"
+                text = f"{self.label} [{bar}] {self.done}/{self.total} ({rate:.0f}/s)"
             else:
-                text = f"\r{self.label} {self.done} ({rate:.0f}/s)"
-            self.stream.write(text)
+                text = f"{self.label} {self.done} ({rate:.0f}/s)"
+            self.stream.write("\r" + text.ljust(self._width))
+            self._width = max(len(text), 1)
         else:
             total = f"/{self.total}" if self.total else ""
-            self.stream.write(f"{self.label}: {self.done}{total} messages ({rate:.0f}/s)\n")
+            self.stream.write(f"{self.label}: {self.done}{total} messages ({rate:.0f}/s){', done' if final else ''}\n")
         self.stream.flush()
 
 
@@ -202,12 +213,19 @@ def import_imap(archive: Archive, upstream, user: str, password: str, mailboxes:
     try:
         if not mailboxes:
             mailboxes = [name for flags, _, name in client.list_folders() if b"\\Noselect" not in flags]
+        sizes: dict[str, int] = {}
+        for mbox in mailboxes:  # the progress total: every folder's count first (STATUS, cheap)
+            try:
+                sizes[mbox] = _count(client, mbox)
+            except IMAPClientError:
+                sizes[mbox] = 0  # reported when the folder itself fails below
+        total, passed = sum(sizes.values()), 0
         for mbox in mailboxes:
             offset = result.seen
 
-            def report(done: int, total: int, offset: int = offset) -> None:
+            def report(done: int, _total: int, passed: int = passed) -> None:
                 if progress is not None:
-                    progress.update(offset + done)
+                    progress.update(passed + done, max(total, passed + done))
 
             try:
                 before = result.new_sightings
@@ -218,6 +236,10 @@ def import_imap(archive: Archive, upstream, user: str, password: str, mailboxes:
                 result.seen = offset + _count(client, mbox)
             except IMAPClientError as exc:
                 result.errors.append(f"{account}/{mbox}: {exc}")
+            # a failed folder counts as passed, as a bad .eml file does; mail that arrived meanwhile too
+            passed = max(passed + sizes[mbox], progress.done if progress is not None else 0)
+            if progress is not None:
+                progress.update(passed, max(total, passed))
     finally:
         try:
             client.logout()

@@ -183,15 +183,38 @@ def test_import_from_imap_account_is_idempotent(gw, dovecot, monkeypatch, capsys
     dovecot.deliver("sales@acme.test", f"From: a@b.example\r\nSubject: {subject}\r\n\r\nold mail\r\n".encode())
     monkeypatch.setenv("MAILGATE_IMPORT_PASSWORD", "sales-pw")
     argv = ["-c", str(gw.config_path), "archive", "import", "--imap-user", "sales@acme.test", "--folder", "INBOX"]
+    capsys.readouterr()
     assert main(argv) == 0, capsys.readouterr()
+    out, err = capsys.readouterr()
+    final = re.findall(r"^import: (\d+)/(\d+) messages \(\d+/s\), done$", err, re.M)
+    assert len(final) == 1 and final[0][0] == final[0][1] != "0", err  # the progress has the folder's total
+    assert re.fullmatch(rf"imported {final[0][0]} message\(s\): \d+ new record\(s\), [1-9]\d* new "
+                        r"sighting\(s\), 0 skipped\n", out), out
     connect(gw.db_url)  # the CLI bound the models to its own connection
     rec = ArchiveRecord.get(ArchiveRecord.subject == subject)
     place = "import:imap:sales@acme.test/INBOX"
     assert len(sightings(record=rec.id, place=place)) == 1
     assert main(argv) == 0
+    assert re.search(r", 0 new sighting\(s\), 0 skipped$", capsys.readouterr().out, re.M)
     connect(gw.db_url)
     assert len(sightings(record=rec.id, place=place)) == 1  # a second import adds nothing
 
+
+
+def test_import_from_imap_skips_a_missing_folder_and_the_progress_still_ends(gw, dovecot, monkeypatch, capsys):
+    dovecot.deliver("sales@acme.test", f"From: a@b.example\r\nSubject: {unique('Imported')}\r\n\r\nold\r\n".encode())
+    monkeypatch.setenv("MAILGATE_IMPORT_PASSWORD", "sales-pw")
+    argv = ["-c", str(gw.config_path), "archive", "import", "--imap-user", "sales@acme.test",
+            "--folder", "No-Such-Folder", "--folder", "INBOX"]
+    capsys.readouterr()
+    assert main(argv) == 1  # one folder failed
+    out, err = capsys.readouterr()
+    final = re.findall(r"^import: (\d+)/(\d+) messages \(\d+/s\), done$", err, re.M)
+    assert len(final) == 1 and final[0][0] == final[0][1] != "0", err
+    assert re.search(r"^skipped: sales@acme\.test/No-Such-Folder: ", err, re.M), err
+    assert re.fullmatch(rf"imported {final[0][0]} message\(s\): \d+ new record\(s\), [1-9]\d* new "
+                        r"sighting\(s\), 1 skipped\n", out), out  # INBOX was still imported
+    connect(gw.db_url)
 
 def test_verify_passes_then_reports_an_altered_blob(gw, capsys):
     assert main(["-c", str(gw.config_path), "archive", "verify", "--quiet"]) == 0, capsys.readouterr().out

@@ -62,13 +62,107 @@ def test_unknown_employee_or_missing_mbox(archive, tmp_path):
     assert import_mbox(archive, tmp_path / "x.mbox").errors == [f"{tmp_path / 'x.mbox'}: not a file"]
 
 
-def test_tty_progress_bar(tmp_path):
-    class Tty(io.StringIO):
-        def isatty(self) -> bool:
-            return True
+# -- Progress: what `mailgate archive import` (and verify's blob pass) shows ----------------
 
-    out = Tty()
-    p = Progress("import", total=10, stream=out)
-    p.update(5)
+
+class Tty(io.StringIO):
+    """A stream that says it is a terminal."""
+
+    def isatty(self) -> bool:
+        return True
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.t = 0.0
+
+    def monotonic(self) -> float:
+        return self.t
+
+
+@pytest.fixture
+def clock(monkeypatch) -> Clock:
+    from gateway.archive import importer
+
+    c = Clock()
+    monkeypatch.setattr(importer, "time", c)
+    return c
+
+
+def screen(text: str) -> list[str]:
+    """What a terminal shows: ``\\r`` returns to the line's start and overwrites."""
+    lines, cur, col = [], [], 0
+    for ch in text:
+        if ch == "\r":
+            col = 0
+        elif ch == "\n":
+            lines.append("".join(cur).rstrip())
+            cur, col = [], 0
+        else:
+            cur[col:col + 1] = [ch]
+            col += 1
+    if cur:
+        lines.append("".join(cur).rstrip())
+    return lines
+
+
+def test_plain_progress_prints_periodic_counts_with_totals_and_a_final_line(clock):
+    out = io.StringIO()
+    p = Progress("import", stream=out, every=5.0)
+    for n in range(1, 13):  # one message a second
+        clock.t = float(n)
+        p.update(n, 12)
     p.finish()
-    assert "[###############---------------] 5/10" in out.getvalue()
+    assert out.getvalue().splitlines() == [
+        "import: 5/12 messages (1/s)",
+        "import: 10/12 messages (1/s)",
+        "import: 12/12 messages (1/s), done",
+    ]
+    assert "\r" not in out.getvalue()
+
+
+def test_plain_progress_without_a_total_and_with_nothing_done(clock):
+    out = io.StringIO()
+    p = Progress("import", stream=out, every=5.0)
+    clock.t = 6.0
+    p.update(3)
+    clock.t = 6.5
+    p.finish()
+    assert out.getvalue() == "import: 3 messages (0/s)\nimport: 3 messages (0/s), done\n"
+    empty = io.StringIO()
+    Progress("import", stream=empty).finish()
+    assert empty.getvalue() == "import: 0 messages (0/s), done\n"  # even then: the log shows the end
+
+
+def test_tty_progress_redraws_one_line_and_ends_it(clock):
+    out = Tty()
+    p = Progress("import", stream=out)
+    clock.t = 0.05
+    p.update(1, 400)  # within 0.1 s of the start: not drawn
+    assert out.getvalue() == ""
+    clock.t = 0.2
+    p.update(200, 400)  # 1000/s
+    clock.t = 50.0
+    p.update(300, 400)  # 6/s: a shorter line, drawn over the longer one
+    p.update(400, 400)  # same instant: not drawn
+    clock.t = 100.0
+    p.finish()
+    text = out.getvalue()
+    assert text.count("\n") == 1 and text.endswith("\n") and text.count("\r") == 3
+    assert screen(text) == ["import [##############################] 400/400 (4/s)"]
+    frames = [f.rstrip("\n") for f in text.split("\r")[1:]]
+    assert frames[0] == "import [###############---------------] 200/400 (1000/s)"
+    assert frames[1].rstrip() == "import [######################--------] 300/400 (6/s)"
+    assert len(frames[1]) >= len(frames[0])  # padded: no "…/s)" left over from the longer line
+
+
+def test_tty_progress_without_a_total_and_close_after_an_error(clock):
+    out = Tty()
+    p = Progress("import", stream=out)
+    clock.t = 1.0
+    p.update(7)
+    p.close()  # an error: the line is ended, no final count
+    assert screen(out.getvalue()) == ["import 7 (7/s)"] and out.getvalue().endswith("\n")
+    quiet = Tty()
+    Progress("import", stream=quiet).close()
+    assert quiet.getvalue() == ""  # nothing on screen: nothing to end
