@@ -30,7 +30,7 @@ from __future__ import annotations
 import datetime as dt
 import os
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -134,8 +134,8 @@ def check(anchors: Iterable[tuple[str, Anchor]]) -> list[str]:
     return problems
 
 
-def _check(anchors: list[tuple[str, Anchor]], lookup, end: int, genesis: str,  # noqa: ANN001
-           label: str, what: str) -> list[str]:
+def _check(anchors: list[tuple[str, Anchor]], lookup: Callable[[list[int]], dict[int, str]], end: int,
+           genesis: str, label: str, what: str) -> list[str]:
     by_seq: dict[int, list[tuple[str, Anchor]]] = {}
     for source, a in anchors:
         by_seq.setdefault(a.seq, []).append((source, a))
