@@ -10,7 +10,8 @@ one of two kinds:
 - ``SEQ:HASH`` — the archive chain's entry ``seq``;
 - ``oplog:ID:HASH`` — the operation log's entry ``id`` (``oplog:0:<GENESIS>``: the empty log).
 
-Each checkpoint (daily in the node, after every successful ``mailgate archive verify``)
+Each checkpoint (hourly in the node when anything changed, ``[archive] checkpoint_interval``;
+after every successful ``mailgate archive verify``)
 appends, in one write, one line ``SEQ:HASH UTC-TIME`` (the chain head) and one line
 ``oplog:ID:HASH UTC-TIME`` (the operation log's last entry *before* the checkpoint's own
 entry, which is written afterwards and so is covered by the next checkpoint) to this file

@@ -16,9 +16,10 @@
   entry of each record/sighting; a background task indexes everything not yet indexed, in
   order, in batches (``index.index_pending``, a thread), every ``INDEX_POLL`` seconds —
   and at start-up it catches up what an earlier run left (durable watermarks).
-- Daily: retention purge (when ``retention_years`` > 0) and a chain checkpoint in the
-  operation log and the archive directory's ``chain-anchors.log`` (the chain head and the
-  operation log's end, the purge's entry included; gateway/archive/anchors.py).
+- Daily: retention purge (when ``retention_years`` > 0 and ``purge_enabled``).
+- Every ``checkpoint_interval`` (an hour), when anything was archived or logged since the last
+  one: a chain checkpoint in the operation log and the archive directory's
+  ``chain-anchors.log`` (the chain head and the operation log's end; gateway/archive/anchors.py).
 """
 
 from __future__ import annotations
@@ -74,6 +75,7 @@ async def start(node: Any, reactor: Any):  # noqa: ANN201 - async stop function 
         tasks.append(asyncio.create_task(_sync_loop(archive, cfg, stopping), name="archive-sync"))
     tasks.append(asyncio.create_task(index_loop(archive, stopping, lag=a.index_lag), name="archive-index"))
     tasks.append(asyncio.create_task(_daily(archive, cfg, stopping), name="archive-daily"))
+    tasks.append(asyncio.create_task(_checkpoints(archive, cfg, stopping), name="archive-checkpoints"))
 
     async def stop() -> None:
         hooks.uninstall()
@@ -129,20 +131,37 @@ async def _sync_loop(archive: Archive, cfg: Any, stopping: asyncio.Event) -> Non
 
 
 async def _daily(archive: Archive, cfg: Any, stopping: asyncio.Event) -> None:
+    """The retention purge, once a day (when ``retention_years`` > 0 and ``purge_enabled``)."""
     from gateway.archive.retention import purge
-    from gateway.archive.verify import checkpoint
 
+    if not (cfg.archive.purge_enabled and cfg.archive.retention_years > 0):
+        return
     while not stopping.is_set():
         if await _wait(stopping, 60.0):  # not in the middle of start-up
             return
         try:
-            if cfg.archive.purge_enabled and cfg.archive.retention_years > 0:
-                await asyncio.to_thread(purge, archive.store, cfg.archive.retention_years, "system")
-            await asyncio.to_thread(checkpoint, "system", archive.directory)
+            await asyncio.to_thread(purge, archive.store, cfg.archive.retention_years, "system")
         except Exception:
-            log.exception("archive daily retention/checkpoint failed")
+            log.exception("archive daily retention purge failed")
         if await _wait(stopping, DAILY - 60.0):
             return
+
+
+async def _checkpoints(archive: Archive, cfg: Any, stopping: asyncio.Event) -> None:
+    """A chain checkpoint every ``checkpoint_interval`` seconds when anything was archived or
+    logged since the last one (``verify.checkpoint_needed``): the chain head and the
+    operation log's end anchored in ``chain-anchors.log``, so a cut at either end is seen by
+    verify for everything older than this interval.  The first one a minute after start."""
+    from gateway.archive.verify import checkpoint, checkpoint_needed
+
+    wait = min(60.0, cfg.archive.checkpoint_interval)  # not in the middle of start-up
+    while not await _wait(stopping, wait):
+        wait = cfg.archive.checkpoint_interval
+        try:
+            if await asyncio.to_thread(checkpoint_needed):
+                await asyncio.to_thread(checkpoint, "system", archive.directory)
+        except Exception:
+            log.exception("archive checkpoint failed")
 
 
 class _Hooks:

@@ -19,6 +19,12 @@ class ArchiveConfig:
     retention_years: int = 0
     # Run the retention purge once a day inside `mailgate run`.
     purge_enabled: bool = True
+    # Seconds between chain checkpoints inside `mailgate run`: the chain head and the operation
+    # log's end written to the operation log and to chain-anchors.log (gateway/archive/anchors.py),
+    # only when something was archived or logged since the previous one.  What is newer than
+    # the last checkpoint has no anchor yet: this is the window in which a cut at the end of
+    # the chain or the log would not be seen by verify.
+    checkpoint_interval: float = 3600.0
     # Background inbound sync of every active employee's mailboxes.
     sync_enabled: bool = False
     # Upstream master user (Dovecot: login "<user>*<master_user>"); empty = no master login.
@@ -77,6 +83,8 @@ def validate(section: ArchiveConfig) -> list[str]:
         problems.append("[archive] compression_level: must be 1..19")
     if section.retention_years < 0:
         problems.append("[archive] retention_years: must be >= 0 (0 = keep forever)")
+    if section.checkpoint_interval < 60:
+        problems.append("[archive] checkpoint_interval: must be >= 60 seconds")
     if section.sync_interval <= 0:
         problems.append("[archive] sync_interval: must be > 0")
     if section.master_user and not section.master_password:

@@ -215,6 +215,21 @@ def verify_anchors(directory: Path | None, anchors: Iterable[anchors_mod.Anchor]
     return anchors_mod.verify(directory, anchors, anchored, checkpoints)
 
 
+def checkpoint_needed() -> bool:
+    """Whether anything was archived or logged since the last checkpoint: False when the
+    operation log's newest entry is a checkpoint of the chain's current head (a node's
+    periodic checkpoint then writes nothing, and an idle archive gathers no lines)."""
+    last = AuditLog.select(AuditLog.action, AuditLog.details).order_by(AuditLog.id.desc()).first()
+    if last is None or last.action != CHECKPOINT_ACTION:
+        return True
+    try:
+        details = json.loads(last.details)
+    except ValueError:
+        return True
+    seq, h = chain.head()
+    return not (isinstance(details, dict) and details.get("seq") == seq and details.get("hash") == h)
+
+
 def checkpoint(actor: str = "system", directory: Path | None = None) -> tuple[int, str]:
     """Record the chain head in the (separately chained) operation log and, with the
     archive ``directory``, first in its ``chain-anchors.log`` (fsynced): one line for the
