@@ -117,11 +117,22 @@ class _Batcher:
     def flush(self) -> None:
         if not self.pending:
             return
-        for o in self.archive.ingest_many(self.pending, pipeline=True):
+        batch, self.pending = self.pending, []
+        try:
+            outcomes = self.archive.ingest_many(batch, pipeline=True)
+        except OSError as exc:
+            # A blob file could not be written (disk full, read-only archive folder): no row
+            # of this batch was written (ingest_many writes every blob before any row), so
+            # each of its messages is reported and a later run archives it.  The import goes
+            # on: a failure confined to one folder of the archive spares the other batches.
+            reason = exc.strerror or str(exc)
+            self.result.errors += [f"{c.ref}: not archived, the archive could not store it ({reason})"
+                                   for c in batch]
+            return
+        for o in outcomes:
             self.result.new_records += o.new_record
             self.result.new_sightings += o.new_sighting
-        self.result.seen += len(self.pending)
-        self.pending = []
+        self.result.seen += len(batch)
 
 
 def _eml_files(paths: list[Path]) -> Iterator[Path]:
@@ -234,7 +245,7 @@ def import_imap(archive: Archive, upstream, user: str, password: str, mailboxes:
                                        verdict="imported", max_size=max_size, progress=report)
                 result.new_sightings = before + new
                 result.seen = offset + _count(client, mbox)
-            except IMAPClientError as exc:
+            except (IMAPClientError, OSError) as exc:  # upstream trouble, or the archive could not store a blob
                 result.errors.append(f"{account}/{mbox}: {exc}")
             # a failed folder counts as passed, as a bad .eml file does; mail that arrived meanwhile too
             passed = max(passed + sizes[mbox], progress.done if progress is not None else 0)

@@ -212,6 +212,10 @@ def sync_account(archive: Archive, cfg, upstream: Upstream, employee: Employee) 
             except IMAPClientError as exc:
                 _note_error(employee.email, mailbox, str(exc))
                 log.info("archive sync: %s/%s skipped: %s", employee.email, mailbox, exc)
+            except OSError as exc:  # a blob not stored (disk full …) or the connection lost: the next pass retries
+                _note_error(employee.email, mailbox, str(exc))
+                log.warning("archive sync: %s/%s stopped: %s (resumes after its last stored message)",
+                            employee.email, mailbox, exc)
     finally:
         _close(client)
     return new
