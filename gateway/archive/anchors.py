@@ -29,6 +29,7 @@ README, "Anchors").
 from __future__ import annotations
 
 import datetime as dt
+import errno
 import os
 import re
 from collections.abc import Callable, Iterable, Sequence
@@ -89,7 +90,11 @@ def append(directory: Path, anchors: Anchor | Sequence[Anchor], at: dt.datetime 
     created = not path.exists()
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
     try:
-        os.write(fd, data)  # one write of a few hundred bytes: the lines land whole, together
+        written = os.write(fd, data)  # one write of a few hundred bytes: the lines land whole, together
+        if written != len(data):  # a short write: the file system is full
+            _cut(fd, written)
+            raise OSError(errno.ENOSPC, f"{path}: only {written} of {len(data)} bytes appended "
+                                        f"({os.strerror(errno.ENOSPC)})")
         os.fsync(fd)
     finally:
         os.close(fd)
@@ -100,6 +105,17 @@ def append(directory: Path, anchors: Anchor | Sequence[Anchor], at: dt.datetime 
         finally:
             os.close(dfd)
     return path
+
+
+def _cut(fd: int, written: int) -> None:
+    """Take a short write's fragment (the end of the file) off again, so that no torn line
+    stays behind for ``verify`` to report: unless another writer appended meanwhile."""
+    try:
+        end = os.fstat(fd).st_size
+        if written > 0 and os.lseek(fd, 0, os.SEEK_CUR) == end:
+            os.ftruncate(fd, end - written)
+    except OSError:
+        pass
 
 
 def read(directory: Path) -> tuple[list[tuple[int, Anchor]], list[str]] | None:
