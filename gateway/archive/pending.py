@@ -121,8 +121,13 @@ def recover(store: Any, node: str) -> int:
     for r in rows:
         data = bytes(r.data)
         path = store.path_of(r.name)
-        path.unlink(missing_ok=True)  # maybe empty or torn: its data never reached the disk
-        store.write(PreparedBlob("", r.name, 0, 0, data, len(data)))
+        try:
+            path.unlink(missing_ok=True)  # maybe empty or torn: its data never reached the disk
+            store.write(PreparedBlob("", r.name, 0, 0, data, len(data)))
+        except OSError as exc:  # disk full, read-only: every row stays for the next start
+            raise OSError(exc.errno, f"archive: {len(rows)} blob file(s) held in the database after an unclean "
+                                     f"stop cannot be written to {store.directory} ({exc.strerror or exc}); "
+                                     "they stay in the database until a start can write them") from exc
     with database.atomic():
         m.delete().where((m.node == node) & (m.id <= rows[-1].id)).execute()
     log.warning("archive: %d blob files written again from the database after an unclean stop", len(rows))
