@@ -165,3 +165,6 @@ class BlobSyncer:
             sync_once(self.store, self.node)
         except Exception:  # the rows stay: the next round (or recover) takes them
             log.exception("archive: syncing pending blob files failed (retried)")
+            from gateway.db import drop_connection
+
+            drop_connection()  # the database may have been restarted: the next round reconnects

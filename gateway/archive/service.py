@@ -95,6 +95,23 @@ async def _wait(stopping: asyncio.Event, seconds: float) -> bool:
         return False
 
 
+async def _in_thread(fn: Any, *args: Any) -> Any:
+    """``fn(*args)`` in a worker thread, as one pass of a background loop: after a failure
+    the thread's database connection is dropped (``gateway.db.drop_connection``), so the
+    next pass there reconnects — the database may have been restarted under it."""
+    return await asyncio.to_thread(_pass, fn, *args)
+
+
+def _pass(fn: Any, *args: Any) -> Any:
+    from gateway.db import drop_connection
+
+    try:
+        return fn(*args)
+    except Exception:
+        drop_connection()
+        raise
+
+
 async def index_loop(archive: Archive, stopping: asyncio.Event, poll: float = INDEX_POLL,
                      lag: float = 0.0) -> None:
     """Index deferred records and sightings until ``stopping``: right away while there is a
@@ -106,7 +123,7 @@ async def index_loop(archive: Archive, stopping: asyncio.Event, poll: float = IN
     while not stopping.is_set():
         failed = more = False
         try:
-            _, more = await asyncio.to_thread(index_batch, archive, lag=lag)
+            _, more = await _in_thread(lambda: index_batch(archive, lag=lag))
         except Exception:
             log.exception("archive background indexing failed (retried)")
             failed = True
@@ -122,7 +139,7 @@ async def _sync_loop(archive: Archive, cfg: Any, stopping: asyncio.Event) -> Non
 
     while not stopping.is_set():
         try:
-            new = await asyncio.to_thread(sync_all, archive, cfg, stopping.is_set)
+            new = await _in_thread(sync_all, archive, cfg, stopping.is_set)
             log.info("archive sync pass done: %d new sighting(s)", new)
         except Exception:
             log.exception("archive sync pass failed")
@@ -140,7 +157,7 @@ async def _daily(archive: Archive, cfg: Any, stopping: asyncio.Event) -> None:
         if await _wait(stopping, 60.0):  # not in the middle of start-up
             return
         try:
-            await asyncio.to_thread(purge, archive.store, cfg.archive.retention_years, "system")
+            await _in_thread(purge, archive.store, cfg.archive.retention_years, "system")
         except Exception:
             log.exception("archive daily retention purge failed")
         if await _wait(stopping, DAILY - 60.0):
@@ -158,8 +175,8 @@ async def _checkpoints(archive: Archive, cfg: Any, stopping: asyncio.Event) -> N
     while not await _wait(stopping, wait):
         wait = cfg.archive.checkpoint_interval
         try:
-            if await asyncio.to_thread(checkpoint_needed):
-                await asyncio.to_thread(checkpoint, "system", archive.directory)
+            if await _in_thread(checkpoint_needed):
+                await _in_thread(checkpoint, "system", archive.directory)
         except Exception:
             log.exception("archive checkpoint failed")
 
@@ -228,7 +245,7 @@ class _Hooks:
                 batch.setdefault((a, m, v), set()).update(u)
             for (a, m, v), us in batch.items():
                 try:
-                    await asyncio.to_thread(capture_uids, self.archive, self.cfg, a, _mailbox_name(m), v, sorted(us))
+                    await _in_thread(capture_uids, self.archive, self.cfg, a, _mailbox_name(m), v, sorted(us))
                 except Exception as exc:  # noqa: BLE001 - upstream trouble: the sync catches up
                     log.warning("archive IMAP capture of %s/%s failed: %s", a, m, exc)
 

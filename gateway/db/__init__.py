@@ -57,3 +57,16 @@ def connect(url: str, migrate: bool = True) -> Database:
 
 def is_postgres() -> bool:
     return isinstance(database.obj, PostgresqlDatabase)
+
+
+def drop_connection() -> None:
+    """Close this thread's connection (unless a transaction is open in it) after a failed
+    piece of background work, so that the thread's next statement connects afresh: a
+    connection the server dropped — PostgreSQL restarted — otherwise fails every statement
+    for good ("connection already closed"), and a loop that retries on the same thread never
+    resumes.  Never raises."""
+    try:
+        if not database.is_closed() and not database.in_transaction():
+            database.close()
+    except Exception:  # noqa: BLE001 - a broken connection may fail even to close; the next use reconnects
+        pass
