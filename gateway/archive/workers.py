@@ -60,8 +60,16 @@ def max_workers() -> int:
 
 
 def extract_one(raw: bytes, headers: bool = True) -> Extraction:
-    ex = index.extract(raw, headers)
-    return ex, " ".join(index.short_grams(index.all_text(ex)))
+    """One message's Extraction.  Never raises: a message the extraction cannot read (a bug
+    met by hostile input) gets an empty text — it is archived all the same, its record's
+    header fields then parsed on their own (``headers_of``), and it must not cost the other
+    messages of its batch their archiving or their index."""
+    try:
+        ex = index.extract(raw, headers)
+        return ex, " ".join(index.short_grams(index.all_text(ex)))
+    except Exception:  # noqa: BLE001
+        log.exception("archive: text extraction failed on a %d-byte message; archived without its text", len(raw))
+        return index.Extracted(), ""
 
 
 def _extract_chunk(raws: list[bytes], headers: bool = True) -> list[Extraction]:
@@ -149,6 +157,8 @@ class Pending:
             except (BrokenProcessPool, OSError, EOFError):  # a worker died: do its share here
                 log.warning("archive extraction worker failed; extracting inline", exc_info=True)
                 shutdown(wait=False)
+            except Exception:  # noqa: BLE001 - e.g. an answer that did not travel back: its share inline
+                log.warning("archive extraction of a chunk failed; extracting it inline", exc_info=True)
         return [item if item is not None else extract_one(raw, self._headers)
                 for item, raw in zip(out, self._raws, strict=True)]
 
