@@ -303,6 +303,26 @@ def test_export_names_unreadable_messages(http_as, one_unreadable, panel_db):
     assert '"refused": "unreadable"' in exports[1].details
 
 
+def test_message_view_of_an_unreadable_blob_says_why_and_the_rest_still_opens(http_as, one_unreadable, panel_db):
+    """A damaged blob: the message page shows the record and the reason (no 500), downloads
+    are refused with it, the auditor's trail notes the error; the other message opens."""
+    client = http_as("auditor")
+    good, bad = one_unreadable.ids
+    before = _last_id(panel_db)
+    view = client.get(f"/archive/{bad}?lang=en")
+    assert view.status == 200 and 'id="archive-error"' in view.text
+    assert "The archived content cannot be read: blob " in view.text and "does not decrypt" in view.text
+    assert "smtp:submitted" in view.text  # the record's sightings still shown
+    assert client.get(f"/archive/{bad}/message.html").status == 200  # the frame: empty, not an error page
+    for path in (f"/archive/{bad}/message.eml", f"/archive/{bad}/attachments/0"):
+        refused = client.get(path + "?lang=en")
+        assert refused.status == 404 and "cannot be read" in refused.text and not refused.header("content-disposition")
+    assert client.get(f"/archive/{good}/message.eml").status == 200
+    views = _trail(panel_db, "archive.view", before)
+    assert [v.target for v in views] == [f"archive:{bad}"] and '"error": "blob ' in views[0].details
+    assert [d.target for d in _trail(panel_db, "archive.download", before)] == [f"archive:{good}"]
+
+
 def test_export_over_the_cap_is_said(panel_server, panel_db, monkeypatch):
     """Over EXPORT_MAX (here 2, in the real app in this process): the search page says so
     beside the export buttons, a zip holds the newest 2 and says "2 of more than 2", an
