@@ -37,7 +37,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from peewee import BlobField, CharField, DateTimeField, fn
+from peewee import BlobField, CharField, DateTimeField
 
 from gateway.db.migrations import migration
 from gateway.db.models import BaseModel, database, utcnow
@@ -95,18 +95,26 @@ def syncfs(directory: Path) -> None:
 
 
 def sync_once(store: Any, node: str) -> int:
-    """One round: the newest row of ``node`` noted, the file system synced, the rows up to it
-    deleted.  Returns how many rows were dropped."""
+    """One round: the rows of ``node`` committed so far noted, the file system synced, those
+    rows deleted.  Returns how many rows were dropped.
+
+    The rows themselves, not "every id up to the newest": on PostgreSQL ids are drawn from
+    the sequence before the commit (in blocks, ``gateway.db.inserts``), so with several
+    writers (acceptor processes) a row with a smaller id can commit after the look-up — its
+    file written after the sync began — and must wait for the next round."""
     from gateway.db.writerlock import handoff
     from gateway.groupcommit import write_transaction
 
     m = ArchivePendingBlob
-    top = m.select(fn.MAX(m.id)).where(m.node == node).scalar()
-    if top is None:
+    ids = [i for i, in m.select(m.id).where(m.node == node).tuples()]
+    if not ids:
         return 0
-    syncfs(store.directory)  # every file of a row up to ``top`` was renamed into place before its commit
+    syncfs(store.directory)  # every file of these rows was renamed into place before its commit
+    dropped = 0
     with handoff(), write_transaction():
-        return m.delete().where((m.node == node) & (m.id <= top)).execute()
+        for start in range(0, len(ids), 500):
+            dropped += m.delete().where(m.id.in_(ids[start:start + 500])).execute()
+    return dropped
 
 
 def recover(store: Any, node: str) -> int:

@@ -64,3 +64,22 @@ def test_a_failed_sync_keeps_the_rows(archive, monkeypatch):
     _write_later(archive, 1)
     BlobSyncer(archive.store, "n1")._round()  # logged, not raised
     assert ArchivePendingBlob.select().count() == 1
+
+
+def test_a_row_that_commits_during_the_sync_with_a_smaller_id_waits_for_the_next_round(archive, monkeypatch):
+    """PostgreSQL draws ids before the commit: another writer's row (an acceptor process)
+    may commit after this round's look-up with an id below the newest one seen; its file may
+    have been written after the sync began, so its row must stay until the next round."""
+    first = _write_later(archive, 1)
+    late = archive.store.prepare(message(2, "sealed"))
+
+    def sync_while_a_late_row_commits(directory):  # noqa: ANN001, ANN202
+        archive.store.write(late, durable=False)
+        with database.atomic():
+            ArchivePendingBlob.insert(id=0, node="n1", name=late.name, data=late.data).execute()
+
+    monkeypatch.setattr(pending, "syncfs", sync_while_a_late_row_commits)
+    top = ArchivePendingBlob.get(ArchivePendingBlob.name == first.name).id
+    assert top > 0
+    assert sync_once(archive.store, "n1") == 1
+    assert [(r.id, r.name) for r in ArchivePendingBlob.select()] == [(0, late.name)]
