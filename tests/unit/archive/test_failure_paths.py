@@ -63,6 +63,25 @@ def _tmp_files(archive) -> list[str]:
 # -- 1. a full disk ------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize(("failing", "durable"), [("write", True), ("write", False), ("fsync", True)])
+def test_a_blob_write_that_fails_leaves_no_file_to_be_taken_for_the_blob(archive, monkeypatch, failing, durable):
+    """What the SMTP handler relies on for its 452 (tests/integration/test_durability.py fills
+    a real tmpfs where mounting is allowed): the error carries ENOSPC, and neither the blob's
+    name nor a temporary file is left — a later ``prepare`` must not find a torn file in place."""
+    blob = archive.prepare(message(1))
+
+    def full(*args):  # noqa: ANN002, ANN202
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    with monkeypatch.context() as patched:
+        patched.setattr(os, failing, full)
+        with pytest.raises(OSError) as failed:
+            archive.store.write(blob, sync_dir=False, durable=durable)
+    assert failed.value.errno == errno.ENOSPC
+    assert not archive.store.path_of(blob.name).exists() and _tmp_files(archive) == []
+    assert archive.prepare(message(1)).data is not None  # written in full next time
+
+
 def test_an_import_on_a_full_disk_reports_each_message_not_stored_and_a_rerun_archives_them(
         archive, tmp_path, monkeypatch):
     monkeypatch.setattr(importer, "BATCH", 2)
