@@ -216,6 +216,52 @@ def test_import_from_imap_skips_a_missing_folder_and_the_progress_still_ends(gw,
                         r"sighting\(s\), 1 skipped\n", out), out  # INBOX was still imported
     connect(gw.db_url)
 
+class RawMail(dict):
+    """Bytes for ``submit`` as they are (no email package in between)."""
+
+    def __init__(self, raw: bytes) -> None:
+        super().__init__(To="einkauf@hamburg-tools.de")
+        self.raw = raw
+
+    def as_bytes(self) -> bytes:
+        return self.raw
+
+
+def malformed(token: str) -> dict[str, bytes]:
+    t = token.encode()
+    head = b"From: alice@acme.test\r\nTo: einkauf@hamburg-tools.de\r\n"
+    return {
+        "no-headers": b"only a line of text " + t + b"a\r\n",
+        "8bit": head + b"Subject: \xff\xfe\x80 " + t + b"b\r\n\r\nbody \xe4\xf6\xff " + t + b"b\r\n",
+        "nul": head + b"Subject: n\x00ul\r\n\r\nbody\x00\x00 " + t + b"c\r\n",
+        "boundary": head + (b"Subject: parts\r\nContent-Type: multipart/mixed; boundary=\"zz\"\r\n\r\n--zz\r\n"
+                            b"Content-Type: text/plain\r\n\r\npart " + t + b"d\r\n--z\r\nno end\r\n"),
+        "rfc2047": head + b"Subject: =?utf-8?q?" + t + b"e=ZZ?= =?x-martian?b?!!!?=\r\n"
+                          b"Content-Type: text/plain; charset=x-martian\r\n\r\nbody " + t + b"e\r\n",
+    }
+
+
+def test_malformed_submissions_are_archived_byte_exact_and_searchable(gw):
+    """Each is accepted, archived as the client sent it (after the gateway's Received and
+    Message-ID lines) and found by a word of it once the node's indexer has it."""
+    from gateway.archive import for_config
+    from gateway.archive.search import record_ids
+    from gateway.config import load
+    from tests.integration.test_submission import QUEUED
+
+    archive = for_config(load(gw.config_path))
+    token = uuid.uuid4().hex[:10]
+    for n, (name, raw) in enumerate(malformed(token).items()):
+        code, text = submit(gw, "alice@acme.test", "alice-pw", RawMail(raw))
+        assert code == 250, (name, text)
+        [sub] = sightings(queue_id=QUEUED.search(text).group(1).decode(), place="smtp:submitted")
+        rec = ArchiveRecord.get_by_id(sub.record_id)
+        submitted = archive.read_original(rec) or archive.read(rec)
+        assert submitted.startswith(b"Received: from ") and submitted.endswith(raw), name
+        word = f"{token}{'abcde'[n]}"
+        assert wait_until(lambda word=word: record_ids(word), what=f"{name} in the index") == [rec.id], name
+
+
 def test_verify_passes_then_reports_an_altered_blob(gw, capsys):
     assert main(["-c", str(gw.config_path), "archive", "verify", "--quiet"]) == 0, capsys.readouterr().out
     connect(gw.db_url)
