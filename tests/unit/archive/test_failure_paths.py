@@ -63,21 +63,24 @@ def _tmp_files(archive) -> list[str]:
 # -- 1. a full disk ------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("failing", "durable"), [("write", True), ("write", False), ("fsync", True)])
-def test_a_blob_write_that_fails_leaves_no_file_to_be_taken_for_the_blob(archive, monkeypatch, failing, durable):
-    """What the SMTP handler relies on for its 452 (tests/integration/test_durability.py fills
-    a real tmpfs where mounting is allowed): the error carries ENOSPC, and neither the blob's
-    name nor a temporary file is left — a later ``prepare`` must not find a torn file in place."""
+@pytest.mark.parametrize(("failing", "durable", "code"), [
+    ("write", True, errno.ENOSPC), ("write", False, errno.ENOSPC), ("fsync", True, errno.ENOSPC),
+    ("open", True, errno.EROFS)])  # a read-only archive folder (root ignores chmod: patched)
+def test_a_blob_write_that_fails_leaves_no_file_to_be_taken_for_the_blob(archive, monkeypatch, failing, durable,
+                                                                         code):
+    """What the SMTP handler relies on for its 452 / 451 (tests/integration/test_durability.py
+    fills a real tmpfs where mounting is allowed): the error carries its errno, and neither the
+    blob's name nor a temporary file is left — a later ``prepare`` must not find a torn file in place."""
     blob = archive.prepare(message(1))
 
-    def full(*args):  # noqa: ANN002, ANN202
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    def refuse(*args):  # noqa: ANN002, ANN202
+        raise OSError(code, os.strerror(code))
 
     with monkeypatch.context() as patched:
-        patched.setattr(os, failing, full)
+        patched.setattr(os, failing, refuse)
         with pytest.raises(OSError) as failed:
             archive.store.write(blob, sync_dir=False, durable=durable)
-    assert failed.value.errno == errno.ENOSPC
+    assert failed.value.errno == code
     assert not archive.store.path_of(blob.name).exists() and _tmp_files(archive) == []
     assert archive.prepare(message(1)).data is not None  # written in full next time
 
