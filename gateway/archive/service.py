@@ -16,7 +16,8 @@
   entry of each record/sighting; a background task indexes everything not yet indexed, in
   order, in batches (``index.index_pending``, a thread), every ``INDEX_POLL`` seconds —
   and at start-up it catches up what an earlier run left (durable watermarks).
-- Daily: retention purge (when ``retention_years`` > 0 and ``purge_enabled``).
+- Daily: retention purge (when ``retention_years`` > 0 and ``purge_enabled``); a failed one
+  (disk full …) is logged and tried again an hour later.
 - Every ``checkpoint_interval`` (an hour), when anything was archived or logged since the last
   one: a chain checkpoint in the operation log and the archive directory's
   ``chain-anchors.log`` (the chain head and the operation log's end; gateway/archive/anchors.py).
@@ -37,6 +38,7 @@ log = logging.getLogger("mailgate.archive")
 
 CAPTURE_QUEUE = 10_000
 DAILY = 24 * 3600.0
+DAILY_RETRY = 3600.0  # seconds until a failed daily purge is tried again
 INDEX_POLL = 0.5  # seconds between background indexer passes when there was nothing to do
 # Seconds between passes while one waits out a burst (index_lag): the drain starts 0.1-0.2 s
 # after the last record instead of 0.5-1.0 s; a pass that finds mail still arriving costs
@@ -156,11 +158,13 @@ async def _daily(archive: Archive, cfg: Any, stopping: asyncio.Event) -> None:
     while not stopping.is_set():
         if await _wait(stopping, 60.0):  # not in the middle of start-up
             return
+        done = True
         try:
             await _in_thread(purge, archive.store, cfg.archive.retention_years, "system")
         except Exception:
-            log.exception("archive daily retention purge failed")
-        if await _wait(stopping, DAILY - 60.0):
+            log.exception("archive daily retention purge failed (tried again in an hour)")
+            done = False
+        if await _wait(stopping, (DAILY if done else DAILY_RETRY) - 60.0):
             return
 
 

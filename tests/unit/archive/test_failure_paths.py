@@ -387,6 +387,64 @@ def test_a_failed_background_pass_drops_its_threads_connection(archive, monkeypa
     assert asyncio.run(service._in_thread(lambda: database.execute_sql("SELECT 2").fetchone()[0])) == 2
 
 
+def test_a_failed_daily_purge_is_tried_again_in_an_hour_not_a_day(archive, monkeypatch, caplog):
+    import asyncio
+
+    from gateway.archive import service
+
+    cfg = SimpleNamespace(archive=SimpleNamespace(purge_enabled=True, retention_years=7))
+    calls: list[str] = []
+    waits: list[float] = []
+
+    def purge(store, years, actor):  # noqa: ANN001, ANN202
+        calls.append("purge")
+        if len(calls) == 1:
+            raise OSError(errno.EIO, "purge failed")
+
+    async def wait(stopping, seconds):  # noqa: ANN001, ANN202
+        waits.append(seconds)
+        return len(waits) > 4
+
+    import gateway.archive.retention
+
+    monkeypatch.setattr(gateway.archive.retention, "purge", purge)
+    monkeypatch.setattr(service, "_wait", wait)
+    with caplog.at_level(logging.ERROR, "mailgate.archive"):
+        asyncio.run(service._daily(archive, cfg, asyncio.Event()))
+    assert calls == ["purge", "purge"]
+    assert waits == [60.0, service.DAILY_RETRY - 60.0, 60.0, service.DAILY - 60.0, 60.0]  # then daily again
+    assert "daily retention purge failed (tried again in an hour)" in caplog.text
+
+
+def test_a_failed_checkpoint_is_tried_again_at_the_next_interval(archive, monkeypatch, caplog):
+    """The checkpoint loop (hourly) goes on after a failure (e.g. chain-anchors.log cannot be
+    appended on a full disk); the failed one is still needed, so the next pass writes it."""
+    import asyncio
+
+    from gateway.archive import service, verify
+
+    cfg = SimpleNamespace(archive=SimpleNamespace(checkpoint_interval=3600.0))
+    calls: list[str] = []
+    waits: list[float] = []
+
+    def checkpoint(actor, directory):  # noqa: ANN001, ANN202
+        calls.append("checkpoint")
+        if len(calls) == 1:
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    async def wait(stopping, seconds):  # noqa: ANN001, ANN202
+        waits.append(seconds)
+        return len(waits) > 2
+
+    monkeypatch.setattr(verify, "checkpoint", checkpoint)
+    monkeypatch.setattr(verify, "checkpoint_needed", lambda: True)
+    monkeypatch.setattr(service, "_wait", wait)
+    with caplog.at_level(logging.ERROR, "mailgate.archive"):
+        asyncio.run(service._checkpoints(archive, cfg, asyncio.Event()))
+    assert calls == ["checkpoint", "checkpoint"] and waits == [60.0, 3600.0, 3600.0]
+    assert "archive checkpoint failed" in caplog.text
+
+
 # -- 3. malformed messages -----------------------------------------------------------------------
 
 MALFORMED = {
