@@ -47,15 +47,58 @@ test_every_sighting_of_a_message_counts = sqlite_cases.test_every_sighting_of_a_
 test_hostile_terms_are_data_not_syntax = sqlite_cases.test_hostile_terms_are_data_not_syntax
 
 
-def test_trigram_index_is_used_for_chinese_with_utf8_ctype(db, corpus, request):
-    if "UTF" not in request.node.callspec.params["db"]:
-        pytest.skip("C ctype: pg_trgm extracts no CJK trigrams (documented)")
-    db.execute_sql("SET enable_seqscan = off")  # five rows: make the planner show it can use the index
+def test_substring_terms_narrow_by_latin_trigrams_and_cjk_grams(db, corpus, monkeypatch):
+    """Migration 163: the trigram index covers the text outside CJK; a CJK term's candidates
+    come from its grams (under either LC_CTYPE), a punctuated term's from the trigram index."""
+    from gateway.archive import search as search_mod
+
+    db.execute_sql("SET enable_seqscan = off")  # five rows: make the planner show it can use the indexes
     plan = "\n".join(r[0] for r in db.execute_sql(
-        "EXPLAIN SELECT docid FROM archivesearchtext WHERE doc ILIKE %s", ("%报价单%",)).fetchall())
-    assert "archivesearchtext_doc_trgm" in plan
-    assert [h.record_id for h in search("报价单").hits] == [1]
-    assert index.short_grams("报价单")  # grams are written on PostgreSQL too
+        "EXPLAIN SELECT docid FROM archivesearchtext WHERE latin ILIKE %s", ("%hamburg.d%",)).fetchall())
+    assert "archivesearchtext_latin_trgm" in plan
+    names = {r[0] for r in db.execute_sql(
+        "SELECT indexname FROM pg_indexes WHERE tablename = 'archivesearchtext'").fetchall()}
+    assert "archivesearchtext_doc_trgm" not in names  # dropped: CJK no longer goes through trigrams
+    db.execute_sql("SET enable_seqscan = on")
+    latin = db.execute_sql("SELECT latin FROM archivesearchtext t JOIN archivesearchdoc d USING (docid)"
+                           " WHERE d.record_id = 1").fetchone()[0]
+    assert "报价" not in latin and "LED" in latin
+    monkeypatch.setattr(search_mod, "PG_WINDOW", 1)  # the newest document only: the rest is gathered by GIN
+    assert ids("报价单") == [1]
+    assert ids("附件是最新") == [1]  # a CJK substring: all its pairs are among the document's grams
+    assert ids("LED灯") == [1]  # mixed: "LED" from the trigrams, 灯 from the grams
+    assert ids("from:hans@hamburg.d") == [3]  # a piece of an address: latin trigrams
+    assert ids("报价单 LED") == ids("报价单") == [1]
+    assert ids("单号不存在") == []
+    for page, want in ((1, [3]), (2, [2]), (3, [1])):  # pages past the window: the same narrowing
+        assert [h.record_id for h in search("hamburg.de", per_page=1, page=page).hits] == want
+
+
+def test_latin_text_is_the_same_in_python_and_in_migration_163(db):
+    """Rows written before 163 get ``latin`` from the migration's SQL: it must equal what the
+    indexer writes, or a term could miss a document (the trigram index only narrows)."""
+    from gateway.archive.index import latin_text
+    from gateway.archive.search_schema import PG_CJK
+
+    samples = ["报价单 LED灯具 panel", "カタカナ and ひらがな", "한국어 text", "𠀀𠀁 ext-B 𪚲",
+               "ｆｕｌｌ ｗｉｄｔｈ，。", "mixed报价PO-123456单", "", "no cjk at all",
+               "〇〆 々 ・ ー", "\u3040\u30ff\u3400\u4dbf\u9fff\ufaff"]
+    for text in samples:
+        got = db.execute_sql("SELECT regexp_replace(%s, %s, ' ', 'g')", (text, PG_CJK)).fetchone()[0]
+        assert got == latin_text(text), (text, got)
+
+
+def test_migration_163_backfills_latin_of_existing_documents(db, corpus):
+    from gateway.archive.search_schema import search_trigrams_outside_cjk
+
+    db.execute_sql("ALTER TABLE archivesearchtext DROP CONSTRAINT archivesearchtext_latin_given")
+    db.execute_sql("DROP INDEX archivesearchtext_latin_trgm")
+    db.execute_sql("ALTER TABLE archivesearchtext DROP COLUMN latin")  # a database from before 163
+    db.execute_sql("CREATE INDEX archivesearchtext_doc_trgm ON archivesearchtext USING gin (doc gin_trgm_ops)")
+    search_trigrams_outside_cjk(db)
+    assert db.execute_sql("SELECT count(*) FROM archivesearchtext WHERE latin IS NULL").fetchone()[0] == 0
+    assert ids("from:hans@hamburg.d") == [3] and ids("报价单") == [1]
+    search_trigrams_outside_cjk(db)  # idempotent
 
 
 def test_newest_window_then_whole_index(db, corpus, monkeypatch):
@@ -273,8 +316,11 @@ def test_migrations_161_162_on_an_archive_with_documents(db, corpus):
     from peewee import IntegrityError
 
     with pytest.raises(IntegrityError, match="archivesearchtext_pairs_given"), db.atomic():
-        db.execute_sql("INSERT INTO archivesearchtext (docid, subject, sender, rcpt, attnames, doc, grams)"
-                       " VALUES (1, '', '', '', '', 'price list', '{}')")
+        db.execute_sql("INSERT INTO archivesearchtext (docid, subject, sender, rcpt, attnames, doc, latin, grams)"
+                       " VALUES (1, '', '', '', '', 'price list', 'price list', '{}')")
+    with pytest.raises(IntegrityError, match="archivesearchtext_latin_given"), db.atomic():  # migration 163
+        db.execute_sql("INSERT INTO archivesearchtext (docid, subject, sender, rcpt, attnames, doc, grams, pairs)"
+                       " VALUES (1, '', '', '', '', 'price list', '{}', '{\"price list\"}')")
     assert upgrade(db) == []
     from gateway.archive.search_schema import search_pairs_from_the_writer, search_text_lz4
 

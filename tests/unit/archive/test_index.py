@@ -176,15 +176,15 @@ def test_extract_without_headers_reads_the_same_text_and_skips_only_the_record_f
 def _short_grams_as_first_written(text: str) -> list[str]:
     """short_grams as it was when the first documents were written: the same tokens in the same
     order, or remove_records would delete other tokens than were inserted (a contentless table)."""
-    from gateway.archive.index import _CJK, _WORD
+    from gateway.archive.index import _WORD, CJK
 
     seen: dict[str, None] = {}
-    for run in _CJK.findall(text):
+    for run in CJK.findall(text):
         for i, ch in enumerate(run):
             seen[ch] = None
             if i + 1 < len(run):
                 seen[run[i:i + 2]] = None
-    for word in _WORD.findall(_CJK.sub(" ", text)):
+    for word in _WORD.findall(CJK.sub(" ", text)):
         if len(word) <= 2:
             seen[word.lower()] = None
     return list(seen)
