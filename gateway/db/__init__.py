@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import select
 import sqlite3
 from pathlib import Path
+from typing import Any
 from urllib.parse import unquote, urlparse
 
 from peewee import Database, PostgresqlDatabase, SqliteDatabase
@@ -33,7 +35,7 @@ def open_database(url: str) -> Database:
         return SqliteDatabase(path, pragmas=SQLITE_PRAGMAS, check_same_thread=False)
     if url.startswith("postgresql://"):
         u = urlparse(url)
-        return PostgresqlDatabase(
+        return ReconnectingPostgres(
             u.path.lstrip("/"),
             user=unquote(u.username or "") or None,
             password=unquote(u.password or "") or None,
@@ -41,6 +43,45 @@ def open_database(url: str) -> Database:
             port=u.port or 5432,
         )
     raise ValueError(f"unsupported database URL: {url!r}")
+
+
+class ReconnectingPostgres(PostgresqlDatabase):
+    """PostgreSQL whose threads survive a server restart.  Each thread keeps its connection
+    (peewee's per-thread state); when the server restarts, every one of them is dead, and
+    psycopg2 fails each statement on it for good ("connection already closed").  So where a
+    unit of work starts — a transaction's BEGIN, or a statement outside any transaction —
+    a connection that is dead is replaced first: psycopg2 marked it closed (a statement on
+    it failed), or its idle socket is readable (the server's goodbye and EOF: an idle
+    connection is sent nothing else, as nobody here LISTENs).  A poll(2) of the socket, no
+    round trip.  Never inside a transaction: a statement, COMMIT or ROLLBACK on a connection
+    lost mid-transaction fails, and with it the unit of work (the next one reconnects).
+    While the server is down, the reconnect fails, and so does the unit of work."""
+
+    def begin(self, *args: Any, **kwargs: Any) -> None:
+        if not self.in_transaction():
+            self._replace_if_dead()
+        super().begin(*args, **kwargs)
+
+    def execute_sql(self, sql: str, params: Any = None) -> Any:
+        if not self.in_transaction():  # (COMMIT and ROLLBACK do not come this way)
+            self._replace_if_dead()
+        return super().execute_sql(sql, params)
+
+    def _replace_if_dead(self) -> None:
+        state = self._state
+        if state.closed:
+            return
+        conn = state.conn
+        if not conn.closed:
+            poller = select.poll()
+            poller.register(conn.fileno(), select.POLLIN | select.POLLPRI)
+            if not poller.poll(0):
+                return
+        try:
+            conn.close()
+        except Exception:  # noqa: BLE001 - it is dead either way
+            pass
+        state.reset()  # the next statement connects afresh (autoconnect)
 
 
 def connect(url: str, migrate: bool = True) -> Database:
@@ -64,7 +105,8 @@ def drop_connection() -> None:
     piece of background work, so that the thread's next statement connects afresh: a
     connection the server dropped — PostgreSQL restarted — otherwise fails every statement
     for good ("connection already closed"), and a loop that retries on the same thread never
-    resumes.  Never raises."""
+    resumes.  (On PostgreSQL ``ReconnectingPostgres`` does this by itself where the next unit
+    of work starts; this is the explicit form, for SQLite as well.)  Never raises."""
     try:
         if not database.is_closed() and not database.in_transaction():
             database.close()
