@@ -145,15 +145,14 @@ class RelayWorker:
                 try:
                     await self.run_once(keep_open=True)
                     timeout = await self._call(self._seconds_until_due)
-                except OperationalError as exc:
-                    if "locked" not in str(exc):
-                        raise
-                    # SQLite's busy timeout ran out under write contention: rows are due, try again soon.
-                    log.warning("relay worker %s: database busy (%s); retrying", self.owner, exc)
-                    timeout = 0.1
-                except Exception:
-                    log.exception("relay worker %s: run failed", self.owner)
-                    timeout = self.config.relay.poll_interval
+                except Exception as exc:
+                    if isinstance(exc, OperationalError) and "locked" in str(exc):
+                        # SQLite's busy timeout ran out under write contention: rows are due, try again soon.
+                        log.warning("relay worker %s: database busy (%s); retrying", self.owner, exc)
+                        timeout = 0.1
+                    else:  # e.g. the database is down or restarting: the loop goes on, and reconnects
+                        log.exception("relay worker %s: run failed", self.owner)
+                        timeout = self.config.relay.poll_interval
                 if not await self._sleep(stop, timeout):
                     await self._call(self.connection.close)  # idle for a while: no session kept
         finally:

@@ -2,19 +2,34 @@
 
 The database layer (gateway.db.ReconnectingPostgres): a thread's idle connection the server
 dropped is replaced before its next statement, one lost inside a transaction fails that
-transaction (nothing of it stored, no silent reconnect) and the next one works."""
+transaction (nothing of it stored, no silent reconnect) and the next one works.  A relay
+worker keeps running through the outage and delivers after it.  A whole node: while the
+server is down a submission is answered 4xx (never a 250 for a message that is not
+stored); once it is back the very next submissions are answered 250, stored (archive
+record, queue row) and relayed by the relay process.  (Before, every thread kept the
+connection the server had dropped — "connection already closed" for good: a 451 for every
+message — and the relay process's workers died of the first failed claim.)"""
 
 from __future__ import annotations
 
+import asyncio
+import logging
+import smtplib
+import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from peewee import InterfaceError, OperationalError
 
+from gateway.archive.schema import ArchiveRecord
 from gateway.db import connect
 from gateway.db.models import OutboundMessage, database
+from gateway.groupcommit import GroupCommitter
+from gateway.relay import RelayWorker
 from gateway.spool import Spool
-from tests.integration.test_relay import MESSAGE
+from tests.harness.gateway import GatewayProcess
+from tests.integration.test_relay import MESSAGE, via_sink
+from tests.integration.test_submission import QUEUED, message, tls_ctx
 
 pytestmark = pytest.mark.integration
 
@@ -69,3 +84,124 @@ def test_a_connection_the_server_dropped_is_replaced_but_never_inside_a_transact
     finally:
         thread.submit(lambda: database.is_closed() or database.close()).result()
         thread.shutdown()
+
+
+class _Seen(logging.Handler):
+    """Sets ``event`` when a record's message contains ``text``."""
+
+    def __init__(self, text: str) -> None:
+        super().__init__()
+        self.text, self.event = text, threading.Event()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self.text in record.getMessage():
+            self.event.set()
+
+
+def test_a_relay_worker_runs_through_a_restart_and_delivers_after_it(db, postgres, sink, tmp_path):
+    sink.clear()
+    cfg = via_sink(sink)
+    cfg.relay.poll_interval = 3600  # only wakeup() makes it look again
+    spool = Spool(tmp_path / "spool")
+    committer = GroupCommitter()  # outcomes through a group committer, as in the node
+    worker = RelayWorker(cfg, spool, "w1", None, committer=committer)
+    failed = _Seen("run failed")
+    logging.getLogger("gateway.relay").addHandler(failed)
+
+    async def scenario() -> None:
+        stop = asyncio.Event()
+        task = asyncio.create_task(worker.run(stop))
+        await asyncio.to_thread(spool.enqueue, "alice@acme.test", ["a@customer.example"], MESSAGE, queue_id="QW1")
+        worker.wakeup()
+        await asyncio.to_thread(sink.wait_for, 1, 20)
+        # QW1's outcome committed: drain() queued in the worker's thread behind its delivery.
+        assert await worker._call(worker.drain)
+        await asyncio.to_thread(postgres.stop)
+        try:
+            worker.wakeup()  # its claim fails: logged, and the worker goes on
+            assert await asyncio.to_thread(failed.event.wait, 20)
+            assert not task.done()
+        finally:
+            await asyncio.to_thread(postgres.start)
+        await asyncio.to_thread(spool.enqueue, "alice@acme.test", ["b@customer.example"], MESSAGE, queue_id="QW2")
+        worker.wakeup()
+        got = await asyncio.to_thread(sink.wait_for, 2, 20)
+        assert sorted(m.rcpt_tos[0] for m in got) == ["a@customer.example", "b@customer.example"]
+        stop.set()
+        await asyncio.wait_for(task, timeout=10)
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        logging.getLogger("gateway.relay").removeHandler(failed)
+        committer.stop()
+    assert {m.queue_id: m.state for m in OutboundMessage.select()} == {"QW1": "sent", "QW2": "sent"}
+
+
+def subject(data: bytes) -> bytes:
+    return data.split(b"Subject: ", 1)[1].split(b"\n", 1)[0].strip()
+
+
+def attempt(gw: GatewayProcess, subject: str) -> tuple[int, bytes]:
+    """One submission; the first reply that is not a success (any stage), else DATA's."""
+    msg = message("alice@acme.test", "einkauf@hamburg-tools.de", subject)
+    try:
+        with smtplib.SMTP("127.0.0.1", gw.submission_port, timeout=30) as conn:
+            conn.starttls(context=tls_ctx(gw))
+            conn.login("alice@acme.test", "alice-pw")
+            for code, text in (conn.mail("alice@acme.test"), conn.rcpt("einkauf@hamburg-tools.de")):
+                if code >= 300:
+                    return code, text
+            return conn.data(msg.as_bytes())
+    except smtplib.SMTPResponseException as exc:
+        return exc.smtp_code, exc.smtp_error
+
+
+def test_a_node_answers_4xx_while_postgresql_is_down_and_250_right_after_it_restarts(postgres, dovecot, sink,
+                                                                                       tmp_path):
+    from gateway.demo.sample_data import seed
+
+    sink.clear()
+    postgres.drop_database("t_db_restart")
+    url = postgres.create_database("t_db_restart")
+    gw = GatewayProcess(tmp_path / "gw", dovecot, {"database": {"url": url}})
+    connect(url)
+    seed()
+    gw.start()
+    try:
+        code, text = attempt(gw, "before the restart")
+        assert code == 250, text
+        sink.wait_for(1)
+
+        postgres.stop()
+        try:
+            code, text = attempt(gw, "while the database is down")
+            assert 400 <= code < 500, (code, text)
+        finally:
+            postgres.start()
+
+        # Right after the restart: every thread's connection was dropped by the server.
+        code, text = attempt(gw, "right after the restart")
+        assert code == 250, text
+        first = QUEUED.search(text).group(1).decode()
+        with ThreadPoolExecutor(4) as pool:  # more sessions at once: other worker threads too
+            replies = list(pool.map(lambda i: attempt(gw, f"after the restart {i}"), range(4)))
+        assert [code for code, _ in replies] == [250] * 4, replies
+        queue_ids = {first} | {QUEUED.search(text).group(1).decode() for _, text in replies}
+
+        # The relay process's workers claim again.  (The first message may come twice: its relay
+        # outcome's commit may have met the stop — delivered at least once.)
+        wanted = {b"before the restart", b"right after the restart"} | {f"after the restart {i}".encode()
+                                                                        for i in range(4)}
+        count = len(wanted)
+        while not wanted <= (subjects := {subject(m.data) for m in sink.wait_for(count, timeout=30)}):
+            count += 1
+        assert subjects == wanted
+    finally:
+        assert gw.stop() == 0
+    stored = {r.queue_id for r in ArchiveRecord.select().where(ArchiveRecord.queue_id.in_(sorted(queue_ids)))}
+    assert stored == queue_ids
+    rows = OutboundMessage.select().where(OutboundMessage.queue_id.in_(sorted(queue_ids)))
+    assert {m.queue_id for m in rows} == queue_ids
+    assert OutboundMessage.select().count() == 6  # nothing of the refused submission
+    database.close()
