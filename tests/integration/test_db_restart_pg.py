@@ -164,7 +164,8 @@ def test_a_node_answers_4xx_while_postgresql_is_down_and_250_right_after_it_rest
     sink.clear()
     postgres.drop_database("t_db_restart")
     url = postgres.create_database("t_db_restart")
-    gw = GatewayProcess(tmp_path / "gw", dovecot, {"database": {"url": url}})
+    # Two SMTP processes: the node and an acceptor child (the kernel spreads the sessions).
+    gw = GatewayProcess(tmp_path / "gw", dovecot, {"database": {"url": url}, "smtp": {"processes": 2}})
     connect(url)
     seed()
     gw.start()
@@ -184,15 +185,15 @@ def test_a_node_answers_4xx_while_postgresql_is_down_and_250_right_after_it_rest
         code, text = attempt(gw, "right after the restart")
         assert code == 250, text
         first = QUEUED.search(text).group(1).decode()
-        with ThreadPoolExecutor(4) as pool:  # more sessions at once: other worker threads too
-            replies = list(pool.map(lambda i: attempt(gw, f"after the restart {i}"), range(4)))
-        assert [code for code, _ in replies] == [250] * 4, replies
+        with ThreadPoolExecutor(8) as pool:  # more sessions at once: other worker threads, both processes
+            replies = list(pool.map(lambda i: attempt(gw, f"after the restart {i}"), range(8)))
+        assert [code for code, _ in replies] == [250] * 8, replies
         queue_ids = {first} | {QUEUED.search(text).group(1).decode() for _, text in replies}
 
         # The relay process's workers claim again.  (The first message may come twice: its relay
         # outcome's commit may have met the stop — delivered at least once.)
         wanted = {b"before the restart", b"right after the restart"} | {f"after the restart {i}".encode()
-                                                                        for i in range(4)}
+                                                                        for i in range(8)}
         count = len(wanted)
         while not wanted <= (subjects := {subject(m.data) for m in sink.wait_for(count, timeout=30)}):
             count += 1
@@ -203,5 +204,5 @@ def test_a_node_answers_4xx_while_postgresql_is_down_and_250_right_after_it_rest
     assert stored == queue_ids
     rows = OutboundMessage.select().where(OutboundMessage.queue_id.in_(sorted(queue_ids)))
     assert {m.queue_id for m in rows} == queue_ids
-    assert OutboundMessage.select().count() == 6  # nothing of the refused submission
+    assert OutboundMessage.select().count() == 10  # nothing of the refused submission
     database.close()
