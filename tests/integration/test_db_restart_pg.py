@@ -2,7 +2,8 @@
 
 The database layer (gateway.db.ReconnectingPostgres): a thread's idle connection the server
 dropped is replaced before its next statement, one lost inside a transaction fails that
-transaction (nothing of it stored, no silent reconnect) and the next one works.  A relay
+transaction (nothing of it stored, no silent reconnect) and the next one works.  The IMAP
+proxy's tag decisions are stored and read again from the same thread.  A relay
 worker keeps running through the outage and delivers after it.  A whole node: while the
 server is down a submission is answered 4xx (never a 250 for a message that is not
 stored); once it is back the very next submissions are answered 250, stored (archive
@@ -84,6 +85,22 @@ def test_a_connection_the_server_dropped_is_replaced_but_never_inside_a_transact
     finally:
         thread.submit(lambda: database.is_closed() or database.close()).result()
         thread.shutdown()
+
+
+def test_the_imap_proxys_tag_decisions_are_stored_and_read_after_a_restart(db, postgres):
+    from gateway.imap.decisions import EMPTY, DecisionStore
+
+    store = DecisionStore()
+    pool = ThreadPoolExecutor(1)  # as the reactor's thread pool: a thread keeps its connection
+    try:
+        assert pool.submit(store.save, "alice@acme.test", "INBOX", 7, {1: EMPTY}).result() == {1: EMPTY}
+        postgres.stop()
+        postgres.start()
+        assert pool.submit(store.save, "alice@acme.test", "INBOX", 7, {2: EMPTY}).result() == {2: EMPTY}
+        assert pool.submit(store.load, "alice@acme.test", "INBOX", 7, [1, 2, 3]).result() == {1: EMPTY, 2: EMPTY}
+    finally:
+        pool.submit(lambda: database.is_closed() or database.close()).result()
+        pool.shutdown()
 
 
 class _Seen(logging.Handler):
