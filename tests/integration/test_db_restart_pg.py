@@ -3,7 +3,8 @@
 The database layer (gateway.db.ReconnectingPostgres): a thread's idle connection the server
 dropped is replaced before its next statement, one lost inside a transaction fails that
 transaction (nothing of it stored, no silent reconnect) and the next one works.  The IMAP
-proxy's tag decisions are stored and read again from the same thread.  A relay
+proxy's tag decisions are stored and read again from the same thread; the distribution
+watcher distributes mail that arrives after a restart.  A relay
 worker keeps running through the outage and delivers after it.  A whole node: while the
 server is down a submission is answered 4xx (never a 250 for a message that is not
 stored); once it is back the very next submissions are answered 250, stored (archive
@@ -23,7 +24,7 @@ import pytest
 from peewee import InterfaceError, OperationalError
 
 from gateway.archive.schema import ArchiveRecord
-from gateway.db import connect
+from gateway.db import connect, drop_connection
 from gateway.db.models import OutboundMessage, database
 from gateway.groupcommit import GroupCommitter
 from gateway.relay import RelayWorker
@@ -101,6 +102,37 @@ def test_the_imap_proxys_tag_decisions_are_stored_and_read_after_a_restart(db, p
     finally:
         pool.submit(lambda: database.is_closed() or database.close()).result()
         pool.shutdown()
+
+
+def test_the_distribution_watcher_distributes_after_a_restart(postgres, dovecot, tmp_path, monkeypatch):
+    from tests.integration import test_distribution as dist
+
+    postgres.drop_database("t_restart_dist")
+    url = postgres.create_database("t_restart_dist")
+    on_sqlite = dist.make_config
+
+    def on_postgres(*args, **kwargs):
+        cfg = on_sqlite(*args, **kwargs)
+        cfg.database.url = url
+        return cfg
+
+    monkeypatch.setattr(dist, "make_config", on_postgres)
+    env = dist.Env(tmp_path, dovecot)
+    try:
+        env.start()  # the watcher's thread: a connection of its own, kept while it waits in IDLE
+        first = dist.message("buyer@customer.example", "Before the restart")
+        env.deliver(first)
+        assert env.queued_to(env.record_for(first)) == ["bob@acme.test"]
+        postgres.stop()
+        postgres.start()
+        drop_connection()  # the test's own (so that what is tested is the watcher's)
+        second = dist.message("buyer@customer.example", "After the restart")
+        env.deliver(second)  # IDLE wakes the watcher, whose connection the server dropped
+        assert env.queued_to(env.record_for(second)) == ["bob@acme.test"]
+        assert env.runner.watchers[0].sessions == 1  # no failed session in between
+    finally:
+        env.stop()
+        database.close()
 
 
 class _Seen(logging.Handler):
