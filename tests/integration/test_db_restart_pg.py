@@ -4,7 +4,8 @@ The database layer (gateway.db.ReconnectingPostgres): a thread's idle connection
 dropped is replaced before its next statement, one lost inside a transaction fails that
 transaction (nothing of it stored, no silent reconnect) and the next one works.  The IMAP
 proxy's tag decisions are stored and read again from the same thread; the distribution
-watcher distributes mail that arrives after a restart.  A relay
+watcher distributes mail that arrives after a restart; a periodic task fails while the
+server is down and works again after it.  A relay
 worker keeps running through the outage and delivers after it.  A whole node: while the
 server is down a submission is answered 4xx (never a 250 for a message that is not
 stored); once it is back the very next submissions are answered 250, stored (archive
@@ -86,6 +87,53 @@ def test_a_connection_the_server_dropped_is_replaced_but_never_inside_a_transact
     finally:
         thread.submit(lambda: database.is_closed() or database.close()).result()
         thread.shutdown()
+
+
+def test_a_periodic_task_fails_while_the_server_is_down_and_works_again_after(db, postgres):
+    """``gateway.periodic.periodically`` (approval expiry, directory refresh, statistics, the
+    panel's pool sweep) on the node's IO threads: here one thread, a run every 10 ms."""
+    from gateway.periodic import periodically
+
+    outcomes: list[str] = []
+    changed = threading.Condition()
+
+    def count() -> None:
+        try:
+            OutboundMessage.select().count()
+        except (OperationalError, InterfaceError):
+            with changed:
+                outcomes.append("failed")
+                changed.notify_all()
+            raise  # logged by periodically; the next run comes as planned
+        with changed:
+            outcomes.append("ok")
+            changed.notify_all()
+
+    def wait_for(what: str, after: int) -> int:
+        with changed:
+            assert changed.wait_for(lambda: what in outcomes[after:], timeout=20), outcomes[after:]
+            return len(outcomes)
+
+    stopping = asyncio.Event()
+    loop = asyncio.new_event_loop()
+    loop.set_default_executor(ThreadPoolExecutor(1))
+    runner = threading.Thread(target=loop.run_until_complete,
+                              args=(periodically(stopping, count, 0.01, first=0, failure="count failed"),))
+    runner.start()
+    try:
+        seen = wait_for("ok", 0)
+        postgres.stop()
+        try:
+            seen = wait_for("failed", seen)
+        finally:
+            postgres.start()
+        wait_for("ok", seen)
+    finally:
+        loop.call_soon_threadsafe(stopping.set)
+        runner.join(10)
+        loop.run_until_complete(loop.run_in_executor(None, lambda: database.is_closed() or database.close()))
+        loop.run_until_complete(loop.shutdown_default_executor())
+        loop.close()
 
 
 def test_the_imap_proxys_tag_decisions_are_stored_and_read_after_a_restart(db, postgres):
