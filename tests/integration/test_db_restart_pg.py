@@ -9,7 +9,7 @@ server is down and works again after it.  A relay
 worker keeps running through the outage and delivers after it.  A whole node: while the
 server is down a submission is answered 4xx (never a 250 for a message that is not
 stored); once it is back the very next submissions are answered 250, stored (archive
-record, queue row) and relayed by the relay process.  (Before, every thread kept the
+record, queue row) and relayed by the relay process, and the panel signs in.  (Before, every thread kept the
 connection the server had dropped — "connection already closed" for good: a 451 for every
 message — and the relay process's workers died of the first failed claim.)"""
 
@@ -33,6 +33,7 @@ from gateway.spool import Spool
 from tests.harness.gateway import GatewayProcess
 from tests.integration.test_relay import MESSAGE, via_sink
 from tests.integration.test_submission import QUEUED, message, tls_ctx
+from tests.panel.conftest import PanelClient
 
 pytestmark = pytest.mark.integration
 
@@ -254,9 +255,18 @@ def attempt(gw: GatewayProcess, subject: str) -> tuple[int, bytes]:
         return exc.smtp_code, exc.smtp_error
 
 
+def signs_in(gw: GatewayProcess) -> bool:
+    """The node's panel: a sign-in (session row written) and the dashboard behind it."""
+    client = PanelClient(f"http://127.0.0.1:{gw.panel_port}")
+    response = client.login("admin", "Sys-Technik-99")
+    assert response.status == 303, (response.status, response.text[:300])
+    return client.get("/").status == 200
+
+
 def test_a_node_answers_4xx_while_postgresql_is_down_and_250_right_after_it_restarts(postgres, dovecot, sink,
                                                                                        tmp_path):
     from gateway.demo.sample_data import seed
+    from panel.auth import create_local_account
 
     sink.clear()
     postgres.drop_database("t_db_restart")
@@ -265,11 +275,13 @@ def test_a_node_answers_4xx_while_postgresql_is_down_and_250_right_after_it_rest
     gw = GatewayProcess(tmp_path / "gw", dovecot, {"database": {"url": url}, "smtp": {"processes": 2}})
     connect(url)
     seed()
+    create_local_account("admin", "Sys-Technik-99", ("it_admin",), name="Admin")
     gw.start()
     try:
         code, text = attempt(gw, "before the restart")
         assert code == 250, text
         sink.wait_for(1)
+        assert signs_in(gw)
 
         postgres.stop()
         try:
@@ -285,6 +297,7 @@ def test_a_node_answers_4xx_while_postgresql_is_down_and_250_right_after_it_rest
         with ThreadPoolExecutor(8) as pool:  # more sessions at once: other worker threads, both processes
             replies = list(pool.map(lambda i: attempt(gw, f"after the restart {i}"), range(8)))
         assert [code for code, _ in replies] == [250] * 8, replies
+        assert signs_in(gw)  # the panel (a connection per request) signs in and shows a page
         queue_ids = {first} | {QUEUED.search(text).group(1).decode() for _, text in replies}
 
         # The relay process's workers claim again.  (The first message may come twice: its relay
