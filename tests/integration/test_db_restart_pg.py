@@ -5,13 +5,13 @@ dropped is replaced before its next statement, one lost inside a transaction fai
 transaction (nothing of it stored, no silent reconnect) and the next one works.  The IMAP
 proxy's tag decisions are stored and read again from the same thread; the distribution
 watcher distributes mail that arrives after a restart; a periodic task fails while the
-server is down and works again after it.  A relay
-worker keeps running through the outage and delivers after it.  A whole node: while the
-server is down a submission is answered 4xx (never a 250 for a message that is not
-stored); once it is back the very next submissions are answered 250, stored (archive
-record, queue row) and relayed by the relay process, and the panel signs in.  (Before, every thread kept the
-connection the server had dropped — "connection already closed" for good: a 451 for every
-message — and the relay process's workers died of the first failed claim.)"""
+server is down and works again after it.  A relay worker keeps running through the outage
+and delivers after it.  A whole node: while the server is down a submission is answered
+4xx (never a 250 for a message that is not stored); once it is back the very next
+submissions are answered 250, stored (archive record, queue row) and relayed by the relay
+process, and the panel signs in.  (Before, every thread kept the connection the server had
+dropped — "connection already closed" for good: a 451 for every message — and the relay
+process's workers died of the first failed claim.)"""
 
 from __future__ import annotations
 
