@@ -12,7 +12,7 @@ setup(
         "aiosmtpd>=1.4.6",
         "twisted[tls]>=24.7",
         "imapclient>=3.0",
-        "peewee>=3.17",
+        "peewee>=4.5,<5",  # gateway.db.ReconnectingPostgres relies on 4.x's transaction stack (tested)
         "bottle>=0.13",
         "dkimpy>=1.1.5",
         "python-magic>=0.4.27",

@@ -62,10 +62,10 @@ class ReconnectingPostgres(PostgresqlDatabase):
             self._replace_if_dead()
         super().begin(*args, **kwargs)
 
-    def execute_sql(self, sql: str, params: Any = None) -> Any:
+    def execute_sql(self, sql: str, params: Any = None, *args: Any, **kwargs: Any) -> Any:
         if not self.in_transaction():  # (COMMIT and ROLLBACK do not come this way)
             self._replace_if_dead()
-        return super().execute_sql(sql, params)
+        return super().execute_sql(sql, params, *args, **kwargs)
 
     def _replace_if_dead(self) -> None:
         state = self._state
