@@ -815,10 +815,12 @@ def forget_record(record_id: int) -> None:
 def remove_records(record_ids: Iterable[int]) -> int:
     """Drop the index documents of deleted records (retention); returns how many."""
     from gateway.archive.search_schema import SearchDoc
+    from gateway.archive.unread import UnreadRecord
 
     ids = list(record_ids)
     removed = 0
     for i in range(0, len(ids), 500):
+        UnreadRecord.delete().where(UnreadRecord.record_id.in_(ids[i:i + 500])).execute()
         docids = [d.docid for d in SearchDoc.select(SearchDoc.docid).where(SearchDoc.record_id.in_(ids[i:i + 500]))]
         if not docids:
             continue
@@ -845,6 +847,11 @@ def remove_records(record_ids: Iterable[int]) -> int:
 INDEX_BATCH = 200  # records per pass of the background indexer while records keep arriving
 DRAIN_BATCH = 600  # records per pass once none arrive (a backlog: one transaction each, see index_batch)
 INDEX_CHUNK = 16  # documents per write transaction of the background indexer (see index_batch)
+# A record whose blob could not be read (gateway/archive/unread.py) is read again after these
+# delays (seconds; the last one repeats): after 1 min, 5 min, 30 min, then hourly.  A blob missing
+# or altered (BlobError, FileNotFoundError: permanent, ``mailgate archive verify`` names it) only
+# hourly — one file open an hour is cheap, and a blob restored from a backup is then indexed.
+RETRY_DELAYS = (60, 300, 1800, 3600)
 
 
 def index_pending(archive: object, limit: int = INDEX_BATCH) -> int:
@@ -894,13 +901,17 @@ def index_batch(archive: object, limit: int | None = None, lag: float = 0.0) -> 
     fields = (ArchiveRecord.id, ArchiveRecord.sha256, ArchiveRecord.blob_path, ArchiveRecord.created_at,
               ArchiveRecord.direction, ArchiveRecord.employee, ArchiveRecord.purged_at)
     recs = list(_unindexed(fields, rec_mark, top).limit(limit).namedtuples())
+    tried = _due_for_retry(archive, limit)  # record id -> failed reads so far, of unreadable records due again
+    retry = list(ArchiveRecord.select(*fields).where(
+        ArchiveRecord.id.in_(list(tried)), ArchiveRecord.purged_at.is_null()).namedtuples()) if tried else []
     mark = "%s" if is_postgres() else "?"
     sightings = [_Sighting(*row) for row in database.obj.execute_sql(
         f"SELECT {_SIGHTING_COLUMNS} FROM archivesighting WHERE id > {mark} ORDER BY id LIMIT {mark}",
         (seen_mark, limit * 4)).fetchall()]
-    if not recs and not sightings and top == rec_mark:
+    if not recs and not sightings and not tried and top == rec_mark:
         return 0, False
-    rows = _read_and_extract(archive, recs)
+    failed: dict[int, tuple[str, bool]] = {}  # record id -> (why its blob could not be read, permanent)
+    rows = _read_and_extract(archive, recs + retry, failed)
     if not arriving and len(recs) == limit:  # a backlog drains: the next batch is extracted while this one is written
         _extract_ahead(archive, list(_unindexed(fields, recs[-1].id, top).limit(limit).namedtuples()))
     # A full batch: handled up to its last record; otherwise every record up to ``top``.
@@ -940,6 +951,7 @@ def index_batch(archive: object, limit: int | None = None, lag: float = 0.0) -> 
                 if value != state.get(name):
                     SearchState.insert(name=name, value=value).on_conflict(
                         conflict_target=[SearchState.name], update={SearchState.value: value}).execute()
+            _note_unread(archive, tried, failed)
     return done, len(recs) == limit or len(sightings) == limit * 4
 
 
@@ -959,13 +971,71 @@ BACKLOG_CAP = 10_000
 
 def backlog() -> int:
     """Records the search cannot find yet: committed without a document, after the indexer's
-    watermark (the node's background indexer waits out a burst, ``[archive] index_lag``).
-    Counted up to ``BACKLOG_CAP`` (the panel asks on every search page)."""
+    watermark (the node's background indexer waits out a burst, ``[archive] index_lag``), and
+    those whose blob it could not read (``archivesearchunread``, read again later).  Counted
+    up to ``BACKLOG_CAP`` (the panel asks on every search page)."""
     from gateway.archive.schema import ArchiveRecord
     from gateway.archive.search_schema import SearchState
+    from gateway.archive.unread import UnreadRecord
 
     mark = SearchState.select(SearchState.value).where(SearchState.name == "records").scalar() or 0
-    return _unindexed((ArchiveRecord.id,), mark).limit(BACKLOG_CAP).count()
+    unread = UnreadRecord.select().limit(BACKLOG_CAP).count()
+    return min(BACKLOG_CAP, unread + _unindexed((ArchiveRecord.id,), mark).limit(BACKLOG_CAP).count())
+
+
+_RETRY_AT: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # archive -> earliest retry_at (None: none)
+
+
+def _due_for_retry(archive: object, limit: int) -> dict[int, int]:
+    """Up to ``limit`` unreadable records whose time to be read again has come, with their
+    failed reads so far.  The table is only looked at when its earliest ``retry_at`` (kept
+    per archive after each change, looked up once after a start) has passed."""
+    from gateway.archive.unread import UnreadRecord
+
+    now = utcnow()
+    try:
+        at = _RETRY_AT.get(archive, _EPOCH)
+    except TypeError:  # not weakly referable: look every pass
+        at = _EPOCH
+    if at is None or at > now:
+        return {}
+    u = UnreadRecord
+    due = {r.record_id: r.attempts for r in u.select(u.record_id, u.attempts).where(u.retry_at <= now)
+           .order_by(u.retry_at).limit(limit)}
+    if not due:
+        _remember_retry_at(archive)
+    return due
+
+
+def _remember_retry_at(archive: object) -> None:
+    from gateway.archive.unread import UnreadRecord
+
+    first = UnreadRecord.select(UnreadRecord.retry_at).order_by(UnreadRecord.retry_at).first()
+    try:
+        _RETRY_AT[archive] = first.retry_at if first is not None else None
+    except TypeError:
+        pass
+
+
+def _note_unread(archive: object, tried: dict[int, int], failed: dict[int, tuple[str, bool]]) -> None:
+    """In the pass's last write transaction (with the watermark): list the records whose blob
+    could not be read, with the next time to read them (``RETRY_DELAYS``), and forget those
+    tried again that were indexed, or are purged or gone."""
+    from gateway.archive.unread import REASON_MAX, UnreadRecord
+
+    if not tried and not failed:
+        return
+    u = UnreadRecord
+    if done := [rid for rid in tried if rid not in failed]:
+        u.delete().where(u.record_id.in_(done)).execute()
+    now = utcnow()
+    for rid, (reason, permanent) in failed.items():
+        attempts = tried.get(rid, 0) + 1
+        delay = RETRY_DELAYS[-1] if permanent else RETRY_DELAYS[min(attempts, len(RETRY_DELAYS)) - 1]
+        values = {u.reason: reason[:REASON_MAX], u.permanent: permanent, u.attempts: attempts,
+                  u.retry_at: now + dt.timedelta(seconds=delay)}
+        u.insert({u.record_id: rid, **values}).on_conflict(conflict_target=[u.record_id], update=values).execute()
+    _remember_retry_at(archive)
 
 
 def _unindexed(fields: tuple, after: int, top: int | None = None):  # noqa: ANN202 - a peewee query
@@ -1086,9 +1156,11 @@ def _extract_ahead(archive: object, recs: list) -> None:
         pass
 
 
-def _read_and_extract(archive: object, recs: list) -> list[tuple[object, Extracted, Grams]]:
+def _read_and_extract(archive: object, recs: list,
+                      failed: dict[int, tuple[str, bool]] | None = None) -> list[tuple[object, Extracted, Grams]]:
     """Text of ``recs``: taken from the extraction the previous pass started ahead where it
-    covers them, else started now (``_start_extraction``); unreadable blobs are skipped."""
+    covers them, else started now (``_start_extraction``); unreadable blobs are skipped (and
+    noted in ``failed``: a record unreadable ahead is read once more here)."""
     try:
         ahead = _AHEAD.pop(archive, None)
     except TypeError:
@@ -1098,17 +1170,19 @@ def _read_and_extract(archive: object, recs: list) -> list[tuple[object, Extract
         got.update(zip([(r.id, r.sha256) for r in ahead.recs], ahead.pending.result(), strict=True))
     rest = [rec for rec in recs if (rec.id, rec.sha256) not in got]
     if rest:
-        now = _start_extraction(archive, rest)
+        now = _start_extraction(archive, rest, failed)
         got.update(zip([(r.id, r.sha256) for r in now.recs], now.pending.result(), strict=True))
     return [(rec, *got[(rec.id, rec.sha256)]) for rec in recs if (rec.id, rec.sha256) in got]
 
 
-def _start_extraction(archive: object, recs: list) -> _Extraction:
+def _start_extraction(archive: object, recs: list, failed: dict[int, tuple[str, bool]] | None = None) -> _Extraction:
     """Fresh messages from the archive's memory (``take_recent``, here: a dict look-up is
     cheaper than a thread hand-off), the others' blobs read on threads (decryption and zstd
     release the GIL); text extraction started in the worker processes (gateway.archive.workers);
-    unreadable blobs are logged and left out."""
+    unreadable blobs are logged, noted in ``failed`` (record id -> (error, permanent: the blob
+    missing or altered)) and left out."""
     from gateway.archive import _pool
+    from gateway.archive.store import BlobError
     from gateway.archive.workers import extract_async
 
     take = getattr(archive, "take_recent", None)
@@ -1120,8 +1194,12 @@ def _start_extraction(archive: object, recs: list) -> _Extraction:
         try:
             # only what extract reads (attachment bodies cut): less to hold and to send to a worker
             return indexable(archive.read(rec))  # type: ignore[attr-defined]
-        except Exception:  # noqa: BLE001 - an unreadable blob (verify reports it) must not stop the indexer
-            log.exception("archive record %s: cannot read the blob to index it (skipped)", rec.id)
+        except Exception as exc:  # noqa: BLE001 - an unreadable blob (verify reports it) must not stop the indexer
+            permanent = isinstance(exc, BlobError | FileNotFoundError)
+            log.warning("archive record %s: cannot read the blob to index it (skipped, read again later): %s",
+                        rec.id, exc, exc_info=not permanent)
+            if failed is not None:
+                failed[rec.id] = (f"{type(exc).__name__}: {exc}", permanent)
             return None
 
     raws = [recent(rec) for rec in recs]

@@ -67,8 +67,8 @@ def queue_fewer_indexes(db: Database) -> None:
 # are global; each area numbers in its own range so areas never collide:
 #   core (this file) 1-99, archive 100-199, distribution 200-299, panel 300-399.
 MIGRATION_MODULES: tuple[str, ...] = ("gateway.archive.schema", "gateway.archive.search_schema",
-                                      "gateway.archive.pending", "gateway.distribute.schema", "panel.schema",
-                                      "panel.customer_schema")
+                                      "gateway.archive.unread", "gateway.archive.pending",
+                                      "gateway.distribute.schema", "panel.schema", "panel.customer_schema")
 
 
 def _register_all() -> None:
