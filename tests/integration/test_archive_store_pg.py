@@ -1,12 +1,20 @@
 """The archive's storage side on the real PostgreSQL fixture: the same chain, verify,
-retention and import cases as on SQLite (tests/unit/archive), plus concurrent writers."""
+retention, import and unreadable-blob indexing cases as on SQLite (tests/unit/archive),
+plus concurrent writers."""
 
 from __future__ import annotations
 
 import pytest
 
 from gateway.db import connect, is_postgres
-from tests.unit.archive import test_chain, test_importer, test_retention, test_verify, test_write_lock
+from tests.unit.archive import (
+    test_chain,
+    test_importer,
+    test_retention,
+    test_unread_index,
+    test_verify,
+    test_write_lock,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -29,6 +37,7 @@ def archive(db, tmp_path):
 
 
 bob = test_retention.bob
+clock = test_unread_index.clock
 
 test_one_record_per_content_many_sightings = test_chain.test_one_record_per_content_many_sightings
 test_ref_makes_sightings_idempotent = test_chain.test_ref_makes_sightings_idempotent
@@ -52,3 +61,13 @@ test_eml_folder_import_is_idempotent_and_skips_bad_files = (
     test_importer.test_eml_folder_import_is_idempotent_and_skips_bad_files)
 
 test_concurrent_writers_keep_one_unbroken_chain = test_write_lock.test_concurrent_writers_keep_one_unbroken_chain
+
+test_a_passing_read_error_is_read_again_after_growing_delays_then_indexed_and_forgotten = (
+    test_unread_index.test_a_passing_read_error_is_read_again_after_growing_delays_then_indexed_and_forgotten)
+test_a_missing_blob_stays_listed_is_read_hourly_and_indexed_once_restored = (
+    test_unread_index.test_a_missing_blob_stays_listed_is_read_hourly_and_indexed_once_restored)
+test_a_purged_record_is_forgotten = test_unread_index.test_a_purged_record_is_forgotten
+test_a_listed_record_purged_meanwhile_is_dropped_by_the_next_retry = (
+    test_unread_index.test_a_listed_record_purged_meanwhile_is_dropped_by_the_next_retry)
+test_a_restarted_indexer_reads_the_listed_records_when_due = (
+    test_unread_index.test_a_restarted_indexer_reads_the_listed_records_when_due)
