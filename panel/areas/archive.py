@@ -66,7 +66,8 @@ i18n.register({
                          "has:attachment direction:in|out employee:邮箱 customer:客户名或编号；短语请加引号。"),
         "archive.results": "搜索结果（最新的在前）",
         "archive.no_results": "没有找到邮件。",
-        "archive.pending": "最新的 {n} 封邮件还在建立索引，暂时搜不到（邮件高峰时索引最多落后约 {lag} 秒）。",
+        "archive.pending": ("有 {n} 封邮件暂时搜不到：最新的邮件还在建立索引（邮件高峰时索引最多落后约 {lag} 秒），"
+                            "存储文件读取失败的邮件稍后会再试（如果这个数字一直不减少，请联系管理员）。"),
         "archive.col.date": "时间 (UTC)",
         "archive.col.direction": "方向",
         "archive.col.from": "发件人",
@@ -163,8 +164,10 @@ i18n.register({
                          "customer:name-or-id; put phrases in quotes."),
         "archive.results": "Results (newest first)",
         "archive.no_results": "No messages found.",
-        "archive.pending": ("The newest {n} messages are still being indexed and cannot be found yet "
-                            "(during a burst of mail the index may fall up to about {lag} s behind)."),
+        "archive.pending": ("{n} messages cannot be found yet: the newest are still being indexed (during a "
+                            "burst of mail the index may fall up to about {lag} s behind), and any whose stored "
+                            "copy could not be read are tried again later (if this number does not go down, "
+                            "tell the administrator)."),
         "archive.col.date": "Date (UTC)",
         "archive.col.direction": "Direction",
         "archive.col.from": "From",
@@ -389,7 +392,8 @@ def routes(app: bottle.Bottle) -> None:
     @require("auditor")
     def index() -> str:
         params = bottle.request.query
-        # Mail the background indexer has not reached yet (it waits out bursts): said, not hidden.
+        # Mail the background indexer has not reached yet (it waits out bursts) or could not read
+        # (read again later): said, not hidden.
         waiting = {"pending": backlog(), "lag": int(panel_config().archive.index_lag)}
         if "q" not in params:
             return render("archive/search.html", q="", page=1, rows=[], has_more=False, error="", searched=False,

@@ -242,7 +242,7 @@ def test_mail_not_indexed_yet_is_announced_on_the_search_page(http_as, archived,
     node.record(message(f"Waiting {archived.tag}", f"not indexed yet {archived.tag}"), direction="outbound",
                 verdict="accepted")
     page = client.get("/archive?q=" + quote(f"waiting {archived.tag}"))
-    assert 'id="archive-pending"' in page.text and "最新的 1 封邮件还在建立索引" in page.text
+    assert 'id="archive-pending"' in page.text and "有 1 封邮件暂时搜不到" in page.text
     assert "60 秒" in page.text and 'data-record="' not in page.text
     assert index_pending(node) == 1
     page = client.get("/archive?q=" + quote(f"waiting {archived.tag}"))
