@@ -852,6 +852,7 @@ INDEX_CHUNK = 16  # documents per write transaction of the background indexer (s
 # or altered (BlobError, FileNotFoundError: permanent, ``mailgate archive verify`` names it) only
 # hourly — one file open an hour is cheap, and a blob restored from a backup is then indexed.
 RETRY_DELAYS = (60, 300, 1800, 3600)
+RETRY_LOOK = 60  # seconds: the list is looked at no more often (but when its earliest time has come)
 
 
 def index_pending(archive: object, limit: int = INDEX_BATCH) -> int:
@@ -983,13 +984,14 @@ def backlog() -> int:
     return min(BACKLOG_CAP, unread + _unindexed((ArchiveRecord.id,), mark).limit(BACKLOG_CAP).count())
 
 
-_RETRY_AT: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # archive -> earliest retry_at (None: none)
+_RETRY_AT: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # archive -> when to look at the list again
 
 
 def _due_for_retry(archive: object, limit: int) -> dict[int, int]:
     """Up to ``limit`` unreadable records whose time to be read again has come, with their
     failed reads so far.  The table is only looked at when its earliest ``retry_at`` (kept
-    per archive after each change, looked up once after a start) has passed."""
+    per archive after each change, looked up once after a start) has passed, or ``RETRY_LOOK``
+    seconds after the last look (rows listed by another process)."""
     from gateway.archive.unread import UnreadRecord
 
     now = utcnow()
@@ -997,7 +999,7 @@ def _due_for_retry(archive: object, limit: int) -> dict[int, int]:
         at = _RETRY_AT.get(archive, _EPOCH)
     except TypeError:  # not weakly referable: look every pass
         at = _EPOCH
-    if at is None or at > now:
+    if at > now:
         return {}
     u = UnreadRecord
     due = {r.record_id: r.attempts for r in u.select(u.record_id, u.attempts).where(u.retry_at <= now)
@@ -1011,8 +1013,9 @@ def _remember_retry_at(archive: object) -> None:
     from gateway.archive.unread import UnreadRecord
 
     first = UnreadRecord.select(UnreadRecord.retry_at).order_by(UnreadRecord.retry_at).first()
+    at = utcnow() + dt.timedelta(seconds=RETRY_LOOK)
     try:
-        _RETRY_AT[archive] = first.retry_at if first is not None else None
+        _RETRY_AT[archive] = min(at, first.retry_at) if first is not None else at
     except TypeError:
         pass
 

@@ -142,3 +142,14 @@ def test_a_restarted_indexer_reads_the_listed_records_when_due(archive, monkeypa
     assert index_pending(restarted) == 0  # not due yet
     clock[0] += dt.timedelta(seconds=RETRY_DELAYS[0])
     assert index_pending(restarted) == 1 and backlog() == 0
+
+
+def test_a_record_listed_by_another_indexer_is_read_within_a_minute_of_its_time(archive, monkeypatch, clock):
+    """Each indexer keeps when to look at the list next; rows another one wrote are seen too."""
+    other = Archive(archive.directory, archive.store.key_file, defer_index=True)
+    assert index_pending(other) == 0  # looked: nothing listed
+    node, (bad, _) = _records(archive, "whimbrel")
+    _failing_reads(monkeypatch, {bad.id: 1})
+    index_pending(node)
+    clock[0] += dt.timedelta(seconds=RETRY_DELAYS[0])
+    assert index_pending(other) == 1 and UnreadRecord.select().count() == 0
