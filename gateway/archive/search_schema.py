@@ -36,6 +36,7 @@ from __future__ import annotations
 
 from peewee import BigIntegerField, BooleanField, CharField, Database, DateTimeField, IntegerField
 
+from gateway.archive.index import CJK
 from gateway.db.migrations import migration
 from gateway.db.models import BaseModel
 
@@ -229,9 +230,9 @@ def search_text_lz4(db: Database) -> None:
         f"ALTER COLUMN {column} SET COMPRESSION lz4" for column in LZ4_COLUMNS))
 
 
-# index.CJK as a PostgreSQL regular expression (the same code points; ARE escapes)
-PG_CJK = ("[\\u3040-\\u30ff\\u3400-\\u4dbf\\u4e00-\\u9fff\\uac00-\\ud7af\\uf900-\\ufaff"
-          "\\U00020000-\\U0002ffff]+")
+# index.CJK for PostgreSQL: its pattern is written with \uXXXX / \UXXXXXXXX escapes, which
+# PostgreSQL's regular expressions (ARE) read as the same code points
+PG_CJK = CJK.pattern
 
 
 @migration(163)
@@ -247,8 +248,7 @@ def search_trigrams_outside_cjk(db: Database) -> None:
     Existing databases: the column is added as a generated one, so PostgreSQL computes it in
     one rewrite of the table that rebuilds its indexes in bulk (an ``UPDATE`` re-inserted
     every row into every GIN index: 167 s at 100,000 bench documents, this 69 s), under an
-    exclusive lock —
-    minutes at a million documents; then ``DROP EXPRESSION`` (no rewrite) leaves a plain
+    exclusive lock — minutes at a million documents; then ``DROP EXPRESSION`` (no rewrite) leaves a plain
     column the indexer writes, as migration 161 did for the pairs, with a ``CHECK`` (``NOT
     VALID``: every existing row was just computed) that refuses a row written without it.
     The old index is dropped first (the rewrite would rebuild it for nothing).  SQLite:
