@@ -138,12 +138,12 @@ class GroupCommitter:
 
     def post(self, fn: Callable[..., Any], *args: Any,
              on_done: Callable[[Any, BaseException | None], None],
-             many: Callable[[list[tuple]], list] | None = None) -> None:
+             many: Callable[[list[tuple]], list] | None = None, dirs: Iterable[Path] = ()) -> None:
         """From a plain thread, without waiting: ``on_done(result, error)`` runs in the
         committer's answering thread after the commit is durable (keep it short: no DB
-        work, no blocking).  ``many``: as for ``submit``."""
+        work, no blocking).  ``many`` and ``dirs``: as for ``submit``."""
         self._ensure_thread()
-        self._jobs.put(_Job(fn, args, on_done, None, frozenset(), many))
+        self._jobs.put(_Job(fn, args, on_done, None, frozenset(dirs), many))
 
     def sync_dir(self, directory: Path) -> None:
         """Called from a job: fsync ``directory`` before this batch commits."""

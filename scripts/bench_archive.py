@@ -404,15 +404,16 @@ def ingest_node(archive: object, msgs: list, threads: int = 6, lag: float = 0.0)
         return raw, direction, emp, blob, h, later, folder
 
     def settle(jobs: list[tuple]) -> None:
-        """Inside the batch's transaction: the pending rows of files not fsynced, the folders
-        of those that were fsynced before the commit (``GroupCommitter.sync_dir``)."""
+        """Inside the batch's transaction: the pending rows of files not fsynced (the folders
+        of those that were fsynced went with the job, ``post(dirs=)``: synced once per batch
+        before its transaction, as the SMTP handler's ``submit(dirs=)``)."""
         from gateway.db.inserts import insert_row
 
         for _, _, _, blob, _, later, folder in jobs:
             if later:
                 insert_row(pending.row("bench", blob.name, blob.data))
-            elif folder is not None and pending is not None:
-                committer.sync_dir(folder)
+            elif folder is not None and pending is not None and not has_dirs:
+                committer.sync_dir(folder)  # a GroupCommitter.post without dirs: in the transaction
 
     def phase2(raw: bytes, direction: str, emp: int, blob: object, h: dict, later: bool = False,
                folder: object = None) -> None:
@@ -454,6 +455,9 @@ def ingest_node(archive: object, msgs: list, threads: int = 6, lag: float = 0.0)
             committed_at[0] = time.perf_counter() - t0
             all_written.set()
 
+    import inspect
+
+    has_dirs = "dirs" in inspect.signature(committer.post).parameters  # older revisions: in the transaction
     if syncer is not None:
         syncer.start()
     t0 = time.perf_counter()
@@ -461,7 +465,9 @@ def ingest_node(archive: object, msgs: list, threads: int = 6, lag: float = 0.0)
     worker.start()
     with ThreadPoolExecutor(threads) as pool:
         for item in pool.map(phase1, msgs):
-            committer.post(phase2, *item, on_done=committed, **batch_form)
+            folder = item[-1]
+            dirs = {"dirs": (folder,)} if folder is not None and pending is not None and has_dirs else {}
+            committer.post(phase2, *item, on_done=committed, **batch_form, **dirs)
     all_written.wait()
     worker.join()
     secs = time.perf_counter() - t0

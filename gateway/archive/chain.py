@@ -28,7 +28,7 @@ from contextlib import contextmanager
 from typing import Any
 
 from gateway.archive.schema import ArchiveChainHead, ArchiveEvent, ArchiveRecord, ArchiveSighting
-from gateway.db.inserts import insert_row
+from gateway.db.inserts import insert_row, prefetch_ids
 from gateway.db.models import database, utcnow
 from gateway.groupcommit import write_transaction
 
@@ -133,10 +133,12 @@ def _load_head() -> list:
 
 
 def _state() -> list | None:
-    """The current batch's head state (loaded now if the batch is lazy), or None outside a batch."""
+    """The current batch's head state (loaded now if the batch is lazy), or None outside a batch.
+    Once the lock is held, the ids of the batch's rows are drawn (``prefetch_ids``)."""
     state = getattr(_batch, "state", None)
     if state is not None and state[0] is _PENDING:
         state[:] = _load_head()
+        prefetch_ids()
     return state
 
 
@@ -176,6 +178,7 @@ def lock() -> None:
     look-up whose answer decides what to append."""
     if getattr(_batch, "state", None) is not None:  # batch(): locked already, or now (lazy)
         _state()
+        prefetch_ids()  # a batch() entered before the caller's buffered_inserts(): drawn here
         return
     _lock_row()
 

@@ -7,6 +7,7 @@ multi-row INSERT a table)."""
 from __future__ import annotations
 
 import asyncio
+import threading
 
 import pytest
 
@@ -153,6 +154,68 @@ def test_buffered_inserts_draw_ids_from_the_sequence_and_insert_in_one_go(db, mo
     assert Department.select().where(Department.name == "never").count() == 0
     later = Department.create(name="after")  # the unused ids of a block are gaps, not reused
     assert later.id > max(ids)
+
+
+def test_a_block_draws_as_many_ids_as_the_previous_one_used_in_one_round_trip(db, monkeypatch):
+    """A group commit's batches are alike: the second block of 40 rows draws its ids in one
+    statement (40 at once), where the first drew 8, 16, 32 — and the ids still come in order."""
+    from gateway.db import inserts
+    from gateway.db.inserts import PG_ID_BLOCK, buffered_inserts, insert_row
+    from gateway.db.models import Department
+    from gateway.groupcommit import write_transaction
+
+    monkeypatch.setattr(inserts, "_used", threading.local())
+    draws: list[int] = []
+    real = inserts._draw_ids
+    monkeypatch.setattr(inserts, "_draw_ids", lambda model, n: (draws.append(n), real(model, n))[1])
+    blocks = []
+    for _ in range(3):
+        with write_transaction(), buffered_inserts():
+            blocks.append([insert_row(Department(name=f"d{len(blocks)}-{i}")).id for i in range(40)])
+    assert draws == [PG_ID_BLOCK, 2 * PG_ID_BLOCK, 4 * PG_ID_BLOCK, 40, 40]
+    flat = [i for block in blocks for i in block]
+    assert flat == sorted(flat) and len(set(flat)) == 120
+    assert Department.select().where(Department.name.startswith("d")).count() == 120
+
+
+def test_the_archive_chain_draws_a_batchs_ids_in_one_statement_under_its_lock(db, tmp_path, monkeypatch):
+    """``chain_batch`` on PostgreSQL: once the chain lock is held, the ids of every table the
+    previous batch used (records, sightings) come in one statement; the rows of all tables go
+    in one more.  Records, sightings and the chain are as without it (verify passes)."""
+    from gateway.archive import Archive, Capture
+    from gateway.archive.schema import ArchiveRecord, ArchiveSighting
+    from gateway.archive.verify import verify_chain
+    from gateway.db import inserts
+
+    monkeypatch.setattr(inserts, "_used", threading.local())
+    archive = Archive(tmp_path / "blobs", tmp_path / "key")
+
+    def captures(tag: str) -> list:
+        return [Capture(raw=f"Subject: {tag} {i}\r\nMessage-ID: <{tag}{i}@x>\r\n\r\nbody {tag} {i}\r\n".encode(),
+                        place="smtp:submitted", direction="outbound", verdict="accepted",
+                        employee_email="s@acme.test") for i in range(20)]
+
+    def batch(tag: str) -> list[str]:
+        caps = captures(tag)
+        blobs = archive._durable_blobs(caps, None)
+        statements: list[str] = []
+        cursor = database.obj.cursor
+        with monkeypatch.context() as m:
+            m.setattr(database.obj, "cursor", lambda *a, **k: _Counting(cursor(*a, **k), statements))
+            archive.chain_batch(caps, blobs)
+        return statements
+
+    batch("first")  # learns what a batch inserts
+    statements = batch("second")
+    draws = [s for s in statements if "nextval" in s]
+    assert len(draws) == 1 and "archiverecord_id_seq" in draws[0] and "archivesighting_id_seq" in draws[0]
+    inserts_sent = [s for s in statements if s.lstrip().startswith("INSERT")]
+    assert len(inserts_sent) == 1
+    assert 'INSERT INTO "archiverecord"' in inserts_sent[0] and 'INSERT INTO "archivesighting"' in inserts_sent[0]
+    assert ArchiveRecord.select().count() == 40 and ArchiveSighting.select().count() == 40
+    ids = [r.id for r in ArchiveRecord.select().order_by(ArchiveRecord.seq)]
+    assert ids == sorted(ids)  # in chain order
+    assert verify_chain() == []
 
 
 class _Counting:
