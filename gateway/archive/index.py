@@ -927,7 +927,10 @@ def index_batch(archive: object, limit: int | None = None, lag: float = 0.0) -> 
     # transaction flushes a small FTS5 segment that is merged again later (16 documents a
     # transaction cost the indexer ~0.5 ms more CPU a document than 200), so a backlog left
     # once the mail stopped (no new record since the previous pass) goes in one transaction.
-    size = INDEX_CHUNK if arriving else max(1, len(rows))
+    # PostgreSQL has no database-wide write lock (the group commit never waits for the
+    # indexer's transaction): one transaction always, its documents split over two
+    # connections (``write_rows``) instead of 16-document COPYs on one.
+    size = INDEX_CHUNK if arriving and not is_postgres() else max(1, len(rows))
     chunks = [rows[i:i + size] for i in range(0, len(rows), size)] or [[]]
     noted: set[int] = set()
     for n, chunk in enumerate(chunks):

@@ -73,3 +73,27 @@ test_a_record_listed_by_another_indexer_is_read_within_a_minute_of_its_time = (
     test_unread_index.test_a_record_listed_by_another_indexer_is_read_within_a_minute_of_its_time)
 test_a_restarted_indexer_reads_the_listed_records_when_due = (
     test_unread_index.test_a_restarted_indexer_reads_the_listed_records_when_due)
+
+
+def test_the_indexer_writes_a_pass_in_one_transaction_while_records_arrive(archive, monkeypatch):
+    """PostgreSQL has no database-wide write lock for the group commit to wait on: while records
+    keep arriving, a pass still writes its documents in one transaction (SQLite: chunks of
+    INDEX_CHUNK, tests/unit/archive/test_deferred_index.py) — and indexes every record once."""
+    from gateway import groupcommit
+    from gateway.archive import Archive
+    from gateway.archive.index import INDEX_CHUNK, index_batch
+    from gateway.archive.search import record_ids
+    from tests.unit.archive.conftest import message
+
+    node = Archive(archive.directory, archive.store.key_file, defer_index=True)
+    limit = 2 * INDEX_CHUNK + 4
+    transactions: list[int] = []
+    real = groupcommit.write_transaction
+    monkeypatch.setattr(groupcommit, "write_transaction", lambda: (transactions.append(1), real())[1])
+    for i in range(2 * limit):
+        node.record(message(i, f"sandpiper arrival{i}"), direction="outbound", verdict="accepted")
+    assert index_batch(node, limit=limit) == (limit, True)
+    assert len(transactions) == 1  # records arriving (the first pass), yet one transaction
+    assert index_batch(node, limit=limit) == (limit, True)
+    assert index_batch(node, limit=limit) == (0, False)
+    assert len(record_ids("sandpiper")) == 2 * limit
