@@ -8,6 +8,11 @@ A message's path, top to bottom:
   RCPT  -> syntax (no %-hacks, source routes …), recipient limit
   DATA  -> bare CR refused, bare LF normalised -> headers parsed -> policy.decide ->
            mutate (tag, rewrite, sign) -> archive + spool (fsync) -> 250 + queue id
+
+Nothing unexpected before the 250 reaches aiosmtpd (its "500 Error: (Type) text" is a
+permanent code that shows internals): the policy raising answers 451 4.3.0 (POLICY_TEMPFAIL),
+storing failing 452 4.3.1 / 451 4.3.0, anything else 451 4.3.0 (LOCAL_TEMPFAIL) — each logged
+with the queue id and the user, counted as verdict "tempfail", and nothing of it stored.
 """
 
 from __future__ import annotations
@@ -19,12 +24,14 @@ import email.utils
 import errno
 import ipaddress
 import logging
+import sqlite3
 import time
 from dataclasses import dataclass
 from email.parser import BytesHeaderParser
 from email.policy import compat32
 from typing import Any, NamedTuple, NoReturn
 
+import peewee
 from aiosmtpd.smtp import SMTP, AuthResult, Envelope
 from aiosmtpd.smtp import Session as SMTPSession
 
@@ -45,6 +52,7 @@ from gateway.policy.context import Session
 from gateway.policy.split import split_hold
 from gateway.smtp.auth import UpstreamAuthenticator, UpstreamUnavailable
 from gateway.smtp.checks import address_problem, has_bare_cr, helo_problem, normalize_bare_lf
+from gateway.smtp.errors import LOCAL_TEMPFAIL, POLICY_TEMPFAIL, PolicyError, describe_error
 from gateway.smtp.guard import LoginGuard
 from gateway.spool import Spool, SpoolError, archive_ref, new_queue_id
 
@@ -289,6 +297,31 @@ class SubmissionHandler:
         if len(data) > self.cfg.smtp.max_message_size:
             return "552 5.3.4 Message size exceeds fixed maximum message size"
         queue_id = new_queue_id()
+        try:
+            ctx = self._context(server, session, envelope, data, queue_id, ident)
+            # One trip to a worker thread for the policy (body and attachment conditions parse
+            # MIME, ~10 ms/MB) and phase 1 of the store (sealing, fsyncs): off the loop.
+            ctx, verdict, free, prepared = await asyncio.to_thread(self._decide_and_prepare, ctx, queue_id, ident)
+            reply = await self._store(ctx, verdict, queue_id, prepared, also=free)
+        except SpoolError as exc:
+            return self._store_failure_reply(exc, queue_id, session, ident)
+        except PolicyError as exc:
+            return self._temporary_failure(exc.__cause__ or exc, "policy decision", POLICY_TEMPFAIL, queue_id,
+                                           session, ident)
+        except Exception as exc:  # an unexpected one: 451, never aiosmtpd's 500
+            return self._temporary_failure(exc, "submission", LOCAL_TEMPFAIL, queue_id, session, ident)
+        # Stored: from here on nothing may turn the 250 into an error (the client would send
+        # the message again, and it would be relayed twice).
+        try:
+            self._after_store(started, queue_id, envelope.mail_from, ctx, verdict, free)
+        except Exception as exc:
+            summary, frames = describe_error(exc)
+            log.error("%s: stored and answered 250; what follows the store failed: %s\n%s", queue_id, summary, frames)
+        return reply
+
+    def _context(self, server: SMTP, session: SMTPSession, envelope: Envelope, data: bytes, queue_id: str,
+                 ident: Identity | None) -> Context:
+        """The policy's view of the message, with the Received header (and a Message-ID) added."""
         data = self._add_trace_headers(data, session, queue_id, ident)
         block = split_header_block(data)
         # The email package's header parser, or its very result from a leaner one (28 → 8 µs a block).
@@ -296,7 +329,7 @@ class SubmissionHandler:
         if headers is None:
             headers = BytesHeaderParser(policy=compat32).parsebytes(block)
         employee = ident.employee if ident else self.directory.employee_for_address(envelope.mail_from)
-        ctx = Context(
+        return Context(
             mail_from=envelope.mail_from,
             rcpt_tos=list(envelope.rcpt_tos),
             headers=headers,
@@ -311,30 +344,52 @@ class SubmissionHandler:
             ),
             language=self.language,
         )
-        try:
-            # One trip to a worker thread for the policy (body and attachment conditions parse
-            # MIME, ~10 ms/MB) and phase 1 of the store (sealing, fsyncs): off the loop.
-            ctx, verdict, free, prepared = await asyncio.to_thread(self._decide_and_prepare, ctx, queue_id, ident)
-            reply = await self._store(ctx, verdict, queue_id, prepared, also=free)
-        except SpoolError as exc:
-            log.error("%s: store failed: %s", queue_id, exc)
-            if exc.errno == errno.ENOSPC or "database or disk is full" in str(exc):
-                return "452 4.3.1 Insufficient system storage, try again later"
-            return "451 4.3.0 Temporary local problem storing the message, try again later"
+
+    def _store_failure_reply(self, exc: SpoolError, queue_id: str, session: SMTPSession,
+                             ident: Identity | None) -> str:
+        """452 when the disk or database is full, else 451; nothing of the message was stored."""
+        metrics.smtp_messages.labels("tempfail").inc()
+        user, ip = ident.username if ident else "-", session.peer[0]
+        cause = exc.__cause__
+        if cause is not None and not isinstance(cause, (OSError, peewee.DatabaseError, sqlite3.Error)):
+            # A bug in phase 1 or 2 (a mutation, DKIM, the archive's staging): where, not its text.
+            summary, frames = describe_error(cause)
+            log.error("%s: store failed user=%s ip=%s error=%s; answered 451, nothing stored\n%s",
+                      queue_id, user, ip, summary, frames)
+        else:
+            log.error("%s: store failed user=%s ip=%s: %s", queue_id, user, ip, exc)
+        if exc.errno == errno.ENOSPC or "database or disk is full" in str(exc):
+            return "452 4.3.1 Insufficient system storage, try again later"
+        return "451 4.3.0 Temporary local problem storing the message, try again later"
+
+    def _temporary_failure(self, exc: BaseException, stage: str, reply: str, queue_id: str, session: SMTPSession,
+                           ident: Identity | None) -> str:
+        """An unexpected exception before anything of the message was stored: logged (the
+        queue id, the user, where it happened; not its text, which may quote the mail),
+        counted, and answered with ``reply`` (451) so the client keeps the message."""
+        metrics.smtp_messages.labels("tempfail").inc()
+        summary, frames = describe_error(exc)
+        log.error("%s: %s failed user=%s ip=%s error=%s; answered %s, nothing stored\n%s", queue_id, stage,
+                  ident.username if ident else "-", session.peer[0], summary, reply[:3], frames)
+        return reply
+
+    def _after_store(self, started: float, queue_id: str, mail_from: str, ctx: Context, verdict: Verdict,
+                     free: tuple | None) -> None:
+        """The stored message's metrics, log line and relay wake-up."""
+        employee = ctx.employee
         delay = time.monotonic() - started
         metrics.smtp_delay.observe(delay)
         metrics.smtp_messages.labels({ACCEPT: "accepted", REJECT: "refused", HOLD: "held"}[verdict.action]).inc()
         log.info(
             "%s: from=<%s> employee=%s nrcpt=%d size=%d verdict=%s%s delay=%.3f",
-            queue_id, envelope.mail_from, employee.email if employee else "-", len(ctx.rcpt_tos),
-            len(data), verdict.action, f" rule={verdict.rule}" if verdict.rule else "", delay,
+            queue_id, mail_from, employee.email if employee else "-", len(ctx.rcpt_tos),
+            len(ctx.raw), verdict.action, f" rule={verdict.rule}" if verdict.rule else "", delay,
         )
         if free is not None:
-            log.info("%s: from=<%s> nrcpt=%d verdict=accept split-from=%s", free[2], envelope.mail_from,
+            log.info("%s: from=<%s> nrcpt=%d verdict=accept split-from=%s", free[2], mail_from,
                      len(free[0].rcpt_tos), queue_id)
         if verdict.action == ACCEPT or free is not None:
             self.on_queued()
-        return reply
 
     def _add_trace_headers(self, data: bytes, session: SMTPSession, queue_id: str, ident: Identity | None) -> bytes:
         """Prepend Received (one line each part, no client-controlled CR/LF) and add a
@@ -356,15 +411,19 @@ class SubmissionHandler:
         """Blocking (a worker thread): the verdict — a held message's free recipients split
         off (accepted at once, with their own queue id) when configured — and phase 1 of
         storing each part that is not refused (``_prepare``).  Returns (ctx, verdict, split-off
-        part or None, prepared parts or None).  Raises SpoolError when phase 1 failed."""
-        verdict = self.policy.decide(ctx)
-        free = None
-        if verdict.action == HOLD and self.cfg.approval.split_recipients:
-            split = split_hold(self.policy, ctx, verdict)
-            if split is not None:
-                free, held = split
-                ctx, verdict = held.ctx, held.verdict
-                free = (free.ctx, free.verdict, new_queue_id())
+        part or None, prepared parts or None).  Raises PolicyError when the policy raised
+        (nothing written yet), SpoolError when phase 1 failed (its files removed)."""
+        try:
+            verdict = self.policy.decide(ctx)
+            free = None
+            if verdict.action == HOLD and self.cfg.approval.split_recipients:
+                split = split_hold(self.policy, ctx, verdict)
+                if split is not None:
+                    free, held = split
+                    ctx, verdict = held.ctx, held.verdict
+                    free = (free.ctx, free.verdict, new_queue_id())
+        except Exception as exc:
+            raise PolicyError("the policy decision failed") from exc
         for v in (verdict, free[1] if free else None):
             if v is not None and self.sign is not None and v.action != REJECT:
                 v.mutations.append(self.sign)

@@ -1,0 +1,241 @@
+"""Unexpected exceptions at the end of DATA (gateway/smtp/handler.py, gateway/smtp/errors.py):
+a rule's bug or a database error while deciding, a mutation or the archive's staging failing,
+anything else before the 250 — a 4xx the client retries, a log line with the queue id and the
+user (never the mail's text or the password), the "tempfail" count, and nothing stored.  The
+answers that were deliberate before (a refusal, a full disk) stay as they were."""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+from types import SimpleNamespace
+
+import pytest
+from aiosmtpd.smtp import Envelope
+from peewee import OperationalError
+
+import gateway.smtp.handler as handler_module
+from gateway import metrics
+from gateway.archive import Archive
+from gateway.archive.schema import ArchiveRecord
+from gateway.config import PUBLIC_MAIL_DOMAINS, Config
+from gateway.db.models import Employee, OutboundMessage
+from gateway.directory import Directory
+from gateway.groupcommit import GroupCommitter
+from gateway.policy import HOLD, Policy, Verdict
+from gateway.smtp.errors import LOCAL_TEMPFAIL, POLICY_TEMPFAIL
+from gateway.smtp.guard import LoginGuard
+from gateway.smtp.handler import Identity, SubmissionHandler
+from gateway.spool import Spool
+
+SECRET_SUBJECT = "Salary of Mr Zhang 42000"  # must never reach the log
+PASSWORD = "alice-secret-pw"
+RAW = (f"From: alice@acme.test\r\nTo: buyer@example.com, other@example.org\r\nSubject: {SECRET_SUBJECT}\r\n"
+       "\r\nPrices inside.\r\n").encode()
+QUEUE_ID = "0000000000AABBCC"
+
+STORE_TEMPFAIL = "451 4.3.0 Temporary local problem storing the message, try again later"
+
+
+class Switch:
+    """A rule that raises ``error`` while ``on``; otherwise it does nothing (accept)."""
+
+    name = "buggy-rule"
+    priority = 50
+    mode = "enforce"
+
+    def __init__(self, error: Exception | None = None):
+        self.error = error
+        self.calls = 0
+
+    def evaluate(self, ctx, directory):  # noqa: ANN001, ANN201 - the policy's Rule protocol
+        self.calls += 1
+        if self.error is not None:
+            raise self.error
+        return None
+
+
+@pytest.fixture
+def world(db, tmp_path, monkeypatch):
+    monkeypatch.setattr(handler_module, "new_queue_id", lambda: QUEUE_ID)
+    alice = Employee.create(email="alice@acme.test", name="Alice")
+    directory = Directory(["acme.test"], PUBLIC_MAIL_DOMAINS)
+    directory.load()
+    cfg = Config()
+    cfg.node.data_dir = tmp_path / "var"
+    cfg.company.domains = ["acme.test"]
+    cfg.company.language = "en"
+    archive = Archive(tmp_path / "archive", tmp_path / "archive.keys")
+    spool = Spool(tmp_path / "spool", node="n1", archive=archive)
+    rule = Switch()
+    policy = Policy(directory, [rule])
+    committer = GroupCommitter()
+    queued: list[int] = []
+    handler = SubmissionHandler(cfg, directory, policy, spool, archive, authenticator=None,
+                                guard=LoginGuard(0.0, 0.0, 60.0), on_queued=lambda: queued.append(1),
+                                committer=committer)
+    session = SimpleNamespace(peer=("192.0.2.7", 40000), host_name="client.example", authenticated=True,
+                              auth_data=Identity("alice@acme.test", directory.employee_for_address(alice.email),
+                                                 PASSWORD))
+    yield SimpleNamespace(handler=handler, rule=rule, spool=spool, archive=archive, session=session,
+                          queued=queued, cfg=cfg, tmp=tmp_path)
+    committer.stop()
+
+
+def send(world, raw: bytes = RAW, rcpts: tuple[str, ...] = ("buyer@example.com", "other@example.org")) -> str:
+    envelope = Envelope()
+    envelope.mail_from = "alice@acme.test"
+    envelope.rcpt_tos = list(rcpts)
+    envelope.original_content = raw
+    return asyncio.run(world.handler.handle_DATA(SimpleNamespace(is_tls=True), world.session, envelope))
+
+
+def tempfails() -> float:
+    return metrics.REGISTRY.get_sample_value("mailgate_smtp_messages_total", {"verdict": "tempfail"}) or 0.0
+
+
+def assert_nothing_stored(world) -> None:
+    assert OutboundMessage.select().count() == 0
+    assert ArchiveRecord.select().count() == 0
+    assert [p.name for p in world.spool.directory.glob("*")] == []
+    assert world.queued == []
+
+
+def failure_lines(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name == "mailgate.smtp" and r.levelno >= logging.ERROR]
+
+
+def assert_log_is_clean(text: str) -> None:
+    assert SECRET_SUBJECT not in text and "Zhang" not in text
+    assert PASSWORD not in text and "Prices inside" not in text
+
+
+@pytest.mark.parametrize("error", [
+    RuntimeError(f"rule bug on subject {SECRET_SUBJECT}"),  # a rule's bug; its text quotes the mail
+    OperationalError("database is locked"),  # a transient database error while deciding
+], ids=["rule-bug", "database"])
+def test_the_policy_raising_answers_451_logs_counts_and_stores_nothing(world, caplog, error):
+    world.rule.error = error
+    before = tempfails()
+    with caplog.at_level(logging.INFO, logger="mailgate.smtp"):
+        reply = send(world)
+    assert reply == POLICY_TEMPFAIL == "451 4.3.0 Temporary policy error, try again later"
+    assert tempfails() == before + 1
+    assert_nothing_stored(world)
+    [line] = failure_lines(caplog)
+    first = line.splitlines()[0]
+    assert first.startswith(f"{QUEUE_ID}: policy decision failed user=alice@acme.test ip=192.0.2.7 error=")
+    assert f"error={type(error).__module__}.{type(error).__qualname__}".replace("builtins.", "") in first
+    assert "in evaluate" in first and first.endswith("answered 451, nothing stored")
+    assert "test_submission_errors.py" in line  # the frames: where the rule raised
+    assert_log_is_clean(caplog.text)
+
+    # The fault gone, the client's retry of the same message is stored and queued.
+    world.rule.error = None
+    assert send(world).startswith("250 2.0.0")
+    assert OutboundMessage.select().count() == 1 and world.queued == [1]
+
+
+def test_a_policy_error_while_splitting_a_held_message_is_a_policy_error_too(world, caplog):
+    """With approval.split_recipients, a held message is decided again per recipient
+    (gateway/policy/split.py): those decisions raising are answered like the first."""
+    world.cfg.approval.split_recipients = True
+
+    class HoldThenFail(Switch):
+        def evaluate(self, ctx, directory):  # noqa: ANN001, ANN201
+            self.calls += 1
+            if self.calls == 1:
+                return Verdict(action=HOLD, reason="check", approvers=["boss@acme.test"], rule=self.name)
+            raise KeyError("narrowed")
+
+    rule = HoldThenFail()
+    world.handler.policy.replace_rules([rule])
+    with caplog.at_level(logging.INFO, logger="mailgate.smtp"):
+        assert send(world) == POLICY_TEMPFAIL
+    assert rule.calls == 2
+    assert_nothing_stored(world)
+    assert "policy decision failed" in failure_lines(caplog)[0]
+
+
+class ExplodingMutation:
+    """A DKIM signer (the last mutation stage) with a bug."""
+
+    stage = "sign"
+
+    def apply(self, out, ctx):  # noqa: ANN001, ANN201
+        raise ValueError(f"cannot sign {SECRET_SUBJECT}")
+
+
+@pytest.mark.parametrize("where", ["sign", "stage"])
+def test_a_failure_preparing_the_message_answers_451_and_leaves_nothing(world, caplog, monkeypatch, where):
+    """After the decision (mutations, DKIM, the archive's staging): the 451 these always had,
+    now with a log line that says where, without the exception's text."""
+    if where == "sign":
+        world.handler.sign = ExplodingMutation()
+    else:
+        def stage(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202 - after the blob was written
+            raise TypeError(f"staging {SECRET_SUBJECT}")
+
+        monkeypatch.setattr(world.archive, "stage", stage)
+        world.cfg.node.shared_spool = True  # so a spool file is written too, and must go again
+        written: list[str] = []
+        real_write = world.spool.write
+        monkeypatch.setattr(world.spool, "write", lambda q, *a, **k: written.append(q) or real_write(q, *a, **k))
+    before = tempfails()
+    with caplog.at_level(logging.INFO, logger="mailgate.smtp"):
+        assert send(world) == STORE_TEMPFAIL
+    assert tempfails() == before + 1
+    assert_nothing_stored(world)
+    [line] = failure_lines(caplog)
+    expected = "ValueError" if where == "sign" else "TypeError"
+    assert line.startswith(f"{QUEUE_ID}: store failed user=alice@acme.test ip=192.0.2.7 error={expected} at ")
+    assert "answered 451, nothing stored" in line
+    assert_log_is_clean(caplog.text)
+    if where == "stage":
+        assert written == [QUEUE_ID]  # the spool file was there before the failure, and is gone
+
+
+def test_anything_else_before_the_decision_answers_451(world, caplog, monkeypatch):
+    def broken(*args):  # noqa: ANN002, ANN202
+        raise AttributeError("header parser bug")
+
+    monkeypatch.setattr(handler_module, "parse_headers", broken)
+    with caplog.at_level(logging.INFO, logger="mailgate.smtp"):
+        assert send(world) == LOCAL_TEMPFAIL == "451 4.3.0 Temporary local error, try again later"
+    assert world.rule.calls == 0
+    assert_nothing_stored(world)
+    assert failure_lines(caplog)[0].startswith(f"{QUEUE_ID}: submission failed user=alice@acme.test ")
+
+
+def test_deliberate_answers_are_unchanged(world, monkeypatch):
+    """A refusal keeps its 5xx, a full disk its 452 (not turned into the new 451s)."""
+
+    class Refuse(Switch):
+        def evaluate(self, ctx, directory):  # noqa: ANN001, ANN201
+            return Verdict.reject(self.name, "not to them", 550, "5.7.1")
+
+    world.handler.policy.replace_rules([Refuse()])
+    assert send(world) == "550 5.7.1 not to them"
+    world.handler.policy.replace_rules([Switch()])
+
+    def full(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(world.archive.store, "write", full)
+    assert send(world) == "452 4.3.1 Insufficient system storage, try again later"
+    assert OutboundMessage.select().count() == 0
+
+
+def test_a_failure_after_the_store_keeps_the_250(world, caplog):
+    """Stored is stored: answering 4xx now would make the client send it again (a duplicate)."""
+
+    def wake() -> None:
+        raise RuntimeError("relay pipe")
+
+    world.handler.on_queued = wake
+    with caplog.at_level(logging.INFO, logger="mailgate.smtp"):
+        assert send(world).startswith("250 2.0.0")
+    assert OutboundMessage.select().count() == 1
+    assert "stored and answered 250; what follows the store failed: RuntimeError" in failure_lines(caplog)[0]
+
