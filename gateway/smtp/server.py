@@ -19,6 +19,7 @@ from aiosmtpd.smtp import MISSING, SMTP
 
 from gateway.config import Config
 from gateway.smtp.dataread import read_data
+from gateway.smtp.errors import LOCAL_TEMPFAIL, describe_error
 from gateway.smtp.handler import SubmissionHandler
 
 log = logging.getLogger("mailgate.smtp")
@@ -146,6 +147,20 @@ class SubmissionSMTP(SMTP):
         if self.local_part_limit and len(addr.rpartition("@")[0]) > self.local_part_limit:
             return None, None
         return addr, rest
+
+    async def handle_exception(self, error: Exception) -> str:
+        """A command's unexpected exception (a hook's bug; DATA handles its own): 451 and a log
+        line with the user, instead of aiosmtpd's "500 Error: (Type) text" — a permanent code
+        that shows internals to the client."""
+        peer = self.session.peer[0] if self.session is not None and self.session.peer else "-"
+        if isinstance(error, aiosmtpd.smtp.TLSSetupException):  # the client's handshake: aiosmtpd closes
+            log.info("STARTTLS handshake failed ip=%s: %s", peer, describe_error(error.__cause__ or error)[0])
+            return "454 4.7.0 TLS handshake failed"
+        summary, frames = describe_error(error)
+        ident = SubmissionHandler.identity(self.session) if self.session is not None else None
+        log.error("command failed user=%s ip=%s error=%s; answered 451\n%s",
+                  ident.username if ident else "-", peer, summary, frames)
+        return LOCAL_TEMPFAIL
 
     async def smtp_AUTH(self, arg: str) -> None:
         if not self.is_tls and self.session.extended_smtp:

@@ -239,3 +239,48 @@ def test_a_failure_after_the_store_keeps_the_250(world, caplog):
     assert OutboundMessage.select().count() == 1
     assert "stored and answered 250; what follows the store failed: RuntimeError" in failure_lines(caplog)[0]
 
+
+def test_another_command_raising_answers_451_through_aiosmtpd(caplog):
+    """A real session (SubmissionSMTP on loopback, smtplib): a hook other than DATA raising
+    is answered 451 by SubmissionSMTP.handle_exception, not aiosmtpd's "500 Error: (Type) text"."""
+    from gateway.smtp.server import SubmissionSMTP
+
+    class Handler:
+        fail = True
+
+        async def handle_RCPT(self, server, session, envelope, address, options):  # noqa: ANN001, ANN201
+            if self.fail:
+                raise RuntimeError(f"lookup failed for {address}")
+            envelope.rcpt_tos.append(address)
+            return "250 OK"
+
+    handler = Handler()
+
+    async def run() -> tuple:
+        loop = asyncio.get_running_loop()
+        server = await loop.create_server(lambda: SubmissionSMTP(handler, hostname="gw.test"), "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+
+        def client() -> tuple:
+            import smtplib
+
+            with smtplib.SMTP("127.0.0.1", port, timeout=10) as conn:
+                conn.ehlo("client.example")
+                conn.mail("alice@acme.test")
+                failed = conn.rcpt("secret-buyer@example.com")
+                handler.fail = False
+                return failed, conn.rcpt("secret-buyer@example.com")
+
+        try:
+            return await asyncio.to_thread(client)
+        finally:
+            server.close()
+            await server.wait_closed()
+
+    with caplog.at_level(logging.INFO, logger="mailgate.smtp"):
+        failed, retried = asyncio.run(run())
+    assert failed == (451, LOCAL_TEMPFAIL[4:].encode())
+    assert retried[0] == 250  # the session goes on
+    [line] = failure_lines(caplog)
+    assert line.startswith("command failed user=- ip=127.0.0.1 error=RuntimeError at ")
+    assert "secret-buyer" not in caplog.text
