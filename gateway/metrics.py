@@ -16,7 +16,7 @@ REGISTRY = CollectorRegistry(auto_describe=True)
 
 smtp_messages = Counter(
     "mailgate_smtp_messages",
-    "Messages submitted, by verdict (accepted, refused, held)",
+    "Messages submitted, by verdict (accepted, refused, held; tempfail: answered 4xx at the end of DATA)",
     ["verdict"],
     registry=REGISTRY,
 )
