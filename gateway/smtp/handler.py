@@ -474,13 +474,16 @@ class SubmissionHandler:
             summary = t("conflict.summary", self.language) + "\n" if verdict.rule == "send-conflict" else ""
             return smtp_reply(verdict.smtp_code, verdict.enhanced, summary + verdict.reason)
         try:
+            # The reply first: once committed, nothing may fail before the 250.
+            if also:
+                reply = f"250 2.0.0 {t('queued_split', self.language, queue_id=also[2], held_id=queue_id)}"
+            else:
+                reply = f"250 2.0.0 {t('queued', self.language, queue_id=queue_id)}"
             dirs = set().union(*(p.dirs for p in prepared))  # the blob's and spool file's folders
             await self.committer.submit(self._commit_parts, prepared, dirs=dirs, many=self._commit_many)
         except BaseException as exc:
             self._store_failed([(ctx, verdict, queue_id)] + ([also] if also else []), exc)
-        if also:
-            return f"250 2.0.0 {t('queued_split', self.language, queue_id=also[2], held_id=queue_id)}"
-        return f"250 2.0.0 {t('queued', self.language, queue_id=queue_id)}"
+        return reply
 
     def _prepare(self, ctx: Context, verdict: Verdict, queue_id: str, ident: Identity | None) -> Prepared:
         """Phase 1, blocking: the final bytes, the archive blob and (unless the blob serves

@@ -167,12 +167,18 @@ class ExplodingMutation:
         raise ValueError(f"cannot sign {SECRET_SUBJECT}")
 
 
-@pytest.mark.parametrize("where", ["sign", "stage"])
+@pytest.mark.parametrize("where", ["sign", "stage", "reply"])
 def test_a_failure_preparing_the_message_answers_451_and_leaves_nothing(world, caplog, monkeypatch, where):
-    """After the decision (mutations, DKIM, the archive's staging): the 451 these always had,
-    now with a log line that says where, without the exception's text."""
+    """After the decision (mutations, DKIM, the archive's staging, the 250's text — made
+    before the commit, so that nothing can fail between the commit and the 250): the 451
+    these always had, now with a log line that says where, without the exception's text."""
     if where == "sign":
         world.handler.sign = ExplodingMutation()
+    elif where == "reply":
+        def broken_text(key, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+            raise LookupError(f"no text {key} for {SECRET_SUBJECT}")
+
+        monkeypatch.setattr(handler_module, "t", broken_text)
     else:
         def stage(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202 - after the blob was written
             raise TypeError(f"staging {SECRET_SUBJECT}")
@@ -188,7 +194,7 @@ def test_a_failure_preparing_the_message_answers_451_and_leaves_nothing(world, c
     assert tempfails() == before + 1
     assert_nothing_stored(world)
     [line] = failure_lines(caplog)
-    expected = "ValueError" if where == "sign" else "TypeError"
+    expected = {"sign": "ValueError", "stage": "TypeError", "reply": "LookupError"}[where]
     assert line.startswith(f"{QUEUE_ID}: store failed user=alice@acme.test ip=192.0.2.7 error={expected} at ")
     assert "answered 451, nothing stored" in line
     assert_log_is_clean(caplog.text)
