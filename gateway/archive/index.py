@@ -847,10 +847,11 @@ def remove_records(record_ids: Iterable[int]) -> int:
 INDEX_BATCH = 200  # records per pass of the background indexer while records keep arriving
 DRAIN_BATCH = 600  # records per pass once none arrive (a backlog: one transaction each, see index_batch)
 INDEX_CHUNK = 16  # documents per write transaction of the background indexer (see index_batch)
-# A record whose blob could not be read (gateway/archive/unread.py) is read again after these
-# delays (seconds; the last one repeats): after 1 min, 5 min, 30 min, then hourly.  A blob missing
-# or altered (BlobError, FileNotFoundError: permanent, ``mailgate archive verify`` names it) only
-# hourly — one file open an hour is cheap, and a blob restored from a backup is then indexed.
+# A record whose blob could not be read or whose document could not be written
+# (gateway/archive/unread.py) is tried again after these delays (seconds; the last one
+# repeats): after 1 min, 5 min, 30 min, then hourly.  A blob missing or altered (BlobError,
+# FileNotFoundError: permanent, ``mailgate archive verify`` names it) only hourly — one file
+# open an hour is cheap, and a blob restored from a backup is then indexed.
 RETRY_DELAYS = (60, 300, 1800, 3600)
 RETRY_LOOK = 60  # seconds: the list is looked at no more often (but when its earliest time has come)
 
@@ -878,7 +879,9 @@ def index_batch(archive: object, limit: int | None = None, lag: float = 0.0) -> 
     re-check which records are still unindexed (an inline indexer may have been faster), so
     nothing is indexed twice.  Watermarks (``archivesearchstate``) make a restart resume where
     it stopped; every archive writer appends under the chain lock, so ids become visible in order and a
-    watermark never skips a row committed later."""
+    watermark never skips a row committed later.  A record the watermark moves past without a
+    document — its blob unreadable, or its document write failed — is listed in
+    ``archivesearchunread`` in the same transaction and tried again later (``RETRY_DELAYS``)."""
     from gateway.archive.schema import ArchiveRecord
     from gateway.archive.search_schema import SearchState
     from gateway.db.writerlock import handoff
@@ -902,7 +905,7 @@ def index_batch(archive: object, limit: int | None = None, lag: float = 0.0) -> 
     fields = (ArchiveRecord.id, ArchiveRecord.sha256, ArchiveRecord.blob_path, ArchiveRecord.created_at,
               ArchiveRecord.direction, ArchiveRecord.employee, ArchiveRecord.purged_at)
     recs = list(_unindexed(fields, rec_mark, top).limit(limit).namedtuples())
-    tried = _due_for_retry(archive, limit)  # record id -> failed reads so far, of unreadable records due again
+    tried = _due_for_retry(archive, limit)  # record id -> failed attempts so far, of listed records due again
     retry = list(ArchiveRecord.select(*fields).where(
         ArchiveRecord.id.in_(list(tried)), ArchiveRecord.purged_at.is_null()).namedtuples()) if tried else []
     mark = "%s" if is_postgres() else "?"
@@ -911,7 +914,8 @@ def index_batch(archive: object, limit: int | None = None, lag: float = 0.0) -> 
         (seen_mark, limit * 4)).fetchall()]
     if not recs and not sightings and not tried and top == rec_mark:
         return 0, False
-    failed: dict[int, tuple[str, bool]] = {}  # record id -> (why its blob could not be read, permanent)
+    # record id -> (why its blob could not be read or its document written, permanent)
+    failed: dict[int, tuple[str, bool]] = {}
     rows = _read_and_extract(archive, recs + retry, failed)
     if not arriving and len(recs) == limit:  # a backlog drains: the next batch is extracted while this one is written
         _extract_ahead(archive, list(_unindexed(fields, recs[-1].id, top).limit(limit).namedtuples()))
@@ -939,7 +943,10 @@ def index_batch(archive: object, limit: int | None = None, lag: float = 0.0) -> 
             ids = [rec.id for rec, _, _ in chunk]
             taken = {r for r, in _select_in("SELECT record_id FROM archivesearchdoc WHERE record_id IN", ids)}
             written: dict[int, tuple[int, int | None, str]] = {}
-            done += _insert_documents([(rec, ex, grams) for rec, ex, grams in chunk if rec.id not in taken], written)
+            # a document that cannot be written is noted in ``failed``: listed with the
+            # unreadable records (``_note_unread``, below) and written again on their schedule
+            done += _insert_documents([(rec, ex, grams) for rec, ex, grams in chunk if rec.id not in taken],
+                                      written, failed)
             # Every sighting of the records just indexed (later ones may have come first) and,
             # with the last chunk, the sightings since the last call — mostly the same rows: each once.
             later = [_Sighting(*row) for row in _select_in(
@@ -976,7 +983,8 @@ BACKLOG_CAP = 10_000
 def backlog() -> int:
     """Records the search cannot find yet: committed without a document, after the indexer's
     watermark (the node's background indexer waits out a burst, ``[archive] index_lag``), and
-    those whose blob it could not read (``archivesearchunread``, read again later).  Counted
+    those whose blob it could not read or whose document it could not write
+    (``archivesearchunread``, tried again later).  Counted
     up to ``BACKLOG_CAP`` (the panel asks on every search page)."""
     from gateway.archive.schema import ArchiveRecord
     from gateway.archive.search_schema import SearchState
@@ -991,10 +999,11 @@ _RETRY_AT: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # archive ->
 
 
 def _due_for_retry(archive: object, limit: int) -> dict[int, int]:
-    """Up to ``limit`` unreadable records whose time to be read again has come, with their
-    failed reads so far.  The table is only looked at when its earliest ``retry_at`` (kept
-    per archive after each change, looked up once after a start) has passed, or ``RETRY_LOOK``
-    seconds after the last look (rows listed by another process)."""
+    """Up to ``limit`` listed records (blob unreadable, or document not written) whose time to
+    be tried again has come, with their failed attempts so far.  The table is only looked at
+    when its earliest ``retry_at`` (kept per archive after each change, looked up once after a
+    start) has passed, or ``RETRY_LOOK`` seconds after the last look (rows listed by another
+    process)."""
     from gateway.archive.unread import UnreadRecord
 
     now = utcnow()
@@ -1025,8 +1034,9 @@ def _remember_retry_at(archive: object) -> None:
 
 def _note_unread(archive: object, tried: dict[int, int], failed: dict[int, tuple[str, bool]]) -> None:
     """In the pass's last write transaction (with the watermark): list the records whose blob
-    could not be read, with the next time to read them (``RETRY_DELAYS``), and forget those
-    tried again that were indexed, or are purged or gone."""
+    could not be read or whose document could not be written (``failed``), with the next time
+    to try them (``RETRY_DELAYS``), and forget those tried again that were indexed (by this
+    pass or another writer), or are purged or gone."""
     from gateway.archive.unread import REASON_MAX, UnreadRecord
 
     if not tried and not failed:
@@ -1098,7 +1108,11 @@ def _records_arriving(archive: object, top: int) -> bool:
 
 def index_new(entries: list[tuple[object, Extracted, Grams]]) -> int:
     """Documents for records just committed (``Archive.ingest_many``), skipping any that an
-    indexer wrote meanwhile.  Call inside a write transaction; returns how many were written."""
+    indexer wrote meanwhile.  Call inside a write transaction; returns how many were written.
+    A document that cannot be written is logged and left out, not listed: the background
+    indexer moves its watermark past a record only in a pass that found it with a document or
+    wrote one itself (or, failing, listed it in ``archivesearchunread``), so the record is
+    after the watermark — counted by ``backlog()`` — and the next pass writes it."""
     from gateway.archive.search_schema import SearchDoc
 
     if not entries:
@@ -1109,9 +1123,16 @@ def index_new(entries: list[tuple[object, Extracted, Grams]]) -> int:
 
 
 def _insert_documents(entries: list[tuple[object, Extracted, Grams]],
-                      written: dict[int, tuple[int, int | None, str]] | None = None) -> int:
+                      written: dict[int, tuple[int, int | None, str]] | None = None,
+                      failed: dict[int, tuple[str, bool]] | None = None) -> int:
     """All documents in one bulk insert (a savepoint) or, if one is bad, one at a time (the
-    bad one logged and skipped).  ``written``: see ``add_documents``."""
+    bad one logged and skipped: its savepoint rolled back, so no part of it stays — no
+    ``archivesearchdoc`` row that would pass it for indexed).  ``written``: see
+    ``add_documents``.  ``failed`` (the background indexer): filled with record id → (why its
+    document could not be written, False: not permanent) of each one skipped, for
+    ``_note_unread`` to list (``archivesearchunread``) and ``index_batch`` to write again
+    later; without it (``index_new``) a skipped record stays without a document after the
+    indexer's watermark, and the background indexer writes it."""
     try:
         with database.atomic():
             wrote: dict[int, tuple[int, int | None, str]] = {}
@@ -1136,9 +1157,23 @@ def _insert_documents(entries: list[tuple[object, Extracted, Grams]],
             if written is not None:
                 written.update(wrote)
             done += 1
-        except Exception:
-            log.exception("archive record %s: full-text indexing failed", rec.id)
+        except Exception as exc:
+            if failed is None:
+                log.exception("archive record %s: full-text indexing failed (left to the background indexer)",
+                              rec.id)
+            else:
+                log.exception("archive record %s: full-text indexing failed (listed, written again later)",
+                              rec.id)
+                failed[int(rec.id)] = (_write_failure(exc), False)
     return done
+
+
+def _write_failure(exc: BaseException) -> str:
+    """The reason listed (``archivesearchunread``) for a document that could not be written:
+    "index write failed: <type>: <the error's first line>" (PostgreSQL's further lines — the
+    COPY's CONTEXT quotes the row, mail text — are left to the log)."""
+    lines = str(exc).strip().splitlines()
+    return f"index write failed: {type(exc).__name__}" + (f": {lines[0]}" if lines else "")
 
 
 class _Extraction(NamedTuple):

@@ -1,5 +1,5 @@
 """The archive's storage side on the real PostgreSQL fixture: the same chain, verify,
-retention, import and unreadable-blob indexing cases as on SQLite (tests/unit/archive),
+retention, import, unreadable-blob and failed-write indexing cases as on SQLite (tests/unit/archive),
 plus concurrent writers."""
 
 from __future__ import annotations
@@ -73,6 +73,12 @@ test_a_record_listed_by_another_indexer_is_read_within_a_minute_of_its_time = (
     test_unread_index.test_a_record_listed_by_another_indexer_is_read_within_a_minute_of_its_time)
 test_a_restarted_indexer_reads_the_listed_records_when_due = (
     test_unread_index.test_a_restarted_indexer_reads_the_listed_records_when_due)
+test_a_failed_document_write_is_listed_counted_and_written_again_when_due = (
+    test_unread_index.test_a_failed_document_write_is_listed_counted_and_written_again_when_due)
+test_a_listed_record_indexed_meanwhile_by_another_writer_is_not_written_twice = (
+    test_unread_index.test_a_listed_record_indexed_meanwhile_by_another_writer_is_not_written_twice)
+test_a_failed_write_of_a_batch_ingest_is_left_to_the_background_indexer = (
+    test_unread_index.test_a_failed_write_of_a_batch_ingest_is_left_to_the_background_indexer)
 
 
 def test_the_indexer_writes_a_pass_in_one_transaction_while_records_arrive(archive, monkeypatch):

@@ -337,11 +337,11 @@ def test_an_indexer_pass_that_fails_midway_resumes_without_indexing_twice(archiv
     real = index._insert_documents
     calls = []
 
-    def insert(entries, written=None):  # noqa: ANN001, ANN202 - the second write transaction fails
+    def insert(entries, written=None, failed=None):  # noqa: ANN001, ANN202 - the second write transaction fails
         calls.append(1)
         if len(calls) == 2:
             raise OperationalError("database is locked")
-        return real(entries, written)
+        return real(entries, written, failed)
 
     monkeypatch.setattr(index, "_insert_documents", insert)
     monkeypatch.setattr(index, "INDEX_CHUNK", 16)

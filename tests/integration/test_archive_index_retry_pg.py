@@ -1,0 +1,86 @@
+"""A document the background indexer cannot write, on the real PostgreSQL fixture: the server
+refuses it part-way (its ``archivesearchdoc`` row copied, its text not), in either half of a
+split write (``index._write_split``: the older half committed on a second connection).  The
+record is listed in ``archivesearchunread`` with the reason and counted by ``backlog()``,
+no part of its document stays, and once the failure stops the retry writes it — once."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+
+import pytest
+
+from gateway.archive import Archive, index
+from gateway.archive.index import RETRY_DELAYS, backlog, index_pending
+from gateway.archive.search import record_ids
+from gateway.archive.search_schema import SearchDoc
+from gateway.archive.unread import UnreadRecord
+from gateway.db import connect, is_postgres
+from gateway.db.models import utcnow
+from tests.unit.archive.conftest import message
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def db(postgres):
+    postgres.drop_database("t_archive_index_retry")
+    database_ = connect(postgres.create_database("t_archive_index_retry"))
+    assert is_postgres()
+    yield database_
+    database_.close()
+
+
+def _orphans(db) -> int:  # noqa: ANN001
+    """Index rows whose document (``archivesearchdoc``) is not there."""
+    return sum(db.execute_sql(f"SELECT count(*) FROM {table} t WHERE NOT EXISTS"
+                              " (SELECT 1 FROM archivesearchdoc d WHERE d.docid = t.docid)").fetchone()[0]
+               for table in ("archivesearchtext", "archivesearchseen", "archivesearchaddr"))
+
+
+@pytest.mark.parametrize("bad_at", [1, 9], ids=["second-connection-half", "this-connection-half"])
+def test_a_document_the_server_refuses_is_listed_and_written_once_when_the_retry_succeeds(
+        db, tmp_path, monkeypatch, bad_at):
+    now = [utcnow()]
+    monkeypatch.setattr(index, "utcnow", lambda: now[0])
+    monkeypatch.setattr(index, "PG_SPLIT_MIN", 4)  # the pass's 12 documents go out as a split write
+    writer = Archive(tmp_path / "archive", tmp_path / "archive.keys", defer_index=True)
+    recs = [writer.record(message(i, "plover qz" if i == bad_at else "plover"), direction="outbound",
+                          verdict="accepted") for i in range(12)]
+    bad = recs[bad_at]
+    node = Archive(tmp_path / "archive", tmp_path / "archive.keys", defer_index=True)
+
+    failing = {bad.id}
+    real = index._write_ordered
+    halves: list[list[int]] = []
+
+    def write(rows: list[tuple]) -> None:  # a NUL in the subject: the text's COPY is refused
+        halves.append([r[1] for r in rows])
+        real([(*r[:5], dataclasses.replace(r[5], subject=r[5].subject + "\x00"), r[6]) if r[1] in failing else r
+              for r in rows])
+
+    monkeypatch.setattr(index, "_write_ordered", write)
+    assert index_pending(node) == 11
+    assert halves[:2] in ([[r.id for r in recs[6:]], [r.id for r in recs[:6]]],
+                          [[r.id for r in recs[:6]], [r.id for r in recs[6:]]])  # split, as meant
+    good = sorted(r.id for r in recs if r is not bad)
+    assert sorted(d.record_id for d in SearchDoc.select()) == good  # each once, the bad one not at all
+    assert _orphans(db) == 0  # nothing of the refused write stays
+    assert sorted(record_ids("plover")) == good and record_ids("qz") == []
+    row = UnreadRecord.get_by_id(bad.id)
+    assert row.reason.startswith("index write failed: ") and "0x00" in row.reason
+    assert "\n" not in row.reason and "CONTEXT" not in row.reason  # the COPY's quoted row stays in the log
+    assert (row.attempts, row.permanent) == (1, False)
+    assert backlog() == 1
+
+    failing.clear()
+    now[0] = row.retry_at
+    assert index_pending(node) == 1
+    assert sorted(d.record_id for d in SearchDoc.select()) == sorted(r.id for r in recs)
+    assert _orphans(db) == 0
+    assert db.execute_sql("SELECT count(*) FROM archivesearchtext").fetchone()[0] == len(recs)
+    assert record_ids("qz") == [bad.id] and len(record_ids("plover")) == len(recs)
+    assert UnreadRecord.select().count() == 0 and backlog() == 0
+    now[0] += dt.timedelta(seconds=RETRY_DELAYS[-1])
+    assert index_pending(node) == 0 and SearchDoc.select().count() == len(recs)
