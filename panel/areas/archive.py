@@ -67,7 +67,7 @@ i18n.register({
         "archive.results": "搜索结果（最新的在前）",
         "archive.no_results": "没有找到邮件。",
         "archive.pending": ("有 {n} 封邮件暂时搜不到：最新的邮件还在建立索引（邮件高峰时索引最多落后约 {lag} 秒），"
-                            "存储文件读取失败的邮件稍后会再试（如果这个数字一直不减少，请联系管理员）。"),
+                            "存储文件读取失败或写入索引失败的邮件稍后会再试（如果这个数字一直不减少，请联系管理员）。"),
         "archive.col.date": "时间 (UTC)",
         "archive.col.direction": "方向",
         "archive.col.from": "发件人",
@@ -166,8 +166,8 @@ i18n.register({
         "archive.no_results": "No messages found.",
         "archive.pending": ("{n} messages cannot be found yet: the newest are still being indexed (during a "
                             "burst of mail the index may fall up to about {lag} s behind), and any whose stored "
-                            "copy could not be read are tried again later (if this number does not go down, "
-                            "tell the administrator)."),
+                            "copy could not be read or whose index entry could not be written are tried again "
+                            "later (if this number does not go down, tell the administrator)."),
         "archive.col.date": "Date (UTC)",
         "archive.col.direction": "Direction",
         "archive.col.from": "From",
@@ -393,7 +393,7 @@ def routes(app: bottle.Bottle) -> None:
     def index() -> str:
         params = bottle.request.query
         # Mail the background indexer has not reached yet (it waits out bursts) or could not read
-        # (read again later): said, not hidden.
+        # or write (tried again later): said, not hidden.
         waiting = {"pending": backlog(), "lag": int(panel_config().archive.index_lag)}
         if "q" not in params:
             return render("archive/search.html", q="", page=1, rows=[], has_more=False, error="", searched=False,
