@@ -224,21 +224,23 @@ archive = Archive({str(archive.directory)!r}, {str(archive.store.key_file)!r})
 real = index.index_new
 def held(entries):
     real(entries)  # the rows written, the transaction still open
-    print("writing", flush=True)
+    say("writing")
     threading.Event().wait()
 index.index_new = held
+def say(line):  # one write(2) a line (atomic on a pipe): two threads' print() can interleave
+    os.write(1, (line + "\\n").encode())
 caps = [Capture(raw=("From: a@acme.test\\r\\nSubject: osprey %d\\r\\n\\r\\nosprey body %d\\r\\n" % (i, i)).encode(),
                 place="import:eml", ref=str(i)) for i in range(5)]
 out = archive.ingest_many(caps, pipeline=True)
-print("committed", " ".join(str(o.record.id) for o in out), flush=True)
+say("committed " + " ".join(str(o.record.id) for o in out))
 sys.stdin.read()
 """
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.Popen([sys.executable, "-c", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                             env=env, cwd=ROOT, text=True)
     try:
-        lines = {proc.stdout.readline().split(" ", 1)[0].strip(): None for _ in range(2)}
-        assert set(lines) == {"committed", "writing"}
+        lines = [proc.stdout.readline() for _ in range(2)]
+        assert {line.split(" ", 1)[0].strip() for line in lines} == {"committed", "writing"}, lines
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait()
