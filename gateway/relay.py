@@ -11,7 +11,10 @@ its own thread, and records the outcome per recipient:
 
 A finished row becomes ``sent`` (or ``bounced`` when nothing was delivered in
 its last attempt), loses its sealed credentials and its spool file; the row
-stays as history.  A failing bounce is never bounced again.
+stays as history.  A failing bounce is never bounced again.  An outcome whose
+commit fails (the database restarting) is recorded again, with a backoff, while
+the claim lasts (``gateway.relayoutcomes``): a delivered message is not sent twice
+because the database was away for a moment.
 
 Nothing here blocks the event loop: every DB and SMTP call runs in the
 worker's own thread (``_call``).
@@ -45,6 +48,7 @@ from gateway.db.inserts import buffered_inserts
 from gateway.db.models import OutboundMessage, database, utcnow
 from gateway.db.writerlock import handoff
 from gateway.metrics import relay_results
+from gateway.relayoutcomes import UnrecordedOutcomes
 from gateway.relayqueue import backoff, claim_batch, finish_many, next_due, release, release_node_claims
 from gateway.smarthost import (
     Credentials,
@@ -69,8 +73,16 @@ T = TypeVar("T")
 
 _EOL = re.compile(rb"\r\n|\r|\n")
 _MAX_ERROR = 1000
-# Relay outcomes a worker may have waiting for the group commit before it pauses.
+# Relay outcomes a worker may have waiting for the group commit before it pauses (those
+# waiting to be recorded again after a failed commit included).
 MAX_OUTSTANDING_OUTCOMES = 64
+# An unrecorded outcome is tried again only until this long before its claim runs out
+# (at most; a tenth of [relay] claim_timeout when that is less): a try must be committed
+# before the row can be claimed again — by another worker, or by this one, whose owner
+# name the stale outcome would match.
+CLAIM_MARGIN_MAX = 60.0
+# Seconds a stopping worker waits for its outcomes to be recorded before it gives them up.
+CLOSE_WAIT = 5.0
 
 
 # -- the worker -----------------------------------------------------------------
@@ -109,8 +121,10 @@ class RelayWorker:
             local_hostname=config.smtp.hostname,
         )
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"relay-{worker_name}")
-        # Outcomes handed to the group committer and not yet committed (bounded).
+        # Outcomes handed to the group committer and not yet committed, or waiting to be
+        # recorded again (bounded): a slot each, from ``_take_slot`` until recorded or given up.
         self._outstanding = threading.BoundedSemaphore(MAX_OUTSTANDING_OUTCOMES)
+        self.unrecorded: UnrecordedOutcomes[_Outcome] = UnrecordedOutcomes()
         self._wake = asyncio.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop: asyncio.Event | None = None
@@ -175,7 +189,10 @@ class RelayWorker:
                     break
                 done.update(await self._call(self._process_rows, self._reuse_order(fresh)))
         finally:
-            await self._call(self.drain)  # every outcome of this run committed
+            # Every outcome of this run committed (retried meanwhile if need be).  At a stop the
+            # close waits instead, shorter (CLOSE_WAIT).
+            if not self._stopping():
+                await self._call(self.drain)
             if not keep_open:
                 await self._call(self.connection.close)
         return len(done)
@@ -213,23 +230,31 @@ class RelayWorker:
 
     # -- worker thread side (blocking) ----------------------------------------
 
-    def drain(self, timeout: float = 30.0) -> bool:
-        """Wait until every posted outcome is committed (before closing, and in tests)."""
+    def drain(self, timeout: float = 30.0, *, closing: bool = False) -> bool:
+        """Wait until every outcome is recorded or given up (before closing, and in tests),
+        at most ``timeout`` seconds; outcomes whose commit failed are tried again meanwhile,
+        in this thread.  False if some are still waiting.  A stop ends the wait early unless
+        ``closing`` (the close's own wait)."""
         deadline = time.monotonic() + timeout
         taken = 0
         try:
             while taken < MAX_OUTSTANDING_OUTCOMES:
-                if not self._outstanding.acquire(timeout=max(0.0, deadline - time.monotonic())):
+                left = deadline - time.monotonic()
+                if self._outstanding.acquire(timeout=max(0.0, min(left, self.unrecorded.wait_hint()))):
+                    taken += 1
+                elif left <= 0 or (self._stopping() and not closing):
                     return False
-                taken += 1
+                else:
+                    self._retry_unrecorded()
             return True
         finally:
             for _ in range(taken):
                 self._outstanding.release()
 
     def _close_thread_resources(self) -> None:
-        if not self.drain():
+        if not self.drain(CLOSE_WAIT, closing=True):
             log.warning("relay worker %s: relay outcomes still uncommitted at close", self.owner)
+        self._give_up_unrecorded("the worker is stopping")
         self.connection.close()
         if not database.is_closed():
             database.close()
@@ -322,7 +347,10 @@ class RelayWorker:
         query = m.update(claimed_until=until).where(
             (m.id == row.id) & (m.claimed_by == self.owner) & (m.state == "queued")
         )
-        return query.execute() == 1
+        if query.execute() != 1:
+            return False
+        row.claimed_until = until  # how long an unrecorded outcome may be retried
+        return True
 
     def _credentials_for(self, row: OutboundMessage) -> Credentials | None:
         relay = self.config.relay
@@ -418,36 +446,99 @@ class RelayWorker:
         attempt = Attempt(self, row, changes, failures, credentials, original,
                           relayed_capture(self.config, row, original, delivered, remote, archived, self.spool.archive)
                           if delivered else None)
+        margin = dt.timedelta(seconds=min(CLAIM_MARGIN_MAX, self.config.relay.claim_timeout / 10))
+        retry_until = row.claimed_until - margin if row.claimed_until is not None else now
+        self._take_slot()
+        self._store(_Outcome(attempt, finished, delivered, retry_until))
 
-        def recorded(stored: bool | None, error: BaseException | None = None) -> None:
-            try:
-                if error is not None:
-                    # The claim stays and expires: the message is tried again (at worst twice).
-                    log.error("%s: could not record the relay outcome: %s", row.queue_id, error)
-                elif not stored:
-                    log.warning("%s: claim lost during delivery; outcome not recorded", row.queue_id)
-                else:
-                    if finished:
-                        self._remove_file(row)  # the file goes only after the commit
-                    self._count(delivered, not finished, failures)
-            finally:
-                self._outstanding.release()
+    # -- recording an outcome (and again, after a failed commit) --------------
 
-        # Through the node's group committer when there is one: the outcome shares a
-        # commit with whatever else is being stored (the outcomes of a batch recorded
-        # together), and the worker goes on with the next message meanwhile (its claim
-        # keeps the row from everyone else until then).
-        self._outstanding.acquire()
+    def _take_slot(self) -> None:
+        """A slot for one more outcome (``MAX_OUTSTANDING_OUTCOMES``); at the limit, wait —
+        trying the unrecorded outcomes again meanwhile, which hold slots too."""
+        self._retry_unrecorded()
+        while not self._outstanding.acquire(timeout=self.unrecorded.wait_hint()):
+            if self._stopping():  # no waiting for a database that is away at a stop
+                self._give_up_unrecorded("the worker is stopping")
+            self._retry_unrecorded()
+
+    def _store(self, outcome: _Outcome) -> None:
+        """Record ``outcome`` (it holds a slot); the answer goes to ``_recorded``.  Through the
+        node's group committer when there is one: the outcome shares a commit with whatever
+        else is being stored (the outcomes of a batch recorded together), and the worker goes
+        on with the next message meanwhile (its claim keeps the row from everyone else until
+        then)."""
+        done = functools.partial(self._recorded, outcome)
         if self.committer is not None:
-            self.committer.post(store_attempt, attempt, on_done=recorded, many=store_attempts)
+            self.committer.post(store_attempt, outcome.attempt, on_done=done, many=store_attempts)
+            return
+        try:
+            with database.atomic():
+                result = store_attempt(outcome.attempt)
+        except Exception as exc:
+            done(None, exc)
         else:
-            try:
-                with database.atomic():
-                    result = store_attempt(attempt)
-            except Exception as exc:
-                recorded(None, exc)
+            done(result)
+
+    def _recorded(self, outcome: _Outcome, stored: bool | None, error: BaseException | None = None) -> None:
+        """The answer to ``_store`` (in the committer's answering thread, or this worker's)."""
+        if error is not None:
+            self._not_recorded(outcome, error)
+            return
+        row = outcome.attempt.row
+        try:
+            if not stored:
+                log.warning("%s: claim lost during delivery; outcome not recorded", row.queue_id)
             else:
-                recorded(result)
+                if outcome.failed_commits:
+                    log.info("%s: relay outcome recorded after %d failed commits", row.queue_id,
+                             outcome.failed_commits)
+                if outcome.finished:
+                    self._remove_file(row)  # the file goes only after the commit
+                self._count(outcome.delivered, not outcome.finished, outcome.attempt.failures)
+        finally:
+            self._outstanding.release()
+
+    def _not_recorded(self, outcome: _Outcome, error: BaseException) -> None:
+        """A failed commit: keep ``outcome`` (and its slot) to be recorded again after a backoff
+        while its claim lasts; else give it up."""
+        outcome.failed_commits += 1
+        outcome.error = str(error)
+        if self._now() >= outcome.retry_until:
+            self._give_up(outcome, "its claim runs out")
+            return
+        delay = self.unrecorded.keep(outcome, outcome.failed_commits)
+        if delay is None:
+            self._give_up(outcome, "the worker is stopping")
+            return
+        log.log(logging.WARNING if outcome.failed_commits == 1 else logging.DEBUG,
+                "%s: could not record the relay outcome (%s); trying again in %.1f s",
+                outcome.attempt.row.queue_id, error, delay)
+        self.wakeup()
+
+    def _retry_unrecorded(self) -> None:
+        """In this worker's thread: record again the outcomes whose next try is due; those
+        whose claim is about to run out are given up."""
+        for outcome in self.unrecorded.due():
+            if self._now() >= outcome.retry_until:
+                self._give_up(outcome, "its claim runs out")
+            else:
+                self._store(outcome)
+
+    def _give_up_unrecorded(self, why: str) -> None:
+        """No more tries: every outcome waiting for one is given up (and later failures too)."""
+        for outcome in self.unrecorded.close():
+            self._give_up(outcome, why)
+
+    def _give_up(self, outcome: _Outcome, why: str) -> None:
+        """The outcome stays unrecorded: the row stays queued under our claim, which expires
+        (``[relay] claim_timeout``) and then the message is tried again — at least once."""
+        row = outcome.attempt.row
+        again = "may be delivered again" if outcome.delivered else "will be tried again"
+        log.error("%s: could not record the relay outcome after %d tries (%s; %s): the message %s"
+                  " once its claim expires (%s UTC)", row.queue_id, outcome.failed_commits, outcome.error, why,
+                  again, row.claimed_until)
+        self._outstanding.release()
 
     def bounce(
         self,
@@ -515,6 +606,18 @@ class RelayWorker:
             row.queue_id, ",".join(f"<{r}>" for r in rcpts), self.connection.relay,
             (now - row.created_at).total_seconds(),
         )
+
+
+@dataclass
+class _Outcome:
+    """An attempt on its way to the database, and what to do once it is recorded."""
+
+    attempt: Attempt
+    finished: bool  # the row leaves the queue: its spool file goes after the commit
+    delivered: list[str]  # for the relay metrics, counted once the outcome is recorded
+    retry_until: dt.datetime  # worker clock: a failed commit is tried again until then
+    failed_commits: int = 0
+    error: str = ""  # the last failed commit's
 
 
 @dataclass

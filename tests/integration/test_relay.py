@@ -11,6 +11,8 @@ import asyncio
 import datetime as dt
 import email
 import json
+import logging
+import threading
 from pathlib import Path
 
 import pytest
@@ -587,3 +589,167 @@ def test_a_pipelined_session_closed_while_idle_is_reopened_once(sink, pipelining
     assert run_once(worker) == 1
     assert len(received(sink, 2)) == 2 and row(queued.queue_id).state == "sent"
     assert worker.connection.sessions_opened == 2
+
+
+# -- an outcome whose commit failed (the database away for a moment) -------------------
+
+
+class FailingStore:
+    """``gateway.relay.store_attempts`` failing as a restarting database makes it fail, on its
+    first ``failures`` calls (every call when None), then doing its work.  ``on_call`` runs
+    before each call (the test's probe of the moment)."""
+
+    def __init__(self, failures: int | None, on_call=None) -> None:
+        from gateway import relay
+
+        self.real, self.failures, self.on_call, self.calls = relay.store_attempts, failures, on_call, 0
+
+    def __call__(self, jobs):
+        from peewee import OperationalError
+
+        self.calls += 1
+        if self.on_call is not None:
+            self.on_call(self.calls)
+        if self.failures is None or self.calls <= self.failures:
+            raise OperationalError("server closed the connection unexpectedly")
+        return self.real(jobs)
+
+
+def relayed_count() -> float:
+    from gateway.metrics import REGISTRY
+
+    return REGISTRY.get_sample_value("mailgate_relay_messages_total", {"result": "relayed"}) or 0.0
+
+
+def quick_retries(worker: RelayWorker) -> RelayWorker:
+    """Retries 10 ms apart instead of 0.5, 1, 2, 4 s: the test waits for nothing."""
+    worker.unrecorded.first = worker.unrecorded.cap = 0.01
+    return worker
+
+
+@pytest.mark.parametrize("with_committer", [False, True])
+def test_an_outcome_whose_commit_failed_is_recorded_again_and_the_message_delivered_once(
+        sink, spool, clock, workers, monkeypatch, caplog, with_committer):
+    """The commit of a delivered message's outcome fails three times (the database restarting):
+    the same outcome is recorded on a later try — row sent, spool file removed only then,
+    counted once — and after the claim would have expired nothing is delivered again."""
+    from gateway import relay
+    from gateway.groupcommit import GroupCommitter
+
+    committer = GroupCommitter() if with_committer else None
+    worker = quick_retries(RelayWorker(via_sink(sink), spool, "w1", None, now=clock, committer=committer))
+    workers.append(worker)
+    queued = spool.enqueue("alice@acme.test", ["buyer@customer.example"], MESSAGE)
+    file_there: list[bool] = []
+    store = FailingStore(3, on_call=lambda _: file_there.append(spool.path_for(queued.queue_id).exists()))
+    monkeypatch.setattr(relay, "store_attempts", store)
+    before = relayed_count()
+    try:
+        with caplog.at_level(logging.DEBUG, logger="gateway.relay"):
+            assert run_once(worker) == 1
+    finally:
+        if committer is not None:
+            committer.stop()
+    assert len(received(sink)) == 1
+    assert store.calls >= 4 and all(file_there)  # the file stayed while no commit had succeeded
+    done = row(queued.queue_id)
+    assert (done.state, done.attempts, done.claimed_by) == ("sent", 1, None)
+    assert not spool.path_for(queued.queue_id).exists()
+    assert relayed_count() == before + 1
+    assert "could not record the relay outcome" in caplog.text
+    assert "relay outcome recorded after" in caplog.text
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+    clock.advance(worker.config.relay.claim_timeout + 1)  # the claim would have run out by now
+    assert run_once(worker) == 0
+    assert len(sink.messages()) == 1  # delivered exactly once
+
+
+@pytest.mark.parametrize("with_committer", [False, True])
+def test_an_outcome_never_recorded_is_given_up_before_its_claim_runs_out_and_delivered_again(
+        sink, spool, clock, workers, monkeypatch, caplog, with_committer):
+    """Recording keeps failing until the claim is about to run out: the worker stops trying,
+    says so at ERROR, and the message is delivered again after the claim expired — the
+    documented at-least-once fallback, nothing lost."""
+    from gateway import relay
+    from gateway.groupcommit import GroupCommitter
+
+    committer = GroupCommitter() if with_committer else None
+    worker = quick_retries(RelayWorker(via_sink(sink), spool, "w1", None, now=clock, committer=committer))
+    workers.append(worker)
+    queued = spool.enqueue("alice@acme.test", ["buyer@customer.example"], MESSAGE)
+    timeout = worker.config.relay.claim_timeout
+
+    def third_call_late(calls: int) -> None:  # after a retry or two, time has run on
+        if calls == 3:
+            clock.advance(timeout - 30)  # within CLAIM_MARGIN_MAX (a tenth of 600 s) of the expiry
+
+    monkeypatch.setattr(relay, "store_attempts", FailingStore(None, on_call=third_call_late))
+    before = relayed_count()
+    try:
+        with caplog.at_level(logging.INFO, logger="gateway.relay"):
+            assert run_once(worker) == 1
+            [error] = [r for r in caplog.records if r.levelno >= logging.ERROR]
+        waiting = row(queued.queue_id)
+        assert (waiting.state, waiting.attempts, waiting.claimed_by) == ("queued", 0, worker.owner)
+        assert spool.path_for(queued.queue_id).exists() and relayed_count() == before
+        assert error.levelno == logging.ERROR and "may be delivered again" in error.getMessage()
+        assert queued.queue_id in error.getMessage()
+        assert len(received(sink)) == 1
+        monkeypatch.undo()  # the database is back
+        assert run_once(worker) == 0  # still claimed …
+        clock.advance(31)  # … until the claim has run out
+        assert run_once(worker) == 1
+    finally:
+        if committer is not None:
+            committer.stop()
+    assert len(received(sink, 2)) == 2  # delivered twice, not lost
+    assert row(queued.queue_id).state == "sent" and relayed_count() == before + 1
+
+
+class LogSeen(logging.Handler):
+    """Sets ``event`` when a record's message contains ``text``."""
+
+    def __init__(self, text: str) -> None:
+        super().__init__()
+        self.text, self.event = text, threading.Event()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self.text in record.getMessage():
+            self.event.set()
+
+
+def test_a_stop_gives_up_unrecorded_outcomes_in_bounded_time(sink, spool, monkeypatch, caplog):
+    """Recording fails for as long as the worker runs (the database stays away): a stop ends
+    the retries within CLOSE_WAIT — the outcome given up at ERROR, its slot freed — instead
+    of waiting for the claim."""
+    from gateway import relay
+
+    cfg = via_sink(sink)
+    cfg.relay.poll_interval = 3600  # only wakeup() makes it look again
+    worker = RelayWorker(cfg, spool, "w1", None)  # the real clock: the message is queued after the start
+    worker.unrecorded.first = worker.unrecorded.cap = 0.05
+    monkeypatch.setattr(relay, "store_attempts", FailingStore(None))
+    monkeypatch.setattr(relay, "CLOSE_WAIT", 0.5)
+    failing = LogSeen("could not record the relay outcome")
+    logging.getLogger("gateway.relay").addHandler(failing)
+
+    async def scenario() -> None:
+        stop = asyncio.Event()
+        task = asyncio.create_task(worker.run(stop))
+        await asyncio.to_thread(spool.enqueue, "alice@acme.test", ["buyer@customer.example"], MESSAGE,
+                                queue_id="QSTOP1")
+        worker.wakeup()
+        assert await asyncio.to_thread(failing.event.wait, 20)
+        assert worker._outstanding._value < relay.MAX_OUTSTANDING_OUTCOMES  # it holds its slot while it waits
+        stop.set()
+        await asyncio.wait_for(task, timeout=5)
+
+    try:
+        with caplog.at_level(logging.INFO, logger="gateway.relay"):
+            asyncio.run(scenario())
+    finally:
+        logging.getLogger("gateway.relay").removeHandler(failing)
+    [error] = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert "QSTOP1" in error.getMessage() and "the worker is stopping" in error.getMessage()
+    assert worker._outstanding._value == relay.MAX_OUTSTANDING_OUTCOMES  # every slot given back
+    assert row("QSTOP1").state == "queued" and len(sink.messages()) == 1
