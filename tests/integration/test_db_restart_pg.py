@@ -11,7 +11,8 @@ and delivers after it.  A whole node: while the server is down a submission is a
 submissions are answered 250, stored (archive record, queue row) and relayed by the relay
 process, and the panel signs in.  (Before, every thread kept the connection the server had
 dropped — "connection already closed" for good: a 451 for every message — and the relay
-process's workers died of the first failed claim.)"""
+process's workers died of the first failed claim.)  A relay outcome whose commit meets the
+outage is recorded again once the server is back: the message is delivered once."""
 
 from __future__ import annotations
 
@@ -31,7 +32,7 @@ from gateway.groupcommit import GroupCommitter
 from gateway.relay import RelayWorker
 from gateway.spool import Spool
 from tests.harness.gateway import GatewayProcess
-from tests.integration.test_relay import MESSAGE, via_sink
+from tests.integration.test_relay import MESSAGE, Clock, via_sink
 from tests.integration.test_submission import QUEUED, message, tls_ctx
 from tests.panel.conftest import PanelClient
 
@@ -243,6 +244,60 @@ def test_a_relay_worker_runs_through_a_restart_and_delivers_after_it(db, postgre
     assert {m.queue_id: m.state for m in OutboundMessage.select()} == {"QW1": "sent", "QW2": "sent"}
 
 
+def test_a_relay_outcome_whose_commit_meets_a_restart_is_recorded_after_it_one_delivery(db, postgres, sink,
+                                                                                         tmp_path):
+    """The server goes down right after the upstream's 250, before the outcome's commit: the
+    group commit fails, the worker records the same outcome again once the server is back —
+    the row sent, the spool file gone — and after the claim would have run out the message
+    is not delivered a second time."""
+    sink.clear()
+    cfg = via_sink(sink)
+    spool = Spool(tmp_path / "spool")
+    committer = GroupCommitter()  # outcomes through a group committer, as in the node
+    clock = Clock()
+    worker = RelayWorker(cfg, spool, "w1", None, now=clock, committer=committer)
+    spool.enqueue("alice@acme.test", ["a@customer.example"], MESSAGE, queue_id="QRS1")
+    real_send = worker.connection.send
+    failed = _Seen("could not record the relay outcome")
+    log = logging.getLogger("gateway.relay")
+    log.addHandler(failed)
+
+    def send_then_stop_the_server(*args, **kwargs):
+        replies = real_send(*args, **kwargs)
+        postgres.stop()
+        return replies
+
+    def start_once_a_commit_failed() -> None:
+        try:
+            failed.event.wait(30)
+        finally:
+            postgres.start()
+
+    worker.connection.send = send_then_stop_the_server
+    starter = threading.Thread(target=start_once_a_commit_failed)
+    starter.start()
+    try:
+        try:
+            asyncio.run(worker.run_once())  # its outcomes recorded (retried meanwhile) before it returns
+        except (OperationalError, InterfaceError):
+            pass  # its next claim met the server still down (``run`` logs that and goes on)
+        starter.join()
+        assert failed.event.is_set()  # the first commit met the server down
+        assert len(sink.wait_for(1, 20)) == 1
+        drop_connection()  # the test's own, from before the restart
+        done = OutboundMessage.get(OutboundMessage.queue_id == "QRS1")
+        assert (done.state, done.attempts, done.claimed_by) == ("sent", 1, None)
+        assert not spool.path_for("QRS1").exists()
+        clock.advance(cfg.relay.claim_timeout + 1)  # the claim would have run out by now
+        assert asyncio.run(worker.run_once()) == 0
+    finally:
+        starter.join()
+        log.removeHandler(failed)
+        committer.stop()
+        asyncio.run(worker.aclose())
+    assert len(sink.messages()) == 1  # delivered once
+
+
 def subject(data: bytes) -> bytes:
     return data.split(b"Subject: ", 1)[1].split(b"\n", 1)[0].strip()
 
@@ -307,16 +362,14 @@ def test_a_node_answers_4xx_while_postgresql_is_down_and_250_right_after_it_rest
         assert signs_in(gw)  # the panel (a connection per request) signs in and shows a page
         queue_ids = {first} | {QUEUED.search(text).group(1).decode() for _, text in replies}
 
-        # The relay process's workers claim again.  (The first message may come twice: its relay
-        # outcome's commit may have met the stop — delivered at least once.)
-        wanted = {b"before the restart", b"right after the restart"} | {f"after the restart {i}".encode()
-                                                                        for i in range(8)}
-        count = len(wanted)
-        while not wanted <= (subjects := {subject(m.data) for m in sink.wait_for(count, timeout=30)}):
-            count += 1
-        assert subjects == wanted
+        # The relay process's workers claim again.  (Should the first message's relay outcome
+        # have met the stop, it is recorded again once the server is back: still one delivery.)
+        wanted = [b"before the restart", b"right after the restart"] + [f"after the restart {i}".encode()
+                                                                        for i in range(8)]
+        assert sorted(subject(m.data) for m in sink.wait_for(len(wanted), timeout=30)) == sorted(wanted)
     finally:
         assert gw.stop() == 0
+    assert len(sink.messages()) == len(wanted)  # none of them twice
     stored = {r.queue_id for r in ArchiveRecord.select().where(ArchiveRecord.queue_id.in_(sorted(queue_ids)))}
     assert stored == queue_ids
     rows = OutboundMessage.select().where(OutboundMessage.queue_id.in_(sorted(queue_ids)))
