@@ -487,8 +487,12 @@ class RelayWorker:
             return
         row = outcome.attempt.row
         try:
-            if not stored:
+            if not stored and not outcome.failed_commits:
                 log.warning("%s: claim lost during delivery; outcome not recorded", row.queue_id)
+            elif not stored:  # a commit that reported failure may have gone through after all
+                log.warning("%s: relay outcome not recorded on try %d: the claim is gone (lost, or an"
+                            " earlier try was committed after all; its spool file is then swept at the"
+                            " next start)", row.queue_id, outcome.failed_commits + 1)
             else:
                 if outcome.failed_commits:
                     log.info("%s: relay outcome recorded after %d failed commits", row.queue_id,
