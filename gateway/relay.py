@@ -81,7 +81,9 @@ MAX_OUTSTANDING_OUTCOMES = 64
 # before the row can be claimed again — by another worker, or by this one, whose owner
 # name the stale outcome would match.
 CLAIM_MARGIN_MAX = 60.0
-# Seconds a stopping worker waits for its outcomes to be recorded before it gives them up.
+# Seconds a stopping worker waits for its outcomes to be recorded before it gives them up:
+# within the node's grace for its tasks (service.TASK_GRACE, 10 s) and the relay process's
+# time to exit before it is killed (relayproc.RelayProcess.stop, 15 s).
 CLOSE_WAIT = 5.0
 
 
