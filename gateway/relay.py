@@ -125,7 +125,8 @@ class RelayWorker:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"relay-{worker_name}")
         # Outcomes handed to the group committer and not yet committed, or waiting to be
         # recorded again (bounded): a slot each, from ``_take_slot`` until recorded or given up.
-        self._outstanding = threading.BoundedSemaphore(MAX_OUTSTANDING_OUTCOMES)
+        self._slots = MAX_OUTSTANDING_OUTCOMES
+        self._outstanding = threading.BoundedSemaphore(self._slots)
         self.unrecorded: UnrecordedOutcomes[_Outcome] = UnrecordedOutcomes()
         self._wake = asyncio.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -240,7 +241,7 @@ class RelayWorker:
         deadline = time.monotonic() + timeout
         taken = 0
         try:
-            while taken < MAX_OUTSTANDING_OUTCOMES:
+            while taken < self._slots:
                 left = deadline - time.monotonic()
                 if self._outstanding.acquire(timeout=max(0.0, min(left, self.unrecorded.wait_hint()))):
                     taken += 1

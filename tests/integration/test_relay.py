@@ -740,7 +740,7 @@ def test_a_stop_gives_up_unrecorded_outcomes_in_bounded_time(sink, spool, monkey
                                 queue_id="QSTOP1")
         worker.wakeup()
         assert await asyncio.to_thread(failing.event.wait, 20)
-        assert worker._outstanding._value < relay.MAX_OUTSTANDING_OUTCOMES  # it holds its slot while it waits
+        assert worker._outstanding._value < worker._slots  # it holds its slot while it waits
         stop.set()
         await asyncio.wait_for(task, timeout=5)
 
@@ -751,5 +751,55 @@ def test_a_stop_gives_up_unrecorded_outcomes_in_bounded_time(sink, spool, monkey
         logging.getLogger("gateway.relay").removeHandler(failing)
     [error] = [r for r in caplog.records if r.levelno >= logging.ERROR]
     assert "QSTOP1" in error.getMessage() and "the worker is stopping" in error.getMessage()
-    assert worker._outstanding._value == relay.MAX_OUTSTANDING_OUTCOMES  # every slot given back
+    assert worker._outstanding._value == worker._slots  # every slot given back
     assert row("QSTOP1").state == "queued" and len(sink.messages()) == 1
+
+
+@pytest.mark.parametrize("with_committer", [False, True])
+def test_outcomes_waiting_to_be_recorded_count_against_the_outstanding_limit(
+        sink, spool, clock, workers, monkeypatch, with_committer):
+    """Every outcome's first commit fails.  With room for one outstanding outcome, the worker
+    has at most that one delivered and unrecorded when it sends the next message (the slot is
+    taken after a delivery, as before): an outcome waiting to be recorded again keeps its
+    slot, so the worker does not go on delivering while outcomes pile up unrecorded."""
+    from gateway import relay
+    from gateway.groupcommit import GroupCommitter
+
+    monkeypatch.setattr(relay, "MAX_OUTSTANDING_OUTCOMES", 1)
+    committer = GroupCommitter() if with_committer else None
+    worker = RelayWorker(via_sink(sink), spool, "w1", None, now=clock, committer=committer)
+    worker.unrecorded.first = worker.unrecorded.cap = 0.2  # long enough to send others meanwhile
+    workers.append(worker)
+    for n in range(4):
+        spool.enqueue("alice@acme.test", [f"buyer{n}@customer.example"], MESSAGE)
+    real_send = worker.connection.send
+    unrecorded_at_send: list[int] = []
+
+    def send(*args, **kwargs):
+        recorded = OutboundMessage.select().where(OutboundMessage.attempts > 0).count()
+        unrecorded_at_send.append(len(unrecorded_at_send) - recorded)
+        return real_send(*args, **kwargs)
+
+    real_store = relay.store_attempts
+    seen: dict[str, int] = {}
+
+    def first_commit_fails(jobs):  # the group committer's batch form and its one-by-one rerun alike
+        from peewee import OperationalError
+
+        for (attempt,) in jobs:
+            seen[attempt.row.queue_id] = seen.get(attempt.row.queue_id, 0) + 1
+        if any(seen[a.row.queue_id] <= (2 if with_committer else 1) for (a,) in jobs):
+            raise OperationalError("server closed the connection unexpectedly")
+        return real_store(jobs)
+
+    worker.connection.send = send
+    monkeypatch.setattr(relay, "store_attempts", first_commit_fails)
+    try:
+        assert run_once(worker) == 4
+    finally:
+        if committer is not None:
+            committer.stop()
+    assert len(unrecorded_at_send) == 4 and max(unrecorded_at_send) <= 1, unrecorded_at_send
+    assert len(received(sink, 4)) == 4
+    assert OutboundMessage.select().where(OutboundMessage.state == "sent").count() == 4
+    assert all(count >= 2 for count in seen.values())  # every outcome was tried again
