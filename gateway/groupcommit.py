@@ -118,11 +118,20 @@ class GroupCommitter:
         called with the ``args`` of every job of the batch that names the same ``many`` and
         returning their results in order; it must do what ``fn`` would do for each (``fn``
         runs instead, job by job, if it raises)."""
+        return await self.enqueue(fn, *args, dirs=dirs, many=many)
+
+    def enqueue(self, fn: Callable[..., Any], *args: Any, dirs: Iterable[Path] = (),
+                many: Callable[[list[tuple]], list] | None = None) -> asyncio.Future:
+        """``submit`` without the wait, from the event loop: the job is queued at once and the
+        returned future (of the running loop) gets its outcome after the commit is durable.
+        Once queued, a job runs and commits whatever happens to its caller: a caller that may
+        be cancelled meanwhile awaits ``asyncio.shield(future)`` and reads the outcome in a
+        done-callback (cancelling the future itself only discards the outcome, not the job)."""
         self._ensure_thread()
         loop = asyncio.get_running_loop()
         future = loop.create_future()
         self._jobs.put(_Job(fn, args, future, loop, frozenset(dirs), many))
-        return await future
+        return future
 
     def run_sync(self, fn: Callable[..., Any], *args: Any, timeout: float = 300.0) -> Any:
         """The same from a plain thread (e.g. a relay worker): block until committed."""
