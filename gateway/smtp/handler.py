@@ -22,10 +22,12 @@ import base64
 import binascii
 import email.utils
 import errno
+import functools
 import ipaddress
 import logging
 import sqlite3
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from email.parser import BytesHeaderParser
 from email.policy import compat32
@@ -301,8 +303,9 @@ class SubmissionHandler:
             ctx = self._context(server, session, envelope, data, queue_id, ident)
             # One trip to a worker thread for the policy (body and attachment conditions parse
             # MIME, ~10 ms/MB) and phase 1 of the store (sealing, fsyncs): off the loop.
-            ctx, verdict, free, prepared = await asyncio.to_thread(self._decide_and_prepare, ctx, queue_id, ident)
-            reply = await self._store(ctx, verdict, queue_id, prepared, also=free)
+            ctx, verdict, free, prepared = await self._decided(ctx, queue_id, ident)
+            after = functools.partial(self._after_store, started, queue_id, envelope.mail_from, ctx, verdict, free)
+            reply = await self._store(ctx, verdict, queue_id, prepared, also=free, after=after)
         except SpoolError as exc:
             return self._store_failure_reply(exc, queue_id, session, ident)
         except PolicyError as exc:
@@ -435,6 +438,29 @@ class SubmissionHandler:
         except BaseException as exc:
             self._store_failed(parts, exc)
 
+    async def _decided(self, ctx: Context, queue_id: str, ident: Identity | None) -> tuple:
+        """``_decide_and_prepare`` in a worker thread.  The thread runs to its end even if this
+        session is cancelled meanwhile (the client went away, the session timed out): the
+        spool files it wrote, for parts that will now never be committed, go when it ends."""
+        work = asyncio.ensure_future(asyncio.to_thread(self._decide_and_prepare, ctx, queue_id, ident))
+        try:
+            return await asyncio.shield(work)
+        except asyncio.CancelledError:
+            work.add_done_callback(functools.partial(self._prepared_abandoned, queue_id))
+            raise
+
+    def _prepared_abandoned(self, queue_id: str, work: asyncio.Future) -> None:
+        """Done-callback of phase 1 after its session was cancelled: nothing is committed yet,
+        nothing will be — the spool files go (archive blobs stay: content-addressed, perhaps
+        another message's too, and harmless unreferenced).  A failed phase 1 removed its own."""
+        if work.cancelled() or work.exception() is not None:
+            return
+        _, verdict, _, prepared = work.result()
+        if verdict.action != REJECT:
+            for part in prepared:
+                self.spool.discard(part.queue_id)
+        log.info("%s: the client went away before the verdict was made; nothing stored", queue_id)
+
     def _prepare_refusal(self, ctx: Context, queue_id: str) -> tuple[PreparedBlob, set] | None:
         """Phase 1 of a refused message's archive record: its blob, written (None if that
         failed: the record is then tried with the blob made in phase 2)."""
@@ -457,22 +483,31 @@ class SubmissionHandler:
         raise SpoolError(None, f"store failed: {exc}") from exc
 
     async def _store(self, ctx: Context, verdict: Verdict, queue_id: str, prepared: Any,
-                     also: tuple[Context, Verdict, str] | None = None) -> str:
+                     also: tuple[Context, Verdict, str] | None = None,
+                     after: Callable[[], None] = lambda: None) -> str:
         """Phase 2 of storing, then the reply text.  Raises SpoolError when nothing was stored.
 
         Phase 1 (``_prepare``, any worker thread, in parallel): mutations, sealing, the files.
         Phase 2 (the group-commit thread): archive record, queue row, approval, in
         one savepoint of a shared transaction; the 250 follows its commit.  ``also`` is
         the recipients split off a held message (accepted at once); both parts commit
-        in the same savepoint, so the client's retry after a failure never duplicates."""
+        in the same savepoint, so the client's retry after a failure never duplicates.
+
+        Once queued, the commit job runs whatever becomes of this session.  Cancelled while
+        waiting for it (the client went away, the session timed out), the handler leaves the
+        message to the job's outcome (``_commit_abandoned``): committed, it stays stored and
+        ``after`` (the stored message's metrics, log line and relay wake-up) runs then;
+        failed, its spool files go.  Never removed before: the job may still commit."""
         if verdict.action == REJECT:
             blob, dirs = prepared or (None, ())
+            future = self.committer.enqueue(self._record_refusal, ctx, verdict, queue_id, blob, dirs=dirs)
             try:
-                await self.committer.submit(self._record_refusal, ctx, verdict, queue_id, blob, dirs=dirs)
+                await self._outcome(future, functools.partial(self._refusal_abandoned, queue_id, after))
             except Exception:
                 log.exception("%s: archive record of a refused message failed", queue_id)
             summary = t("conflict.summary", self.language) + "\n" if verdict.rule == "send-conflict" else ""
             return smtp_reply(verdict.smtp_code, verdict.enhanced, summary + verdict.reason)
+        parts = [(ctx, verdict, queue_id)] + ([also] if also else [])
         try:
             # The reply first: once committed, nothing may fail before the 250.
             if also:
@@ -480,10 +515,65 @@ class SubmissionHandler:
             else:
                 reply = f"250 2.0.0 {t('queued', self.language, queue_id=queue_id)}"
             dirs = set().union(*(p.dirs for p in prepared))  # the blob's and spool file's folders
-            await self.committer.submit(self._commit_parts, prepared, dirs=dirs, many=self._commit_many)
-        except BaseException as exc:
-            self._store_failed([(ctx, verdict, queue_id)] + ([also] if also else []), exc)
+            future = self.committer.enqueue(self._commit_parts, prepared, dirs=dirs, many=self._commit_many)
+        except Exception as exc:  # nothing queued: nothing can commit
+            self._store_failed(parts, exc)
+        try:
+            await self._outcome(future, functools.partial(self._commit_abandoned, parts, after))
+        except Exception as exc:  # the job failed: nothing of it committed
+            self._store_failed(parts, exc)
         return reply
+
+    @staticmethod
+    async def _outcome(future: asyncio.Future, if_abandoned: Callable[[asyncio.Future], None]) -> Any:
+        """The result of a queued group-commit job.  If this task is cancelled while it waits,
+        the job goes on (the future is shielded) and ``if_abandoned(future)`` runs once its
+        outcome is known; the cancellation goes on up (aiosmtpd ends the session)."""
+        try:
+            return await asyncio.shield(future)
+        except asyncio.CancelledError:
+            future.add_done_callback(if_abandoned)  # at once (soon) if it is known already
+            raise
+
+    def _commit_abandoned(self, parts: list[tuple[Context, Verdict, str]], after: Callable[[], None],
+                          future: asyncio.Future) -> None:
+        """The outcome of a commit whose session was cancelled before its 250 (a done-callback,
+        on the event loop).  Committed: the message stays — it is relayed (or waits for
+        approval); the client, who got no 250, may send it again (a duplicate: the accepted
+        at-least-once cost).  Failed: its spool files go, as after any failed commit."""
+        queue_id = parts[0][2]
+        error = None if future.cancelled() else future.exception()
+        if error is not None:
+            for _, _, q in parts:
+                self.spool.discard(q)
+            metrics.smtp_messages.labels("tempfail").inc()
+            summary, frames = describe_error(error)
+            log.error("%s: the client went away before the 250 and the store failed: %s; nothing stored\n%s",
+                      queue_id, summary, frames)
+            return
+        # (A cancelled future, which nothing here does, would leave the outcome unknown: the
+        # files stay, for the job may have committed; sweep_orphans takes them if it did not.)
+        split = f" (and {parts[1][2]}, split from it)" if len(parts) > 1 else ""
+        log.warning("%s: client went away before the 250; the message is stored%s", queue_id, split)
+        try:
+            after()
+        except Exception as exc:
+            summary, frames = describe_error(exc)
+            log.error("%s: stored, the client gone; what follows the store failed: %s\n%s", queue_id, summary,
+                      frames)
+
+    @staticmethod
+    def _refusal_abandoned(queue_id: str, after: Callable[[], None], future: asyncio.Future) -> None:
+        """The archive record of a refused message whose session was cancelled before the
+        refusal was answered: nothing to remove either way; its count and log line."""
+        if not future.cancelled() and (error := future.exception()) is not None:
+            summary, _ = describe_error(error)
+            log.error("%s: archive record of a refused message failed: %s", queue_id, summary)
+        log.info("%s: the client went away before the refusal was answered", queue_id)
+        try:
+            after()
+        except Exception:
+            log.exception("%s: the refusal's log line failed", queue_id)
 
     def _prepare(self, ctx: Context, verdict: Verdict, queue_id: str, ident: Identity | None) -> Prepared:
         """Phase 1, blocking: the final bytes, the archive blob and (unless the blob serves
