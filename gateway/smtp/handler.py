@@ -13,6 +13,8 @@ Nothing unexpected before the 250 reaches aiosmtpd (its "500 Error: (Type) text"
 permanent code that shows internals): the policy raising answers 451 4.3.0 (POLICY_TEMPFAIL),
 storing failing 452 4.3.1 / 451 4.3.0, anything else 451 4.3.0 (LOCAL_TEMPFAIL) — each logged
 with the queue id and the user, counted as verdict "tempfail", and nothing of it stored.
+A client that goes away while the commit is pending (aiosmtpd cancels the handler) leaves the
+message to the commit's outcome: stored if it commits, removed if it fails (``_store``).
 """
 
 from __future__ import annotations
