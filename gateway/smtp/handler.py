@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import contextvars
 import email.utils
 import errno
 import functools
@@ -444,7 +445,9 @@ class SubmissionHandler:
         """``_decide_and_prepare`` in a worker thread.  The thread runs to its end even if this
         session is cancelled meanwhile (the client went away, the session timed out): the
         spool files it wrote, for parts that will now never be committed, go when it ends."""
-        work = asyncio.ensure_future(asyncio.to_thread(self._decide_and_prepare, ctx, queue_id, ident))
+        # asyncio.to_thread's own steps, its future kept: shielded, no task of its own.
+        run = functools.partial(contextvars.copy_context().run, self._decide_and_prepare, ctx, queue_id, ident)
+        work = asyncio.get_running_loop().run_in_executor(None, run)
         try:
             return await asyncio.shield(work)
         except asyncio.CancelledError:
