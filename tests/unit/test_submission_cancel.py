@@ -17,19 +17,13 @@ from types import SimpleNamespace
 import pytest
 from aiosmtpd.smtp import Envelope
 
-import gateway.smtp.handler as handler_module
 from gateway import metrics
-from gateway.archive import Archive
 from gateway.archive.schema import ArchiveRecord
 from gateway.archive.verify import verify
-from gateway.config import PUBLIC_MAIL_DOMAINS, Config
-from gateway.db.models import Employee, OutboundMessage
-from gateway.directory import Directory
-from gateway.groupcommit import GroupCommitter
-from gateway.policy import HOLD, Policy, Verdict
-from gateway.smtp.guard import LoginGuard
-from gateway.smtp.handler import Identity, SubmissionHandler
-from gateway.spool import Spool, parse_archive_ref
+from gateway.db.models import OutboundMessage
+from gateway.policy import HOLD, Verdict
+from gateway.spool import parse_archive_ref
+from tests.unit.test_submission_errors import make_world
 
 RAW = (b"From: alice@acme.test\r\nTo: buyer@example.com\r\nSubject: Quote Q-4711\r\n"
        b"\r\nPrices inside.\r\n")
@@ -80,31 +74,12 @@ class Held:
 
 @pytest.fixture
 def world(db, tmp_path, monkeypatch):
-    monkeypatch.setattr(handler_module, "new_queue_id", lambda: QUEUE_ID)
-    alice = Employee.create(email="alice@acme.test", name="Alice")
-    directory = Directory(["acme.test"], PUBLIC_MAIL_DOMAINS)
-    directory.load()
-    cfg = Config()
-    cfg.node.data_dir = tmp_path / "var"
-    cfg.company.domains = ["acme.test"]
-    cfg.company.language = "en"
-    archive = Archive(tmp_path / "archive", tmp_path / "archive.keys")
-    spool = Spool(tmp_path / "spool", node="n1", archive=archive)
-    rule = Rule()
-    committer = GroupCommitter()
-    queued: list[int] = []
-    handler = SubmissionHandler(cfg, directory, Policy(directory, [rule]), spool, archive, authenticator=None,
-                                guard=LoginGuard(0.0, 0.0, 60.0), on_queued=lambda: queued.append(1),
-                                committer=committer)
-    held = Held(handler._commit_many)
-    monkeypatch.setattr(handler, "_commit_many", held)
-    session = SimpleNamespace(peer=("192.0.2.7", 40000), host_name="client.example", authenticated=True,
-                              auth_data=Identity("alice@acme.test", directory.employee_for_address(alice.email),
-                                                 "pw"))
-    yield SimpleNamespace(handler=handler, rule=rule, spool=spool, archive=archive, session=session,
-                          queued=queued, cfg=cfg, held=held, committer=committer)
-    held.release.set()
-    committer.stop()
+    built = make_world(tmp_path, monkeypatch, Rule(), queue_id=QUEUE_ID, password="pw")
+    built.held = Held(built.handler._commit_many)
+    monkeypatch.setattr(built.handler, "_commit_many", built.held)
+    yield built
+    built.held.release.set()
+    built.committer.stop()
 
 
 def envelope() -> Envelope:

@@ -56,9 +56,11 @@ class Switch:
         return None
 
 
-@pytest.fixture
-def world(db, tmp_path, monkeypatch):
-    monkeypatch.setattr(handler_module, "new_queue_id", lambda: QUEUE_ID)
+def make_world(tmp_path, monkeypatch, rule, queue_id: str = QUEUE_ID, password: str = PASSWORD) -> SimpleNamespace:
+    """A SubmissionHandler on the test database with a real GroupCommitter (stop it after),
+    one employee (alice, logged in as the session's user) and ``rule`` as the whole policy;
+    every message gets ``queue_id`` (also used by tests/unit/test_submission_cancel.py)."""
+    monkeypatch.setattr(handler_module, "new_queue_id", lambda: queue_id)
     alice = Employee.create(email="alice@acme.test", name="Alice")
     directory = Directory(["acme.test"], PUBLIC_MAIL_DOMAINS)
     directory.load()
@@ -68,19 +70,23 @@ def world(db, tmp_path, monkeypatch):
     cfg.company.language = "en"
     archive = Archive(tmp_path / "archive", tmp_path / "archive.keys")
     spool = Spool(tmp_path / "spool", node="n1", archive=archive)
-    rule = Switch()
-    policy = Policy(directory, [rule])
     committer = GroupCommitter()
     queued: list[int] = []
-    handler = SubmissionHandler(cfg, directory, policy, spool, archive, authenticator=None,
+    handler = SubmissionHandler(cfg, directory, Policy(directory, [rule]), spool, archive, authenticator=None,
                                 guard=LoginGuard(0.0, 0.0, 60.0), on_queued=lambda: queued.append(1),
                                 committer=committer)
     session = SimpleNamespace(peer=("192.0.2.7", 40000), host_name="client.example", authenticated=True,
                               auth_data=Identity("alice@acme.test", directory.employee_for_address(alice.email),
-                                                 PASSWORD))
-    yield SimpleNamespace(handler=handler, rule=rule, spool=spool, archive=archive, session=session,
-                          queued=queued, cfg=cfg, tmp=tmp_path)
-    committer.stop()
+                                                 password))
+    return SimpleNamespace(handler=handler, rule=rule, spool=spool, archive=archive, session=session,
+                           queued=queued, cfg=cfg, tmp=tmp_path, committer=committer)
+
+
+@pytest.fixture
+def world(db, tmp_path, monkeypatch):
+    built = make_world(tmp_path, monkeypatch, Switch())
+    yield built
+    built.committer.stop()
 
 
 def send(world, raw: bytes = RAW, rcpts: tuple[str, ...] = ("buyer@example.com", "other@example.org")) -> str:
