@@ -142,7 +142,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="run a demo: private Dovecot upstream, sample data, the gateway")
     p.add_argument("--dir", default="var/demo", help="where the demo keeps its files (default: %(default)s)")
-    p.add_argument("--port-base", type=int, default=10000, help="gateway ports are base+587, base+465 …")
+    p.add_argument("--port-base", type=int, default=10000,
+                   help="gateway ports are base+587, base+465 …, the web panel base+8080")
     p.add_argument("--log-level", default="INFO")
     p.set_defaults(func=cmd_demo)
     from gateway.areas import AREA_CLIS, optional_module

@@ -73,6 +73,11 @@ def _inbound(sender: str, rcpt: str, subject: str) -> bytes:
     ).encode()
 
 
+# The panel at port_base + 8080 (18080 by default): browsers refuse to open some ports
+# (Chromium's and Firefox's restricted list — 10080 among them, ERR_UNSAFE_PORT), so not + 80.
+PANEL_OFFSET = 8080
+
+
 def write_demo_config(path: Path, dovecot: DovecotUpstream, port_base: int) -> None:
     path.write_text(f"""# Written by `mailgate demo`; see conf/mailgate.toml for every setting.
 [node]
@@ -120,7 +125,7 @@ dir = "{Path(__file__).resolve().parents[2] / 'rules'}"
 
 [panel]
 listen = "127.0.0.1"
-port = {port_base + 80}
+port = {port_base + PANEL_OFFSET}
 
 [archive]
 # The auditor's archive also gets every employee's INBOX and Sent, through Dovecot's master user.

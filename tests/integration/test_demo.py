@@ -15,17 +15,18 @@ from pathlib import Path
 
 import pytest
 
+from gateway.demo.run import PANEL_OFFSET
 from tests.harness import shared_tempdir
 
 pytestmark = pytest.mark.integration
 
 REPO = Path(__file__).resolve().parents[2]
-OFFSETS = (587, 465, 143, 993, 325, 80)
+OFFSETS = (587, 465, 143, 993, 325, 8080)
 
 
 def free_base() -> int:
     for _ in range(50):
-        base = random.randrange(20000, 60000, 1000)
+        base = random.randrange(20000, 57000, 1000)  # + 8080 (the panel) < 65536
         socks = []
         try:
             for off in OFFSETS:
@@ -39,6 +40,45 @@ def free_base() -> int:
             for s in socks:
                 s.close()
     raise RuntimeError("no free port range")
+
+
+# Ports browsers refuse to open (ERR_UNSAFE_PORT): Chromium's net/base/port_util.cc list, which
+# Firefox's (network.security.ports.banned) matches but for a few.  The panel the demo prints
+# must not be one — 10080 (base + 80) was, and no browser opened it.
+BROWSER_RESTRICTED_PORTS = frozenset({
+    1, 7, 9, 11, 13, 15, 17, 19, 20, 21, 22, 23, 25, 37, 42, 43, 53, 69, 77, 79, 87, 95, 101, 102, 103,
+    104, 109, 110, 111, 113, 115, 117, 119, 123, 135, 137, 139, 143, 161, 179, 389, 427, 465, 512, 513,
+    514, 515, 526, 530, 531, 532, 540, 548, 554, 556, 563, 587, 601, 636, 989, 990, 993, 995, 1719, 1720,
+    1723, 2049, 3659, 4045, 4190, 5060, 5061, 6000, 6566, 6665, 6666, 6667, 6668, 6669, 6679, 6697, 10080})
+
+
+def test_the_demos_default_panel_port_is_one_browsers_open():
+    """``./scripts/demo.sh`` uses the default port base (10000): its panel address must open in
+    a browser (tests below use other bases, free on the machine, and a real Chromium)."""
+    import inspect
+
+    from gateway import cli
+    from gateway.demo.run import run_demo
+
+    default = inspect.signature(run_demo).parameters["port_base"].default
+    assert "default=10000" in inspect.getsource(cli) and default == 10000
+    assert default + PANEL_OFFSET not in BROWSER_RESTRICTED_PORTS
+
+
+def assert_a_browser_opens(url: str) -> None:
+    """The panel's address in a real headless Chromium: the sign-in page, not ERR_UNSAFE_PORT."""
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as pw:
+        chromium = pw.chromium.launch(executable_path="/usr/bin/chromium",
+                                      args=["--no-sandbox", "--disable-background-networking"])
+        try:
+            page = chromium.new_page()
+            response = page.goto(url + "/")
+            assert response is not None and response.ok, url
+            assert page.locator("input[type=password]").count() == 1, page.content()[:500]
+        finally:
+            chromium.close()
 
 
 @pytest.fixture
@@ -100,7 +140,8 @@ def test_demo_starts_prints_settings_and_enforces_policy(demo_dir):
         # The web panel it prints is up; its demo accounts sign in (a local one and an employee).
         panel = re.search(r"Web panel \S*: (http://127\.0\.0\.1:\d+)/", text)
         assert panel, text
-        assert panel.group(1) == f"http://127.0.0.1:{base + 80}"
+        assert panel.group(1) == f"http://127.0.0.1:{base + PANEL_OFFSET}"
+        assert_a_browser_opens(panel.group(1))
         from gateway.demo.sample_data import PANEL_ACCOUNTS
         from tests.panel.conftest import PanelClient
 
