@@ -33,7 +33,7 @@ from typing import Any
 from gateway.archive import chain
 from gateway.archive import original as original_mod
 from gateway.archive import pipeline as pipeline_mod
-from gateway.archive.headertext import SURROGATE, getaddresses
+from gateway.archive.headertext import getaddresses
 from gateway.archive.original import OriginalCopy
 from gateway.archive.pipeline import IndexWriter
 from gateway.archive.schema import ArchiveRecord, ArchiveSighting
@@ -42,6 +42,7 @@ from gateway.areas import optional_module
 from gateway.db.inserts import buffered_inserts, flush_inserts
 from gateway.db.models import Employee, database, utcnow
 from gateway.groupcommit import write_transaction
+from gateway.mimeparts import SURROGATE
 from gateway.spool import fsync_dir
 
 log = logging.getLogger("mailgate.archive")

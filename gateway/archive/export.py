@@ -30,6 +30,7 @@ from email.policy import compat32
 from typing import BinaryIO
 
 from gateway.archive.index import decode_header
+from gateway.mimeparts import disposition, filename
 
 MAX_PARTS = 1000
 _FROM_LINE = re.compile(rb"^(>*From )", re.MULTILINE)
@@ -82,13 +83,12 @@ def attachments(raw: bytes) -> list[AttachmentPart]:
             ctype = (part.get_content_type() or "application/octet-stream").lower()
             if part.is_multipart() and ctype != "message/rfc822":
                 continue
-            disposition = (part.get("Content-Disposition") or "").split(";")[0].strip().lower()
             name = _name(part)
             if ctype == "message/rfc822":
                 inner = part.get_payload()
                 data = inner[0].as_bytes() if isinstance(inner, list) and inner else b""
                 name = name or "message.eml"
-            elif name or disposition == "attachment":
+            elif name or disposition(part) == "attachment":
                 payload = part.get_payload(decode=True)
                 data = payload if isinstance(payload, bytes) else b""
             else:
@@ -100,15 +100,7 @@ def attachments(raw: bytes) -> list[AttachmentPart]:
 
 
 def _name(part: email.message.Message) -> str:
-    try:
-        name = part.get_filename()
-    except Exception:  # noqa: BLE001
-        name = None
-    if isinstance(name, tuple):
-        try:
-            name = email.utils.collapse_rfc2231_value(name)
-        except Exception:  # noqa: BLE001
-            name = str(name[2])
+    name = filename(part)  # raw 8-bit (UTF-8/GBK) names decoded: gateway/mimeparts.py
     return decode_header(name) if name else ""
 
 

@@ -6,10 +6,6 @@ from __future__ import annotations
 
 import email.utils
 import functools
-import re
-
-# compat32 keeps a header's raw 8-bit bytes as these surrogates (UTF-8 in practice).
-SURROGATE = re.compile("[\udc80-\udcff]")
 
 
 @functools.lru_cache(maxsize=4096)

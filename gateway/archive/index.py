@@ -41,9 +41,10 @@ from typing import NamedTuple
 from peewee import fn
 
 from gateway.archive import mime_walk
-from gateway.archive.headertext import SURROGATE, getaddresses
+from gateway.archive.headertext import getaddresses
 from gateway.db import is_postgres
 from gateway.db.models import database, utcnow
+from gateway.mimeparts import SURROGATE, decode_8bit, disposition, filename
 
 log = logging.getLogger("mailgate.archive.index")
 
@@ -115,14 +116,7 @@ def decode_bytes(data: bytes, charset: str | None = None) -> str:
     """Decode with the declared charset; undeclared bytes try UTF-8, then GB18030."""
     if charset and charset.lower() not in ("unknown-8bit", "x-unknown", "unknown", "8bit"):
         return data.decode(codec_for(charset), errors="replace")
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError:
-        pass
-    try:
-        return data.decode("gb18030")
-    except UnicodeDecodeError:
-        return data.decode("cp1252", errors="replace")
+    return decode_8bit(data)
 
 
 def _unsurrogate(text: str) -> str:
@@ -215,6 +209,7 @@ def _filename(part: email.message.Message) -> str:
     # Parameter names are matched case-insensitively and read from the first header of each
     # kind, so without the letters "name" there neither has one (the text part of nearly every
     # message): the email package's parameter parsing is skipped.
+    # (``str`` of a raw 8-bit value, an ``email.header.Header``, still shows the ASCII "name".)
     for header in ("content-disposition", "content-type"):
         value = part.get(header)
         if value is not None and "name" in str(value).lower():
@@ -223,20 +218,7 @@ def _filename(part: email.message.Message) -> str:
 
 
 def _filename_params(part: email.message.Message) -> str:
-    try:
-        name = part.get_filename()
-    except Exception:  # noqa: BLE001
-        name = None
-    if not name:
-        try:
-            name = part.get_param("name")
-        except Exception:  # noqa: BLE001
-            name = None
-    if isinstance(name, tuple):  # RFC 2231 value compat32 could not collapse
-        try:
-            name = email.utils.collapse_rfc2231_value(name)
-        except Exception:  # noqa: BLE001
-            name = str(name[2])
+    name = filename(part)  # raw 8-bit (UTF-8/GBK) names decoded too: gateway/mimeparts.py
     return decode_header(name) if name else ""
 
 
@@ -357,9 +339,8 @@ def _extract(raw: bytes, headers: bool, parse: Callable[[bytes], email.message.M
             if part.is_multipart():
                 continue
             ctype = part.get_content_type()
-            disposition = (part.get("Content-Disposition") or "").split(";")[0].strip().lower()
             name = _filename(part)
-            if name or disposition == "attachment":
+            if name or disposition(part) == "attachment":
                 out.has_attachment = True
                 if name and len(names) < MAX_ATTACHMENTS:
                     names.append(name[:500])

@@ -17,6 +17,8 @@ from email.header import decode_header, make_header
 from email.message import Message
 from email.policy import compat32
 
+from gateway.mimeparts import disposition, filename
+
 BODY_SCAN_LIMIT = 256 * 1024  # characters of body text scanned by contains/regex
 MAGIC_PREFIX = 16 * 1024  # bytes of an attachment given to libmagic
 _TAG = re.compile(r"<[^>]{0,2000}>")
@@ -59,9 +61,11 @@ class Content:
 
 
 def _is_attachment(part: Message) -> bool:
-    disposition = (part.get("Content-Disposition") or "").split(";")[0].strip().lower()
-    return disposition == "attachment" or bool(part.get_filename()) or (
-        disposition != "inline" and part.get_content_maintype() not in ("text", "multipart", "message")
+    # (raw 8-bit UTF-8/GBK header values — a Chinese file name written bare — decoded first:
+    # gateway/mimeparts.py; compat32's own answer for them has no split())
+    kind = disposition(part)
+    return kind == "attachment" or bool(filename(part)) or (
+        kind != "inline" and part.get_content_maintype() not in ("text", "multipart", "message")
     )
 
 
@@ -95,7 +99,7 @@ def parse_content(raw: bytes) -> Content:
             continue
         payload = part.get_payload(decode=True) or b""
         if _is_attachment(part):
-            name = part.get_filename() or ""
+            name = filename(part)
             try:
                 name = str(make_header(decode_header(name)))
             except Exception:

@@ -93,6 +93,28 @@ def test_swaks_through_587(gateway, sink):
     assert b"Subject: swaks test" in got.data
 
 
+def test_swaks_attachment_named_in_bare_utf8(gateway, sink, tmp_path):
+    """swaks writes ``--attach-name 报价单.pdf`` as bare UTF-8 in the part's headers, as many
+    clients do; the example rules (rules/50-examples-audit.yaml) look at attachment names.
+    The message is accepted and delivered whole — the rules' MIME parse used to raise on that
+    header (500, later 451: the client could never send it)."""
+    sink.clear()
+    pdf = tmp_path / "quote.pdf"
+    pdf.write_bytes(b"%PDF-1.4\n% a quotation\n")
+    out = subprocess.run(
+        ["swaks", "--server", f"127.0.0.1:{gateway.submission_port}", "--tls", "--tls-verify",
+         "--tls-ca-path", str(gateway.cert_path), "--auth", "PLAIN", "--auth-user", "alice@acme.test",
+         "--auth-password", "alice-pw", "--from", "alice@acme.test", "--to", "new.buyer@unknown-importer.example",
+         "--header", "Subject: 报价单 Q-2026-1201", "--body", "请查收附件中的报价单。",
+         "--attach-type", "application/pdf", "--attach-name", "报价单.pdf", "--attach", f"@{pdf}"],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "queued as" in out.stdout
+    [got] = sink.wait_for(1, timeout=20)
+    assert 'filename="报价单.pdf"'.encode() in got.data
+
+
 def test_send_conflict_refused_with_reason(gateway, sink):
     sink.clear()
     msg = message("alice@acme.test", "lagos.imports@gmail.com", "Poaching")

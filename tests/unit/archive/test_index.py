@@ -52,6 +52,28 @@ def test_raw_8bit_headers_utf8_and_gbk():
     assert extract(raw).subject == "国标主题"
 
 
+def test_attachment_names_written_as_bare_8bit_bytes_utf8_and_gbk():
+    """A file name as bare UTF-8/GBK bytes in the part's headers (no RFC 2231/2047): found by
+    name, the message has an attachment, and the text parts after it are still read (the walk
+    used to stop at that header: compat32 answers an email.header.Header, without split())."""
+    from gateway.archive.export import attachment, attachments
+
+    for codec in ("utf-8", "gbk"):
+        raw = ("From: a@acme.test\r\nTo: b@x.test\r\nSubject: q\r\nMIME-Version: 1.0\r\n"
+               'Content-Type: multipart/mixed; boundary="b"\r\n\r\n'
+               '--b\r\nContent-Type: application/pdf; name="报价单.pdf"\r\n'
+               'Content-Disposition: attachment; filename="报价单.pdf"\r\nContent-Transfer-Encoding: base64\r\n'
+               "\r\nJVBERi0xLjQK\r\n--b\r\nContent-Type: text/plain; charset=utf-8\r\n\r\n"
+               "after the attachment\r\n--b--\r\n").encode(codec)
+        ex = extract(raw)
+        assert ex.has_attachment and ex.attnames == "报价单.pdf", codec
+        assert "after the attachment" in ex.body
+        # the auditor's message view lists it and downloads it by its name
+        [part] = attachments(raw)
+        assert part.name == "报价单.pdf" and part.data == b"%PDF-1.4\n"
+        assert attachment(raw, 0).name == "报价单.pdf"
+
+
 def test_html_without_scripts_and_attachment_names():
     raw = message("Invoice", "plain part", html="<html><head><style>p{}</style><script>alert('x')</script>"
                   "</head><body><p>Total&nbsp;amount: <b>USD 5,000</b></p></body></html>",

@@ -295,3 +295,20 @@ def test_values_must_be_scalars(world):
         CONDITIONS["sender"]([{"a": 1}], world.env)
     with pytest.raises(ValueError):
         CONDITIONS["sender"]([], world.env)
+
+
+@pytest.mark.parametrize("codec", ["utf-8", "gbk"])
+def test_attachment_names_written_as_bare_8bit_bytes(world, ctx_factory, codec):
+    """A client that writes the file name as bare UTF-8 or GBK bytes (no RFC 2231/2047): the
+    conditions see the name — the MIME parse used to raise on the header (compat32 answers an
+    email.header.Header for it), and the message got a 500, then a 451 forever."""
+    raw = ("From: alice@acme.test\r\nTo: buyer@own.example\r\nSubject: Quotation\r\nMIME-Version: 1.0\r\n"
+           'Content-Type: multipart/mixed; boundary="b"\r\n\r\n--b\r\nContent-Type: text/plain\r\n\r\nHello\r\n'
+           '--b\r\nContent-Type: application/pdf; name="报价单.pdf"\r\n'
+           'Content-Disposition: attachment; filename="报价单.pdf"\r\nContent-Transfer-Encoding: base64\r\n\r\n'
+           "JVBERi0xLjQK\r\n--b--\r\n").encode(codec)
+    ctx = ctx_factory(raw=raw)
+    hit, why = check(world, "attachment-name", "*报价*", ctx)
+    assert hit and "报价单.pdf" in why
+    assert check(world, "attachment-count", "== 1", ctx)[0]
+    assert check(world, "attachment-type", "application/pdf", ctx)[0]
