@@ -52,6 +52,7 @@ from typing import Any, NamedTuple
 
 from peewee import SqliteDatabase
 
+from gateway.db.errors import describe_db_error
 from gateway.db.models import database
 from gateway.db.writerlock import handoff
 from gateway.spool import fsync_dir
@@ -303,7 +304,7 @@ class GroupCommitter:
                 seconds["jobs"] += t1 - t2
             seconds["commit"] += time.monotonic() - t1
         except Exception as exc:  # the commit itself failed: nobody's rows are stored
-            log.error("group commit of %d jobs failed: %s", len(batch), exc)
+            log.error("group commit of %d jobs failed: %s", len(batch), describe_db_error(exc))
             outcomes = [(None, exc)] * len(batch)
             wal = None
         self.batches += 1
@@ -380,7 +381,7 @@ def _run_jobs(batch: list[_Job]) -> list[tuple[Any, BaseException | None]]:
                 raise RuntimeError(f"{many!r} answered {len(results)} results for {len(members)} jobs")
         except Exception as exc:  # one job's failure must not spoil the others: each alone
             log.warning("group commit: the batch form of %d jobs failed (%s); running them one by one",
-                        len(members), exc)
+                        len(members), describe_db_error(exc))
             for i in members:
                 outcomes[i] = one(batch[i])
         else:

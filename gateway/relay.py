@@ -44,6 +44,7 @@ from gateway.archive.schema import ArchiveSighting
 from gateway.bounce import Failure, build_dsn
 from gateway.config import Config
 from gateway.credentials import CredentialsError, seal, unseal
+from gateway.db.errors import describe_db_error
 from gateway.db.inserts import buffered_inserts
 from gateway.db.models import OutboundMessage, database, utcnow
 from gateway.db.writerlock import handoff
@@ -510,7 +511,7 @@ class RelayWorker:
         """A failed commit: keep ``outcome`` (and its slot) to be recorded again after a backoff
         while its claim lasts; else give it up."""
         outcome.failed_commits += 1
-        outcome.error = str(error)
+        outcome.error = describe_db_error(error)  # for the log: never the values a database error quotes
         if self._now() >= outcome.retry_until:
             self._give_up(outcome, "its claim runs out")
             return
@@ -520,7 +521,7 @@ class RelayWorker:
             return
         log.log(logging.WARNING if outcome.failed_commits == 1 else logging.DEBUG,
                 "%s: could not record the relay outcome (%s); trying again in %.1f s",
-                outcome.attempt.row.queue_id, error, delay)
+                outcome.attempt.row.queue_id, outcome.error, delay)
         self.wakeup()
 
     def _retry_unrecorded(self) -> None:

@@ -46,6 +46,7 @@ from gateway.archive.mime_walk import parse_headers
 from gateway.archive.pending import PENDING_MAX
 from gateway.archive.schema import ArchiveRecord, ArchiveSighting
 from gateway.config import Config
+from gateway.db.errors import describe_db_error
 from gateway.db.inserts import buffered_inserts, flush_inserts, insert_row
 from gateway.db.models import Customer, OutboundMessage, utcnow
 from gateway.directory import Directory, EmployeeInfo
@@ -93,6 +94,10 @@ class Prepared(NamedTuple):
     original: OriginalCopy | None  # the submitted bytes, when mutations changed them
     sync_later: bool  # the blob file is not fsynced: its sealed bytes go in the transaction
     capture: Capture  # the archive's view, its rows' values staged (Archive.stage)
+
+
+# Failures of the storage itself (logged as what they were), not bugs (logged by type and frames).
+_STORAGE_ERRORS = (OSError, peewee.DatabaseError, peewee.InterfaceError, sqlite3.Error)
 
 
 def split_header_block(data: bytes) -> bytes:
@@ -357,13 +362,14 @@ class SubmissionHandler:
         metrics.smtp_messages.labels("tempfail").inc()
         user, ip = ident.username if ident else "-", session.peer[0]
         cause = exc.__cause__
-        if cause is not None and not isinstance(cause, (OSError, peewee.DatabaseError, sqlite3.Error)):
+        if cause is not None and not isinstance(cause, _STORAGE_ERRORS):
             # A bug in phase 1 or 2 (a mutation, DKIM, the archive's staging): where, not its text.
             summary, frames = describe_error(cause)
             log.error("%s: store failed user=%s ip=%s error=%s; answered 451, nothing stored\n%s",
                       queue_id, user, ip, summary, frames)
-        else:
-            log.error("%s: store failed user=%s ip=%s: %s", queue_id, user, ip, exc)
+        else:  # a storage error: what it was (a database error's SQLSTATE, never the values it quotes)
+            log.error("%s: store failed user=%s ip=%s: %s", queue_id, user, ip,
+                      describe_db_error(cause if cause is not None else exc))
         if exc.errno == errno.ENOSPC or "database or disk is full" in str(exc):
             return "452 4.3.1 Insufficient system storage, try again later"
         return "451 4.3.0 Temporary local problem storing the message, try again later"
@@ -508,8 +514,9 @@ class SubmissionHandler:
             future = self.committer.enqueue(self._record_refusal, ctx, verdict, queue_id, blob, dirs=dirs)
             try:
                 await self._outcome(future, functools.partial(self._refusal_abandoned, queue_id, after))
-            except Exception:
-                log.exception("%s: archive record of a refused message failed", queue_id)
+            except Exception as exc:  # the refusal is answered all the same
+                log.error("%s: archive record of a refused message failed: %s\n%s", queue_id, describe_db_error(exc),
+                          describe_error(exc)[1])
             summary = t("conflict.summary", self.language) + "\n" if verdict.rule == "send-conflict" else ""
             return smtp_reply(verdict.smtp_code, verdict.enhanced, summary + verdict.reason)
         parts = [(ctx, verdict, queue_id)] + ([also] if also else [])

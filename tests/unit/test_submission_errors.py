@@ -296,3 +296,56 @@ def test_another_command_raising_answers_451_through_aiosmtpd(caplog):
     [line] = failure_lines(caplog)
     assert line.startswith("command failed user=- ip=127.0.0.1 error=RuntimeError at ")
     assert "secret-buyer" not in caplog.text
+
+
+def fail_the_commit(world, monkeypatch, error: Exception) -> None:
+    """The message's commit job (and its batch form) raises ``error`` in the group commit."""
+
+    def raising(*args):  # noqa: ANN002, ANN202
+        raise error
+
+    monkeypatch.setattr(world.handler, "_commit_parts", raising)
+    monkeypatch.setattr(world.handler, "_commit_many", raising)
+
+
+@pytest.mark.parametrize(("kind", "sqlstate"), [("unique", "23505"), ("integer", "22P02"), ("not_null", "23502")])
+def test_a_postgresql_error_in_the_store_is_logged_without_the_values_it_quotes(
+        world, caplog, monkeypatch, postgres_errors, kind, sqlstate):
+    """A real PostgreSQL error quotes the row (DETAIL: Key (email)=(…)) or the input (invalid
+    input syntax …: "…"): the store-failure line says what failed — type, SQLSTATE, the
+    primary message with its quotes emptied — and nothing of the values."""
+    from tests.unit.conftest import PG_SECRET_ADDRESS, PG_SECRET_SUBJECT
+
+    error = postgres_errors[kind]
+    assert PG_SECRET_ADDRESS.lower() in str(error).lower() or PG_SECRET_SUBJECT in str(error)
+    fail_the_commit(world, monkeypatch, error)
+    with caplog.at_level(logging.INFO, logger="mailgate"):
+        assert send(world) == STORE_TEMPFAIL
+    assert_nothing_stored(world)
+    [line] = failure_lines(caplog)
+    assert line.startswith(f"{QUEUE_ID}: store failed user=alice@acme.test ip=192.0.2.7: peewee.")
+    assert f"from psycopg2.errors.{type(error.orig).__name__} SQLSTATE {sqlstate}: " in line
+    for text in (line, caplog.text):  # the group commit's own lines too
+        assert PG_SECRET_ADDRESS.lower() not in text.lower() and PG_SECRET_SUBJECT not in text
+        assert "DETAIL" not in text and "Zhang" not in text
+
+
+def test_a_full_sqlite_database_still_answers_452_and_says_so(world, caplog, monkeypatch, tmp_path):
+    """A real SQLITE_FULL (a page limit) from the commit: 452, as before, and the log line
+    keeps SQLite's text."""
+    import peewee
+
+    full_db = peewee.SqliteDatabase(str(tmp_path / "full.db"))
+    full_db.execute_sql("CREATE TABLE t (x text)")
+    full_db.execute_sql("PRAGMA max_page_count = 2")
+    with pytest.raises(peewee.OperationalError) as full:
+        full_db.execute_sql("INSERT INTO t VALUES (?)", ("x" * 100_000,))
+    full_db.close()
+    fail_the_commit(world, monkeypatch, full.value)
+    with caplog.at_level(logging.INFO, logger="mailgate.smtp"):
+        assert send(world) == "452 4.3.1 Insufficient system storage, try again later"
+    assert_nothing_stored(world)
+    [line] = failure_lines(caplog)
+    assert line.endswith(": peewee.OperationalError from sqlite3.OperationalError SQLITE_FULL: "
+                         "database or disk is full")
+
