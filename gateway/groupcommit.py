@@ -62,6 +62,14 @@ log = logging.getLogger("mailgate.store")
 _STOP = object()
 
 
+class CommitterStopped(RuntimeError):
+    """A job handed to a ``GroupCommitter`` after its ``stop()``: it is not run (a stopped
+    committer does not start its threads again — they would outlive the node's stop)."""
+
+    def __init__(self) -> None:
+        super().__init__("group commit stopped")
+
+
 class _Job(NamedTuple):
     fn: Callable[..., Any]
     args: tuple
@@ -101,6 +109,7 @@ class GroupCommitter:
         self._thread: threading.Thread | None = None
         self._threads: list[threading.Thread] = []
         self._lock = threading.Lock()
+        self._stopped = False  # by stop(): every later job raises CommitterStopped
         self.batches = 0
         self.jobs_done = 0
         # Seconds spent per phase (logged at stop): directory fsyncs, waiting for the write
@@ -128,18 +137,16 @@ class GroupCommitter:
         Once queued, a job runs and commits whatever happens to its caller: a caller that may
         be cancelled meanwhile awaits ``asyncio.shield(future)`` and reads the outcome in a
         done-callback (cancelling the future itself only discards the outcome, not the job)."""
-        self._ensure_thread()
         loop = asyncio.get_running_loop()
         future = loop.create_future()
-        self._jobs.put(_Job(fn, args, future, loop, frozenset(dirs), many))
+        self._put(_Job(fn, args, future, loop, frozenset(dirs), many))
         return future
 
     def run_sync(self, fn: Callable[..., Any], *args: Any, timeout: float = 300.0) -> Any:
         """The same from a plain thread (e.g. a relay worker): block until committed."""
-        self._ensure_thread()
         done = threading.Event()
         box: dict[str, Any] = {}
-        self._jobs.put(_Job(fn, args, (done, box), None, frozenset(), None))
+        self._put(_Job(fn, args, (done, box), None, frozenset(), None))
         if not done.wait(timeout):
             raise TimeoutError("group commit did not answer in time")
         if "error" in box:
@@ -152,27 +159,34 @@ class GroupCommitter:
         """From a plain thread, without waiting: ``on_done(result, error)`` runs in the
         committer's answering thread after the commit is durable (keep it short: no DB
         work, no blocking).  ``many`` and ``dirs``: as for ``submit``."""
-        self._ensure_thread()
-        self._jobs.put(_Job(fn, args, on_done, None, frozenset(dirs), many))
+        self._put(_Job(fn, args, on_done, None, frozenset(dirs), many))
 
     def sync_dir(self, directory: Path) -> None:
         """Called from a job: fsync ``directory`` before this batch commits."""
         self._dirs.add(Path(directory))
 
     def stop(self) -> None:
+        """Run the jobs queued so far, then end the threads (waiting up to 30 s for each).
+        For good: a job handed in afterwards raises ``CommitterStopped`` (``submit``,
+        ``enqueue``, ``run_sync``, ``post`` alike) — so the callers (SMTP sessions, relay
+        workers) are stopped first."""
         with self._lock:
+            self._stopped = True
             threads, self._threads, self._thread = self._threads, [], None
-        if threads:
-            self._jobs.put(_STOP)  # passes through every stage, after the jobs queued before it
-            for thread in threads:
-                thread.join(30)
-            if self.batches:
-                log.info("group commit: %d jobs in %d batches (%.1f per batch); seconds %s", self.jobs_done,
-                         self.batches, self.jobs_done / self.batches,
-                         " ".join(f"{k}={v:.2f}" for k, v in self.seconds.items()))
+            if threads:  # under the lock: no job can be queued behind the stop
+                self._jobs.put(_STOP)  # passes through every stage, after the jobs queued before it
+        for thread in threads:
+            thread.join(30)
+        if threads and self.batches:
+            log.info("group commit: %d jobs in %d batches (%.1f per batch); seconds %s", self.jobs_done,
+                     self.batches, self.jobs_done / self.batches,
+                     " ".join(f"{k}={v:.2f}" for k, v in self.seconds.items()))
 
-    def _ensure_thread(self) -> None:
+    def _put(self, job: _Job) -> None:
+        """Queue ``job``, starting the threads at the first one; ``CommitterStopped`` after ``stop``."""
         with self._lock:
+            if self._stopped:
+                raise CommitterStopped()
             if self._thread is None:
                 self._threads = [
                     threading.Thread(target=self._gather, name="group-commit-sync", daemon=True),
@@ -182,6 +196,7 @@ class GroupCommitter:
                 self._thread = self._threads[1]
                 for thread in self._threads:
                     thread.start()
+            self._jobs.put(job)
 
     @staticmethod
     def _take(source: queue.SimpleQueue, first: Any, limit: int, size: Callable[[Any], int]) -> tuple[list, bool]:

@@ -14,7 +14,8 @@ its last attempt), loses its sealed credentials and its spool file; the row
 stays as history.  A failing bounce is never bounced again.  An outcome whose
 commit fails (the database restarting) is recorded again, with a backoff, while
 the claim lasts (``gateway.relayoutcomes``): a delivered message is not sent twice
-because the database was away for a moment.
+because the database was away for a moment.  One posted after the group committer
+stopped (``CommitterStopped``) is given up at once: its claim stays, and expires.
 
 Nothing here blocks the event loop: every DB and SMTP call runs in the
 worker's own thread (``_call``).
@@ -48,6 +49,7 @@ from gateway.db.errors import describe_db_error
 from gateway.db.inserts import buffered_inserts
 from gateway.db.models import OutboundMessage, database, utcnow
 from gateway.db.writerlock import handoff
+from gateway.groupcommit import CommitterStopped
 from gateway.metrics import relay_results
 from gateway.relayoutcomes import UnrecordedOutcomes
 from gateway.relayqueue import backoff, claim_batch, finish_many, next_due, release, release_node_claims
@@ -474,7 +476,10 @@ class RelayWorker:
         then)."""
         done = functools.partial(self._recorded, outcome)
         if self.committer is not None:
-            self.committer.post(store_attempt, outcome.attempt, on_done=done, many=store_attempts)
+            try:
+                self.committer.post(store_attempt, outcome.attempt, on_done=done, many=store_attempts)
+            except CommitterStopped as exc:  # an outcome later than the node's stop: not recorded
+                done(None, exc)
             return
         try:
             with database.atomic():
@@ -512,6 +517,9 @@ class RelayWorker:
         while its claim lasts; else give it up."""
         outcome.failed_commits += 1
         outcome.error = describe_db_error(error)  # for the log: never the values a database error quotes
+        if isinstance(error, CommitterStopped):  # no commit will come: no retries either
+            self._give_up(outcome, "the group commit has stopped")
+            return
         if self._now() >= outcome.retry_until:
             self._give_up(outcome, "its claim runs out")
             return

@@ -138,6 +138,12 @@ class Node:
         start_http_server(self.cfg.metrics.port, self.cfg.metrics.listen, registry=exposition_registry())
 
     async def stop(self) -> None:
+        """Producers first, then what they write through: the areas (archive indexer and sync,
+        distribution), the SMTP listeners and acceptor processes, the relay process, the IMAP
+        listeners, the node's tasks (the inline relay workers, which record their last
+        outcomes through the group committer as they end); only then the group committer
+        (the jobs queued so far committed; a job after it raises ``CommitterStopped``) and
+        a last blob sync.  Each step is bounded (docs/ARCHITECTURE.md §1)."""
         self.stopping.set()
         log.info("mailgate stopping: node=%s", self.cfg.node.name)
         for name, stopper in reversed(self.area_stoppers):
@@ -148,18 +154,19 @@ class Node:
                     log.exception("an area service failed while stopping")
         for server in self.smtp_servers:
             server.close()
-        async with _timed_step("smtp"):
-            if self.acceptors is not None:
+        if self.acceptors is not None:
+            async with _timed_step("smtp acceptors"):
                 await asyncio.to_thread(self.acceptors.stop)
-            await asyncio.to_thread(self.committer.stop)
-            if self.blob_syncer is not None:  # a last round: a clean stop leaves no row behind
-                await asyncio.to_thread(self.blob_syncer.stop)
         if self.relay_process is not None:
             async with _timed_step("relay process"):
                 await asyncio.to_thread(self.relay_process.stop)
         for port in self.imap_ports:
             await asyncio.ensure_future(_deferred(port.stopListening()))
         await _finish_tasks(self.tasks, TASK_GRACE)
+        async with _timed_step("group commit"):
+            await asyncio.to_thread(self.committer.stop)
+            if self.blob_syncer is not None:  # a last round, after the last commit: no row left behind
+                await asyncio.to_thread(self.blob_syncer.stop)
         log.info("mailgate stopped: node=%s", self.cfg.node.name)
 
 

@@ -12,7 +12,8 @@ indexer stay in the node; a child tells the node "something was queued" through 
 
 A child dies with the node (PR_SET_PDEATHSIG) or when its pipe closes, and stops on
 SIGTERM: it closes its listeners, lets its group committer finish the batch in hand
-(nobody heard 250 for anything not committed) and exits.
+(nobody heard 250 for anything not committed; a session whose commit comes later is
+answered 451) and exits.
 
 Per-process state: login penalties (gateway/smtp/guard.py) and the upstream-login cache are
 kept per process, and ``smtp.max_sessions`` is split between the processes.

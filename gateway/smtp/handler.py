@@ -50,7 +50,7 @@ from gateway.db.errors import describe_db_error
 from gateway.db.inserts import buffered_inserts, flush_inserts, insert_row
 from gateway.db.models import Customer, OutboundMessage, utcnow
 from gateway.directory import Directory, EmployeeInfo
-from gateway.groupcommit import GroupCommitter
+from gateway.groupcommit import CommitterStopped, GroupCommitter
 from gateway.i18n import t
 from gateway.mutate import apply_mutations
 from gateway.policy import ACCEPT, HOLD, REJECT, Context, Policy, Verdict
@@ -97,7 +97,7 @@ class Prepared(NamedTuple):
 
 
 # Failures of the storage itself (logged as what they were), not bugs (logged by type and frames).
-_STORAGE_ERRORS = (OSError, peewee.DatabaseError, peewee.InterfaceError, sqlite3.Error)
+_STORAGE_ERRORS = (OSError, peewee.DatabaseError, peewee.InterfaceError, sqlite3.Error, CommitterStopped)
 
 
 def split_header_block(data: bytes) -> bytes:
@@ -511,8 +511,8 @@ class SubmissionHandler:
         failed, its spool files go.  Never removed before: the job may still commit."""
         if verdict.action == REJECT:
             blob, dirs = prepared or (None, ())
-            future = self.committer.enqueue(self._record_refusal, ctx, verdict, queue_id, blob, dirs=dirs)
             try:
+                future = self.committer.enqueue(self._record_refusal, ctx, verdict, queue_id, blob, dirs=dirs)
                 await self._outcome(future, functools.partial(self._refusal_abandoned, queue_id, after))
             except Exception as exc:  # the refusal is answered all the same
                 log.error("%s: archive record of a refused message failed: %s\n%s", queue_id, describe_db_error(exc),

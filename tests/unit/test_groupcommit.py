@@ -4,7 +4,7 @@ import threading
 import pytest
 
 from gateway.db.models import Department, database
-from gateway.groupcommit import GroupCommitter
+from gateway.groupcommit import CommitterStopped, GroupCommitter
 
 
 def test_jobs_share_a_transaction_and_fail_alone(db):
@@ -217,6 +217,51 @@ def test_linger_gathers_posted_jobs_into_one_batch_and_stop_ends_it(db):
     committer.stop()  # ends the linger of the lone job: it is committed, not lost
     assert results == [("last", None)] and committer.batches == 2
     assert Department.select().count() == 6
+
+
+def _commit_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name.startswith("group-commit")]
+
+
+def test_a_job_after_stop_raises_and_starts_no_threads(db):
+    """A stopped committer stays stopped: a job handed in later — by any of the four ways in —
+    raises CommitterStopped and is not run, instead of starting threads nobody stops."""
+    committer = GroupCommitter()
+    before = set(_commit_threads())
+    assert committer.run_sync(lambda: Department.create(name="before").name) == "before"
+    assert len(set(_commit_threads()) - before) == 3  # the pipeline's threads, started by the first job
+    committer.stop()
+    assert set(_commit_threads()) <= before  # ended by the stop
+
+    ran: list[str] = []
+
+    def job(name):
+        ran.append(name)
+        Department.create(name=name)
+
+    with pytest.raises(CommitterStopped, match="group commit stopped"):
+        committer.post(job, "posted", on_done=lambda result, error: ran.append("answered"))
+    with pytest.raises(CommitterStopped):
+        committer.run_sync(job, "synced")
+
+    async def from_the_loop() -> None:
+        with pytest.raises(CommitterStopped):
+            committer.enqueue(job, "enqueued")
+        with pytest.raises(CommitterStopped):
+            await committer.submit(job, "submitted")
+
+    asyncio.run(from_the_loop())
+    assert isinstance(CommitterStopped(), RuntimeError)
+    assert ran == [] and committer._threads == [] and set(_commit_threads()) <= before
+    database.connect(reuse_if_open=True)
+    assert [d.name for d in Department.select()] == ["before"]
+    committer.stop()  # a second stop is harmless
+
+    never_started = GroupCommitter()
+    never_started.stop()  # a node stopped before any mail: later jobs fail all the same
+    with pytest.raises(CommitterStopped):
+        never_started.post(job, "late", on_done=lambda result, error: None)
+    assert never_started._threads == [] and set(_commit_threads()) <= before
 
 
 def test_a_failed_wal_fsync_is_answered_as_a_failure(db, monkeypatch):

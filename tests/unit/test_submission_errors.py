@@ -349,3 +349,29 @@ def test_a_full_sqlite_database_still_answers_452_and_says_so(world, caplog, mon
     assert line.endswith(": peewee.OperationalError from sqlite3.OperationalError SQLITE_FULL: "
                          "database or disk is full")
 
+
+def test_a_message_after_the_group_commit_stopped_is_answered_451(world, caplog):
+    """A session still in DATA when the node's committer has stopped: 451 (the client sends it
+    again), nothing stored, and no group-commit thread started again for it."""
+    import threading
+
+    world.handler.committer.stop()
+    before = {t for t in threading.enumerate() if t.name.startswith("group-commit")}
+    with caplog.at_level(logging.INFO, logger="mailgate.smtp"):
+        assert send(world) == STORE_TEMPFAIL
+    assert_nothing_stored(world)
+    assert {t for t in threading.enumerate() if t.name.startswith("group-commit")} <= before
+    [line] = failure_lines(caplog)
+    assert line == f"{QUEUE_ID}: store failed user=alice@acme.test ip=192.0.2.7: gateway.groupcommit.CommitterStopped"
+
+    class Refuse(Switch):
+        def evaluate(self, ctx, directory):  # noqa: ANN001, ANN201
+            return Verdict.reject(self.name, "not to them", 550, "5.7.1")
+
+    world.handler.policy.replace_rules([Refuse()])  # a refusal is answered as such all the same
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="mailgate.smtp"):
+        assert send(world) == "550 5.7.1 not to them"
+    [line] = failure_lines(caplog)
+    assert line.startswith(f"{QUEUE_ID}: archive record of a refused message failed: "
+                           "gateway.groupcommit.CommitterStopped\n")
