@@ -17,11 +17,14 @@ DEFAULT_CONFIG = os.environ.get("MAILGATE_CONFIG", "mailgate.toml")
 
 
 def _setup_logging(level: str = "INFO") -> None:
+    from gateway.logformat import use_formatter
+
     logging.basicConfig(
         level=getattr(logging, level.upper(), logging.INFO),
         format="%(asctime)s %(name)s %(levelname)s %(message)s",
         stream=sys.stderr,
     )
+    use_formatter("%(asctime)s %(name)s %(levelname)s %(message)s")  # tracebacks without row values
     # aiosmtpd logs every session at INFO; our own one-line-per-transaction log replaces it.
     logging.getLogger("mail.log").setLevel(logging.ERROR)
     # No format of ours prints a record's caller, thread or process, and finding the caller

@@ -41,7 +41,7 @@ def describe_db_error(exc: BaseException) -> str:
     if isinstance(driver, sqlite3.Error):
         code = getattr(driver, "sqlite_errorname", None)
         return f"{names}{f' {code}' if code else ''}: {_first_line(str(driver))}"
-    if _is_postgres(driver):
+    if is_postgres_error(driver):
         return _describe_postgres(names, driver)
     if isinstance(exc, peewee.PeeweeException):  # raised by peewee itself, no driver's error inside
         return f"{names}: {scrub(str(exc))}"
@@ -71,7 +71,8 @@ def _describe_postgres(names: str, driver: BaseException) -> str:
     return f"{names}{f' SQLSTATE {code}' if code else ''}: {text}" + (f" [{' '.join(where)}]" if where else "")
 
 
-def _is_postgres(exc: BaseException) -> bool:
+def is_postgres_error(exc: BaseException) -> bool:
+    """An exception of the PostgreSQL driver (psycopg2, psycopg), not yet wrapped by peewee."""
     return type(exc).__module__.split(".")[0] in ("psycopg2", "psycopg")
 
 

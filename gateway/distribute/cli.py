@@ -36,10 +36,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     """The watchers alone (no SMTP/IMAP/relay: queued forwards go out with a node's relay)."""
     from gateway.directory import Directory
     from gateway.distribute.service import RulesError, Runner
+    from gateway.logformat import use_formatter
     from gateway.spool import Spool
 
     logging.basicConfig(level=getattr(logging, args.log_level.upper(), logging.INFO),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    use_formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")  # tracebacks without row values
     cfg = _db(args)
     if not cfg.distribution.mailboxes or not cfg.distribution.master_user:
         print("mailgate: [distribution] mailboxes and master_user are needed", file=sys.stderr)

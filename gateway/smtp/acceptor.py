@@ -143,6 +143,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from gateway.cli import _load, _setup_logging
     from gateway.db import connect
+    from gateway.logformat import use_formatter
 
     parser = argparse.ArgumentParser(prog="gateway.smtp.acceptor")
     parser.add_argument("-c", "--config", required=True)
@@ -152,8 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     cfg = _load(args.config)
     _setup_logging(args.log_level)
-    for handler in logging.getLogger().handlers:  # which process wrote a line
-        handler.setFormatter(logging.Formatter(f"%(asctime)s %(name)s[acceptor{args.index}] %(levelname)s %(message)s"))
+    use_formatter(f"%(asctime)s %(name)s[acceptor{args.index}] %(levelname)s %(message)s")  # which process
     connect(cfg.database.url, migrate=False)
     from gateway.eventloop import new_event_loop
     from gateway.service import IO_THREADS
