@@ -9,17 +9,64 @@ U+FFFD — and ``get_filename`` a name of U+FFFD characters.  These helpers deco
 (UTF-8, else GB18030, else cp1252) before the parameters are parsed.  Used by the policy's
 attachment conditions (gateway/rules/content.py), the archive's search index
 (gateway/archive/index.py) and its attachment downloads (gateway/archive/export.py).
+
+``parse_bytes`` is ``email.message_from_bytes`` (compat32) whose parts survive a parameter
+list the email package's RFC 2231 decoding raises on (``name*=…; name*0*=…``: a TypeError
+from the parse itself for a multipart, or from every ``get_param`` of a part).
 """
 
 from __future__ import annotations
 
+import email
 import email.message
 import email.utils
 import re
 from email.header import Header
+from email.policy import compat32
 
 # compat32 keeps a header's raw 8-bit bytes as these surrogates.
 SURROGATE = re.compile("[\udc80-\udcff]")
+
+
+_CONTINUATION = re.compile(r"^(\w+)\*(?:([0-9]+)\*?)?$")
+
+
+def _one_style(params: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """``params`` without RFC 2231 parameters that mix a whole value (``name*``) with numbered
+    sections (``name*0*``) of the same name: the first one's kind is kept."""
+    numbered: dict[str, bool] = {}
+    out = params[:1]
+    for key, value in params[1:]:
+        m = _CONTINUATION.match(key)
+        if m is not None and numbered.setdefault(m.group(1), m.group(2) is not None) != (m.group(2) is not None):
+            continue
+        out.append((key, value))
+    return out
+
+
+class SafeParamsMessage(email.message.Message):
+    """A compat32 ``Message`` whose parameter parsing never raises on a mixed RFC 2231 list."""
+
+    def _get_params_preserve(self, failobj: object, header: str) -> object:
+        try:
+            return super()._get_params_preserve(failobj, header)
+        except TypeError:  # email.utils.decode_params sorts None with ints
+            pass
+        if self.get(header) is None:
+            return failobj
+        pairs = []
+        for p in email.message._parseparam(header_str(self, header)):  # noqa: SLF001
+            name, _, val = p.partition("=")
+            pairs.append((name.strip(), val.strip()))
+        try:
+            return email.utils.decode_params(_one_style(pairs))
+        except Exception:  # noqa: BLE001 - no parameters rather than an exception
+            return failobj
+
+
+def parse_bytes(raw: bytes) -> email.message.Message:
+    """``email.message_from_bytes(raw)`` (compat32) built of ``SafeParamsMessage`` parts."""
+    return email.message_from_bytes(raw, _class=SafeParamsMessage, policy=compat32)
 
 
 def decode_8bit(data: bytes) -> str:

@@ -26,11 +26,10 @@ import re
 import zipfile
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from email.policy import compat32
 from typing import BinaryIO
 
 from gateway.archive.index import decode_header
-from gateway.mimeparts import disposition, filename
+from gateway.mimeparts import disposition, filename, parse_bytes
 
 MAX_PARTS = 1000
 _FROM_LINE = re.compile(rb"^(>*From )", re.MULTILINE)
@@ -72,7 +71,7 @@ def attachments(raw: bytes) -> list[AttachmentPart]:
     attachment``, and attached messages — whose own attachments follow them), numbered from 0.
     Never raises."""
     try:
-        msg = email.message_from_bytes(raw, policy=compat32)
+        msg = parse_bytes(raw)
     except Exception:  # noqa: BLE001 - unreadable MIME has no attachments to offer
         return []
     out: list[AttachmentPart] = []

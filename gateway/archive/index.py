@@ -44,7 +44,7 @@ from gateway.archive import mime_walk
 from gateway.archive.headertext import getaddresses
 from gateway.db import is_postgres
 from gateway.db.models import database, utcnow
-from gateway.mimeparts import SURROGATE, decode_8bit, disposition, filename
+from gateway.mimeparts import SURROGATE, decode_8bit, disposition, filename, parse_bytes
 
 log = logging.getLogger("mailgate.archive.index")
 
@@ -283,7 +283,7 @@ def parse_message(raw: bytes) -> email.message.Message:
     """``email.message_from_bytes(raw)``: the same tree, by ``mime_walk`` where it knows the
     message's shape (≈ 5x faster), else by the email package."""
     msg = mime_walk.parse(raw)
-    return msg if msg is not None else email.message_from_bytes(raw)
+    return msg if msg is not None else parse_bytes(raw)
 
 
 def extract(raw: bytes, headers: bool = True) -> Extracted:
@@ -296,7 +296,7 @@ def extract(raw: bytes, headers: bool = True) -> Extracted:
 def extract_reference(raw: bytes, headers: bool = True) -> Extracted:
     """``extract`` with the email package's parser alone: the reference ``mime_walk`` is
     tested against (tests/unit/archive/test_mime_walk.py)."""
-    return _extract(raw, headers, email.message_from_bytes)
+    return _extract(raw, headers, parse_bytes)
 
 
 def _extract(raw: bytes, headers: bool, parse: Callable[[bytes], email.message.Message]) -> Extracted:

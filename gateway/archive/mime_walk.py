@@ -33,6 +33,8 @@ import re
 from email import errors
 from email.message import Message
 
+from gateway.mimeparts import SafeParamsMessage
+
 __all__ = ["MAX_DEPTH", "parse", "parse_headers"]
 
 MAX_DEPTH = 40  # nested parts; deeper: the email package
@@ -83,7 +85,7 @@ def parse_headers(raw: bytes) -> Message | None:
     text = raw.decode("ascii", "surrogateescape")
     if "\r" in text and _LONE_CR.search(text) is not None:
         return None
-    msg = Message()
+    msg = SafeParamsMessage()
     try:
         pos, separated = _header_section(msg, text, 0, len(text))
     except _Unsupported:
@@ -128,7 +130,7 @@ def _entity(text: str, start: int, end: int, default_type: str, depth: int) -> t
     last while parsing it (its parent trims that one's trailing line break)."""
     if depth > MAX_DEPTH:
         raise _Unsupported
-    msg = Message()
+    msg = SafeParamsMessage()
     if default_type != "text/plain":
         msg.set_default_type(default_type)
     pos, _ = _header_section(msg, text, start, end)

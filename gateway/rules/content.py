@@ -9,15 +9,13 @@ python-magic's ``Magic`` is not thread-safe: one instance per thread.
 
 from __future__ import annotations
 
-import email
 import re
 import threading
 from dataclasses import dataclass
 from email.header import decode_header, make_header
 from email.message import Message
-from email.policy import compat32
 
-from gateway.mimeparts import disposition, filename
+from gateway.mimeparts import disposition, filename, parse_bytes
 
 BODY_SCAN_LIMIT = 256 * 1024  # characters of body text scanned by contains/regex
 MAGIC_PREFIX = 16 * 1024  # bytes of an attachment given to libmagic
@@ -90,7 +88,7 @@ def _text_of(part: Message, payload: bytes) -> str:
 
 def parse_content(raw: bytes) -> Content:
     """Body text (bounded) and attachments of a raw message."""
-    msg = email.message_from_bytes(raw, policy=compat32)
+    msg = parse_bytes(raw)  # a mixed RFC 2231 parameter list does not raise
     texts: list[str] = []
     budget = BODY_SCAN_LIMIT
     attachments: list[Attachment] = []
