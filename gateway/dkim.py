@@ -49,6 +49,14 @@ SIGN_HEADERS = (
 #: Signed once more than they occur (§5.4.2): nobody can add another one later.
 OVERSIGN_HEADERS = ("from", "reply-to", "sender", "subject", "date", "to", "cc", "message-id")
 
+
+
+class UnsignableMessage(ValueError):
+    """The header section has a line that is neither a field nor a continuation (``no colon``,
+    ``: value``, a continuation before any field): dkimpy cannot read it, and a verifier would
+    not read it as we do."""
+
+
 _WSP_RUN = re.compile(rb"\t[ \t]*| [ \t]+")  # only runs that change: a lone SP stays
 _WSP_EOL = re.compile(rb" \r\n")
 
@@ -136,10 +144,16 @@ class DkimSigner:
         return cls(keys, section.canonicalization.encode())
 
     def sign(self, data: bytes, domain: str, now: int | None = None) -> bytes:
+        """``data`` with the signatures on top (as is without a key for ``domain``); raises
+        ``UnsignableMessage`` for a header section dkimpy cannot read."""
         keys = self.keys.get(domain.lower())
         if not keys:
             return data
-        headers, body = dkim.rfc822_parse(data)
+        try:
+            headers, body = dkim.rfc822_parse(data)
+        except (dkim.MessageFormatError, IndexError):  # IndexError: a continuation line first
+            # (the line itself is mail content: not quoted in the note or the log)
+            raise UnsignableMessage("a header line is neither a field nor a continuation") from None
         canon = dkim.CanonicalizationPolicy.from_c_value(self.canonicalization)
         body_hash = base64.b64encode(hashlib.sha256(canonical_body(canon, body)).digest())
         include = _include_headers(headers)
@@ -191,7 +205,12 @@ class DkimSign:
         if domain not in self.signer.keys:
             out.notes.append(f"not DKIM-signed: no key for {domain or '(no From domain)'}")
             return
-        out.data = self.signer.sign(out.data, domain)
+        try:
+            out.data = self.signer.sign(out.data, domain)
+        except UnsignableMessage as exc:  # sent unsigned rather than refused (451) on every try
+            log.warning("not DKIM-signed for %s: %s", domain, exc)
+            out.notes.append(f"not DKIM-signed: {exc}")
+            return
         out.notes.append(f"DKIM-signed for {domain}")
 
     def describe(self) -> str:
