@@ -641,7 +641,8 @@ def _decode_word(m: re.Match) -> str:
 
 
 def _text(value: Any) -> str:
-    """A header value as text: RFC 2047 words decoded, unknown charsets replaced, no folding."""
+    """A header value as text: RFC 2047 words decoded, unknown charsets replaced, no folding, no
+    NULs (PostgreSQL refuses them in a text column)."""
     if value is None:
         return ""
     if isinstance(value, email.header.Header):
@@ -652,7 +653,7 @@ def _text(value: Any) -> str:
         text = text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
     if "=?" in text:
         text = _ENCODED_WORD.sub(_decode_word, _BETWEEN_WORDS.sub(r"\1\2", text))
-    return text.replace("\r", "").replace("\n", "").strip()  # unfold
+    return text.replace("\r", "").replace("\n", "").replace("\x00", " ").strip()  # unfold
 
 
 HEAD_LIMIT = 65536  # bytes of the header section headers_of reads

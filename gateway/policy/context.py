@@ -21,7 +21,9 @@ HOLD = "hold"
 
 
 def header_text(value: object) -> str:
-    """A header value from the compat32 parser as text (never raises)."""
+    """A header value from the compat32 parser as text (never raises), without NULs (a raw NUL or
+    one an encoded-word decodes to: PostgreSQL refuses them in the archive record, the hold
+    and the queue row, and the message would get 451 on every try)."""
     if value is None:
         return ""
     if isinstance(value, Header):  # a raw non-ASCII value: chunks of surrogate-escaped bytes
@@ -34,7 +36,7 @@ def header_text(value: object) -> str:
             text = str(make_header(decode_header(text)))
         except Exception:  # noqa: BLE001 - a malformed encoded-word stays as written
             pass
-    return " ".join(text.split())
+    return " ".join(text.replace("\x00", " ").split())
 
 
 @dataclass

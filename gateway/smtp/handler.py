@@ -54,7 +54,7 @@ from gateway.groupcommit import CommitterStopped, GroupCommitter
 from gateway.i18n import t
 from gateway.mutate import apply_mutations
 from gateway.policy import ACCEPT, HOLD, REJECT, Context, Policy, Verdict
-from gateway.policy.context import Session
+from gateway.policy.context import Session, header_text
 from gateway.policy.split import split_hold
 from gateway.smtp.auth import UpstreamAuthenticator, UpstreamUnavailable
 from gateway.smtp.checks import address_problem, has_bare_cr, helo_problem, normalize_bare_lf
@@ -640,7 +640,7 @@ class SubmissionHandler:
 
     @staticmethod
     def _message_id(ctx: Context) -> str:
-        return str(ctx.headers.get("Message-ID", "")).strip()
+        return header_text(ctx.headers.get("Message-ID"))  # raw 8-bit bytes decoded, no NULs
 
     def _record_refusal(self, ctx: Context, verdict: Verdict, queue_id: str, blob: PreparedBlob | None) -> None:
         """Phase 2 of a refused message: only its archive record."""
