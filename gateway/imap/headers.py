@@ -9,6 +9,7 @@ decision — later code or config changes cannot move sizes already served.
 from __future__ import annotations
 
 import base64
+import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from email.header import decode_header
@@ -204,6 +205,14 @@ def _find_angle(piece: bytes) -> int:
 # -- display names ---------------------------------------------------------------------
 
 _CHARSET_ALIASES = {"gb2312": "gb18030", "gbk": "gb18030", "x-gbk": "gb18030", "ks_c_5601-1987": "cp949"}
+_CONTROLS = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def _one_line(text: str) -> str:
+    """``text`` with control characters (CR, LF, NUL … an encoded-word may decode to) as spaces,
+    runs of white space as one: a tagged name is written back as a quoted string when ASCII, and
+    a CR or NUL there would be a raw byte in the header the client reads."""
+    return " ".join(_CONTROLS.sub(" ", text).split())
 
 
 def decode_phrase(raw: bytes) -> str:
@@ -219,8 +228,7 @@ def decode_phrase(raw: bytes) -> str:
             out.append(inner[i])
             i += 1
         text = bytes(out)
-    s = text.decode("utf-8", "replace")
-    s = " ".join(s.replace("\r\n", " ").replace("\n", " ").split())
+    s = _one_line(text.decode("utf-8", "replace"))
     if "=?" not in s:
         return s
     try:
@@ -238,7 +246,7 @@ def decode_phrase(raw: bytes) -> str:
             out_s.append(part.decode(cs, "replace"))
         except LookupError:
             out_s.append(part.decode("utf-8", "replace"))
-    return "".join(out_s).strip()
+    return _one_line("".join(out_s))
 
 
 def encode_phrase(text: str) -> bytes:
