@@ -15,6 +15,7 @@ from email.message import Message
 from email.utils import getaddresses, parseaddr
 
 from gateway.distribute.language import detect
+from gateway.mimeparts import filename
 
 LOOP_HEADER = "X-Mailgate-Distribution-Id"
 MAX_TEXT = 64 * 1024  # characters of body text kept for keywords and language
@@ -80,7 +81,7 @@ def _header(msg: Message, name: str) -> str:
 def _text_of(msg: Message) -> str:
     plain, markup = "", ""
     for part in msg.walk() if msg.is_multipart() else [msg]:
-        if part.get_content_maintype() != "text" or part.get_filename():
+        if part.get_content_maintype() != "text" or filename(part):  # an attached text file
             continue
         try:
             payload = part.get_payload(decode=True) or b""
