@@ -247,6 +247,26 @@ def test_bare_lf_fake_end_of_data_stays_inside_the_message(gateway, sink):
     assert [m.rcpt_tos for m in arrived] == [["someone@unknown-buyer.com"], ["marker@unknown-buyer.com"]]
 
 
+def test_malformed_header_and_mixed_rfc2231_parameters_are_accepted(gateway, sink):
+    """Two messages the submission path used to answer 451 on every try: a header line that is
+    neither a field nor a continuation (DKIM signing raised; now sent unsigned) and a
+    multipart whose Content-Type mixes RFC 2231 ``name*=`` and ``name*0*=`` (the rules' MIME
+    parse raised while the example rules look at attachments)."""
+    sink.clear()
+    reply = smuggle(gateway, b"From: alice@acme.test\r\nno colon here\r\nSubject: malformed\r\n\r\nbody\r\n.\r\n")
+    assert reply.startswith(b"250"), reply
+    reply = smuggle(gateway, (
+        b"From: alice@acme.test\r\nSubject: mixed 2231\r\nMIME-Version: 1.0\r\n"
+        b"Content-Type: multipart/mixed; boundary=b1; name*=utf-8''%E6%8A%A5; name*0*=utf-8''x\r\n\r\n"
+        b"--b1\r\nContent-Type: text/plain\r\n\r\nsee the file\r\n--b1\r\nContent-Type: application/pdf\r\n"
+        b"Content-Disposition: attachment; filename*=utf-8''%E6%8A%A5.pdf; filename*0*=utf-8''x\r\n\r\n"
+        b"%PDF-1.4\r\n--b1--\r\n.\r\n"))
+    assert reply.startswith(b"250"), reply
+    first, second = sink.wait_for(2, timeout=20)
+    assert b"no colon here" in first.data and b"DKIM-Signature:" not in first.data
+    assert b"%PDF-1.4" in second.data and b"DKIM-Signature:" in second.data
+
+
 def test_bare_cr_refused(gateway, sink):
     sink.clear()
     reply = smuggle(gateway, b"Subject: first\r\n\r\nbody\r.\rMAIL FROM:<alice@acme.test>\r\n.\r\n")
