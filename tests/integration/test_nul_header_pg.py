@@ -1,0 +1,51 @@
+"""A NUL in a message's Subject or Message-ID (raw, or decoded from an RFC 2047 word) on the
+real PostgreSQL fixture: PostgreSQL refuses NUL in text values, so the archive record of such
+a message could not be written (the submission got 451 on every try)."""
+
+from __future__ import annotations
+
+from email.parser import BytesHeaderParser
+from email.policy import compat32
+from types import SimpleNamespace
+
+import pytest
+
+from gateway.db import connect, is_postgres
+from gateway.db.models import database
+from gateway.policy.context import header_text
+from gateway.smtp.handler import SubmissionHandler
+
+pytestmark = pytest.mark.integration
+
+RAW = (b"From: alice@acme.test\r\nTo: buyer@customer.example\r\nSubject: a\x00b =?utf-8?b?YwBk?=\r\n"
+       b"Message-ID: <m\x00@acme.test>\r\n\r\nbody\r\n")
+
+
+@pytest.fixture
+def db(postgres):
+    postgres.drop_database("t_nul_header")
+    yield connect(postgres.create_database("t_nul_header"))
+    database.close()
+
+
+def test_a_nul_in_the_subject_and_message_id_is_archived_on_postgresql(db, tmp_path):
+    from gateway.archive import Archive
+    from gateway.archive.schema import ArchiveRecord
+    from gateway.config import Config
+
+    assert is_postgres()
+    cfg = Config()
+    cfg.node.data_dir = tmp_path / "var"
+    cfg.archive.key_file = tmp_path / "archive.keys"
+    archive = Archive.from_config(cfg)
+    archive.record(RAW, direction="inbound", verdict="seen", subject=None, message_id=None,
+                   mail_from="alice@acme.test", recipients=["buyer@customer.example"])
+    rec = ArchiveRecord.get()
+    assert (rec.subject, rec.message_id) == ("a b c d", "<m @acme.test>")
+    # the SMTP handler's fields (ctx.subject, its Message-ID) for an outbound copy
+    headers = BytesHeaderParser(policy=compat32).parsebytes(RAW.replace(b"body", b"other body"))
+    ctx = SimpleNamespace(headers=headers)
+    archive.record(RAW.replace(b"body", b"other body"), direction="outbound", verdict="accepted",
+                   subject=header_text(headers.get("Subject")), message_id=SubmissionHandler._message_id(ctx),
+                   mail_from="alice@acme.test", recipients=["buyer@customer.example"])
+    assert ArchiveRecord.select().where(ArchiveRecord.direction == "outbound").get().subject == "a b c d"
