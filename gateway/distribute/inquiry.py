@@ -68,13 +68,16 @@ class Inquiry:
 
 
 def _header(msg: Message, name: str) -> str:
+    """The header's text; a NUL (raw, or from an encoded-word) as a space: PostgreSQL refuses
+    NUL in the distribution row's text, and the shared mailbox's watcher would stop at the
+    message on every pass."""
     try:
         value = msg.get(name)
-        return "" if value is None else str(value)
+        return "" if value is None else str(value).replace("\x00", " ")
     except Exception:  # a header the parser cannot decode: its raw text
         for key, value in msg.raw_items():
             if key.lower() == name.lower():
-                return str(value)
+                return str(value).replace("\x00", " ")
         return ""
 
 
@@ -98,7 +101,7 @@ def _text_of(msg: Message) -> str:
             markup = html.unescape(_TAG.sub(" ", text))
         if plain:
             break
-    text = plain or markup
+    text = (plain or markup).replace("\x00", " ")  # (the preview is stored: no NUL, as in _header)
     lines = [_SPACE.sub(" ", line).strip() for line in text.splitlines()]
     return "\n".join(line for line in lines if line)[:MAX_TEXT]
 

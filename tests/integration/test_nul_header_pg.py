@@ -1,6 +1,7 @@
 """A NUL in a message's Subject or Message-ID (raw, or decoded from an RFC 2047 word) on the
 real PostgreSQL fixture: PostgreSQL refuses NUL in text values, so the archive record of such
-a message could not be written (the submission got 451 on every try)."""
+a message could not be written (the submission got 451 on every try), nor the distribution row
+of a shared-mailbox message (its watcher stopped there)."""
 
 from __future__ import annotations
 
@@ -49,3 +50,14 @@ def test_a_nul_in_the_subject_and_message_id_is_archived_on_postgresql(db, tmp_p
                    subject=header_text(headers.get("Subject")), message_id=SubmissionHandler._message_id(ctx),
                    mail_from="alice@acme.test", recipients=["buyer@customer.example"])
     assert ArchiveRecord.select().where(ArchiveRecord.direction == "outbound").get().subject == "a b c d"
+
+
+def test_a_nul_in_a_shared_mailbox_message_is_recorded_on_postgresql(db):
+    from gateway.distribute.inquiry import parse
+    from gateway.distribute.schema import Distribution
+
+    got = parse(RAW.replace(b"body", b"need\x00 price"))
+    Distribution.create(mailbox="sales@acme.test", folder="INBOX", uidvalidity=1, uid=1, token="t1",
+                        message_id=got.message_id, from_addr=got.from_addr, from_name=got.from_name,
+                        subject=got.subject, preview=got.preview, state="undistributed")
+    assert (Distribution.get().subject, Distribution.get().preview) == ("a b c d", "need price")

@@ -402,6 +402,8 @@ def test_archive_reads_any_message(raw: bytes) -> None:
 def test_distribution_reads_any_message(raw: bytes) -> None:
     got = inquiry.parse(raw)
     assert got.language is not None and isinstance(got.thread_ids, list)
+    stored = [got.message_id, got.from_addr, got.from_name, got.subject, got.preview, got.reply_to]
+    assert "\x00" not in repr(stored)  # the distribution row: PostgreSQL refuses NUL
 
 
 @FAST
@@ -505,3 +507,13 @@ def test_a_tagged_name_gets_no_control_character_from_an_encoded_word(decoded: s
     tagged = imap_headers.apply(header, plan.splices)
     assert tagged.count(b"\r") == 2 and tagged.count(b"\n") == 2 and b"\x00" not in tagged
     assert tagged.startswith(b'From: "[Customer] ' + " ".join(decoded.replace("\x00", " ").split()).encode())
+
+
+def test_a_nul_stays_out_of_the_distribution_row() -> None:
+    """The distribution row of a shared-mailbox message took Subject, From name, Message-ID and
+    the text preview as they were: PostgreSQL refuses a NUL, the watcher's session failed on the
+    message and met it again after every reconnect — the shared mailbox stopped there."""
+    raw = (b"From: =?utf-8?b?" + _b64("Li\x00Wei") + b"?= <li@buyer.example>\r\nSubject: price\x00list\r\n"
+           b"Message-ID: <a\x00b@buyer.example>\r\nContent-Type: text/plain\r\n\r\nneed\x00 price\r\n")
+    got = inquiry.parse(raw)
+    assert (got.from_name, got.subject, got.message_id, got.text) == ("Li Wei", "price list", "", "need price")
