@@ -50,7 +50,6 @@ SIGN_HEADERS = (
 OVERSIGN_HEADERS = ("from", "reply-to", "sender", "subject", "date", "to", "cc", "message-id")
 
 
-
 class UnsignableMessage(ValueError):
     """The header section has a line that is neither a field nor a continuation (``no colon``,
     ``: value``, a continuation before any field): dkimpy cannot read it, and a verifier would
