@@ -43,11 +43,12 @@ def check_template(template: str, allowed: Iterable[str]) -> None:
 
 
 def record_message_id(message_id: str, employee_id: int, company_address: str) -> None:
-    """Remember which employee sent ``message_id`` (blocking DB write)."""
+    """Remember which employee sent ``message_id`` (blocking DB write).  A NUL in it is stored
+    as a space, as ``header_text`` reads it (PostgreSQL refuses NUL in text)."""
     from gateway.db.models import SentMessage
 
     SentMessage.insert(
-        message_id=message_id[:998], employee=employee_id, company_address=company_address
+        message_id=message_id.replace("\x00", " ")[:998], employee=employee_id, company_address=company_address
     ).on_conflict_ignore().execute()
 
 

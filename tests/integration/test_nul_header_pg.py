@@ -61,3 +61,15 @@ def test_a_nul_in_a_shared_mailbox_message_is_recorded_on_postgresql(db):
                         message_id=got.message_id, from_addr=got.from_addr, from_name=got.from_name,
                         subject=got.subject, preview=got.preview, state="undistributed")
     assert (Distribution.get().subject, Distribution.get().preview) == ("a b c d", "need price")
+
+
+def test_a_nul_in_the_message_id_is_recorded_for_reply_routing_on_postgresql(db):
+    """The sender rewrite remembers who sent a Message-ID (replies go back to them): with a NUL
+    in it the insert failed on PostgreSQL (logged, nothing stored).  Stored now, the NUL as a
+    space as everywhere else."""
+    from gateway.db.models import Employee, SentMessage
+    from gateway.rewrite import record_message_id
+
+    alice = Employee.create(email="alice@acme.test", name="Alice")
+    record_message_id("<m\x00@acme.test>", alice.id, "sales@acme.test")
+    assert [(r.message_id, r.employee_id) for r in SentMessage.select()] == [("<m @acme.test>", alice.id)]
