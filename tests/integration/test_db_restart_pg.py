@@ -31,6 +31,7 @@ from gateway.db.models import OutboundMessage, database
 from gateway.groupcommit import GroupCommitter
 from gateway.relay import RelayWorker
 from gateway.spool import Spool
+from tests.harness import LogSeen
 from tests.harness.gateway import GatewayProcess
 from tests.integration.test_relay import MESSAGE, Clock, via_sink
 from tests.integration.test_submission import QUEUED, message, tls_ctx
@@ -192,17 +193,6 @@ def test_the_distribution_watcher_distributes_after_a_restart(postgres, dovecot,
         database.close()
 
 
-class _Seen(logging.Handler):
-    """Sets ``event`` when a record's message contains ``text``."""
-
-    def __init__(self, text: str) -> None:
-        super().__init__()
-        self.text, self.event = text, threading.Event()
-
-    def emit(self, record: logging.LogRecord) -> None:
-        if self.text in record.getMessage():
-            self.event.set()
-
 
 def test_a_relay_worker_runs_through_a_restart_and_delivers_after_it(db, postgres, sink, tmp_path):
     sink.clear()
@@ -211,7 +201,7 @@ def test_a_relay_worker_runs_through_a_restart_and_delivers_after_it(db, postgre
     spool = Spool(tmp_path / "spool")
     committer = GroupCommitter()  # outcomes through a group committer, as in the node
     worker = RelayWorker(cfg, spool, "w1", None, committer=committer)
-    failed = _Seen("run failed")
+    failed = LogSeen("run failed")
     logging.getLogger("gateway.relay").addHandler(failed)
 
     async def scenario() -> None:
@@ -258,7 +248,7 @@ def test_a_relay_outcome_whose_commit_meets_a_restart_is_recorded_after_it_one_d
     worker = RelayWorker(cfg, spool, "w1", None, now=clock, committer=committer)
     spool.enqueue("alice@acme.test", ["a@customer.example"], MESSAGE, queue_id="QRS1")
     real_send = worker.connection.send
-    failed = _Seen("could not record the relay outcome")
+    failed = LogSeen("could not record the relay outcome")
     log = logging.getLogger("gateway.relay")
     log.addHandler(failed)
 

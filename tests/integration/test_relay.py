@@ -12,7 +12,6 @@ import datetime as dt
 import email
 import json
 import logging
-import threading
 from pathlib import Path
 
 import pytest
@@ -25,6 +24,7 @@ from gateway.demo.sink import SinkServer
 from gateway.demo.upstream import free_ports
 from gateway.relay import RelayWorker
 from gateway.spool import Spool, new_queue_id
+from tests.harness import LogSeen
 
 pytestmark = pytest.mark.integration
 
@@ -705,17 +705,6 @@ def test_an_outcome_never_recorded_is_given_up_before_its_claim_runs_out_and_del
     assert len(received(sink, 2)) == 2  # delivered twice, not lost
     assert row(queued.queue_id).state == "sent" and relayed_count() == before + 1
 
-
-class LogSeen(logging.Handler):
-    """Sets ``event`` when a record's message contains ``text``."""
-
-    def __init__(self, text: str) -> None:
-        super().__init__()
-        self.text, self.event = text, threading.Event()
-
-    def emit(self, record: logging.LogRecord) -> None:
-        if self.text in record.getMessage():
-            self.event.set()
 
 
 def test_a_stop_gives_up_unrecorded_outcomes_in_bounded_time(sink, spool, monkeypatch, caplog):
