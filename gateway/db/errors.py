@@ -37,7 +37,7 @@ def describe_db_error(exc: BaseException) -> str:
     driver = getattr(exc, "orig", None)
     if not isinstance(driver, BaseException):
         driver = exc
-    names = _type_name(exc) if driver is exc else f"{_type_name(exc)} from {_type_name(driver)}"
+    names = type_name(exc) if driver is exc else f"{type_name(exc)} from {type_name(driver)}"
     if isinstance(driver, sqlite3.Error):
         code = getattr(driver, "sqlite_errorname", None)
         return f"{names}{f' {code}' if code else ''}: {_first_line(str(driver))}"
@@ -81,6 +81,7 @@ def _first_line(text: str) -> str:
     return line if len(line) <= MAX_TEXT else line[:MAX_TEXT] + "…"
 
 
-def _type_name(exc: BaseException) -> str:
+def type_name(exc: BaseException) -> str:
+    """``module.Qualname`` of ``exc``'s type (the bare name for a built-in)."""
     cls = type(exc)
     return cls.__qualname__ if cls.__module__ == "builtins" else f"{cls.__module__}.{cls.__qualname__}"

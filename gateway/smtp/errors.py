@@ -13,6 +13,8 @@ from __future__ import annotations
 import traceback
 from pathlib import Path
 
+from gateway.db.errors import type_name
+
 # End of DATA: the policy decision raised (a rule's bug, a database error while deciding).
 POLICY_TEMPFAIL = "451 4.3.0 Temporary policy error, try again later"
 # Anything else unexpected: at the end of DATA before the 250 (building the context, the
@@ -28,8 +30,7 @@ class PolicyError(Exception):
 
 
 def _type_name(exc: BaseException) -> str:
-    cls = type(exc)
-    name = cls.__qualname__ if cls.__module__ == "builtins" else f"{cls.__module__}.{cls.__qualname__}"
+    name = type_name(exc)
     if isinstance(exc, OSError) and exc.strerror:
         name += f" ({exc.strerror})"  # the system's text only, never the file name
     return name

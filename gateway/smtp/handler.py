@@ -116,6 +116,18 @@ def smtp_reply(code: int, enhanced: str, text: str) -> str:
 TRUSTED_MEMO = 4096  # client addresses whose trusted-network answer is remembered
 
 
+def _run_after(queue_id: str, after: Callable[[], None], state: str) -> None:
+    """``after`` (a stored or refused message's metrics, log line and relay wake-up), whose
+    failure is logged and nothing more: the message's fate is decided (``state``), and an
+    error now must not turn a 250 into a 451 (the client would send it again, and it would
+    be relayed twice)."""
+    try:
+        after()
+    except Exception as exc:
+        summary, frames = describe_error(exc)
+        log.error("%s: %s; what follows the store failed: %s\n%s", queue_id, state, summary, frames)
+
+
 class SubmissionHandler:
     def __init__(
         self,
@@ -321,13 +333,7 @@ class SubmissionHandler:
                                            session, ident)
         except Exception as exc:  # an unexpected one: 451, never aiosmtpd's 500
             return self._temporary_failure(exc, "submission", LOCAL_TEMPFAIL, queue_id, session, ident)
-        # Stored: from here on nothing may turn the 250 into an error (the client would send
-        # the message again, and it would be relayed twice).
-        try:
-            self._after_store(started, queue_id, envelope.mail_from, ctx, verdict, free)
-        except Exception as exc:
-            summary, frames = describe_error(exc)
-            log.error("%s: stored and answered 250; what follows the store failed: %s\n%s", queue_id, summary, frames)
+        _run_after(queue_id, after, "stored and answered 250")
         return reply
 
     def _context(self, server: SMTP, session: SMTPSession, envelope: Envelope, data: bytes, queue_id: str,
@@ -567,12 +573,7 @@ class SubmissionHandler:
         # files stay, for the job may have committed; sweep_orphans takes them if it did not.)
         split = f" (and {parts[1][2]}, split from it)" if len(parts) > 1 else ""
         log.warning("%s: client went away before the 250; the message is stored%s", queue_id, split)
-        try:
-            after()
-        except Exception as exc:
-            summary, frames = describe_error(exc)
-            log.error("%s: stored, the client gone; what follows the store failed: %s\n%s", queue_id, summary,
-                      frames)
+        _run_after(queue_id, after, "stored, the client gone")
 
     @staticmethod
     def _refusal_abandoned(queue_id: str, after: Callable[[], None], future: asyncio.Future) -> None:
@@ -582,10 +583,7 @@ class SubmissionHandler:
             summary, _ = describe_error(error)
             log.error("%s: archive record of a refused message failed: %s", queue_id, summary)
         log.info("%s: the client went away before the refusal was answered", queue_id)
-        try:
-            after()
-        except Exception:
-            log.exception("%s: the refusal's log line failed", queue_id)
+        _run_after(queue_id, after, "refused, the client gone")
 
     def _prepare(self, ctx: Context, verdict: Verdict, queue_id: str, ident: Identity | None) -> Prepared:
         """Phase 1, blocking: the final bytes, the archive blob and (unless the blob serves

@@ -166,3 +166,24 @@ class GatewayProcess:
             self.proc.kill()
             self.proc.wait()
             self.proc = None
+
+
+def start_hooked(base: Path, dovecot: object, monkeypatch: object, sitecustomize: str, env: dict[str, str],
+                 overrides: dict | None = None) -> GatewayProcess:
+    """A started gateway with the sample data whose processes first run ``sitecustomize``
+    (on their PYTHONPATH; ``env`` tells it what to do): a fault injected into the real
+    gateway, where a monkeypatch of this process cannot reach.  Stop it after."""
+    from gateway.db import connect
+    from gateway.demo.sample_data import seed
+
+    hooks = base / "hooks"
+    hooks.mkdir()
+    (hooks / "sitecustomize.py").write_text(sitecustomize)
+    monkeypatch.setenv("PYTHONPATH", str(hooks))
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    gw = GatewayProcess(base / "gw", dovecot, overrides=overrides)
+    connect(gw.db_url)
+    seed()
+    gw.start()
+    return gw

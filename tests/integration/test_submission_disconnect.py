@@ -13,10 +13,8 @@ import ssl
 import pytest
 
 from gateway.archive.schema import ArchiveRecord
-from gateway.db import connect
 from gateway.db.models import OutboundMessage
-from gateway.demo.sample_data import seed
-from tests.harness.gateway import GatewayProcess
+from tests.harness.gateway import start_hooked
 
 pytestmark = pytest.mark.integration
 
@@ -94,17 +92,10 @@ RCPT = "einkauf@hamburg-tools.de"
 
 @pytest.fixture
 def gated_gateway(tmp_path, dovecot, sink, monkeypatch):
-    hooks = tmp_path / "hooks"
-    hooks.mkdir()
-    (hooks / "sitecustomize.py").write_text(SITECUSTOMIZE)
     gate = tmp_path / "commit-gate"
     os.mkfifo(gate)
-    monkeypatch.setenv("PYTHONPATH", str(hooks))
-    monkeypatch.setenv("MAILGATE_TEST_COMMIT_GATE", str(gate))
-    gw = GatewayProcess(tmp_path / "gw", dovecot, overrides={"node": {"shared_spool": True}})
-    connect(gw.db_url)
-    seed()
-    gw.start()
+    gw = start_hooked(tmp_path, dovecot, monkeypatch, SITECUSTOMIZE, {"MAILGATE_TEST_COMMIT_GATE": str(gate)},
+                      overrides={"node": {"shared_spool": True}})
     gw.gate = gate
     yield gw
     gw.stop()

@@ -11,10 +11,8 @@ import urllib.request
 import pytest
 
 from gateway.archive.schema import ArchiveRecord
-from gateway.db import connect
 from gateway.db.models import OutboundMessage
-from gateway.demo.sample_data import seed
-from tests.harness.gateway import GatewayProcess
+from tests.harness.gateway import start_hooked
 
 pytestmark = pytest.mark.integration
 
@@ -58,16 +56,8 @@ sys.meta_path.insert(0, _PatchRules)
 
 @pytest.fixture
 def faulty_gateway(tmp_path, dovecot, sink, monkeypatch):
-    hooks = tmp_path / "hooks"
-    hooks.mkdir()
-    (hooks / "sitecustomize.py").write_text(SITECUSTOMIZE)
     flag = tmp_path / "rule-fault"
-    monkeypatch.setenv("PYTHONPATH", str(hooks))
-    monkeypatch.setenv("MAILGATE_TEST_RULE_FAULT", str(flag))
-    gw = GatewayProcess(tmp_path / "gw", dovecot)
-    connect(gw.db_url)
-    seed()
-    gw.start()
+    gw = start_hooked(tmp_path, dovecot, monkeypatch, SITECUSTOMIZE, {"MAILGATE_TEST_RULE_FAULT": str(flag)})
     gw.fault = flag
     yield gw
     gw.stop()
