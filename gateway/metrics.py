@@ -67,14 +67,42 @@ class QueueCollector:
         yield GaugeMetricFamily("mailgate_queue_oldest_seconds", "Age of the oldest waiting message", value=age)
 
 
+class ArchiveIndexCollector:
+    """Archive records search cannot find because the indexer could not index them
+    (gateway/archive/unread.py), read from the DB on each scrape: those it tries again and
+    those it gave up on (their document refused for its data; `mailgate archive reindex
+    --failed`).  Nothing without the archive's tables."""
+
+    def collect(self):
+        from prometheus_client.core import GaugeMetricFamily
+
+        try:
+            from gateway.archive.index import unread_counts
+
+            counts = unread_counts()
+        except Exception:
+            return
+        yield GaugeMetricFamily("mailgate_archive_index_retrying_records",
+                                "Archive records not in the search index yet, tried again later", value=counts["retry"])
+        yield GaugeMetricFamily("mailgate_archive_index_failed_records",
+                                "Archive records missing from the search index for good: their index entry was "
+                                "refused for its data and the indexer gave up (mailgate archive reindex --failed)",
+                                value=counts["failed"])
+
+
 _queue_collector: QueueCollector | None = None
+_index_collector: ArchiveIndexCollector | None = None
 
 
 def install_queue_collector() -> None:
-    global _queue_collector
+    """The collectors that read the database on each scrape (queue, archive index)."""
+    global _queue_collector, _index_collector
     if _queue_collector is None:
         _queue_collector = QueueCollector()
         REGISTRY.register(_queue_collector)
+    if _index_collector is None:
+        _index_collector = ArchiveIndexCollector()
+        REGISTRY.register(_index_collector)
 
 
 def exposition_registry() -> CollectorRegistry:
@@ -89,4 +117,5 @@ def exposition_registry() -> CollectorRegistry:
     registry = CollectorRegistry()
     multiprocess.MultiProcessCollector(registry)
     registry.register(_queue_collector)
+    registry.register(_index_collector)
     return registry

@@ -1,6 +1,7 @@
-"""`mailgate archive verify|head|import|rotate-key|hold|release|holds|purge` (+ search, from the search side).
+"""`mailgate archive verify|head|import|rotate-key|hold|release|holds|purge|reindex` (+ search, from the search side).
 
-Exit codes: 0 fine, 1 a problem found (verify) or some items failed (import), 2 bad usage/config.
+Exit codes: 0 fine, 1 a problem found (verify) or some items failed (import, reindex), 2 bad
+usage/config.  Records the indexer gave up on are a warning of verify's, not a problem.
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
         progress.finish()
     for p in problems:
         print(p)
+    _warn_unindexed()
     if problems:
         print(f"archive verify: {len(problems)} problem(s)", file=sys.stderr)
         return 1
@@ -56,6 +58,45 @@ def cmd_verify(args: argparse.Namespace) -> int:
     print(f"archive verify: OK ({seq} chain entries; head {h[:16]}…)")
     _print_anchors((seq, h))  # keep them off-host; `verify --anchor` checks them later
     return 0
+
+
+WARN_LISTED = 20  # records named by verify's warning (the rest counted)
+
+
+def _warn_unindexed() -> None:
+    """Records whose index document the indexer gave up on (gateway/archive/unread.py): a
+    warning, not a problem — the record is intact and readable, only search misses it."""
+    index = optional_module("gateway.archive.index")
+    if index is None:
+        return
+    count, listed = index.given_up(WARN_LISTED)
+    if not count:
+        return
+    print(f"warning: {count} record(s) cannot be found by search: their index entry was refused for its data"
+          " and the indexer gave up (the records are intact; `mailgate archive reindex --failed` tries again)")
+    for record_id, reason in listed:
+        print(f"warning: record {record_id}: {reason}")
+    if count > len(listed):
+        print(f"warning: … and {count - len(listed)} more")
+
+
+def cmd_reindex(args: argparse.Namespace) -> int:
+    """Try the records the indexer gave up on again, now (``index.retry_failed``)."""
+    from gateway import oplog
+    from gateway.archive.index import retry_failed
+
+    _, archive = _setup(args)
+    result = retry_failed(archive, args.record or None)
+    for record_id, reason in result.refused:
+        print(f"record {record_id}: still refused: {reason}", file=sys.stderr)
+    for record_id, reason in result.rescheduled:
+        print(f"record {record_id}: not written now ({reason}); the indexer tries again later", file=sys.stderr)
+    oplog.record(_actor(args), "archive.reindex", "failed",
+                 {"indexed": len(result.indexed), "refused": [r for r, _ in result.refused][:100],
+                  "rescheduled": [r for r, _ in result.rescheduled][:100]})
+    print(f"archive reindex: {len(result.indexed)} record(s) indexed, {len(result.refused)} still refused, "
+          f"{len(result.rescheduled)} left to the indexer")
+    return 1 if result.refused or result.rescheduled else 0
 
 
 def _print_anchors(head: tuple[int, str] | None = None) -> None:
@@ -261,6 +302,14 @@ def add_parsers(sub) -> None:  # noqa: ANN001 - argparse's private subparsers ac
     pg.add_argument("--dry-run", action="store_true", help="only count")
     pg.add_argument("--years", type=int, help="keep mail longer than retention_years (never shorter)")
     pg.set_defaults(func=cmd_purge)
+
+    ri = asub.add_parser("reindex", help="index again the records whose index entry the indexer gave up on "
+                         "(listed as warnings by verify)")
+    ri.add_argument("--failed", action="store_true", required=True,
+                    help="the records given up on (the only mode: the indexer retries every other one itself)")
+    ri.add_argument("--record", type=int, action="append", help="only this record id (repeatable)")
+    ri.add_argument("--actor", help="who asks (default: cli:<os user>)")
+    ri.set_defaults(func=cmd_reindex)
 
     # --- search side: `mailgate archive search …` (gateway/archive/search_cli.py, owned by the search helper)
     search_cli = optional_module("gateway.archive.search_cli")

@@ -835,6 +835,28 @@ INDEX_CHUNK = 16  # documents per write transaction of the background indexer (s
 # open an hour is cheap, and a blob restored from a backup is then indexed.
 RETRY_DELAYS = (60, 300, 1800, 3600)
 RETRY_LOOK = 60  # seconds: the list is looked at no more often (but when its earliest time has come)
+# A document the database refused for its data (``data_error``) this many times — the first
+# write and the retries after 1, 5 and 30 minutes — is given up (``state`` "failed", see
+# gateway/archive/unread.py): the same bytes fail the same way, and an hourly retry for ever
+# only fills the log.  ``mailgate archive reindex --failed`` tries it again (``retry_failed``).
+GIVE_UP_AFTER = 4
+
+
+class Failure(NamedTuple):
+    """Why a record was not indexed in a pass: ``reason`` (listed), ``permanent`` (its blob is
+    missing or altered: read again hourly), ``data`` (the database refused its document for
+    what it holds: counts towards ``GIVE_UP_AFTER``)."""
+
+    reason: str
+    permanent: bool = False
+    data: bool = False
+
+
+class _Listed(NamedTuple):
+    """A listed record due for another try: its failed attempts and data errors so far."""
+
+    attempts: int
+    data_errors: int
 
 
 def index_pending(archive: object, limit: int = INDEX_BATCH) -> int:
@@ -862,7 +884,8 @@ def index_batch(archive: object, limit: int | None = None, lag: float = 0.0) -> 
     it stopped; every archive writer appends under the chain lock, so ids become visible in order and a
     watermark never skips a row committed later.  A record the watermark moves past without a
     document — its blob unreadable, or its document write failed — is listed in
-    ``archivesearchunread`` in the same transaction and tried again later (``RETRY_DELAYS``)."""
+    ``archivesearchunread`` in the same transaction and tried again later (``RETRY_DELAYS``),
+    unless its document was refused for its data ``GIVE_UP_AFTER`` times (given up)."""
     from gateway.archive.schema import ArchiveRecord
     from gateway.archive.search_schema import SearchState
     from gateway.db.writerlock import handoff
@@ -895,8 +918,8 @@ def index_batch(archive: object, limit: int | None = None, lag: float = 0.0) -> 
         (seen_mark, limit * 4)).fetchall()]
     if not recs and not sightings and not tried and top == rec_mark:
         return 0, False
-    # record id -> (why its blob could not be read or its document written, permanent)
-    failed: dict[int, tuple[str, bool]] = {}
+    # record id -> why its blob could not be read or its document written
+    failed: dict[int, Failure] = {}
     rows = _read_and_extract(archive, recs + retry, failed)
     if not arriving and len(recs) == limit:  # a backlog drains: the next batch is extracted while this one is written
         _extract_ahead(archive, list(_unindexed(fields, recs[-1].id, top).limit(limit).namedtuples()))
@@ -965,7 +988,7 @@ def backlog() -> int:
     """Records the search cannot find yet: committed without a document, after the indexer's
     watermark (the node's background indexer waits out a burst, ``[archive] index_lag``), and
     those whose blob it could not read or whose document it could not write
-    (``archivesearchunread``, tried again later).  Counted
+    (``archivesearchunread``, tried again later or given up).  Counted
     up to ``BACKLOG_CAP`` (the panel asks on every search page)."""
     from gateway.archive.schema import ArchiveRecord
     from gateway.archive.search_schema import SearchState
@@ -976,16 +999,91 @@ def backlog() -> int:
     return min(BACKLOG_CAP, unread + _unindexed((ArchiveRecord.id,), mark).limit(BACKLOG_CAP).count())
 
 
+def given_up(limit: int | None = None) -> tuple[int, list[tuple[int, str]]]:
+    """Records whose index document the indexer gave up on (``state`` "failed", see
+    gateway/archive/unread.py): how many, and up to ``limit`` (all: None) of them as
+    (record id, reason), oldest first.  For ``mailgate archive verify``'s warning."""
+    from gateway.archive.unread import FAILED, UnreadRecord
+
+    u = UnreadRecord
+    rows = u.select(u.record_id, u.reason).where(u.state == FAILED).order_by(u.record_id)
+    count = rows.count()
+    listed = rows if limit is None else rows.limit(limit)
+    return count, [(r.record_id, r.reason) for r in listed]
+
+
+def unread_counts() -> dict[str, int]:
+    """Listed records by ``state`` ("retry": the indexer tries them again, "failed": given up)."""
+    from gateway.archive.unread import FAILED, RETRY, UnreadRecord
+
+    counts = dict.fromkeys((RETRY, FAILED), 0)
+    for state, n in UnreadRecord.select(UnreadRecord.state, fn.COUNT(UnreadRecord.record_id)) \
+            .group_by(UnreadRecord.state).tuples():
+        counts[state] = n
+    return counts
+
+
+class Retried(NamedTuple):
+    """What ``retry_failed`` did: records indexed (or found indexed, or purged meanwhile:
+    forgotten), still refused for their data (left given up, with the new reason), and back on
+    the indexer's schedule (a passing failure)."""
+
+    indexed: list[int]
+    refused: list[tuple[int, str]]
+    rescheduled: list[tuple[int, str]]
+
+
+def retry_failed(archive: object, record_ids: Iterable[int] | None = None) -> Retried:
+    """The administrator's retry (``mailgate archive reindex --failed``) of the records the
+    indexer gave up on (all, or those of ``record_ids``): each one's blob read and its
+    document written now, in one transaction, like a pass of ``index_batch`` (its sightings
+    noted with it; a document another writer wrote meanwhile is not written twice).  Indexed:
+    its row goes.  Refused for its data again: stays given up, with the new reason (one
+    attempt: the software or the data has to change first).  A passing failure (the database
+    busy, an unreadable blob): back on the indexer's schedule."""
+    from gateway.archive.schema import ArchiveRecord
+    from gateway.archive.unread import FAILED, UnreadRecord
+    from gateway.db.writerlock import handoff
+    from gateway.groupcommit import write_transaction
+
+    u = UnreadRecord
+    query = u.select(u.record_id, u.attempts, u.data_errors).where(u.state == FAILED).order_by(u.record_id)
+    if record_ids is not None:
+        query = query.where(u.record_id.in_(list(record_ids)))
+    tried = {r.record_id: _Listed(r.attempts, r.data_errors) for r in query}
+    if not tried:
+        return Retried([], [], [])
+    fields = (ArchiveRecord.id, ArchiveRecord.sha256, ArchiveRecord.blob_path, ArchiveRecord.created_at,
+              ArchiveRecord.direction, ArchiveRecord.employee, ArchiveRecord.purged_at)
+    recs = list(ArchiveRecord.select(*fields).where(
+        ArchiveRecord.id.in_(list(tried)), ArchiveRecord.purged_at.is_null()).namedtuples())
+    failed: dict[int, Failure] = {}
+    rows = _read_and_extract(archive, recs, failed)
+    with handoff(), write_transaction():
+        ids = [rec.id for rec, _, _ in rows]
+        taken = {r for r, in _select_in("SELECT record_id FROM archivesearchdoc WHERE record_id IN", ids)}
+        written: dict[int, tuple[int, int | None, str]] = {}
+        _insert_documents([(rec, ex, grams) for rec, ex, grams in rows if rec.id not in taken], written, failed)
+        later = [_Sighting(*row) for row in _select_in(
+            f"SELECT {_SIGHTING_COLUMNS} FROM archivesighting WHERE record_id IN", list(written))]
+        index_sightings(later, written)
+        _note_unread(archive, tried, failed, by_hand=True)
+    return Retried([rid for rid in tried if rid not in failed],
+                   [(rid, f.reason) for rid, f in failed.items() if f.data],
+                   [(rid, f.reason) for rid, f in failed.items() if not f.data])
+
+
 _RETRY_AT: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # archive -> when to look at the list again
 
 
-def _due_for_retry(archive: object, limit: int) -> dict[int, int]:
-    """Up to ``limit`` listed records (blob unreadable, or document not written) whose time to
-    be tried again has come, with their failed attempts so far.  The table is only looked at
+def _due_for_retry(archive: object, limit: int) -> dict[int, _Listed]:
+    """Up to ``limit`` listed records (blob unreadable, or document not written; not given up)
+    whose time to be tried again has come, with their failed attempts and data errors so far.
+    The table is only looked at
     when its earliest ``retry_at`` (kept per archive after each change, looked up once after a
     start) has passed, or ``RETRY_LOOK`` seconds after the last look (rows listed by another
     process)."""
-    from gateway.archive.unread import UnreadRecord
+    from gateway.archive.unread import RETRY, UnreadRecord
 
     now = utcnow()
     try:
@@ -995,7 +1093,8 @@ def _due_for_retry(archive: object, limit: int) -> dict[int, int]:
     if at > now:
         return {}
     u = UnreadRecord
-    due = {r.record_id: r.attempts for r in u.select(u.record_id, u.attempts).where(u.retry_at <= now)
+    due = {r.record_id: _Listed(r.attempts, r.data_errors)
+           for r in u.select(u.record_id, u.attempts, u.data_errors).where(u.retry_at <= now, u.state == RETRY)
            .order_by(u.retry_at).limit(limit)}
     if not due:
         _remember_retry_at(archive)
@@ -1003,9 +1102,10 @@ def _due_for_retry(archive: object, limit: int) -> dict[int, int]:
 
 
 def _remember_retry_at(archive: object) -> None:
-    from gateway.archive.unread import UnreadRecord
+    from gateway.archive.unread import RETRY, UnreadRecord
 
-    first = UnreadRecord.select(UnreadRecord.retry_at).order_by(UnreadRecord.retry_at).first()
+    first = UnreadRecord.select(UnreadRecord.retry_at).where(UnreadRecord.state == RETRY) \
+        .order_by(UnreadRecord.retry_at).first()
     at = utcnow() + dt.timedelta(seconds=RETRY_LOOK)
     try:
         _RETRY_AT[archive] = min(at, first.retry_at) if first is not None else at
@@ -1013,12 +1113,17 @@ def _remember_retry_at(archive: object) -> None:
         pass
 
 
-def _note_unread(archive: object, tried: dict[int, int], failed: dict[int, tuple[str, bool]]) -> None:
+def _note_unread(archive: object, tried: dict[int, _Listed], failed: dict[int, Failure], *,
+                 by_hand: bool = False) -> None:
     """In the pass's last write transaction (with the watermark): list the records whose blob
     could not be read or whose document could not be written (``failed``), with the next time
     to try them (``RETRY_DELAYS``), and forget those tried again that were indexed (by this
-    pass or another writer), or are purged or gone."""
-    from gateway.archive.unread import REASON_MAX, UnreadRecord
+    pass or another writer), or are purged or gone.  A record whose document the database
+    refused for its data ``GIVE_UP_AFTER`` times is given up (``state`` "failed"); ``by_hand``
+    (``retry_failed``, an administrator's retry) gives up at the first data error again —
+    one attempt, its outcome said at once — while a passing failure puts the record back on
+    the schedule."""
+    from gateway.archive.unread import FAILED, REASON_MAX, RETRY, UnreadRecord
 
     if not tried and not failed:
         return
@@ -1026,11 +1131,17 @@ def _note_unread(archive: object, tried: dict[int, int], failed: dict[int, tuple
     if done := [rid for rid in tried if rid not in failed]:
         u.delete().where(u.record_id.in_(done)).execute()
     now = utcnow()
-    for rid, (reason, permanent) in failed.items():
-        attempts = tried.get(rid, 0) + 1
+    for rid, (reason, permanent, data) in failed.items():
+        before = tried.get(rid, _Listed(0, 0))
+        attempts, data_errors = before.attempts + 1, before.data_errors + int(data)
         delay = RETRY_DELAYS[-1] if permanent else RETRY_DELAYS[min(attempts, len(RETRY_DELAYS)) - 1]
         values = {u.reason: reason[:REASON_MAX], u.permanent: permanent, u.attempts: attempts,
-                  u.retry_at: now + dt.timedelta(seconds=delay)}
+                  u.data_errors: data_errors, u.retry_at: now + dt.timedelta(seconds=delay), u.state: RETRY}
+        if data and (by_hand or data_errors >= GIVE_UP_AFTER):
+            values[u.state] = FAILED
+            log.error("archive record %s: its index document was refused %d times for its data (%s); given up:"
+                      " the record is kept and readable, searches miss it (`mailgate archive reindex --failed`"
+                      " tries again)", rid, data_errors, reason[:REASON_MAX])
         u.insert({u.record_id: rid, **values}).on_conflict(conflict_target=[u.record_id], update=values).execute()
     _remember_retry_at(archive)
 
@@ -1105,12 +1216,13 @@ def index_new(entries: list[tuple[object, Extracted, Grams]]) -> int:
 
 def _insert_documents(entries: list[tuple[object, Extracted, Grams]],
                       written: dict[int, tuple[int, int | None, str]] | None = None,
-                      failed: dict[int, tuple[str, bool]] | None = None) -> int:
+                      failed: dict[int, Failure] | None = None) -> int:
     """All documents in one bulk insert (a savepoint) or, if one is bad, one at a time (the
     bad one logged and skipped: its savepoint rolled back, so no part of it stays — no
     ``archivesearchdoc`` row that would pass it for indexed).  ``written``: see
-    ``add_documents``.  ``failed`` (the background indexer): filled with record id → (why its
-    document could not be written, False: not permanent) of each one skipped, for
+    ``add_documents``.  ``failed`` (the background indexer): filled with record id → ``Failure``
+    (why its document could not be written; whether for its data, ``data_error``) of each one
+    skipped, for
     ``_note_unread`` to list (``archivesearchunread``) and ``index_batch`` to write again
     later; without it (``index_new``) a skipped record stays without a document after the
     indexer's watermark, and the background indexer writes it."""
@@ -1145,8 +1257,47 @@ def _insert_documents(entries: list[tuple[object, Extracted, Grams]],
             else:
                 log.exception("archive record %s: full-text indexing failed (listed, written again later)",
                               rec.id)
-                failed[int(rec.id)] = (_write_failure(exc), False)
+                failed[int(rec.id)] = Failure(_write_failure(exc), data=data_error(exc))
     return done
+
+
+# SQLSTATE classes of a statement refused for the values it carries: 22 data exception (an
+# invalid byte sequence, a NUL in text, a value out of range), 23 integrity constraint
+# violation (a CHECK such as archivesearchtext_pairs_given), 54 program limit exceeded (an index
+# row or an array too large).  Every other class — 08 connection, 40 serialization failure or
+# deadlock, 53 insufficient resources, 55 lock not available, 57 shutdown, 58 I/O — passes.
+_PG_DATA_CLASSES = ("22", "23", "54")
+_SQLITE_DATA_CODES = ("SQLITE_TOOBIG", "SQLITE_MISMATCH", "SQLITE_RANGE")
+
+
+def data_error(exc: BaseException) -> bool:
+    """Whether a document write failed because of the document itself — the same write would
+    fail the same way again — rather than for a passing reason (the database busy, locked,
+    restarting or unreachable, a serialization failure, a full or failing disk: those, and
+    anything not recognised, count as passing, so the document is written again later).
+    Data: a PostgreSQL error of SQLSTATE class 22, 23 or 54; SQLite's integrity and data
+    errors (a constraint, "string or blob too big"); a value the driver or this module could
+    not turn into SQL (``ValueError`` — a ``UnicodeEncodeError`` among them — ``TypeError``,
+    ``OverflowError``)."""
+    import sqlite3
+
+    import peewee
+
+    from gateway.db.errors import is_postgres_error
+
+    driver = getattr(exc, "orig", None)
+    if not isinstance(driver, BaseException):
+        driver = exc
+    if is_postgres_error(driver):
+        code = getattr(driver, "pgcode", None) or ""
+        return code[:2] in _PG_DATA_CLASSES
+    if isinstance(driver, sqlite3.IntegrityError | sqlite3.DataError):
+        return True
+    if isinstance(driver, sqlite3.Error):
+        return getattr(driver, "sqlite_errorname", None) in _SQLITE_DATA_CODES
+    if isinstance(exc, peewee.IntegrityError | peewee.DataError):
+        return True
+    return isinstance(driver, ValueError | TypeError | OverflowError)
 
 
 def _write_failure(exc: BaseException) -> str:
@@ -1179,7 +1330,7 @@ def _extract_ahead(archive: object, recs: list) -> None:
 
 
 def _read_and_extract(archive: object, recs: list,
-                      failed: dict[int, tuple[str, bool]] | None = None) -> list[tuple[object, Extracted, Grams]]:
+                      failed: dict[int, Failure] | None = None) -> list[tuple[object, Extracted, Grams]]:
     """Text of ``recs``: taken from the extraction the previous pass started ahead where it
     covers them, else started now (``_start_extraction``); unreadable blobs are skipped (and
     noted in ``failed``: a record unreadable ahead is read once more here)."""
@@ -1197,7 +1348,7 @@ def _read_and_extract(archive: object, recs: list,
     return [(rec, *got[(rec.id, rec.sha256)]) for rec in recs if (rec.id, rec.sha256) in got]
 
 
-def _start_extraction(archive: object, recs: list, failed: dict[int, tuple[str, bool]] | None = None) -> _Extraction:
+def _start_extraction(archive: object, recs: list, failed: dict[int, Failure] | None = None) -> _Extraction:
     """Fresh messages from the archive's memory (``take_recent``, here: a dict look-up is
     cheaper than a thread hand-off), the others' blobs read on threads (decryption and zstd
     release the GIL); text extraction started in the worker processes (gateway.archive.workers);
@@ -1221,7 +1372,7 @@ def _start_extraction(archive: object, recs: list, failed: dict[int, tuple[str, 
             log.warning("archive record %s: cannot read the blob to index it (skipped, read again later): %s",
                         rec.id, exc, exc_info=not permanent)
             if failed is not None:
-                failed[rec.id] = (f"{type(exc).__name__}: {exc}", permanent)
+                failed[rec.id] = Failure(f"{type(exc).__name__}: {exc}", permanent)
             return None
 
     raws = [recent(rec) for rec in recs]

@@ -84,3 +84,62 @@ def test_a_document_the_server_refuses_is_listed_and_written_once_when_the_retry
     assert UnreadRecord.select().count() == 0 and backlog() == 0
     now[0] += dt.timedelta(seconds=RETRY_DELAYS[-1])
     assert index_pending(node) == 0 and SearchDoc.select().count() == len(recs)
+
+
+def test_a_document_the_server_refuses_for_its_data_is_given_up_and_reindexed_by_hand(db, tmp_path, monkeypatch):
+    """The server's refusal (SQLSTATE 22021, a NUL in the text) is a data error: after the
+    30-minute retry the record is given up (no more attempts), counted, and ``retry_failed``
+    (``mailgate archive reindex --failed``) writes it once the cause is gone."""
+    from gateway.archive.unread import FAILED, RETRY
+    from gateway.metrics import ArchiveIndexCollector
+
+    now = [utcnow()]
+    monkeypatch.setattr(index, "utcnow", lambda: now[0])
+    writer = Archive(tmp_path / "archive", tmp_path / "archive.keys", defer_index=True)
+    bad, good = (writer.record(message(i, "curlew qz" if i == 0 else "curlew"), direction="outbound",
+                               verdict="accepted") for i in range(2))
+    node = Archive(tmp_path / "archive", tmp_path / "archive.keys", defer_index=True)
+    failing = {bad.id}
+    real = index._write_ordered
+    writes: list[list[int]] = []
+
+    def write(rows: list[tuple]) -> None:
+        writes.append([r[1] for r in rows])
+        real([(*r[:5], dataclasses.replace(r[5], subject=r[5].subject + "\x00"), r[6]) if r[1] in failing else r
+              for r in rows])
+
+    monkeypatch.setattr(index, "_write_ordered", write)
+    assert index_pending(node) == 1
+    for attempt in range(1, index.GIVE_UP_AFTER):
+        row = UnreadRecord.get_by_id(bad.id)
+        assert (row.state, row.data_errors) == (RETRY, attempt)
+        now[0] = row.retry_at
+        assert index_pending(node) == 0
+    row = UnreadRecord.get_by_id(bad.id)
+    assert (row.state, row.attempts, row.data_errors) == (FAILED, index.GIVE_UP_AFTER, index.GIVE_UP_AFTER)
+    assert "SQLSTATE" not in row.reason and "0x00" in row.reason
+    assert {m.name: m.samples[0].value for m in ArchiveIndexCollector().collect()} == {
+        "mailgate_archive_index_retrying_records": 0, "mailgate_archive_index_failed_records": 1}
+    assert index.given_up() == (1, [(bad.id, row.reason)]) and backlog() == 1
+    writes.clear()
+    now[0] += dt.timedelta(days=2)
+    assert index_pending(node) == 0 and writes == []  # given up: not tried again
+
+    assert [r for r, _ in index.retry_failed(node).refused] == [bad.id]  # still refused: stays given up
+    assert UnreadRecord.get_by_id(bad.id).state == FAILED and _orphans(db) == 0
+    failing.clear()
+    assert index.retry_failed(node).indexed == [bad.id]
+    assert record_ids("qz") == [bad.id] and sorted(record_ids("curlew")) == sorted([bad.id, good.id])
+    assert UnreadRecord.select().count() == 0 and backlog() == 0 and _orphans(db) == 0
+
+
+def test_migration_165_on_a_list_written_before_it(db):
+    from gateway.archive.unread import RETRY, search_unread_given_up
+
+    db.execute_sql("ALTER TABLE archivesearchunread DROP COLUMN state, DROP COLUMN data_errors")
+    db.execute_sql("INSERT INTO archivesearchunread (record_id, reason, permanent, attempts, retry_at)"
+                   " VALUES (5, 'index write failed: x', false, 7, now())")
+    search_unread_given_up(db)
+    search_unread_given_up(db)  # again: nothing to do
+    row = UnreadRecord.get_by_id(5)
+    assert (row.state, row.data_errors, row.attempts) == (RETRY, 0, 7)
