@@ -38,7 +38,7 @@ from gateway.groupcommit import write_transaction
 from gateway.policy.context import REJECT, Context, Verdict
 from gateway.rules.notices import SpoolNotifier
 from gateway.rules.parties import resolve_parties
-from gateway.spool import write_durably
+from gateway.spool import note_written, write_durably
 
 log = logging.getLogger("mailgate.approval")
 
@@ -254,8 +254,12 @@ class ApprovalService:
     # -- hold --
     def record_hold(self, ctx: Context, verdict: Verdict, queue_id: str) -> Approval:
         """After the handler stored the queue row as ``held``: remember the message as
-        submitted, resolve approvers, mail them their links, tell the sender."""
+        submitted, resolve approvers, mail them their links, tell the sender.  Inside the
+        handler's group-commit job: should the job or its commit fail, the committer removes
+        the original (``<id>.orig.eml``) and the notices' spool files (``files_written``) —
+        unless the commit's outcome is unknown, when the start-up sweep decides."""
         write_durably(self._original_path(queue_id), ctx.raw)
+        note_written(self._original_path(queue_id))
         resolved, problems = resolve_parties(verdict.approvers, ctx.employee, self.directory)
         approvers = [who if isinstance(who, str) else who.email for who in resolved]
         if ctx.employee is not None and ctx.employee.email in approvers and len(approvers) > 1:

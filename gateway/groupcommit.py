@@ -30,6 +30,19 @@ loses nothing committed) then takes back — the client, which never heard 250, 
 again.  That is the same at-least-once window as an upstream 250 followed by a power
 cut before the relay outcome's commit.
 
+A failed job or batch is answered with its exception.  The queue files a job wrote for its
+rows (``gateway.spool.files_written``: a relay outcome's bounce, a hold's original and its
+notices) are removed here once the failure is known to have stored nothing: a job's own
+failure (its savepoint rolled back: at once, before the jobs of a failed batch form run
+again one by one), a batch that failed before its COMMIT, a COMMIT the database refused; the
+SMTP handler removes the files it wrote before the job on the same rule.  When the COMMIT's
+outcome is not known — the connection lost while it was under way (PostgreSQL: the server
+may have applied it before the reply was lost), an I/O error inside SQLite's commit, or a
+commit that went through but whose WAL fsync failed — the exception is marked
+(``outcome_unknown``): the rows may exist, so their files stay (a file whose row may exist
+is never deleted), and the start-up sweep (``Spool.sweep_orphans``) removes those whose rows
+do not, keeps the others (the message relayed, the hold decided).
+
 On SQLite the batch transaction is ``BEGIN IMMEDIATE``: it takes the write lock up
 front, waiting (busy_timeout) for other writers such as the relay process.  A
 deferred transaction would start as a reader, and if any job reads before it
@@ -55,7 +68,7 @@ from peewee import SqliteDatabase
 from gateway.db.errors import describe_db_error
 from gateway.db.models import database
 from gateway.db.writerlock import handoff
-from gateway.spool import fsync_dir
+from gateway.spool import files_written, fsync_dir, remove_files
 
 log = logging.getLogger("mailgate.store")
 
@@ -68,6 +81,59 @@ class CommitterStopped(RuntimeError):
 
     def __init__(self) -> None:
         super().__init__("group commit stopped")
+
+
+_UNKNOWN = "mailgate_commit_outcome_unknown"  # the mark an exception gets (``mark_commit_failure``)
+# SQLite errors of a COMMIT that say it did not happen: the lock or the disk space was not
+# there, so nothing was written.  Any other error inside the commit (an I/O error once the
+# WAL frames may be written, a corruption) leaves its outcome unknown.
+_SQLITE_NOT_COMMITTED = ("SQLITE_BUSY", "SQLITE_LOCKED", "SQLITE_FULL")
+
+
+def outcome_unknown(exc: BaseException | None) -> bool:
+    """Whether a failed group-commit job (or a transaction marked by ``mark_commit_failure``)
+    may have been stored all the same: its COMMIT failed without saying whether it was applied,
+    or was applied but not made durable.  Its files must then stay (the start-up sweep decides);
+    any other failure stored nothing, and the caller removes the files its job wrote."""
+    return exc is not None and bool(getattr(exc, _UNKNOWN, False))
+
+
+def commit_outcome_unknown(exc: BaseException) -> bool:
+    """For an exception raised by a COMMIT: True unless it says the transaction was not applied.
+    PostgreSQL: the server answering the COMMIT with an error (any SQLSTATE but connection
+    exception, class 08, and operator intervention, 57 — a shutdown may end the backend after
+    its commit record was written) rolled the transaction back; an error with no SQLSTATE (the
+    connection lost, the driver's own) is unknown.  SQLite: busy, locked or full said no;
+    anything else is unknown."""
+    import sqlite3
+
+    from gateway.db.errors import is_postgres_error
+
+    driver = getattr(exc, "orig", None)
+    if not isinstance(driver, BaseException):
+        driver = exc
+    if is_postgres_error(driver):
+        code = getattr(driver, "pgcode", None) or ""
+        return not code or code[:2] in ("08", "57")
+    if isinstance(driver, sqlite3.Error):
+        return getattr(driver, "sqlite_errorname", "") not in _SQLITE_NOT_COMMITTED \
+            and "database is locked" not in str(driver) and "database or disk is full" not in str(driver)
+    return True
+
+
+def mark_commit_failure(exc: BaseException) -> BaseException:
+    """``exc``, raised by a COMMIT, marked as of an unknown outcome (``outcome_unknown``) when
+    ``commit_outcome_unknown`` says so."""
+    if commit_outcome_unknown(exc):
+        _mark_unknown(exc)
+    return exc
+
+
+def _mark_unknown(exc: BaseException) -> None:
+    try:
+        setattr(exc, _UNKNOWN, True)
+    except AttributeError:  # an exception type without a __dict__: nothing to mark
+        log.warning("group commit: cannot mark %s as of an unknown outcome", type(exc).__name__)
 
 
 class _Job(NamedTuple):
@@ -284,8 +350,12 @@ class GroupCommitter:
                     _fsync_file(wal)  # the commits are durable from here on (see the module doc)
                 except OSError as exc:
                     # Committed but perhaps not durable: answered as a failure (a client then
-                    # sends again, and may store the message twice; never a 250 for it).
-                    log.error("group commit: fsync of %s failed: %s", wal, exc)
+                    # sends again, and may store the message twice; never a 250 for it), of an
+                    # unknown outcome — the rows are there now, and may be after a restart, so
+                    # their files stay.
+                    log.error("group commit: fsync of %s failed: %s; the batches' files are kept"
+                              " (the start-up sweep removes those whose rows did not last)", wal, exc)
+                    _mark_unknown(exc)
                     failed = exc
             self.seconds["fsync_wal"] += time.monotonic() - started
             for batch, outcomes, wal in done:
@@ -302,6 +372,8 @@ class GroupCommitter:
 
         seconds = self.seconds
         wal = None
+        committing = False
+        files: list[Path] = []  # written by the batch's jobs that succeeded
         try:
             wal = self._wal_path()
             t1 = time.monotonic()
@@ -309,17 +381,25 @@ class GroupCommitter:
             # locked and read at the first archive append and written once before the commit.
             # The hand-off lock first (gateway.db.writerlock): woken the moment another
             # writer lets go, instead of SQLite's busy handler sleeping past it.
-            with handoff(), write_transaction(), chain.batch(lazy=True):
-                t2, c2 = time.monotonic(), time.thread_time()
-                seconds["begin"] += t2 - t1
-                outcomes = _run_jobs(batch)
-                seconds["jobs_cpu"] += time.thread_time() - c2
-                _fsync_dirs(self._dirs - synced)  # asked for by jobs with sync_dir()
-                t1 = time.monotonic()
-                seconds["jobs"] += t1 - t2
+            with handoff(), write_transaction():
+                with chain.batch(lazy=True):
+                    t2, c2 = time.monotonic(), time.thread_time()
+                    seconds["begin"] += t2 - t1
+                    outcomes = _run_jobs(batch, files)
+                    seconds["jobs_cpu"] += time.thread_time() - c2
+                    _fsync_dirs(self._dirs - synced)  # asked for by jobs with sync_dir()
+                    t1 = time.monotonic()
+                    seconds["jobs"] += t1 - t2
+                committing = True  # what fails from here on is the COMMIT
             seconds["commit"] += time.monotonic() - t1
-        except Exception as exc:  # the commit itself failed: nobody's rows are stored
-            log.error("group commit of %d jobs failed: %s", len(batch), describe_db_error(exc))
+        except Exception as exc:  # the batch failed: nobody's rows are stored (or, at the COMMIT, perhaps all)
+            if committing and outcome_unknown(mark_commit_failure(exc)):
+                log.error("group commit of %d jobs: the COMMIT failed with an unknown outcome (%s); their files"
+                          " (%d written by the jobs) are kept: the start-up sweep removes those whose rows were"
+                          " not stored", len(batch), describe_db_error(exc), len(files))
+            else:
+                log.error("group commit of %d jobs failed: %s", len(batch), describe_db_error(exc))
+                _remove_written(files)
             outcomes = [(None, exc)] * len(batch)
             wal = None
         self.batches += 1
@@ -369,17 +449,23 @@ class GroupCommitter:
         return self._wal
 
 
-def _run_jobs(batch: list[_Job]) -> list[tuple[Any, BaseException | None]]:
+def _run_jobs(batch: list[_Job], files: list[Path]) -> list[tuple[Any, BaseException | None]]:
     """Inside the batch's transaction: every job in a savepoint of its own, except jobs with a
-    batch form, which run together (see ``GroupCommitter.submit``)."""
+    batch form, which run together (see ``GroupCommitter.submit``).  The queue files written
+    by a job that fails (its savepoint rolled back) are removed at once; those of the jobs that
+    succeed are added to ``files`` (removed if the commit fails)."""
     from gateway.archive import chain  # here: gateway.archive imports this module
 
     def one(job: _Job) -> tuple[Any, BaseException | None]:
-        try:
-            with database.atomic(), chain.savepoint():  # a savepoint per job
-                return job.fn(*job.args), None
-        except Exception as exc:  # the job's own failure, reported to its caller
-            return None, exc
+        with files_written() as written:
+            try:
+                with database.atomic(), chain.savepoint():  # a savepoint per job
+                    result = job.fn(*job.args)
+            except Exception as exc:  # the job's own failure, reported to its caller
+                _remove_written(written)
+                return None, exc
+        files.extend(written)
+        return result, None
 
     outcomes: list[Any] = [None] * len(batch)
     groups: dict[Callable, list[int]] = {}
@@ -389,20 +475,36 @@ def _run_jobs(batch: list[_Job]) -> list[tuple[Any, BaseException | None]]:
         else:
             outcomes[i] = one(job)
     for many, members in groups.items():
-        try:
-            with database.atomic(), chain.savepoint():
-                results = many([batch[i].args for i in members])
-            if len(results) != len(members):
-                raise RuntimeError(f"{many!r} answered {len(results)} results for {len(members)} jobs")
-        except Exception as exc:  # one job's failure must not spoil the others: each alone
+        with files_written() as written:
+            try:
+                with database.atomic(), chain.savepoint():
+                    results = many([batch[i].args for i in members])
+                if len(results) != len(members):
+                    raise RuntimeError(f"{many!r} answered {len(results)} results for {len(members)} jobs")
+            except Exception as exc:  # one job's failure must not spoil the others: each alone
+                failed: Exception | None = exc
+            else:
+                failed = None
+        if failed is not None:
             log.warning("group commit: the batch form of %d jobs failed (%s); running them one by one",
-                        len(members), describe_db_error(exc))
+                        len(members), describe_db_error(failed))
+            _remove_written(written)  # rolled back: before the jobs write them again
             for i in members:
                 outcomes[i] = one(batch[i])
         else:
+            files.extend(written)
             for i, result in zip(members, results, strict=True):
                 outcomes[i] = (result, None)
     return outcomes
+
+
+def _remove_written(files: list[Path]) -> None:
+    """The queue files of rows that were not stored (a rolled-back savepoint, a failed batch)."""
+    try:
+        if removed := remove_files(files):
+            log.info("group commit: removed %d file(s) written for rows that were not stored", removed)
+    except OSError as exc:  # left to the start-up sweep
+        log.error("group commit: could not remove the files of rows that were not stored: %s", exc)
 
 
 _fsync_file = fsync_dir  # opens the path read-only and fsyncs it: a directory or a file alike

@@ -6,9 +6,14 @@ Order of writes, so that a 250 always means "stored":
   2. the ``OutboundMessage`` row is committed (SQLite synchronous=FULL, or
      PostgreSQL's commit);
   3. only then does the SMTP layer answer 250 with the queue id.
-A crash between 1 and 2 leaves an orphan file that ``sweep_orphans`` removes;
-the client got no 250 and sends again.  All functions here block: call them
-from a worker thread, never on the event loop.
+A crash between 1 and 2 leaves an orphan file that ``sweep_orphans`` removes at the next
+start (a file younger than an hour stays, and so does every file whose row exists: a COMMIT
+that reported failure but was applied keeps its message); the client got no 250 and sends
+again.  A commit known to have failed removes its files at once: the SMTP handler its
+own, the group commit those its jobs wrote (``files_written``: a bounce, an approval notice,
+a held message's original); neither when the commit's outcome is unknown
+(``gateway.groupcommit.outcome_unknown``).  All functions here block: call them from a
+worker thread, never on the event loop.
 
 An accepted submission is not written twice: its archive blob (encrypted,
 compressed, fsynced like a spool file) holds the very bytes the relay sends, so
@@ -23,8 +28,10 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -85,6 +92,46 @@ def _unlink(path: Path) -> None:
         pass
 
 
+_written = threading.local()  # .files: the list ``files_written`` collects into, in this thread
+
+
+@contextmanager
+def files_written() -> Iterator[list[Path]]:
+    """The queue files written in this thread meanwhile (``Spool.write``, and ``note_written``
+    for others such as a held message's original), for a caller that removes them should the
+    rows they belong to not be committed (``gateway.groupcommit``, per job).  Nested: the outer
+    collection gets the inner one's files too."""
+    outer = getattr(_written, "files", None)
+    files: list[Path] = []
+    _written.files = files
+    try:
+        yield files
+    finally:
+        _written.files = outer
+        if outer is not None:
+            outer.extend(files)
+
+
+def note_written(path: Path) -> None:
+    """``path`` was just written for a row of the current transaction (see ``files_written``;
+    nothing happens outside one)."""
+    files = getattr(_written, "files", None)
+    if files is not None:
+        files.append(Path(path))
+
+
+def remove_files(paths: Iterable[Path]) -> int:
+    """Unlink ``paths`` (already gone: fine); how many were there."""
+    removed = 0
+    for path in paths:
+        try:
+            os.unlink(path)
+            removed += 1
+        except FileNotFoundError:
+            pass
+    return removed
+
+
 ARCHIVE_PREFIX = "archive:"
 
 
@@ -137,6 +184,7 @@ class Spool:
             write_durably(path, data, sync_dir=sync_dir)
         except OSError as exc:
             raise SpoolError(exc.errno, f"spool write failed: {exc.strerror or exc}") from exc
+        note_written(path)
         return path
 
     def insert(

@@ -14,7 +14,8 @@ permanent code that shows internals): the policy raising answers 451 4.3.0 (POLI
 storing failing 452 4.3.1 / 451 4.3.0, anything else 451 4.3.0 (LOCAL_TEMPFAIL) — each logged
 with the queue id and the user, counted as verdict "tempfail", and nothing of it stored.
 A client that goes away while the commit is pending (aiosmtpd cancels the handler) leaves the
-message to the commit's outcome: stored if it commits, removed if it fails (``_store``).
+message to the commit's outcome: stored if it commits, removed if it fails (``_store``) — kept
+for the start-up sweep if that outcome is unknown (``groupcommit.outcome_unknown``).
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ from gateway.db.errors import describe_db_error
 from gateway.db.inserts import buffered_inserts, flush_inserts, insert_row
 from gateway.db.models import Customer, OutboundMessage, utcnow
 from gateway.directory import Directory, EmployeeInfo
-from gateway.groupcommit import CommitterStopped, GroupCommitter
+from gateway.groupcommit import CommitterStopped, GroupCommitter, outcome_unknown
 from gateway.i18n import t
 from gateway.mutate import apply_mutations
 from gateway.policy import ACCEPT, HOLD, REJECT, Context, Policy, Verdict
@@ -490,14 +491,27 @@ class SubmissionHandler:
         return blob, {folder} if folder is not None else set()
 
     def _store_failed(self, parts: list[tuple[Context, Verdict, str]], exc: BaseException) -> NoReturn:
-        """Nothing of ``parts`` is stored: their spool files go, a SpoolError is raised."""
-        for _, _, q in parts:
-            self.spool.discard(q)
+        """Nothing of ``parts`` is stored: their spool files go (with a held message's original),
+        a SpoolError is raised.  Unless the commit's outcome is unknown (``outcome_unknown``: the
+        connection lost during the COMMIT, which PostgreSQL may have applied, or a WAL fsync
+        failed after it): their rows may exist, so the files stay — the start-up sweep removes
+        them if the rows do not, and keeps them for the relay or the approval if they do."""
+        self._discard_unless_stored(parts, exc)
         if isinstance(exc, SpoolError):
             raise exc
         if isinstance(exc, OSError):
             raise SpoolError(exc.errno, f"store failed: {exc.strerror or exc}") from exc
         raise SpoolError(None, f"store failed: {exc}") from exc
+
+    def _discard_unless_stored(self, parts: list[tuple[Context, Verdict, str]], exc: BaseException) -> None:
+        """The files of ``parts`` after a failed store: removed when the failure is known to
+        have stored nothing, kept when the commit's outcome is unknown (see ``_store_failed``)."""
+        if outcome_unknown(exc):
+            log.warning("%s: the commit's outcome is unknown; its files are kept for the start-up sweep (kept"
+                        " if the message was stored after all, else removed)", ", ".join(q for _, _, q in parts))
+            return
+        for _, _, q in parts:
+            self.spool.discard(q)
 
     async def _store(self, ctx: Context, verdict: Verdict, queue_id: str, prepared: Any,
                      also: tuple[Context, Verdict, str] | None = None,
@@ -558,16 +572,17 @@ class SubmissionHandler:
         """The outcome of a commit whose session was cancelled before its 250 (a done-callback,
         on the event loop).  Committed: the message stays — it is relayed (or waits for
         approval); the client, who got no 250, may send it again (a duplicate: the accepted
-        at-least-once cost).  Failed: its spool files go, as after any failed commit."""
+        at-least-once cost).  Failed: its spool files go, as after any failed commit (unless its
+        outcome is unknown: ``_store_failed``)."""
         queue_id = parts[0][2]
         error = None if future.cancelled() else future.exception()
         if error is not None:
-            for _, _, q in parts:
-                self.spool.discard(q)
+            self._discard_unless_stored(parts, error)
             metrics.smtp_messages.labels("tempfail").inc()
             summary, frames = describe_error(error)
-            log.error("%s: the client went away before the 250 and the store failed: %s; nothing stored\n%s",
-                      queue_id, summary, frames)
+            stored = "perhaps stored (the commit's outcome is unknown)" if outcome_unknown(error) else "nothing stored"
+            log.error("%s: the client went away before the 250 and the store failed: %s; %s\n%s",
+                      queue_id, summary, stored, frames)
             return
         # (A cancelled future, which nothing here does, would leave the outcome unknown: the
         # files stay, for the job may have committed; sweep_orphans takes them if it did not.)

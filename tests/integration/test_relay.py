@@ -707,6 +707,48 @@ def test_an_outcome_never_recorded_is_given_up_before_its_claim_runs_out_and_del
 
 
 
+@pytest.mark.parametrize("mode", ["refused", "applied"])
+def test_the_bounce_of_an_outcome_whose_commit_failed_leaves_no_orphan_file(
+        sink, spool, clock, workers, monkeypatch, caplog, mode):
+    """A refused recipient: the outcome's job in the group commit writes a bounce (DSN) file
+    and row, and the batch's COMMIT fails.  refused (nothing stored): the bounce's file goes at
+    once, the retry writes a new one and is recorded — one bounce, one file.  applied (the
+    reply lost, the rows stored): the file stays (its row may exist), the retry finds the claim
+    gone, the start-up sweep keeps the file, and the bounce reaches the sender."""
+    from gateway.groupcommit import GroupCommitter
+    from tests.harness.commitfault import CommitFault
+
+    committer = GroupCommitter()
+    worker = quick_retries(RelayWorker(via_sink(sink), spool, "w1", None, now=clock, committer=committer))
+    workers.append(worker)
+    refuse_recipient(sink, "nobody@customer.example")
+    queued = spool.enqueue("alice@acme.test", ["nobody@customer.example"], MESSAGE)
+    fault = CommitFault(monkeypatch, mode, thread="group-commit")
+    try:
+        with caplog.at_level(logging.INFO, logger="gateway.relay"):
+            assert run_once(worker) == 1
+        assert fault.failed == 1
+        [dsn] = bounces()
+        assert row(queued.queue_id).state == "bounced"
+        files = sorted(p.name for p in spool.directory.iterdir())
+        if mode == "refused":  # only the bounce recorded has a file: none of the failed try is left
+            assert files == [dsn.spool_path]
+            assert spool.sweep_orphans(older_than=0) == 0
+        else:  # the retry found the claim gone (the first commit went through after all): the
+            # bounced message's own file waits for the sweep (as documented), the bounce's is kept
+            assert "claim is gone" in caplog.text
+            assert files == sorted([dsn.spool_path, spool.path_for(queued.queue_id).name])
+            assert spool.sweep_orphans(older_than=0) == 1
+            assert [p.name for p in spool.directory.iterdir()] == [dsn.spool_path]
+        clock.advance(60)
+        assert run_once(worker) == 1  # the bounce goes out
+    finally:
+        committer.stop()
+    [notice] = received(sink)
+    assert list(notice.rcpt_tos) == ["alice@acme.test"]
+    assert row(dsn.queue_id).state == "sent" and list(spool.directory.iterdir()) == []
+
+
 def test_a_stop_gives_up_unrecorded_outcomes_in_bounded_time(sink, spool, monkeypatch, caplog):
     """Recording fails for as long as the worker runs (the database stays away): a stop ends
     the retries within CLOSE_WAIT — the outcome given up at ERROR, its slot freed — instead
