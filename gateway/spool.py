@@ -178,7 +178,9 @@ class Spool:
 
     def write(self, queue_id: str, data: bytes, sync_dir: bool = True) -> Path:
         """Phase 1: the message file, fsynced (and its directory entry unless the
-        caller syncs the directory itself).  Raises SpoolError."""
+        caller syncs the directory itself).  Raises SpoolError.  Inside a group-commit job
+        the file is noted (``note_written``) and removed should the job's rows not be stored:
+        there, write only the files of new rows, never one a committed row points at."""
         path = self.path_for(queue_id)
         try:
             write_durably(path, data, sync_dir=sync_dir)
