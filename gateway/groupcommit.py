@@ -479,8 +479,8 @@ def _run_jobs(batch: list[_Job], files: list[Path]) -> list[tuple[Any, BaseExcep
             try:
                 with database.atomic(), chain.savepoint():
                     results = many([batch[i].args for i in members])
-                if len(results) != len(members):
-                    raise RuntimeError(f"{many!r} answered {len(results)} results for {len(members)} jobs")
+                    if len(results) != len(members):  # inside: its rows roll back before each job runs alone
+                        raise RuntimeError(f"{many!r} answered {len(results)} results for {len(members)} jobs")
             except Exception as exc:  # one job's failure must not spoil the others: each alone
                 failed: Exception | None = exc
             else:
