@@ -40,6 +40,7 @@ import bottle
 from gateway.archive import ArchiveError, BlobError, for_config
 from gateway.archive.export import ExportItem, attachments, safe_filename, write_mbox, write_zip
 from gateway.archive.index import backlog
+from gateway.archive.index import given_up as index_given_up
 from gateway.archive.query import QueryError
 from gateway.archive.schema import ArchiveSighting
 from gateway.archive.search import MAX_OFFSET, record_ids, search
@@ -68,6 +69,9 @@ i18n.register({
         "archive.no_results": "没有找到邮件。",
         "archive.pending": ("有 {n} 封邮件暂时搜不到：最新的邮件还在建立索引（邮件高峰时索引最多落后约 {lag} 秒），"
                             "存储文件读取失败或写入索引失败的邮件稍后会再试（如果这个数字一直不减少，请联系管理员）。"),
+        "archive.given_up": ("有 {n} 封邮件因内容无法写入搜索索引，已停止重试：邮件本身完整保存在归档中，"
+                             "但搜索不到。请联系管理员（命令 mailgate archive reindex --failed 可重试，"
+                             "mailgate archive verify 会列出这些邮件）。"),
         "archive.col.date": "时间 (UTC)",
         "archive.col.direction": "方向",
         "archive.col.from": "发件人",
@@ -168,6 +172,10 @@ i18n.register({
                             "burst of mail the index may fall up to about {lag} s behind), and any whose stored "
                             "copy could not be read or whose index entry could not be written are tried again "
                             "later (if this number does not go down, tell the administrator)."),
+        "archive.given_up": ("{n} messages could not be added to the search index because of their content and are "
+                             "no longer retried: they are kept whole in the archive but search does not find them. "
+                             "Tell the administrator (`mailgate archive reindex --failed` tries them again; "
+                             "`mailgate archive verify` lists them)."),
         "archive.col.date": "Date (UTC)",
         "archive.col.direction": "Direction",
         "archive.col.from": "From",
@@ -393,8 +401,10 @@ def routes(app: bottle.Bottle) -> None:
     def index() -> str:
         params = bottle.request.query
         # Mail the background indexer has not reached yet (it waits out bursts) or could not read
-        # or write (tried again later): said, not hidden.
-        waiting = {"pending": backlog(), "lag": int(panel_config().archive.index_lag)}
+        # or write (tried again later), and those given up for their content: said, not hidden.
+        given_up = index_given_up(0)[0]
+        waiting = {"pending": max(0, backlog() - given_up), "given_up": given_up,
+                   "lag": int(panel_config().archive.index_lag)}
         if "q" not in params:
             return render("archive/search.html", q="", page=1, rows=[], has_more=False, error="", searched=False,
                           export_over=False, **_export_caps(), base_url="/archive", **waiting)

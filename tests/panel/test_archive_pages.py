@@ -249,6 +249,31 @@ def test_mail_not_indexed_yet_is_announced_on_the_search_page(http_as, archived,
     assert 'id="archive-pending"' not in page.text and 'data-record="' in page.text
 
 
+def test_mail_given_up_by_the_indexer_is_announced_apart(http_as, archived, panel_server, panel_db):
+    """A record whose document the database refused for its data, given up by the indexer
+    (``unread.FAILED``), will not show up by waiting: the page says so and what to do,
+    instead of counting it among the mail still being indexed."""
+    import datetime as dt
+
+    from gateway.archive.index import index_pending
+    from gateway.archive.unread import FAILED, UnreadRecord
+
+    client = http_as("auditor")
+    node = for_config(load(panel_server.config_path))
+    while index_pending(node):  # whatever other tests left unindexed
+        pass
+    UnreadRecord.create(record_id=archived.ids[0], reason="index write failed: DataError: (test)",
+                        retry_at=dt.datetime(2000, 1, 1), data_errors=4, state=FAILED)
+    try:
+        page = client.get("/archive?q=" + quote(archived.tag))
+        assert 'id="archive-given-up"' in page.text and "有 1 封邮件因内容无法写入搜索索引" in page.text
+        assert "mailgate archive reindex --failed" in page.text
+        assert 'id="archive-pending"' not in page.text  # not "still being indexed"
+    finally:
+        UnreadRecord.delete().where(UnreadRecord.record_id == archived.ids[0]).execute()
+    assert 'id="archive-given-up"' not in client.get("/archive").text
+
+
 def _get_bytes(client, path: str) -> tuple[int, dict[str, str], bytes]:
     """GET through the signed-in client without text decoding (zip bodies)."""
     import urllib.error
