@@ -19,6 +19,40 @@ stopped (``CommitterStopped``) is given up at once: its claim stays, and expires
 
 Nothing here blocks the event loop: every DB and SMTP call runs in the
 worker's own thread (``_call``).
+
+**Stopping.**  Three parties are involved: the worker's task on the event loop (``run``),
+its thread, which delivers one claimed row after the other and blocks on the upstream
+(``_process_rows``), and the group committer that records the outcomes (the node's, or the
+relay process's) and is stopped only after the worker's task has ended.  Cancelling the task
+does not stop the thread: before, a delivery still going on after the node's grace went on
+unseen, its outcome came after the committer's stop and was given up, and the row — still
+claimed by this node — was released at the next start (``release_node_claims``) or when its
+claim expired, and delivered a second time.  So a stop now works like an MTA's:
+
+* no new claims at once: ``run_once`` claims only while not stopping, and the rows of a
+  claimed batch not yet started are released (``_process_rows``);
+* the delivery in progress may finish: until ``STOP_SEND_WAIT`` (2 s) after the stop it may
+  still send its end of data (the final "." line);
+* the end of data is the point of no return (RFC 1047).  A transaction that has not sent it
+  by then is cut (its socket shut down from the event loop, ``SmarthostConnection.stop_sending``):
+  nothing can have been delivered, so no attempt is recorded and the row's claim is released
+  at once (``DeliveryAborted``) — another worker, or this node after its restart, takes it
+  without waiting for the claim to expire or counting an attempt;
+* a transaction past its end of data waits for the reply — the upstream may have taken the
+  message — until ``STOP_REPLY_WAIT`` (7 s) after the stop, at least 5 s after its dot, and
+  the outcome is recorded as usual, through the committer that is still running;
+* only a reply that has not come by then is given up (``stop_waiting``, ``ReplyAbandoned``).
+  Its outcome is truly unknown; it is recorded as a deferral ("no reply to the end of data
+  before the relay stopped") and logged at WARNING, and the message goes out again after the
+  backoff — the documented at-least-once case, as a reply timeout after the dot always was,
+  never a silent one.
+
+7 s leave 3 s of the node's 10 s grace for its tasks (``service.TASK_GRACE``, which begins
+after the SMTP sessions were drained, so usually later than the worker's stop) to commit the
+outcome and close; the relay process gets 15 s (``relayproc``).  A database that is away at
+that moment still ends in the given-up outcome above (``CLOSE_WAIT``).  Not covered: a TCP
+connect to the upstream still pending at the stop has no socket to cut yet; it ends within
+``[upstream] timeout``, then aborts before the greeting (nothing sent).
 """
 
 from __future__ import annotations
@@ -55,8 +89,10 @@ from gateway.relayoutcomes import UnrecordedOutcomes
 from gateway.relayqueue import backoff, claim_batch, finish_many, next_due, release, release_node_claims
 from gateway.smarthost import (
     Credentials,
+    DeliveryAborted,
     RelayError,
     Reply,
+    ReplyAbandoned,
     SmarthostConnection,
     describe,
     is_loopback,
@@ -88,6 +124,14 @@ CLAIM_MARGIN_MAX = 60.0
 # within the node's grace for its tasks (service.TASK_GRACE, 10 s) and the relay process's
 # time to exit before it is killed (relayproc.RelayProcess.stop, 15 s).
 CLOSE_WAIT = 5.0
+# A delivery in progress when the worker stops (see the module doc): until this many seconds
+# after the stop it may still send its end of data; a transaction that has not by then is
+# cut, nothing delivered, and its row released …
+STOP_SEND_WAIT = 2.0
+# … and until this many seconds after the stop (so at least 5 s after any end of data sent
+# during the stop) the reply to an end of data is waited for, then recorded as usual.  Left
+# 3 s of the node's 10 s grace (service.TASK_GRACE) to commit it.
+STOP_REPLY_WAIT = 7.0
 
 
 # -- the worker -----------------------------------------------------------------
@@ -159,6 +203,7 @@ class RelayWorker:
         self._loop = asyncio.get_running_loop()
         self._stop = stop
         log.info("relay worker %s started (relay=%s)", self.owner, self.connection.relay)
+        deadlines = asyncio.create_task(self._stop_deadlines(stop), name=f"{self.name}-stop-deadlines")
         try:
             while not stop.is_set():
                 self._wake.clear()
@@ -176,8 +221,22 @@ class RelayWorker:
                 if not await self._sleep(stop, timeout):
                     await self._call(self.connection.close)  # idle for a while: no session kept
         finally:
+            deadlines.cancel()
+            # Normally idle by now.  Cancelled (the node's grace ran out), a delivery may still be
+            # going on in the worker thread: cut it, so that the thread ends soon.
+            self.connection.stop_waiting()
             await self.aclose()
             log.info("relay worker %s stopped", self.owner)
+
+    async def _stop_deadlines(self, stop: asyncio.Event) -> None:
+        """Once ``stop`` is set: the delivery in progress may send its end of data for
+        STOP_SEND_WAIT seconds more and gets its reply until STOP_REPLY_WAIT (module doc).
+        Timers on the event loop, as the worker thread is the one blocked on the upstream."""
+        await stop.wait()
+        await asyncio.sleep(STOP_SEND_WAIT)
+        self.connection.stop_sending()
+        await asyncio.sleep(max(0.0, STOP_REPLY_WAIT - STOP_SEND_WAIT))
+        self.connection.stop_waiting()
 
     async def run_once(self, keep_open: bool = False) -> int:
         """Relay every row that is due now; return how many were worked on.  ``keep_open``:
@@ -345,6 +404,11 @@ class RelayWorker:
             replies = dict.fromkeys(recipients, Reply(None, str(exc)))
         else:
             replies = self._deliver(row, credentials, recipients, data)
+            if replies is None:  # cut by the stop before its end of data: nothing delivered
+                released = release([row.id], self.owner)
+                log.info("%s: delivery aborted by the stop before the end of data; %s", row.queue_id,
+                         "released for another try" if released else "its claim was gone already")
+                return
         self._record(row, recipients, replies, credentials, data, archived)
 
     def _renew_claim(self, row: OutboundMessage) -> bool:
@@ -374,11 +438,23 @@ class RelayWorker:
         credentials: Credentials | None,
         recipients: list[str],
         data: bytes,
-    ) -> dict[str, Reply]:
+    ) -> dict[str, Reply] | None:
+        """Each recipient's reply; None when the stop cut the transaction before its end of
+        data (``DeliveryAborted``).  A wait for the reply to the end of data that the stop ended
+        (``ReplyAbandoned``) is a deferral like a timeout there, said so at WARNING."""
         if not recipients:
             return {}
         try:
             return self.connection.send(credentials, row.mail_from, recipients, data)
+        except DeliveryAborted:
+            self.connection.close()
+            return None
+        except ReplyAbandoned as exc:
+            self.connection.close()
+            log.warning("%s: the stop ended the wait for the upstream's reply to the end of data (%s);"
+                        " the message may have been delivered and will be tried again", row.queue_id, exc)
+            return dict.fromkeys(recipients, Reply(None, "no reply to the end of data before the relay"
+                                                         " stopped (it may have been delivered)"))
         except RelayError as exc:
             reply = exc.reply
             if exc.auth and reply.outcome == "bounced" and self._employee_auth(row):

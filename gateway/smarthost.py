@@ -4,6 +4,15 @@
 reuses the session while the credentials stay the same: no RSET after a clean 250.
 ``Reply`` classifies an answer (sent / deferred / bounced) and its enhanced status.
 Blocking: call from a worker thread.
+
+A stop (``stop_sending``, ``stop_waiting``: called from another thread, the relay worker's
+stop deadlines) cuts a transaction by shutting its socket down.  The end of data (the final
+"." line) is the point of no return: before it nothing can have been delivered, so a cut
+there raises ``DeliveryAborted`` and the message may simply be tried again; after it the
+upstream may have taken the message, so ``stop_sending`` lets the transaction wait for its
+reply, and only ``stop_waiting`` ends that wait (``ReplyAbandoned``: the outcome is unknown).
+Which side of the dot a transaction is on is decided under one lock, so a cut never lands
+on a transaction whose dot went out after the cut was decided.
 """
 
 from __future__ import annotations
@@ -11,7 +20,9 @@ from __future__ import annotations
 import ipaddress
 import re
 import smtplib
+import socket
 import ssl
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TypeVar
@@ -56,6 +67,21 @@ class Reply:
 
     def __str__(self) -> str:
         return f"{self.code} {self.text}" if self.code is not None else self.text
+
+
+class DeliveryAborted(Exception):
+    """A stop cut the transaction before its end of data was sent: nothing was delivered."""
+
+
+class ReplyAbandoned(Exception):
+    """A stop ended the wait for the reply to the end of data: the upstream may have taken
+    the message, or not."""
+
+
+# Where a transaction stands (``SmarthostConnection._phase``).
+_IDLE, _SENDING, _WAITING, _ANSWERED = "idle", "sending", "waiting", "answered"
+# How far a stop has gone (``SmarthostConnection._halt``).
+_RUNNING, _NO_MORE_DOTS, _NO_MORE_WAITING = 0, 1, 2
 
 
 class RelayError(Exception):
@@ -115,6 +141,11 @@ class SmarthostConnection:
         self._credentials: Credentials | None = None
         self._clean = False  # the last transaction ended with a 250: no RSET needed
         self.sessions_opened = 0  # for tests and debugging: reuse shows here
+        # A stop's cut (another thread) against the transaction's own steps: see the module doc.
+        self._guard = threading.Lock()
+        self._phase = _IDLE
+        self._halt = _RUNNING
+        self._opening: smtplib.SMTP | None = None  # a session being set up (not yet self._smtp)
 
     @property
     def relay(self) -> str:
@@ -124,7 +155,60 @@ class SmarthostConnection:
         self, credentials: Credentials | None, mail_from: str, recipients: list[str], data: bytes
     ) -> dict[str, Reply]:
         """One transaction; the reply for each recipient.  Raises RelayError, OSError,
-        smtplib.SMTPException when no transaction could be made or the session broke."""
+        smtplib.SMTPException when no transaction could be made or the session broke;
+        ``DeliveryAborted`` / ``ReplyAbandoned`` when a stop cut it (``stop_sending``,
+        ``stop_waiting``)."""
+        with self._guard:
+            if self._halt != _RUNNING:
+                raise DeliveryAborted("the relay is stopping")
+            self._phase = _SENDING
+        try:
+            return self._transaction(credentials, mail_from, recipients, data)
+        except (DeliveryAborted, ReplyAbandoned):
+            raise
+        except Exception as exc:
+            with self._guard:
+                phase, halt = self._phase, self._halt
+            if phase == _SENDING and halt != _RUNNING:
+                raise DeliveryAborted(f"cut before the end of data: {describe(exc)}") from exc
+            if phase == _WAITING and halt == _NO_MORE_WAITING:
+                raise ReplyAbandoned(f"no reply to the end of data: {describe(exc)}") from exc
+            raise
+        finally:
+            with self._guard:
+                self._phase = _IDLE
+
+    def stop_sending(self) -> None:
+        """From any thread: no transaction sends its end of data from now on.  One that has
+        not sent it yet is cut at once (``DeliveryAborted``: nothing delivered, and its
+        ``send`` returns soon even if the upstream is stuck); one past it waits for its reply."""
+        with self._guard:
+            self._halt = max(self._halt, _NO_MORE_DOTS)
+            if self._phase == _SENDING:
+                self._cut()
+
+    def stop_waiting(self) -> None:
+        """From any thread: as ``stop_sending``, and a transaction waiting for the reply to its
+        end of data stops waiting (``ReplyAbandoned``)."""
+        with self._guard:
+            self._halt = _NO_MORE_WAITING
+            if self._phase in (_SENDING, _WAITING):
+                self._cut()
+
+    def _cut(self) -> None:
+        """Shut the sockets of the transaction down (the guard held): the thread blocked on
+        them gets EOF or an error at once.  ``close`` still runs in that thread."""
+        for smtp in (self._smtp, self._opening):
+            sock = getattr(smtp, "sock", None)
+            if sock is not None:
+                try:
+                    socket.socket.shutdown(sock, socket.SHUT_RDWR)  # not SSLSocket's: its state stays
+                except OSError:
+                    pass
+
+    def _transaction(
+        self, credentials: Credentials | None, mail_from: str, recipients: list[str], data: bytes
+    ) -> dict[str, Reply]:
         smtp = self._session(credentials)
         options = []
         if smtp.has_extn("size"):
@@ -155,10 +239,9 @@ class SmarthostConnection:
         if not accepted:
             self._reset()
             return replies
-        try:
-            final = Reply.of(*smtp.data(data))
-        except smtplib.SMTPDataError as exc:  # DATA itself refused (no 354)
-            final = Reply.of(exc.smtp_code, exc.smtp_error)
+        go_ahead = Reply.of(*smtp.docmd("data"))
+        # DATA itself refused (no 354): that answer is every accepted recipient's.
+        final = self._end_of_data(smtp, data) if go_ahead.code == 354 else go_ahead
         if final.outcome != "sent":
             self._reset()
         else:
@@ -208,19 +291,33 @@ class SmarthostConnection:
             if accepted:  # DATA itself refused: that answer is every accepted recipient's
                 replies.update(dict.fromkeys(accepted, go_ahead))
             return replies
-        stuffed = data.replace(b"\r\n.", b"\r\n..")
-        if stuffed.startswith(b"."):
-            stuffed = b"." + stuffed
-        if not stuffed.endswith(b"\r\n"):
-            stuffed += b"\r\n"
-        smtp.send(stuffed + b".\r\n")
-        final = Reply.of(*smtp.getreply())
+        final = self._end_of_data(smtp, data)
         if final.outcome != "sent":
             self._reset()
         else:
             self._clean = True
         replies.update(dict.fromkeys(accepted, final))
         return replies
+
+    def _end_of_data(self, smtp: smtplib.SMTP, data: bytes) -> Reply:
+        """After the 354: the message and its end of data in one write, then the reply.  The
+        point of no return: a stop that came first aborts here (nothing delivered); once past
+        it, only ``stop_waiting`` cuts the wait.  ``data`` has CRLF line ends (the relay
+        normalizes them), so dot-stuffing is a plain replace."""
+        stuffed = data.replace(b"\r\n.", b"\r\n..")
+        if stuffed.startswith(b"."):
+            stuffed = b"." + stuffed
+        if not stuffed.endswith(b"\r\n"):
+            stuffed += b"\r\n"
+        with self._guard:
+            if self._halt != _RUNNING:
+                raise DeliveryAborted("the relay is stopping: the end of data was not sent")
+            self._phase = _WAITING
+        smtp.send(stuffed + b".\r\n")
+        reply = Reply.of(*smtp.getreply())
+        with self._guard:
+            self._phase = _ANSWERED  # known: a cut from now on changes nothing
+        return reply
 
     def close(self) -> None:
         smtp, self._smtp, self._credentials = self._smtp, None, None
@@ -250,7 +347,10 @@ class SmarthostConnection:
             except (smtplib.SMTPException, OSError):
                 pass
         self.close()
-        self._smtp = self._connect(credentials)
+        try:
+            self._smtp = self._connect(credentials)
+        finally:
+            self._opening = None
         self._credentials = credentials
         return self._smtp
 
@@ -268,6 +368,12 @@ class SmarthostConnection:
         except smtplib.SMTPConnectError as exc:
             raise RelayError(Reply.of(exc.smtp_code, exc.smtp_error)) from None
         self.sessions_opened += 1
+        with self._guard:  # a stop's cut reaches it from now on
+            self._opening = smtp
+            halted = self._halt != _RUNNING
+        if halted:  # the stop came while connecting: no greeting, no login
+            smtp.close()
+            raise DeliveryAborted("the relay is stopping")
         try:
             self._hello(smtp)
             if self.security == "starttls":

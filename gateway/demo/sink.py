@@ -8,7 +8,10 @@ always has a complete ``.eml`` next to it.  Names sort in arrival order.
 Failures for tests: ``fail_rcpt`` maps an address to its RCPT reply, (code, text) or a
 whole line; ``defer_next = n`` answers the end of DATA of the next n messages with 451.
 It announces PIPELINING (RFC 2920; aiosmtpd reads pipelined commands one by one) unless
-``pipelining`` is set False, so both ways of a client can be tested.
+``pipelining`` is set False, so both ways of a client can be tested.  A slow upstream:
+``hold("RCPT")`` holds every RCPT reply, ``hold("DATA")`` the reply to every end of data
+(the message stored first, as a server that is slow to answer after taking it), until
+``release()``; the ``held`` event says one is being held.
 
 Run in-process with :class:`SinkServer` or as ``python -m gateway.demo.sink --port P --dir D``
 (``--port 0`` picks a free port; the line ``READY <port>`` on stdout says it listens).
@@ -99,6 +102,9 @@ class SinkHandler:
         self._lock = threading.Lock()
         self._seq = 0
         self.pipelining = True  # announce PIPELINING in the EHLO reply
+        self.hold_at: str | None = None  # "RCPT" or "DATA": see hold()
+        self.held = threading.Event()  # set when a reply is being held
+        self._holding: list[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = []
 
     async def handle_EHLO(  # aiosmtpd hook name
         self, server: SMTP, session: Session, envelope: Envelope, hostname: str, responses: list[str]
@@ -122,6 +128,31 @@ class SinkHandler:
         self.defer_next = 0
         self.defer_reply = DEFER_REPLY
         self.pipelining = True
+        self.release()
+
+    def hold(self, command: str) -> None:
+        """Hold every reply to ``command`` ("RCPT", or "DATA": the reply to the end of data)
+        until ``release()``: a slow upstream.  Any thread."""
+        with self._lock:
+            self.held.clear()
+            self.hold_at = command
+
+    def release(self) -> None:
+        """Answer the held replies, and hold no more.  Any thread."""
+        with self._lock:
+            self.hold_at = None
+            holding, self._holding = self._holding, []
+        for loop, event in holding:
+            loop.call_soon_threadsafe(event.set)
+
+    async def _hold(self, command: str) -> None:
+        with self._lock:
+            if self.hold_at != command:
+                return
+            event = asyncio.Event()
+            self._holding.append((asyncio.get_running_loop(), event))
+            self.held.set()
+        await event.wait()
 
     async def handle_RCPT(  # aiosmtpd hook name
         self,
@@ -132,6 +163,7 @@ class SinkHandler:
         rcpt_options: list[str],
     ) -> str:
         wanted = address.lower()
+        await self._hold("RCPT")
         for key, reply in list(self.fail_rcpt.items()):
             if key.lower() == wanted:
                 return reply if isinstance(reply, str) else f"{reply[0]} {reply[1]}"
@@ -148,6 +180,7 @@ class SinkHandler:
         message = self._store(session, envelope)
         if self.on_message is not None:
             self.on_message(message)
+        await self._hold("DATA")
         return "250 OK stored"
 
     def _store(self, session: Session, envelope: Envelope) -> SinkMessage:
@@ -287,6 +320,18 @@ class SinkServer:
     @defer_next.setter
     def defer_next(self, count: int) -> None:
         self.handler.defer_next = count
+
+    @property
+    def held(self) -> threading.Event:
+        """Set when a reply is being held (see ``hold``)."""
+        return self.handler.held
+
+    def hold(self, command: str) -> None:
+        """Hold every reply to ``command`` ("RCPT" or "DATA") until ``release()``."""
+        self.handler.hold(command)
+
+    def release(self) -> None:
+        self.handler.release()
 
     # -- messages ------------------------------------------------------------
 

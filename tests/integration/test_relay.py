@@ -834,3 +834,109 @@ def test_outcomes_waiting_to_be_recorded_count_against_the_outstanding_limit(
     assert len(received(sink, 4)) == 4
     assert OutboundMessage.select().where(OutboundMessage.state == "sent").count() == 4
     assert all(count >= 2 for count in seen.values())  # every outcome was tried again
+
+
+# -- a stop while a delivery is under way (relay.py module doc, "Stopping") ------------
+
+
+def stop_during_delivery(worker: RelayWorker, sink, *, on_stop_sending=None) -> None:
+    """Run ``worker`` until the sink holds a reply of its delivery, then stop it; wait for the
+    worker to end.  ``on_stop_sending`` runs (in the event loop) once the worker has passed
+    its STOP_SEND_WAIT deadline."""
+    if on_stop_sending is not None:
+        real = worker.connection.stop_sending
+
+        def stop_sending() -> None:
+            real()
+            on_stop_sending()
+
+        worker.connection.stop_sending = stop_sending
+
+    async def scenario() -> None:
+        stop = asyncio.Event()
+        task = asyncio.create_task(worker.run(stop))
+        assert await asyncio.to_thread(sink.held.wait, 20)
+        stop.set()
+        await asyncio.wait_for(task, timeout=10)
+
+    asyncio.run(scenario())
+
+
+def test_a_stop_lets_a_delivery_past_its_end_of_data_wait_for_its_reply_and_records_it(
+        sink, spool, monkeypatch, caplog):
+    """The upstream took the end of data and is slow to answer when the worker stops: the
+    worker does not cut it at STOP_SEND_WAIT but waits for the 250 and records it through the
+    group committer — sent, delivered once, claim and spool file gone."""
+    from gateway import relay
+    from gateway.groupcommit import GroupCommitter
+
+    monkeypatch.setattr(relay, "STOP_SEND_WAIT", 0.05)
+    committer = GroupCommitter()
+    worker = RelayWorker(via_sink(sink), spool, "w1", None, committer=committer)
+    queued = spool.enqueue("alice@acme.test", ["buyer@customer.example"], MESSAGE)
+    sink.hold("DATA")
+    try:
+        with caplog.at_level(logging.INFO, logger="gateway.relay"):
+            stop_during_delivery(worker, sink, on_stop_sending=sink.release)
+    finally:
+        committer.stop()
+    done = row(queued.queue_id)
+    assert (done.state, done.attempts, done.claimed_by) == ("sent", 1, None)
+    assert not spool.path_for(queued.queue_id).exists()
+    assert len(sink.messages()) == 1
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+
+
+def test_a_stop_cuts_a_delivery_before_its_end_of_data_and_releases_the_row(
+        sink, pipelining, spool, monkeypatch, caplog, workers):
+    """The upstream holds its RCPT reply when the worker stops: at STOP_SEND_WAIT the
+    transaction is cut before any end of data — nothing delivered, no attempt counted, the
+    claim released at once — and the next worker delivers the message exactly once."""
+    from gateway import relay
+
+    monkeypatch.setattr(relay, "STOP_SEND_WAIT", 0.05)
+    worker = RelayWorker(via_sink(sink), spool, "w1", None)
+    queued = spool.enqueue("alice@acme.test", ["buyer@customer.example"], MESSAGE)
+    due = row(queued.queue_id).next_attempt_at
+    sink.hold("RCPT")
+    with caplog.at_level(logging.INFO, logger="gateway.relay"):
+        stop_during_delivery(worker, sink)
+    waiting = row(queued.queue_id)
+    assert (waiting.state, waiting.attempts, waiting.claimed_by, waiting.claimed_until) == ("queued", 0, None, None)
+    assert waiting.next_attempt_at == due and waiting.last_error in ("", None)
+    assert spool.path_for(queued.queue_id).exists()
+    assert any("delivery aborted by the stop before the end of data; released" in r.getMessage()
+               for r in caplog.records)
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+    sink.release()
+    assert sink.messages() == []
+    again = make_worker(workers, via_sink(sink), spool, Clock(), name="w2")
+    assert run_once(again) == 1
+    assert len(received(sink)) == 1 and row(queued.queue_id).state == "sent"
+
+
+def test_a_reply_that_does_not_come_before_the_stop_deadline_is_recorded_as_a_deferral(
+        sink, spool, monkeypatch, caplog):
+    """The upstream never answers the end of data: at STOP_REPLY_WAIT the wait ends and the
+    attempt is recorded — deferred, its reply "may have been delivered", a WARNING — not left
+    unknown under a claim; the message goes out again after the backoff (at least once)."""
+    from gateway import relay
+
+    monkeypatch.setattr(relay, "STOP_SEND_WAIT", 0.05)
+    monkeypatch.setattr(relay, "STOP_REPLY_WAIT", 0.3)
+    worker = RelayWorker(via_sink(sink), spool, "w1", None)
+    queued = spool.enqueue("alice@acme.test", ["buyer@customer.example"], MESSAGE)
+    sink.hold("DATA")
+    try:
+        with caplog.at_level(logging.INFO, logger="gateway.relay"):
+            stop_during_delivery(worker, sink)
+    finally:
+        sink.release()
+    waiting = row(queued.queue_id)
+    assert (waiting.state, waiting.attempts, waiting.claimed_by) == ("queued", 1, None)
+    assert "may have been delivered" in waiting.last_error
+    assert waiting.next_attempt_at > waiting.created_at
+    [warning] = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING
+                 and "stop ended the wait" in r.getMessage()]
+    assert queued.queue_id in warning and "will be tried again" in warning
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
