@@ -4,7 +4,9 @@ The SMTP side and the relay are both CPU-bound Python; in one process they share
 one core (the GIL).  With ``relay.process = "separate"`` the node starts this
 module as a child: it runs the same ``RelayWorker``s with its own group
 committer (outcomes whose commit failed are recorded again there too, and a stop
-gives them up after ``relay.CLOSE_WAIT``).  The parent wakes it through a pipe (one
+gives them up after ``relay.CLOSE_WAIT``); a stop ends a delivery under way as in the node
+(gateway/relay.py, "Stopping": its end of data within 2 s, its reply within 7 s of the
+SIGTERM, well inside the 15 s the parent waits before it kills the child).  The parent wakes it through a pipe (one
 byte per "something was queued"); the child stops on SIGTERM, when the pipe closes, and — through
 PR_SET_PDEATHSIG — when the parent is killed, so a restarted node never has a
 second relay for the same spool.  Relay counters are shared with the parent's
@@ -64,13 +66,19 @@ class RelayProcess:
         except OSError:
             log.warning("relay process is gone; queued mail waits for a restart")
 
-    def stop(self, timeout: float = 15.0) -> None:
+    def terminate(self) -> None:
+        """Begin the child's stop (SIGTERM; its workers claim nothing more from now on)."""
         if self._wake_w is not None:
             os.close(self._wake_w)
             self._wake_w = None
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+
+    def stop(self, timeout: float = 15.0) -> None:
+        """``terminate`` and wait for the child, killed after ``timeout`` seconds (blocking)."""
+        self.terminate()
         if self.proc is None:
             return
-        self.proc.send_signal(signal.SIGTERM)
         try:
             self.proc.wait(timeout)
         except subprocess.TimeoutExpired:

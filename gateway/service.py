@@ -39,6 +39,7 @@ class Node:
         self.stopping = asyncio.Event()
         self.tasks: list[asyncio.Task] = []
         self.smtp_servers: list[asyncio.AbstractServer] = []
+        self.smtp_sessions = None  # gateway.smtp.server.SessionDrain
         self.imap_ports: list = []
         self.workers: list = []
         self.relay_process = None
@@ -86,7 +87,7 @@ class Node:
             committer=self.committer, key=key,
         )
         self.rule_env, self.sign, self.approvals = stack.rule_env, stack.sign, stack.approvals
-        self.smtp_servers = stack.servers
+        self.smtp_servers, self.smtp_sessions = stack.servers, stack.sessions
         self.tasks.extend(stack.tasks)
         if cfg.smtp.processes > 1:
             from gateway.smtp.acceptor import AcceptorProcesses
@@ -138,22 +139,36 @@ class Node:
         start_http_server(self.cfg.metrics.port, self.cfg.metrics.listen, registry=exposition_registry())
 
     async def stop(self) -> None:
-        """Producers first, then what they write through: the areas (archive indexer and sync,
-        distribution), the SMTP listeners and acceptor processes, the relay process, the IMAP
-        listeners, the node's tasks (the inline relay workers, which record their last
-        outcomes through the group committer as they end); only then the group committer
-        (the jobs queued so far committed; a job after it raises ``CommitterStopped``) and
-        a last blob sync.  Each step is bounded (docs/ARCHITECTURE.md §1)."""
+        """Producers first, then what they write through.  At once: ``stopping`` (the inline
+        relay workers claim nothing more), the SMTP listeners closed, SIGTERM to the acceptor
+        and relay processes (each stops the same way, alongside), and the drain of the SMTP
+        sessions begins (421 to the idle ones; one in DATA or in its commit gets its 250 first;
+        gateway/smtp/server.py).  Meanwhile the areas stop (archive indexer and sync,
+        distribution).  Then the drain's end, the children's exit, the IMAP listeners, the
+        node's tasks (the inline relay workers, which record their last outcomes through the
+        group committer as they end); only then the group committer (the jobs queued so far
+        committed; a job after it raises ``CommitterStopped``) and a last blob sync.  Each step
+        is bounded (docs/ARCHITECTURE.md §1)."""
         self.stopping.set()
         log.info("mailgate stopping: node=%s", self.cfg.node.name)
+        for server in self.smtp_servers:
+            server.close()
+        if self.acceptors is not None:
+            self.acceptors.terminate()
+        if self.relay_process is not None:
+            self.relay_process.terminate()
+        drain = None
+        if self.smtp_sessions is not None:
+            drain = asyncio.create_task(self.smtp_sessions.drain(), name="smtp-drain")
         for name, stopper in reversed(self.area_stoppers):
             async with _timed_step(name):
                 try:
                     await stopper()
                 except Exception:
                     log.exception("an area service failed while stopping")
-        for server in self.smtp_servers:
-            server.close()
+        if drain is not None:
+            async with _timed_step("smtp sessions"):
+                await drain
         if self.acceptors is not None:
             async with _timed_step("smtp acceptors"):
                 await asyncio.to_thread(self.acceptors.stop)

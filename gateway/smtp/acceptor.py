@@ -11,9 +11,10 @@ nothing here depends on which process accepted a message.  Relay workers and the
 indexer stay in the node; a child tells the node "something was queued" through a pipe.
 
 A child dies with the node (PR_SET_PDEATHSIG) or when its pipe closes, and stops on
-SIGTERM: it closes its listeners, lets its group committer finish the batch in hand
-(nobody heard 250 for anything not committed; a session whose commit comes later is
-answered 451) and exits.
+SIGTERM as the node does: it closes its listeners, drains its sessions (421 to the idle ones,
+the busy ones finish their command first — a message being received or committed gets its
+250 —, at most ``server.SESSION_GRACE``; gateway/smtp/server.py), lets its group committer
+finish the batch in hand (nobody heard 250 for anything not committed) and exits.
 
 Per-process state: login penalties (gateway/smtp/guard.py) and the upstream-login cache are
 kept per process, and ``smtp.max_sessions`` is split between the processes.
@@ -86,11 +87,16 @@ class AcceptorProcesses:
     def alive(self) -> list[int]:
         return [p.pid for p in self.procs if p.poll() is None]
 
-    def stop(self, timeout: float = 20.0) -> None:
-        """SIGTERM every child and wait (blocking: call in a thread)."""
+    def terminate(self) -> None:
+        """SIGTERM every child: each begins its stop (drains its sessions) at once."""
         for proc in self.procs:
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
+
+    def stop(self, timeout: float = 20.0) -> None:
+        """SIGTERM every child (again: harmless) and wait, each killed after ``timeout``
+        seconds (blocking: call in a thread)."""
+        self.terminate()
         for proc in self.procs:
             try:
                 proc.wait(timeout)
@@ -131,6 +137,7 @@ async def serve(cfg: Any, queued_fd: int, index: int) -> None:
     await stop.wait()
     for server in stack.servers:
         server.close()
+    await stack.sessions.drain()
     await asyncio.to_thread(stack.committer.stop)
     for task in tasks:
         task.cancel()

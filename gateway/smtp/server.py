@@ -3,6 +3,15 @@
 ``SubmissionSMTP`` adds what the stock server lacks for a gateway: a bound on
 sessions, and a bound on concurrent DATA transfers (aiosmtpd holds a message
 in memory while it arrives, so total memory is slots × max size).
+
+At a stop (``SessionDrain.drain``, after the listeners closed) the open sessions end as
+Postfix's do: one waiting for its next command is answered "421 4.3.2 Service shutting
+down" at once and closed; one in the middle of a command — above all DATA, while the message
+arrives and while it is being committed — finishes it, the client gets its 250 (or 451),
+then the 421, and the session is closed; a command that arrives after the stop began is
+answered 421.  The whole drain is bounded (``SESSION_GRACE``): a session still busy then is
+cut (its message, if its commit was queued, is stored all the same — the client, who got no
+250, may send it again: the at-least-once case of a lost 250).
 """
 
 from __future__ import annotations
@@ -26,6 +35,10 @@ log = logging.getLogger("mailgate.smtp")
 
 DATA_SLOTS = 32
 DATA_SLOT_WAIT = 30.0
+# Seconds the sessions busy at a stop get, together, to finish their command: within the 15 s a
+# node (or an acceptor process) has before it is killed, with the group commit still to stop.
+SESSION_GRACE = 10.0
+SHUTTING_DOWN = b"421 4.3.2 Service shutting down\r\n"
 
 
 class _AuthMembers:
@@ -102,15 +115,119 @@ def class_dir(obj: Any) -> list[str]:
     return names
 
 
+class SessionDrain:
+    """The open submission sessions of one process, and their end at a stop (module doc).
+    A session leaves ``live`` when its connection is lost or once it said its 421 (a TLS
+    connection then still waits for the client's close_notify: no reason to wait for it)."""
+
+    def __init__(self) -> None:
+        self.live: set[SubmissionSMTP] = set()
+        self.stopping = False
+        self._gone = asyncio.Event()
+
+    def add(self, session: SubmissionSMTP) -> None:
+        self.live.add(session)
+
+    def discard(self, session: SubmissionSMTP) -> None:
+        self.live.discard(session)
+        if self.stopping and not self.live:
+            self._gone.set()
+
+    async def drain(self, grace: float | None = None) -> int:
+        """421 to every session waiting for a command, and close it; let the busy ones finish
+        their command (``SubmissionSMTP._command`` says goodbye after it); wait until all are
+        gone, at most ``grace`` seconds (``SESSION_GRACE``), then cut the rest.  Returns how many were cut.  Call
+        after the listeners closed (a connection still coming in is answered 421 too)."""
+        grace = SESSION_GRACE if grace is None else grace
+        self.stopping = True
+        busy = 0
+        for session in list(self.live):
+            if session.busy:
+                busy += 1
+            else:
+                session.shut_down()
+        if busy:
+            log.info("stopping: waiting for %d SMTP session(s) to finish their command", busy)
+        if self.live:
+            try:
+                await asyncio.wait_for(self._gone.wait(), grace)
+            except TimeoutError:
+                pass
+        left = list(self.live)
+        if left:
+            log.warning("%d SMTP session(s) still busy %g s after the stop: cut", len(left), grace)
+            for session in left:
+                session.cut()
+        return len(left)
+
+
+class _Command:
+    """A command method as aiosmtpd finds it in ``_smtp_methods``, run through
+    ``SubmissionSMTP._command``; other attributes (HELP's syntax) are the method's."""
+
+    __slots__ = ("session", "method")
+
+    def __init__(self, session: SubmissionSMTP, method: Any) -> None:
+        self.session, self.method = session, method
+
+    def __call__(self, arg: str | None) -> Any:
+        return self.session._command(self.method, arg)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.method, name)
+
+
 class SubmissionSMTP(SMTP):
     sessions = 0
     max_sessions = 500
     data_slots: asyncio.Semaphore | None = None
+    drain: SessionDrain | None = None  # set per session by start_smtp's factory
 
     implicit_tls = False
+    busy = False  # in the middle of a command
+    _goodbye = False  # the 421 was sent
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._smtp_methods = {name: _Command(self, method) for name, method in self._smtp_methods.items()}
 
     def __dir__(self) -> list[str]:
         return class_dir(self)
+
+    async def _command(self, method: Any, arg: str | None) -> None:
+        """One command; at a stop, 421 instead of one that came after it began, and 421 after
+        the reply of one that was under way (module doc)."""
+        drain = self.drain
+        if drain is not None and drain.stopping:
+            self.shut_down()
+            return
+        self.busy = True
+        try:
+            await method(arg)
+        except Exception as error:
+            if drain is None or not drain.stopping or isinstance(error, aiosmtpd.smtp.TLSSetupException):
+                raise  # aiosmtpd answers it (handle_exception) and reads the next command
+            await self.push(await self.handle_exception(error))  # as aiosmtpd would, then the 421
+        finally:
+            self.busy = False
+        if drain is not None and drain.stopping:
+            self.shut_down()
+
+    def shut_down(self) -> None:
+        """421 4.3.2 and close (once; not on a connection closing already)."""
+        transport = self.transport
+        if self._goodbye or transport is None or transport.is_closing():
+            return
+        self._goodbye = True
+        self._writer.write(SHUTTING_DOWN)
+        transport.close()
+        if self.drain is not None:
+            self.drain.discard(self)
+
+    def cut(self) -> None:
+        """Close at once, whatever the session is doing (the drain's grace ran out)."""
+        if self.transport is not None:
+            self.transport.abort()
 
     @property
     def is_tls(self) -> bool:
@@ -125,15 +242,23 @@ class SubmissionSMTP(SMTP):
             return  # the second call, after STARTTLS
         SubmissionSMTP.sessions += 1
         self._counted = True
+        if self.drain is not None:
+            self.drain.add(self)
         if SubmissionSMTP.sessions > self.max_sessions:
             log.warning("too many sessions (%d); refusing %s", SubmissionSMTP.sessions, self.session.peer)
             transport.write(b"421 4.7.0 Too many connections, try again later\r\n")
+            transport.close()
+        elif self.drain is not None and self.drain.stopping:  # e.g. a TLS handshake that ended after the stop
+            self._goodbye = True
+            transport.write(SHUTTING_DOWN)
             transport.close()
 
     def connection_lost(self, exc: Exception | None) -> None:
         if getattr(self, "_counted", False):
             SubmissionSMTP.sessions -= 1
             self._counted = False
+        if self.drain is not None:
+            self.drain.discard(self)
         super().connection_lost(exc)
 
     def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
@@ -227,10 +352,12 @@ def server_tls_context(cfg: Config) -> ssl.SSLContext:
     return ctx
 
 
-async def start_smtp(cfg: Config, handler: SubmissionHandler, processes: int = 1) -> list[asyncio.AbstractServer]:
+async def start_smtp(cfg: Config, handler: SubmissionHandler, processes: int = 1,
+                     drain: SessionDrain | None = None) -> list[asyncio.AbstractServer]:
     """Listen on the submission ports; a port of 0 in the config means "off".  ``processes`` > 1:
     this is one of that many processes sharing the ports (SO_REUSEPORT, see
-    gateway/smtp/acceptor.py), each with its share of ``max_sessions``."""
+    gateway/smtp/acceptor.py), each with its share of ``max_sessions``.  ``drain`` keeps the
+    sessions, for the stop (``SessionDrain.drain``)."""
     loop = asyncio.get_running_loop()
     tls = server_tls_context(cfg)
     s = cfg.smtp
@@ -241,7 +368,7 @@ async def start_smtp(cfg: Config, handler: SubmissionHandler, processes: int = 1
     def factory(tls_context: ssl.SSLContext | None, implicit: bool = False):
         # On the implicit-TLS port every byte is encrypted, so aiosmtpd's own
         # "AUTH needs STARTTLS" check must be off there (it knows only STARTTLS).
-        return lambda: SubmissionSMTP(
+        return lambda: _tracked(SubmissionSMTP(
             handler,
             hostname=s.hostname,
             ident="Mailgate ESMTP",
@@ -254,7 +381,11 @@ async def start_smtp(cfg: Config, handler: SubmissionHandler, processes: int = 1
             auth_required=False,
             timeout=s.timeout,
             loop=loop,
-        )
+        ))
+
+    def _tracked(session: SubmissionSMTP) -> SubmissionSMTP:
+        session.drain = drain
+        return session
 
     servers = []
     if s.submission_port:

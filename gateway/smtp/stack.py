@@ -40,6 +40,7 @@ class SubmissionStack:
     rule_env: Any
     handler: Any
     servers: list[asyncio.AbstractServer] = field(default_factory=list)
+    sessions: Any = None  # gateway.smtp.server.SessionDrain: the open sessions, drained at a stop
     tasks: list[asyncio.Task] = field(default_factory=list)
 
 
@@ -86,7 +87,7 @@ async def build_submission(
     from gateway.rules.env import DepartmentIndex, DomainHistory, RuleEnv
     from gateway.rules.watcher import initial_load, watch_rules
     from gateway.smtp.handler import SubmissionHandler
-    from gateway.smtp.server import start_smtp
+    from gateway.smtp.server import SessionDrain, start_smtp
 
     if directory is None:
         directory = Directory(cfg.company.domains, cfg.public_mail_domains)
@@ -121,7 +122,8 @@ async def build_submission(
         committer=committer,
     )
     stack = SubmissionStack(directory, policy, spool, archive, committer, approvals, sign, rule_env, handler)
-    stack.servers = await start_smtp(cfg, handler, processes=processes)
+    stack.sessions = SessionDrain()
+    stack.servers = await start_smtp(cfg, handler, processes=processes, drain=stack.sessions)
     stack.tasks.append(asyncio.create_task(watch_rules(policy, cfg, stopping, reloader=reloader),
                                            name="rule-watcher"))
     freeze_startup_objects()
