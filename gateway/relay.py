@@ -234,7 +234,9 @@ class RelayWorker:
         Timers on the event loop, as the worker thread is the one blocked on the upstream."""
         await stop.wait()
         await asyncio.sleep(STOP_SEND_WAIT)
-        self.connection.stop_sending()
+        if self.connection.stop_sending() == "waiting":
+            log.info("relay worker %s: stopping; waiting up to %.1f s more for the upstream's reply to an"
+                     " end of data", self.owner, STOP_REPLY_WAIT - STOP_SEND_WAIT)
         await asyncio.sleep(max(0.0, STOP_REPLY_WAIT - STOP_SEND_WAIT))
         self.connection.stop_waiting()
 

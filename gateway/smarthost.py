@@ -178,14 +178,17 @@ class SmarthostConnection:
             with self._guard:
                 self._phase = _IDLE
 
-    def stop_sending(self) -> None:
+    def stop_sending(self) -> str:
         """From any thread: no transaction sends its end of data from now on.  One that has
         not sent it yet is cut at once (``DeliveryAborted``: nothing delivered, and its
-        ``send`` returns soon even if the upstream is stuck); one past it waits for its reply."""
+        ``send`` returns soon even if the upstream is stuck); one past it waits for its reply.
+        Returns "cut", "waiting" (for a reply) or "" (no transaction)."""
         with self._guard:
             self._halt = max(self._halt, _NO_MORE_DOTS)
             if self._phase == _SENDING:
                 self._cut()
+                return "cut"
+            return "waiting" if self._phase == _WAITING else ""
 
     def stop_waiting(self) -> None:
         """From any thread: as ``stop_sending``, and a transaction waiting for the reply to its

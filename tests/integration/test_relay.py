@@ -846,9 +846,10 @@ def stop_during_delivery(worker: RelayWorker, sink, *, on_stop_sending=None) -> 
     if on_stop_sending is not None:
         real = worker.connection.stop_sending
 
-        def stop_sending() -> None:
-            real()
+        def stop_sending() -> str:
+            phase = real()
             on_stop_sending()
+            return phase
 
         worker.connection.stop_sending = stop_sending
 
@@ -884,6 +885,7 @@ def test_a_stop_lets_a_delivery_past_its_end_of_data_wait_for_its_reply_and_reco
     assert (done.state, done.attempts, done.claimed_by) == ("sent", 1, None)
     assert not spool.path_for(queued.queue_id).exists()
     assert len(sink.messages()) == 1
+    assert any("s more for the upstream's reply" in r.getMessage() for r in caplog.records)
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
 
 
