@@ -51,9 +51,10 @@ OVERSIGN_HEADERS = ("from", "reply-to", "sender", "subject", "date", "to", "cc",
 
 
 class UnsignableMessage(ValueError):
-    """The header section has a line that is neither a field nor a continuation (``no colon``,
-    ``: value``, a continuation before any field): dkimpy cannot read it, and a verifier would
-    not read it as we do."""
+    """The header section has a line dkimpy cannot read, and a verifier would not read as we
+    do. The sign mutation first puts the blank line before a line that is neither a field nor a
+    continuation (``no colon``, ``: value``, a continuation before any field) as Postfix does,
+    so what is left is the obsolete ``name : value`` (a blank before the colon)."""
 
 
 _WSP_RUN = re.compile(rb"\t[ \t]*| [ \t]+")  # only runs that change: a lone SP stays
@@ -152,7 +153,7 @@ class DkimSigner:
             headers, body = dkim.rfc822_parse(data)
         except (dkim.MessageFormatError, IndexError):  # IndexError: a continuation line first
             # (the line itself is mail content: not quoted in the note or the log)
-            raise UnsignableMessage("a header line is neither a field nor a continuation") from None
+            raise UnsignableMessage("a header line dkimpy cannot read as a field") from None
         canon = dkim.CanonicalizationPolicy.from_c_value(self.canonicalization)
         body_hash = base64.b64encode(hashlib.sha256(canonical_body(canon, body)).digest())
         include = _include_headers(headers)
@@ -187,9 +188,16 @@ class DkimSigner:
 
 
 def from_domain(data: bytes) -> str:
-    value = HeaderBlock(data).get("From") or ""
-    addresses = [a for _, a in getaddresses([value]) if "@" in a]
+    return _domain(HeaderBlock(data).get("From") or "")
+
+
+def _domain(from_value: str) -> str:
+    addresses = [a for _, a in getaddresses([from_value]) if "@" in a]
     return addresses[0].rpartition("@")[2].lower() if addresses else ""
+
+
+#: The sign mutation's note when it put the blank line in before a header line that is no field.
+BLANK_LINE_NOTE = "a header line that is no field starts the body: a blank line put before it, as Postfix does"
 
 
 @dataclass
@@ -200,16 +208,23 @@ class DkimSign:
     stage: str = "sign"
 
     def apply(self, out: Outgoing, ctx: Context) -> None:
-        domain = from_domain(out.data)
+        hb = HeaderBlock(out.data)
+        domain = _domain(hb.get("From") or "")
         if domain not in self.signer.keys:
             out.notes.append(f"not DKIM-signed: no key for {domain or '(no From domain)'}")
             return
+        # A line that is not a field ends the header section (Postfix's cleanup reads it so,
+        # and puts a blank line before it): signed as the upstream will relay it, blank line
+        # included — dkimpy cannot read it without one.
+        data = hb.to_bytes() if hb.separator_added else out.data
         try:
-            out.data = self.signer.sign(out.data, domain)
+            out.data = self.signer.sign(data, domain)
         except UnsignableMessage as exc:  # sent unsigned rather than refused (451) on every try
             log.warning("not DKIM-signed for %s: %s", domain, exc)
             out.notes.append(f"not DKIM-signed: {exc}")
             return
+        if hb.separator_added:
+            out.notes.append(BLANK_LINE_NOTE)
         out.notes.append(f"DKIM-signed for {domain}")
 
     def describe(self) -> str:

@@ -11,9 +11,11 @@ import time
 import urllib.request
 from email.message import EmailMessage
 
+import dkim
 import pytest
 
 from gateway.db.models import ArchiveRecord
+from tests.integration.test_approval_flow import dns_stub
 
 pytestmark = pytest.mark.integration
 
@@ -249,7 +251,8 @@ def test_bare_lf_fake_end_of_data_stays_inside_the_message(gateway, sink):
 
 def test_malformed_header_and_mixed_rfc2231_parameters_are_accepted(gateway, sink):
     """Two messages the submission path used to answer 451 on every try: a header line that is
-    neither a field nor a continuation (DKIM signing raised; now sent unsigned) and a
+    neither a field nor a continuation (DKIM signing raised; now it starts the body, after the
+    blank line Postfix's cleanup would put before it, and the message is signed) and a
     multipart whose Content-Type mixes RFC 2231 ``name*=`` and ``name*0*=`` (the rules' MIME
     parse raised while the example rules look at attachments)."""
     sink.clear()
@@ -263,7 +266,8 @@ def test_malformed_header_and_mixed_rfc2231_parameters_are_accepted(gateway, sin
         b"%PDF-1.4\r\n--b1--\r\n.\r\n"))
     assert reply.startswith(b"250"), reply
     first, second = sink.wait_for(2, timeout=20)
-    assert b"no colon here" in first.data and b"DKIM-Signature:" not in first.data
+    assert b"From: alice@acme.test\r\n\r\nno colon here\r\nSubject: malformed\r\n\r\nbody" in first.data
+    assert b"DKIM-Signature:" in first.data and dkim.verify(first.data, dnsfunc=dns_stub(gateway))
     assert b"%PDF-1.4" in second.data and b"DKIM-Signature:" in second.data
 
 

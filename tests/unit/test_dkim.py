@@ -129,3 +129,14 @@ def test_fast_relaxed_body_equals_dkimpy():
     for _ in range(5000):
         body = b"".join(rnd.choice(pieces) for _ in range(rnd.randrange(0, 30)))
         assert canonical_body(canon, body) == canon.canonicalize_body(body), body
+
+
+def test_a_header_line_that_is_no_field_is_signed_as_postfix_reads_it(signer, dns):
+    """The line starts the body (Postfix's cleanup puts a blank line before it): signed with
+    that blank line, so the signature verifies on what the upstream relays."""
+    raw = MESSAGE.replace(b"Subject: Offer\r\n", b"Subject: Offer\r\nno colon here\r\n")
+    out = Outgoing("alice@acme.test", ["buyer@own.example"], raw)
+    DkimSign(signer).apply(out, None)
+    assert out.notes[-1] == "DKIM-signed for acme.test"
+    assert b"Subject: Offer\r\n\r\nno colon here\r\nDate: " in out.data
+    assert verify_all(out.data, dns) == [True, True]

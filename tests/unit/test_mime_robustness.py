@@ -31,7 +31,7 @@ from gateway.archive.export import ExportItem, attachment, attachments, read_mbo
 from gateway.archive.mime_walk import parse_headers
 from gateway.directory import EmployeeInfo
 from gateway.distribute import inquiry
-from gateway.dkim import DkimSign
+from gateway.dkim import BLANK_LINE_NOTE, DkimSign
 from gateway.imap import headers as imap_headers
 from gateway.imap.decisions import Decision
 from gateway.imap.parser import Parser, quote
@@ -470,15 +470,34 @@ def test_a_mixed_rfc2231_parameter_list_is_read(rules_world: SimpleNamespace) ->
     assert inquiry.parse(MIXED_2231).text == "报价 price 5"
 
 
-@pytest.mark.parametrize("line", [b"no colon here", b": empty name", b" a continuation before any field"])
-def test_a_header_line_dkim_cannot_read_is_sent_unsigned(signer: object, line: bytes) -> None:
-    """dkimpy raises on a header line that is neither a field nor a continuation (and on a
-    continuation line first); the sign mutation raised, and the message got 451 on every try."""
-    raw = (line + b"\r\nFrom: alice@acme.test\r\n" if line.startswith(b" ") else
-           b"From: alice@acme.test\r\n" + line + b"\r\n") + b"To: b@own.example\r\n\r\nbody\r\n"
+@pytest.mark.parametrize("line", [b"no colon here", b": empty name"])
+def test_a_header_line_that_is_no_field_is_signed_after_a_blank_line(signer: object, line: bytes) -> None:
+    """dkimpy raises on a header line that is neither a field nor a continuation; the sign
+    mutation raised (451 on every try), then sent such mail unsigned. Now it reads the line as
+    Postfix's cleanup does, the first body line, and signs the message with the blank line
+    Postfix would put before it."""
+    raw = b"From: alice@acme.test\r\n" + line + b"\r\nTo: b@own.example\r\n\r\nbody\r\n"
     out = Outgoing("alice@acme.test", ["b@own.example"], raw)
     DkimSign(signer).apply(out, SimpleNamespace())
-    assert out.data == raw and out.notes == ["not DKIM-signed: a header line is neither a field nor a continuation"]
+    assert out.notes == [BLANK_LINE_NOTE, "DKIM-signed for acme.test"]
+    assert out.data.startswith(b"DKIM-Signature: ")
+    assert out.data.endswith(b"\r\nFrom: alice@acme.test\r\n\r\n" + line + b"\r\nTo: b@own.example\r\n\r\nbody\r\n")
+
+
+def test_a_continuation_before_any_field_leaves_no_from_to_sign_for(signer: object) -> None:
+    raw = b" a continuation before any field\r\nFrom: alice@acme.test\r\n\r\nbody\r\n"
+    out = Outgoing("alice@acme.test", ["b@own.example"], raw)
+    DkimSign(signer).apply(out, SimpleNamespace())  # Postfix: all of it is the body
+    assert out.data == raw and out.notes == ["not DKIM-signed: no key for (no From domain)"]
+
+
+def test_an_obsolete_field_dkim_cannot_read_is_sent_unsigned(signer: object) -> None:
+    """``name :`` (a blank before the colon, RFC 5322 §4.5.3) is a field to Postfix, not to
+    dkimpy: sent unsigned rather than refused."""
+    raw = b"From: alice@acme.test\r\nX-Old : value\r\nTo: b@own.example\r\n\r\nbody\r\n"
+    out = Outgoing("alice@acme.test", ["b@own.example"], raw)
+    DkimSign(signer).apply(out, SimpleNamespace())
+    assert out.data == raw and out.notes == ["not DKIM-signed: a header line dkimpy cannot read as a field"]
     good = Outgoing("alice@acme.test", ["b@own.example"], b"From: alice@acme.test\r\nTo: b@own.example\r\n\r\nb\r\n")
     DkimSign(signer).apply(good, SimpleNamespace())
     assert good.notes == ["DKIM-signed for acme.test"]
