@@ -39,17 +39,22 @@ class Decision:
     def new_header_len(self) -> int:
         return self.header_len + self.delta
 
-    def envelope_name(self, field: str, address: str) -> bytes | None:
-        """Tagged ENVELOPE name for an address in an ENVELOPE field, if any."""
-        fallback = None
-        for f, a, phrase in self.names:
-            if a != address:
-                continue
-            if f == field:
-                return headers.envelope_name(phrase)
-            if f == "from" and field in ("sender", "reply-to"):
-                fallback = headers.envelope_name(phrase)
-        return fallback
+    def envelope_name(self, field: str, address: str, occurrence: int = 0) -> bytes | None:
+        """Tagged ENVELOPE name for the ``occurrence``-th (from 0) appearance of ``address`` in
+        the ENVELOPE field ``field``, if any.
+
+        ``names`` holds one entry per tagged address in the header, in header order; an
+        address shown twice (``To: "A" <x@y>, "B" <x@y>``) has two entries, each with the
+        name tagged from its own display name, and its n-th appearance in the ENVELOPE gets
+        the n-th (the last, should the ENVELOPE show it more often than the header). The
+        ENVELOPE's sender and reply-to default to From's addresses when the header has none.
+        """
+        phrases = [phrase for f, a, phrase in self.names if f == field and a == address]
+        if not phrases and field in ("sender", "reply-to"):
+            phrases = [phrase for f, a, phrase in self.names if f == "from" and a == address]
+        if not phrases:
+            return None
+        return headers.envelope_name(phrases[min(occurrence, len(phrases) - 1)])
 
     def to_json(self) -> str:
         if not self.tagged:

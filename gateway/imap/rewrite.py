@@ -71,6 +71,7 @@ def rewrite_envelope(buf: bytes, env: Value, decision: Decision, fields: tuple[s
         addrs = env.items[idx]
         if addrs.kind != LIST:
             continue
+        seen: dict[str, int] = {}  # appearances of each address in this field so far
         for addr in addrs.items:
             if addr.kind != LIST or len(addr.items) != 4:
                 raise ParseError("bad address in ENVELOPE")
@@ -78,7 +79,9 @@ def rewrite_envelope(buf: bytes, env: Value, decision: Decision, fields: tuple[s
             if mailbox.kind == NIL or host.kind == NIL:
                 continue  # group syntax
             address = (mailbox.data + b"@" + host.data).decode("utf-8", "replace").lower()
-            name = decision.envelope_name(fname, address)
+            occurrence = seen.get(address, 0)
+            seen[address] = occurrence + 1
+            name = decision.envelope_name(fname, address, occurrence)
             if name is None:
                 continue
             nm = addr.items[0]

@@ -155,6 +155,31 @@ def test_sent_folder_tags_recipients(proxy, imap_upstream):
     assert fetch_size(p, uid) == len(fetch_item(p, uid, "BODY.PEEK[]"))
 
 
+def test_one_address_twice_keeps_each_tagged_name_in_envelope_and_header(proxy, imap_upstream):
+    """To: "A" <x>, "B" <x>: each ENVELOPE entry carries its own tagged name, as the header
+    does (both entries used to get the first name)."""
+    from imapclient import IMAPClient
+
+    mid, raw = message("Alice <alice@acme.test>", to='"Buyer A" <buyer@buyer.test>, "Buyer B" <buyer@buyer.test>',
+                       cc='"Buyer C" <buyer@buyer.test>')
+    direct(imap_upstream).append("Sent", "(\\Seen)", None, raw)
+    with IMAPClient(proxy.host, proxy.starttls_port, ssl=False) as c:
+        c.login("alice@acme.test", "alice-pw")
+        c.select_folder("Sent")
+        uid = c.search(["HEADER", "Message-ID", mid])[0]
+        res = c.fetch([uid], ["ENVELOPE", "BODY.PEEK[HEADER]"])[uid]
+    env = res[b"ENVELOPE"]
+
+    def names(addresses) -> list[str]:
+        return [f"{make_header(decode_header(a.name.decode()))} <{a.mailbox.decode()}@{a.host.decode()}>"
+                for a in addresses]
+
+    assert names(env.to) == ["[客户] Buyer A <buyer@buyer.test>", "[客户] Buyer B <buyer@buyer.test>"]
+    assert names(env.cc) == ["[客户] Buyer C <buyer@buyer.test>"]
+    assert display_names(res[b"BODY[HEADER]"], "To") == [", ".join(names(env.to))]
+    assert display_names(res[b"BODY[HEADER]"], "Cc") == names(env.cc)
+
+
 def test_customer_created_later_does_not_change_served_sizes(proxy, imap_upstream, imap_db):
     from gateway.customers import create_customer
     from gateway.db import connect

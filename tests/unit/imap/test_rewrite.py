@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import re
+from email.header import decode_header, make_header
+from email.parser import BytesHeaderParser
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -9,9 +13,9 @@ from hypothesis import strategies as st
 from gateway.imap import headers
 from gateway.imap.decisions import EMPTY, Decision
 from gateway.imap.fetchitems import parse_fetch
-from gateway.imap.parser import Framer, FramerSink, ParseError
+from gateway.imap.parser import Framer, FramerSink, ParseError, Parser
 from gateway.imap.plan import plan_message
-from gateway.imap.rewrite import Envelope, FetchRewriter, SizeDelta, Whole, item_key
+from gateway.imap.rewrite import Envelope, FetchRewriter, SizeDelta, Whole, item_key, rewrite_envelope
 
 HEADER = b'From: "Buyer" <buyer@buyer.test>\r\nTo: alice@acme.test\r\nSubject: x\r\n\r\n'
 BODY = b"line one\r\nline two\r\n" * 50
@@ -159,6 +163,33 @@ def test_envelope_names_are_tagged():
            b'(("Buyer" NIL "buyer" "buyer.test")) ((NIL NIL "alice" "acme.test")) NIL NIL NIL "<m@x>")')
     out, _ = _served(b"a FETCH 1 (ENVELOPE)\r\n", b"* 1 FETCH (ENVELOPE " + env + b")\r\n")
     assert out.count(b'"=?UTF-8?B?') == 3 and b'(NIL NIL "alice" "acme.test")' in out
+
+
+def test_one_address_shown_twice_keeps_each_tagged_name_in_the_envelope():
+    """To: "A" <x>, "B" <x>: the header tags each display name; the ENVELOPE named both
+    entries after the first (names were looked up by address only), so the two disagreed."""
+    header = (b'From: Alice <alice@acme.test>\r\nTo: "A" <buyer@buyer.test>, "B" <buyer@buyer.test>\r\n'
+              b'Cc: "C" <buyer@buyer.test>\r\nSubject: x\r\n\r\n')
+    p = headers.plan(header, headers.SENT_FIELDS, lambda a: "[客户]" if a == "buyer@buyer.test" else None)
+    d = Decision.from_json(Decision(len(header), p.splices, p.names, ("[客户]",)).to_json())  # as stored
+    assert display(headers.apply(header, d.splices), "To") == [
+        "[客户] A <buyer@buyer.test>, [客户] B <buyer@buyer.test>"]
+    env = (b'("Mon, 1 Jan 2024" "x" (("Alice" NIL "alice" "acme.test")) (("Alice" NIL "alice" "acme.test")) '
+           b'(("Alice" NIL "alice" "acme.test")) (("A" NIL "buyer" "buyer.test")("B" NIL "BUYER" "buyer.test")) '
+           b'(("C" NIL "buyer" "buyer.test")) NIL NIL "<m@x>")')
+    v = Parser(env).value()
+    out = rewrite_envelope(env, v, d, headers.SENT_FIELDS)
+    names = [str(make_header(decode_header(n.decode()))) for n in re.findall(rb'"(=\?UTF-8\?B\?[^"]*)"', out)]
+    assert names == ["[客户] A", "[客户] B", "[客户] C"]
+    assert out.startswith(env[:env.index(b" ((\"A\"")])  # From, Sender, Reply-To: untouched
+    # An ENVELOPE showing the address more often than the header did: the last name again.
+    assert d.envelope_name("to", "buyer@buyer.test", 5) == d.envelope_name("to", "buyer@buyer.test", 1)
+    assert d.envelope_name("bcc", "buyer@buyer.test") is None
+
+
+def display(header: bytes, field: str) -> list[str]:
+    msg = BytesHeaderParser().parsebytes(header)
+    return [str(make_header(decode_header(v))) for v in msg.get_all(field, [])]
 
 
 def test_parse_fetch_variants():
