@@ -118,8 +118,9 @@ class PostgresServer:
         self._client("createdb", *locale, _check_name(name))
         return self.url_for(name)
 
-    def drop_database(self, name: str) -> None:
-        self._client("dropdb", "--if-exists", _check_name(name))
+    def drop_database(self, name: str, force: bool = False) -> None:
+        """Drop ``name`` if it exists; ``force``: end the connections still open to it first."""
+        self._client("dropdb", "--if-exists", *(("--force",) if force else ()), _check_name(name))
 
     def _databases(self) -> list[str]:
         out = self._client("psql", "-d", "postgres", "-At", "-c", "SELECT datname FROM pg_database")

@@ -15,19 +15,15 @@ from gateway.archive.index import index_batch
 from gateway.archive.search import record_ids
 from gateway.archive.search_schema import SearchDoc
 from gateway.archive.service import _pass
-from gateway.db import connect, drop_connection
+from gateway.db import drop_connection
 from gateway.db.models import database
+from tests.harness.pgdb import pg_db
 from tests.unit.archive.conftest import message
 
 pytestmark = pytest.mark.integration
 
 
-@pytest.fixture
-def db(postgres):
-    postgres.drop_database("t_archive_outage")
-    database_ = connect(postgres.create_database("t_archive_outage"))
-    yield database_
-    database_.close()
+db = pg_db("t_archive_outage_")
 
 
 def test_the_indexer_and_the_blob_syncer_resume_after_postgresql_restarts(db, postgres, tmp_path, monkeypatch):

@@ -16,20 +16,14 @@ from gateway.archive.index import RETRY_DELAYS, backlog, index_pending
 from gateway.archive.search import record_ids
 from gateway.archive.search_schema import SearchDoc
 from gateway.archive.unread import UnreadRecord
-from gateway.db import connect, is_postgres
 from gateway.db.models import utcnow
+from tests.harness.pgdb import pg_db
 from tests.unit.archive.conftest import message
 
 pytestmark = pytest.mark.integration
 
 
-@pytest.fixture
-def db(postgres):
-    postgres.drop_database("t_archive_index_retry")
-    database_ = connect(postgres.create_database("t_archive_index_retry"))
-    assert is_postgres()
-    yield database_
-    database_.close()
+db = pg_db("t_archive_index_retry_")
 
 
 def _orphans(db) -> int:  # noqa: ANN001

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -23,6 +22,7 @@ from gateway.archive.search import record_ids
 from gateway.archive.search_schema import SearchDoc, SearchSeen
 from gateway.archive.verify import verify
 from gateway.db import connect, is_postgres
+from tests.harness.pgdb import database_name, fresh_database
 from tests.unit.archive.conftest import message
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -30,15 +30,15 @@ ROOT = Path(__file__).resolve().parents[2]
 
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.integration)])
 def db(request, tmp_path):
-    if request.param == "sqlite":
-        url = "sqlite:///" + str(tmp_path / "pipe.db")
-    else:
+    if request.param == "postgres":
         postgres = request.getfixturevalue("postgres")
-        name = "t_pipe_" + re.sub(r"[^a-z0-9_]", "_", request.node.name.lower())[-40:]
-        postgres.drop_database(name)
-        url = postgres.create_database(name)
+        with fresh_database(postgres, database_name("t_pipe_", request)) as database:
+            database.url = postgres.url_for(database.database)  # for a child process (the crash test)
+            yield database
+        return
+    url = "sqlite:///" + str(tmp_path / "pipe.db")
     database = connect(url)
-    database.url = url  # for a child process (the crash test)
+    database.url = url
     yield database
     database.close()
 

@@ -6,29 +6,16 @@ import pytest
 
 from gateway.archive import index
 from gateway.archive.search import search
-from gateway.db import connect, is_postgres
 from tests.harness import wait_until
+from tests.harness.pgdb import pg_db
 from tests.unit.archive import test_search as sqlite_cases
+from tests.unit.archive.conftest import archive  # noqa: F401 - the SQLite cases' fixture, on this db
 
 pytestmark = pytest.mark.integration
 
 
-@pytest.fixture(params=["C", "C.UTF-8"])
-def db(postgres, request):
-    """A fresh database; LC_CTYPE C (pg_trgm cannot index CJK: grams must carry it) and C.UTF-8."""
-    name = "t_archsearch_" + request.node.name.split("[")[0][-20:].lower() + ("_u" if "UTF" in request.param else "_c")
-    postgres.drop_database(name)
-    database = connect(postgres.create_database(name, lc_ctype=request.param))
-    assert is_postgres()
-    yield database
-    database.close()
-
-
-@pytest.fixture
-def archive(db, tmp_path):
-    from gateway.archive import Archive
-
-    return Archive(tmp_path / "archive", tmp_path / "archive.keys")
+# LC_CTYPE C (pg_trgm cannot index CJK: grams must carry it) and C.UTF-8
+db = pg_db("t_archsearch_", ("C", "C.UTF-8"))
 
 
 corpus = sqlite_cases.corpus

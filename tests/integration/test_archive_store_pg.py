@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from gateway.db import connect, is_postgres
+from tests.harness.pgdb import pg_db
 from tests.unit.archive import (
     test_chain,
     test_importer,
@@ -15,25 +15,12 @@ from tests.unit.archive import (
     test_verify,
     test_write_lock,
 )
+from tests.unit.archive.conftest import archive  # noqa: F401 - the SQLite cases' fixture, on this db
 
 pytestmark = pytest.mark.integration
 
 
-@pytest.fixture
-def db(postgres, request):
-    name = "t_archstore_" + request.node.name[-30:].lower()
-    postgres.drop_database(name)
-    database = connect(postgres.create_database(name))
-    assert is_postgres()
-    yield database
-    database.close()
-
-
-@pytest.fixture
-def archive(db, tmp_path):
-    from gateway.archive import Archive
-
-    return Archive(tmp_path / "archive", tmp_path / "archive.keys")
+db = pg_db("t_archstore_")
 
 
 bob = test_retention.bob
@@ -81,7 +68,7 @@ test_a_failed_write_of_a_batch_ingest_is_left_to_the_background_indexer = (
     test_unread_index.test_a_failed_write_of_a_batch_ingest_is_left_to_the_background_indexer)
 
 
-def test_the_indexer_writes_a_pass_in_one_transaction_while_records_arrive(archive, monkeypatch):
+def test_the_indexer_writes_a_pass_in_one_transaction_while_records_arrive(archive, monkeypatch):  # noqa: F811
     """PostgreSQL has no database-wide write lock for the group commit to wait on: while records
     keep arriving, a pass still writes its documents in one transaction (SQLite: chunks of
     INDEX_CHUNK, tests/unit/archive/test_deferred_index.py) — and indexes every record once."""

@@ -33,6 +33,7 @@ from gateway.relay import RelayWorker
 from gateway.spool import Spool
 from tests.harness import LogSeen
 from tests.harness.gateway import GatewayProcess
+from tests.harness.pgdb import pg_db
 from tests.integration.test_relay import MESSAGE, Clock, via_sink
 from tests.integration.test_submission import QUEUED, message, tls_ctx
 from tests.panel.conftest import PanelClient
@@ -40,12 +41,7 @@ from tests.panel.conftest import PanelClient
 pytestmark = pytest.mark.integration
 
 
-@pytest.fixture
-def db(postgres, request):
-    name = "t_restart_" + request.node.name[-30:].lower()
-    postgres.drop_database(name)
-    yield connect(postgres.create_database(name))
-    database.close()
+db = pg_db("t_restart_")
 
 
 def queued() -> list[str]:

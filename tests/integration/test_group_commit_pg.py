@@ -16,17 +16,13 @@ from gateway.db.models import OutboundMessage, database
 from gateway.groupcommit import GroupCommitter
 from gateway.relay import RelayWorker
 from gateway.spool import Spool, archive_ref
+from tests.harness.pgdb import pg_db
 from tests.integration.test_relay import MESSAGE, Clock, bounces, received, refuse_recipient, row, via_sink
 
 pytestmark = pytest.mark.integration
 
 
-@pytest.fixture
-def db(postgres, request):
-    name = "t_gcommit_" + request.node.name[-30:].lower()
-    postgres.drop_database(name)
-    yield connect(postgres.create_database(name))
-    database.close()
+db = pg_db("t_gcommit_")
 
 
 @pytest.fixture(autouse=True)

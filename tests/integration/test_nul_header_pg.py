@@ -11,10 +11,10 @@ from types import SimpleNamespace
 
 import pytest
 
-from gateway.db import connect, is_postgres
-from gateway.db.models import database
+from gateway.db import is_postgres
 from gateway.policy.context import header_text
 from gateway.smtp.handler import SubmissionHandler
+from tests.harness.pgdb import pg_db
 
 pytestmark = pytest.mark.integration
 
@@ -22,11 +22,7 @@ RAW = (b"From: alice@acme.test\r\nTo: buyer@customer.example\r\nSubject: a\x00b 
        b"Message-ID: <m\x00@acme.test>\r\n\r\nbody\r\n")
 
 
-@pytest.fixture
-def db(postgres):
-    postgres.drop_database("t_nul_header")
-    yield connect(postgres.create_database("t_nul_header"))
-    database.close()
+db = pg_db("t_nul_header_")
 
 
 def test_a_nul_in_the_subject_and_message_id_is_archived_on_postgresql(db, tmp_path):

@@ -9,24 +9,17 @@ import pytest
 
 from gateway import customers
 from gateway.config import PUBLIC_MAIL_DOMAINS
-from gateway.db import connect, is_postgres
 from gateway.db.migrations import current_version, latest_version, upgrade
 from gateway.db.models import OutboundMessage
 from gateway.directory import COLLEAGUE, OWN, Directory
 from gateway.relay import claim_batch
 from gateway.spool import Spool
+from tests.harness.pgdb import pg_db
 
 pytestmark = pytest.mark.integration
 
 
-@pytest.fixture
-def pg(postgres, request):
-    name = "t_" + request.node.name.lower().replace("[", "_").replace("]", "")[:40]
-    postgres.create_database(name)
-    db = connect(postgres.url.rsplit("/", 1)[0] + "/" + name)
-    assert is_postgres()
-    yield db
-    db.close()
+pg = pg_db("t_", name="pg")
 
 
 def test_migrations_are_versioned_and_idempotent(pg):

@@ -2,26 +2,16 @@
 
 from __future__ import annotations
 
-import uuid
-
 import pytest
 
-from gateway.db import connect, is_postgres
+from tests.harness.pgdb import pg_db
 from tests.unit import test_customers as sqlite_cases
 from tests.unit import test_pool as pool_cases
 
 pytestmark = pytest.mark.integration
 
 
-@pytest.fixture
-def db(postgres):
-    name = "t_cust_" + uuid.uuid4().hex[:10]
-    postgres.create_database(name)
-    database = connect(postgres.url_for(name))
-    assert is_postgres()
-    yield database
-    database.close()
-    postgres.drop_database(name)
+db = pg_db("t_cust_")
 
 
 team = sqlite_cases.team

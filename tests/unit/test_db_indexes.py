@@ -6,11 +6,7 @@ from __future__ import annotations
 
 import datetime as dt
 
-import pytest
-
-from gateway.db import connect
 from gateway.db.migrations import MIGRATIONS
-from gateway.db.models import database
 
 DROPPED = {
     "outboundmessage": ["outboundmessage_state"],
@@ -18,13 +14,6 @@ DROPPED = {
     "archivesighting": ["archivesighting_record_id", "archivesighting_seen_at", "archivesighting_direction",
                         "archivesighting_queue_id"],
 }
-
-
-@pytest.fixture
-def db(tmp_path):
-    db = connect(f"sqlite:///{tmp_path / 'mailgate.db'}")
-    yield db
-    database.close()
 
 
 def _indexes(db, table: str) -> set[str]:

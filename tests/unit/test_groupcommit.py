@@ -5,6 +5,7 @@ import pytest
 
 from gateway.db.models import Department, database
 from gateway.groupcommit import CommitterStopped, GroupCommitter
+from tests.harness.pgdb import fresh_database
 
 
 def test_jobs_share_a_transaction_and_fail_alone(db):
@@ -87,15 +88,9 @@ def test_archive_chain_advances_in_memory_per_batch_and_follows_rollbacks(db, tm
 
 def test_the_pipeline_and_the_chain_batch_on_postgresql_too(postgres, tmp_path):
     """The same on PostgreSQL, where the commit itself is durable (no WAL file to fsync)."""
-    from gateway.db import connect
-
-    connect(postgres.create_database("group_commit"))
-    try:
+    with fresh_database(postgres, "group_commit"):
         committer = chain_batch_checks(tmp_path)
         assert committer._wal is None
-    finally:
-        database.close()
-        postgres.drop_database("group_commit")
 
 
 def chain_batch_checks(tmp_path) -> GroupCommitter:

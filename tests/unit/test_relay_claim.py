@@ -5,18 +5,9 @@ from __future__ import annotations
 import datetime as dt
 import threading
 
-import pytest
-
-from gateway.db import connect
 from gateway.db.models import OutboundMessage, database, utcnow
 from gateway.relay import backoff, claim_batch, release
-
-
-@pytest.fixture
-def db(tmp_path):
-    connect("sqlite:///" + str(tmp_path / "queue.db"))
-    yield
-    database.close()
+from tests.harness.pgdb import fresh_database
 
 
 def make_rows(count: int, **fields) -> list[int]:
@@ -39,13 +30,9 @@ def test_racing_on_postgresql_too(postgres):
 
 
 def on_postgresql(postgres, name: str, check) -> None:
-    """Run ``check`` against a fresh PostgreSQL database ``name``, dropped after."""
-    connect(postgres.create_database(name))
-    try:
+    """Run ``check`` against a fresh PostgreSQL database ``name``."""
+    with fresh_database(postgres, name):
         check()
-    finally:
-        database.close()
-        postgres.drop_database(name)
 
 
 def race_two_workers() -> None:

@@ -8,9 +8,9 @@ import itertools
 import pytest
 
 from gateway.customers import create_customer, create_department, create_employee
-from gateway.db import connect
 from gateway.db.models import Approval, ArchiveRecord, Customer
 from panel import stats
+from tests.harness.pgdb import fresh_database
 
 SEQ = itertools.count()
 NOW = dt.datetime(2026, 11, 20, 1, 30)  # 09:30 in UTC+8
@@ -110,9 +110,5 @@ def test_window_is_bounded(db):
 
 @pytest.mark.integration
 def test_summary_on_postgres(postgres):
-    postgres.create_database("t_panel_stats")
-    database = connect(postgres.url.rsplit("/", 1)[0] + "/t_panel_stats")
-    try:
+    with fresh_database(postgres, "t_panel_stats"):
         check_world(*world())
-    finally:
-        database.close()
