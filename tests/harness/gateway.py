@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import atexit
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -168,22 +169,38 @@ class GatewayProcess:
             self.proc = None
 
 
+def seeded(base: Path, dovecot: object, overrides: dict | None = None,
+           rules: dict[str, str] | None = None) -> GatewayProcess:
+    """A gateway in ``base/gw`` with the sample data (``.sample``: what seed() made), its
+    database connected in this process; not started yet. ``rules``: more rule files (file
+    name -> YAML) beside a copy of the repository's rules/."""
+    from gateway.db import connect
+    from gateway.demo.sample_data import seed
+
+    overrides = dict(overrides or {})
+    if rules:
+        directory = base / "rules"
+        shutil.copytree(REPO / "rules", directory)
+        for name, text in rules.items():
+            (directory / name).write_text(text)
+        overrides["rules"] = {"dir": str(directory)}
+    gw = GatewayProcess(base / "gw", dovecot, overrides)
+    connect(gw.db_url)
+    gw.sample = seed()
+    return gw
+
+
 def start_hooked(base: Path, dovecot: object, monkeypatch: object, sitecustomize: str, env: dict[str, str],
                  overrides: dict | None = None) -> GatewayProcess:
     """A started gateway with the sample data whose processes first run ``sitecustomize``
     (on their PYTHONPATH; ``env`` tells it what to do): a fault injected into the real
     gateway, where a monkeypatch of this process cannot reach.  Stop it after."""
-    from gateway.db import connect
-    from gateway.demo.sample_data import seed
-
     hooks = base / "hooks"
     hooks.mkdir()
     (hooks / "sitecustomize.py").write_text(sitecustomize)
     monkeypatch.setenv("PYTHONPATH", str(hooks))
     for name, value in env.items():
         monkeypatch.setenv(name, value)
-    gw = GatewayProcess(base / "gw", dovecot, overrides=overrides)
-    connect(gw.db_url)
-    seed()
+    gw = seeded(base, dovecot, overrides)
     gw.start()
     return gw

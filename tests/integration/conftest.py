@@ -4,17 +4,13 @@ from __future__ import annotations
 
 import pytest
 
-from gateway.db import connect
-from gateway.demo.sample_data import seed
-from tests.harness.gateway import GatewayProcess
+from tests.harness.gateway import seeded
 
 
 @pytest.fixture(scope="module")
 def gateway(tmp_path_factory, dovecot, sink):
     """A running node with the sample data; module-scoped (one start per test file)."""
-    gw = GatewayProcess(tmp_path_factory.mktemp("gateway"), dovecot)
-    connect(gw.db_url)
-    gw.sample = seed()
+    gw = seeded(tmp_path_factory.mktemp("gateway"), dovecot)
     gw.start()
     yield gw
     gw.stop()

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import email
 import re
-import shutil
 import smtplib
 import ssl
 import subprocess
@@ -23,8 +22,7 @@ from gateway.approval import ApprovalService
 from gateway.config import load
 from gateway.db import connect
 from gateway.db.models import Approval, OutboundMessage, utcnow
-from gateway.demo.sample_data import seed
-from tests.harness.gateway import REPO, GatewayProcess
+from tests.harness.gateway import REPO, GatewayProcess, seeded
 
 pytestmark = pytest.mark.integration
 
@@ -41,13 +39,7 @@ rules:
 
 
 def gateway_holding_japan(tmp_path_factory, dovecot, name: str, **overrides) -> GatewayProcess:
-    base = tmp_path_factory.mktemp(name)
-    rules = base / "rules"
-    shutil.copytree(REPO / "rules", rules)
-    (rules / "70-hold-japan.yaml").write_text(HOLD_RULE)
-    gw = GatewayProcess(base / "gw", dovecot, {"rules": {"dir": str(rules)}, **overrides})
-    connect(gw.db_url)
-    seed()
+    gw = seeded(tmp_path_factory.mktemp(name), dovecot, overrides, rules={"70-hold-japan.yaml": HOLD_RULE})
     gw.start()
     return gw
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 import uuid
 from email.message import EmailMessage
 
@@ -17,36 +16,19 @@ from imapclient import IMAPClient
 from gateway.archive.schema import ArchiveRecord, ArchiveSighting
 from gateway.cli import main
 from gateway.db import connect
-from gateway.demo.sample_data import seed
 from tests.harness import wait_until
-from tests.harness.gateway import REPO, GatewayProcess
+from tests.harness.gateway import seeded
+from tests.integration.test_approval_flow import HOLD_RULE
 from tests.integration.test_submission import submit, tls_ctx
 
 pytestmark = pytest.mark.integration
 
-HOLD_RULE = """
-rules:
-  - name: hold-japan
-    description: mail to Japan needs the manager's approval
-    priority: 50
-    conditions:
-      recipient-country: [JP]
-    actions:
-      - hold_for_approval: {approvers: [manager], reason: "Japan: manager approval"}
-"""
-
-
 @pytest.fixture(scope="module")
 def gw(tmp_path_factory, dovecot, sink):
-    base = tmp_path_factory.mktemp("archive-capture")
-    rules = base / "rules"
-    shutil.copytree(REPO / "rules", rules)
-    (rules / "70-hold-japan.yaml").write_text(HOLD_RULE)
     archive = {"sync_enabled": True, "master_user": "archiver", "master_password": "archiver-pw",
                "sync_interval": 0.5, "capture_imap": True}
-    g = GatewayProcess(base / "gw", dovecot, {"rules": {"dir": str(rules)}, "archive": archive})
-    connect(g.db_url)
-    seed()
+    g = seeded(tmp_path_factory.mktemp("archive-capture"), dovecot, {"archive": archive},
+               rules={"70-hold-japan.yaml": HOLD_RULE})
     g.start()
     yield g
     g.stop()
@@ -333,9 +315,7 @@ def optin(tmp_path_factory, dovecot, sink):
     """A node without a master user: the sync reads with logins captured at proxy login."""
     archive = {"sync_enabled": True, "capture_credentials_opt_in": True, "sync_interval": 0.5,
                "capture_imap": True}
-    g = GatewayProcess(tmp_path_factory.mktemp("archive-optin") / "gw", dovecot, {"archive": archive})
-    connect(g.db_url)
-    seed()
+    g = seeded(tmp_path_factory.mktemp("archive-optin"), dovecot, {"archive": archive})
     g.start()
     yield g
     g.stop()

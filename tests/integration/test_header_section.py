@@ -5,7 +5,6 @@ arrives, and the archive holds what was relayed."""
 
 from __future__ import annotations
 
-import shutil
 import smtplib
 
 import dkim
@@ -14,11 +13,9 @@ import pytest
 from gateway.archive import for_config
 from gateway.archive.schema import ArchiveRecord, ArchiveSighting
 from gateway.config import load
-from gateway.db import connect
-from gateway.demo.sample_data import seed
 from gateway.rules.headerblock import HeaderBlock
 from tests.harness import wait_until
-from tests.harness.gateway import REPO, GatewayProcess
+from tests.harness.gateway import seeded
 from tests.integration.test_approval_flow import dns_stub
 from tests.integration.test_submission import tls_ctx
 
@@ -38,13 +35,7 @@ rules:
 
 @pytest.fixture(scope="module")
 def gw(tmp_path_factory, dovecot, sink):
-    base = tmp_path_factory.mktemp("header-section")
-    rules = base / "rules"
-    shutil.copytree(REPO / "rules", rules)
-    (rules / "70-rewrite-offers.yaml").write_text(REWRITE_RULE)
-    g = GatewayProcess(base / "gw", dovecot, {"rules": {"dir": str(rules)}})
-    connect(g.db_url)
-    seed()
+    g = seeded(tmp_path_factory.mktemp("header-section"), dovecot, rules={"70-rewrite-offers.yaml": REWRITE_RULE})
     g.start()
     yield g
     g.stop()

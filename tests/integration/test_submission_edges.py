@@ -8,9 +8,7 @@ import threading
 
 import pytest
 
-from gateway.db import connect
-from gateway.demo.sample_data import seed
-from tests.harness.gateway import GatewayProcess
+from tests.harness.gateway import seeded
 
 pytestmark = pytest.mark.integration
 
@@ -18,11 +16,9 @@ pytestmark = pytest.mark.integration
 @pytest.fixture(scope="module")
 def trusting_gateway(tmp_path_factory, dovecot, sink):
     """A node that lets 127.0.0.0/8 send without AUTH, with a small size limit."""
-    gw = GatewayProcess(tmp_path_factory.mktemp("trusting"), dovecot, {
+    gw = seeded(tmp_path_factory.mktemp("trusting"), dovecot, {
         "smtp": {"trusted_networks": ["127.0.0.0/8"], "max_message_size": 3 * 1024 * 1024},
     })
-    connect(gw.db_url)
-    seed()
     gw.start()
     yield gw
     gw.stop()
@@ -80,9 +76,7 @@ def test_many_large_messages_at_once_and_the_loop_stays_responsive(trusting_gate
 
 
 def test_upstream_down_auth_answers_454_quickly(tmp_path, dovecot):
-    gw = GatewayProcess(tmp_path / "gw", dovecot, {"upstream": {"submission_port": 1}})
-    connect(gw.db_url)
-    seed()
+    gw = seeded(tmp_path, dovecot, {"upstream": {"submission_port": 1}})
     gw.start()
     try:
         ctx = ssl.create_default_context(cafile=str(gw.cert_path))

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import email
 import re
-import shutil
 import smtplib
 import ssl
 from email.message import EmailMessage
@@ -16,37 +15,21 @@ import pytest
 
 from gateway.db import connect
 from gateway.db.models import Approval
-from gateway.demo.sample_data import seed
 from panel.auth import create_local_account
-from tests.harness.gateway import REPO, GatewayProcess
+from tests.harness.gateway import seeded
+from tests.integration.test_approval_flow import HOLD_RULE
 from tests.panel.conftest import login, wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.browser]
 
 CUSTOMER = "tanaka@osaka-machinery.jp"
-HOLD_RULE = """
-rules:
-  - name: hold-japan
-    description: mail to Japan needs the manager's approval
-    priority: 50
-    conditions:
-      recipient-country: [JP]
-    actions:
-      - hold_for_approval: {approvers: [manager], reason: "Japan: manager approval"}
-"""
 HOSTILE_HTML = ("<p>Quote <b id='bold'>JP</b></p><script>document.title='pwned'</script>"
                 "<img src='http://tracker.example/pixel.gif' onerror=\"document.title='pwned'\">")
 
 
 @pytest.fixture(scope="module")
 def gw(tmp_path_factory, dovecot, sink):
-    base = tmp_path_factory.mktemp("approval-browser")
-    rules = base / "rules"
-    shutil.copytree(REPO / "rules", rules)
-    (rules / "70-hold-japan.yaml").write_text(HOLD_RULE)
-    process = GatewayProcess(base / "gw", dovecot, {"rules": {"dir": str(rules)}})
-    connect(process.db_url)
-    seed()
+    process = seeded(tmp_path_factory.mktemp("approval-browser"), dovecot, rules={"70-hold-japan.yaml": HOLD_RULE})
     create_local_account("auditor", "Pruefer-Lesen-42", ("auditor",), name="Auditor")
     process.start()
     process.url = f"http://127.0.0.1:{process.panel_port}"
