@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import email.utils
 import re
+from email.message import Message
 
 # A plain mailbox: local@domain, no source routes, no %-hacks, no bang paths,
 # no quoted local part, no control characters.
@@ -62,3 +64,22 @@ def normalize_bare_lf(data: bytes) -> bytes:
     if data.count(b"\n") == data.count(b"\r\n"):
         return data
     return data.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
+
+
+SENDER_FIELDS = ("From", "Sender")
+
+
+def foreign_header_senders(headers: Message, own: set[str]) -> list[str]:
+    """The addresses in the From and Sender fields (every occurrence) that are not in ``own``
+    (lower-case addresses), in order; a field that names no address a reader could parse
+    (getaddresses finds none, yet it has an "@") is returned as its text.  Sender spoofing in
+    the header: MAIL FROM is checked at MAIL; recipients' mail programs show these fields."""
+    foreign: list[str] = []
+    for name in SENDER_FIELDS:
+        for value in headers.get_all(name) or ():
+            text = str(value)
+            addresses = [addr.strip() for _, addr in email.utils.getaddresses([text]) if addr.strip()]
+            if not addresses and "@" in text:
+                addresses = [" ".join(text.split())[:200]]
+            foreign += [a for a in addresses if a.lower() not in own and a not in foreign]
+    return foreign

@@ -58,7 +58,7 @@ from gateway.policy import ACCEPT, HOLD, REJECT, Context, Policy, Verdict
 from gateway.policy.context import Session, header_text
 from gateway.policy.split import split_hold
 from gateway.smtp.auth import UpstreamAuthenticator, UpstreamUnavailable
-from gateway.smtp.checks import address_problem, has_bare_cr, helo_problem, normalize_bare_lf
+from gateway.smtp.checks import address_problem, foreign_header_senders, has_bare_cr, helo_problem, normalize_bare_lf
 from gateway.smtp.errors import LOCAL_TEMPFAIL, POLICY_TEMPFAIL, PolicyError, describe_error
 from gateway.smtp.guard import LoginGuard
 from gateway.spool import Spool, SpoolError, archive_ref, new_queue_id
@@ -292,6 +292,15 @@ class SubmissionHandler:
         envelope.mail_options.extend(options)
         return "250 2.1.0 OK"
 
+    def _spoofed_header(self, foreign: list[str], ident: Identity, session: SMTPSession) -> str:
+        """550 for a From/Sender field naming someone else (nothing is stored)."""
+        metrics.smtp_messages.labels("refused").inc()
+        log.warning("refused user=%s ip=%s reason=header-sender-not-own address=<%s>", ident.username,
+                    session.peer[0], foreign[0][:200])
+        own = sorted(self._own_addresses(ident))
+        return smtp_reply(550, "5.7.1", f"From/Sender header address <{foreign[0][:200]}> is not yours; "
+                          "send as one of: " + ", ".join(own[:5]))
+
     def _own_addresses(self, ident: Identity) -> set[str]:
         if ident.employee is None:
             return {ident.username.lower()}
@@ -322,6 +331,8 @@ class SubmissionHandler:
         queue_id = new_queue_id()
         try:
             ctx = self._context(server, session, envelope, data, queue_id, ident)
+            if ident is not None and (foreign := foreign_header_senders(ctx.headers, self._own_addresses(ident))):
+                return self._spoofed_header(foreign, ident, session)
             # One trip to a worker thread for the policy (body and attachment conditions parse
             # MIME, ~10 ms/MB) and phase 1 of the store (sealing, fsyncs): off the loop.
             ctx, verdict, free, prepared = await self._decided(ctx, queue_id, ident)

@@ -42,6 +42,8 @@ def write_config(path: Path, sections: dict[str, dict[str, object]]) -> None:
 
 
 class GatewayProcess:
+    log_level = "INFO"  # ``mailgate run --log-level``; set before start()
+
     def __init__(self, base_dir: Path, dovecot, overrides: dict[str, dict[str, object]] | None = None):
         self.base_dir = Path(base_dir)
         self.base_dir.mkdir(parents=True, exist_ok=True)
@@ -112,7 +114,7 @@ class GatewayProcess:
         self._ready = ready = threading.Event()
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "gateway.cli", "-c", str(self.config_path), "run", "--log-level", "INFO"],
+            [sys.executable, "-m", "gateway.cli", "-c", str(self.config_path), "run", "--log-level", self.log_level],
             cwd=REPO,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
