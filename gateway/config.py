@@ -142,6 +142,10 @@ class IMAPConfig:
     max_connections: int = 5000
     max_connections_per_user: int = 50
     idle_timeout: int = 30 * 60
+    # Failed logins (LOGIN, AUTHENTICATE): as [smtp] auth_fail_* (gateway/smtp/guard.py).
+    auth_fail_base_delay: float = 1.0
+    auth_fail_max_delay: float = 30.0
+    auth_fail_window: int = 900
     tag_own: str = "[客户]"
     tag_colleague: str = "[同事客户]"
 

@@ -10,7 +10,7 @@ import base64
 import logging
 from typing import TYPE_CHECKING
 
-from twisted.internet import defer
+from twisted.internet import defer, task
 from twisted.python.failure import Failure
 
 from gateway import metrics
@@ -212,6 +212,30 @@ class PreLogin:
         self.close(b"Internal error")
 
     async def _do_login(self, tag: bytes, user: bytes, password: bytes) -> None:
+        """The login penalty (``svc.guard``: a growing delay per client IP and per user after
+        failures), then the upstream login."""
+        guard = self.svc.guard
+        ip = str(getattr(self.transport.getPeer(), "host", ""))
+        name = user.decode("utf-8", "replace")
+        delay = guard.delay(ip, name)
+        guard.begin(ip, name)
+        outcome: bool | None = None
+        try:
+            if delay:
+                await task.deferLater(self.svc.reactor, delay, lambda: None)  # the penalty itself
+            if not self.closing:
+                outcome = await self._upstream_login(tag, user, password)
+        finally:
+            if outcome is None:
+                guard.abandon(ip, name)
+            else:
+                guard.end(ip, name, outcome)
+        if outcome is False:
+            log.info("imap login failed user=%s ip=%s", name[:320], ip)
+
+    async def _upstream_login(self, tag: bytes, user: bytes, password: bytes) -> bool | None:
+        """Log in upstream with the client's credentials and answer the client: True when the
+        upstream accepted them, False when it refused them, None when nothing was decided."""
         svc = self.svc
         try:
             proto = await up.connect(svc.reactor, svc.upstream_settings)
@@ -220,10 +244,10 @@ class PreLogin:
             metrics.auth_results.labels("imap", "unavailable").inc()
             self.send(tag + b" NO [UNAVAILABLE] Mail server temporarily unavailable, try again later\r\n")
             self._resume_client()
-            return
+            return None
         if self.closing:
             proto.transport.loseConnection()
-            return
+            return None
         self.upstream = proto
         no_delay(proto.transport)
         proto.on_lost = self._upstream_lost
@@ -248,17 +272,17 @@ class PreLogin:
                 line = b"NO" + line[3:]
             self.send(tag + b" " + line)
             self._resume_client()
-            return
+            return False
         except up.UpstreamUnavailable:
             metrics.auth_results.labels("imap", "unavailable").inc()
             self.upstream = None
             self.send(tag + b" NO [UNAVAILABLE] Mail server temporarily unavailable, try again later\r\n")
             self._resume_client()
-            return
+            return None
         if self.closing:  # the client left while we were logging in
             proto.on_lost = None
             proto.transport.loseConnection()
-            return
+            return True
         account = user.decode("utf-8", "replace").lower()
         if not svc.limits.login(account):
             metrics.auth_results.labels("imap", "limit").inc()
@@ -267,7 +291,7 @@ class PreLogin:
             self.upstream = None
             self.send(tag + b" NO [LIMIT] Too many connections for this account\r\n")
             self._resume_client()
-            return
+            return True  # the password was right
         metrics.auth_results.labels("imap", "ok").inc()
         self.logged_in = True
         self.account = account
@@ -283,6 +307,7 @@ class PreLogin:
         self.send(tag + b" OK [CAPABILITY " + b" ".join(filter_capabilities(caps, self.cfg.max_literal_size))
                   + b"] Logged in\r\n")
         self._resume_client()
+        return True
 
     async def _learn_special_use(self, caps: list[bytes]) -> None:
         cached = self.svc.special_use.get(self.account)

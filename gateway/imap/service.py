@@ -20,6 +20,7 @@ from gateway.imap.limits import ConnectionLimits
 from gateway.imap.session import ClientSession
 from gateway.imap.tlslayer import TLSServerFactory
 from gateway.imap.upstream import UpstreamSettings
+from gateway.smtp.guard import LoginGuard
 
 log = logging.getLogger("mailgate.imap")
 
@@ -92,6 +93,8 @@ class ProxyService:
         self.directory = directory
         self.reactor = reactor
         self.limits = ConnectionLimits(config.imap.max_connections, config.imap.max_connections_per_user)
+        c = config.imap
+        self.guard = LoginGuard(c.auth_fail_base_delay, c.auth_fail_max_delay, c.auth_fail_window)
         self.store = DecisionStore()
         self.pool = reactor.getThreadPool()
         self.tls_context = server_ssl_context(config)

@@ -74,3 +74,10 @@ class LoginGuard:
                 rec.failures.append(now)
         if success:
             self._records.pop("user:" + user.lower(), None)
+
+    def abandon(self, ip: str, user: str) -> None:
+        """An attempt that was never decided (the upstream unavailable, the client gone): no
+        longer in flight, and no failure either."""
+        for key in ("ip:" + ip, "user:" + user.lower()):
+            rec = self._record(key)
+            rec.in_flight = max(0, rec.in_flight - 1)

@@ -47,3 +47,11 @@ def test_memory_bounded():
     for i in range(1000):
         g.begin(f"10.0.{i // 256}.{i % 256}", f"u{i}")
     assert len(g._records) <= 100
+
+
+def test_an_abandoned_attempt_is_neither_in_flight_nor_a_failure():
+    g = LoginGuard(base_delay=1, clock=Clock())
+    g.begin("1.1.1.1", "a")
+    assert g.delay("1.1.1.1", "b") == 1
+    g.abandon("1.1.1.1", "a")  # the upstream was unavailable: nothing was decided
+    assert g.delay("1.1.1.1", "a") == 0
