@@ -347,6 +347,10 @@ async def connect(reactor: IReactorTCP, s: UpstreamSettings) -> UpstreamProtocol
         if status_of(done) != b"OK":
             proto.transport.loseConnection()
             raise UpstreamUnavailable("upstream refused STARTTLS")
+        # Whatever came after the OK in the same read was sent before TLS: injected by someone
+        # on the path (CVE-2011-0411's client side), never the server's answer to anything.
+        if injected := proto.framer.take_buffer():
+            log.warning("upstream sent %d bytes after STARTTLS's OK, before TLS; dropped", len(injected))
         start_tls(proto.transport, proto, s.tls_context, server_side=False, hostname=s.host, clock=reactor)
         proto.greeting_caps = None  # capabilities must be asked again under TLS
     return proto
