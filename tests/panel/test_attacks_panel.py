@@ -273,3 +273,20 @@ def test_auditor_views_hostile_mail_inert(gw, hostile, new_page):
         assert_inert(page, page.goto(gw.url + f"/archive/{record_id}"))
         assert_inert(page, page.goto(gw.url + f"/archive/{record_id}/message.html"), shown=False)  # may have no HTML
     assert page.title() != "pwned" and events == [], events
+
+
+# -- secrets (last: the panel's and the gateway's logs after the sign-ins above) -----------------
+
+def test_no_secret_in_the_panel_logs(panel_server, panel_url, http_as, gw):
+    from tests.panel.conftest import ACCOUNTS
+
+    stranger = PanelClient(panel_url)
+    assert stranger.login("nobody-h5", "Wr0ng-Panel-Pw-h5").status == 401
+    client = http_as("auditor")
+    tokens = [client.cookie(name) for name in ("mg_session", "mg_csrf")] + [client.csrf]
+    log = panel_server.log_text() + "\n" + gw.log_text()
+    assert "panel sign-in failed login='nobody-h5'" in log and "panel sign-in ok" in log  # the logs meant
+    secrets = [pw for _, pw in ACCOUNTS.values()] + ["Wr0ng-Panel-Pw-h5"] + [t for t in tokens if t]
+    assert len(secrets) >= 8
+    found = [s for s in secrets if s in log]
+    assert not found, f"secrets in the panel's log: {found}"
