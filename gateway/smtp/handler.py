@@ -253,20 +253,24 @@ class SubmissionHandler:
         ip = server.session.peer[0] if server.session and server.session.peer else ""
         delay = self.guard.delay(ip, username)
         self.guard.begin(ip, username)
-        ok = False
+        ok, undecided = False, False  # undecided: the upstream was unavailable (not counted as a failure)
         try:
             if delay:
                 await asyncio.sleep(delay)  # the penalty itself, not a wait for an event
             try:
                 ok = await self.authenticator.verify(username, password, ip)
             except UpstreamUnavailable:
+                undecided = True
                 metrics.auth_results.labels("smtp", "unavailable").inc()
                 log.warning("auth user=%s ip=%s result=upstream-unavailable", username, ip)
                 return AuthResult(
                     success=False, handled=False, message="454 4.7.0 Temporary authentication failure, try again later"
                 )
         finally:
-            self.guard.end(ip, username, ok)
+            if undecided:
+                self.guard.abandon(ip, username)
+            else:
+                self.guard.end(ip, username, ok)
         metrics.auth_results.labels("smtp", "ok" if ok else "failed").inc()
         log.info("auth user=%s ip=%s result=%s", username, ip, "ok" if ok else "failed")
         if not ok:
