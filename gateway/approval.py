@@ -257,7 +257,7 @@ class ApprovalService:
         submitted, resolve approvers, mail them their links, tell the sender.  Inside the
         handler's group-commit job: should the job or its commit fail, the committer removes
         the original (``<id>.orig.eml``) and the notices' spool files (``files_written``) —
-        unless the commit's outcome is unknown, when the start-up sweep decides."""
+        unless the commit's outcome is unknown, when the orphan sweep decides."""
         write_durably(self._original_path(queue_id), ctx.raw)
         note_written(self._original_path(queue_id))
         resolved, problems = resolve_parties(verdict.approvers, ctx.employee, self.directory)

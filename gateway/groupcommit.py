@@ -40,7 +40,7 @@ outcome is not known — the connection lost while it was under way (PostgreSQL:
 may have applied it before the reply was lost), an I/O error inside SQLite's commit, or a
 commit that went through but whose WAL fsync failed — the exception is marked
 (``outcome_unknown``): the rows may exist, so their files stay (a file whose row may exist
-is never deleted), and the start-up sweep (``Spool.sweep_orphans``) removes those whose rows
+is never deleted), and the orphan sweep (``Spool.sweep_orphans``, at start and hourly) removes those whose rows
 do not, keeps the others (the message relayed, the hold decided).
 
 On SQLite the batch transaction is ``BEGIN IMMEDIATE``: it takes the write lock up
@@ -93,7 +93,7 @@ _SQLITE_NOT_COMMITTED = ("SQLITE_BUSY", "SQLITE_LOCKED", "SQLITE_FULL")
 def outcome_unknown(exc: BaseException | None) -> bool:
     """Whether a failed group-commit job (or a transaction marked by ``mark_commit_failure``)
     may have been stored all the same: its COMMIT failed without saying whether it was applied,
-    or was applied but not made durable.  Its files must then stay (the start-up sweep decides);
+    or was applied but not made durable.  Its files must then stay (the orphan sweep decides);
     any other failure stored nothing, and the caller removes the files its job wrote."""
     return exc is not None and bool(getattr(exc, _UNKNOWN, False))
 
@@ -354,7 +354,7 @@ class GroupCommitter:
                     # unknown outcome — the rows are there now, and may be after a restart, so
                     # their files stay.
                     log.error("group commit: fsync of %s failed: %s; the batches' files are kept"
-                              " (the start-up sweep removes those whose rows did not last)", wal, exc)
+                              " (the orphan sweep removes those whose rows did not last)", wal, exc)
                     _mark_unknown(exc)
                     failed = exc
             self.seconds["fsync_wal"] += time.monotonic() - started
@@ -395,7 +395,7 @@ class GroupCommitter:
         except Exception as exc:  # the batch failed: nobody's rows are stored (or, at the COMMIT, perhaps all)
             if committing and outcome_unknown(mark_commit_failure(exc)):
                 log.error("group commit of %d jobs: the COMMIT failed with an unknown outcome (%s); their files"
-                          " (%d written by the jobs) are kept: the start-up sweep removes those whose rows were"
+                          " (%d written by the jobs) are kept: the orphan sweep removes those whose rows were"
                           " not stored", len(batch), describe_db_error(exc), len(files))
             else:
                 log.error("group commit of %d jobs failed: %s", len(batch), describe_db_error(exc))
@@ -503,7 +503,7 @@ def _remove_written(files: list[Path]) -> None:
     try:
         if removed := remove_files(files):
             log.info("group commit: removed %d file(s) written for rows that were not stored", removed)
-    except OSError as exc:  # left to the start-up sweep
+    except OSError as exc:  # left to the orphan sweep
         log.error("group commit: could not remove the files of rows that were not stored: %s", exc)
 
 

@@ -43,6 +43,11 @@ imap_tagged = Counter(
     ["tag"],
     registry=REGISTRY,
 )
+spool_orphans_removed = Counter(
+    "mailgate_spool_orphans_removed",
+    "Spool files removed by the orphan sweep: no queue row waiting for them, older than an hour",
+    registry=REGISTRY,
+)
 smtp_delay = Histogram(
     "mailgate_smtp_transaction_seconds",
     "Time from end of DATA to the final reply",

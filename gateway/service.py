@@ -24,6 +24,7 @@ from gateway.groupcommit import GroupCommitter
 from gateway.periodic import periodically
 from gateway.policy import Policy
 from gateway.smtp.stack import node_spool, refresh_directory
+from gateway.spool import SWEEP_INTERVAL
 
 log = logging.getLogger("mailgate")
 
@@ -102,6 +103,7 @@ class Node:
         self.tasks.append(asyncio.create_task(periodically(
             self.stopping, self.approvals.expire_due, APPROVAL_EXPIRY_INTERVAL, first=0,
             failure="approval expiry failed"), name="approval-expiry"))
+        self._start_spool_sweep()
         # SQLite planner statistics (gateway/db/statistics.py): soon after start, then every few hours.
         self.tasks.append(asyncio.create_task(periodically(
             self.stopping, statistics.refresh, statistics.INTERVAL, first=statistics.FIRST_DELAY,
@@ -122,6 +124,13 @@ class Node:
             cfg.node.name, cfg.smtp.listen, cfg.smtp.submission_port, cfg.smtp.smtps_port,
             cfg.imap.listen, cfg.imap.starttls_port, cfg.imap.tls_port,
         )
+
+    def _start_spool_sweep(self) -> None:
+        """Orphan spool files (a crash, or a COMMIT of unknown outcome that was not applied) do
+        not wait for the next start: the sweep ``start`` did runs again every hour."""
+        self.tasks.append(asyncio.create_task(periodically(
+            self.stopping, self.spool.sweep_orphans, SWEEP_INTERVAL,
+            failure="spool sweep failed"), name="spool-sweep"))
 
     def wake_relay(self) -> None:
         for w in self.workers:

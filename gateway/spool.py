@@ -6,10 +6,10 @@ Order of writes, so that a 250 always means "stored":
   2. the ``OutboundMessage`` row is committed (SQLite synchronous=FULL, or
      PostgreSQL's commit);
   3. only then does the SMTP layer answer 250 with the queue id.
-A crash between 1 and 2 leaves an orphan file that ``sweep_orphans`` removes at the next
-start (a file younger than an hour stays, and so does every file whose row exists: a COMMIT
-that reported failure but was applied keeps its message); the client got no 250 and sends
-again.  A commit known to have failed removes its files at once: the SMTP handler its
+A crash between 1 and 2 leaves an orphan file that ``sweep_orphans`` removes (at start and
+hourly while the node runs; a file younger than an hour stays, and so does every file whose
+row exists: a COMMIT that reported failure but was applied keeps its message); the client got
+no 250 and sends again.  A commit known to have failed removes its files at once: the SMTP handler its
 own, the group commit those its jobs wrote (``files_written``: a bounce, an approval notice,
 a held message's original); neither when the commit's outcome is unknown
 (``gateway.groupcommit.outcome_unknown``).  All functions here block: call them from a
@@ -26,6 +26,7 @@ Bounces, held messages and shared spools keep spool files.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import secrets
 import threading
@@ -37,6 +38,13 @@ from typing import Any
 
 from gateway.db.inserts import insert_row
 from gateway.db.models import OutboundMessage, database, utcnow
+
+log = logging.getLogger("mailgate")
+
+# Spool files with no queue row are removed once older than this (``Spool.sweep_orphans``),
+# at start and every ``SWEEP_INTERVAL`` while the node runs.
+ORPHAN_AGE = 3600.0
+SWEEP_INTERVAL = 3600.0
 
 
 class SpoolError(OSError):
@@ -267,22 +275,62 @@ class Spool:
         if parse_archive_ref(row.spool_path) is None:
             _unlink(self.directory / row.spool_path)
 
-    def sweep_orphans(self, older_than: float = 3600.0) -> int:
-        """Remove spool files with no queue row (a crash before the commit)."""
-        known = {
-            p for (p,) in OutboundMessage.select(OutboundMessage.spool_path)
-            .where(OutboundMessage.state.in_(["queued", "held"])).tuples()
-        }
+    def sweep_orphans(self, older_than: float = ORPHAN_AGE) -> int:
+        """Remove the files with no queue row waiting for them (queued or held): a crash
+        before the commit, a COMMIT of unknown outcome that was not applied, a finished row
+        whose unlink a crash cut off.  Run at start and every ``SWEEP_INTERVAL`` by the node
+        (``gateway.service``); returns how many files were removed, logs the counts (INFO when
+        it removed any) and counts them in ``mailgate_spool_orphans_removed``.
+
+        Safe beside the writers, whose order is always file first, then row: (1) the directory
+        is listed and every file's age taken first; a file younger than ``older_than`` is
+        never touched (it may be one whose row is still being committed); (2) only then are
+        the rows read, so a row committed before that read — whenever its file was written —
+        keeps its file; (3) then the old files without a row are unlinked (one already gone:
+        fine).  A row that commits after (2) for a file listed in (1) would belong to a commit
+        that began more than ``older_than`` after its file was written — an hour, where
+        commits are bounded by seconds (the group committer's batches, SQLite's busy
+        timeout).  On a shared spool (``node.shared_spool``) every node sweeps the one
+        directory: safe because the nodes share the database too (a shared spool's rows are
+        relayed by any node), so the rows of every node's files are read in (2), and an hour is
+        far beyond the clock skew between the nodes and the file server that stamps the
+        times."""
         cutoff = time.time() - older_than
+        old: list[str] = []
+        listed = 0
+        with os.scandir(self.directory) as entries:
+            for entry in entries:
+                listed += 1
+                try:
+                    if not entry.is_file(follow_symlinks=False):
+                        continue
+                    mtime = entry.stat(follow_symlinks=False).st_mtime
+                except FileNotFoundError:  # removed meanwhile (a finished message)
+                    continue
+                if mtime < cutoff:
+                    old.append(entry.name)
         removed = 0
-        for path in self.directory.iterdir():
-            # <id>.eml, its write-in-progress <id>.eml.tmp, and a held message's
-            # original as submitted, <id>.orig.eml (see gateway.approval).
-            name = path.name.removesuffix(".tmp").replace(".orig.eml", ".eml")
-            if name not in known and path.stat().st_mtime < cutoff:
-                _unlink(path)
-                removed += 1
+        if old:
+            waiting = {
+                p for (p,) in OutboundMessage.select(OutboundMessage.spool_path)
+                .where(OutboundMessage.state.in_(["queued", "held"])).tuples()
+            }
+            removed = remove_files(self.directory / name for name in old if row_file(name) not in waiting)
+        if removed:
+            from gateway import metrics
+
+            metrics.spool_orphans_removed.inc(removed)
+        log.log(logging.INFO if removed else logging.DEBUG,
+                "spool sweep: %d files listed, %d older than %d s, %d removed (no queue row waiting)",
+                listed, len(old), older_than, removed)
         return removed
+
+
+def row_file(name: str) -> str:
+    """The queue row's ``spool_path`` a spool directory entry belongs to: ``<id>.eml``
+    itself, its write-in-progress ``<id>.eml.tmp``, and a held message's original as
+    submitted, ``<id>.orig.eml`` (see gateway.approval), and its ``.tmp``."""
+    return name.removesuffix(".tmp").replace(".orig.eml", ".eml")
 
 
 def queue_stats() -> tuple[int, float]:

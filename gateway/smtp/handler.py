@@ -15,7 +15,7 @@ storing failing 452 4.3.1 / 451 4.3.0, anything else 451 4.3.0 (LOCAL_TEMPFAIL) 
 with the queue id and the user, counted as verdict "tempfail", and nothing of it stored.
 A client that goes away while the commit is pending (aiosmtpd cancels the handler) leaves the
 message to the commit's outcome: stored if it commits, removed if it fails (``_store``) — kept
-for the start-up sweep if that outcome is unknown (``groupcommit.outcome_unknown``).
+for the orphan sweep if that outcome is unknown (``groupcommit.outcome_unknown``).
 """
 
 from __future__ import annotations
@@ -509,7 +509,7 @@ class SubmissionHandler:
         """Nothing of ``parts`` is stored: their spool files go (with a held message's original),
         a SpoolError is raised.  Unless the commit's outcome is unknown (``outcome_unknown``: the
         connection lost during the COMMIT, which PostgreSQL may have applied, or a WAL fsync
-        failed after it): their rows may exist, so the files stay — the start-up sweep removes
+        failed after it): their rows may exist, so the files stay — the orphan sweep removes
         them if the rows do not, and keeps them for the relay or the approval if they do."""
         self._discard_unless_stored(parts, exc)
         if isinstance(exc, SpoolError):
@@ -522,7 +522,7 @@ class SubmissionHandler:
         """The files of ``parts`` after a failed store: removed when the failure is known to
         have stored nothing, kept when the commit's outcome is unknown (see ``_store_failed``)."""
         if outcome_unknown(exc):
-            log.warning("%s: the commit's outcome is unknown; its files are kept for the start-up sweep (kept"
+            log.warning("%s: the commit's outcome is unknown; its files are kept for the orphan sweep (kept"
                         " if the message was stored after all, else removed)", ", ".join(q for _, _, q in parts))
             return
         for _, _, q in parts:

@@ -1,7 +1,7 @@
 """A submission's group COMMIT on the real PostgreSQL fixture that reports failure although
 the server applied it (the connection lost before the reply: the client got 451, the row
 exists): its spool file must stay — the handler and the group commit keep every file of a
-commit whose outcome is unknown — and the start-up sweep keeps it, so the message is relayed,
+commit whose outcome is unknown — and the orphan sweep keeps it, so the message is relayed,
 not lost.  A COMMIT the server refused (an SQLSTATE on a live connection: rolled back) leaves
 no file behind."""
 
@@ -59,7 +59,7 @@ def test_a_commit_applied_but_reported_failed_keeps_the_file_and_the_message_is_
     assert (row.queue_id, row.state) == (QUEUE_ID, "queued")  # … but the server had stored it
     assert _files(world) == [f"{QUEUE_ID}.eml"]  # so its file stays
 
-    assert world.spool.sweep_orphans(older_than=0) == 0  # the start-up sweep, past its age limit
+    assert world.spool.sweep_orphans(older_than=0) == 0  # the orphan sweep, past its age limit
     assert _files(world) == [f"{QUEUE_ID}.eml"]
     worker = RelayWorker(via_sink(sink), world.spool, "w1", None, now=Clock())
     try:

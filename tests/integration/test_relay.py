@@ -714,7 +714,7 @@ def test_the_bounce_of_an_outcome_whose_commit_failed_leaves_no_orphan_file(
     and row, and the batch's COMMIT fails.  refused (nothing stored): the bounce's file goes at
     once, the retry writes a new one and is recorded — one bounce, one file.  applied (the
     reply lost, the rows stored): the file stays (its row may exist), the retry finds the claim
-    gone, the start-up sweep keeps the file, and the bounce reaches the sender."""
+    gone, the orphan sweep keeps the file, and the bounce reaches the sender."""
     from gateway.groupcommit import GroupCommitter
     from tests.harness.commitfault import CommitFault
 

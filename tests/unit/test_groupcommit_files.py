@@ -1,8 +1,8 @@
 """The queue files a group-commit job writes (a bounce, an approval's notices, a held
 message's original: ``gateway.spool.files_written``) follow the commit's outcome: removed
 when the job or the commit is known to have stored nothing, kept when the COMMIT's outcome
-is unknown (``outcome_unknown``: the rows may exist; the start-up sweep decides), and kept
-by the start-up sweep when the rows do exist."""
+is unknown (``outcome_unknown``: the rows may exist; the orphan sweep decides), and kept
+by the orphan sweep when the rows do exist."""
 
 from __future__ import annotations
 
@@ -115,7 +115,7 @@ def test_a_commit_the_database_refused_loses_the_batchs_files(spool, committer, 
 
 def test_a_commit_applied_but_answered_with_an_error_keeps_the_files_for_the_sweep(spool, committer, monkeypatch):
     """The COMMIT went through, the reply was lost: the callers hear an error of an unknown
-    outcome; the rows exist, so their files stay — and the start-up sweep keeps them."""
+    outcome; the rows exist, so their files stay — and the orphan sweep keeps them."""
     fault = CommitFault(monkeypatch, "applied", thread="group-commit", skip=1)  # not the blocker's batch
     results = _run(committer, (_queue, (spool, "Q1"), None), (_queue, (spool, "Q2"), None))
     assert fault.failed == 1
@@ -128,7 +128,7 @@ def test_a_commit_applied_but_answered_with_an_error_keeps_the_files_for_the_swe
 def test_a_commit_of_unknown_outcome_that_was_not_applied_leaves_files_the_sweep_removes(
         spool, committer, monkeypatch):
     """The same answer when the COMMIT did not go through (the connection lost before it got
-    there): the files stay until the start-up sweep, which finds no rows and removes them."""
+    there): the files stay until the orphan sweep, which finds no rows and removes them."""
     import gateway.groupcommit as gc
 
     real = database.obj.commit

@@ -2,7 +2,7 @@
 gateway/groupcommit.py): the spool file (held mail, a shared spool), a held message's
 original as submitted (``<id>.orig.eml``, ``ApprovalService.record_hold``) and the approval
 notices it queued go at once when the commit is known to have stored nothing, and all stay
-when the COMMIT's outcome is unknown — then the start-up sweep keeps those whose rows exist
+when the COMMIT's outcome is unknown — then the orphan sweep keeps those whose rows exist
 (a COMMIT that reported failure but was applied: the client got 451, the message is stored)."""
 
 from __future__ import annotations
@@ -85,7 +85,7 @@ def test_a_commit_the_database_refused_leaves_no_file(world, monkeypatch, caplog
 
 def test_a_commit_applied_but_reported_failed_keeps_every_file_and_the_sweep_keeps_them(world, monkeypatch, caplog):
     """The client hears 451 (it may send again: a duplicate, the accepted at-least-once cost),
-    but the rows exist: nothing of the message may go, and the start-up sweep keeps it all."""
+    but the rows exist: nothing of the message may go, and the orphan sweep keeps it all."""
     fault = CommitFault(monkeypatch, "applied", thread="group-commit")
     with caplog.at_level(logging.INFO, logger="mailgate"):
         assert send(world) == STORE_TEMPFAIL
@@ -95,7 +95,7 @@ def test_a_commit_applied_but_reported_failed_keeps_every_file_and_the_sweep_kee
     files = _files(world)
     assert set(files) == _expected_files(world) and f"{QUEUE_ID}.eml" in files
     assert f"{QUEUE_ID}: the commit's outcome is unknown; its files are kept" in caplog.text
-    assert world.spool.sweep_orphans(older_than=0) == 0  # the start-up sweep: the rows exist
+    assert world.spool.sweep_orphans(older_than=0) == 0  # the orphan sweep: the rows exist
     assert _files(world) == files
     assert world.spool.read(row) == world.spool.path_for(QUEUE_ID).read_bytes()
     assert world.spool.read(row).endswith(RAW.split(b"\r\n\r\n", 1)[1])
