@@ -81,12 +81,20 @@ def _warn_unindexed() -> None:
 
 
 def cmd_reindex(args: argparse.Namespace) -> int:
-    """Try the records the indexer gave up on again, now (``index.retry_failed``)."""
+    """Try the records the indexer gave up on again, now (``index.retry_failed``: a transaction
+    per ``RETRY_BATCH`` records, progress on stderr; interrupted, a new run takes the rest)."""
     from gateway import oplog
+    from gateway.archive.importer import Progress
     from gateway.archive.index import retry_failed
 
     _, archive = _setup(args)
-    result = retry_failed(archive, args.record or None)
+    progress = Progress("reindex", unit="records")
+    try:
+        result = retry_failed(archive, args.record or None, progress=progress.update)
+    except BaseException:
+        progress.close()  # a bar on screen gets its line ended before the traceback
+        raise
+    progress.finish()
     for record_id, reason in result.refused:
         print(f"record {record_id}: still refused: {reason}", file=sys.stderr)
     for record_id, reason in result.rescheduled:

@@ -38,11 +38,13 @@ class ImportResult:
 class Progress:
     """A one-line progress bar (TTY: redrawn in place with ``\\r`` at most every 0.1 s, the
     line ended by ``finish``) or periodic plain counts (pipes, logs: a line every ``every``
-    seconds) — ``LABEL: DONE/TOTAL messages (RATE/s)``.  ``finish`` always draws the final
-    count, so a log shows where it ended; ``close`` (after an error) only ends the bar's line."""
+    seconds) — ``LABEL: DONE/TOTAL UNIT (RATE/s)``, ``unit`` "messages" unless told.  ``finish``
+    always draws the final count, so a log shows where it ended; ``close`` (after an error)
+    only ends the bar's line."""
 
-    def __init__(self, label: str, total: int | None = None, stream: TextIO | None = None, every: float = 5.0):
-        self.label, self.total, self.stream = label, total, stream or sys.stderr
+    def __init__(self, label: str, total: int | None = None, stream: TextIO | None = None, every: float = 5.0,
+                 unit: str = "messages"):
+        self.label, self.total, self.stream, self.unit = label, total, stream or sys.stderr, unit
         self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
         self.every = 0.1 if self.tty else every
         self.start = self._last = time.monotonic()
@@ -83,7 +85,8 @@ class Progress:
             self._width = max(len(text), 1)
         else:
             total = f"/{self.total}" if self.total else ""
-            self.stream.write(f"{self.label}: {self.done}{total} messages ({rate:.0f}/s){', done' if final else ''}\n")
+            end = ", done" if final else ""
+            self.stream.write(f"{self.label}: {self.done}{total} {self.unit} ({rate:.0f}/s){end}\n")
         self.stream.flush()
 
 

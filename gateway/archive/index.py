@@ -1033,26 +1033,59 @@ class Retried(NamedTuple):
     rescheduled: list[tuple[int, str]]
 
 
-def retry_failed(archive: object, record_ids: Iterable[int] | None = None) -> Retried:
+RETRY_BATCH = 200  # given-up records per transaction of ``retry_failed``
+
+
+def retry_failed(archive: object, record_ids: Iterable[int] | None = None, *,
+                 progress: Callable[[int, int], None] | None = None, batch: int | None = None) -> Retried:
     """The administrator's retry (``mailgate archive reindex --failed``) of the records the
-    indexer gave up on (all, or those of ``record_ids``): each one's blob read and its
-    document written now, in one transaction, like a pass of ``index_batch`` (its sightings
-    noted with it; a document another writer wrote meanwhile is not written twice).  Indexed:
-    its row goes.  Refused for its data again: stays given up, with the new reason (one
-    attempt: the software or the data has to change first).  A passing failure (the database
-    busy, an unreadable blob): back on the indexer's schedule."""
-    from gateway.archive.schema import ArchiveRecord
+    indexer gave up on (all, or those of ``record_ids``), in record id order, ``RETRY_BATCH``
+    at a time: each batch's blobs read and its documents written in one transaction, like a
+    pass of ``index_batch`` (their sightings noted with them; a document another writer wrote
+    meanwhile is not written twice).  Indexed: its row goes.  Refused for its data again: stays
+    given up, with the new reason (one attempt: the software or the data has to change first).
+    A passing failure (the database busy, an unreadable blob): back on the indexer's schedule.
+
+    Resumable: each batch commits on its own, and a record's state changes only in its batch's
+    commit, so a crash (or ^C) mid-way leaves the records of the unfinished batches given up,
+    as they were, for the next run; one run never takes a record twice (it goes on after the
+    last id it took).  ``progress(done, total)`` after each batch, ``total`` counted first
+    (the records given up when the run began)."""
     from gateway.archive.unread import FAILED, UnreadRecord
+
+    u = UnreadRecord
+    size = batch or RETRY_BATCH
+    wanted = None if record_ids is None else sorted(set(record_ids))
+    where = u.state == FAILED
+    if wanted is not None:
+        where &= u.record_id.in_(wanted)
+    total = u.select().where(where).count()
+    result = Retried([], [], [])
+    done, after = 0, None
+    while True:
+        query = u.select(u.record_id, u.attempts, u.data_errors).where(where)
+        if after is not None:
+            query = query.where(u.record_id > after)
+        tried = {r.record_id: _Listed(r.attempts, r.data_errors)
+                 for r in query.order_by(u.record_id).limit(size)}
+        if not tried:
+            return result
+        part = _retry_batch(archive, tried)
+        result.indexed.extend(part.indexed)
+        result.refused.extend(part.refused)
+        result.rescheduled.extend(part.rescheduled)
+        after = max(tried)
+        done += len(tried)
+        if progress is not None:
+            progress(done, max(total, done))
+
+
+def _retry_batch(archive: object, tried: dict[int, _Listed]) -> Retried:
+    """One transaction of ``retry_failed``: the given-up records ``tried``."""
+    from gateway.archive.schema import ArchiveRecord
     from gateway.db.writerlock import handoff
     from gateway.groupcommit import write_transaction
 
-    u = UnreadRecord
-    query = u.select(u.record_id, u.attempts, u.data_errors).where(u.state == FAILED).order_by(u.record_id)
-    if record_ids is not None:
-        query = query.where(u.record_id.in_(list(record_ids)))
-    tried = {r.record_id: _Listed(r.attempts, r.data_errors) for r in query}
-    if not tried:
-        return Retried([], [], [])
     fields = (ArchiveRecord.id, ArchiveRecord.sha256, ArchiveRecord.blob_path, ArchiveRecord.created_at,
               ArchiveRecord.direction, ArchiveRecord.employee, ArchiveRecord.purged_at)
     recs = list(ArchiveRecord.select(*fields).where(

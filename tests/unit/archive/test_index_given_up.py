@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import datetime as dt
 import errno
+import re
 import sqlite3
 
 import peewee
@@ -179,6 +180,61 @@ def test_a_given_up_record_purged_meanwhile_is_forgotten_by_the_retry(archive, m
     assert UnreadRecord.select().count() == 0
 
 
+class Crash(BaseException):
+    """The process dying mid-way (kill, ^C): nothing after it runs."""
+
+
+def test_reindex_failed_goes_a_batch_per_transaction_and_a_crash_leaves_the_rest_given_up(
+        archive, monkeypatch, clock):
+    node, recs = _records(archive, "whimbrel", n=7)
+    ids = sorted(r.id for r in recs)
+    for rid in ids:
+        UnreadRecord.create(record_id=rid, reason="index write failed: x", attempts=4, data_errors=4,
+                            retry_at=clock[0], state=FAILED)
+    monkeypatch.setattr(index, "RETRY_BATCH", 3)
+    real_note = index._note_unread
+    notes: list[list[int]] = []
+
+    def note(archive, tried, failed, **kw):  # noqa: ANN001, ANN202
+        notes.append(sorted(tried))
+        if len(notes) == 2:  # the second batch's documents are written, not yet committed
+            assert SearchDoc.select().where(SearchDoc.record_id.in_(ids[3:6])).count() == 3
+            raise Crash
+        return real_note(archive, tried, failed, **kw)
+
+    monkeypatch.setattr(index, "_note_unread", note)
+    with pytest.raises(Crash):
+        index.retry_failed(node)
+    assert notes == [ids[:3], ids[3:6]]
+    assert sorted(d.record_id for d in SearchDoc.select()) == ids[:3]  # the first batch committed alone
+    left = {r.record_id: (r.state, r.attempts) for r in UnreadRecord.select()}
+    assert left == {rid: (FAILED, 4) for rid in ids[3:]}  # the rest given up, untouched
+
+    monkeypatch.setattr(index, "_note_unread", real_note)
+    seen: list[tuple[int, int]] = []
+    result = index.retry_failed(node, progress=lambda done, total: seen.append((done, total)))
+    assert result == index.Retried(ids[3:], [], [])
+    assert seen == [(3, 4), (4, 4)]  # the run takes up the rest, a batch at a time
+    assert sorted(d.record_id for d in SearchDoc.select()) == ids and UnreadRecord.select().count() == 0
+    assert sorted(record_ids("whimbrel")) == ids
+
+
+def test_reindex_failed_takes_each_record_once_per_run_even_when_it_stays_refused(archive, monkeypatch, clock):
+    """The records refused again stay given up, behind the run's cursor: a run over more records
+    than a batch ends, each tried once, however many stay refused."""
+    node, recs = _records(archive, "dunlin", n=5)
+    ids = sorted(r.id for r in recs)
+    for rid in ids:
+        UnreadRecord.create(record_id=rid, reason="index write failed: x", attempts=4, data_errors=4,
+                            retry_at=clock[0], state=FAILED)
+    writes = _failing_writes(monkeypatch, set(ids[:4]), [TOO_BIG])
+    result = index.retry_failed(node, record_ids=ids, batch=2)
+    assert [rid for rid, _ in result.refused] == ids[:4] and result.indexed == ids[4:]
+    assert writes and all(len(w) <= 2 for w in writes)  # two records per transaction at most
+    assert {r.record_id: r.state for r in UnreadRecord.select()} == {rid: FAILED for rid in ids[:4]}
+    assert {r.record_id: r.attempts for r in UnreadRecord.select()} == {rid: 5 for rid in ids[:4]}  # once each
+
+
 def test_migration_165_adds_the_state_to_an_existing_list(db):
     """A database listed before 165: its rows are kept, on the retry schedule."""
     database.obj.execute_sql("DROP TABLE archivesearchunread")
@@ -215,7 +271,9 @@ def test_verify_warns_about_given_up_records_and_reindex_failed_indexes_them(cli
     assert "archive verify: OK" in out
 
     assert main(["-c", str(cli_config), "archive", "reindex", "--failed"]) == 0
-    assert "archive reindex: 1 record(s) indexed, 0 still refused, 0 left to the indexer" in capsys.readouterr().out
+    out, err = capsys.readouterr()
+    assert "archive reindex: 1 record(s) indexed, 0 still refused, 0 left to the indexer" in out
+    assert re.search(r"^reindex: 1/1 records \(\d+/s\), done$", err, re.M), err  # the progress's last line
     connect(cfg.database.url)
     assert UnreadRecord.select().count() == 0 and Doc.select().where(Doc.record_id == rec.id).count() == 1
     from gateway.db.models import AuditLog
