@@ -1,7 +1,8 @@
-"""`mailgate archive verify|head|import|rotate-key|hold|release|holds|purge|reindex` (+ search, from the search side).
+"""`mailgate archive verify|head|import|rotate-key|hold|release|holds|purge|gc|reindex` (+ search).
 
 Exit codes: 0 fine, 1 a problem found (verify) or some items failed (import, reindex), 2 bad
-usage/config.  Records the indexer gave up on are a warning of verify's, not a problem.
+usage/config.  Records the indexer gave up on, and blob files no record names, are notes of
+verify's, not problems.
 """
 
 from __future__ import annotations
@@ -51,6 +52,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
     for p in problems:
         print(p)
     _warn_unindexed()
+    if not args.no_blobs:
+        _note_unreferenced(archive.store)
     if problems:
         print(f"archive verify: {len(problems)} problem(s)", file=sys.stderr)
         return 1
@@ -78,6 +81,57 @@ def _warn_unindexed() -> None:
         print(f"warning: record {record_id}: {reason}")
     if count > len(listed):
         print(f"warning: … and {count - len(listed)} more")
+
+
+def _note_unreferenced(store) -> None:  # noqa: ANN001 - a BlobStore
+    """Blob files no record names (gateway/archive/gc.py): a note, not a problem — left by a
+    failed batch, harmless but disk; ``mailgate archive gc`` removes them."""
+    from gateway.archive.gc import unreferenced
+
+    found = list(unreferenced(store))
+    if not found:
+        return
+    print(f"unreferenced: {len(found)} blob file(s), {sum(f.size for f in found)} bytes, named by no record"
+          " (left by failed writes: harmless; `mailgate archive gc --older-than 7d` removes them)")
+    for f in sorted(found, key=lambda f: f.mtime)[:WARN_LISTED]:
+        print(f"unreferenced: {f.name} ({f.size} bytes, written {_when(f.mtime)})")
+    if len(found) > WARN_LISTED:
+        print(f"unreferenced: … and {len(found) - WARN_LISTED} more")
+
+
+def _when(mtime: float) -> str:
+    import datetime as dt
+
+    return dt.datetime.fromtimestamp(mtime, dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
+
+
+def cmd_gc(args: argparse.Namespace) -> int:
+    """Remove the blob files no record names, older than ``--older-than`` (gateway/archive/gc.py)."""
+    from gateway import oplog
+    from gateway.archive.gc import MIN_AGE, collect, parse_age
+
+    try:
+        older_than = parse_age(args.older_than)
+    except ValueError as exc:
+        print(f"mailgate archive gc: {exc}", file=sys.stderr)
+        return 2
+    if older_than < MIN_AGE:
+        print(f"mailgate archive gc: --older-than must be at least {MIN_AGE / 3600:.0f}h: a younger blob may"
+              " belong to a message being stored", file=sys.stderr)
+        return 2
+    _, archive = _setup(args)
+    result = collect(archive.store, older_than, _actor(args), dry_run=args.dry_run)
+    if args.dry_run:
+        for f in result.removed:
+            print(f"would remove: {f.name} ({f.size} bytes, written {_when(f.mtime)})")
+    else:
+        oplog.record(_actor(args), "archive.gc", f"{len(result.removed)} blobs",
+                     {"removed": len(result.removed), "bytes": result.bytes, "older_than_seconds": int(older_than),
+                      "younger_kept": result.young})
+    verb = "would remove" if args.dry_run else "removed"
+    print(f"archive gc: {verb} {len(result.removed)} unreferenced blob file(s) ({result.bytes} bytes) older than "
+          f"{args.older_than}; {result.young} younger kept")
+    return 0
 
 
 def cmd_reindex(args: argparse.Namespace) -> int:
@@ -310,6 +364,14 @@ def add_parsers(sub) -> None:  # noqa: ANN001 - argparse's private subparsers ac
     pg.add_argument("--dry-run", action="store_true", help="only count")
     pg.add_argument("--years", type=int, help="keep mail longer than retention_years (never shorter)")
     pg.set_defaults(func=cmd_purge)
+
+    gc = asub.add_parser("gc", help="remove blob files no record names (left by failed writes; listed by verify "
+                         "as unreferenced), older than a limit; a chained event per batch")
+    gc.add_argument("--older-than", required=True, metavar="AGE",
+                    help="only files older than this: 90m, 12h, 7d, 2w (at least 1h)")
+    gc.add_argument("--dry-run", action="store_true", help="only list them")
+    gc.add_argument("--actor", help="who asks (default: cli:<os user>)")
+    gc.set_defaults(func=cmd_gc)
 
     ri = asub.add_parser("reindex", help="index again the records whose index entry the indexer gave up on "
                          "(listed as warnings by verify)")
