@@ -69,7 +69,8 @@ class ArchiveSighting(BaseModel):
 
 
 class ArchiveEvent(BaseModel):
-    """Chained events that are not messages: purge (tombstone), hold, release, rotate-key, checkpoint."""
+    """Chained events that are not messages: purge (tombstone), hold, release, rotate-key,
+    checkpoint, gc (unreferenced blob files removed, gc.py)."""
 
     at = DateTimeField(default=utcnow, index=True)
     kind = CharField(max_length=20, index=True)
