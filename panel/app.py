@@ -11,6 +11,7 @@ from urllib.parse import urlsplit
 
 import bottle
 
+from gateway import loginfail
 from gateway.areas import optional_module
 from gateway.config import Config
 from gateway.db.models import database
@@ -203,7 +204,8 @@ def create_app(cfg: Config, node: Any = None) -> PanelApp:
         cfg=cfg,
         node=node,
         limiter=LoginLimiter(cfg.panel.login_max_failures, cfg.panel.login_max_failures_per_ip,
-                             cfg.panel.login_window, cfg.panel.login_lockout),
+                             cfg.panel.login_window, cfg.panel.login_lockout,
+                             shared=loginfail.for_process(cfg)),
     )
     i18n.set_default(cfg.company.language)
     app.install(web.CSRFPlugin())

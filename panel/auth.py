@@ -20,6 +20,7 @@ from argon2.exceptions import InvalidHashError, VerificationError
 
 from gateway.config import Config
 from gateway.db.models import Employee
+from gateway.loginfail import SharedFailures, user_key
 from gateway.smtp.auth import UpstreamUnavailable, tls_context
 from panel.schema import LocalAccount
 
@@ -161,15 +162,25 @@ class LoginLimiter:
 
     In memory (per process), bounded to ``max_keys`` entries (oldest dropped).  A
     success clears the login's record, never the IP's.
+
+    With ``shared`` (gateway/loginfail.py) the failures of a login are those of the whole
+    deployment — every process and node, and SMTP AUTH and IMAP logins of the same user name
+    as well as sign-ins: each check reads them (one indexed query; a sign-in costs an argon2
+    hash or an IMAP login anyway), a failure is written there, a success clears them.  The
+    limits stay the panel's own (``max_failures`` in ``window``, then ``lockout``); the IP's
+    count stays in this process (behind a reverse proxy the panel's client IP is not the
+    mail clients' one).  The shared record unavailable, the process's own count decides.
     """
 
     def __init__(self, max_failures: int, max_failures_per_ip: int, window: float, lockout: float,
-                 max_keys: int = 100_000, clock: Callable[[], float] = time.monotonic):
+                 max_keys: int = 100_000, clock: Callable[[], float] = time.monotonic,
+                 shared: SharedFailures | None = None):
         self.limits = {"user": max_failures, "ip": max_failures_per_ip}
         self.window = window
         self.lockout = lockout
         self.max_keys = max_keys
         self.clock = clock
+        self.shared = shared
         self._failures: OrderedDict[str, list[float]] = OrderedDict()
         self._lock = threading.Lock()
 
@@ -184,11 +195,18 @@ class LoginLimiter:
 
     def wait_seconds(self, ip: str, login: str) -> int:
         """0 if this attempt may be checked, else the seconds left to wait."""
+        shared, ukey = self.shared, user_key(login)
+        if shared is not None:
+            shared.fresh([ukey])
         now = self.clock()
         with self._lock:
             wait = 0.0
-            for kind, key in (("ip", "ip:" + ip), ("user", "user:" + login.lower())):
+            for kind, key in (("ip", "ip:" + ip), ("user", ukey)):
                 times = self._recent(key, now)
+                if kind == "user" and shared is not None:
+                    seen = [now - age for age in shared.ages(ukey, self.window)]
+                    if shared.available or len(seen) > len(times):
+                        times = seen
                 if len(times) >= self.limits[kind]:
                     wait = max(wait, times[-1] + self.lockout - now)
             return int(wait) + 1 if wait > 0 else 0
@@ -196,13 +214,17 @@ class LoginLimiter:
     def failed(self, ip: str, login: str) -> None:
         now = self.clock()
         with self._lock:
-            for key in ("ip:" + ip, "user:" + login.lower()):
+            for key in ("ip:" + ip, user_key(login)):
                 self._failures.setdefault(key, []).append(now)
                 self._failures.move_to_end(key)
                 del self._failures[key][:-100]
             while len(self._failures) > self.max_keys:
                 self._failures.popitem(last=False)
+        if self.shared is not None:
+            self.shared.store(self.shared.note([user_key(login)]))
 
     def succeeded(self, login: str) -> None:
         with self._lock:
-            self._failures.pop("user:" + login.lower(), None)
+            self._failures.pop(user_key(login), None)
+        if self.shared is not None:
+            self.shared.clear(user_key(login))

@@ -62,6 +62,12 @@ def queue_fewer_indexes(db: Database) -> None:
     db.execute_sql("DROP INDEX IF EXISTS outboundmessage_state")
 
 
+@migration(5)
+def shared_login_failures(db: Database) -> None:
+    """Failed logins shared by every process and node (gateway/loginfail.py)."""
+    db.create_tables([models.LoginFailure], safe=True)
+
+
 # Modules beyond this one that define models and @migration functions of their own
 # (an area's tables live with the area).  Imported before any upgrade.  Version numbers
 # are global; each area numbers in its own range so areas never collide:

@@ -16,6 +16,7 @@ from peewee import (
     CharField,
     DatabaseProxy,
     DateTimeField,
+    DoubleField,
     ForeignKeyField,
     IntegerField,
     Model,
@@ -275,3 +276,19 @@ class UsedApprovalToken(BaseModel):
 
 
 ALL_MODELS_V2 = [SentMessage, ContactedDomain, Approval, UsedApprovalToken]
+
+
+# -- version 5: failed logins shared by every process and node (gateway/loginfail.py) ------
+
+
+class LoginFailure(BaseModel):
+    """One failed login for one key ("ip:…" or "user:…"): SMTP AUTH, IMAP LOGIN/AUTHENTICATE,
+    the panel's sign-in.  Rows older than the longest window are deleted, and the table is
+    capped (``loginfail.MAX_ROWS``, oldest first)."""
+
+    key = CharField(max_length=400)
+    at = DoubleField()  # seconds since the epoch (wall clock: shared between nodes)
+    tag = CharField(max_length=64)  # "<process token>:<n>": who wrote it, and which one
+
+    class Meta:
+        indexes = ((("key", "at"), False), (("at",), False))

@@ -6,9 +6,11 @@ the upstream's verdict is the answer.  A mixin of ``ClientSession``.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import logging
-from typing import TYPE_CHECKING
+from collections.abc import Coroutine
+from typing import TYPE_CHECKING, Any
 
 from twisted.internet import defer, task
 from twisted.python.failure import Failure
@@ -19,6 +21,12 @@ from gateway.imap.capabilities import filter_capabilities
 from gateway.imap.decisions import Tagger
 from gateway.imap.parser import LIST, Incomplete, LiteralInfo, ParseError, Parser, parse_astrings
 from gateway.imap.tlslayer import start_tls
+
+
+def _on_asyncio(coro: Coroutine[Any, Any, None]) -> defer.Deferred:
+    """An asyncio coroutine awaited from Twisted code (the reactor runs on the asyncio loop)."""
+    return defer.Deferred.fromFuture(asyncio.ensure_future(coro))
+
 
 if TYPE_CHECKING:
     from gateway.imap.service import ProxyService
@@ -217,6 +225,8 @@ class PreLogin:
         guard = self.svc.guard
         ip = str(getattr(self.transport.getPeer(), "host", ""))
         name = user.decode("utf-8", "replace")
+        if guard.shared is not None:  # the shared record read only where failures are known
+            await _on_asyncio(guard.prepare(ip, name))
         delay = guard.delay(ip, name)
         guard.begin(ip, name)
         outcome: bool | None = None
@@ -228,6 +238,9 @@ class PreLogin:
         finally:
             if outcome is None:
                 guard.abandon(ip, name)
+        if outcome is not None:
+            if guard.shared is not None:
+                await _on_asyncio(guard.settle(ip, name, outcome))
             else:
                 guard.end(ip, name, outcome)
         if outcome is False:

@@ -13,6 +13,7 @@ from typing import Any
 
 from twisted.internet import protocol, ssl, threads
 
+from gateway import loginfail
 from gateway.config import Config, host_in_networks
 from gateway.directory import Directory
 from gateway.imap.decisions import Decision, DecisionStore
@@ -94,7 +95,8 @@ class ProxyService:
         self.reactor = reactor
         self.limits = ConnectionLimits(config.imap.max_connections, config.imap.max_connections_per_user)
         c = config.imap
-        self.guard = LoginGuard(c.auth_fail_base_delay, c.auth_fail_max_delay, c.auth_fail_window)
+        self.guard = LoginGuard(c.auth_fail_base_delay, c.auth_fail_max_delay, c.auth_fail_window,
+                                shared=loginfail.for_process(config))
         self.store = DecisionStore()
         self.pool = reactor.getThreadPool()
         self.tls_context = server_ssl_context(config)

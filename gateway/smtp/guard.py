@@ -6,6 +6,12 @@ as failures, so fifty parallel connections do not get fifty free guesses.
 A success clears the user's record (not the IP's: one right password must not
 launder a spraying IP).  Memory is bounded: at most ``max_keys`` entries,
 oldest dropped first.
+
+With ``shared`` (gateway/loginfail.py) the failures counted are those of every process and
+node and of SMTP, IMAP and the panel alike; attempts in flight are counted per process.  A
+caller runs ``prepare`` before ``delay`` (a database read only for a key with failures
+known) and ``settle`` instead of ``end`` (the failure written, or the user's cleared).  The
+shared record unavailable, the failures this guard saw itself still count.
 """
 
 from __future__ import annotations
@@ -14,6 +20,8 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
+
+from gateway.loginfail import SharedFailures, ip_key, user_key
 
 
 @dataclass
@@ -30,12 +38,14 @@ class LoginGuard:
         window: float = 900.0,
         max_keys: int = 100_000,
         clock: Callable[[], float] = time.monotonic,
+        shared: SharedFailures | None = None,
     ):
         self.base_delay = base_delay
         self.max_delay = max_delay
         self.window = window
         self.max_keys = max_keys
         self.clock = clock
+        self.shared = shared
         self._records: OrderedDict[str, _Record] = OrderedDict()
 
     def _record(self, key: str) -> _Record:
@@ -52,32 +62,67 @@ class LoginGuard:
 
     def _score(self, key: str) -> int:
         rec = self._record(key)
-        return len(rec.failures) + rec.in_flight
+        failures = len(rec.failures)
+        shared = self.shared
+        if shared is not None:
+            seen = len(shared.ages(key, self.window))
+            # The shared record is the truth (a success elsewhere cleared it); unreachable,
+            # what this guard saw itself still counts.
+            failures = seen if shared.available else max(failures, seen)
+        return failures + rec.in_flight
+
+    async def prepare(self, ip: str, user: str) -> None:
+        """Before ``delay``: read the shared failures of this IP and user when some are
+        known here (the slow path; nothing known, no database round trip)."""
+        shared = self.shared
+        if shared is None:
+            return
+        keys = [ip_key(ip), user_key(user)]
+        if shared.knows(keys) or any(self._has_failures(k) for k in keys):
+            await shared.run(shared.fresh, keys)
+
+    def _has_failures(self, key: str) -> bool:
+        rec = self._records.get(key)
+        return rec is not None and bool(rec.failures)
 
     def delay(self, ip: str, user: str) -> float:
         """Seconds to wait before checking this attempt."""
-        n = max(self._score("ip:" + ip), self._score("user:" + user.lower()))
+        n = max(self._score(ip_key(ip)), self._score(user_key(user)))
         if n == 0:
             return 0.0
         return min(self.base_delay * (2 ** (n - 1)), self.max_delay)
 
     def begin(self, ip: str, user: str) -> None:
-        self._record("ip:" + ip).in_flight += 1
-        self._record("user:" + user.lower()).in_flight += 1
+        self._record(ip_key(ip)).in_flight += 1
+        self._record(user_key(user)).in_flight += 1
 
     def end(self, ip: str, user: str, success: bool) -> None:
         now = self.clock()
-        for key in ("ip:" + ip, "user:" + user.lower()):
+        for key in (ip_key(ip), user_key(user)):
             rec = self._record(key)
             rec.in_flight = max(0, rec.in_flight - 1)
             if not success:
                 rec.failures.append(now)
         if success:
-            self._records.pop("user:" + user.lower(), None)
+            self._records.pop(user_key(user), None)
+
+    async def settle(self, ip: str, user: str, success: bool) -> None:
+        """``end``, and the shared record told: a failure written (known in this process at
+        once), a success clearing the user's failures where any are known."""
+        shared = self.shared
+        key = user_key(user)
+        had = shared is not None and success and (shared.knows([key]) or self._has_failures(key))
+        self.end(ip, user, success)
+        if shared is None:
+            return
+        if not success:
+            await shared.run(shared.store, shared.note([ip_key(ip), key]))
+        elif had:
+            await shared.run(shared.clear, key)
 
     def abandon(self, ip: str, user: str) -> None:
         """An attempt that was never decided (the upstream unavailable, the client gone): no
         longer in flight, and no failure either."""
-        for key in ("ip:" + ip, "user:" + user.lower()):
+        for key in (ip_key(ip), user_key(user)):
             rec = self._record(key)
             rec.in_flight = max(0, rec.in_flight - 1)

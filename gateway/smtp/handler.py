@@ -251,9 +251,11 @@ class SubmissionHandler:
         if not username or len(username) > 320 or any(c in username for c in "\r\n\x00"):
             return AuthResult(success=False, handled=False)
         ip = server.session.peer[0] if server.session and server.session.peer else ""
+        await self.guard.prepare(ip, username)  # the shared record read only where failures are known
         delay = self.guard.delay(ip, username)
         self.guard.begin(ip, username)
         ok, undecided = False, False  # undecided: the upstream was unavailable (not counted as a failure)
+        settled = False
         try:
             if delay:
                 await asyncio.sleep(delay)  # the penalty itself, not a wait for an event
@@ -266,11 +268,13 @@ class SubmissionHandler:
                 return AuthResult(
                     success=False, handled=False, message="454 4.7.0 Temporary authentication failure, try again later"
                 )
+            settled = True
         finally:
             if undecided:
                 self.guard.abandon(ip, username)
-            else:
-                self.guard.end(ip, username, ok)
+            elif not settled:  # cancelled in the check (the session cut): counted here, as a failure
+                self.guard.end(ip, username, False)
+        await self.guard.settle(ip, username, ok)  # a failure written to the shared record before the 535
         metrics.auth_results.labels("smtp", "ok" if ok else "failed").inc()
         log.info("auth user=%s ip=%s result=%s", username, ip, "ok" if ok else "failed")
         if not ok:

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from gateway import loginfail
 from gateway.archive import Archive
 from gateway.areas import optional_module
 from gateway.config import Config
@@ -110,10 +111,12 @@ async def build_submission(
         on_released=on_released or on_queued,
     )
     actions.NOTIFIER = approvals.notifier
+    shared_failures = loginfail.for_process(cfg)  # failed logins of every process and node
     handler = SubmissionHandler(
         cfg, directory, policy, spool, archive,
         UpstreamAuthenticator(cfg),
-        LoginGuard(cfg.smtp.auth_fail_base_delay, cfg.smtp.auth_fail_max_delay, cfg.smtp.auth_fail_window),
+        LoginGuard(cfg.smtp.auth_fail_base_delay, cfg.smtp.auth_fail_max_delay, cfg.smtp.auth_fail_window,
+                   shared=shared_failures),
         credentials_key=key,
         on_queued=on_queued,
         approvals=approvals,
@@ -126,6 +129,7 @@ async def build_submission(
     stack.servers = await start_smtp(cfg, handler, processes=processes, drain=stack.sessions)
     stack.tasks.append(asyncio.create_task(watch_rules(policy, cfg, stopping, reloader=reloader),
                                            name="rule-watcher"))
+    stack.tasks.append(asyncio.create_task(loginfail.feed(shared_failures, stopping), name="login-failures"))
     freeze_startup_objects()
     return stack
 

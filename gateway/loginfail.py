@@ -1,0 +1,302 @@
+"""Failed logins shared by every process and node of a deployment (table ``loginfailure``).
+
+SMTP AUTH, the IMAP proxy's LOGIN/AUTHENTICATE (gateway/smtp/guard.py ``LoginGuard``) and
+the panel's sign-in (panel/auth.py ``LoginLimiter``, user names only) write each failure as
+a row per key (``ip:…``, ``user:…``); so a guesser gains nothing by spreading attempts over
+acceptor processes, nodes or protocols.  Each process keeps what it knows in memory
+(``SharedFailures``, one per process: ``for_process``):
+
+- the fast path: a login whose IP and user name this process knows no failure for costs no
+  database round trip.  What other processes wrote reaches it through a feed polled in the
+  background (``poll``, every ``FEED_INTERVAL`` seconds: one indexed query by row id);
+- the slow path: for a key it knows failures for, the caller reads the key's rows first
+  (``fresh``: one indexed query, only where a penalty applies anyway), so a count is exact
+  and a success elsewhere (which deletes the user's rows) is seen;
+- a failure is noted in memory at once (the node's SMTP and IMAP see each other's without the
+  database) and then written (``store``); a success deletes the user's rows (``clear``).
+
+Bounded: rows older than ``window`` are deleted and at most ``MAX_ROWS`` kept, newest first
+(``sweep``, every ``SWEEP_INTERVAL`` seconds and after every ``SWEEP_EVERY_WRITES`` writes of
+this process); in memory at most ``max_keys`` keys of at most ``PER_KEY`` failures each.
+
+The database away (a statement fails or ``DB_TIMEOUT`` passes): ``available`` turns false and
+the callers count with what the process knows by itself, the per-process counter, until a
+statement succeeds again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterable
+from typing import Any
+
+log = logging.getLogger("mailgate.loginfail")
+
+FEED_INTERVAL = 1.0
+FEED_PAGE = 1000
+FEED_LOOKBACK = 64  # row ids re-read behind the cursor: PostgreSQL commits may land out of id order
+SWEEP_INTERVAL = 60.0
+SWEEP_EVERY_WRITES = 1000
+MAX_ROWS = 100_000
+PER_KEY = 100
+KEY_MAX = 400
+DB_TIMEOUT = 2.0
+
+
+def user_key(user: str) -> str:
+    return ("user:" + user.lower())[:KEY_MAX]
+
+
+def ip_key(ip: str) -> str:
+    return ("ip:" + ip)[:KEY_MAX]
+
+
+class SharedFailures:
+    """One process's view of the shared failed-login record (see the module's note).
+    Thread-safe; the blocking methods (``store``, ``clear``, ``fresh``, ``poll``, ``sweep``)
+    are for worker threads and never raise."""
+
+    def __init__(self, window: float = 900.0, max_keys: int = 100_000,
+                 wall: Callable[[], float] = time.time):
+        self.window = window
+        self.max_keys = max_keys
+        self.wall = wall
+        self.available = True
+        self.token = os.urandom(6).hex()
+        self._n = 0
+        self._lock = threading.Lock()
+        self._known: OrderedDict[str, list[tuple[float, str]]] = OrderedDict()  # key -> [(at, tag)]
+        self._unstored: set[str] = set()  # tags noted here whose row is not (yet) written
+        self._cursor: int | None = None
+        self._writes = 0
+        self._last_sweep = float("-inf")
+
+    # -- in memory ------------------------------------------------------------------------
+    def knows(self, keys: Iterable[str]) -> bool:
+        with self._lock:
+            return any(k in self._known for k in keys)
+
+    def ages(self, key: str, window: float) -> list[float]:
+        """How long ago each failure of ``key`` within ``window`` was, oldest first."""
+        now = self.wall()
+        with self._lock:
+            entries = self._known.get(key)
+            if not entries:
+                return []
+            return [now - at for at, _ in entries if now - at < window]
+
+    def note(self, keys: Iterable[str]) -> list[tuple[str, float, str]]:
+        """A failure here and now: known at once; the rows to ``store``."""
+        at = self.wall()
+        rows = []
+        with self._lock:
+            for key in keys:
+                self._n += 1
+                tag = f"{self.token}:{self._n}"
+                self._add(key, at, tag)
+                self._unstored.add(tag)
+                rows.append((key, at, tag))
+        return rows
+
+    def _add(self, key: str, at: float, tag: str) -> None:
+        entries = self._known.get(key)
+        if entries is None:
+            entries = self._known[key] = []
+            while len(self._known) > self.max_keys:
+                self._known.popitem(last=False)
+        else:
+            self._known.move_to_end(key)
+        if any(t == tag for _, t in entries):
+            return
+        entries.append((at, tag))
+        entries.sort()
+        cutoff = self.wall() - self.window
+        entries[:] = [e for e in entries if e[0] > cutoff][-PER_KEY:]
+
+    def forget(self, key: str) -> None:
+        with self._lock:
+            self._known.pop(key, None)
+
+    # -- the database (worker threads) ------------------------------------------------------
+    def _ok(self) -> None:
+        if not self.available:
+            log.warning("shared failed-login record reachable again")
+        self.available = True
+
+    def _failed(self, what: str) -> None:
+        from gateway.db import drop_connection
+
+        if self.available:
+            log.warning("shared failed-login record unavailable (%s); counting in this process only", what,
+                        exc_info=True)
+        self.available = False
+        drop_connection()
+
+    def mark_unavailable(self, what: str) -> None:
+        if self.available:
+            log.warning("shared failed-login record unavailable (%s); counting in this process only", what)
+        self.available = False
+
+    def store(self, rows: list[tuple[str, float, str]]) -> bool:
+        from gateway.db.models import LoginFailure, database
+
+        if not rows:
+            return True
+        try:
+            with database.atomic():
+                LoginFailure.insert_many(rows, fields=[LoginFailure.key, LoginFailure.at, LoginFailure.tag]).execute()
+        except Exception:  # noqa: BLE001 - the database away: counted in this process meanwhile
+            self._failed("storing a failure")
+            return False
+        self._ok()
+        with self._lock:
+            self._unstored.difference_update(tag for _, _, tag in rows)
+            self._writes += 1
+            due = self._writes >= SWEEP_EVERY_WRITES
+        if due:
+            self.sweep()
+        return True
+
+    def clear(self, key: str) -> bool:
+        """A success: the user's failures are gone, here and in the database."""
+        from gateway.db.models import LoginFailure
+
+        self.forget(key)
+        try:
+            LoginFailure.delete().where(LoginFailure.key == key).execute()
+        except Exception:  # noqa: BLE001
+            self._failed("clearing a user's failures")
+            return False
+        self._ok()
+        return True
+
+    def fresh(self, keys: list[str]) -> bool:
+        """Read these keys' failures from the database (they replace what is known here,
+        except this process's own not yet written)."""
+        from gateway.db.models import LoginFailure
+
+        cutoff = self.wall() - self.window
+        try:
+            rows = list(LoginFailure.select(LoginFailure.key, LoginFailure.at, LoginFailure.tag)
+                        .where(LoginFailure.key.in_(keys), LoginFailure.at > cutoff).tuples())
+        except Exception:  # noqa: BLE001
+            self._failed("reading failures")
+            return False
+        self._ok()
+        with self._lock:
+            for key in keys:
+                pending = [e for e in self._known.get(key, ()) if e[1] in self._unstored]
+                self._known.pop(key, None)
+                for at, tag in pending:
+                    self._add(key, at, tag)
+            for key, at, tag in rows:
+                self._add(key, at, tag)
+        return True
+
+    def poll(self) -> int:
+        """The feed: rows other processes wrote since the last poll; how many were new."""
+        from gateway.db.models import LoginFailure
+
+        learnt = 0
+        try:
+            if self._cursor is None:  # first poll: what the window still holds
+                cutoff = self.wall() - self.window
+                query = LoginFailure.select(LoginFailure.id, LoginFailure.key, LoginFailure.at, LoginFailure.tag) \
+                    .where(LoginFailure.at > cutoff).order_by(LoginFailure.id.desc()).limit(FEED_PAGE * 10)
+                rows = list(query.tuples())[::-1]
+                self._cursor = max((r[0] for r in rows), default=0)
+                if not rows:
+                    self._cursor = LoginFailure.select(LoginFailure.id).order_by(
+                        LoginFailure.id.desc()).limit(1).scalar() or 0
+                learnt += self._learn(rows)
+            for _ in range(10):
+                rows = list(LoginFailure.select(LoginFailure.id, LoginFailure.key, LoginFailure.at, LoginFailure.tag)
+                            .where(LoginFailure.id > self._cursor - FEED_LOOKBACK)
+                            .order_by(LoginFailure.id).limit(FEED_PAGE).tuples())
+                new = [r for r in rows if r[0] > self._cursor]
+                learnt += self._learn(rows)
+                if new:
+                    self._cursor = new[-1][0]
+                if len(rows) < FEED_PAGE:
+                    break
+        except Exception:  # noqa: BLE001
+            self._failed("polling failures")
+            return learnt
+        self._ok()
+        if learnt:
+            log.debug("learnt %d failed logins from the shared record", learnt)
+        if self.wall() - self._last_sweep >= SWEEP_INTERVAL:
+            self.sweep()
+        return learnt
+
+    def _learn(self, rows: list[Any]) -> int:
+        cutoff = self.wall() - self.window
+        mine = self.token + ":"
+        learnt = 0
+        with self._lock:
+            for _, key, at, tag in rows:
+                if tag.startswith(mine) or at <= cutoff:
+                    continue
+                entries = self._known.get(key)
+                if entries is not None and any(t == tag for _, t in entries):
+                    continue
+                self._add(key, at, tag)
+                learnt += 1
+        return learnt
+
+    def sweep(self) -> int:
+        """Delete rows older than the window, then all but the newest ``MAX_ROWS``."""
+        from gateway.db.models import LoginFailure
+
+        self._last_sweep = self.wall()
+        with self._lock:
+            self._writes = 0
+        try:
+            gone = LoginFailure.delete().where(LoginFailure.at <= self.wall() - self.window).execute()
+            edge = LoginFailure.select(LoginFailure.id).order_by(LoginFailure.id.desc()) \
+                .offset(MAX_ROWS).limit(1).scalar()
+            if edge is not None:
+                gone += LoginFailure.delete().where(LoginFailure.id <= edge).execute()
+        except Exception:  # noqa: BLE001
+            self._failed("sweeping old failures")
+            return 0
+        self._ok()
+        return gone
+
+    # -- for asyncio callers ------------------------------------------------------------------
+    async def run(self, fn: Callable[..., bool], *args: Any) -> bool:
+        """``fn(*args)`` in a thread, bounded by ``DB_TIMEOUT`` (past it: unavailable; the
+        thread finishes on its own)."""
+        try:
+            return await asyncio.wait_for(asyncio.to_thread(fn, *args), DB_TIMEOUT)
+        except TimeoutError:
+            self.mark_unavailable(f"no answer in {DB_TIMEOUT:g} s")
+            return False
+
+
+_PROCESS: SharedFailures | None = None
+
+
+def for_process(cfg: Any) -> SharedFailures:
+    """This process's ``SharedFailures`` (made at the first call; its window the longest of
+    the configured ones)."""
+    global _PROCESS
+    if _PROCESS is None:
+        windows = [cfg.smtp.auth_fail_window, cfg.imap.auth_fail_window]
+        panel = getattr(cfg, "panel", None)
+        if panel is not None:
+            windows.append(panel.login_window)
+        _PROCESS = SharedFailures(window=float(max(windows)))
+    return _PROCESS
+
+
+async def feed(shared: SharedFailures, stopping: asyncio.Event, every: float = FEED_INTERVAL) -> None:
+    """Poll the shared record every ``every`` seconds until ``stopping``."""
+    from gateway.periodic import periodically
+
+    await periodically(stopping, shared.poll, every, first=0, failure="polling failed logins failed")
