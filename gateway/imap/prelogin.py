@@ -230,6 +230,7 @@ class PreLogin:
         delay = guard.delay(ip, name)
         guard.begin(ip, name)
         outcome: bool | None = None
+        write = None
         try:
             if delay:
                 await task.deferLater(self.svc.reactor, delay, lambda: None)  # the penalty itself
@@ -238,11 +239,10 @@ class PreLogin:
         finally:
             if outcome is None:
                 guard.abandon(ip, name)
-        if outcome is not None:
-            if guard.shared is not None:
-                await _on_asyncio(guard.settle(ip, name, outcome))
             else:
-                guard.end(ip, name, outcome)
+                write = guard.finish(ip, name, outcome)
+        if write is not None and guard.shared is not None:
+            await _on_asyncio(guard.shared.run(write))  # the answer is out: written just after it
         if outcome is False:
             log.info("imap login failed user=%s ip=%s", name[:320], ip)
 

@@ -10,7 +10,8 @@ oldest dropped first.
 With ``shared`` (gateway/loginfail.py) the failures counted are those of every process and
 node and of SMTP, IMAP and the panel alike; attempts in flight are counted per process.  A
 caller runs ``prepare`` before ``delay`` (a database read only for a key with failures
-known) and ``settle`` instead of ``end`` (the failure written, or the user's cleared).  The
+known) and ``settle`` (or ``finish`` and its write) instead of ``end``: the failure written,
+or the user's cleared.  The
 shared record unavailable, the failures this guard saw itself still count.
 """
 
@@ -106,19 +107,28 @@ class LoginGuard:
         if success:
             self._records.pop(user_key(user), None)
 
-    async def settle(self, ip: str, user: str, success: bool) -> None:
-        """``end``, and the shared record told: a failure written (known in this process at
-        once), a success clearing the user's failures where any are known."""
+    def finish(self, ip: str, user: str, success: bool) -> Callable[[], bool] | None:
+        """``end``, and a failure noted in the shared record (known in this process at once);
+        returns the blocking write still to run (``shared.run``) — the failure's rows, or a
+        success clearing the user's failures where any are known — or None."""
         shared = self.shared
         key = user_key(user)
         had = shared is not None and success and (shared.knows([key]) or self._has_failures(key))
         self.end(ip, user, success)
         if shared is None:
-            return
+            return None
         if not success:
-            await shared.run(shared.store, shared.note([ip_key(ip), key]))
-        elif had:
-            await shared.run(shared.clear, key)
+            rows = shared.note([ip_key(ip), key])
+            return lambda: shared.store(rows)
+        if had:
+            return lambda: shared.clear(key)
+        return None
+
+    async def settle(self, ip: str, user: str, success: bool) -> None:
+        """``finish``, and its write done (bounded by ``loginfail.DB_TIMEOUT``)."""
+        job = self.finish(ip, user, success)
+        if job is not None and self.shared is not None:
+            await self.shared.run(job)
 
     def abandon(self, ip: str, user: str) -> None:
         """An attempt that was never decided (the upstream unavailable, the client gone): no
