@@ -16,8 +16,9 @@ the busy ones finish their command first — a message being received or committ
 250 —, at most ``server.SESSION_GRACE``; gateway/smtp/server.py), lets its group committer
 finish the batch in hand (nobody heard 250 for anything not committed) and exits.
 
-Per-process state: login penalties (gateway/smtp/guard.py) and the upstream-login cache are
-kept per process, and ``smtp.max_sessions`` is split between the processes.
+Per-process state: the upstream-login cache is kept per process, and ``smtp.max_sessions`` is
+split between the processes.  Login penalties count the failures of every process and node
+(gateway/loginfail.py: each process polls the shared record; attempts in flight per process).
 """
 
 from __future__ import annotations
