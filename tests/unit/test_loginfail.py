@@ -165,3 +165,28 @@ def test_the_panel_and_the_mail_logins_count_one_user_together(db, panel_first):
 def test_keys_are_bounded_and_case_blind():
     assert user_key("A" * 1000).startswith("user:aaa") and len(user_key("A" * 1000)) == loginfail.KEY_MAX
     assert user_key("Bob@X") == "user:bob@x" and ip_key("::1") == "ip:::1"
+
+
+def test_a_database_that_does_not_answer_counts_as_away(monkeypatch):
+    import threading
+    import time
+
+    monkeypatch.setattr(loginfail, "DB_TIMEOUT", 0.05)
+    shared = SharedFailures(window=60, wall=Wall())
+    guard = LoginGuard(1, 64, 60, shared=shared)
+    guard.begin("10.0.0.1", "ivan@acme.test")
+    guard.end("10.0.0.1", "ivan@acme.test", False)  # a failure this guard saw (not written)
+    release = threading.Event()
+    monkeypatch.setattr(shared, "fresh", lambda keys: release.wait(30))  # the read hangs
+
+    async def check() -> tuple[float, float]:
+        started = time.monotonic()
+        try:
+            await guard.prepare("10.0.0.2", "ivan@acme.test")
+            return guard.delay("10.0.0.2", "ivan@acme.test"), time.monotonic() - started
+        finally:
+            release.set()  # (asyncio.run waits for the thread)
+
+    delay, took = asyncio.run(check())
+    # Given up after DB_TIMEOUT: the record counts as away, the guard's own count decides.
+    assert delay == 1 and took < 5 and not shared.available
