@@ -225,7 +225,7 @@ class PreLogin:
         guard = self.svc.guard
         ip = str(getattr(self.transport.getPeer(), "host", ""))
         name = user.decode("utf-8", "replace")
-        if guard.shared is not None:  # the shared record read only where failures are known
+        if guard.wants_read(ip, name):  # the shared record read only where failures are known
             await _on_asyncio(guard.prepare(ip, name))
         delay = guard.delay(ip, name)
         guard.begin(ip, name)

@@ -11,8 +11,8 @@ With ``shared`` (gateway/loginfail.py) the failures counted are those of every p
 node and of SMTP, IMAP and the panel alike; attempts in flight are counted per process.  A
 caller runs ``prepare`` before ``delay`` (a database read only for a key with failures
 known) and ``settle`` (or ``finish`` and its write) instead of ``end``: the failure written,
-or the user's cleared.  The
-shared record unavailable, the failures this guard saw itself still count.
+or the user's cleared.  The shared record unavailable, the failures this guard saw itself
+still count.
 """
 
 from __future__ import annotations
@@ -75,12 +75,14 @@ class LoginGuard:
     async def prepare(self, ip: str, user: str) -> None:
         """Before ``delay``: read the shared failures of this IP and user when some are
         known here (the slow path; nothing known, no database round trip)."""
-        shared = self.shared
-        if shared is None:
-            return
-        keys = [ip_key(ip), user_key(user)]
-        if shared.knows(keys) or any(self._has_failures(k) for k in keys):
-            await shared.run(shared.fresh, keys)
+        if self.shared is not None and self.wants_read(ip, user):
+            await self.shared.run(self.shared.fresh, [ip_key(ip), user_key(user)])
+
+    def wants_read(self, ip: str, user: str) -> bool:
+        """Whether ``prepare`` would read the shared record (failures of the IP or the user
+        known in this process)."""
+        keys = (ip_key(ip), user_key(user))
+        return self.shared is not None and (self.shared.knows(keys) or any(self._has_failures(k) for k in keys))
 
     def _has_failures(self, key: str) -> bool:
         rec = self._records.get(key)
