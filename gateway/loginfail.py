@@ -52,6 +52,14 @@ def user_key(user: str) -> str:
     return ("user:" + user.lower())[:KEY_MAX]
 
 
+def panel_key(user: str) -> str:
+    """The panel's own count of a user's failed sign-ins (its lockout), beside ``user_key``:
+    a sign-in failure counts for the user's mail logins too, a mail login's failure does not
+    lock the user out of the panel — else anybody who can reach the SMTP port (a phone with
+    an old saved password, or a stranger failing on purpose) could keep a manager locked out."""
+    return ("panel:" + user.lower())[:KEY_MAX]
+
+
 def ip_key(ip: str) -> str:
     return ("ip:" + ip)[:KEY_MAX]
 

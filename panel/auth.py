@@ -20,7 +20,7 @@ from argon2.exceptions import InvalidHashError, VerificationError
 
 from gateway.config import Config
 from gateway.db.models import Employee
-from gateway.loginfail import SharedFailures, user_key
+from gateway.loginfail import SharedFailures, panel_key, user_key
 from gateway.smtp.auth import UpstreamUnavailable, tls_context
 from panel.schema import LocalAccount
 
@@ -163,13 +163,15 @@ class LoginLimiter:
     In memory (per process), bounded to ``max_keys`` entries (oldest dropped).  A
     success clears the login's record, never the IP's.
 
-    With ``shared`` (gateway/loginfail.py) the failures of a login are those of the whole
-    deployment — every process and node, and SMTP AUTH and IMAP logins of the same user name
-    as well as sign-ins: each check reads them (one indexed query; a sign-in costs an argon2
-    hash or an IMAP login anyway), a failure is written there, a success clears them.  The
-    limits stay the panel's own (``max_failures`` in ``window``, then ``lockout``); the IP's
-    count stays in this process (behind a reverse proxy the panel's client IP is not the
-    mail clients' one).  The shared record unavailable, the process's own count decides.
+    With ``shared`` (gateway/loginfail.py) the failed sign-ins of a login are those of the
+    whole deployment, every process and node (``panel_key``): each check reads them (one
+    indexed query; a sign-in costs an argon2 hash or an IMAP login anyway), a failure is
+    written there — and as a failure of the user (``user_key``), which slows the user's next
+    SMTP AUTH and IMAP login — and a success clears both.  A mail login's failure does not
+    count here (``panel_key`` says why).  The limits stay the panel's own (``max_failures``
+    in ``window``, then ``lockout``); the IP's count stays in this process (behind a reverse
+    proxy the panel's client IP is not the mail clients' one).  The shared record
+    unavailable, the process's own count decides.
     """
 
     def __init__(self, max_failures: int, max_failures_per_ip: int, window: float, lockout: float,
@@ -196,15 +198,16 @@ class LoginLimiter:
     def wait_seconds(self, ip: str, login: str) -> int:
         """0 if this attempt may be checked, else the seconds left to wait."""
         shared, ukey = self.shared, user_key(login)
+        pkey = panel_key(login)
         if shared is not None:
-            shared.fresh([ukey])
+            shared.fresh([pkey])
         now = self.clock()
         with self._lock:
             wait = 0.0
             for kind, key in (("ip", "ip:" + ip), ("user", ukey)):
                 times = self._recent(key, now)
                 if kind == "user" and shared is not None:
-                    seen = [now - age for age in shared.ages(ukey, self.window)]
+                    seen = [now - age for age in shared.ages(pkey, self.window)]
                     if shared.available or len(seen) > len(times):
                         times = seen
                 if len(times) >= self.limits[kind]:
@@ -221,10 +224,11 @@ class LoginLimiter:
             while len(self._failures) > self.max_keys:
                 self._failures.popitem(last=False)
         if self.shared is not None:
-            self.shared.store(self.shared.note([user_key(login)]))
+            self.shared.store(self.shared.note([user_key(login), panel_key(login)]))
 
     def succeeded(self, login: str) -> None:
         with self._lock:
             self._failures.pop(user_key(login), None)
         if self.shared is not None:
             self.shared.clear(user_key(login))
+            self.shared.clear(panel_key(login))

@@ -137,29 +137,41 @@ def test_database_away_falls_back_to_the_process_counter(db):
     assert a.poll() == 0 and not a.available
 
 
-@pytest.mark.parametrize("panel_first", [True, False])
-def test_the_panel_and_the_mail_logins_count_one_user_together(db, panel_first):
+def test_panel_failures_slow_the_mail_logins_and_lock_the_panel_everywhere(db):
     wall = Wall()
     gateway_side, panel_side = SharedFailures(window=900, wall=wall), SharedFailures(window=900, wall=wall)
+    other_panel = SharedFailures(window=900, wall=wall)  # another panel process or node
     guard = LoginGuard(1, 64, 900, shared=gateway_side)
     limiter = LoginLimiter(3, 30, 900, 300, shared=panel_side)
-    if panel_first:
-        limiter.failed("192.0.2.1", "Grace@acme.test")
-        limiter.failed("192.0.2.1", "grace@acme.test")
-        gateway_side.poll()
-        # The panel's failures slow the user's next SMTP or IMAP login (not its IP: another one).
-        assert checked_delay(guard, "10.0.0.1", "grace@acme.test") == 2
-        fail(guard, "10.0.0.1", "grace@acme.test")
-    else:
-        for _ in range(3):
-            fail(guard, "10.0.0.1", "grace@acme.test")
-    # Three failures of the user anywhere: the panel's lockout (its own limits), from any IP.
+    elsewhere = LoginLimiter(3, 30, 900, 300, shared=other_panel)
+    limiter.failed("192.0.2.1", "Grace@acme.test")
+    limiter.failed("192.0.2.1", "grace@acme.test")
+    gateway_side.poll()
+    # The panel's failures slow the user's next SMTP or IMAP login (not its IP: another one).
+    assert checked_delay(guard, "10.0.0.1", "grace@acme.test") == 2
+    elsewhere.failed("192.0.2.2", "grace@acme.test")
+    # Three failed sign-ins anywhere: the panel's lockout (its own limits), from any IP.
     assert 0 < limiter.wait_seconds("192.0.2.77", "grace@acme.test") <= 301
     assert limiter.wait_seconds("192.0.2.77", "heidi@acme.test") == 0
     # A success (here: the panel's) clears the user for everyone.
     limiter.succeeded("grace@acme.test")
     assert checked_delay(guard, "10.0.0.2", "grace@acme.test") == 0
     assert limiter.wait_seconds("192.0.2.77", "grace@acme.test") == 0
+    assert elsewhere.wait_seconds("192.0.2.77", "grace@acme.test") == 0
+
+
+def test_mail_login_failures_do_not_lock_the_user_out_of_the_panel(db):
+    """Anybody who reaches the SMTP port (a phone with an old saved password, or a stranger
+    failing on purpose) must not be able to keep a manager locked out of the panel."""
+    wall = Wall()
+    gateway_side, panel_side = SharedFailures(window=900, wall=wall), SharedFailures(window=900, wall=wall)
+    guard = LoginGuard(1, 64, 900, shared=gateway_side)
+    limiter = LoginLimiter(3, 30, 900, 300, shared=panel_side)
+    for _ in range(5):
+        fail(guard, "10.0.0.1", "grace@acme.test")
+    panel_side.poll()
+    assert limiter.wait_seconds("192.0.2.77", "grace@acme.test") == 0
+    assert checked_delay(guard, "10.0.0.9", "grace@acme.test") > 0  # the mail side still slows them
 
 
 def test_keys_are_bounded_and_case_blind():
