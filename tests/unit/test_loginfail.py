@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import asyncio
 
-import pytest
-
 from gateway import loginfail
 from gateway.db.models import LoginFailure
 from gateway.loginfail import SharedFailures, ip_key, user_key
