@@ -115,7 +115,7 @@ class Tagger:
                 used.append(tag)
             return tag
 
-        p = headers.plan(header, fields, tag_for)
+        p = headers.plan(header, fields, tag_for, (self.tag_own, self.tag_colleague))
         if not p.splices and not p.names:
             return EMPTY
         return Decision(len(header), p.splices, p.names, tuple(used))

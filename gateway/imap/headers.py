@@ -274,8 +274,21 @@ def envelope_name(phrase: bytes) -> bytes:
     return phrase
 
 
-def tagged_text(tag: str, display: bytes, address: str) -> str:
-    name = decode_phrase(display) if display else ""
+def strip_tags(name: str, tags: tuple[str, ...]) -> str:
+    """``name`` without the tags it already starts with: a message a client stored back (a reply
+    saved to Sent, a copy made by APPEND) carries the name as the proxy served it."""
+    stripped = True
+    while stripped:
+        stripped = False
+        for tag in tags:
+            if tag and name.startswith(tag):
+                name = name[len(tag):].lstrip()
+                stripped = True
+    return name
+
+
+def tagged_text(tag: str, display: bytes, address: str, known_tags: tuple[str, ...] = ()) -> str:
+    name = strip_tags(decode_phrase(display), known_tags) if display else ""
     return f"{tag} {name or address}"
 
 
@@ -287,8 +300,11 @@ class HeaderPlan:
     names: tuple[tuple[str, str, bytes], ...]  # (field, address, encoded phrase)
 
 
-def plan(header: bytes, fields: tuple[str, ...], tag_for: Callable[[str], str | None]) -> HeaderPlan:
-    """Splices that tag the display names in ``fields``; ``tag_for(address)`` picks the tag."""
+def plan(header: bytes, fields: tuple[str, ...], tag_for: Callable[[str], str | None],
+         known_tags: tuple[str, ...] = ()) -> HeaderPlan:
+    """Splices that tag the display names in ``fields``; ``tag_for(address)`` picks the tag.
+    A name that already starts with one of ``known_tags`` gets the right tag instead of a
+    second one, and is left alone when it already reads as the tagged name would."""
     splices = []
     names = []
     for f in iter_fields(header):
@@ -310,7 +326,10 @@ def plan(header: bytes, fields: tuple[str, ...], tag_for: Callable[[str], str | 
             tag = tag_for(piece.address)
             if not tag:
                 continue
-            phrase = encode_phrase(tagged_text(tag, piece.display, piece.address))
+            text = tagged_text(tag, piece.display, piece.address, known_tags)
+            if piece.display and decode_phrase(piece.display) == text:
+                continue  # stored back as served: already tagged so
+            phrase = encode_phrase(text)
             addr = value_core[piece.start : piece.end]
             lt = _find_angle(addr)
             if lt >= 0:

@@ -244,3 +244,22 @@ def test_plaintext_upstream_on_loopback_serves_the_same_bytes(make_proxy, imap_u
     body = fetch_item(p2, uid2, "BODY.PEEK[]")
     assert fetch_size(p2, uid2) == len(body)
     assert display_names(body, "From") == ["[客户] Buyer <buyer@buyer.test>"]
+
+
+def test_served_message_stored_back_is_tagged_once(proxy, imap_upstream):
+    # A client saving a reply to Sent, or moving a message by FETCH + APPEND (mbsync moving
+    # a file between local folders), stores the header as the proxy served it.
+    mid, raw = message('"Buyer" <buyer@buyer.test>')
+    imap_upstream.deliver("alice@acme.test", raw)
+    p = via(proxy)
+    served = fetch_item(p, uid_of(p, mid), "BODY.PEEK[]")
+    assert display_names(served, "From") == ["[客户] Buyer <buyer@buyer.test>"]
+    copy = served.replace(mid.encode(), b"<copy-" + mid[1:].encode())
+    p.append("Trash", None, None, copy)
+    uid = uid_of(p, "<copy-" + mid[1:], "Trash")
+    assert fetch_item(p, uid, "BODY.PEEK[]") == copy
+    # mutt's reply: the tag as one encoded-word, the rest of the name plain.
+    reply_id, reply = message("Alice <alice@acme.test>", to="=?UTF-8?B?W+WuouaIt10=?= Buyer <buyer@buyer.test>")
+    p.append("Sent", "(\\Seen)", None, reply)
+    header = fetch_item(p, uid_of(p, reply_id, "Sent"), "BODY.PEEK[HEADER]")
+    assert display_names(header, "To") == ["[客户] Buyer <buyer@buyer.test>"]

@@ -77,3 +77,26 @@ def test_long_names_split_into_short_encoded_words():
 def test_header_length():
     assert headers.header_length(b"A: b\r\n\r\nbody") == 8
     assert headers.header_length(b"A: b\r\nB: c") is None
+
+
+KNOWN = ("[客户]", "[同事客户]")
+
+
+def test_name_stored_back_tagged_is_not_tagged_twice():
+    # A reply saved to Sent, or a message a client moved by APPEND, carries the served name.
+    served = headers.apply(HEADER, headers.plan(HEADER, headers.READER_FIELDS, tag_for).splices)
+    again = headers.plan(served, headers.READER_FIELDS, tag_for, KNOWN)
+    assert again.splices == () and again.names == ()
+    # Written back by a client in its own encoding (mutt: one word for the tag, the rest plain).
+    h = b"To: =?utf-8?B?W+WuouaIt10=?= Buyer <buyer@buyer.test>\r\n\r\n"
+    assert headers.plan(h, headers.SENT_FIELDS, tag_for, KNOWN).splices == ()
+
+
+def test_stale_tag_is_replaced_not_stacked():
+    h = '=?UTF-8?B?W+WQjOS6i+WuouaIt10gQnV5ZXI=?= <buyer@buyer.test>'  # "[同事客户] Buyer"
+    raw = b"From: " + h.encode() + b"\r\n\r\n"
+    new = headers.apply(raw, headers.plan(raw, headers.READER_FIELDS, tag_for, KNOWN).splices)
+    assert decoded(new[6 : new.index(b" <")]) == "[客户] Buyer"
+    bare = b"From: \"[Customer] [Customer] buyer@buyer.test\" <buyer@buyer.test>\r\n\r\n"
+    new = headers.apply(bare, headers.plan(bare, headers.READER_FIELDS, lambda a: "[客户]", ("[Customer]",)).splices)
+    assert decoded(new[6 : new.index(b" <")]) == "[客户] buyer@buyer.test"
