@@ -184,7 +184,8 @@ def decode_header_value(value: Any, notes: list[str] | None = None) -> str:
         if not text.isascii():  # already text (an RFC 2231 parameter decoded by the email package)
             return _unfold(text)
         parts = []
-        for chunk, charset in decode_header(text):
+        # Unfolded first: decode_header drops the white space that starts a continuation line.
+        for chunk, charset in decode_header(re.sub(r"\r?\n(?=[ \t])", "", text)):
             if isinstance(chunk, bytes):
                 parts.append(decode_text(chunk, charset, notes) if charset else chunk.decode("ascii", "replace"))
             else:

@@ -126,6 +126,9 @@ def _unsurrogate(text: str) -> str:
     return decode_bytes(text.encode("utf-8", errors="surrogateescape"))
 
 
+_FOLD = re.compile(r"\r?\n(?=[ \t])")
+
+
 def decode_header(value: object) -> str:
     """An RFC 2047 header (or raw 8-bit UTF-8/GBK) as text; never raises."""
     if value is None:
@@ -137,7 +140,9 @@ def decode_header(value: object) -> str:
             text = _unsurrogate(str(value))[:HEADER_LIMIT]
             if "=?" not in text:
                 return _clean(text)
-            chunks = email.header.decode_header(text)
+            # Unfolded first: decode_header reads line by line and drops the white space that
+            # starts a continuation line ("=?utf-8?b?…?=\r\n 2000 套" came out as "…2000 套").
+            chunks = email.header.decode_header(_FOLD.sub("", text))
         out = []
         for chunk, charset in chunks:
             if isinstance(chunk, bytes):

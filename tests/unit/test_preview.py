@@ -68,6 +68,12 @@ def test_decode_helpers_never_raise():
     assert decode_header_value(None) == ""
 
 
+def test_folded_header_keeps_the_space_after_an_encoded_word():
+    # How Python's email package folds "报价单：扭力扳手 2000 套" (the approval notices' subject).
+    folded = "=?utf-8?b?5oql5Lu35Y2V77ya5omt5Yqb5omz5omL?=\r\n 2000 =?utf-8?b?5aWX?="
+    assert decode_header_value(folded) == "报价单：扭力扳手 2000 套"
+
+
 def test_html_is_sanitized():
     html = (b"<p onclick='steal()' style='color:red; background:url(http://evil/t.png)'>Hi</p>"
             b"<script>alert(1)</script><style>body{background:url(http://evil/)}</style>"

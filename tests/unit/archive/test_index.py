@@ -256,3 +256,13 @@ def test_copy_lines_are_read_in_chunks_as_they_are_made():
         chunks.append(chunk)
     assert "".join(chunks) == "".join(f"{i}\t" + "报价x" * (i * 7) + "\n" for i in range(50))
     assert _Lines(iter(["a\n", "b\n"])).read() == "a\nb\n"
+
+
+def test_folded_subject_keeps_the_space_after_an_encoded_word():
+    # Python's email package folds "报价单：扭力扳手 2000 套" (the approval notice's subject)
+    # so that a continuation line starts with the plain "2000"; the space there is text.
+    raw = (b"Subject: =?utf-8?b?5oql5Lu35Y2V77ya5omt5Yqb5omz5omL?=\r\n 2000 =?utf-8?b?5aWX?=\r\n"
+           b"From: =?utf-8?b?546L5YWI55Sf?=\r\n <wang@x.test>\r\nTo: b@y.test\r\n\r\nbody\r\n")
+    ex = extract(raw)
+    assert ex.subject == "报价单：扭力扳手 2000 套"
+    assert "王先生 <wang@x.test>" in ex.sender
