@@ -352,6 +352,41 @@ def plan(header: bytes, fields: tuple[str, ...], tag_for: Callable[[str], str | 
     return HeaderPlan(tuple(splices), tuple(names))
 
 
+def untag(header: bytes, fields: tuple[str, ...], known_tags: tuple[str, ...]) -> tuple[Splice, ...]:
+    """Splices that take ``known_tags`` off the display names in ``fields``: the reverse of
+    ``plan`` for outgoing mail, whose To/Cc a client filled in from a tagged name (a reply)."""
+    splices = []
+    for f in iter_fields(header):
+        if f.name not in fields:
+            continue
+        value_start = f.colon + 1
+        value = header[value_start : f.end]
+        body_end = len(value) - (2 if value.endswith(b"\r\n") else 1 if value.endswith(b"\n") else 0)
+        value_core = value[:body_end]
+        new_value = bytearray()
+        last = 0
+        for piece in parse_addresses(value_core):
+            if not piece.display:
+                continue
+            name = decode_phrase(piece.display)
+            bare = strip_tags(name, known_tags)
+            if bare == name:
+                continue
+            addr = value_core[piece.start : piece.end]
+            addr_spec = addr[_find_angle(addr) :]
+            if bare and bare.lower() != piece.address:
+                addr_spec = encode_phrase(bare) + b" " + addr_spec
+            new_value += value_core[last : piece.start] + addr_spec
+            last = piece.end
+        if not last:
+            continue
+        new_value += value_core[last:]
+        new_value = bytearray(bytes(new_value).replace(b"\r\n", b"").replace(b"\n", b""))
+        splices.append(Splice(f.start, header[f.start : f.end], header[f.start : value_start] + bytes(new_value)
+                              + value[body_end:]))
+    return tuple(splices)
+
+
 def apply(header: bytes, splices: tuple[Splice, ...] | list[Splice]) -> bytes:
     """Apply splices to the very header they were planned on (by offset, verified)."""
     if not splices:

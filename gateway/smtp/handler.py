@@ -62,6 +62,7 @@ from gateway.smtp.checks import address_problem, foreign_header_senders, has_bar
 from gateway.smtp.errors import LOCAL_TEMPFAIL, POLICY_TEMPFAIL, PolicyError, describe_error
 from gateway.smtp.guard import LoginGuard
 from gateway.spool import Spool, SpoolError, archive_ref, new_queue_id
+from gateway.untag import StripReadingTags
 
 log = logging.getLogger("mailgate.smtp")
 
@@ -158,6 +159,7 @@ class SubmissionHandler:
         self.on_queued = on_queued or (lambda: None)
         self.approvals = approvals  # gateway.approval.ApprovalService: records holds
         self.sign = sign  # gateway.dkim.DkimSign mutation, or None when DKIM is off
+        self.untag = StripReadingTags((cfg.imap.tag_own, cfg.imap.tag_colleague))
         self.rule_env = rule_env  # gateway.rules.env.RuleEnv: its history feeds first-contact
         self.committer = committer or GroupCommitter()
         self.trusted = tuple(ipaddress.ip_network(n, strict=False) for n in cfg.smtp.trusted_networks)
@@ -462,7 +464,10 @@ class SubmissionHandler:
                     free = (free.ctx, free.verdict, new_queue_id())
         except Exception as exc:
             raise PolicyError("the policy decision failed") from exc
+        untag = self.untag.needed(ctx)
         for v in (verdict, free[1] if free else None):
+            if v is not None and untag and v.action != REJECT:
+                v.mutations.append(self.untag)
             if v is not None and self.sign is not None and v.action != REJECT:
                 v.mutations.append(self.sign)
         if verdict.action == REJECT:

@@ -175,6 +175,22 @@ def test_other_sender_is_553_alias_is_fine(gateway):
         assert code == 250
 
 
+def test_reading_tags_are_taken_off_to_and_cc(gateway, sink):
+    # A reply to a name the IMAP proxy served: mutt writes the tag as an encoded-word, others
+    # quote the whole name; the customer must not receive "To: [客户] Klaus Becker".
+    sink.clear()
+    msg = message("alice@acme.test", "=?utf-8?B?W+WuouaIt10=?= Klaus Becker <einkauf@hamburg-tools.de>",
+                  "Re: RFQ", cc='"[客户] tanaka@osaka-machinery.jp" <tanaka@osaka-machinery.jp>, Bob <bob@acme.test>')
+    code, reply = submit(gateway, "alice@acme.test", "alice-pw", msg,
+                         rcpts=["einkauf@hamburg-tools.de", "tanaka@osaka-machinery.jp", "bob@acme.test"])
+    assert code == 250, reply
+    [got] = sink.wait_for(1, timeout=20)
+    head = got.data.split(b"\r\n\r\n", 1)[0]
+    assert b'\r\nTo: "Klaus Becker" <einkauf@hamburg-tools.de>\r\n' in head
+    assert b"\r\nCc: <tanaka@osaka-machinery.jp>, Bob <bob@acme.test>\r\n" in head
+    assert "客户".encode() not in got.data and b"W+WuouaIt10" not in got.data
+
+
 @pytest.mark.parametrize("rcpt", [
     "victim%elsewhere.example@acme.test",
     "elsewhere.example!victim",

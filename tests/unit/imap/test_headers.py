@@ -100,3 +100,16 @@ def test_stale_tag_is_replaced_not_stacked():
     bare = b"From: \"[Customer] [Customer] buyer@buyer.test\" <buyer@buyer.test>\r\n\r\n"
     new = headers.apply(bare, headers.plan(bare, headers.READER_FIELDS, lambda a: "[客户]", ("[Customer]",)).splices)
     assert decoded(new[6 : new.index(b" <")]) == "[客户] buyer@buyer.test"
+
+
+def test_untag_takes_the_tags_off_outgoing_names_only():
+    h = (b"From: Alice <alice@acme.test>\r\n"
+         b"To: =?utf-8?B?W+WuouaIt10=?= Klaus <k@x.test>, \"Plain, Name\" <p@y.test>\r\n"
+         b"Cc: =?UTF-8?B?W+WuouaIt10gdGFuYWthQG9zYWthLmpw?=\r\n <tanaka@osaka.jp>\r\n"
+         + "Subject: [客户] stays\r\n\r\n".encode())
+    new = headers.apply(h, headers.untag(h, ("to", "cc"), KNOWN))
+    assert new == (b"From: Alice <alice@acme.test>\r\n"
+                   b"To: \"Klaus\" <k@x.test>, \"Plain, Name\" <p@y.test>\r\n"
+                   b"Cc: <tanaka@osaka.jp>\r\n" + "Subject: [客户] stays\r\n\r\n".encode())
+    untouched = b"To: \"Plain, Name\" <p@y.test>, bare@z.test\r\n\r\n"
+    assert headers.untag(untouched, ("to", "cc"), KNOWN) == ()
