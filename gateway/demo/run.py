@@ -191,11 +191,12 @@ def print_instructions(cfg, directory: Path) -> None:
 ================ Mailgate demo is running ================
 Point a mail client (Thunderbird, Outlook, Foxmail, mutt …) at the gateway:
 
-  IMAP  server 127.0.0.1  port {cfg.imap.tls_port} (SSL/TLS)  or {cfg.imap.starttls_port} (STARTTLS)
-  SMTP  server 127.0.0.1  port {cfg.smtp.submission_port} (STARTTLS)  or {cfg.smtp.smtps_port} (SSL/TLS)
+  IMAP  server localhost  port {cfg.imap.tls_port} (SSL/TLS)  or {cfg.imap.starttls_port} (STARTTLS)
+  SMTP  server localhost  port {cfg.smtp.submission_port} (STARTTLS)  or {cfg.smtp.smtps_port} (SSL/TLS)
   user  alice@acme.test   password alice-pw      (also bob@acme.test / bob-pw, carol@acme.test / carol-pw)
 
-The certificate is self-signed: {cfg.tls.cert} — accept it in the client.
+The certificate is self-signed: {cfg.tls.cert} — accept it in the client (or give the
+client that file). It names localhost and 127.0.0.1; mbsync checks names only: use localhost.
 Alice's INBOX has customer mail: her own customer shows as "[客户] …",
 Bob's customer as "[同事客户] …".  Sending from Alice to lagos.imports@gmail.com
 (Bob's customer) is refused with a reason; other mail is relayed to the

@@ -128,6 +128,15 @@ def test_demo_starts_prints_settings_and_enforces_policy(demo_dir):
         text = "".join(banner)
         assert f"port {base + 993} (SSL/TLS)" in text and f"port {base + 587} (STARTTLS)" in text
         assert "alice@acme.test" in text
+        # A name the certificate carries as a DNS name: mbsync (isync 1.4) ignores IP addresses
+        # in it and refused "127.0.0.1" ("certificate owner does not match hostname").
+        from cryptography import x509
+
+        cert = x509.load_pem_x509_certificate((tmp_path / "demo" / "certs" / "gateway.crt").read_bytes())
+        names = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        for kind in ("IMAP", "SMTP"):
+            server = re.search(rf"{kind}  server (\S+)  port", text)
+            assert server and server.group(1) in names.get_values_for_type(x509.DNSName), text
         ctx = ssl.create_default_context(cafile=str(tmp_path / "demo" / "certs" / "gateway.crt"))
         with smtplib.SMTP("127.0.0.1", base + 587, timeout=30) as conn:
             conn.starttls(context=ctx)
