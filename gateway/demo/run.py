@@ -2,7 +2,8 @@
 
 Starts a private Dovecot (IMAP, submission, LMTP) as "the company's mail
 provider", an SMTP sink standing for the Internet (everything relayed out
-lands in <dir>/internet/ as .eml files), fills the sample data and a few
+lands in <dir>/internet/ as .eml files; what is addressed to one of the demo's
+mailboxes is delivered into that INBOX too), fills the sample data and a few
 customer mails into the salespeople's INBOXes, writes <dir>/mailgate.toml and
 runs the gateway in the foreground until Ctrl-C.
 """
@@ -10,13 +11,15 @@ runs the gateway in the foreground until Ctrl-C.
 from __future__ import annotations
 
 import email.utils
+import logging
+import smtplib
 from pathlib import Path
 
 from gateway.config import load
 from gateway.db import connect
 from gateway.db.models import Employee
 from gateway.demo.sample_data import PANEL_ACCOUNTS, PASSWORDS, seed, seed_panel_accounts
-from gateway.demo.sink import SinkServer
+from gateway.demo.sink import SinkMessage, SinkServer
 from gateway.demo.upstream import DovecotUpstream
 
 INBOUND = [
@@ -61,6 +64,22 @@ rules:
       keyword: [quotation, RFQ, 报价, 询价]
     group: inquiries
 """
+
+
+log = logging.getLogger("mailgate.demo")
+
+
+def deliver_inside(dovecot: DovecotUpstream, message: SinkMessage) -> None:
+    """Mail the provider relays to one of its own mailboxes (an approval request for Carol, the
+    held notice for Alice, Alice writing to Bob) lands in that INBOX, as with a real provider;
+    the "Internet" folder keeps its copy too."""
+    for rcpt in message.rcpt_tos:
+        if rcpt.lower() not in PASSWORDS:
+            continue
+        try:
+            dovecot.deliver(rcpt.lower(), message.data, sender=message.mail_from)
+        except (OSError, smtplib.SMTPException) as exc:
+            log.warning("demo: could not deliver %s to %s's INBOX: %s", message.path.name, rcpt, exc)
 
 
 def _inbound(sender: str, rcpt: str, subject: str) -> bytes:
@@ -139,8 +158,8 @@ enabled = true
 mailboxes = ["{SHARED}"]
 master_user = "{MASTER_USER[0]}"
 master_password = "{MASTER_USER[1]}"
-# The demo's provider relays all outgoing mail to the "Internet" folder, so employees get
-# their copy by IMAP APPEND into their own INBOX.
+# Employees get their copy by IMAP APPEND into their own INBOX (no relayed copy in the
+# demo's "Internet" folder).
 delivery = "append"
 append_for = ["*"]
 # Distribute what is already in the shared mailbox at the first start, too.
@@ -163,6 +182,7 @@ def run_demo(directory: Path, port_base: int = 10000) -> int:
     sink.start()
     dovecot = DovecotUpstream(directory / "upstream", PASSWORDS, master_user=MASTER_USER, relay_port=sink.port)
     dovecot.start()
+    sink.on_message = lambda message: deliver_inside(dovecot, message)
     try:
         config_path = directory / "mailgate.toml"
         write_demo_config(config_path, dovecot, port_base)
@@ -200,7 +220,8 @@ client that file). It names localhost and 127.0.0.1; mbsync checks names only: u
 Alice's INBOX has customer mail: her own customer shows as "[客户] …",
 Bob's customer as "[同事客户] …".  Sending from Alice to lagos.imports@gmail.com
 (Bob's customer) is refused with a reason; other mail is relayed to the
-"Internet", which here is the folder {directory / 'internet'}.
+"Internet", which here is the folder {directory / 'internet'}
+(mail to alice@, bob@, carol@ and sales@acme.test also lands in their INBOX).
 
 Try it from a shell:
   swaks --server 127.0.0.1:{cfg.smtp.submission_port} --tls --auth-user alice@acme.test \\

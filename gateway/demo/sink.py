@@ -255,8 +255,10 @@ class SinkServer:
         port: int = 0,
         data_size_limit: int = DATA_SIZE_LIMIT,
         start_timeout: float = 10.0,
+        on_message: Callable[[SinkMessage], None] | None = None,
     ) -> None:
         self.directory = Path(directory)
+        self.on_message = on_message  # called (in the sink's thread) after each stored message
         self.host = host
         self._port = port
         self.data_size_limit = data_size_limit
@@ -360,6 +362,8 @@ class SinkServer:
         with self._cond:
             self._messages.append(message)
             self._cond.notify_all()
+        if self.on_message is not None:
+            self.on_message(message)
 
     def _run(self) -> None:
         async def main() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import imaplib
 import random
 import re
 import signal
@@ -16,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from gateway.demo.run import PANEL_OFFSET
-from tests.harness import shared_tempdir
+from tests.harness import shared_tempdir, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -146,6 +147,16 @@ def test_demo_starts_prints_settings_and_enforces_policy(demo_dir):
             with pytest.raises(smtplib.SMTPDataError) as err:
                 conn.sendmail("alice@acme.test", ["lagos.imports@gmail.com"], b"Subject: no\r\n\r\nhi\r\n")
             assert err.value.smtp_code == 550
+            # Mail to a colleague reaches the colleague's INBOX (so do approval requests).
+            conn.sendmail("alice@acme.test", ["bob@acme.test"], b"Subject: lunch at 12?\r\n\r\nhi\r\n")
+        with imaplib.IMAP4_SSL("127.0.0.1", base + 993, ssl_context=ctx, timeout=30) as imap:
+            imap.login("bob@acme.test", "bob-pw")
+
+            def bob_has_it() -> bool:
+                imap.select("INBOX", readonly=True)
+                return bool(imap.search(None, "SUBJECT", '"lunch at 12?"')[1][0])
+
+            wait_until(bob_has_it, timeout=30, what="the colleague's mail in his INBOX", interval=0.2)
         # The web panel it prints is up; its demo accounts sign in (a local one and an employee).
         panel = re.search(r"Web panel \S*: (http://127\.0\.0\.1:\d+)/", text)
         assert panel, text
