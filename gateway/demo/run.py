@@ -146,6 +146,10 @@ dir = "{Path(__file__).resolve().parents[2] / 'rules'}"
 listen = "127.0.0.1"
 port = {port_base + PANEL_OFFSET}
 
+[approval]
+# The approve/reject links in the approver's mail open this demo's panel.
+link_base_url = "http://127.0.0.1:{port_base + PANEL_OFFSET}/approvals"
+
 [archive]
 # The auditor's archive also gets every employee's INBOX and Sent, through Dovecot's master user.
 sync_enabled = true

@@ -162,6 +162,10 @@ def test_demo_starts_prints_settings_and_enforces_policy(demo_dir):
         assert panel, text
         assert panel.group(1) == f"http://127.0.0.1:{base + PANEL_OFFSET}"
         assert_a_browser_opens(panel.group(1))
+        # The approve/reject links mailed to approvers open this panel (not https://mail.acme.test).
+        from gateway.config import load
+
+        assert load(tmp_path / "demo" / "mailgate.toml").approval.link_base_url == panel.group(1) + "/approvals"
         from gateway.demo.sample_data import PANEL_ACCOUNTS
         from tests.panel.conftest import PanelClient
 
