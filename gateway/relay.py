@@ -50,9 +50,11 @@ claim expired, and delivered a second time.  So a stop now works like an MTA's:
 7 s leave 3 s of the node's 10 s grace for its tasks (``service.TASK_GRACE``, which begins
 after the SMTP sessions were drained, so usually later than the worker's stop) to commit the
 outcome and close; the relay process gets 15 s (``relayproc``).  A database that is away at
-that moment still ends in the given-up outcome above (``CLOSE_WAIT``).  Not covered: a TCP
-connect to the upstream still pending at the stop has no socket to cut yet; it ends within
-``[upstream] timeout``, then aborts before the greeting (nothing sent).
+that moment still ends in the given-up outcome above (``CLOSE_WAIT``).  A session still being
+opened is cut the same way — a TCP connect still pending (its socket is registered before the
+connect, ``SmarthostConnection._open_socket``), the greeting, STARTTLS, AUTH: nothing was sent,
+so its row is released with no attempt counted; only a name resolution of the relay host is not
+cut (it ends within the resolver's own timeout).
 """
 
 from __future__ import annotations

@@ -6,7 +6,8 @@ reuses the session while the credentials stay the same: no RSET after a clean 25
 Blocking: call from a worker thread.
 
 A stop (``stop_sending``, ``stop_waiting``: called from another thread, the relay worker's
-stop deadlines) cuts a transaction by shutting its socket down.  The end of data (the final
+stop deadlines) cuts a transaction by shutting its socket down — from before its TCP connect
+on (``_open_socket``), so a connect or greeting still pending is cut too.  The end of data (the final
 "." line) is the point of no return: before it nothing can have been delivered, so a cut
 there raises ``DeliveryAborted`` and the message may simply be tried again; after it the
 upstream may have taken the message, so ``stop_sending`` lets the transaction wait for its
@@ -145,7 +146,10 @@ class SmarthostConnection:
         self._guard = threading.Lock()
         self._phase = _IDLE
         self._halt = _RUNNING
-        self._opening: smtplib.SMTP | None = None  # a session being set up (not yet self._smtp)
+        # A duplicate of the socket of the session being opened or open (``_open_socket``):
+        # what a cut shuts down, whatever the session object holds meanwhile (a TCP connect
+        # still pending, a TLS handshake, the greeting …).
+        self._handle: socket.socket | None = None
 
     @property
     def relay(self) -> str:
@@ -199,15 +203,49 @@ class SmarthostConnection:
                 self._cut()
 
     def _cut(self) -> None:
-        """Shut the sockets of the transaction down (the guard held): the thread blocked on
-        them gets EOF or an error at once.  ``close`` still runs in that thread."""
-        for smtp in (self._smtp, self._opening):
-            sock = getattr(smtp, "sock", None)
-            if sock is not None:
-                try:
-                    socket.socket.shutdown(sock, socket.SHUT_RDWR)  # not SSLSocket's: its state stays
-                except OSError:
-                    pass
+        """Shut the session's socket down (the guard held): the thread blocked on it gets EOF
+        or an error at once — a connect still pending too (Linux aborts it: ECONNRESET).
+        Through the duplicate ``_handle``, a plain socket: an SSLSocket's state stays, and
+        ``close`` still runs in that thread."""
+        if self._handle is not None:
+            try:
+                self._handle.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def _open_socket(self, host: str, port: int, timeout: float,
+                     source_address: tuple[str, int] | None) -> socket.socket:
+        """``socket.create_connection`` with a cut handle: each socket is registered before its
+        connect, so a stop can abort the connect (no greeting yet: nothing sent).  Name
+        resolution is not cut (the relay host is an address or a name the resolver knows)."""
+        error: OSError | None = None
+        for family, kind, proto, _, address in socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM):
+            sock = socket.socket(family, kind, proto)
+            with self._guard:
+                if self._halt != _RUNNING:
+                    sock.close()
+                    raise DeliveryAborted("the relay is stopping")
+                self._drop_handle()
+                self._handle = sock.dup()
+            try:
+                sock.settimeout(timeout)
+                if source_address:
+                    sock.bind(source_address)
+                sock.connect(address)
+                return sock
+            except OSError as exc:
+                error = exc
+                sock.close()
+                with self._guard:
+                    self._drop_handle()
+        raise error or OSError(f"no address for {host!r}")
+
+    def _drop_handle(self) -> None:
+        """Close the cut handle (the guard held, or the session's own thread when no cut can
+        come: the handle is swapped under the guard)."""
+        handle, self._handle = self._handle, None
+        if handle is not None:
+            handle.close()
 
     def _transaction(
         self, credentials: Credentials | None, mail_from: str, recipients: list[str], data: bytes
@@ -325,12 +363,13 @@ class SmarthostConnection:
     def close(self) -> None:
         smtp, self._smtp, self._credentials = self._smtp, None, None
         self._clean = False
-        if smtp is None:
-            return
-        try:
-            smtp.quit()
-        except (smtplib.SMTPException, OSError):
-            smtp.close()
+        if smtp is not None:
+            try:
+                smtp.quit()
+            except (smtplib.SMTPException, OSError):
+                smtp.close()
+        with self._guard:
+            self._drop_handle()
 
     def _reset(self) -> None:
         if self._smtp is None:
@@ -352,27 +391,33 @@ class SmarthostConnection:
         self.close()
         try:
             self._smtp = self._connect(credentials)
-        finally:
-            self._opening = None
+        except BaseException:
+            with self._guard:
+                self._drop_handle()
+            raise
         self._credentials = credentials
         return self._smtp
 
     def _connect(self, credentials: Credentials | None) -> smtplib.SMTP:
+        """A new session: connect (a stop's cut reaches the socket from before its connect on,
+        ``_open_socket``), greeting, EHLO, STARTTLS, AUTH."""
+        smtp: smtplib.SMTP
+        if self.security == "tls":
+            smtp = _CuttableSMTP_SSL(local_hostname=self.local_hostname, timeout=self.timeout, context=self.context)
+        else:
+            smtp = _CuttableSMTP(local_hostname=self.local_hostname, timeout=self.timeout)
+        smtp.open_socket = self._open_socket  # type: ignore[attr-defined]
+        smtp._host = self.host  # the TLS server name (smtplib sets it only when given the host at once)
         try:
-            if self.security == "tls":
-                smtp: smtplib.SMTP = smtplib.SMTP_SSL(
-                    self.host, self.port, local_hostname=self.local_hostname,
-                    timeout=self.timeout, context=self.context,
-                )
-            else:
-                smtp = smtplib.SMTP(
-                    self.host, self.port, local_hostname=self.local_hostname, timeout=self.timeout
-                )
-        except smtplib.SMTPConnectError as exc:
-            raise RelayError(Reply.of(exc.smtp_code, exc.smtp_error)) from None
+            code, text = smtp.connect(self.host, self.port)
+        except BaseException:
+            smtp.close()
+            raise
+        if code != 220:
+            smtp.close()
+            raise RelayError(Reply.of(code, text))
         self.sessions_opened += 1
-        with self._guard:  # a stop's cut reaches it from now on
-            self._opening = smtp
+        with self._guard:
             halted = self._halt != _RUNNING
         if halted:  # the stop came while connecting: no greeting, no login
             smtp.close()
@@ -408,6 +453,22 @@ class SmarthostConnection:
         except smtplib.SMTPException as exc:  # e.g. no common mechanism: not a reply
             raise RelayError(Reply(None, f"authentication impossible: {exc}"), auth=True) from None
 
+
+
+class _CuttableSMTP(smtplib.SMTP):
+    """smtplib.SMTP whose socket comes from ``SmarthostConnection._open_socket`` (``open_socket``,
+    set before ``connect``): registered for a stop's cut before its TCP connect."""
+
+    open_socket: Callable[[str, int, float, tuple[str, int] | None], socket.socket]
+
+    def _get_socket(self, host, port, timeout):  # noqa: ANN001, ANN202 — smtplib's signature
+        if timeout is not None and not timeout:
+            raise ValueError("Non-blocking socket (timeout=0) is not supported")
+        return self.open_socket(host, port, timeout, self.source_address)
+
+
+class _CuttableSMTP_SSL(smtplib.SMTP_SSL, _CuttableSMTP):  # noqa: N801
+    """The same for implicit TLS: SMTP_SSL wraps the socket ``_CuttableSMTP`` opened."""
 
 
 class _Stale(Exception):

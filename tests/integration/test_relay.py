@@ -12,6 +12,8 @@ import datetime as dt
 import email
 import json
 import logging
+import socket
+import threading
 from pathlib import Path
 
 import pytest
@@ -942,3 +944,56 @@ def test_a_reply_that_does_not_come_before_the_stop_deadline_is_recorded_as_a_de
                  and "stop ended the wait" in r.getMessage()]
     assert queued.queue_id in warning and "will be tried again" in warning
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+@pytest.fixture
+def blackhole():
+    """A loopback port whose connects stay pending: a listener with backlog 0 that never
+    accepts, its one queue slot taken — the kernel drops every further SYN."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(0)
+    filler = socket.create_connection(listener.getsockname(), timeout=5)  # the queue is full now
+    try:
+        yield listener.getsockname()[1]
+    finally:
+        filler.close()
+        listener.close()
+
+
+def test_a_stop_aborts_a_connect_to_the_upstream_still_pending_and_releases_the_row(
+        blackhole, spool, monkeypatch, caplog):
+    """The upstream does not answer the TCP connect (SYN dropped) when the worker stops: at
+    STOP_SEND_WAIT the connect is aborted — not left to [upstream] timeout — nothing was sent,
+    no attempt is counted and the row is released at once."""
+    from gateway import relay
+
+    monkeypatch.setattr(relay, "STOP_SEND_WAIT", 0.05)
+    cfg = config("127.0.0.1", blackhole, "none")
+    cfg.upstream.timeout = 60  # far above the wait below: only the cut can end the connect
+    worker = RelayWorker(cfg, spool, "w1", None)
+    queued = spool.enqueue("alice@acme.test", ["buyer@customer.example"], MESSAGE)
+    connecting = threading.Event()
+    real_open = worker.connection._open_socket
+
+    def open_socket(*args):
+        connecting.set()  # the stop's deadline (50 ms after the stop) comes while it connects
+        return real_open(*args)
+
+    worker.connection._open_socket = open_socket
+
+    async def scenario() -> None:
+        stop = asyncio.Event()
+        task = asyncio.create_task(worker.run(stop))
+        assert await asyncio.to_thread(connecting.wait, 20)
+        stop.set()
+        await asyncio.wait_for(task, timeout=10)
+
+    with caplog.at_level(logging.INFO, logger="gateway.relay"):
+        asyncio.run(scenario())
+    waiting = row(queued.queue_id)
+    assert (waiting.state, waiting.attempts, waiting.claimed_by, waiting.claimed_until) == ("queued", 0, None, None)
+    assert waiting.last_error in ("", None)
+    assert any("delivery aborted by the stop before the end of data; released" in r.getMessage()
+               for r in caplog.records)
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
