@@ -87,6 +87,7 @@ from gateway.db.models import OutboundMessage, database, utcnow
 from gateway.db.writerlock import handoff
 from gateway.groupcommit import CommitterStopped
 from gateway.metrics import relay_results
+from gateway.relayjournal import OutcomeJournal, decode_changes, encode_changes
 from gateway.relayoutcomes import UnrecordedOutcomes
 from gateway.relayqueue import backoff, claim_batch, finish_many, next_due, release, release_node_claims
 from gateway.smarthost import (
@@ -104,7 +105,8 @@ from gateway.spool import Spool, SpoolError, new_queue_id
 
 # Re-exported: the claims and the smarthost session lived here before the split.
 __all__ = [
-    "MAX_OUTSTANDING_OUTCOMES", "RelayError", "RelayWorker", "Reply", "SmarthostConnection", "backoff",
+    "MAX_OUTSTANDING_OUTCOMES", "RelayError", "RelayWorker", "Reply", "SmarthostConnection", "apply_outcome_journal",
+    "backoff",
     "claim_batch", "is_loopback", "release", "release_node_claims", "tls_context",
 ]
 
@@ -153,9 +155,13 @@ class RelayWorker:
         *,
         now: Callable[[], dt.datetime] = utcnow,
         committer: Any = None,
+        journal: OutcomeJournal | None = None,
     ) -> None:
         self.config = config
         self.committer = committer  # gateway.groupcommit.GroupCommitter, or None: commit alone
+        # The node's journal of outcomes that could not be recorded (gateway/relayjournal.py),
+        # shared by the process's workers; None (tests): such an outcome is given up.
+        self.journal = journal
         self.spool = spool
         self.name = worker_name
         # Unique per run, so a claim left by an earlier process of the same name
@@ -211,6 +217,8 @@ class RelayWorker:
                 self._wake.clear()
                 try:
                     await self.run_once(keep_open=True)
+                    if self.journal is not None and len(self.journal) and not stop.is_set():
+                        await self._call(self.apply_journal)  # the database answers again
                     timeout = await self._call(self._seconds_until_due)
                 except Exception as exc:
                     if isinstance(exc, OperationalError) and "locked" in str(exc):
@@ -385,6 +393,13 @@ class RelayWorker:
             self.connection.close()
 
     def _process(self, row: OutboundMessage) -> None:
+        entry = self.journal.for_row(row.id) if self.journal is not None else None
+        if entry is not None:  # its outcome is known: recorded now, never delivered again by this node
+            result = self.record_journalled(entry, holder=self.owner)
+            if result != "held":
+                self.journal.remove([entry])
+            if result != "stale":
+                return
         # Renew only a claim that has used up half its time (a long batch), not
         # before every message: each renewal is a synchronous commit.
         half = dt.timedelta(seconds=self.config.relay.claim_timeout / 2)
@@ -531,7 +546,7 @@ class RelayWorker:
         # indexer (off the mail path).
         attempt = Attempt(self, row, changes, failures, credentials, original,
                           relayed_capture(self.config, row, original, delivered, remote, archived, self.spool.archive)
-                          if delivered else None)
+                          if delivered else None, self.owner)
         margin = dt.timedelta(seconds=min(CLAIM_MARGIN_MAX, self.config.relay.claim_timeout / 10))
         retry_until = row.claimed_until - margin if row.claimed_until is not None else now
         self._take_slot()
@@ -627,14 +642,114 @@ class RelayWorker:
             self._give_up(outcome, why)
 
     def _give_up(self, outcome: _Outcome, why: str) -> None:
-        """The outcome stays unrecorded: the row stays queued under our claim, which expires
-        (``[relay] claim_timeout``) and then the message is tried again — at least once."""
+        """No more tries in the database: the outcome goes to the node's journal, recorded from
+        there at the next chance (``apply_journal``; at the latest at the next start).  Without
+        a journal (or with a full one) it stays unrecorded: the row stays queued under our
+        claim, which expires (``[relay] claim_timeout``) and then the message is tried again —
+        at least once."""
         row = outcome.attempt.row
+        if self._journal(outcome):
+            log.warning("%s: could not record the relay outcome after %d tries (%s; %s): kept in the node's"
+                        " outcome journal, to be recorded once the database answers (at the latest at the"
+                        " next start); not delivered again meanwhile", row.queue_id, outcome.failed_commits,
+                        outcome.error, why)
+            self._outstanding.release()
+            return
         again = "may be delivered again" if outcome.delivered else "will be tried again"
         log.error("%s: could not record the relay outcome after %d tries (%s; %s): the message %s"
                   " once its claim expires (%s UTC)", row.queue_id, outcome.failed_commits, outcome.error, why,
                   again, row.claimed_until)
         self._outstanding.release()
+
+    # -- the outcome journal (gateway/relayjournal.py) ----------------------------
+
+    def _journal(self, outcome: _Outcome) -> bool:
+        """Write ``outcome`` to the node's journal; False without one, or when it refused."""
+        if self.journal is None:
+            return False
+        attempt = outcome.attempt
+        return self.journal.append({
+            "row": attempt.row.id, "queue_id": attempt.row.queue_id, "owner": attempt.owner,
+            "attempts": attempt.row.attempts, "changes": encode_changes(attempt.changes),
+            "failures": [[f.recipient, f.status, f.diagnostic, f.remote_mta] for f in attempt.failures],
+            "delivered": outcome.delivered, "finished": outcome.finished, "remote": self.connection.host,
+            "journalled": self._now().isoformat(),
+        })
+
+    def apply_journal(self) -> int:
+        """Record the journalled outcomes that still apply, drop those that no longer do (both
+        leave the journal); an entry whose row another node holds stays.  Blocking (this
+        worker's thread, or a start-up thread).  Returns how many were recorded."""
+        if self.journal is None:
+            return 0
+        done, recorded = [], 0
+        try:
+            for entry in self.journal.entries():
+                result = self.record_journalled(entry)
+                if result != "held":
+                    done.append(entry)
+                    recorded += result == "recorded"
+        finally:
+            if done:
+                self.journal.remove(done)
+        return recorded
+
+    def record_journalled(self, entry: dict[str, Any], holder: str | None = None) -> str:
+        """Record one journalled outcome if its row is as the attempt left it: still queued,
+        its attempt count unchanged, and under no live claim but the attempt's own — or
+        ``holder``'s (this worker's, which has just claimed the row).  Returns "recorded",
+        "stale" (it no longer applies: recorded already, or another node recorded an attempt
+        of its own meanwhile) or "held" (another claim holds the row: later).  A database
+        error is raised, the entry kept."""
+        m = OutboundMessage
+        queue_id = entry.get("queue_id", entry["row"])
+        row = m.get_or_none(m.id == entry["row"])
+        if row is None or row.state != "queued" or row.attempts != entry["attempts"]:
+            changes = entry["changes"]
+            if row is None:
+                log.info("%s: journalled relay outcome dropped: the row is gone", queue_id)
+            elif (row.attempts == entry["attempts"] + 1 and row.last_error == changes.get("last_error")
+                  and row.state == changes.get("state", "queued")):
+                log.info("%s: journalled relay outcome was recorded already (its commit went through)", queue_id)
+            else:
+                log.warning("%s: journalled relay outcome dropped: the row has changed since (another node"
+                            " took it after its claim ran out and recorded an attempt); the message may have"
+                            " been delivered twice", queue_id)
+            return "stale"
+        now = self._now()
+        owners = [entry["owner"]] + ([holder] if holder else [])
+        if row.claimed_by not in (None, *owners) and row.claimed_until is not None and row.claimed_until >= now:
+            return "held"
+        try:
+            read, archived = self.spool.read_blob(row)
+        except FileNotFoundError:
+            read, archived = b"", None
+        original = _normalize_eol(read)
+        if original is not read:
+            archived = None
+        try:
+            credentials = self._credentials_for(row)
+        except CredentialsError:
+            credentials = None
+        failures = [Failure(*f) for f in entry["failures"]]
+        delivered = list(entry["delivered"])
+        relayed = (relayed_capture(self.config, row, original, delivered, entry["remote"], archived,
+                                   self.spool.archive) if delivered and read else None)
+        attempt = Attempt(self, row, decode_changes(entry["changes"]), failures, credentials, original, relayed,
+                          entry["owner"])
+        with handoff(), database.atomic():
+            # The row under the attempt's claim again (it may have run out), then its outcome.
+            taken = m.update(claimed_by=entry["owner"]).where(
+                (m.id == row.id) & (m.state == "queued") & (m.attempts == entry["attempts"])
+                & (m.claimed_by.is_null() | m.claimed_by.in_(owners) | (m.claimed_until < now))).execute()
+            if taken != 1 or not store_attempts([(attempt,)])[0]:
+                return "held"  # changed in between: looked at again next time
+        if entry["finished"]:
+            self.spool.remove(row)
+        self._count(delivered, not entry["finished"], failures)
+        log.info("%s: relay outcome recorded from the node's journal (journalled %s UTC)", queue_id,
+                 entry.get("journalled"))
+        return "recorded"
 
     def bounce(
         self,
@@ -704,6 +819,19 @@ class RelayWorker:
         )
 
 
+def apply_outcome_journal(config: Config, spool: Spool, credentials_key: bytes | None,
+                          journal: OutcomeJournal) -> int:
+    """At a node's start, before it releases its old claims: record the outcomes its journal
+    holds (``RelayWorker.apply_journal``).  Blocking.  Returns how many were recorded."""
+    if not len(journal):
+        return 0
+    worker = RelayWorker(config, spool, f"{config.node.name}-journal", credentials_key, journal=journal)
+    try:
+        return worker.apply_journal()
+    finally:
+        worker._executor.shutdown(wait=True)
+
+
 @dataclass
 class _Outcome:
     """An attempt on its way to the database, and what to do once it is recorded."""
@@ -727,6 +855,7 @@ class Attempt:
     credentials: Credentials | None
     original: bytes
     relayed: RelayedCopy | None  # the "relay:sent" archive sighting, if anything was delivered
+    owner: str  # the claim it is recorded under (the worker's; a journalled outcome's own)
 
 
 def store_attempt(attempt: Attempt) -> bool:
@@ -742,7 +871,7 @@ def store_attempts(jobs: list[tuple[Attempt]]) -> list[bool]:
     relayed: list[RelayedCopy] = []
     # Bounces' queue rows and the sightings: one statement per table.
     with buffered_inserts((ArchiveSighting, OutboundMessage)):
-        stored = finish_many([(a.row.id, a.worker.owner, a.changes) for (a,) in jobs])
+        stored = finish_many([(a.row.id, a.owner, a.changes) for (a,) in jobs])
         for (a,), ours in zip(jobs, stored, strict=True):
             if not ours:  # the claim was lost: nothing of this attempt is recorded
                 continue

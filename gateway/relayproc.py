@@ -92,6 +92,7 @@ async def run_workers(cfg, wake_fd: int) -> None:
     from gateway.credentials import load_or_create_key
     from gateway.groupcommit import GroupCommitter
     from gateway.relay import RelayWorker
+    from gateway.relayjournal import OutcomeJournal, journal_path
     from gateway.spool import Spool
 
     loop = asyncio.get_running_loop()
@@ -104,8 +105,11 @@ async def run_workers(cfg, wake_fd: int) -> None:
     # Outcomes are posted, nobody waits for them: let a batch gather for 20 ms, so the relay
     # takes the database write lock (which the node's SMTP commits need) less often.
     committer = GroupCommitter(linger=0.02)
+    # The node's journal (the node recorded what it could at its start, before starting us):
+    # outcomes this process cannot record go there too.
+    journal = await asyncio.to_thread(OutcomeJournal, journal_path(cfg.node.data_dir, cfg.node.name))
     workers = [
-        RelayWorker(cfg, spool, f"{cfg.node.name}-relay{i}", key, committer=committer)
+        RelayWorker(cfg, spool, f"{cfg.node.name}-relay{i}", key, committer=committer, journal=journal)
         for i in range(cfg.relay.workers)
     ]
 

@@ -55,7 +55,8 @@ class Node:
 
     async def start(self, reactor=None) -> None:
         from gateway.credentials import load_or_create_key
-        from gateway.relay import RelayWorker, release_node_claims
+        from gateway.relay import RelayWorker, apply_outcome_journal, release_node_claims
+        from gateway.relayjournal import OutcomeJournal, journal_path
         from gateway.smtp.stack import build_submission
 
         cfg = self.cfg
@@ -68,10 +69,17 @@ class Node:
         self.blob_syncer = pending.BlobSyncer(self.archive.store, cfg.node.name, cfg.archive.blob_sync_interval)
         self.blob_syncer.start()
         self.archive.sync_later = True
+        key = await asyncio.to_thread(load_or_create_key, cfg.relay.credentials_key)
+        # Relay outcomes an earlier run could not record (the database away) are recorded before
+        # its claims are released: else those messages would be delivered again (gateway/relayjournal.py).
+        journal = await asyncio.to_thread(OutcomeJournal, journal_path(cfg.node.data_dir, cfg.node.name))
+        if len(journal):
+            recorded = await asyncio.to_thread(apply_outcome_journal, cfg, self.spool, key, journal)
+            log.info("recorded %d relay outcomes from the journal of node %s (%d still waiting)", recorded,
+                     cfg.node.name, len(journal))
         released = await asyncio.to_thread(release_node_claims, cfg.node.name)
         if released:
             log.info("released %d queue claims left by an earlier run of node %s", released, cfg.node.name)
-        key = await asyncio.to_thread(load_or_create_key, cfg.relay.credentials_key)
         if cfg.relay.process == "separate":
             from gateway.relayproc import RelayProcess
 
@@ -79,7 +87,8 @@ class Node:
             self.relay_process.start()
         else:
             self.workers = [
-                RelayWorker(cfg, self.spool, f"{cfg.node.name}-relay{i}", key, committer=self.committer)
+                RelayWorker(cfg, self.spool, f"{cfg.node.name}-relay{i}", key, committer=self.committer,
+                            journal=journal)
                 for i in range(cfg.relay.workers)
             ]
         stack = await build_submission(

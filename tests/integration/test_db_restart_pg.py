@@ -362,3 +362,60 @@ def test_a_node_answers_4xx_while_postgresql_is_down_and_250_right_after_it_rest
     assert {m.queue_id for m in rows} == queue_ids
     assert OutboundMessage.select().count() == 10  # nothing of the refused submission
     database.close()
+
+
+@pytest.mark.parametrize("process", ["separate", "inline"])
+def test_an_outcome_unrecorded_at_the_stop_is_journalled_and_recorded_at_the_next_start(
+        postgres, dovecot, tmp_path, process):
+    """PostgreSQL stops while a delivery waits for the upstream's reply; the 250 comes, its
+    outcome cannot be recorded, and the node stops meanwhile: the outcome goes to the node's
+    journal.  PostgreSQL back, the node started: the outcome is recorded from the journal
+    before the node releases its old claims — the row sent, and the message delivered once
+    (before, the released row went out a second time)."""
+    from gateway.demo.sample_data import seed
+    from gateway.demo.sink import SinkServer
+    from tests.integration.test_stop import delivered, rows, sigterm, submit
+
+    postgres.drop_database("t_journal")
+    url = postgres.create_database("t_journal")
+    with SinkServer(tmp_path / "upstream") as upstream:
+        gw = GatewayProcess(tmp_path / "gw", dovecot, {"database": {"url": url}, "relay": {
+            "host": "127.0.0.1", "port": upstream.port, "security": "none", "process": process}})
+        connect(url)
+        seed()
+        gw.start()
+        try:
+            upstream.hold("DATA")
+            submit(gw, "Quote J-1", "j1@acme.test")
+            assert upstream.held.wait(20)  # the end of data went out; its reply held
+            postgres.stop()
+            try:
+                mark = len(gw.log_lines)
+                upstream.release()  # the 250 comes; its commit meets the server down
+                gw.wait_for_log("could not record the relay outcome", after=mark)
+                sigterm(gw)
+                assert gw.stop(timeout=40) is not None
+                assert "kept in the node's outcome journal" in gw.log_text()
+                assert delivered(upstream, "j1@acme.test") == 1
+            finally:
+                postgres.start()
+            drop_connection()  # the test's own, from before the restart
+            [row] = rows("j1@acme.test")
+            assert (row.state, row.attempts) == ("queued", 0) and row.claimed_by is not None
+            journal = tmp_path / "gw" / "var" / "relay-journal" / "test.journal"
+            assert journal.exists()
+
+            mark = len(gw.log_lines)
+            gw.start()
+            gw.wait_for_log("relay outcome recorded from the node's journal", after=mark)
+            assert not journal.exists()
+            [row] = rows("j1@acme.test")
+            assert (row.state, row.attempts, row.claimed_by) == ("sent", 1, None)
+            # The relay claims and delivers again after the start: a second message goes out, the first not.
+            submit(gw, "Quote J-2", "j2@acme.test")
+            upstream.wait_for(2, timeout=20)
+            assert delivered(upstream, "j1@acme.test") == 1 and delivered(upstream, "j2@acme.test") == 1
+        finally:
+            upstream.release()
+            gw.stop()
+    database.close()

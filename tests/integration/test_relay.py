@@ -709,6 +709,130 @@ def test_an_outcome_never_recorded_is_given_up_before_its_claim_runs_out_and_del
 
 
 
+@pytest.mark.parametrize("with_committer", [False, True])
+def test_an_outcome_whose_claim_runs_out_unrecorded_is_journalled_and_recorded_not_delivered_again(
+        sink, spool, clock, workers, monkeypatch, caplog, tmp_path, with_committer):
+    """As above, with the node's journal: the outcome given up before its claim runs out goes
+    to the journal (a WARNING, no ERROR).  The database back, the claim run out, the worker
+    claims the row again and records the journalled outcome instead of delivering it: one
+    delivery, the row sent, its spool file and the journal entry gone."""
+    from gateway import relay
+    from gateway.groupcommit import GroupCommitter
+    from gateway.relayjournal import OutcomeJournal
+
+    committer = GroupCommitter() if with_committer else None
+    journal = OutcomeJournal(tmp_path / "relay-journal" / "n1.journal")
+    worker = quick_retries(RelayWorker(via_sink(sink), spool, "w1", None, now=clock, committer=committer,
+                                       journal=journal))
+    workers.append(worker)
+    queued = spool.enqueue("alice@acme.test", ["buyer@customer.example"], MESSAGE)
+    timeout = worker.config.relay.claim_timeout
+
+    def third_call_late(calls: int) -> None:
+        if calls == 3:
+            clock.advance(timeout - 30)
+
+    monkeypatch.setattr(relay, "store_attempts", FailingStore(None, on_call=third_call_late))
+    before = relayed_count()
+    try:
+        with caplog.at_level(logging.INFO, logger="gateway.relay"):
+            assert run_once(worker) == 1
+        assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+        assert any("kept in the node's outcome journal" in r.getMessage() for r in caplog.records)
+        assert [e["row"] for e in OutcomeJournal(journal.path).entries()] == [queued.id]  # on disk
+        waiting = row(queued.queue_id)
+        assert (waiting.state, waiting.attempts, waiting.claimed_by) == ("queued", 0, worker.owner)
+        assert len(received(sink)) == 1
+        monkeypatch.undo()  # the database is back
+        clock.advance(31)  # the claim has run out: the worker claims the row again …
+        with caplog.at_level(logging.INFO, logger="gateway.relay"):
+            assert run_once(worker) == 1  # … and records the journalled outcome
+        assert "relay outcome recorded from the node's journal" in caplog.text
+    finally:
+        if committer is not None:
+            committer.stop()
+    done = row(queued.queue_id)
+    assert (done.state, done.attempts, done.claimed_by) == ("sent", 1, None)
+    assert not spool.path_for(queued.queue_id).exists()
+    assert len(journal) == 0 and not journal.path.exists()
+    assert relayed_count() == before + 1
+    clock.advance(3600)
+    assert run_once(worker) == 0
+    assert len(sink.messages()) == 1  # delivered once
+
+
+def journalled_outcome(sink, spool, clock, workers, tmp_path, monkeypatch):
+    """A delivered message whose outcome went to the journal at the worker's close (the
+    database away for the whole run): returns (journal, queue row id, the worker's owner)."""
+    from gateway import relay
+    from gateway.relayjournal import OutcomeJournal
+
+    journal = OutcomeJournal(tmp_path / "relay-journal" / "n1.journal")
+    worker = quick_retries(RelayWorker(via_sink(sink), spool, "w1", None, now=clock, journal=journal))
+    queued = spool.enqueue("alice@acme.test", ["buyer@customer.example"], MESSAGE)
+
+    async def stopped_after_the_delivery() -> None:
+        stop = asyncio.Event()
+        task = asyncio.create_task(worker.run(stop))
+        await asyncio.to_thread(sink.wait_for, 1, 20)
+        stop.set()
+        await asyncio.wait_for(task, timeout=10)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(relay, "CLOSE_WAIT", 0.05)
+        patch.setattr(relay, "store_attempts", FailingStore(None))
+        asyncio.run(stopped_after_the_delivery())
+    assert len(received(sink)) == 1 and len(journal) == 1
+    return journal, queued, worker.owner
+
+
+def test_a_journalled_outcome_is_recorded_at_the_next_start_before_the_claims_are_released(
+        sink, spool, clock, workers, tmp_path, monkeypatch, caplog):
+    """The node's start (``apply_outcome_journal``, then ``release_node_claims``): the row is
+    recorded sent from the journal — loaded again from its file, as a new process does — and
+    the release finds nothing left to deliver."""
+    from gateway.relay import apply_outcome_journal, release_node_claims
+    from gateway.relayjournal import OutcomeJournal
+
+    journal, queued, _ = journalled_outcome(sink, spool, clock, workers, tmp_path, monkeypatch)
+    cfg = via_sink(sink)
+    assert apply_outcome_journal(cfg, spool, None, OutcomeJournal(journal.path)) == 1
+    assert not journal.path.exists()
+    assert release_node_claims(cfg.node.name) == 0
+    done = row(queued.queue_id)
+    assert (done.state, done.attempts, done.claimed_by) == ("sent", 1, None)
+    assert not spool.path_for(queued.queue_id).exists()
+    assert run_once(make_worker(workers, cfg, spool, Clock(), name="w2")) == 0
+    assert len(sink.messages()) == 1
+
+
+def test_a_journalled_outcome_waits_while_another_node_holds_the_row_and_is_dropped_once_it_recorded_one(
+        sink, spool, clock, workers, tmp_path, monkeypatch, caplog):
+    """Across nodes (the journal is per node): the claim ran out and another node claimed the
+    row — the entry waits; once that node recorded an attempt of its own, the entry no longer
+    applies and is dropped at WARNING ("may have been delivered twice"): at least once."""
+    from gateway.relay import apply_outcome_journal
+    from gateway.relayjournal import OutcomeJournal
+
+    journal, queued, _ = journalled_outcome(sink, spool, clock, workers, tmp_path, monkeypatch)
+    cfg = via_sink(sink)
+    later = utcnow() + dt.timedelta(seconds=cfg.relay.claim_timeout + 1)
+    m = OutboundMessage
+    m.update(claimed_by="n2/n2-relay0/abcdef", claimed_until=later + dt.timedelta(seconds=600)).where(
+        m.id == queued.id).execute()
+    assert apply_outcome_journal(cfg, spool, None, journal) == 0
+    assert len(OutcomeJournal(journal.path)) == 1  # kept
+    assert row(queued.queue_id).claimed_by == "n2/n2-relay0/abcdef"
+    m.update(claimed_by=None, claimed_until=None, attempts=1, last_error="<buyer@customer.example>: 451 later"
+             ).where(m.id == queued.id).execute()
+    with caplog.at_level(logging.INFO, logger="gateway.relay"):
+        assert apply_outcome_journal(cfg, spool, None, journal) == 0
+    assert "may have been delivered twice" in caplog.text
+    assert not journal.path.exists()
+    waiting = row(queued.queue_id)
+    assert (waiting.state, waiting.attempts) == ("queued", 1)  # the other node's state stands
+
+
 @pytest.mark.parametrize("mode", ["refused", "applied"])
 def test_the_bounce_of_an_outcome_whose_commit_failed_leaves_no_orphan_file(
         sink, spool, clock, workers, monkeypatch, caplog, mode):
