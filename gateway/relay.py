@@ -14,8 +14,15 @@ its last attempt), loses its sealed credentials and its spool file; the row
 stays as history.  A failing bounce is never bounced again.  An outcome whose
 commit fails (the database restarting) is recorded again, with a backoff, while
 the claim lasts (``gateway.relayoutcomes``): a delivered message is not sent twice
-because the database was away for a moment.  One posted after the group committer
-stopped (``CommitterStopped``) is given up at once: its claim stays, and expires.
+because the database was away for a moment.  One that cannot be recorded in time — its
+claim about to run out, the worker stopping (``CLOSE_WAIT``), posted after the group
+committer stopped (``CommitterStopped``) — goes to the node's outcome journal
+(``gateway.relayjournal``, fsynced), and is recorded from there once a worker reaches the
+database again, at the latest at the node's next start, before it releases its old claims
+(``apply_outcome_journal``); a worker of this node that claims such a row records the
+journalled outcome instead of delivering the message again (``_process``).  Only without
+room in the journal is an outcome given up (ERROR): its claim stays, and expires, and the
+message goes out again.
 
 Nothing here blocks the event loop: every DB and SMTP call runs in the
 worker's own thread (``_call``).
@@ -49,8 +56,9 @@ claim expired, and delivered a second time.  So a stop now works like an MTA's:
 
 7 s leave 3 s of the node's 10 s grace for its tasks (``service.TASK_GRACE``, which begins
 after the SMTP sessions were drained, so usually later than the worker's stop) to commit the
-outcome and close; the relay process gets 15 s (``relayproc``).  A database that is away at
-that moment still ends in the given-up outcome above (``CLOSE_WAIT``).  A session still being
+outcome and close; the relay process gets 15 s (``relayproc``).  An outcome that a database
+away at that moment keeps from being recorded within ``CLOSE_WAIT`` goes to the journal
+(above).  A session still being
 opened is cut the same way — a TCP connect still pending (its socket is registered before the
 connect, ``SmarthostConnection._open_socket``), the greeting, STARTTLS, AUTH: nothing was sent,
 so its row is released with no attempt counted; only a name resolution of the relay host is not
@@ -124,7 +132,7 @@ MAX_OUTSTANDING_OUTCOMES = 64
 # before the row can be claimed again — by another worker, or by this one, whose owner
 # name the stale outcome would match.
 CLAIM_MARGIN_MAX = 60.0
-# Seconds a stopping worker waits for its outcomes to be recorded before it gives them up:
+# Seconds a stopping worker waits for its outcomes to be recorded before it journals them:
 # within the node's grace for its tasks (service.TASK_GRACE, 10 s) and the relay process's
 # time to exit before it is killed (relayproc.RelayProcess.stop, 15 s).
 CLOSE_WAIT = 5.0

@@ -24,7 +24,8 @@ an entry whose first commit went through after all is dropped as already recorde
 
 The file: ``<data_dir>/relay-journal/<node>.journal``, append-only, one record per line —
 the CRC-32 of the JSON text (8 hex digits), a space, the JSON — each append fsynced (the
-directory too when the file is new).  Bounded (``MAX_BYTES``): a full journal refuses the
+directory too when the file is new); mode 0600: it holds addresses and upstream replies,
+never credentials (the row's new state has none).  Bounded (``MAX_BYTES``): a full journal refuses the
 outcome, which is then given up as before (logged at ERROR).  Entries recorded or dropped
 are removed by writing the rest to a new file and renaming it over the old one (fsynced);
 an empty journal is deleted.  A line that fails its checksum — a torn last line after a

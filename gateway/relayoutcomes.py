@@ -9,7 +9,8 @@ while its claim lasts (``RelayWorker._not_recorded``).
 
 This class only keeps the schedule, thread-safe: a failure is reported in the group
 committer's answering thread, the retries run in the worker's own.  What a retry does and
-when to give up are the worker's.
+when to give up are the worker's: an outcome still unrecorded when its claim is about to run
+out, or when the worker stops, goes to the node's journal (``gateway.relayjournal``).
 """
 
 from __future__ import annotations

@@ -3,11 +3,13 @@
 The SMTP side and the relay are both CPU-bound Python; in one process they share
 one core (the GIL).  With ``relay.process = "separate"`` the node starts this
 module as a child: it runs the same ``RelayWorker``s with its own group
-committer (outcomes whose commit failed are recorded again there too, and a stop
-gives them up after ``relay.CLOSE_WAIT``); a stop ends a delivery under way as in the node
-(gateway/relay.py, "Stopping": its end of data within 2 s, its reply within 7 s of the
-SIGTERM, well inside the 15 s the parent waits before it kills the child).  The parent wakes it through a pipe (one
-byte per "something was queued"); the child stops on SIGTERM, when the pipe closes, and — through
+committer (outcomes whose commit failed are recorded again there too; those a stop leaves
+unrecorded after ``relay.CLOSE_WAIT`` go to the node's outcome journal, which the node
+applies at its next start before starting this process: ``gateway.relayjournal``); a stop
+ends a delivery under way as in the node (gateway/relay.py, "Stopping": its end of data
+within 2 s, its reply within 7 s of the SIGTERM, well inside the 15 s the parent waits
+before it kills the child).  The parent wakes it through a pipe (one byte per "something
+was queued"); the child stops on SIGTERM, when the pipe closes, and — through
 PR_SET_PDEATHSIG — when the parent is killed, so a restarted node never has a
 second relay for the same spool.  Relay counters are shared with the parent's
 /metrics through prometheus-client's multiprocess mode (``gateway.metrics``).
