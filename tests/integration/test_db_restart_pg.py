@@ -12,7 +12,9 @@ submissions are answered 250, stored (archive record, queue row) and relayed by 
 process, and the panel signs in.  (Before, every thread kept the connection the server had
 dropped — "connection already closed" for good: a 451 for every message — and the relay
 process's workers died of the first failed claim.)  A relay outcome whose commit meets the
-outage is recorded again once the server is back: the message is delivered once."""
+outage is recorded again once the server is back: the message is delivered once; one the
+node's stop leaves unrecorded during the outage goes to the node's outcome journal and is
+recorded at the next start, before the node releases its old claims: delivered once too."""
 
 from __future__ import annotations
 

@@ -669,9 +669,10 @@ def test_an_outcome_whose_commit_failed_is_recorded_again_and_the_message_delive
 @pytest.mark.parametrize("with_committer", [False, True])
 def test_an_outcome_never_recorded_is_given_up_before_its_claim_runs_out_and_delivered_again(
         sink, spool, clock, workers, monkeypatch, caplog, with_committer):
-    """Recording keeps failing until the claim is about to run out: the worker stops trying,
-    says so at ERROR, and the message is delivered again after the claim expired — the
-    documented at-least-once fallback, nothing lost."""
+    """Recording keeps failing until the claim is about to run out, and the worker has no
+    outcome journal (or a full one): the worker stops trying, says so at ERROR, and the message
+    is delivered again after the claim expired — the documented at-least-once fallback,
+    nothing lost.  (With the journal: the next test.)"""
     from gateway import relay
     from gateway.groupcommit import GroupCommitter
 
