@@ -164,9 +164,9 @@ class Node:
         gateway/smtp/server.py).  Meanwhile the areas stop (archive indexer and sync,
         distribution).  Then the drain's end, the children's exit, the IMAP listeners, the
         node's tasks (the inline relay workers, which record their last outcomes through the
-        group committer as they end); only then the group committer (the jobs queued so far
-        committed; a job after it raises ``CommitterStopped``) and a last blob sync.  Each step
-        is bounded (docs/ARCHITECTURE.md §1)."""
+        group committer as they end, or journal them: gateway/relayjournal.py); only then the
+        group committer (the jobs queued so far committed; a job after it raises
+        ``CommitterStopped``) and a last blob sync.  Each step is bounded (docs/ARCHITECTURE.md §1)."""
         self.stopping.set()
         log.info("mailgate stopping: node=%s", self.cfg.node.name)
         for server in self.smtp_servers:
