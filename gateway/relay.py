@@ -58,11 +58,10 @@ claim expired, and delivered a second time.  So a stop now works like an MTA's:
 after the SMTP sessions were drained, so usually later than the worker's stop) to commit the
 outcome and close; the relay process gets 15 s (``relayproc``).  An outcome that a database
 away at that moment keeps from being recorded within ``CLOSE_WAIT`` goes to the journal
-(above).  A session still being
-opened is cut the same way — a TCP connect still pending (its socket is registered before the
-connect, ``SmarthostConnection._open_socket``), the greeting, STARTTLS, AUTH: nothing was sent,
-so its row is released with no attempt counted; only a name resolution of the relay host is not
-cut (it ends within the resolver's own timeout).
+(above).  A session still being opened is cut the same way — a TCP connect still pending (its
+socket is registered before the connect, ``SmarthostConnection._open_socket``), the greeting,
+STARTTLS, AUTH: nothing was sent, so its row is released with no attempt counted; only a name
+resolution of the relay host is not cut (it ends within the resolver's own timeout).
 """
 
 from __future__ import annotations
@@ -114,8 +113,7 @@ from gateway.spool import Spool, SpoolError, new_queue_id
 # Re-exported: the claims and the smarthost session lived here before the split.
 __all__ = [
     "MAX_OUTSTANDING_OUTCOMES", "RelayError", "RelayWorker", "Reply", "SmarthostConnection", "apply_outcome_journal",
-    "backoff",
-    "claim_batch", "is_loopback", "release", "release_node_claims", "tls_context",
+    "backoff", "claim_batch", "is_loopback", "release", "release_node_claims", "tls_context",
 ]
 
 log = logging.getLogger(__name__)
