@@ -707,7 +707,7 @@ def header_fields(msg: email.message.Message) -> dict[str, Any]:
         froms = getaddresses(tuple(_text(v) for v in msg.get_all("from", [])))
         out["from"] = froms[0][1] if froms else ""
         tos = getaddresses(tuple(_text(v) for k in ("to", "cc") for v in msg.get_all(k, [])))
-        out["to"] = [a for _, a in tos if a]
+        out["to"] = list(dict.fromkeys(a for _, a in tos if a))  # each once (To and Cc may both name one)
         date = msg.get("date")
         if date:
             d = email.utils.parsedate_to_datetime(_text(date))

@@ -262,3 +262,13 @@ def test_headers_of_generated_messages(lines: list[str], eol: str, last_eol: boo
 @given(st.binary(max_size=1500))
 def test_headers_of_garbage(raw: bytes) -> None:
     same_headers(raw)
+
+
+def test_headers_of_names_each_recipient_once() -> None:
+    """A message whose To and Cc name one address (or To twice, as some mail programs write
+    a reply-all) lists it once in the record, not "alice, alice"."""
+    from gateway.archive import headers_of
+
+    raw = (b"From: bob@acme.test\r\nTo: Alice <alice@acme.test>, carol@acme.test\r\n"
+           b"Cc: alice@acme.test\r\nTo: carol@acme.test\r\n\r\nbody\r\n")
+    assert headers_of(raw)["to"] == ["alice@acme.test", "carol@acme.test"]
