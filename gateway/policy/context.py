@@ -3,6 +3,11 @@
 A submitted message becomes one ``Context``; rules read it and append to its
 trace; the outcome is one ``Verdict``: accept, reject(reason) or
 hold(approvers), plus the mutations to apply afterwards.
+
+``headers`` and ``raw`` are one reading of the message: the SMTP handler first writes the
+header section as Postfix reads it (gateway/rules/headerblock.py ``as_postfix_reads``), so
+the fields the compat32 parser gives the rules and the spoof check are the fields the
+mutations edit, the archive keeps and the upstream relays.
 """
 
 from __future__ import annotations
@@ -83,6 +88,10 @@ class Context:
     headers: Message  # parsed header block only; the body stays in ``raw``
     raw: bytes
     employee: EmployeeInfo | None
+    # The client's bytes as submitted (trace fields on top) when ``raw`` is what the gateway made
+    # of them on arrival (gateway/rules/headerblock.py as_postfix_reads: the header section as
+    # Postfix reads it, which ``headers`` and ``raw`` both are); None when they are ``raw``.
+    submitted: bytes | None = None
     session: Session = field(default_factory=Session)
     trace: list[TraceStep] = field(default_factory=list)
     approved: bool = False

@@ -20,6 +20,7 @@ from gateway.directory import Directory
 from gateway.mutate import STAGES
 from gateway.policy import Policy
 from gateway.policy.context import Context, Verdict
+from gateway.rules.headerblock import as_postfix_reads
 
 
 def build_message(mail_from: str, to: list[str], subject: str, attachments: Iterable[Path] = ()) -> bytes:
@@ -41,8 +42,10 @@ def make_context(
     raw: bytes, mail_from: str, rcpt_tos: list[str], directory: Directory, language: str = "en"
 ) -> Context:
     raw = raw.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
-    end = raw.find(b"\r\n\r\n")
-    headers = BytesHeaderParser(policy=compat32).parsebytes(raw[: end + 2] if end >= 0 else raw)
+    # The header section as the SMTP handler reads it on arrival (as Postfix does), so a dry run
+    # sees the fields the gateway would see.
+    raw, body_at = as_postfix_reads(raw, len(raw))
+    headers = BytesHeaderParser(policy=compat32).parsebytes(raw[:body_at])
     return Context(
         mail_from=mail_from,
         rcpt_tos=rcpt_tos,

@@ -1,4 +1,5 @@
-"""Edit the top-level header block of a message held as bytes.
+"""Edit the top-level header block of a message held as bytes; and read it, once, the way
+Postfix does (``as_postfix_reads``).
 
 Mutations (prepend_subject, add_header, rewrite_sender) change a few header
 fields and must leave every other byte alone, so that the body, the MIME
@@ -8,13 +9,22 @@ ASCII are written as RFC 2047 encoded-words.
 
 Where the header section ends is read as Postfix's cleanup reads it: at the
 blank line, or at the first line that is neither a field (``name:``, the name
-printable ASCII) nor the continuation of one.  Such a line is the first line of
-the body, never dropped: the blank line Postfix would insert before it is
-written out here, so that the DKIM signer, the archive and the upstream MTA all
-read the relayed message the same way.  The email package (and so the Context
-the rules saw) ends the section at the same line, except at an obsolete
-``name :`` field (a blank before the colon), which Postfix and this class read
-as a field.
+printable ASCII, blanks allowed before the colon) nor the continuation of one.
+Such a line is the first line of the body, never dropped: the blank line Postfix
+would insert before it is written out here.
+
+One reading for every decision (docs/ARCHITECTURE.md, "One reading of the header
+section"): readers disagree on a header section that is not plain ``name:`` fields
+and continuation lines up to a blank line — the email package (the policy's
+Context, the rules' MIME parse, the archive's index) ends it at an obsolete
+``name : value`` field, and reads on past a ``From `` line or a ``: value`` line
+that Postfix takes as the first body line.  A field that only some readers see is a
+field a rule can miss while the recipient's mail program shows it (a spoofed From,
+a colleague's customer in Cc).  So the SMTP handler puts every submitted message
+through ``as_postfix_reads`` on arrival, before anything reads it: what the policy,
+the spoof check, the mutations, the archive and the upstream see is then one header
+section that all of them read alike; the client's bytes as submitted are kept
+beside it by the archive.
 """
 
 from __future__ import annotations
@@ -25,12 +35,21 @@ from email.header import Header, decode_header, make_header
 #: A header field's first line (Postfix's is_header): a name of printable ASCII other than
 #: the colon, optional blanks (RFC 5322 §4.5.3 obsolete syntax), then the colon.
 _FIELD = re.compile(rb"[\x21-\x39\x3b-\x7e]+[ \t]*:")
+#: The obsolete form of a field's first line: blanks between the name and the colon.
+_OBSOLETE = re.compile(rb"([\x21-\x39\x3b-\x7e]+)[ \t]+:")
+#: A header section every reader reads alike: fields whose colon follows the name at once,
+#: each with its continuation lines, then the blank line.  (Each line matches one way only:
+#: no backtracking to speak of, whatever the input.)
+_PLAIN_SECTION = re.compile(rb"(?:[\x21-\x39\x3b-\x7e]+:[^\n]*\n(?:[ \t][^\n]*\n)*)*\r?\n")
+#: An mbox envelope line at the very start, which Postfix's smtpd turns into a field.
+_MBOX_LINE = re.compile(rb">*From ")
 
 
 class HeaderBlock:
     """The header fields of ``data`` plus the untouched rest (blank line + body)."""
 
-    def __init__(self, data: bytes):
+    def __init__(self, data: bytes, limit: int | None = None):
+        """``limit``: raise HeaderSectionTooLarge when the section goes on past that offset."""
         self.fields: list[tuple[str, bytes]] = []  # (lower-case name, full raw field incl. CRLF)
         #: True when a line that is not a field ended the header section without the blank
         #: line: ``rest`` then starts with the blank line put in before it (as Postfix does).
@@ -38,6 +57,8 @@ class HeaderBlock:
         self.rest = b""
         pos = 0
         while pos < len(data):
+            if limit is not None and pos > limit:
+                raise HeaderSectionTooLarge(f"the header section goes on past {limit} bytes")
             eol = data.find(b"\n", pos)
             end = len(data) if eol < 0 else eol + 1
             line = data[pos:end]
@@ -103,6 +124,51 @@ class HeaderBlock:
 
     def to_bytes(self) -> bytes:
         return b"".join(raw for _, raw in self.fields) + self.rest
+
+
+class HeaderSectionTooLarge(ValueError):
+    """The header section does not end within the limit given."""
+
+
+def as_postfix_reads(data: bytes, limit: int) -> tuple[bytes, int]:
+    """``data`` (a message with CRLF line ends) with its header section written the way
+    Postfix's smtpd and cleanup write it, and the offset where its body starts (after the
+    blank line; ``len`` when there is none).  ``data`` itself when nothing is to change,
+    which is the case for every well-formed message (checked at C speed).  Raises
+    HeaderSectionTooLarge when the section goes on past ``limit`` bytes.
+
+    What changes, as Postfix changes it: leading ``From `` (or ``>From ``) lines become
+    ``X-Mailbox-Line:`` fields (smtpd); a continuation line first is the first body line,
+    a blank line put before it (smtpd); the blanks of an obsolete ``name : value`` are taken
+    out (cleanup's mime_state: "things would be too confusing otherwise"); a line that is
+    neither a field nor a continuation starts the body, a blank line put before it
+    (cleanup, ``HeaderBlock``).  The result's header section is plain ``name:`` fields and
+    continuation lines up to the blank line, which the email package, dkimpy, Postfix
+    and mail programs read alike; ``as_postfix_reads`` of it is itself."""
+    plain = _PLAIN_SECTION.match(data, 0, limit + 2)
+    if plain is not None:
+        return data, plain.end()
+    pos, mailbox = 0, []
+    while _MBOX_LINE.match(data, pos):
+        eol = data.find(b"\n", pos)
+        end = len(data) if eol < 0 else eol + 1
+        mailbox.append(b"X-Mailbox-Line: " + data[pos:end])
+        pos = end
+    head = b"".join(mailbox)
+    if data[pos:pos + 1] in (b" ", b"\t"):  # a continuation of nothing: all of it is body
+        out = head + b"\r\n" + data[pos:]
+        return out, len(head) + 2
+    block = HeaderBlock(data[pos:], limit=max(0, limit - len(head)))
+    fields = b"".join(_OBSOLETE.sub(rb"\1:", raw, count=1) if _OBSOLETE.match(raw) else raw
+                      for _, raw in block.fields)
+    head += fields
+    if len(head) > limit:
+        raise HeaderSectionTooLarge(f"the header section goes on past {limit} bytes")
+    out = head + block.rest
+    if out == data:
+        return data, len(data)  # a header section without a blank line and no body
+    blank = block.rest[:2] if block.rest.startswith(b"\r\n") else block.rest[:1]
+    return out, len(head) + len(blank)
 
 
 def encode_field(name: str, value: str) -> bytes:

@@ -6,8 +6,10 @@ A message's path, top to bottom:
   MAIL  -> must be authenticated (or from a trusted network); the address must
            be the employee's own or an alias (553 otherwise)
   RCPT  -> syntax (no %-hacks, source routes …), recipient limit
-  DATA  -> bare CR refused, bare LF normalised -> headers parsed -> policy.decide ->
-           mutate (tag, rewrite, sign) -> archive + spool (fsync) -> 250 + queue id
+  DATA  -> bare CR refused, bare LF normalised -> the header section read as Postfix
+           reads it (as_postfix_reads: one reading for the policy, the archive and the
+           relay; over 1 MB refused) -> headers parsed -> From/Sender spoof check ->
+           policy.decide -> mutate (tag, rewrite, sign) -> archive + spool (fsync) -> 250
 
 Nothing unexpected before the 250 reaches aiosmtpd (its "500 Error: (Type) text" is a
 permanent code that shows internals): the policy raising answers 451 4.3.0 (POLICY_TEMPFAIL),
@@ -57,6 +59,7 @@ from gateway.mutate import apply_mutations
 from gateway.policy import ACCEPT, HOLD, REJECT, Context, Policy, Verdict
 from gateway.policy.context import Session, header_text
 from gateway.policy.split import split_hold
+from gateway.rules.headerblock import HeaderSectionTooLarge, as_postfix_reads
 from gateway.smtp.auth import UpstreamAuthenticator, UpstreamUnavailable
 from gateway.smtp.checks import address_problem, foreign_header_senders, has_bare_cr, helo_problem, normalize_bare_lf
 from gateway.smtp.errors import LOCAL_TEMPFAIL, POLICY_TEMPFAIL, PolicyError, describe_error
@@ -66,7 +69,7 @@ from gateway.untag import StripReadingTags
 
 log = logging.getLogger("mailgate.smtp")
 
-MAX_HEADER_BLOCK = 1024 * 1024
+MAX_HEADER_BLOCK = 1024 * 1024  # a longer header section is refused (552)
 
 
 @dataclass
@@ -100,11 +103,6 @@ class Prepared(NamedTuple):
 
 # Failures of the storage itself (logged as what they were), not bugs (logged by type and frames).
 _STORAGE_ERRORS = (OSError, peewee.DatabaseError, peewee.InterfaceError, sqlite3.Error, CommitterStopped)
-
-
-def split_header_block(data: bytes) -> bytes:
-    end = data.find(b"\r\n\r\n", 0, MAX_HEADER_BLOCK)
-    return data[: end + 2] if end >= 0 else data[:MAX_HEADER_BLOCK]
 
 
 def smtp_reply(code: int, enhanced: str, text: str) -> str:
@@ -338,9 +336,17 @@ class SubmissionHandler:
         data = normalize_bare_lf(data)
         if len(data) > self.cfg.smtp.max_message_size:
             return "552 5.3.4 Message size exceeds fixed maximum message size"
+        # One reading of the header section from here on (gateway/rules/headerblock.py): what
+        # the spoof check and the policy read is what is archived and relayed.
+        try:
+            read, body_at = as_postfix_reads(data, MAX_HEADER_BLOCK)
+        except HeaderSectionTooLarge:
+            log.warning("refused from=<%s> reason=header-section-too-large ip=%s", envelope.mail_from,
+                        session.peer[0])
+            return "552 5.3.4 Message header section exceeds 1 MB"
         queue_id = new_queue_id()
         try:
-            ctx = self._context(server, session, envelope, data, queue_id, ident)
+            ctx = self._context(server, session, envelope, read, body_at, data, queue_id, ident)
             if ident is not None and (foreign := foreign_header_senders(ctx.headers, self._own_addresses(ident))):
                 return self._spoofed_header(foreign, ident, session)
             # One trip to a worker thread for the policy (body and attachment conditions parse
@@ -358,11 +364,15 @@ class SubmissionHandler:
         _run_after(queue_id, after, "stored and answered 250")
         return reply
 
-    def _context(self, server: SMTP, session: SMTPSession, envelope: Envelope, data: bytes, queue_id: str,
-                 ident: Identity | None) -> Context:
-        """The policy's view of the message, with the Received header (and a Message-ID) added."""
-        data = self._add_trace_headers(data, session, queue_id, ident)
-        block = split_header_block(data)
+    def _context(self, server: SMTP, session: SMTPSession, envelope: Envelope, data: bytes, body_at: int,
+                 submitted: bytes, queue_id: str, ident: Identity | None) -> Context:
+        """The policy's view of the message ``data`` (``as_postfix_reads`` of the client's
+        ``submitted`` bytes; its body starts at ``body_at``), with the Received header (and a
+        Message-ID) added."""
+        trace = self._trace_headers(data[:body_at], session, queue_id, ident)
+        block = trace + data[:body_at]
+        repaired = submitted is not data  # as_postfix_reads gives the very bytes back otherwise
+        data = trace + data
         # The email package's header parser, or its very result from a leaner one (28 → 8 µs a block).
         headers = parse_headers(block)
         if headers is None:
@@ -373,6 +383,7 @@ class SubmissionHandler:
             rcpt_tos=list(envelope.rcpt_tos),
             headers=headers,
             raw=data,
+            submitted=trace + submitted if repaired else None,
             employee=employee,
             session=Session(
                 peer_ip=session.peer[0],
@@ -431,9 +442,9 @@ class SubmissionHandler:
         if verdict.action == ACCEPT or free is not None:
             self.on_queued()
 
-    def _add_trace_headers(self, data: bytes, session: SMTPSession, queue_id: str, ident: Identity | None) -> bytes:
-        """Prepend Received (one line each part, no client-controlled CR/LF) and add a
-        Message-ID if the client sent none."""
+    def _trace_headers(self, head: bytes, session: SMTPSession, queue_id: str, ident: Identity | None) -> bytes:
+        """What goes on top of the message: Received (one line each part, no client-controlled
+        CR/LF) and a Message-ID if the header section ``head`` has none."""
         helo = session.host_name or "unknown"
         proto = "ESMTPSA" if ident else "ESMTP"
         received = (
@@ -441,11 +452,10 @@ class SubmissionHandler:
             f" with {proto} id {queue_id};\r\n\t{email.utils.formatdate(localtime=False)}\r\n"
         ).encode("ascii", "replace")
         extra = b""
-        head = split_header_block(data)
         if b"\nmessage-id:" not in b"\n" + head.lower():
             domain = self.cfg.company.domains[0]
             extra = f"Message-ID: <{queue_id}.{int(time.time())}@{domain}>\r\n".encode()
-        return received + extra + data
+        return received + extra
 
     def _decide_and_prepare(self, ctx: Context, queue_id: str, ident: Identity | None) -> tuple:
         """Blocking (a worker thread): the verdict — a held message's free recipients split
@@ -653,7 +663,7 @@ class SubmissionHandler:
             dirs.add(self.spool.directory)
         # The client's bytes as submitted, kept beside the changed ones (usually their header
         # section only, sealed into the record row; no second file).
-        original = self.archive.original_copy(ctx.raw, outgoing.data)
+        original = self.archive.original_copy(ctx.submitted or ctx.raw, outgoing.data)
         # The archive rows' values (digest, JSON) made here: the group commit, which holds the
         # database write lock, then only links and inserts them.
         capture = self.archive.stage(self._capture(ctx, verdict, queue_id, outgoing, original), blob)
@@ -681,8 +691,9 @@ class SubmissionHandler:
 
     def _record_refusal(self, ctx: Context, verdict: Verdict, queue_id: str, blob: PreparedBlob | None) -> None:
         """Phase 2 of a refused message: only its archive record."""
+        original = self.archive.original_copy(ctx.submitted, ctx.raw) if ctx.submitted else None
         self.archive.record(ctx.raw, verdict="refused", mail_from=ctx.mail_from, recipients=ctx.rcpt_tos,
-                            prepared=blob, **self._archive_fields(ctx, verdict, queue_id))
+                            prepared=blob, original=original, **self._archive_fields(ctx, verdict, queue_id))
 
     def _commit_parts(self, prepared: list[Prepared]) -> None:
         """Phase 2 of one message (and the part split off it), in the group-commit thread

@@ -44,9 +44,9 @@ from gateway.rules.actions import AddHeaderMutation, PrependSubjectMutation
 from gateway.rules.conditions import CONDITIONS
 from gateway.rules.content import may_have_attachments, parse_content
 from gateway.rules.facts import facts_for
-from gateway.rules.headerblock import HeaderBlock
+from gateway.rules.headerblock import HeaderBlock, as_postfix_reads
 from gateway.smtp.checks import has_bare_cr, normalize_bare_lf
-from gateway.smtp.handler import SubmissionHandler, split_header_block
+from gateway.smtp.handler import MAX_HEADER_BLOCK, SubmissionHandler
 from tests.unit.rules import conftest as rules_conftest
 from tests.unit.rules.conftest import make_ctx
 
@@ -266,8 +266,9 @@ def condition_values(world: SimpleNamespace) -> dict[str, object]:
 def policy_view(world: SimpleNamespace, raw: bytes) -> None:
     """What the SMTP handler's policy step reads: the header block as the handler parses it, the
     Subject and addresses, the content facts and every condition."""
+    raw, body_at = as_postfix_reads(raw, MAX_HEADER_BLOCK)  # the handler's one reading, on arrival
     ctx = make_ctx(world, raw)
-    block = split_header_block(raw)
+    block = raw[:body_at]
     ctx.headers = parse_headers(block) or BytesHeaderParser(policy=compat32).parsebytes(block)
     for name in ctx.headers.keys():
         assert isinstance(header_text(ctx.headers.get(name)), str)

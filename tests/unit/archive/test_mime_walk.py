@@ -227,11 +227,13 @@ def same_headers(raw: bytes, *, walked: bool | None = None) -> None:
 
 
 def test_headers_of_the_bench_corpus_and_their_header_blocks() -> None:
-    from gateway.smtp.handler import split_header_block
+    from gateway.rules.headerblock import as_postfix_reads
 
     for raw in corpus_messages(12, 300):
         same_headers(raw, walked=True)
-        same_headers(split_header_block(raw), walked=True)
+        read, body_at = as_postfix_reads(raw, 1 << 20)  # the SMTP handler's header block
+        assert read is raw
+        same_headers(raw[:body_at], walked=True)
         same_headers(raw.replace(b"\r\n", b"\n"), walked=True)
 
 
