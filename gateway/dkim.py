@@ -54,7 +54,9 @@ class UnsignableMessage(ValueError):
     """The header section has a line dkimpy cannot read, and a verifier would not read as we
     do. The sign mutation first puts the blank line before a line that is neither a field nor a
     continuation (``no colon``, ``: value``, a continuation before any field) as Postfix does,
-    so what is left is the obsolete ``name : value`` (a blank before the colon)."""
+    so what is left is the obsolete ``name : value`` (a blank before the colon) — which the
+    submission path never hands it: the SMTP handler writes it ``name:`` on arrival
+    (gateway/rules/headerblock.py ``as_postfix_reads``)."""
 
 
 _WSP_RUN = re.compile(rb"\t[ \t]*| [ \t]+")  # only runs that change: a lone SP stays

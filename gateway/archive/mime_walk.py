@@ -81,7 +81,9 @@ def _strip_eol(value: str) -> str:
 def parse_headers(raw: bytes) -> Message | None:
     """``BytesHeaderParser(policy=compat32).parsebytes(raw)`` (the header fields, the rest as
     the payload, unparsed), or None where this parser does not follow the email package.
-    The SMTP handler's view of a submitted message's header block."""
+    The SMTP handler's view of a submitted message's header block — which the handler has
+    written as Postfix reads it first (gateway/rules/headerblock.py ``as_postfix_reads``):
+    plain fields and continuations, read here as Postfix reads them, never declined."""
     text = raw.decode("ascii", "surrogateescape")
     if "\r" in text and _LONE_CR.search(text) is not None:
         return None

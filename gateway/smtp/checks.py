@@ -73,7 +73,11 @@ def foreign_header_senders(headers: Message, own: set[str]) -> list[str]:
     """The addresses in the From and Sender fields (every occurrence) that are not in ``own``
     (lower-case addresses), in order; a field that names no address a reader could parse
     (getaddresses finds none, yet it has an "@") is returned as its text.  Sender spoofing in
-    the header: MAIL FROM is checked at MAIL; recipients' mail programs show these fields."""
+    the header: MAIL FROM is checked at MAIL; recipients' mail programs show these fields.
+    ``headers``: the policy's Context.headers, parsed from the header section the SMTP handler
+    wrote as Postfix reads it (gateway/rules/headerblock.py ``as_postfix_reads``), so every
+    From and Sender field that is relayed is here — none hidden behind a line another reader
+    takes for the end of the header section."""
     foreign: list[str] = []
     for name in SENDER_FIELDS:
         for value in headers.get_all(name) or ():
