@@ -150,6 +150,8 @@ def as_postfix_reads(data: bytes, limit: int) -> tuple[bytes, int]:
         return data, plain.end()
     pos, mailbox = 0, []
     while _MBOX_LINE.match(data, pos):
+        if pos > limit:
+            raise HeaderSectionTooLarge(f"the header section goes on past {limit} bytes")
         eol = data.find(b"\n", pos)
         end = len(data) if eol < 0 else eol + 1
         mailbox.append(b"X-Mailbox-Line: " + data[pos:end])
