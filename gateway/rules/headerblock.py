@@ -24,13 +24,16 @@ a colleague's customer in Cc).  So the SMTP handler puts every submitted message
 through ``as_postfix_reads`` on arrival, before anything reads it: what the policy,
 the spoof check, the mutations, the archive and the upstream see is then one header
 section that all of them read alike; the client's bytes as submitted are kept
-beside it by the archive.
+beside it by the archive.  The header sections of MIME parts are written the same way
+(gateway/rules/partheaders.py), so attachment rules see the parts the recipient sees.
 """
 
 from __future__ import annotations
 
 import re
 from email.header import Header, decode_header, make_header
+
+from gateway.rules.partheaders import rewrite_parts
 
 #: A header field's first line (Postfix's is_header): a name of printable ASCII other than
 #: the colon, optional blanks (RFC 5322 §4.5.3 obsolete syntax), then the colon.
@@ -131,11 +134,40 @@ class HeaderSectionTooLarge(ValueError):
 
 
 def as_postfix_reads(data: bytes, limit: int) -> tuple[bytes, int]:
-    """``data`` (a message with CRLF line ends) with its header section written the way
-    Postfix's smtpd and cleanup write it, and the offset where its body starts (after the
-    blank line; ``len`` when there is none).  ``data`` itself when nothing is to change,
-    which is the case for every well-formed message (checked at C speed).  Raises
-    HeaderSectionTooLarge when the section goes on past ``limit`` bytes.
+    """``data`` (a message with CRLF line ends) with its header section, and the header
+    sections of its MIME parts (gateway/rules/partheaders.py), written the way Postfix's
+    smtpd and cleanup write them; and the offset where its body starts (after the blank
+    line; ``len`` when there is none).  ``data`` itself when nothing is to change, as for
+    every well-formed message.  Raises HeaderSectionTooLarge when the message's header
+    section goes on past ``limit`` bytes.  ``as_postfix_reads`` of the result is itself."""
+    out, body_at = _top_section(data, limit)
+    head = out[:body_at].lower()
+    if b"multipart/" in head or b"message/" in head:  # a body of MIME parts, perhaps
+        out = rewrite_parts(out, body_at, _content_type_fields(out, head))
+    return out, body_at
+
+
+def _content_type_fields(data: bytes, head: bytes) -> list[bytes]:
+    """The Content-Type fields (with their continuation lines) of the plain header section
+    ``head`` (lower case) at the start of ``data``."""
+    fields = []
+    text = b"\n" + head  # a line starting at head[i] has its "\n" at text[i]
+    at = text.find(b"\ncontent-type:")
+    while at >= 0:
+        end = at
+        while True:
+            eol = head.find(b"\n", end)
+            end = len(head) if eol < 0 else eol + 1
+            if head[end:end + 1] not in (b" ", b"\t"):
+                break
+        fields.append(data[at:end])
+        at = text.find(b"\ncontent-type:", end)
+    return fields
+
+
+def _top_section(data: bytes, limit: int) -> tuple[bytes, int]:
+    """``as_postfix_reads`` for the message's own header section (a plain one is checked at C
+    speed and given back as it is).
 
     What changes, as Postfix changes it: leading ``From `` (or ``>From ``) lines become
     ``X-Mailbox-Line:`` fields (smtpd); a continuation line first is the first body line,

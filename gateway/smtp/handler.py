@@ -70,6 +70,7 @@ from gateway.untag import StripReadingTags
 log = logging.getLogger("mailgate.smtp")
 
 MAX_HEADER_BLOCK = 1024 * 1024  # a longer header section is refused (552)
+READ_INLINE = 256 * 1024  # as_postfix_reads of a larger message (its MIME walk: Python work a part) in a thread
 
 
 @dataclass
@@ -339,7 +340,10 @@ class SubmissionHandler:
         # One reading of the header section from here on (gateway/rules/headerblock.py): what
         # the spoof check and the policy read is what is archived and relayed.
         try:
-            read, body_at = as_postfix_reads(data, MAX_HEADER_BLOCK)
+            if len(data) > READ_INLINE:  # many MIME parts to walk, perhaps: off the event loop
+                read, body_at = await asyncio.to_thread(as_postfix_reads, data, MAX_HEADER_BLOCK)
+            else:
+                read, body_at = as_postfix_reads(data, MAX_HEADER_BLOCK)
         except HeaderSectionTooLarge:
             log.warning("refused from=<%s> reason=header-section-too-large ip=%s", envelope.mail_from,
                         session.peer[0])

@@ -226,3 +226,32 @@ def test_a_header_section_over_1_mb_is_refused(gw, sink):
     fill = b"X-Fill: " + b"x" * 70 + b"\r\n"
     code, text = refused(gw, b"From: alice@acme.test\r\n" + fill * 14000 + b"Cc: lagos.imports@gmail.com\r\n\r\nhi\r\n")
     assert code == 552 and b"5.3.4" in text and b"header section" in text
+
+
+PART_EXE = (b"--b1\r\nContent-Type: text/plain\r\n\r\nsee attached\r\n"
+            b"--b1\r\nContent-Type : application/octet-stream\r\n"
+            b"Content-Disposition: attachment; filename=tool.exe\r\n\r\nMZ\r\n--b1--\r\n")
+
+
+def test_an_attachment_behind_an_obsolete_field_in_its_part_header_is_seen(gw, sink):
+    """``Content-Type :`` ended the part's header section for the email package (a text part,
+    no attachment for the rules); Postfix writes it ``Content-Type:`` — tool.exe arrives."""
+    code, text = refused(gw, b"From: alice@acme.test\r\nTo: einkauf@hamburg-tools.de\r\nMIME-Version: 1.0\r\n"
+                             b"Content-Type: multipart/mixed; boundary=b1\r\n\r\n" + PART_EXE)
+    assert code == 550 and b"no .exe attachments" in text
+
+
+def test_a_stray_line_in_a_part_header_arrives_after_a_blank_line(gw, sink):
+    sink.clear()
+    raw = (b"From: alice@acme.test\r\nTo: einkauf@hamburg-tools.de\r\nSubject: part stray\r\n"
+           b"Message-ID: <part-stray@acme.test>\r\nMIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary=b1\r\n"
+           b"\r\n--b1\r\nContent-Type: text/plain\r\nFrom bob Tue\r\n"
+           b"Content-Disposition: attachment; filename=tool.exe\r\n\r\nMZ\r\n--b1--\r\n")
+    send(gw, raw)  # the Content-Disposition after the "From " line is body text, for the rules too
+    [got] = sink.wait_for(1, timeout=20)
+    assert got.data.endswith(b"\r\n--b1\r\nContent-Type: text/plain\r\n\r\nFrom bob Tue\r\n"
+                             b"Content-Disposition: attachment; filename=tool.exe\r\n\r\nMZ\r\n--b1--\r\n")
+    msg = email.message_from_bytes(got.data, policy=policy.compat32)
+    assert [d for part in msg.walk() for d in part.defects] == []
+    assert dkim.verify(got.data, dnsfunc=dns_stub(gw))
+    assert for_config(load(gw.config_path)).read_original(record("<part-stray@acme.test>")).endswith(raw)

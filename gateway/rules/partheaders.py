@@ -1,0 +1,189 @@
+"""The header sections of MIME parts, written as Postfix's cleanup writes them.
+
+Postfix's cleanup reads every MIME header section it finds (its mime_state machine: the parts
+of a multipart, between boundary lines; the message inside a message/rfc822 part) as it reads
+the message's own (gateway/rules/headerblock.py): ``name : value`` becomes ``name: value``,
+a line that is neither a field nor a continuation starts the part's body after a blank line
+put before it.  The email package, with which the rules read attachments and body text
+(gateway/rules/content.py) and the archive indexes, ends a part's header section at
+``Content-Type : …`` — the part is text to it, an attachment to the recipient.  So
+``as_postfix_reads`` has this module write the parts' header sections as Postfix would,
+before any rule reads them.
+
+Boundaries are found as Postfix finds them: in a body, a line ``--`` + the boundary of any
+open multipart, whatever follows it (``--`` after it closes that multipart); an outer
+boundary closes the inner multiparts.  Structure the email package reads otherwise (a
+boundary line with text after it, a second Content-Type field) is not made to agree here.
+"""
+
+from __future__ import annotations
+
+import email.message
+import re
+
+#: A field's first line (Postfix's is_header), and its obsolete form (blanks before the colon).
+_FIELD = re.compile(rb"[\x21-\x39\x3b-\x7e]+[ \t]*:")
+_OBSOLETE = re.compile(rb"([\x21-\x39\x3b-\x7e]+)[ \t]+:")
+MAX_DEPTH = 100  # Postfix's mime_nesting_limit: deeper parts are left as they are
+MAX_BOUNDARY = 2048  # Postfix's mime_boundary_length_limit: a longer boundary is cut there
+
+
+class _Open:
+    """A multipart whose close delimiter has not come yet, and what is known of where its
+    boundary lines are (the walk only moves forward: every byte is searched once a boundary)."""
+
+    def __init__(self, boundary: bytes, digest: bool):
+        self.boundary = boundary
+        self.digest = digest  # multipart/digest: a part without Content-Type is message/rfc822
+        self.needle = b"\n--" + boundary
+        self.found = -1  # the start of a boundary line found, not yet passed
+        self.clear = 0  # no boundary line starts before this (from where the walk is on)
+
+    def next_line(self, data: bytes, pos: int, end: int) -> int:
+        """The start of the first line in [pos, end) that begins ``--`` + the boundary, or -1
+        (``pos`` > 0: a line start, after the header section)."""
+        if self.found >= pos:
+            return self.found if self.found < end else -1
+        start = max(pos, self.clear)
+        if start >= end:
+            return -1
+        at = data.find(self.needle, max(start - 1, 0), end - 1 + len(self.needle))
+        if at < 0:
+            self.clear = end
+            return -1
+        self.found = at + 1
+        return at + 1
+
+
+def _content_type(fields: list[bytes], default: str) -> tuple[str, bytes | None]:
+    """(type/subtype, multipart boundary) from a header section's Content-Type fields: the
+    last one's type (Postfix reads each as it comes), read as the email package's
+    get_content_type reads it; ``default`` without one."""
+    ctype, boundary = default, None
+    for raw in fields:
+        name, _, value = raw.partition(b":")
+        if name.strip().lower() != b"content-type":
+            continue
+        text = " ".join(value.decode("latin-1").split())
+        ctype = text.partition(";")[0].strip().lower()
+        if ctype.count("/") != 1:
+            ctype = "text/plain"
+        elif ctype.startswith("multipart/"):
+            found = _boundary(text)
+            boundary = found.encode("latin-1", "replace")[:MAX_BOUNDARY] if found else None
+    return ctype, boundary
+
+
+#: ``; boundary=token`` or ``; boundary="quoted"`` and nothing unusual (no backslash, no
+#: RFC 2231, no <>): the email package's get_boundary answers the same, faster.
+_SIMPLE_BOUNDARY = re.compile(r';\s*boundary\s*=\s*(?:"([^"\\]*)"|([^\s;"<\\][^\s;"\\]*))\s*(?:;|$)', re.I)
+
+
+def _boundary(text: str) -> str | None:
+    """The boundary of a multipart Content-Type value, as the email package reads it."""
+    if text.lower().count("boundary") == 1 and "*" not in text:
+        m = _SIMPLE_BOUNDARY.search(text)
+        if m is not None:
+            return (m.group(1) if m.group(1) is not None else m.group(2)).rstrip()
+    msg = email.message.Message()
+    msg["Content-Type"] = text
+    return msg.get_boundary()
+
+
+def _line_end(data: bytes, pos: int) -> int:
+    eol = data.find(b"\n", pos)
+    return len(data) if eol < 0 else eol + 1
+
+
+class _Writer:
+    """The message's bytes with the parts' header sections repaired (chunks, and whether any
+    byte changed)."""
+
+    def __init__(self, data: bytes):
+        self.data = data
+        self.chunks: list[bytes] = []
+        self.copied = 0  # data[:copied] is in chunks
+        self.changed = False
+
+    def replace(self, start: int, end: int, new: bytes) -> None:
+        self.chunks.append(self.data[self.copied:start])
+        self.chunks.append(new)
+        self.copied = end
+        self.changed = True
+
+    def result(self) -> bytes:
+        if not self.changed:
+            return self.data
+        self.chunks.append(self.data[self.copied:])
+        return b"".join(self.chunks)
+
+
+def _header_section(w: _Writer, pos: int) -> tuple[int, list[bytes]]:
+    """Read a part's header section at ``pos``: its fields (repaired), and where what follows
+    it starts — after its blank line, or at the line that ended it (a blank line written
+    before that one)."""
+    data = w.data
+    fields: list[bytes] = []
+    while pos < len(data):
+        end = _line_end(data, pos)
+        line = data[pos:end]
+        if line in (b"\r\n", b"\n"):
+            return end, fields
+        if line[:1] in (b" ", b"\t") and fields:
+            fields[-1] += line
+        elif _FIELD.match(line):
+            m = _OBSOLETE.match(line)
+            if m is not None:
+                line = m.group(1) + b":" + line[m.end():]
+                w.replace(pos, end, line)
+            fields.append(line)
+        else:  # not a field: the body starts here, after a blank line
+            w.replace(pos, pos, b"\n" if line.endswith(b"\n") and not line.endswith(b"\r\n") else b"\r\n")
+            return pos, fields
+        pos = end
+    return pos, fields
+
+
+def _next_boundary(data: bytes, pos: int, stack: list[_Open]) -> tuple[int, int, int] | None:
+    """The next line at or after ``pos`` (a line start) that starts ``--`` + an open boundary:
+    (its start, the index of that multipart in ``stack``, the index after the boundary).  On a
+    line that starts with more than one, the innermost's (Postfix looks at it first)."""
+    best, best_i = len(data), -1
+    for i, open_ in enumerate(stack):  # the outermost first: its next line bounds the others' search
+        at = open_.next_line(data, pos, best + 1)
+        if at >= 0:
+            best, best_i = at, i
+    if best_i < 0:
+        return None
+    return best, best_i, best + 2 + len(stack[best_i].boundary)
+
+
+def rewrite_parts(data: bytes, body_at: int, top_fields: list[bytes]) -> bytes:
+    """``data`` with the header sections of its MIME parts written as Postfix writes them
+    (``data`` itself when nothing changes).  ``body_at``: where the message's body starts;
+    ``top_fields``: its header fields (raw)."""
+    ctype, boundary = _content_type(top_fields, "text/plain")
+    if not (ctype.startswith("multipart/") and boundary) and ctype != "message/rfc822":
+        return data
+    w = _Writer(data)
+    stack: list[_Open] = []
+    pos = body_at
+    while True:
+        depth = 0
+        while ctype == "message/rfc822" and depth < MAX_DEPTH:  # a message's header section follows
+            depth += 1
+            pos, fields = _header_section(w, pos)
+            ctype, boundary = _content_type(fields, "text/plain")
+        if ctype.startswith("multipart/") and boundary and len(stack) < MAX_DEPTH:
+            stack.append(_Open(boundary, ctype == "multipart/digest"))
+        found = _next_boundary(data, pos, stack) if stack else None
+        if found is None:
+            return w.result()
+        at, i, after = found
+        del stack[i + 1:]  # an outer boundary closes the inner multiparts
+        if data.startswith(b"--", after):  # the close delimiter
+            stack.pop()
+            pos, ctype, boundary = _line_end(data, at), "", None
+            continue
+        pos, fields = _header_section(w, _line_end(data, at))
+        ctype, boundary = _content_type(fields, "message/rfc822" if stack[i].digest else "text/plain")
