@@ -99,6 +99,12 @@ PART_LINES = st.sampled_from([
     b"Content-Type: text/plain", b"Content-Type : application/octet-stream", b"Content-Disposition: attachment; "
     b"filename=a.exe", b"X-Old : v", b" folded", b"stray words", b": empty", b"From bob Tue", b"\t",
 ])
+ANY_LINES = st.sampled_from([
+    b"Content-Type: text/plain", b"Content-Type : application/octet-stream", b"Content-Type: message/rfc822",
+    b"Content-Type: multipart/mixed; boundary=b2", b"Content-Type: multipart/digest; boundary=b3", b"--b1", b"--b2",
+    b"--b3", b"--b1--", b"--b2--", b"--b2 trailing", b"X-Old : v", b" folded", b"stray words", b": empty",
+    b"From bob Tue", b"", b"MZ body",
+])
 
 
 @settings(max_examples=int(os.environ.get("MAILGATE_FUZZ_EXAMPLES", "200")), deadline=None)
@@ -126,3 +132,18 @@ def test_the_boundary_is_the_one_the_email_package_reads(rest: str) -> None:
     msg = Message()
     msg["Content-Type"] = text
     assert _boundary(text) == msg.get_boundary()
+
+
+@settings(max_examples=int(os.environ.get("MAILGATE_FUZZ_EXAMPLES", "300")), deadline=None)
+@given(lines=st.lists(ANY_LINES, max_size=30), crlf=st.booleans())
+def test_any_line_soup_is_read_once_for_all(lines: list[bytes], crlf: bool) -> None:
+    """Whatever the lines: no exception, every line kept (only blank lines and the blanks before
+    a colon change), and nothing left to repair."""
+    eol = b"\r\n" if crlf else b"\n"
+    raw = TOP.replace(b"\r\n", eol) + b"".join(line + eol for line in lines)
+    out, _ = as_postfix_reads(raw, LIMIT)
+    assert as_postfix_reads(out, LIMIT)[0] is out
+    def kept(b: bytes) -> list[bytes]:
+        return [x.replace(b" ", b"").replace(b"\t", b"") for x in b.split(eol) if x.strip()]
+    assert kept(out) == kept(raw)
+    parse_content(out)  # the rules read it
