@@ -18,8 +18,9 @@ boundary line with text after it, a second Content-Type field) is not made to ag
 
 from __future__ import annotations
 
-import email.message
 import re
+
+from gateway.mimeparts import SafeParamsMessage
 
 #: A field's first line (Postfix's is_header), and its obsolete form (blanks before the colon).
 _FIELD = re.compile(rb"[\x21-\x39\x3b-\x7e]+[ \t]*:")
@@ -85,9 +86,12 @@ def _boundary(text: str) -> str | None:
         m = _SIMPLE_BOUNDARY.search(text)
         if m is not None:
             return (m.group(1) if m.group(1) is not None else m.group(2)).rstrip()
-    msg = email.message.Message()
+    msg = SafeParamsMessage()  # the policy's parser's class: a mixed RFC 2231 list does not raise
     msg["Content-Type"] = text
-    return msg.get_boundary()
+    try:
+        return msg.get_boundary()
+    except Exception:  # noqa: BLE001 - a value the email package cannot read has no boundary for it
+        return None
 
 
 def _line_end(data: bytes, pos: int) -> int:

@@ -337,19 +337,19 @@ class SubmissionHandler:
         data = normalize_bare_lf(data)
         if len(data) > self.cfg.smtp.max_message_size:
             return "552 5.3.4 Message size exceeds fixed maximum message size"
-        # One reading of the header section from here on (gateway/rules/headerblock.py): what
-        # the spoof check and the policy read is what is archived and relayed.
-        try:
-            if len(data) > READ_INLINE:  # many MIME parts to walk, perhaps: off the event loop
-                read, body_at = await asyncio.to_thread(as_postfix_reads, data, MAX_HEADER_BLOCK)
-            else:
-                read, body_at = as_postfix_reads(data, MAX_HEADER_BLOCK)
-        except HeaderSectionTooLarge:
-            log.warning("refused from=<%s> reason=header-section-too-large ip=%s", envelope.mail_from,
-                        session.peer[0])
-            return "552 5.3.4 Message header section exceeds 1 MB"
         queue_id = new_queue_id()
         try:
+            # One reading of the header section from here on (gateway/rules/headerblock.py):
+            # what the spoof check and the policy read is what is archived and relayed.
+            try:
+                if len(data) > READ_INLINE:  # many MIME parts to walk, perhaps: off the event loop
+                    read, body_at = await asyncio.to_thread(as_postfix_reads, data, MAX_HEADER_BLOCK)
+                else:
+                    read, body_at = as_postfix_reads(data, MAX_HEADER_BLOCK)
+            except HeaderSectionTooLarge:
+                log.warning("refused from=<%s> reason=header-section-too-large ip=%s", envelope.mail_from,
+                            session.peer[0])
+                return "552 5.3.4 Message header section exceeds 1 MB"
             ctx = self._context(server, session, envelope, read, body_at, data, queue_id, ident)
             if ident is not None and (foreign := foreign_header_senders(ctx.headers, self._own_addresses(ident))):
                 return self._spoofed_header(foreign, ident, session)

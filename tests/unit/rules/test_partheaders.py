@@ -124,12 +124,11 @@ def test_after_it_the_email_package_reads_every_part_header_section_plainly(part
 @settings(max_examples=int(os.environ.get("MAILGATE_FUZZ_EXAMPLES", "500")), deadline=None)
 @given(rest=st.text(alphabet='ab "=;<>\\*\t', max_size=30))
 def test_the_boundary_is_the_one_the_email_package_reads(rest: str) -> None:
-    from email.message import Message
-
+    from gateway.mimeparts import SafeParamsMessage
     from gateway.rules.partheaders import _boundary
 
     text = "multipart/mixed; boundary" + rest
-    msg = Message()
+    msg = SafeParamsMessage()
     msg["Content-Type"] = text
     assert _boundary(text) == msg.get_boundary()
 
@@ -147,3 +146,10 @@ def test_any_line_soup_is_read_once_for_all(lines: list[bytes], crlf: bool) -> N
         return [x.replace(b" ", b"").replace(b"\t", b"") for x in b.split(eol) if x.strip()]
     assert kept(out) == kept(raw)
     parse_content(out)  # the rules read it
+
+
+def test_a_mixed_rfc2231_parameter_list_does_not_stop_the_walk() -> None:
+    """The email package raises on ``name*=…; name*0*=…`` (the SMTP path answered 451)."""
+    raw = (b"From: alice@acme.test\r\nContent-Type: multipart/mixed; boundary=b1; name*=utf-8''%E6%8A%A5; "
+           b"name*0*=utf-8''x\r\n\r\n--b1\r\nContent-Type : text/plain\r\n\r\nx\r\n--b1--\r\n")
+    assert b"--b1\r\nContent-Type: text/plain\r\n" in read(raw)
