@@ -6,9 +6,10 @@ A message's path, top to bottom:
   MAIL  -> must be authenticated (or from a trusted network); the address must
            be the employee's own or an alias (553 otherwise)
   RCPT  -> syntax (no %-hacks, source routes …), recipient limit
-  DATA  -> bare CR refused, bare LF normalised -> the header section read as Postfix
-           reads it (as_postfix_reads: one reading for the policy, the archive and the
-           relay; over 1 MB refused) -> headers parsed -> From/Sender spoof check ->
+  DATA  -> bare CR refused, bare LF normalised -> the header section and the MIME parts'
+           header sections written as Postfix reads them (as_postfix_reads: one reading
+           for the policy, the archive and the relay; over 1 MB refused) -> headers
+           parsed -> From/Sender spoof check ->
            policy.decide -> mutate (tag, rewrite, sign) -> archive + spool (fsync) -> 250
 
 Nothing unexpected before the 250 reaches aiosmtpd (its "500 Error: (Type) text" is a
