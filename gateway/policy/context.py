@@ -5,9 +5,10 @@ trace; the outcome is one ``Verdict``: accept, reject(reason) or
 hold(approvers), plus the mutations to apply afterwards.
 
 ``headers`` and ``raw`` are one reading of the message: the SMTP handler first writes the
-header section as Postfix reads it (gateway/rules/headerblock.py ``as_postfix_reads``), so
-the fields the compat32 parser gives the rules and the spoof check are the fields the
-mutations edit, the archive keeps and the upstream relays.
+header section, and the MIME parts' ones, as Postfix reads them (gateway/rules/headerblock.py
+``as_postfix_reads``), so the fields the compat32 parser gives the rules and the spoof check
+(and the parts the attachment conditions find) are the ones the mutations edit, the archive
+keeps and the upstream relays.
 """
 
 from __future__ import annotations
