@@ -65,7 +65,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from gateway.archive.index import Extracted  # noqa: E402
+from gateway.archive.extraction import Extracted  # noqa: E402
 from gateway.archive.settings import ArchiveConfig  # noqa: E402
 
 ZH_WORDS = ("报价单 样品 付款 发票 合同 订单 交货期 运费 海运 空运 集装箱 提单 信用证 定金 尾款 工厂 质检 包装 "
@@ -652,7 +652,8 @@ def _make_rows(args: tuple[int, int, int]) -> list[tuple]:
     import hashlib
 
     from gateway.archive import headers_of
-    from gateway.archive.index import all_text, short_grams
+    from gateway.archive.extraction import all_text
+    from gateway.archive.terms import short_grams
 
     n, start, stop = args
     corpus = Corpus(seed=7 * 1_000_003 + start)  # the same seed as _make_raw: the same messages
@@ -717,7 +718,7 @@ def build(corpus: Corpus, n: int, workdir: Path, drop_blobs: bool, batch: int = 
     ``mode`` "rows": the same database rows, written by the same functions, without the
     work search never sees — see ``_ingest_rows``.  What it skips: building and parsing
     the MIME text (the extracted fields come from the generator, identical to what
-    ``index.extract`` reads back from the whole message — checked by ``compare``), zstd,
+    ``extraction.extract`` reads back from the whole message — checked by ``compare``), zstd,
     AES-GCM, the blob file and its fsyncs (search reads no blob).  What differs in the rows:
     ``sha256`` is the hash of the header block (unique per message) and ``stored_size``
     equals ``size``, neither read by search.  What is the same: the records, their hash

@@ -191,7 +191,7 @@ class Archive:
                 self._recent_size -= len(old)
 
     def take_recent(self, sha256: str) -> bytes | None:
-        """The indexable bytes (``index.indexable``: ``index.extract`` reads the same text from
+        """The indexable bytes (``index.indexable``: ``extraction.extract`` reads the same text from
         them as from the whole message) of a message this archive prepared lately, for the
         background indexer; or None.  An entry is handed out once."""
         with self._recent_lock:

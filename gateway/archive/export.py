@@ -28,7 +28,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import BinaryIO
 
-from gateway.archive.index import decode_header
+from gateway.archive.extraction import decode_header
 from gateway.mimeparts import disposition, filename, parse_bytes
 
 MAX_PARTS = 1000

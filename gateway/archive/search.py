@@ -29,8 +29,9 @@ from dataclasses import dataclass, field
 
 from peewee import fn
 
-from gateway.archive.index import CJK, docid_for, term_grams
+from gateway.archive.index import docid_for
 from gateway.archive.query import Query, QueryError, parse
+from gateway.archive.terms import CJK, term_grams
 from gateway.db import is_postgres
 from gateway.db.models import Alias, CompanyDomain, Contact, Customer, Employee, database
 

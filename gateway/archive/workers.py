@@ -4,8 +4,8 @@ Parsing MIME and building the index text is pure Python (it holds the GIL), abou
 archiving a message.  ``extract_async(raws)`` hands a batch to worker processes and returns
 a handle; the caller goes on with the blobs and the chain transaction meanwhile and calls
 ``result()`` when it writes the index rows.  Each worker answers
-``(Extracted, short grams)`` per message — exactly what ``index.extract`` and
-``index.short_grams`` give inline, the grams as one space-separated text (as the index
+``(Extracted, short grams)`` per message — exactly what ``extraction.extract`` and
+``terms.short_grams`` give inline, the grams as one space-separated text (as the index
 stores them: one string pickles and travels between the processes ~5x cheaper than a few
 hundred).
 
@@ -29,7 +29,7 @@ from concurrent.futures.process import BrokenProcessPool
 
 __all__ = ["BrokenProcessPool", "Pending", "extract_async", "max_workers", "shutdown", "start"]
 
-from gateway.archive import index
+from gateway.archive import extraction, terms
 
 log = logging.getLogger("mailgate.archive.workers")
 
@@ -47,7 +47,7 @@ WORKER_NICE = 5
 _POOL: ProcessPoolExecutor | None = None
 _LOCK = threading.Lock()
 
-Extraction = tuple[index.Extracted, str]  # (text, short grams joined by spaces)
+Extraction = tuple[extraction.Extracted, str]  # (text, short grams joined by spaces)
 
 
 def max_workers() -> int:
@@ -65,11 +65,11 @@ def extract_one(raw: bytes, headers: bool = True) -> Extraction:
     header fields then parsed on their own (``headers_of``), and it must not cost the other
     messages of its batch their archiving or their index."""
     try:
-        ex = index.extract(raw, headers)
-        return ex, " ".join(index.short_grams(index.all_text(ex)))
+        ex = extraction.extract(raw, headers)
+        return ex, " ".join(terms.short_grams(extraction.all_text(ex)))
     except Exception:  # noqa: BLE001
         log.exception("archive: text extraction failed on a %d-byte message; archived without its text", len(raw))
-        return index.Extracted(), ""
+        return extraction.Extracted(), ""
 
 
 def _extract_chunk(raws: list[bytes], headers: bool = True) -> list[Extraction]:
@@ -165,5 +165,5 @@ class Pending:
 
 def extract_async(raws: list[bytes], headers: bool = True) -> Pending:
     """Start extracting ``raws`` (in worker processes when worthwhile); ``.result()`` collects.
-    ``headers``: also each message's record header fields (``index.extract``)."""
+    ``headers``: also each message's record header fields (``extraction.extract``)."""
     return Pending(raws, headers)

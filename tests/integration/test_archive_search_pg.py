@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from gateway.archive import index
+from gateway.archive import extraction, index, terms
 from gateway.archive.search import search
 from tests.harness import wait_until
 from tests.harness.pgdb import pg_db
@@ -65,8 +65,8 @@ def test_substring_terms_narrow_by_latin_trigrams_and_cjk_grams(db, corpus, monk
 def test_latin_text_is_the_same_in_python_and_in_migration_163(db):
     """Rows written before 163 get ``latin`` from the migration's SQL: it must equal what the
     indexer writes, or a term could miss a document (the trigram index only narrows)."""
-    from gateway.archive.index import latin_text
     from gateway.archive.search_schema import PG_CJK
+    from gateway.archive.terms import latin_text
 
     samples = ["报价单 LED灯具 panel", "カタカナ and ひらがな", "한국어 text", "𠀀𠀁 ext-B 𪚲",
                "ｆｕｌｌ ｗｉｄｔｈ，。", "mixed报价PO-123456单", "", "no cjk at all",
@@ -200,22 +200,22 @@ PAIR_TEXTS = [
 
 
 def test_doc_pairs_hold_what_the_sql_function_gives(db, request):
-    """The writer's word pairs (index.doc_pairs, migration 161) against migration 153's SQL
+    """The writer's word pairs (terms.doc_pairs, migration 161) against migration 153's SQL
     function in this database's LC_CTYPE: the same set, or more where a text holds İ or the
     Kelvin sign (the only characters the two lower() functions turn into a-z differently)."""
-    texts = PAIR_TEXTS + [index.all_text(index.extract(m)) for m in _sample_messages()] + _random_texts()
+    texts = PAIR_TEXTS + [extraction.all_text(extraction.extract(m)) for m in _sample_messages()] + _random_texts()
     rows = db.execute_sql("SELECT archive_word_pairs(t) FROM unnest(%s::text[]) WITH ORDINALITY AS x(t, i)"
                           " ORDER BY i", (texts,)).fetchall()
     assert len(rows) == len(texts)
     for text, (sql_pairs,) in zip(texts, rows, strict=True):
         sql = set(sql_pairs)
-        mine = index.doc_pairs(text)
+        mine = terms.doc_pairs(text)
         assert mine == sorted(set(mine))
         if "\u0130" in text or "\u212a" in text:
             assert sql <= set(mine), text
         else:
             assert set(mine) == sql, text
-    special = set(index.doc_pairs(PAIR_TEXTS[5]))
+    special = set(terms.doc_pairs(PAIR_TEXTS[5]))
     assert {"kelvin sign", "elvin sign", "istanbul office", "and stanbul"} <= special
 
 
@@ -245,12 +245,12 @@ def test_text_rows_keep_every_character_through_copy(db):
     they were, in the text columns and in the grams and pairs arrays."""
     import datetime as dt
 
-    ex = index.Extracted(subject="tab\there \\N back\\slash", sender='"Q, uoted" <a@b.test>', rcpt="cr\rlf\r\nend",
+    ex = extraction.Extracted(subject="tab\there \\N back\\slash", sender='"Q, uoted" <a@b.test>', rcpt="cr\rlf\r\nend",
                          body="line1\nline2\\.\n\\.\nprice\tlist", attnames='x"y\\z.pdf', from_addrs=["a@b.test"],
                          to_addrs=["odd\\one\t@x.test"], has_attachment=True)
     grams = ["ab", 'a"', "b\\", "中"]
     when = dt.datetime(2026, 1, 9, 8, 7, 6, 543210)
-    plain = index.Extracted(subject="plain", body="no employee")
+    plain = extraction.Extracted(subject="plain", body="no employee")
     index.write_rows([(12345, 77, when, "out", None, ex, grams), (12346, 78, when, "in", 5, plain, None)])
     docs = db.execute_sql("SELECT docid, record_id, created_at, direction, employee_id, has_attachment"
                           " FROM archivesearchdoc ORDER BY docid").fetchall()
@@ -264,7 +264,7 @@ def test_text_rows_keep_every_character_through_copy(db):
     doc = "\n".join((ex.subject, ex.sender, ex.rcpt, ex.attnames, ex.body))
     assert row[:5] == (ex.subject, ex.sender, ex.rcpt, ex.attnames, doc)
     assert row[5] == grams
-    assert row[6] == index.doc_pairs(doc) and "price list" in row[6]
+    assert row[6] == terms.doc_pairs(doc) and "price list" in row[6]
     assert set(row[6]) == set(db.execute_sql("SELECT archive_word_pairs(%s)", (doc,)).fetchone()[0])
 
 
@@ -324,7 +324,7 @@ def _entries(n: int, bad: int | None = None) -> list[tuple]:
     for i in range(n):
         rec = SimpleNamespace(id=1000 + i, created_at=dt.datetime(2026, 2, 1) + dt.timedelta(minutes=i),
                               direction="outbound", employee_id=None)
-        ex = index.Extracted(subject=f"split {i}" + ("\x00" if i == bad else ""), body=f"price list number{i}",
+        ex = extraction.Extracted(subject=f"split {i}" + ("\x00" if i == bad else ""), body=f"price list number{i}",
                              from_addrs=[f"a{i}@b.test"])
         out.append((rec, ex, None))
     return out

@@ -25,10 +25,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from gateway.archive import headers_of
-from gateway.archive import index as archive_index
+from gateway.archive import extraction, headers_of
 from gateway.archive.export import ExportItem, attachment, attachments, read_mbox, write_mbox, write_zip
 from gateway.archive.mime_walk import parse_headers
+from gateway.archive.terms import short_grams
 from gateway.directory import EmployeeInfo
 from gateway.distribute import inquiry
 from gateway.dkim import BLANK_LINE_NOTE, DkimSign
@@ -313,11 +313,11 @@ def mutations(raw: bytes, signer: object) -> None:
 def archive_view(raw: bytes) -> None:
     fields = headers_of(raw)
     assert "\x00" not in repr([fields["subject"], fields["message_id"], fields["from"], fields["to"]])
-    for ex in (archive_index.extract(raw), archive_index.extract(raw, headers=False)):
+    for ex in (extraction.extract(raw), extraction.extract(raw, headers=False)):
         for text in (ex.subject, ex.sender, ex.rcpt, ex.body, ex.attnames):
-            archive_index.short_grams(text)
-    assert archive_index.extract(raw) == archive_index.extract_reference(raw)  # mime_walk's promise
-    assert archive_index.extract(archive_index.indexable(raw)) == archive_index.extract(raw)
+            short_grams(text)
+    assert extraction.extract(raw) == extraction.extract_reference(raw)  # mime_walk's promise
+    assert extraction.extract(extraction.indexable(raw)) == extraction.extract(raw)
     parts = attachments(raw)
     for n in range(len(parts)):
         assert attachment(raw, n) == parts[n]
@@ -437,7 +437,7 @@ def test_an_attachment_name_is_read_in_any_encoding_clients_use(name: str, how: 
                    b"Content-Disposition: attachment" + params, b"Content-Transfer-Encoding: base64", b"",
                    base64.b64encode(b"%PDF-1.4 data"), b"--b1--", b""])
     assert [a.name for a in parse_content(raw).attachments] == [name]
-    assert archive_index.extract(raw).attnames == name
+    assert extraction.extract(raw).attnames == name
     assert [(p.name, p.data) for p in attachments(raw)] == [(name, b"%PDF-1.4 data")]
 
 
@@ -464,8 +464,8 @@ def test_a_mixed_rfc2231_parameter_list_is_read(rules_world: SimpleNamespace) ->
     hit, _ = CONDITIONS["attachment-name"]("*.pdf", rules_world.env).test(facts_for(ctx, rules_world.directory,
                                                                                       rules_world.env))
     assert hit
-    ex = archive_index.extract(MIXED_2231)
-    assert ex == archive_index.extract_reference(MIXED_2231)
+    ex = extraction.extract(MIXED_2231)
+    assert ex == extraction.extract_reference(MIXED_2231)
     assert ex.body.strip() == "报价 price 5" and ex.attnames == "报.pdf"
     assert [(p.name, p.data) for p in attachments(MIXED_2231)] == [("报.pdf", b"%PDF-1.4")]
     assert inquiry.parse(MIXED_2231).text == "报价 price 5"

@@ -161,11 +161,11 @@ def test_start_spawns_every_worker_before_the_first_batch(monkeypatch):
 
 def test_short_grams_from_the_workers_are_those_computed_inline(archive, pool):
     """The workers hand the short grams over as one text; the index holds the same tokens."""
-    from gateway.archive import index
+    from gateway.archive import extraction, terms
 
     raw = message(1, "报价单 PI 样 for CE")
     ex, grams = workers.extract_one(raw)
-    assert grams.split(" ") == index.short_grams(index.all_text(ex))
+    assert grams.split(" ") == terms.short_grams(extraction.all_text(ex))
     caps = [Capture(raw=message(i, f"报价单 PI 样 godwit{i}"), place="import:eml") for i in range(workers.MIN_BATCH)]
     out = archive.ingest_many(caps)
     assert workers._POOL is not None

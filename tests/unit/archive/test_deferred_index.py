@@ -303,7 +303,7 @@ def test_a_blob_read_back_is_cut_to_what_extraction_reads(archive, monkeypatch):
     import base64
     import os
 
-    from gateway.archive import index
+    from gateway.archive import extraction
 
     node = _deferred(archive)
     big = (b"From: a@x.test\r\nSubject: dunlin report\r\nContent-Type: multipart/mixed; boundary=b\r\n\r\n"
@@ -313,17 +313,17 @@ def test_a_blob_read_back_is_cut_to_what_extraction_reads(archive, monkeypatch):
     rec = node.record(big, direction="outbound", verdict="accepted")
     node.take_recent(rec.sha256)  # as if the node had restarted: the indexer reads the blob
     sent: list[bytes] = []
-    real = index.extract
+    real = extraction.extract
 
-    def spy(raw: bytes, headers: bool = True) -> index.Extracted:
+    def spy(raw: bytes, headers: bool = True) -> extraction.Extracted:
         sent.append(raw)
         return real(raw, headers)
 
-    monkeypatch.setattr(index, "extract", spy)
+    monkeypatch.setattr(extraction, "extract", spy)
     assert index_pending(node) == 1
-    assert sent == [index.indexable(big)] and len(sent[0]) < len(big) // 10
+    assert sent == [extraction.indexable(big)] and len(sent[0]) < len(big) // 10
     assert record_ids("dunlin") == [rec.id] and record_ids("dunlin.pdf") == [rec.id]
-    assert index.extract(sent[0]) == index.extract(big)
+    assert extraction.extract(sent[0]) == extraction.extract(big)
 
 
 def test_a_draining_backlog_is_extracted_one_batch_ahead_and_each_record_gets_its_own_text(archive, monkeypatch):

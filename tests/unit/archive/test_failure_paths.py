@@ -13,7 +13,7 @@ from types import SimpleNamespace
 import pytest
 from peewee import OperationalError
 
-from gateway.archive import anchors, importer, index, pending, sync, workers
+from gateway.archive import anchors, extraction, importer, index, pending, sync, workers
 from gateway.archive.importer import import_eml, import_mbox
 from gateway.archive.schema import ArchiveRecord, ArchiveSighting, ArchiveSyncState
 from gateway.archive.search import record_ids
@@ -520,14 +520,14 @@ def test_a_message_over_the_limit_is_left_out_of_the_sync_with_a_reason_and_the_
 
 
 def test_an_extraction_that_raises_costs_only_its_own_text(archive, monkeypatch, caplog):
-    real = index.extract
+    real = extraction.extract
 
     def extract(raw, headers=True):  # noqa: ANN001, ANN202 - a bug met by hostile input
         if b"poison" in raw:
             raise RecursionError("maximum recursion depth exceeded")
         return real(raw, headers)
 
-    monkeypatch.setattr(index, "extract", extract)
+    monkeypatch.setattr(extraction, "extract", extract)
     caps = [importer.Capture(raw=message(n, "poison" if n == 1 else f"plover{n}"), place="import:eml", ref=str(n))
             for n in range(3)]
     with caplog.at_level(logging.ERROR, "mailgate.archive"):

@@ -7,7 +7,9 @@ import datetime as dt
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gateway.archive.index import docid_for, extract, html_to_text, short_grams, term_grams
+from gateway.archive.extraction import extract, html_to_text
+from gateway.archive.index import docid_for
+from gateway.archive.terms import short_grams, term_grams
 from tests.unit.archive.mailfactory import b64, message
 
 
@@ -142,7 +144,7 @@ def test_base64_cut_keeps_text_parts_and_drops_attachment_bodies():
     import base64
     import os
 
-    from gateway.archive.index import BASE64_KEEP_LINES, _cut_base64
+    from gateway.archive.extraction import BASE64_KEEP_LINES, _cut_base64
 
     def b64(data: bytes) -> bytes:
         return base64.encodebytes(data).replace(b"\n", b"\r\n")
@@ -160,7 +162,7 @@ def test_base64_cut_keeps_text_parts_and_drops_attachment_bodies():
     assert "secretword" not in ex.body and ex.attnames == "notes.txt" and ex.has_attachment
     assert _cut_base64(b"From: a@x.test\r\n\r\nshort body\r\n") == b"From: a@x.test\r\n\r\nshort body\r\n"
     # what the node keeps in memory for its indexer: the same text, a fraction of the bytes
-    from gateway.archive.index import indexable
+    from gateway.archive.extraction import indexable
 
     small = indexable(raw)
     assert len(small) < len(raw) // 4 and extract(small) == ex and indexable(small) == small
@@ -198,7 +200,7 @@ def test_extract_without_headers_reads_the_same_text_and_skips_only_the_record_f
 def _short_grams_as_first_written(text: str) -> list[str]:
     """short_grams as it was when the first documents were written: the same tokens in the same
     order, or remove_records would delete other tokens than were inserted (a contentless table)."""
-    from gateway.archive.index import _WORD, CJK
+    from gateway.archive.terms import _WORD, CJK
 
     seen: dict[str, None] = {}
     for run in CJK.findall(text):
@@ -224,7 +226,8 @@ def test_documents_out_of_time_order_go_into_one_fts_segment_per_transaction(db)
     them in parallel threads), so a transaction leaves one segment, not one per step back."""
     import datetime as dt
 
-    from gateway.archive.index import Extracted, write_rows
+    from gateway.archive.extraction import Extracted
+    from gateway.archive.index import write_rows
 
     rows = [(1000 + i, i, dt.datetime(2026, 1, 1), "out", None,
              Extracted(subject=f"subject {i} 报价", body="price list " * 20), None) for i in range(1, 61)]

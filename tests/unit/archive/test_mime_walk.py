@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from gateway.archive import mime_walk
-from gateway.archive.index import _filename, _filename_params, extract, extract_reference, indexable
+from gateway.archive.extraction import _filename, _filename_params, extract, extract_reference, indexable
 from tests.unit.archive.mailfactory import message
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[3] / "scripts"))

@@ -12,6 +12,7 @@ import pytest
 from peewee import OperationalError
 
 from gateway.archive import Archive, Capture, index
+from gateway.archive.extraction import extract
 from gateway.archive.index import RETRY_DELAYS, backlog, index_pending
 from gateway.archive.retention import purge
 from gateway.archive.search import record_ids
@@ -235,7 +236,7 @@ def test_a_listed_record_indexed_meanwhile_by_another_writer_is_not_written_twic
     assert index_pending(node) == 1 and UnreadRecord.get_by_id(bad.id).reason.startswith("index write failed:")
     failing.clear()
     with database.atomic():  # another writer (a batch ingest's step 4) writes its document
-        assert index.index_new([(bad, index.extract(node.read(bad)), None)]) == 1
+        assert index.index_new([(bad, extract(node.read(bad)), None)]) == 1
     assert backlog() == 1  # still listed until the indexer looks again
     writes.clear()
     clock[0] += dt.timedelta(seconds=RETRY_DELAYS[0])
