@@ -82,7 +82,7 @@ class ArchiveIndexCollector:
         from prometheus_client.core import GaugeMetricFamily
 
         try:
-            from gateway.archive.index import unread_counts
+            from gateway.archive.unread import unread_counts
 
             counts = unread_counts()
         except Exception:

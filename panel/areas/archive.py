@@ -40,11 +40,11 @@ import bottle
 from gateway.archive import ArchiveError, BlobError, for_config
 from gateway.archive.export import ExportItem, attachments, safe_filename, write_mbox, write_zip
 from gateway.archive.index import backlog
-from gateway.archive.index import given_up as index_given_up
 from gateway.archive.query import QueryError
 from gateway.archive.schema import ArchiveSighting
 from gateway.archive.search import MAX_OFFSET, record_ids, search
 from gateway.archive.search_cli import EXPORT_MAX as CLI_EXPORT_MAX
+from gateway.archive.unread import given_up as index_given_up
 from gateway.db.models import ArchiveRecord, CompanyDomain, Contact, Customer, Employee
 from panel import i18n
 from panel.preview import HTML_CSP, IFRAME_SANDBOX, NOTE_TEXTS, Preview, build_preview, html_document

@@ -11,11 +11,11 @@ import datetime as dt
 
 import pytest
 
-from gateway.archive import Archive, index
-from gateway.archive.index import RETRY_DELAYS, backlog, index_pending
+from gateway.archive import Archive, index, unread
+from gateway.archive.index import backlog, index_pending
 from gateway.archive.search import record_ids
 from gateway.archive.search_schema import SearchDoc
-from gateway.archive.unread import UnreadRecord
+from gateway.archive.unread import RETRY_DELAYS, UnreadRecord
 from gateway.db.models import utcnow
 from tests.harness.pgdb import pg_db
 from tests.unit.archive.conftest import message
@@ -37,7 +37,8 @@ def _orphans(db) -> int:  # noqa: ANN001
 def test_a_document_the_server_refuses_is_listed_and_written_once_when_the_retry_succeeds(
         db, tmp_path, monkeypatch, bad_at):
     now = [utcnow()]
-    monkeypatch.setattr(index, "utcnow", lambda: now[0])
+    for module in (unread, index):  # the retry schedule's clock and the records' ages
+        monkeypatch.setattr(module, "utcnow", lambda: now[0])
     monkeypatch.setattr(index, "PG_SPLIT_MIN", 4)  # the pass's 12 documents go out as a split write
     writer = Archive(tmp_path / "archive", tmp_path / "archive.keys", defer_index=True)
     recs = [writer.record(message(i, "plover qz" if i == bad_at else "plover"), direction="outbound",
@@ -88,7 +89,8 @@ def test_a_document_the_server_refuses_for_its_data_is_given_up_and_reindexed_by
     from gateway.metrics import ArchiveIndexCollector
 
     now = [utcnow()]
-    monkeypatch.setattr(index, "utcnow", lambda: now[0])
+    for module in (unread, index):  # the retry schedule's clock and the records' ages
+        monkeypatch.setattr(module, "utcnow", lambda: now[0])
     writer = Archive(tmp_path / "archive", tmp_path / "archive.keys", defer_index=True)
     bad, good = (writer.record(message(i, "curlew qz" if i == 0 else "curlew"), direction="outbound",
                                verdict="accepted") for i in range(2))
@@ -104,17 +106,17 @@ def test_a_document_the_server_refuses_for_its_data_is_given_up_and_reindexed_by
 
     monkeypatch.setattr(index, "_write_ordered", write)
     assert index_pending(node) == 1
-    for attempt in range(1, index.GIVE_UP_AFTER):
+    for attempt in range(1, unread.GIVE_UP_AFTER):
         row = UnreadRecord.get_by_id(bad.id)
         assert (row.state, row.data_errors) == (RETRY, attempt)
         now[0] = row.retry_at
         assert index_pending(node) == 0
     row = UnreadRecord.get_by_id(bad.id)
-    assert (row.state, row.attempts, row.data_errors) == (FAILED, index.GIVE_UP_AFTER, index.GIVE_UP_AFTER)
+    assert (row.state, row.attempts, row.data_errors) == (FAILED, unread.GIVE_UP_AFTER, unread.GIVE_UP_AFTER)
     assert "SQLSTATE" not in row.reason and "0x00" in row.reason
     assert {m.name: m.samples[0].value for m in ArchiveIndexCollector().collect()} == {
         "mailgate_archive_index_retrying_records": 0, "mailgate_archive_index_failed_records": 1}
-    assert index.given_up() == (1, [(bad.id, row.reason)]) and backlog() == 1
+    assert unread.given_up() == (1, [(bad.id, row.reason)]) and backlog() == 1
     writes.clear()
     now[0] += dt.timedelta(days=2)
     assert index_pending(node) == 0 and writes == []  # given up: not tried again

@@ -13,11 +13,20 @@ import sqlite3
 import peewee
 import pytest
 
-from gateway.archive import Archive, index
-from gateway.archive.index import GIVE_UP_AFTER, RETRY_DELAYS, backlog, data_error, given_up, index_pending
+from gateway.archive import Archive, index, unread
+from gateway.archive.index import backlog, index_pending
 from gateway.archive.search import record_ids
 from gateway.archive.search_schema import SearchDoc
-from gateway.archive.unread import FAILED, RETRY, UnreadRecord, search_unread_given_up
+from gateway.archive.unread import (
+    FAILED,
+    GIVE_UP_AFTER,
+    RETRY,
+    RETRY_DELAYS,
+    UnreadRecord,
+    data_error,
+    given_up,
+    search_unread_given_up,
+)
 from gateway.db.models import database, utcnow
 from gateway.metrics import ArchiveIndexCollector
 from tests.unit.archive.conftest import message
@@ -26,7 +35,8 @@ from tests.unit.archive.conftest import message
 @pytest.fixture
 def clock(monkeypatch) -> list[dt.datetime]:
     now = [utcnow()]
-    monkeypatch.setattr(index, "utcnow", lambda: now[0])
+    for module in (unread, index):  # the retry schedule's clock and the records' ages
+        monkeypatch.setattr(module, "utcnow", lambda: now[0])
     return now
 
 

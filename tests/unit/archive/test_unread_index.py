@@ -11,13 +11,13 @@ import errno
 import pytest
 from peewee import OperationalError
 
-from gateway.archive import Archive, Capture, index
+from gateway.archive import Archive, Capture, index, unread
 from gateway.archive.extraction import extract
-from gateway.archive.index import RETRY_DELAYS, backlog, index_pending
+from gateway.archive.index import backlog, index_pending
 from gateway.archive.retention import purge
 from gateway.archive.search import record_ids
 from gateway.archive.search_schema import SearchDoc, SearchState
-from gateway.archive.unread import UnreadRecord
+from gateway.archive.unread import RETRY_DELAYS, UnreadRecord
 from gateway.archive.verify import verify
 from gateway.db import is_postgres
 from gateway.db.models import database, utcnow
@@ -26,9 +26,11 @@ from tests.unit.archive.conftest import message
 
 @pytest.fixture
 def clock(monkeypatch) -> list[dt.datetime]:
-    """The indexer's clock, moved on by the test (no sleeps): ``clock[0] += …``."""
+    """The indexer's clock, moved on by the test (no sleeps): ``clock[0] += …`` — the retry
+    schedule's (``unread``) and the records' ages (``index``)."""
     now = [utcnow()]
-    monkeypatch.setattr(index, "utcnow", lambda: now[0])
+    for module in (unread, index):
+        monkeypatch.setattr(module, "utcnow", lambda: now[0])
     return now
 
 
