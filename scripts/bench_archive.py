@@ -693,7 +693,7 @@ def _index_missing(archive: object, n: int, batch: int) -> None:
     """Resume of a "rows" build stopped between a batch's chain commit and its index commit:
     the records without a document get theirs (regenerated; in the product the background
     indexer does this from the blobs)."""
-    from gateway.archive.index import index_new
+    from gateway.archive.documents import index_new
     from gateway.archive.schema import ArchiveRecord
     from gateway.archive.search_schema import SearchDoc
     from gateway.groupcommit import write_transaction

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 
 from peewee import fn
 
-from gateway.archive.index import docid_for
+from gateway.archive.documents import docid_for
 from gateway.archive.query import Query, QueryError, parse
 from gateway.archive.terms import CJK, term_grams
 from gateway.db import is_postgres

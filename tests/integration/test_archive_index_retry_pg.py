@@ -1,6 +1,6 @@
 """A document the background indexer cannot write, on the real PostgreSQL fixture: the server
 refuses it part-way (its ``archivesearchdoc`` row copied, its text not), in either half of a
-split write (``index._write_split``: the older half committed on a second connection).  The
+split write (``doctables._write_split``: the older half committed on a second connection).  The
 record is listed in ``archivesearchunread`` with the reason and counted by ``backlog()``,
 no part of its document stays, and once the failure stops the retry writes it — once."""
 
@@ -11,7 +11,7 @@ import datetime as dt
 
 import pytest
 
-from gateway.archive import Archive, index, unread
+from gateway.archive import Archive, doctables, index, unread
 from gateway.archive.index import backlog, index_pending
 from gateway.archive.search import record_ids
 from gateway.archive.search_schema import SearchDoc
@@ -39,7 +39,7 @@ def test_a_document_the_server_refuses_is_listed_and_written_once_when_the_retry
     now = [utcnow()]
     for module in (unread, index):  # the retry schedule's clock and the records' ages
         monkeypatch.setattr(module, "utcnow", lambda: now[0])
-    monkeypatch.setattr(index, "PG_SPLIT_MIN", 4)  # the pass's 12 documents go out as a split write
+    monkeypatch.setattr(doctables, "PG_SPLIT_MIN", 4)  # the pass's 12 documents go out as a split write
     writer = Archive(tmp_path / "archive", tmp_path / "archive.keys", defer_index=True)
     recs = [writer.record(message(i, "plover qz" if i == bad_at else "plover"), direction="outbound",
                           verdict="accepted") for i in range(12)]
@@ -47,7 +47,7 @@ def test_a_document_the_server_refuses_is_listed_and_written_once_when_the_retry
     node = Archive(tmp_path / "archive", tmp_path / "archive.keys", defer_index=True)
 
     failing = {bad.id}
-    real = index._write_ordered
+    real = doctables._write_ordered
     halves: list[list[int]] = []
 
     def write(rows: list[tuple]) -> None:  # a NUL in the subject: the text's COPY is refused
@@ -55,7 +55,7 @@ def test_a_document_the_server_refuses_is_listed_and_written_once_when_the_retry
         real([(*r[:5], dataclasses.replace(r[5], subject=r[5].subject + "\x00"), r[6]) if r[1] in failing else r
               for r in rows])
 
-    monkeypatch.setattr(index, "_write_ordered", write)
+    monkeypatch.setattr(doctables, "_write_ordered", write)
     assert index_pending(node) == 11
     assert halves[:2] in ([[r.id for r in recs[6:]], [r.id for r in recs[:6]]],
                           [[r.id for r in recs[:6]], [r.id for r in recs[6:]]])  # split, as meant
@@ -96,7 +96,7 @@ def test_a_document_the_server_refuses_for_its_data_is_given_up_and_reindexed_by
                                verdict="accepted") for i in range(2))
     node = Archive(tmp_path / "archive", tmp_path / "archive.keys", defer_index=True)
     failing = {bad.id}
-    real = index._write_ordered
+    real = doctables._write_ordered
     writes: list[list[int]] = []
 
     def write(rows: list[tuple]) -> None:
@@ -104,7 +104,7 @@ def test_a_document_the_server_refuses_for_its_data_is_given_up_and_reindexed_by
         real([(*r[:5], dataclasses.replace(r[5], subject=r[5].subject + "\x00"), r[6]) if r[1] in failing else r
               for r in rows])
 
-    monkeypatch.setattr(index, "_write_ordered", write)
+    monkeypatch.setattr(doctables, "_write_ordered", write)
     assert index_pending(node) == 1
     for attempt in range(1, unread.GIVE_UP_AFTER):
         row = UnreadRecord.get_by_id(bad.id)

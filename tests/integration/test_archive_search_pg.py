@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from gateway.archive import extraction, index, terms
+from gateway.archive import doctables, documents, extraction, terms
 from gateway.archive.search import search
 from tests.harness import wait_until
 from tests.harness.pgdb import pg_db
@@ -251,7 +251,7 @@ def test_text_rows_keep_every_character_through_copy(db):
     grams = ["ab", 'a"', "b\\", "中"]
     when = dt.datetime(2026, 1, 9, 8, 7, 6, 543210)
     plain = extraction.Extracted(subject="plain", body="no employee")
-    index.write_rows([(12345, 77, when, "out", None, ex, grams), (12346, 78, when, "in", 5, plain, None)])
+    doctables.write_rows([(12345, 77, when, "out", None, ex, grams), (12346, 78, when, "in", 5, plain, None)])
     docs = db.execute_sql("SELECT docid, record_id, created_at, direction, employee_id, has_attachment"
                           " FROM archivesearchdoc ORDER BY docid").fetchall()
     assert docs == [(12345, 77, when, "out", None, True), (12346, 78, when, "in", 5, False)]
@@ -340,12 +340,12 @@ def test_a_large_write_goes_out_on_two_connections(db, n, bad, caplog, monkeypat
     from gateway.archive.search import record_ids
 
     apart: list[tuple[str, list[int]]] = []
-    real = index._write_apart
-    monkeypatch.setattr(index, "_write_apart", lambda rows, failed: apart.append(
+    real = doctables._write_apart
+    monkeypatch.setattr(doctables, "_write_apart", lambda rows, failed: apart.append(
         (threading.current_thread().name, [r[1] for r in rows])) or real(rows, failed))
-    assert index.PG_SPLIT_MIN <= 70
+    assert doctables.PG_SPLIT_MIN <= 70
     with db.atomic():
-        done = index._insert_documents(_entries(n, bad))
+        done = documents._insert_documents(_entries(n, bad))
     expected = n - 1 if bad is not None else n
     assert done == expected
     assert [(name, len(ids), ids[0]) for name, ids in apart] == [("archive-index-copy", n // 2, 1000)]

@@ -123,7 +123,7 @@ def test_an_unreadable_record_does_not_stop_the_indexer(archive):
 def test_sightings_are_noted_in_one_batch_each_pair_once(archive, caplog):
     """index_sightings: duplicates within the batch and pairs noted earlier are skipped
     without falling back to one sighting at a time (the unique index would refuse them)."""
-    from gateway.archive.index import index_sightings
+    from gateway.archive.documents import index_sightings
     from gateway.archive.schema import ArchiveSighting
 
     alice = customers.create_employee("alice@acme.test", "Alice")

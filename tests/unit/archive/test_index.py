@@ -7,8 +7,8 @@ import datetime as dt
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from gateway.archive.documents import docid_for
 from gateway.archive.extraction import extract, html_to_text
-from gateway.archive.index import docid_for
 from gateway.archive.terms import short_grams, term_grams
 from tests.unit.archive.mailfactory import b64, message
 
@@ -226,8 +226,8 @@ def test_documents_out_of_time_order_go_into_one_fts_segment_per_transaction(db)
     them in parallel threads), so a transaction leaves one segment, not one per step back."""
     import datetime as dt
 
+    from gateway.archive.doctables import write_rows
     from gateway.archive.extraction import Extracted
-    from gateway.archive.index import write_rows
 
     rows = [(1000 + i, i, dt.datetime(2026, 1, 1), "out", None,
              Extracted(subject=f"subject {i} 报价", body="price list " * 20), None) for i in range(1, 61)]
@@ -239,9 +239,9 @@ def test_documents_out_of_time_order_go_into_one_fts_segment_per_transaction(db)
 
 
 def test_copy_lines_are_read_in_chunks_as_they_are_made():
-    """index._Lines (PostgreSQL COPY input): read(size) hands out at most size characters,
+    """doctables._Lines (PostgreSQL COPY input): read(size) hands out at most size characters,
     together exactly the lines, and makes a line only when it is needed."""
-    from gateway.archive.index import _Lines
+    from gateway.archive.doctables import _Lines
 
     made: list[int] = []
 

@@ -13,7 +13,7 @@ import sqlite3
 import peewee
 import pytest
 
-from gateway.archive import Archive, index, unread
+from gateway.archive import Archive, doctables, index, unread
 from gateway.archive.index import backlog, index_pending
 from gateway.archive.search import record_ids
 from gateway.archive.search_schema import SearchDoc
@@ -41,9 +41,9 @@ def clock(monkeypatch) -> list[dt.datetime]:
 
 
 def _failing_writes(monkeypatch, bad: set[int], error: list[BaseException]) -> list[list[int]]:
-    """``index._write_ordered`` writes its rows, then raises ``error[0]`` while a record id in
+    """``doctables._write_ordered`` writes its rows, then raises ``error[0]`` while a record id in
     ``bad`` is among them; returns the record ids of each write attempted."""
-    real = index._write_ordered
+    real = doctables._write_ordered
     writes: list[list[int]] = []
 
     def write(rows: list[tuple]) -> None:
@@ -52,7 +52,7 @@ def _failing_writes(monkeypatch, bad: set[int], error: list[BaseException]) -> l
         if bad & {r[1] for r in rows}:
             raise error[0]
 
-    monkeypatch.setattr(index, "_write_ordered", write)
+    monkeypatch.setattr(doctables, "_write_ordered", write)
     return writes
 
 

@@ -8,7 +8,7 @@ from types import SimpleNamespace
 import pytest
 
 from gateway import customers
-from gateway.archive import index
+from gateway.archive import doctables, documents, index
 from gateway.archive.query import QueryError
 from gateway.archive.search import record_ids, search
 from tests.unit.archive.mailfactory import message
@@ -17,7 +17,7 @@ from tests.unit.archive.mailfactory import message
 def add(record_id, raw, *, day, direction="outbound", employee=None):
     rec = SimpleNamespace(id=record_id, created_at=dt.datetime(2026, 1, day, 12), direction=direction,
                           employee_id=employee)
-    index.index_record(rec, raw)
+    documents.index_record(rec, raw)
 
 
 @pytest.fixture
@@ -109,13 +109,13 @@ def test_scope_and_pagination(corpus):
 
 
 def test_later_sightings_count_for_employee_and_direction(corpus):
-    index.index_sighting(SimpleNamespace(record_id=5, employee_id=corpus.alice.id, direction="inbound"))
-    index.index_sighting(SimpleNamespace(record_id=5, employee_id=corpus.alice.id, direction="inbound"))
+    documents.index_sighting(SimpleNamespace(record_id=5, employee_id=corpus.alice.id, direction="inbound"))
+    documents.index_sighting(SimpleNamespace(record_id=5, employee_id=corpus.alice.id, direction="inbound"))
     assert ids("lunch direction:in employee:alice@acme.test") == [5]
 
 
 def test_removed_records_are_gone(corpus):
-    assert index.remove_records([2, 3]) == 2
+    assert doctables.remove_records([2, 3]) == 2
     assert ids("quotation") == []
     assert ids("LED") == [1]
     assert ids("单") == [1]  # the short-gram tokens went too

@@ -11,7 +11,7 @@ import errno
 import pytest
 from peewee import OperationalError
 
-from gateway.archive import Archive, Capture, index, unread
+from gateway.archive import Archive, Capture, doctables, documents, index, unread
 from gateway.archive.extraction import extract
 from gateway.archive.index import backlog, index_pending
 from gateway.archive.retention import purge
@@ -162,10 +162,10 @@ def test_a_record_listed_by_another_indexer_is_read_within_a_minute_of_its_time(
 
 
 def _failing_writes(monkeypatch, bad: set[int | str]) -> list[list[int]]:
-    """``index._write_ordered`` writes its rows, then raises while a record id or a subject in
+    """``doctables._write_ordered`` writes its rows, then raises while a record id or a subject in
     ``bad`` is among them (a failure after the rows went in: the savepoint must take every one
     back); returns the record ids of each write attempted."""
-    real = index._write_ordered
+    real = doctables._write_ordered
     writes: list[list[int]] = []
 
     def write(rows: list[tuple]) -> None:
@@ -174,7 +174,7 @@ def _failing_writes(monkeypatch, bad: set[int | str]) -> list[list[int]]:
         if bad & {key for r in rows for key in (r[1], r[5].subject)}:
             raise OperationalError("disk I/O error")
 
-    monkeypatch.setattr(index, "_write_ordered", write)
+    monkeypatch.setattr(doctables, "_write_ordered", write)
     return writes
 
 
@@ -238,7 +238,7 @@ def test_a_listed_record_indexed_meanwhile_by_another_writer_is_not_written_twic
     assert index_pending(node) == 1 and UnreadRecord.get_by_id(bad.id).reason.startswith("index write failed:")
     failing.clear()
     with database.atomic():  # another writer (a batch ingest's step 4) writes its document
-        assert index.index_new([(bad, extract(node.read(bad)), None)]) == 1
+        assert documents.index_new([(bad, extract(node.read(bad)), None)]) == 1
     assert backlog() == 1  # still listed until the indexer looks again
     writes.clear()
     clock[0] += dt.timedelta(seconds=RETRY_DELAYS[0])
