@@ -12,7 +12,7 @@ What each step measures:
    attachment of 20–400 KB) through the real write path, in the two shapes the product has:
    *node*: what ``mailgate run`` does for SMTP — 6 session threads prepare and fsync the blob
    (hash, zstd, AES-GCM), the real ``GroupCommitter`` commits ``Archive.record`` rows of
-   outbound submissions in batches, and the background indexer (``index.index_batch``, text extraction in worker
+   outbound submissions in batches, and the background indexer (``indexer.index_batch``, text extraction in worker
    processes) indexes meanwhile; timed until every message is committed AND indexed.
    *batch*: ``Archive.ingest_many`` per 200 messages (import, inbound sync): extraction in
    worker processes, blobs on threads, one chain transaction, then the index rows — pipelined
@@ -332,7 +332,7 @@ def ingest_node(archive: object, msgs: list, threads: int = 6, lag: float = 0.0)
     with the handler's batch form: ``Archive.chain_batch`` of the batch's captures inside
     ``buffered_inserts`` (``SubmissionHandler._commit_many``; ``Archive.record`` per message
     where the group commit has no batch forms, i.e. before f09ee0f);
-    the background indexer (``index.index_batch`` in a loop, as ``service.index_loop`` runs
+    the background indexer (``indexer.index_batch`` in a loop, as ``service.index_loop`` runs
     it, with ``[archive] index_lag`` = ``lag``: 0 indexes during the burst in short
     transactions, the node's default 60 waits until the burst is over and then catches up)
     indexes meanwhile.  Timed until the last record is committed AND indexed.
@@ -341,7 +341,7 @@ def ingest_node(archive: object, msgs: list, threads: int = 6, lag: float = 0.0)
     from concurrent.futures import ThreadPoolExecutor
 
     from gateway.archive import headers_of
-    from gateway.archive.index import index_batch, waiting
+    from gateway.archive.indexer import index_batch, waiting
     from gateway.archive.service import BURST_POLL, INDEX_POLL
     from gateway.groupcommit import GroupCommitter
 

@@ -135,11 +135,11 @@ def cmd_gc(args: argparse.Namespace) -> int:
 
 
 def cmd_reindex(args: argparse.Namespace) -> int:
-    """Try the records the indexer gave up on again, now (``index.retry_failed``: a transaction
+    """Try the records the indexer gave up on again, now (``reindex.retry_failed``: a transaction
     per ``RETRY_BATCH`` records, progress on stderr; interrupted, a new run takes the rest)."""
     from gateway import oplog
     from gateway.archive.importer import Progress
-    from gateway.archive.index import retry_failed
+    from gateway.archive.reindex import retry_failed
 
     _, archive = _setup(args)
     progress = Progress("reindex", unit="records")

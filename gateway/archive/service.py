@@ -14,7 +14,7 @@
 - Sync: every ``sync_interval`` seconds, one pass over every active employee.
 - Search index: the node's archive (SMTP handler) and the relay defer the full-text index
   entry of each record/sighting; a background task indexes everything not yet indexed, in
-  order, in batches (``index.index_pending``, a thread), every ``INDEX_POLL`` seconds —
+  order, in batches (``indexer.index_pending``, a thread), every ``INDEX_POLL`` seconds —
   and at start-up it catches up what an earlier run left (durable watermarks).
 - Daily: retention purge (when ``retention_years`` > 0 and ``purge_enabled``); a failed one
   (disk full …) is logged and tried again an hour later.
@@ -118,9 +118,9 @@ async def index_loop(archive: Archive, stopping: asyncio.Event, poll: float = IN
                      lag: float = 0.0) -> None:
     """Index deferred records and sightings until ``stopping``: right away while there is a
     backlog (start-up catch-up), else every ``poll`` seconds; while mail keeps arriving, up to
-    ``lag`` seconds behind it (``index.index_batch``), looking every ``BURST_POLL`` seconds
+    ``lag`` seconds behind it (``indexer.index_batch``), looking every ``BURST_POLL`` seconds
     for the burst's end."""
-    from gateway.archive.index import index_batch, waiting
+    from gateway.archive.indexer import index_batch, waiting
 
     while not stopping.is_set():
         failed = more = False

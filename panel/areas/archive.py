@@ -39,7 +39,7 @@ import bottle
 
 from gateway.archive import ArchiveError, BlobError, for_config
 from gateway.archive.export import ExportItem, attachments, safe_filename, write_mbox, write_zip
-from gateway.archive.index import backlog
+from gateway.archive.indexer import backlog
 from gateway.archive.query import QueryError
 from gateway.archive.schema import ArchiveSighting
 from gateway.archive.search import MAX_OFFSET, record_ids, search

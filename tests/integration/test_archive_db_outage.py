@@ -11,7 +11,7 @@ import pytest
 from peewee import InterfaceError, OperationalError
 
 from gateway.archive import Archive, pending
-from gateway.archive.index import index_batch
+from gateway.archive.indexer import index_batch
 from gateway.archive.search import record_ids
 from gateway.archive.search_schema import SearchDoc
 from gateway.archive.service import _pass

@@ -11,8 +11,8 @@ import datetime as dt
 
 import pytest
 
-from gateway.archive import Archive, doctables, index, unread
-from gateway.archive.index import backlog, index_pending
+from gateway.archive import Archive, doctables, indexer, reindex, unread
+from gateway.archive.indexer import backlog, index_pending
 from gateway.archive.search import record_ids
 from gateway.archive.search_schema import SearchDoc
 from gateway.archive.unread import RETRY_DELAYS, UnreadRecord
@@ -37,7 +37,7 @@ def _orphans(db) -> int:  # noqa: ANN001
 def test_a_document_the_server_refuses_is_listed_and_written_once_when_the_retry_succeeds(
         db, tmp_path, monkeypatch, bad_at):
     now = [utcnow()]
-    for module in (unread, index):  # the retry schedule's clock and the records' ages
+    for module in (unread, indexer):  # the retry schedule's clock and the records' ages
         monkeypatch.setattr(module, "utcnow", lambda: now[0])
     monkeypatch.setattr(doctables, "PG_SPLIT_MIN", 4)  # the pass's 12 documents go out as a split write
     writer = Archive(tmp_path / "archive", tmp_path / "archive.keys", defer_index=True)
@@ -89,7 +89,7 @@ def test_a_document_the_server_refuses_for_its_data_is_given_up_and_reindexed_by
     from gateway.metrics import ArchiveIndexCollector
 
     now = [utcnow()]
-    for module in (unread, index):  # the retry schedule's clock and the records' ages
+    for module in (unread, indexer):  # the retry schedule's clock and the records' ages
         monkeypatch.setattr(module, "utcnow", lambda: now[0])
     writer = Archive(tmp_path / "archive", tmp_path / "archive.keys", defer_index=True)
     bad, good = (writer.record(message(i, "curlew qz" if i == 0 else "curlew"), direction="outbound",
@@ -121,10 +121,10 @@ def test_a_document_the_server_refuses_for_its_data_is_given_up_and_reindexed_by
     now[0] += dt.timedelta(days=2)
     assert index_pending(node) == 0 and writes == []  # given up: not tried again
 
-    assert [r for r, _ in index.retry_failed(node).refused] == [bad.id]  # still refused: stays given up
+    assert [r for r, _ in reindex.retry_failed(node).refused] == [bad.id]  # still refused: stays given up
     assert UnreadRecord.get_by_id(bad.id).state == FAILED and _orphans(db) == 0
     failing.clear()
-    assert index.retry_failed(node).indexed == [bad.id]
+    assert reindex.retry_failed(node).indexed == [bad.id]
     assert record_ids("qz") == [bad.id] and sorted(record_ids("curlew")) == sorted([bad.id, good.id])
     assert UnreadRecord.select().count() == 0 and backlog() == 0 and _orphans(db) == 0
 

@@ -1,7 +1,7 @@
 """Pipelined batch ingest (``Archive.ingest_many(pipeline=True)``, gateway/archive/pipeline.py):
 a batch's index rows written on a background thread while the caller goes on, one write in
 flight, ``wait_indexed`` at the end; crash and failure leave records the background indexer
-(``index.index_pending``) indexes.  On SQLite and on the real PostgreSQL fixture."""
+(``indexer.index_pending``) indexes.  On SQLite and on the real PostgreSQL fixture."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from gateway.archive import Archive, Capture, pipeline, workers
-from gateway.archive.index import index_pending
+from gateway.archive.indexer import index_pending
 from gateway.archive.schema import ArchiveRecord, ArchiveSighting
 from gateway.archive.search import record_ids
 from gateway.archive.search_schema import SearchDoc, SearchSeen

@@ -74,7 +74,7 @@ def test_the_indexer_writes_a_pass_in_one_transaction_while_records_arrive(archi
     INDEX_CHUNK, tests/unit/archive/test_deferred_index.py) — and indexes every record once."""
     from gateway import groupcommit
     from gateway.archive import Archive
-    from gateway.archive.index import INDEX_CHUNK, index_batch
+    from gateway.archive.indexer import INDEX_CHUNK, index_batch
     from gateway.archive.search import record_ids
     from tests.unit.archive.conftest import message
 

@@ -231,7 +231,7 @@ def test_mail_not_indexed_yet_is_announced_on_the_search_page(http_as, archived,
     """A record the background indexer has not reached (it waits out bursts of mail) is not
     found by a search; the page says how many are waiting instead of hiding them."""
     from gateway.archive import Archive
-    from gateway.archive.index import index_pending
+    from gateway.archive.indexer import index_pending
 
     client = http_as("auditor")
     archive = for_config(load(panel_server.config_path))
@@ -255,7 +255,7 @@ def test_mail_given_up_by_the_indexer_is_announced_apart(http_as, archived, pane
     instead of counting it among the mail still being indexed."""
     import datetime as dt
 
-    from gateway.archive.index import index_pending
+    from gateway.archive.indexer import index_pending
     from gateway.archive.unread import FAILED, UnreadRecord
 
     client = http_as("auditor")

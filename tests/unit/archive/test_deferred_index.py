@@ -1,5 +1,5 @@
 """Search indexing off the mail path: a node's archive defers the index entry, the
-background indexer (index.index_pending / service.index_loop) catches up, never twice."""
+background indexer (indexer.index_pending / service.index_loop) catches up, never twice."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import asyncio
 
 from gateway import customers
 from gateway.archive import Archive
-from gateway.archive.index import backlog, index_batch, index_pending
+from gateway.archive.indexer import backlog, index_batch, index_pending
 from gateway.archive.schema import ArchiveRecord
 from gateway.archive.search import record_ids
 from gateway.archive.search_schema import SearchDoc, SearchSeen, SearchState
@@ -188,7 +188,7 @@ def test_the_indexer_takes_fresh_messages_from_memory_not_from_their_blobs(archi
 
 def test_short_transactions_while_records_arrive_one_for_a_backlog_left_after_the_mail_stopped(archive, monkeypatch):
     from gateway import groupcommit
-    from gateway.archive.index import INDEX_CHUNK
+    from gateway.archive.indexer import INDEX_CHUNK
 
     node = _deferred(archive)
     limit = INDEX_CHUNK + 4
@@ -224,7 +224,7 @@ def test_the_indexer_yields_to_a_burst_of_mail_up_to_the_lag(archive):
     record is ``lag`` seconds old; once none arrive, everything waiting goes in."""
     import datetime as dt
 
-    from gateway.archive import index
+    from gateway.archive import indexer
 
     node = _deferred(archive)
 
@@ -241,7 +241,7 @@ def test_the_indexer_yields_to_a_burst_of_mail_up_to_the_lag(archive):
     assert len(record_ids("kittiwake")) == 5
 
     late = add(5, 2)
-    old = index.utcnow() - dt.timedelta(seconds=61)  # the oldest waiting one is past the lag
+    old = indexer.utcnow() - dt.timedelta(seconds=61)  # the oldest waiting one is past the lag
     ArchiveRecord.update(created_at=old).where(ArchiveRecord.id == late[0].id).execute()
     add(7, 1)
     assert index_batch(node, lag=60) == (3, False)  # arriving, but behind by more than the lag
@@ -253,12 +253,12 @@ def test_while_a_pass_waits_out_a_burst_the_loop_looks_again_sooner(archive, mon
     """A pass skipped for ``lag`` marks the archive as waiting; ``index_loop`` then waits
     ``BURST_POLL`` instead of ``poll`` before the next pass, so the drain starts soon after
     the burst ends; a pass that indexes clears the mark."""
-    from gateway.archive import index, service
+    from gateway.archive import indexer, service
 
     node = _deferred(archive)
     node.record(message(0, "shearwater 0"), direction="outbound", verdict="accepted")
-    assert index_batch(node, lag=60) == (0, False) and index.waiting(node)  # mail arriving: waits
-    assert index_batch(node, lag=60) == (1, False) and not index.waiting(node)  # quiet: drained
+    assert index_batch(node, lag=60) == (0, False) and indexer.waiting(node)  # mail arriving: waits
+    assert index_batch(node, lag=60) == (1, False) and not indexer.waiting(node)  # quiet: drained
 
     node.record(message(1, "shearwater 1"), direction="outbound", verdict="accepted")
     delays: list[float] = []
@@ -283,10 +283,10 @@ def test_while_a_pass_waits_out_a_burst_the_loop_looks_again_sooner(archive, mon
 def test_a_backlog_drains_in_larger_passes_once_no_record_arrives(archive, monkeypatch):
     """``index_batch`` without a limit: ``INDEX_BATCH`` records a pass while records keep
     arriving, ``DRAIN_BATCH`` once none came since the previous pass."""
-    from gateway.archive import index
+    from gateway.archive import indexer
 
-    monkeypatch.setattr(index, "INDEX_BATCH", 2)
-    monkeypatch.setattr(index, "DRAIN_BATCH", 3)
+    monkeypatch.setattr(indexer, "INDEX_BATCH", 2)
+    monkeypatch.setattr(indexer, "DRAIN_BATCH", 3)
     node = _deferred(archive)
     recs = [node.record(message(i, f"turnstone drain{i}"), direction="outbound", verdict="accepted")
             for i in range(7)]
@@ -327,10 +327,10 @@ def test_a_blob_read_back_is_cut_to_what_extraction_reads(archive, monkeypatch):
 
 
 def test_a_draining_backlog_is_extracted_one_batch_ahead_and_each_record_gets_its_own_text(archive, monkeypatch):
-    from gateway.archive import index, workers
+    from gateway.archive import indexer, workers
 
-    monkeypatch.setattr(index, "INDEX_BATCH", 3)
-    monkeypatch.setattr(index, "DRAIN_BATCH", 3)
+    monkeypatch.setattr(indexer, "INDEX_BATCH", 3)
+    monkeypatch.setattr(indexer, "DRAIN_BATCH", 3)
     node = _deferred(archive)
     words = ["heron", "egret", "stork", "crane", "ibis", "plover", "curlew", "avocet"]
     recs = [node.record(message(i, w), direction="outbound", verdict="accepted") for i, w in enumerate(words)]
@@ -340,10 +340,10 @@ def test_a_draining_backlog_is_extracted_one_batch_ahead_and_each_record_gets_it
                         or real(raws, headers))
     assert index_batch(node) == (3, True) and extracted == [3]  # mail may be arriving: no look-ahead
     assert index_batch(node) == (3, True)
-    assert extracted == [3, 3, 2] and node in index._AHEAD  # the backlog's next batch started ahead
+    assert extracted == [3, 3, 2] and node in indexer._AHEAD  # the backlog's next batch started ahead
     ArchiveRecord.update(purged_at=ArchiveRecord.created_at).where(ArchiveRecord.id == recs[7].id).execute()
     assert index_batch(node) == (1, False)  # from the look-ahead; the purged one is not indexed
-    assert extracted == [3, 3, 2] and node not in index._AHEAD
+    assert extracted == [3, 3, 2] and node not in indexer._AHEAD
     for rec, word in zip(recs[:7], words, strict=False):
         assert record_ids(word) == [rec.id]
     assert record_ids("avocet") == []

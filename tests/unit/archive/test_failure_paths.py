@@ -13,7 +13,7 @@ from types import SimpleNamespace
 import pytest
 from peewee import OperationalError
 
-from gateway.archive import anchors, extraction, importer, index, pending, sync, workers
+from gateway.archive import anchors, extraction, importer, indexer, pending, sync, workers
 from gateway.archive.importer import import_eml, import_mbox
 from gateway.archive.schema import ArchiveRecord, ArchiveSighting, ArchiveSyncState
 from gateway.archive.search import record_ids
@@ -333,8 +333,8 @@ def test_a_sync_whose_transaction_fails_resumes_without_a_lost_or_doubled_messag
 def test_an_indexer_pass_that_fails_midway_resumes_without_indexing_twice(archive, monkeypatch):
     node = type(archive)(archive.directory, archive.store.key_file, defer_index=True)
     recs = [node.record(message(n, f"curlew{n}"), direction="outbound", verdict="accepted") for n in range(40)]
-    index_batch = index.index_batch
-    real = index._insert_documents
+    index_batch = indexer.index_batch
+    real = indexer._insert_documents
     calls = []
 
     def insert(entries, written=None, failed=None):  # noqa: ANN001, ANN202 - the second write transaction fails
@@ -343,14 +343,14 @@ def test_an_indexer_pass_that_fails_midway_resumes_without_indexing_twice(archiv
             raise OperationalError("database is locked")
         return real(entries, written, failed)
 
-    monkeypatch.setattr(index, "_insert_documents", insert)
-    monkeypatch.setattr(index, "INDEX_CHUNK", 16)
-    index._LAST_TOP.pop(node, None)  # records arriving: short transactions of 16
+    monkeypatch.setattr(indexer, "_insert_documents", insert)
+    monkeypatch.setattr(indexer, "INDEX_CHUNK", 16)
+    indexer._LAST_TOP.pop(node, None)  # records arriving: short transactions of 16
     with pytest.raises(OperationalError):
         index_batch(node, limit=100)
     assert SearchDoc.select().count() == 16  # the first transaction's documents stay
     assert SearchState.get_or_none(SearchState.name == "records") is None  # no watermark moved
-    monkeypatch.setattr(index, "_insert_documents", real)
+    monkeypatch.setattr(indexer, "_insert_documents", real)
     index_batch(node, limit=100)
     docs = [d.record_id for d in SearchDoc.select()]
     assert sorted(docs) == [r.id for r in recs]  # each once
@@ -504,7 +504,7 @@ def test_malformed_messages_through_the_sync_and_the_background_indexer(archive,
     names = list(MALFORMED)
     client = FakeImap({uid: MALFORMED[name] for uid, name in enumerate(names, 1)})
     assert _sync(node, client, alice) == len(names)
-    while index.index_pending(node):
+    while indexer.index_pending(node):
         pass
     by_uid = {int(s.ref.split(":")[1]): s.record for s in ArchiveSighting.select()}
     _check_malformed(archive, {name: by_uid[uid] for uid, name in enumerate(names, 1)})
@@ -539,7 +539,7 @@ def test_an_extraction_that_raises_costs_only_its_own_text(archive, monkeypatch,
     node = type(archive)(archive.directory, archive.store.key_file, defer_index=True)
     rec = node.record(message(9, "poison"), direction="outbound", verdict="accepted")
     later = node.record(message(10, "plover10"), direction="outbound", verdict="accepted")
-    index.index_pending(node)
+    indexer.index_pending(node)
     assert record_ids("plover10") == [later.id] and SearchDoc.get_or_none(SearchDoc.record_id == rec.id)
 
 
@@ -573,7 +573,7 @@ def test_the_indexer_skips_a_damaged_blob_indexes_the_rest_and_verify_names_it(a
         path.write_bytes({"altered": data[:-3] + bytes(b ^ 0xFF for b in data[-3:]),
                           "truncated": data[:20], "empty": b""}[damage])
     node = type(archive)(archive.directory, archive.store.key_file, defer_index=True)  # nothing in memory
-    assert index.index_pending(node) == 2
+    assert indexer.index_pending(node) == 2
     assert sorted(d.record_id for d in SearchDoc.select()) == [recs[0].id, recs[2].id]
     problems = verify(archive.store)
     assert len(problems) == 1 and problems[0].startswith(f"archive: record {recs[1].id}: blob ")

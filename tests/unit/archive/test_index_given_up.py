@@ -1,7 +1,7 @@
 """A document the database refuses for its data is given up after ``GIVE_UP_AFTER`` attempts
 (gateway/archive/unread.py, migration 165), a passing failure never is; the given-up records
 are counted (``backlog``, the metrics), named by ``mailgate archive verify`` as a warning and
-tried again by ``mailgate archive reindex --failed`` (``index.retry_failed``)."""
+tried again by ``mailgate archive reindex --failed`` (``reindex.retry_failed``)."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ import sqlite3
 import peewee
 import pytest
 
-from gateway.archive import Archive, doctables, index, unread
-from gateway.archive.index import backlog, index_pending
+from gateway.archive import Archive, doctables, indexer, reindex, unread
+from gateway.archive.indexer import backlog, index_pending
 from gateway.archive.search import record_ids
 from gateway.archive.search_schema import SearchDoc
 from gateway.archive.unread import (
@@ -35,7 +35,7 @@ from tests.unit.archive.conftest import message
 @pytest.fixture
 def clock(monkeypatch) -> list[dt.datetime]:
     now = [utcnow()]
-    for module in (unread, index):  # the retry schedule's clock and the records' ages
+    for module in (unread, indexer):  # the retry schedule's clock and the records' ages
         monkeypatch.setattr(module, "utcnow", lambda: now[0])
     return now
 
@@ -154,14 +154,14 @@ def test_reindex_failed_tries_again_once_and_indexes_once_the_cause_is_gone(arch
     assert UnreadRecord.get_by_id(bad.id).state == FAILED
 
     writes.clear()
-    result = index.retry_failed(node)  # still refused: one attempt, given up again at once
+    result = reindex.retry_failed(node)  # still refused: one attempt, given up again at once
     assert writes and result.indexed == [] and result.rescheduled == []
     assert [rid for rid, _ in result.refused] == [bad.id] and "too big" in result.refused[0][1]
     row = UnreadRecord.get_by_id(bad.id)
     assert (row.state, row.attempts, row.data_errors) == (FAILED, GIVE_UP_AFTER + 1, GIVE_UP_AFTER + 1)
 
     error[0] = LOCKED  # a passing failure during the retry: back on the indexer's schedule
-    result = index.retry_failed(node)
+    result = reindex.retry_failed(node)
     assert [rid for rid, _ in result.rescheduled] == [bad.id] and result.refused == []
     row = UnreadRecord.get_by_id(bad.id)
     assert row.state == RETRY and row.retry_at > clock[0]
@@ -171,12 +171,12 @@ def test_reindex_failed_tries_again_once_and_indexes_once_the_cause_is_gone(arch
     assert UnreadRecord.get_by_id(bad.id).state == FAILED
 
     failing.clear()  # fixed (the software, or the database's limits)
-    result = index.retry_failed(node)
-    assert result == index.Retried([bad.id], [], [])
+    result = reindex.retry_failed(node)
+    assert result == reindex.Retried([bad.id], [], [])
     assert UnreadRecord.select().count() == 0 and backlog() == 0 and given_up() == (0, [])
     assert sorted(record_ids("sanderling")) == sorted([bad.id, good.id])
     assert sorted(d.record_id for d in SearchDoc.select()) == sorted([bad.id, good.id])
-    assert index.retry_failed(node) == index.Retried([], [], [])  # nothing left
+    assert reindex.retry_failed(node) == reindex.Retried([], [], [])  # nothing left
 
 
 def test_a_given_up_record_purged_meanwhile_is_forgotten_by_the_retry(archive, monkeypatch, clock):
@@ -186,7 +186,7 @@ def test_a_given_up_record_purged_meanwhile_is_forgotten_by_the_retry(archive, m
     UnreadRecord.create(record_id=bad.id, reason="index write failed: x", attempts=4, data_errors=4,
                         retry_at=clock[0], state=FAILED)
     ArchiveRecord.update(purged_at=utcnow()).where(ArchiveRecord.id == bad.id).execute()
-    assert index.retry_failed(node).indexed == [bad.id]
+    assert reindex.retry_failed(node).indexed == [bad.id]
     assert UnreadRecord.select().count() == 0
 
 
@@ -201,8 +201,8 @@ def test_reindex_failed_goes_a_batch_per_transaction_and_a_crash_leaves_the_rest
     for rid in ids:
         UnreadRecord.create(record_id=rid, reason="index write failed: x", attempts=4, data_errors=4,
                             retry_at=clock[0], state=FAILED)
-    monkeypatch.setattr(index, "RETRY_BATCH", 3)
-    real_note = index._note_unread
+    monkeypatch.setattr(reindex, "RETRY_BATCH", 3)
+    real_note = reindex._note_unread
     notes: list[list[int]] = []
 
     def note(archive, tried, failed, **kw):  # noqa: ANN001, ANN202
@@ -212,18 +212,18 @@ def test_reindex_failed_goes_a_batch_per_transaction_and_a_crash_leaves_the_rest
             raise Crash
         return real_note(archive, tried, failed, **kw)
 
-    monkeypatch.setattr(index, "_note_unread", note)
+    monkeypatch.setattr(reindex, "_note_unread", note)
     with pytest.raises(Crash):
-        index.retry_failed(node)
+        reindex.retry_failed(node)
     assert notes == [ids[:3], ids[3:6]]
     assert sorted(d.record_id for d in SearchDoc.select()) == ids[:3]  # the first batch committed alone
     left = {r.record_id: (r.state, r.attempts) for r in UnreadRecord.select()}
     assert left == {rid: (FAILED, 4) for rid in ids[3:]}  # the rest given up, untouched
 
-    monkeypatch.setattr(index, "_note_unread", real_note)
+    monkeypatch.setattr(reindex, "_note_unread", real_note)
     seen: list[tuple[int, int]] = []
-    result = index.retry_failed(node, progress=lambda done, total: seen.append((done, total)))
-    assert result == index.Retried(ids[3:], [], [])
+    result = reindex.retry_failed(node, progress=lambda done, total: seen.append((done, total)))
+    assert result == reindex.Retried(ids[3:], [], [])
     assert seen == [(3, 4), (4, 4)]  # the run takes up the rest, a batch at a time
     assert sorted(d.record_id for d in SearchDoc.select()) == ids and UnreadRecord.select().count() == 0
     assert sorted(record_ids("whimbrel")) == ids
@@ -238,7 +238,7 @@ def test_reindex_failed_takes_each_record_once_per_run_even_when_it_stays_refuse
         UnreadRecord.create(record_id=rid, reason="index write failed: x", attempts=4, data_errors=4,
                             retry_at=clock[0], state=FAILED)
     writes = _failing_writes(monkeypatch, set(ids[:4]), [TOO_BIG])
-    result = index.retry_failed(node, record_ids=ids, batch=2)
+    result = reindex.retry_failed(node, record_ids=ids, batch=2)
     assert [rid for rid, _ in result.refused] == ids[:4] and result.indexed == ids[4:]
     assert writes and all(len(w) <= 2 for w in writes)  # two records per transaction at most
     assert {r.record_id: r.state for r in UnreadRecord.select()} == {rid: FAILED for rid in ids[:4]}

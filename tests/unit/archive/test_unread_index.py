@@ -11,9 +11,9 @@ import errno
 import pytest
 from peewee import OperationalError
 
-from gateway.archive import Archive, Capture, doctables, documents, index, unread
+from gateway.archive import Archive, Capture, doctables, documents, indexer, unread
 from gateway.archive.extraction import extract
-from gateway.archive.index import backlog, index_pending
+from gateway.archive.indexer import backlog, index_pending
 from gateway.archive.retention import purge
 from gateway.archive.search import record_ids
 from gateway.archive.search_schema import SearchDoc, SearchState
@@ -29,7 +29,7 @@ def clock(monkeypatch) -> list[dt.datetime]:
     """The indexer's clock, moved on by the test (no sleeps): ``clock[0] += …`` — the retry
     schedule's (``unread``) and the records' ages (``index``)."""
     now = [utcnow()]
-    for module in (unread, index):
+    for module in (unread, indexer):
         monkeypatch.setattr(module, "utcnow", lambda: now[0])
     return now
 
@@ -196,7 +196,7 @@ def test_a_failed_document_write_is_listed_counted_and_written_again_when_due(ar
     node = Archive(archive.directory, archive.store.key_file, defer_index=True)
     failing: set[int | str] = {bad.id}
     writes = _failing_writes(monkeypatch, failing)
-    monkeypatch.setattr(index, "INDEX_CHUNK", 1)  # the failure in the pass's first transaction, not its last
+    monkeypatch.setattr(indexer, "INDEX_CHUNK", 1)  # the failure in the pass's first transaction, not its last
     assert index_pending(node) == 2
     assert [bad.id] in writes  # the bulk write failed, then the record alone
     assert _docs() == [r.id for r in good]
