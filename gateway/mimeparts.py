@@ -8,7 +8,7 @@ answers an ``email.header.Header`` — no ``split``, and whose ``str`` turns the
 U+FFFD — and ``get_filename`` a name of U+FFFD characters.  These helpers decode the raw bytes
 (UTF-8, else GB18030, else cp1252) before the parameters are parsed.  Used by the policy's
 attachment conditions (gateway/rules/content.py), the archive's search index
-(gateway/archive/index.py) and its attachment downloads (gateway/archive/export.py).
+(gateway/archive/extraction.py) and its attachment downloads (gateway/archive/export.py).
 
 ``parse_bytes`` is ``email.message_from_bytes`` (compat32) whose parts survive a parameter
 list the email package's RFC 2231 decoding raises on (``name*=…; name*0*=…``: a TypeError

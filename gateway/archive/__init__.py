@@ -111,7 +111,7 @@ class Archive:
                  keep_recent: bool | None = None):
         """``key_file`` None: not usable until ``configure`` (gateway.archive.service does it).
         ``defer_index``: new records and sightings are not full-text indexed in their
-        transaction; a background indexer does it (``index.index_pending``, run by
+        transaction; a background indexer does it (``indexer.index_pending``, run by
         gateway.archive.service inside a node) — the node sets it, everything else indexes inline.
         ``keep_recent`` (None: as ``defer_index``): keep what ``prepare`` saw for a background
         indexer in this process (``take_recent``); an acceptor process, whose records the
@@ -249,7 +249,7 @@ class Archive:
         3. every record and sighting in one transaction, the chain head written once;
         4. after that commit, the new records' index documents in one bulk insert (a second,
            short transaction).  A crash between 3 and 4 leaves records without a document:
-           the background indexer (``index.index_pending``, inside ``mailgate run``) indexes
+           the background indexer (``indexer.index_pending``, inside ``mailgate run``) indexes
            every record that has none.
 
         ``defer_index`` (None: this archive's ``defer_index``) skips step 4 and 1.
@@ -291,7 +291,7 @@ class Archive:
     def wait_indexed(self) -> None:
         """Until the index write of the last pipelined ``ingest_many`` batch is over (at once
         if there is none).  Raises nothing: a failed write was logged, and the background
-        indexer (``index.index_pending``) indexes the records it left without documents."""
+        indexer (``indexer.index_pending``) indexes the records it left without documents."""
         self._index_writer.wait()
 
     def _durable_blobs(self, captures: list[Capture], prepared: list[PreparedBlob] | None) -> list[PreparedBlob]:

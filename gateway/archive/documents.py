@@ -151,7 +151,7 @@ def index_new(entries: list[tuple[object, Extracted, Grams]]) -> int:
     A document that cannot be written is logged and left out, not listed: the background
     indexer moves its watermark past a record only in a pass that found it with a document or
     wrote one itself (or, failing, listed it in ``archivesearchunread``), so the record is
-    after the watermark — counted by ``backlog()`` — and the next pass writes it."""
+    after the watermark — counted by ``indexer.backlog()`` — and the next pass writes it."""
     from gateway.archive.search_schema import SearchDoc
 
     if not entries:
@@ -170,7 +170,7 @@ def _insert_documents(entries: list[tuple[object, Extracted, Grams]],
     ``add_documents``.  ``failed`` (the background indexer): filled with record id → ``Failure``
     (why its document could not be written; whether for its data, ``data_error``) of each one
     skipped, for
-    ``_note_unread`` to list (``archivesearchunread``) and ``index_batch`` to write again
+    ``unread._note_unread`` to list (``archivesearchunread``) and ``indexer.index_batch`` to write again
     later; without it (``index_new``) a skipped record stays without a document after the
     indexer's watermark, and the background indexer writes it."""
     try:
@@ -182,7 +182,7 @@ def _insert_documents(entries: list[tuple[object, Extracted, Grams]],
         return done
     except Exception:
         log.warning("archive: bulk indexing failed, indexing one by one", exc_info=True)
-    # a split write (PostgreSQL, ``_write_split``) may have committed one half: those are done
+    # a split write (PostgreSQL, ``doctables._write_split``) may have committed one half: those are done
     have = {r for r, in _select_in("SELECT record_id FROM archivesearchdoc WHERE record_id IN",
                                    [int(rec.id) for rec, _, _ in entries])}
     done = 0

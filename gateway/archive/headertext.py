@@ -1,5 +1,5 @@
 """Header helpers shared by the archive's record fields (gateway/archive/__init__.py), the
-search index's extraction (gateway/archive/index.py) and the policy's view of a message's
+search index's extraction (gateway/archive/extraction.py) and the policy's view of a message's
 addresses (gateway/policy/context.py)."""
 
 from __future__ import annotations

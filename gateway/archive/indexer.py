@@ -106,7 +106,7 @@ def index_batch(archive: object, limit: int | None = None, lag: float = 0.0) -> 
     # once the mail stopped (no new record since the previous pass) goes in one transaction.
     # PostgreSQL has no database-wide write lock (the group commit never waits for the
     # indexer's transaction): one transaction always, its documents split over two
-    # connections (``write_rows``) instead of 16-document COPYs on one.
+    # connections (``doctables.write_rows``) instead of 16-document COPYs on one.
     size = INDEX_CHUNK if arriving and not is_postgres() else max(1, len(rows))
     chunks = [rows[i:i + size] for i in range(0, len(rows), size)] or [[]]
     noted: set[int] = set()
@@ -117,7 +117,7 @@ def index_batch(archive: object, limit: int | None = None, lag: float = 0.0) -> 
             taken = {r for r, in _select_in("SELECT record_id FROM archivesearchdoc WHERE record_id IN", ids)}
             written: dict[int, tuple[int, int | None, str]] = {}
             # a document that cannot be written is noted in ``failed``: listed with the
-            # unreadable records (``_note_unread``, below) and written again on their schedule
+            # unreadable records (``unread._note_unread``, below) and written again on their schedule
             done += _insert_documents([(rec, ex, grams) for rec, ex, grams in chunk if rec.id not in taken],
                                       written, failed)
             # Every sighting of the records just indexed (later ones may have come first) and,

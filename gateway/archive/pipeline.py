@@ -9,7 +9,7 @@ closes the connection after it (peewee keeps a connection per thread; none stays
 hold a database), and it is a ``ThreadPoolExecutor`` worker: joined when the interpreter
 exits, so a write in flight ends first, and the thread never keeps the process alive.  A
 write that fails is logged here; its records stay without documents, which the background
-indexer (``index.index_pending``) indexes — as after a kill -9 during the write.
+indexer (``indexer.index_pending``) indexes — as after a kill -9 during the write.
 """
 
 from __future__ import annotations

@@ -31,7 +31,7 @@ def retry_failed(archive: object, record_ids: Iterable[int] | None = None, *,
     """The administrator's retry (``mailgate archive reindex --failed``) of the records the
     indexer gave up on (all, or those of ``record_ids``), in record id order, ``RETRY_BATCH``
     at a time: each batch's blobs read and its documents written in one transaction, like a
-    pass of ``index_batch`` (their sightings noted with them; a document another writer wrote
+    pass of ``indexer.index_batch`` (their sightings noted with them; a document another writer wrote
     meanwhile is not written twice).  Indexed: its row goes.  Refused for its data again: stays
     given up, with the new reason (one attempt: the software or the data has to change first).
     A passing failure (the database busy, an unreadable blob): back on the indexer's schedule.

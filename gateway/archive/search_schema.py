@@ -1,7 +1,7 @@
 """Tables of the archive's full-text index (migrations 150-199).
 
 Both backends:
-  archivesearchdoc   one row per indexed record: docid (time ordered, see index.docid_for),
+  archivesearchdoc   one row per indexed record: docid (time ordered, see documents.docid_for),
                      record_id, created_at, direction (in|out), employee_id, has_attachment
   archivesearchaddr  (docid, role from|to, address, domain) for customer: and correspondence
   archivesearchseen  (docid, employee_id, direction): every distinct employee/direction the
@@ -25,7 +25,7 @@ PostgreSQL:
                      written by the indexer, terms.doc_pairs) with a GIN index: every adjacent
                      pair of ASCII words, so a rare phrase of common words finds its few
                      candidates without rechecking every document that has both words.
-                     Rows go in by COPY (index.write_rows); the large values are lz4 (162).
+                     Rows go in by COPY (doctables.write_rows); the large values are lz4 (162).
                      A substring term: ``doc ILIKE`` decides, the candidates come from the
                      trigram index (its pieces outside CJK, on ``latin``) and the grams (its
                      CJK characters and pairs) — whatever the database's LC_CTYPE (pg_trgm
@@ -101,7 +101,7 @@ def search_index(db: Database) -> None:
 
 
 class SearchState(BaseModel):
-    """Durable watermarks of the background indexer (gateway.archive.index.index_pending):
+    """Durable watermarks of the background indexer (gateway.archive.indexer.index_pending):
     ``records`` / ``sightings`` = the highest id it has handled."""
 
     name = CharField(max_length=40, primary_key=True)

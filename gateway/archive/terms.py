@@ -23,7 +23,7 @@ def short_grams(text: str) -> list[str]:
     pair, and every Latin word of one or two letters (lower case).  Deduplicated."""
     seen: dict[str, None] = {}
     for run in CJK.findall(text):
-        # each character, then the pair it starts (this order: see remove_records)
+        # each character, then the pair it starts (this order: see doctables.remove_records)
         for a, b in zip(run, run[1:], strict=False):
             seen[a] = None
             seen[a + b] = None

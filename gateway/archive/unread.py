@@ -1,13 +1,13 @@
 """Records the background indexer could not index (migrations 164, 165).
 
-A record whose blob the indexer cannot read (``index._start_extraction``), or whose document
-it cannot write (``index._insert_documents``: the write's savepoint rolled back, reason
+A record whose blob the indexer cannot read (``indexer._start_extraction``), or whose document
+it cannot write (``documents._insert_documents``: the write's savepoint rolled back, reason
 "index write failed: <type>: <error>"), has no document, so no search finds it; its row here
 keeps it from being forgotten once the watermark (``archivesearchstate`` "records") has
 moved past it (in the same transaction).  The indexer tries it again later
 (``RETRY_DELAYS``), indexes it once its blob reads and its document is written (or
 finds a document another writer wrote) and then deletes the row; so does a purge
-(``index.remove_records``).  ``index.backlog()`` counts these rows, so the auditor's search
+(``doctables.remove_records``).  ``indexer.backlog()`` counts these rows, so the auditor's search
 page says mail is missing from its results.
 
 A document the database refuses for what it holds (``data_error``: a value it cannot
@@ -18,7 +18,11 @@ becomes ``failed`` and the indexer stops trying (migration 165).  A passing fail
 database busy, locked or unreachable, a serialization failure, a disk error) never counts
 towards it.  The record itself is intact; ``mailgate archive verify`` warns about such
 rows, the metrics count them (``mailgate_archive_index_failed_records``) and ``mailgate
-archive reindex --failed`` tries them again (``index.retry_failed``).
+archive reindex --failed`` tries them again (``reindex.retry_failed``).
+
+Here: the table, the retry schedule (``RETRY_DELAYS``, ``GIVE_UP_AFTER``), how a failure is
+told (``Failure``, ``data_error``), the listing (``_note_unread``, ``_due_for_retry``) and the
+counts (``given_up``, ``unread_counts``).
 """
 
 from __future__ import annotations
@@ -49,7 +53,7 @@ RETRY_LOOK = 60  # seconds: the list is looked at no more often (but when its ea
 # A document the database refused for its data (``data_error``) this many times — the first
 # write and the retries after 1, 5 and 30 minutes — is given up (``state`` "failed", see
 # ``UnreadRecord``): the same bytes fail the same way, and an hourly retry for ever
-# only fills the log.  ``mailgate archive reindex --failed`` tries it again (``retry_failed``).
+# only fills the log.  ``mailgate archive reindex --failed`` tries it again (``reindex.retry_failed``).
 GIVE_UP_AFTER = 4
 _EPOCH = dt.datetime(1970, 1, 1)  # "long ago": the list not looked at yet
 
@@ -207,7 +211,7 @@ def _note_unread(archive: object, tried: dict[int, _Listed], failed: dict[int, F
     to try them (``RETRY_DELAYS``), and forget those tried again that were indexed (by this
     pass or another writer), or are purged or gone.  A record whose document the database
     refused for its data ``GIVE_UP_AFTER`` times is given up (``state`` "failed"); ``by_hand``
-    (``retry_failed``, an administrator's retry) gives up at the first data error again —
+    (``reindex.retry_failed``, an administrator's retry) gives up at the first data error again —
     one attempt, its outcome said at once — while a passing failure puts the record back on
     the schedule."""
 
