@@ -9,7 +9,7 @@ extraction time.  ``parse(raw)`` builds the very same tree — ``email.message.M
 objects with the same ``_headers`` (name and raw value, folding kept), ``_unixfrom``,
 payloads (text with ``surrogateescape`` for 8-bit bytes, or the list of sub-parts),
 default types, preamble and epilogue — by finding header ends and boundary lines with
-``str.find`` and slicing, so everything ``index.extract`` asks of the tree afterwards
+``str.find`` and slicing, so everything ``extraction.extract`` asks of the tree afterwards
 (``get``, ``get_param``, ``get_filename``, ``get_payload(decode=True)``, ``walk``) runs the
 email package's own code on the same data.
 
