@@ -78,7 +78,7 @@ def _write_split(ordered: list[tuple]) -> None:
     document of wall time, the same CPU).  Only for documents of committed records (the
     indexer's drain, ``ingest_many``'s step 4), which may be indexed in any grouping: if either
     half fails, this raises once both are over, and the caller's one-by-one fallback skips the
-    records the other half did index (``documents._insert_documents``).  The second connection is opened
+    records the other half did index (``documents.insert_documents``).  The second connection is opened
     and closed per call (a few ms; none stays open to hold a database).  Writers order the
     documents the same way (by docid), so two calls on overlapping records wait for each other
     in one direction only."""

@@ -19,7 +19,7 @@ import logging
 from gateway.archive.doctables import write_rows
 from gateway.archive.extraction import Extracted, all_text, extract
 from gateway.archive.terms import short_grams
-from gateway.archive.unread import Failure, _write_failure, data_error
+from gateway.archive.unread import Failure, data_error, write_failure
 from gateway.db import is_postgres
 from gateway.db.models import database
 
@@ -158,19 +158,19 @@ def index_new(entries: list[tuple[object, Extracted, Grams]]) -> int:
         return 0
     ids = [int(rec.id) for rec, _, _ in entries]
     taken = {d.record_id for d in SearchDoc.select(SearchDoc.record_id).where(SearchDoc.record_id.in_(ids))}
-    return _insert_documents([e for e in entries if int(e[0].id) not in taken])
+    return insert_documents([e for e in entries if int(e[0].id) not in taken])
 
 
-def _insert_documents(entries: list[tuple[object, Extracted, Grams]],
-                      written: dict[int, tuple[int, int | None, str]] | None = None,
-                      failed: dict[int, Failure] | None = None) -> int:
+def insert_documents(entries: list[tuple[object, Extracted, Grams]],
+                     written: dict[int, tuple[int, int | None, str]] | None = None,
+                     failed: dict[int, Failure] | None = None) -> int:
     """All documents in one bulk insert (a savepoint) or, if one is bad, one at a time (the
     bad one logged and skipped: its savepoint rolled back, so no part of it stays — no
     ``archivesearchdoc`` row that would pass it for indexed).  ``written``: see
     ``add_documents``.  ``failed`` (the background indexer): filled with record id → ``Failure``
     (why its document could not be written; whether for its data, ``data_error``) of each one
     skipped, for
-    ``unread._note_unread`` to list (``archivesearchunread``) and ``indexer.index_batch`` to write again
+    ``unread.note_unread`` to list (``archivesearchunread``) and ``indexer.index_batch`` to write again
     later; without it (``index_new``) a skipped record stays without a document after the
     indexer's watermark, and the background indexer writes it."""
     try:
@@ -183,7 +183,7 @@ def _insert_documents(entries: list[tuple[object, Extracted, Grams]],
     except Exception:
         log.warning("archive: bulk indexing failed, indexing one by one", exc_info=True)
     # a split write (PostgreSQL, ``doctables._write_split``) may have committed one half: those are done
-    have = {r for r, in _select_in("SELECT record_id FROM archivesearchdoc WHERE record_id IN",
+    have = {r for r, in select_in("SELECT record_id FROM archivesearchdoc WHERE record_id IN",
                                    [int(rec.id) for rec, _, _ in entries])}
     done = 0
     for rec, ex, grams in entries:
@@ -204,7 +204,7 @@ def _insert_documents(entries: list[tuple[object, Extracted, Grams]],
             else:
                 log.exception("archive record %s: full-text indexing failed (listed, written again later)",
                               rec.id)
-                failed[int(rec.id)] = Failure(_write_failure(exc), data=data_error(exc))
+                failed[int(rec.id)] = Failure(write_failure(exc), data=data_error(exc))
     return done
 
 
@@ -246,9 +246,9 @@ def index_sightings(sightings: list, known: dict[int, tuple[int, int | None, str
             docs = {record_id: doc[0] for record_id, doc in known.items()}
             seen: set[tuple] = {doc for doc in known.values()}
             ask = sorted({r for r, _, _ in wanted if r not in docs})
-            docs.update(_select_in("SELECT record_id, docid FROM archivesearchdoc WHERE record_id IN", ask))
+            docs.update(select_in("SELECT record_id, docid FROM archivesearchdoc WHERE record_id IN", ask))
             ask_docs = sorted({docid for r, _, _ in wanted if (docid := docs.get(r)) is not None and r not in known})
-            seen.update(_select_in("SELECT docid, employee_id, direction FROM archivesearchseen WHERE docid IN",
+            seen.update(select_in("SELECT docid, employee_id, direction FROM archivesearchseen WHERE docid IN",
                                    ask_docs))
             new = []
             for record_id, employee, direction in wanted:
@@ -276,7 +276,7 @@ def index_sightings(sightings: list, known: dict[int, tuple[int, int | None, str
 IN_CHUNK = 500  # ids per "IN (...)" list
 
 
-def _select_in(sql: str, ids: list) -> list[tuple]:
+def select_in(sql: str, ids: list) -> list[tuple]:
     """Rows of ``sql`` + " (ids…)" for every id (in chunks of ``IN_CHUNK``), as tuples: the
     indexer's look-ups by id, as plain SQL (peewee built a node per id — a tenth of the
     drain's Python)."""

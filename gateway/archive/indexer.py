@@ -15,9 +15,9 @@ from typing import NamedTuple
 
 from peewee import fn
 
-from gateway.archive.documents import Grams, _insert_documents, _select_in, index_sightings
+from gateway.archive.documents import Grams, index_sightings, insert_documents, select_in
 from gateway.archive.extraction import Extracted, indexable
-from gateway.archive.unread import Failure, UnreadRecord, _due_for_retry, _note_unread
+from gateway.archive.unread import Failure, UnreadRecord, due_for_retry, note_unread
 from gateway.db import is_postgres
 from gateway.db.models import database, utcnow
 
@@ -78,18 +78,18 @@ def index_batch(archive: object, limit: int | None = None, lag: float = 0.0) -> 
     fields = (ArchiveRecord.id, ArchiveRecord.sha256, ArchiveRecord.blob_path, ArchiveRecord.created_at,
               ArchiveRecord.direction, ArchiveRecord.employee, ArchiveRecord.purged_at)
     recs = list(_unindexed(fields, rec_mark, top).limit(limit).namedtuples())
-    tried = _due_for_retry(archive, limit)  # record id -> failed attempts so far, of listed records due again
+    tried = due_for_retry(archive, limit)  # record id -> failed attempts so far, of listed records due again
     retry = list(ArchiveRecord.select(*fields).where(
         ArchiveRecord.id.in_(list(tried)), ArchiveRecord.purged_at.is_null()).namedtuples()) if tried else []
     mark = "%s" if is_postgres() else "?"
-    sightings = [_Sighting(*row) for row in database.obj.execute_sql(
-        f"SELECT {_SIGHTING_COLUMNS} FROM archivesighting WHERE id > {mark} ORDER BY id LIMIT {mark}",
+    sightings = [Sighting(*row) for row in database.obj.execute_sql(
+        f"SELECT {SIGHTING_COLUMNS} FROM archivesighting WHERE id > {mark} ORDER BY id LIMIT {mark}",
         (seen_mark, limit * 4)).fetchall()]
     if not recs and not sightings and not tried and top == rec_mark:
         return 0, False
     # record id -> why its blob could not be read or its document written
     failed: dict[int, Failure] = {}
-    rows = _read_and_extract(archive, recs + retry, failed)
+    rows = read_and_extract(archive, recs + retry, failed)
     if not arriving and len(recs) == limit:  # a backlog drains: the next batch is extracted while this one is written
         _extract_ahead(archive, list(_unindexed(fields, recs[-1].id, top).limit(limit).namedtuples()))
     # A full batch: handled up to its last record; otherwise every record up to ``top``.
@@ -114,16 +114,16 @@ def index_batch(archive: object, limit: int | None = None, lag: float = 0.0) -> 
         last = n == len(chunks) - 1
         with handoff(), write_transaction():
             ids = [rec.id for rec, _, _ in chunk]
-            taken = {r for r, in _select_in("SELECT record_id FROM archivesearchdoc WHERE record_id IN", ids)}
+            taken = {r for r, in select_in("SELECT record_id FROM archivesearchdoc WHERE record_id IN", ids)}
             written: dict[int, tuple[int, int | None, str]] = {}
             # a document that cannot be written is noted in ``failed``: listed with the
-            # unreadable records (``unread._note_unread``, below) and written again on their schedule
-            done += _insert_documents([(rec, ex, grams) for rec, ex, grams in chunk if rec.id not in taken],
+            # unreadable records (``unread.note_unread``, below) and written again on their schedule
+            done += insert_documents([(rec, ex, grams) for rec, ex, grams in chunk if rec.id not in taken],
                                       written, failed)
             # Every sighting of the records just indexed (later ones may have come first) and,
             # with the last chunk, the sightings since the last call — mostly the same rows: each once.
-            later = [_Sighting(*row) for row in _select_in(
-                f"SELECT {_SIGHTING_COLUMNS} FROM archivesighting WHERE record_id IN", ids)]
+            later = [Sighting(*row) for row in select_in(
+                f"SELECT {SIGHTING_COLUMNS} FROM archivesighting WHERE record_id IN", ids)]
             todo = {s.id: s for s in [*later, *(sightings if last else [])] if s.id not in noted}
             index_sightings(list(todo.values()), written)
             noted.update(todo)
@@ -135,11 +135,11 @@ def index_batch(archive: object, limit: int | None = None, lag: float = 0.0) -> 
                 if value != state.get(name):
                     SearchState.insert(name=name, value=value).on_conflict(
                         conflict_target=[SearchState.name], update={SearchState.value: value}).execute()
-            _note_unread(archive, tried, failed)
+            note_unread(archive, tried, failed)
     return done, len(recs) == limit or len(sightings) == limit * 4
 
 
-class _Sighting(NamedTuple):
+class Sighting(NamedTuple):
     """What the indexer reads of a sighting."""
 
     id: int
@@ -148,7 +148,7 @@ class _Sighting(NamedTuple):
     direction: str
 
 
-_SIGHTING_COLUMNS = "id, record_id, employee_id, direction"
+SIGHTING_COLUMNS = "id, record_id, employee_id, direction"
 
 
 def _unindexed(fields: tuple, after: int, top: int | None = None):  # noqa: ANN202 - a peewee query
@@ -224,8 +224,8 @@ def _extract_ahead(archive: object, recs: list) -> None:
         pass
 
 
-def _read_and_extract(archive: object, recs: list,
-                      failed: dict[int, Failure] | None = None) -> list[tuple[object, Extracted, Grams]]:
+def read_and_extract(archive: object, recs: list,
+                     failed: dict[int, Failure] | None = None) -> list[tuple[object, Extracted, Grams]]:
     """Text of ``recs``: taken from the extraction the previous pass started ahead where it
     covers them, else started now (``_start_extraction``); unreadable blobs are skipped (and
     noted in ``failed``: a record unreadable ahead is read once more here)."""

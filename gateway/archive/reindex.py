@@ -8,9 +8,9 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from typing import NamedTuple
 
-from gateway.archive.documents import _insert_documents, _select_in, index_sightings
-from gateway.archive.indexer import _SIGHTING_COLUMNS, _read_and_extract, _Sighting
-from gateway.archive.unread import FAILED, Failure, UnreadRecord, _Listed, _note_unread
+from gateway.archive.documents import index_sightings, insert_documents, select_in
+from gateway.archive.indexer import SIGHTING_COLUMNS, Sighting, read_and_extract
+from gateway.archive.unread import FAILED, Failure, Listed, UnreadRecord, note_unread
 
 
 class Retried(NamedTuple):
@@ -55,7 +55,7 @@ def retry_failed(archive: object, record_ids: Iterable[int] | None = None, *,
         query = u.select(u.record_id, u.attempts, u.data_errors).where(where)
         if after is not None:
             query = query.where(u.record_id > after)
-        tried = {r.record_id: _Listed(r.attempts, r.data_errors)
+        tried = {r.record_id: Listed(r.attempts, r.data_errors)
                  for r in query.order_by(u.record_id).limit(size)}
         if not tried:
             return result
@@ -69,7 +69,7 @@ def retry_failed(archive: object, record_ids: Iterable[int] | None = None, *,
             progress(done, max(total, done))
 
 
-def _retry_batch(archive: object, tried: dict[int, _Listed]) -> Retried:
+def _retry_batch(archive: object, tried: dict[int, Listed]) -> Retried:
     """One transaction of ``retry_failed``: the given-up records ``tried``."""
     from gateway.archive.schema import ArchiveRecord
     from gateway.db.writerlock import handoff
@@ -80,16 +80,16 @@ def _retry_batch(archive: object, tried: dict[int, _Listed]) -> Retried:
     recs = list(ArchiveRecord.select(*fields).where(
         ArchiveRecord.id.in_(list(tried)), ArchiveRecord.purged_at.is_null()).namedtuples())
     failed: dict[int, Failure] = {}
-    rows = _read_and_extract(archive, recs, failed)
+    rows = read_and_extract(archive, recs, failed)
     with handoff(), write_transaction():
         ids = [rec.id for rec, _, _ in rows]
-        taken = {r for r, in _select_in("SELECT record_id FROM archivesearchdoc WHERE record_id IN", ids)}
+        taken = {r for r, in select_in("SELECT record_id FROM archivesearchdoc WHERE record_id IN", ids)}
         written: dict[int, tuple[int, int | None, str]] = {}
-        _insert_documents([(rec, ex, grams) for rec, ex, grams in rows if rec.id not in taken], written, failed)
-        later = [_Sighting(*row) for row in _select_in(
-            f"SELECT {_SIGHTING_COLUMNS} FROM archivesighting WHERE record_id IN", list(written))]
+        insert_documents([(rec, ex, grams) for rec, ex, grams in rows if rec.id not in taken], written, failed)
+        later = [Sighting(*row) for row in select_in(
+            f"SELECT {SIGHTING_COLUMNS} FROM archivesighting WHERE record_id IN", list(written))]
         index_sightings(later, written)
-        _note_unread(archive, tried, failed, by_hand=True)
+        note_unread(archive, tried, failed, by_hand=True)
     return Retried([rid for rid in tried if rid not in failed],
                    [(rid, f.reason) for rid, f in failed.items() if f.data],
                    [(rid, f.reason) for rid, f in failed.items() if not f.data])

@@ -1,7 +1,7 @@
 """Records the background indexer could not index (migrations 164, 165).
 
 A record whose blob the indexer cannot read (``indexer._start_extraction``), or whose document
-it cannot write (``documents._insert_documents``: the write's savepoint rolled back, reason
+it cannot write (``documents.insert_documents``: the write's savepoint rolled back, reason
 "index write failed: <type>: <error>"), has no document, so no search finds it; its row here
 keeps it from being forgotten once the watermark (``archivesearchstate`` "records") has
 moved past it (in the same transaction).  The indexer tries it again later
@@ -21,7 +21,7 @@ rows, the metrics count them (``mailgate_archive_index_failed_records``) and ``m
 archive reindex --failed`` tries them again (``reindex.retry_failed``).
 
 Here: the table, the retry schedule (``RETRY_DELAYS``, ``GIVE_UP_AFTER``), how a failure is
-told (``Failure``, ``data_error``), the listing (``_note_unread``, ``_due_for_retry``) and the
+told (``Failure``, ``data_error``), the listing (``note_unread``, ``due_for_retry``) and the
 counts (``given_up``, ``unread_counts``).
 """
 
@@ -112,7 +112,7 @@ class Failure(NamedTuple):
     data: bool = False
 
 
-class _Listed(NamedTuple):
+class Listed(NamedTuple):
     """A listed record due for another try: its failed attempts and data errors so far."""
 
     attempts: int
@@ -158,7 +158,7 @@ def data_error(exc: BaseException) -> bool:
     return isinstance(driver, ValueError | TypeError | OverflowError)
 
 
-def _write_failure(exc: BaseException) -> str:
+def write_failure(exc: BaseException) -> str:
     """The reason listed (``archivesearchunread``) for a document that could not be written:
     "index write failed: <type>: <the error's first line>" (PostgreSQL's further lines — the
     COPY's CONTEXT quotes the row, mail text — are left to the log)."""
@@ -169,7 +169,7 @@ def _write_failure(exc: BaseException) -> str:
 _RETRY_AT: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # archive -> when to look at the list again
 
 
-def _due_for_retry(archive: object, limit: int) -> dict[int, _Listed]:
+def due_for_retry(archive: object, limit: int) -> dict[int, Listed]:
     """Up to ``limit`` listed records (blob unreadable, or document not written; not given up)
     whose time to be tried again has come, with their failed attempts and data errors so far.
     The table is only looked at
@@ -185,7 +185,7 @@ def _due_for_retry(archive: object, limit: int) -> dict[int, _Listed]:
     if at > now:
         return {}
     u = UnreadRecord
-    due = {r.record_id: _Listed(r.attempts, r.data_errors)
+    due = {r.record_id: Listed(r.attempts, r.data_errors)
            for r in u.select(u.record_id, u.attempts, u.data_errors).where(u.retry_at <= now, u.state == RETRY)
            .order_by(u.retry_at).limit(limit)}
     if not due:
@@ -204,8 +204,8 @@ def _remember_retry_at(archive: object) -> None:
         pass
 
 
-def _note_unread(archive: object, tried: dict[int, _Listed], failed: dict[int, Failure], *,
-                 by_hand: bool = False) -> None:
+def note_unread(archive: object, tried: dict[int, Listed], failed: dict[int, Failure], *,
+                by_hand: bool = False) -> None:
     """In the pass's last write transaction (with the watermark): list the records whose blob
     could not be read or whose document could not be written (``failed``), with the next time
     to try them (``RETRY_DELAYS``), and forget those tried again that were indexed (by this
@@ -222,7 +222,7 @@ def _note_unread(archive: object, tried: dict[int, _Listed], failed: dict[int, F
         u.delete().where(u.record_id.in_(done)).execute()
     now = utcnow()
     for rid, (reason, permanent, data) in failed.items():
-        before = tried.get(rid, _Listed(0, 0))
+        before = tried.get(rid, Listed(0, 0))
         attempts, data_errors = before.attempts + 1, before.data_errors + int(data)
         delay = RETRY_DELAYS[-1] if permanent else RETRY_DELAYS[min(attempts, len(RETRY_DELAYS)) - 1]
         values = {u.reason: reason[:REASON_MAX], u.permanent: permanent, u.attempts: attempts,

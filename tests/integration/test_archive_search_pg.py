@@ -345,7 +345,7 @@ def test_a_large_write_goes_out_on_two_connections(db, n, bad, caplog, monkeypat
         (threading.current_thread().name, [r[1] for r in rows])) or real(rows, failed))
     assert doctables.PG_SPLIT_MIN <= 70
     with db.atomic():
-        done = documents._insert_documents(_entries(n, bad))
+        done = documents.insert_documents(_entries(n, bad))
     expected = n - 1 if bad is not None else n
     assert done == expected
     assert [(name, len(ids), ids[0]) for name, ids in apart] == [("archive-index-copy", n // 2, 1000)]

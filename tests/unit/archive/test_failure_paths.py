@@ -334,7 +334,7 @@ def test_an_indexer_pass_that_fails_midway_resumes_without_indexing_twice(archiv
     node = type(archive)(archive.directory, archive.store.key_file, defer_index=True)
     recs = [node.record(message(n, f"curlew{n}"), direction="outbound", verdict="accepted") for n in range(40)]
     index_batch = indexer.index_batch
-    real = indexer._insert_documents
+    real = indexer.insert_documents
     calls = []
 
     def insert(entries, written=None, failed=None):  # noqa: ANN001, ANN202 - the second write transaction fails
@@ -343,14 +343,14 @@ def test_an_indexer_pass_that_fails_midway_resumes_without_indexing_twice(archiv
             raise OperationalError("database is locked")
         return real(entries, written, failed)
 
-    monkeypatch.setattr(indexer, "_insert_documents", insert)
+    monkeypatch.setattr(indexer, "insert_documents", insert)
     monkeypatch.setattr(indexer, "INDEX_CHUNK", 16)
     indexer._LAST_TOP.pop(node, None)  # records arriving: short transactions of 16
     with pytest.raises(OperationalError):
         index_batch(node, limit=100)
     assert SearchDoc.select().count() == 16  # the first transaction's documents stay
     assert SearchState.get_or_none(SearchState.name == "records") is None  # no watermark moved
-    monkeypatch.setattr(indexer, "_insert_documents", real)
+    monkeypatch.setattr(indexer, "insert_documents", real)
     index_batch(node, limit=100)
     docs = [d.record_id for d in SearchDoc.select()]
     assert sorted(docs) == [r.id for r in recs]  # each once

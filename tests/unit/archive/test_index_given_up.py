@@ -202,7 +202,7 @@ def test_reindex_failed_goes_a_batch_per_transaction_and_a_crash_leaves_the_rest
         UnreadRecord.create(record_id=rid, reason="index write failed: x", attempts=4, data_errors=4,
                             retry_at=clock[0], state=FAILED)
     monkeypatch.setattr(reindex, "RETRY_BATCH", 3)
-    real_note = reindex._note_unread
+    real_note = reindex.note_unread
     notes: list[list[int]] = []
 
     def note(archive, tried, failed, **kw):  # noqa: ANN001, ANN202
@@ -212,7 +212,7 @@ def test_reindex_failed_goes_a_batch_per_transaction_and_a_crash_leaves_the_rest
             raise Crash
         return real_note(archive, tried, failed, **kw)
 
-    monkeypatch.setattr(reindex, "_note_unread", note)
+    monkeypatch.setattr(reindex, "note_unread", note)
     with pytest.raises(Crash):
         reindex.retry_failed(node)
     assert notes == [ids[:3], ids[3:6]]
@@ -220,7 +220,7 @@ def test_reindex_failed_goes_a_batch_per_transaction_and_a_crash_leaves_the_rest
     left = {r.record_id: (r.state, r.attempts) for r in UnreadRecord.select()}
     assert left == {rid: (FAILED, 4) for rid in ids[3:]}  # the rest given up, untouched
 
-    monkeypatch.setattr(reindex, "_note_unread", real_note)
+    monkeypatch.setattr(reindex, "note_unread", real_note)
     seen: list[tuple[int, int]] = []
     result = reindex.retry_failed(node, progress=lambda done, total: seen.append((done, total)))
     assert result == reindex.Retried(ids[3:], [], [])
