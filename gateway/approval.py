@@ -21,6 +21,7 @@ import hashlib
 import hmac
 import json
 import logging
+import os
 import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -84,14 +85,22 @@ class ApprovalError(Exception):
 
 
 def load_or_create_token_key(path: Path) -> bytes:
+    """The key in ``path``, made first if there is none.  Safe when several processes start at
+    once (the acceptors, the IMAP proxy, the panel: they also derive the failed-login marks'
+    key from it, gateway/loginfail.py): the file appears whole, by a hard link that only the
+    first process wins, and everybody reads the winner's key."""
     path = Path(path)
-    if path.exists():
-        return base64.b64decode(path.read_bytes().strip())
-    path.parent.mkdir(parents=True, exist_ok=True)
-    key = secrets.token_bytes(32)
-    write_durably(path, base64.b64encode(key) + b"\n")
-    path.chmod(0o600)
-    return key
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+        write_durably(tmp, base64.b64encode(secrets.token_bytes(32)) + b"\n")
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            pass
+        finally:
+            tmp.unlink()
+    return base64.b64decode(path.read_bytes().strip())
 
 
 def _b64(data: bytes) -> str:

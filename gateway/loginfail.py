@@ -15,6 +15,15 @@ acceptor processes, nodes or protocols.  Each process keeps what it knows in mem
 - a failure is noted in memory at once (the node's SMTP and IMAP see each other's without the
   database) and then written (``store``); a success deletes the user's rows (``clear``).
 
+Repeated passwords: a row may carry a mark (``marks``): a user's row a keyed digest of the
+user name and the password tried, an IP's row one of the user name.  The guard counts a
+user's failures with one password once and an IP's failing user names, not its failures
+(gateway/smtp/guard.py says why).  A mark is 32 bits of an HMAC whose key is derived from the
+approval links' key (``[approval] key_file``, which every node shares already: a link made on
+one node is opened on any): without that key a row tells nothing about a password, and 32
+bits confirm a guess only weakly even with it; rows live for the window only.  A node with
+another key file counts the same password twice, the behaviour without marks.
+
 Bounded: rows older than ``window`` are deleted and at most ``MAX_ROWS`` kept, newest first
 (``sweep``, every ``SWEEP_INTERVAL`` seconds and after every ``SWEEP_EVERY_WRITES`` writes of
 this process); in memory at most ``max_keys`` keys of at most ``PER_KEY`` failures each.
@@ -27,6 +36,8 @@ statement succeeds again.
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import hmac
 import logging
 import os
 import threading
@@ -64,6 +75,38 @@ def ip_key(ip: str) -> str:
     return ("ip:" + ip)[:KEY_MAX]
 
 
+_MARK_KEY = os.urandom(32)  # this process's until ``set_mark_key`` (for_process: the deployment's)
+
+
+def set_mark_key(secret: bytes) -> None:
+    """Derive the marks' key from a secret every node shares."""
+    global _MARK_KEY
+    _MARK_KEY = hmac.new(secret, b"mailgate failed-login marks", hashlib.sha256).digest()
+
+
+def marks(user: str, password: bytes | None) -> tuple[str, str | None]:
+    """The marks of an attempt: the user name's, and the user name and password's (None
+    without a password): 32 bits of a keyed digest each, hex (see the module's note)."""
+    name = user.lower().encode("utf-8", "replace")
+    who = hmac.new(_MARK_KEY, b"u\0" + name, hashlib.sha256).hexdigest()[:8]
+    if password is None:
+        return who, None
+    return who, hmac.new(_MARK_KEY, b"p\0" + name + b"\0" + password, hashlib.sha256).hexdigest()[:8]
+
+
+def distinct(found: Iterable[str | None]) -> int:
+    """Failures counted by mark: one per mark, one per failure without one."""
+    seen: set[str] = set()
+    n = 0
+    for mark in found:
+        if mark is None:
+            n += 1
+        elif mark not in seen:
+            seen.add(mark)
+            n += 1
+    return n
+
+
 class SharedFailures:
     """One process's view of the shared failed-login record (see the module's note).
     Thread-safe; the blocking methods (``store``, ``clear``, ``fresh``, ``poll``, ``sweep``)
@@ -78,7 +121,7 @@ class SharedFailures:
         self.token = os.urandom(6).hex()
         self._n = 0
         self._lock = threading.Lock()
-        self._known: OrderedDict[str, list[tuple[float, str]]] = OrderedDict()  # key -> [(at, tag)]
+        self._known: OrderedDict[str, list[tuple[float, str, str | None]]] = OrderedDict()  # key -> [(at, tag, mark)]
         self._unstored: set[str] = set()  # tags noted here whose row is not (yet) written
         self._cursor: int | None = None
         self._writes = 0
@@ -96,22 +139,29 @@ class SharedFailures:
             entries = self._known.get(key)
             if not entries:
                 return []
-            return [now - at for at, _ in entries if now - at < window]
+            return [now - at for at, _, _ in entries if now - at < window]
 
-    def note(self, keys: Iterable[str]) -> list[tuple[str, float, str]]:
-        """A failure here and now: known at once; the rows to ``store``."""
+    def marks(self, key: str, window: float) -> list[str | None]:
+        """The marks of the failures of ``key`` within ``window`` (None: a failure without one)."""
+        now = self.wall()
+        with self._lock:
+            return [mark for at, _, mark in self._known.get(key, ()) if now - at < window]
+
+    def note(self, keys: Iterable[str | tuple[str, str | None]]) -> list[tuple[str, float, str, str | None]]:
+        """A failure here and now (keys, or (key, mark) pairs): known at once; the rows to ``store``."""
         at = self.wall()
         rows = []
         with self._lock:
-            for key in keys:
+            for item in keys:
+                key, mark = (item, None) if isinstance(item, str) else item
                 self._n += 1
                 tag = f"{self.token}:{self._n}"
-                self._add(key, at, tag)
+                self._add(key, at, tag, mark)
                 self._unstored.add(tag)
-                rows.append((key, at, tag))
+                rows.append((key, at, tag, mark))
         return rows
 
-    def _add(self, key: str, at: float, tag: str) -> None:
+    def _add(self, key: str, at: float, tag: str, mark: str | None = None) -> None:
         entries = self._known.get(key)
         if entries is None:
             entries = self._known[key] = []
@@ -119,9 +169,9 @@ class SharedFailures:
                 self._known.popitem(last=False)
         else:
             self._known.move_to_end(key)
-        if any(t == tag for _, t in entries):
+        if any(t == tag for _, t, _ in entries):
             return
-        entries.append((at, tag))
+        entries.append((at, tag, mark))
         entries.sort()
         cutoff = self.wall() - self.window
         entries[:] = [e for e in entries if e[0] > cutoff][-PER_KEY:]
@@ -150,20 +200,21 @@ class SharedFailures:
             log.warning("shared failed-login record unavailable (%s); counting in this process only", what)
         self.available = False
 
-    def store(self, rows: list[tuple[str, float, str]]) -> bool:
+    def store(self, rows: list[tuple[str, float, str, str | None]]) -> bool:
         from gateway.db.models import LoginFailure, database
 
         if not rows:
             return True
         try:
             with database.atomic():
-                LoginFailure.insert_many(rows, fields=[LoginFailure.key, LoginFailure.at, LoginFailure.tag]).execute()
+                LoginFailure.insert_many(rows, fields=[LoginFailure.key, LoginFailure.at, LoginFailure.tag,
+                                                        LoginFailure.mark]).execute()
         except Exception:  # noqa: BLE001 - the database away: counted in this process meanwhile
             self._failed("storing a failure")
             return False
         self._ok()
         with self._lock:
-            self._unstored.difference_update(tag for _, _, tag in rows)
+            self._unstored.difference_update(row[2] for row in rows)
             self._writes += 1
             due = self._writes >= SWEEP_EVERY_WRITES
         if due:
@@ -190,7 +241,7 @@ class SharedFailures:
 
         cutoff = self.wall() - self.window
         try:
-            rows = list(LoginFailure.select(LoginFailure.key, LoginFailure.at, LoginFailure.tag)
+            rows = list(LoginFailure.select(LoginFailure.key, LoginFailure.at, LoginFailure.tag, LoginFailure.mark)
                         .where(LoginFailure.key.in_(keys), LoginFailure.at > cutoff).tuples())
         except Exception:  # noqa: BLE001
             self._failed("reading failures")
@@ -200,10 +251,10 @@ class SharedFailures:
             for key in keys:
                 pending = [e for e in self._known.get(key, ()) if e[1] in self._unstored]
                 self._known.pop(key, None)
-                for at, tag in pending:
-                    self._add(key, at, tag)
-            for key, at, tag in rows:
-                self._add(key, at, tag)
+                for at, tag, mark in pending:
+                    self._add(key, at, tag, mark)
+            for key, at, tag, mark in rows:
+                self._add(key, at, tag, mark)
         return True
 
     def poll(self) -> int:
@@ -214,7 +265,8 @@ class SharedFailures:
         try:
             if self._cursor is None:  # first poll: what the window still holds
                 cutoff = self.wall() - self.window
-                query = LoginFailure.select(LoginFailure.id, LoginFailure.key, LoginFailure.at, LoginFailure.tag) \
+                query = LoginFailure.select(LoginFailure.id, LoginFailure.key, LoginFailure.at, LoginFailure.tag,
+                                            LoginFailure.mark) \
                     .where(LoginFailure.at > cutoff).order_by(LoginFailure.id.desc()).limit(FEED_PAGE * 10)
                 rows = list(query.tuples())[::-1]
                 self._cursor = max((r[0] for r in rows), default=0)
@@ -223,7 +275,8 @@ class SharedFailures:
                         LoginFailure.id.desc()).limit(1).scalar() or 0
                 learnt += self._learn(rows)
             for _ in range(10):
-                rows = list(LoginFailure.select(LoginFailure.id, LoginFailure.key, LoginFailure.at, LoginFailure.tag)
+                rows = list(LoginFailure.select(LoginFailure.id, LoginFailure.key, LoginFailure.at, LoginFailure.tag,
+                                            LoginFailure.mark)
                             .where(LoginFailure.id > self._cursor - FEED_LOOKBACK)
                             .order_by(LoginFailure.id).limit(FEED_PAGE).tuples())
                 new = [r for r in rows if r[0] > self._cursor]
@@ -247,13 +300,13 @@ class SharedFailures:
         mine = self.token + ":"
         learnt = 0
         with self._lock:
-            for _, key, at, tag in rows:
+            for _, key, at, tag, mark in rows:
                 if tag.startswith(mine) or at <= cutoff:
                     continue
                 entries = self._known.get(key)
-                if entries is not None and any(t == tag for _, t in entries):
+                if entries is not None and any(t == tag for _, t, _ in entries):
                     continue
-                self._add(key, at, tag)
+                self._add(key, at, tag, mark)
                 learnt += 1
         return learnt
 
@@ -295,6 +348,7 @@ def for_process(cfg: Any) -> SharedFailures:
     the configured ones)."""
     global _PROCESS
     if _PROCESS is None:
+        _load_mark_key(cfg)
         windows = [cfg.smtp.auth_fail_window, cfg.imap.auth_fail_window]
         panel = getattr(cfg, "panel", None)
         if panel is not None:
@@ -308,3 +362,20 @@ async def feed(shared: SharedFailures, stopping: asyncio.Event, every: float = F
     from gateway.periodic import periodically
 
     await periodically(stopping, shared.poll, every, first=0, failure="polling failed logins failed")
+
+
+def _load_mark_key(cfg: Any) -> None:
+    """The marks' key from the approval links' key (made if there is none yet); unreadable,
+    this process's own (repeated passwords then count once per process only)."""
+    from pathlib import Path
+
+    from gateway.approval import load_or_create_token_key
+
+    try:
+        path = Path(cfg.approval.key_file)
+        if not path.is_absolute() and getattr(cfg, "path", None) is not None:
+            path = Path(cfg.path).parent / path
+        set_mark_key(load_or_create_token_key(path))
+    except (OSError, ValueError, AttributeError) as exc:
+        log.warning("failed-login marks: approval key unavailable (%s); repeated passwords count "
+                    "once per process only", type(exc).__name__)

@@ -68,6 +68,15 @@ def shared_login_failures(db: Database) -> None:
     db.create_tables([models.LoginFailure], safe=True)
 
 
+@migration(6)
+def login_failure_marks(db: Database) -> None:
+    """A failed login's mark: a password tried again, or a user name failing again, counts once."""
+    from playhouse.migrate import SchemaMigrator, migrate
+
+    if "mark" not in {c.name for c in db.get_columns("loginfailure")}:
+        migrate(SchemaMigrator.from_database(db).add_column("loginfailure", "mark", models.LoginFailure.mark))
+
+
 # Modules beyond this one that define models and @migration functions of their own
 # (an area's tables live with the area).  Imported before any upgrade.  Version numbers
 # are global; each area numbers in its own range so areas never collide:

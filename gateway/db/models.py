@@ -289,6 +289,9 @@ class LoginFailure(BaseModel):
     key = CharField(max_length=400)
     at = DoubleField()  # seconds since the epoch (wall clock: shared between nodes)
     tag = CharField(max_length=64)  # "<process token>:<n>": who wrote it, and which one
+    # version 6: a keyed digest, 32 bits hex (gateway/loginfail.py ``marks``): for a user's row
+    # of the user name and password tried, for an IP's row of the user name; NULL for none
+    mark = CharField(max_length=16, null=True)
 
     class Meta:
         indexes = ((("key", "at"), False), (("at",), False))

@@ -227,8 +227,8 @@ class PreLogin:
         name = user.decode("utf-8", "replace")
         if guard.wants_read(ip, name):  # the shared record read only where failures are known
             await _on_asyncio(guard.prepare(ip, name))
-        delay = guard.delay(ip, name)
-        guard.begin(ip, name)
+        delay = guard.delay(ip, name, password)  # sessions opened at once with one password: no wait
+        guard.begin(ip, name, password)
         outcome: bool | None = None
         write = None
         try:
@@ -238,13 +238,15 @@ class PreLogin:
                 outcome = await self._upstream_login(tag, user, password)
         finally:
             if outcome is None:
-                guard.abandon(ip, name)
+                guard.abandon(ip, name, password)
             else:
-                write = guard.finish(ip, name, outcome)
+                write = guard.finish(ip, name, outcome, password)
         if write is not None and guard.shared is not None:
             await _on_asyncio(guard.shared.run(write))  # the answer is out: written just after it
         if outcome is False:
-            log.info("imap login failed user=%s ip=%s", name[:320], ip)
+            log.info("imap login failed user=%s ip=%s delay=%.2f", name[:320], ip, delay)
+        elif outcome:
+            log.info("imap login user=%s ip=%s delay=%.2f", name[:320], ip, delay)
 
     async def _upstream_login(self, tag: bytes, user: bytes, password: bytes) -> bool | None:
         """Log in upstream with the client's credentials and answer the client: True when the

@@ -254,8 +254,8 @@ class SubmissionHandler:
             return AuthResult(success=False, handled=False)
         ip = server.session.peer[0] if server.session and server.session.peer else ""
         await self.guard.prepare(ip, username)  # the shared record read only where failures are known
-        delay = self.guard.delay(ip, username)
-        self.guard.begin(ip, username)
+        delay = self.guard.delay(ip, username, password_b)  # the same password in flight: not counted
+        self.guard.begin(ip, username, password_b)
         ok, undecided = False, False  # undecided: the upstream was unavailable (not counted as a failure)
         settled = False
         try:
@@ -273,12 +273,12 @@ class SubmissionHandler:
             settled = True
         finally:
             if undecided:
-                self.guard.abandon(ip, username)
+                self.guard.abandon(ip, username, password_b)
             elif not settled:  # cancelled in the check (the session cut): counted here, as a failure
-                self.guard.end(ip, username, False)
-        await self.guard.settle(ip, username, ok)  # a failure written to the shared record before the 535
+                self.guard.end(ip, username, False, password_b)
+        await self.guard.settle(ip, username, ok, password_b)  # a failure written to the shared record before the 535
         metrics.auth_results.labels("smtp", "ok" if ok else "failed").inc()
-        log.info("auth user=%s ip=%s result=%s", username, ip, "ok" if ok else "failed")
+        log.info("auth user=%s ip=%s result=%s delay=%.2f", username, ip, "ok" if ok else "failed", delay)
         if not ok:
             return AuthResult(success=False, handled=False)  # aiosmtpd answers 535 5.7.8
         employee = self.directory.employee_for_address(username)

@@ -60,10 +60,14 @@ def test_failures_in_two_processes_add_up(db):
     fail(gb, "10.0.0.3", "alice@acme.test")
     # a knows the user: its check reads the database and sees b's failure as well.
     assert checked_delay(ga, "10.0.0.9", "alice@acme.test") == 4
-    # The IP's failures are shared too.
-    assert checked_delay(gb, "10.0.0.1", "nobody@acme.test") == 1
-    # Each learns only the other's rows, once: a read b's user row already, not its IP's.
-    assert a.poll() == 1 and b.poll() == 0
+    # The IP's failures are shared too: one user failing from it slows nobody else there, a
+    # second one (failing in b) gives everybody there the base delay (a reads b's row).
+    assert checked_delay(gb, "10.0.0.1", "nobody@acme.test") == 0
+    fail(gb, "10.0.0.1", "carol@acme.test")
+    assert checked_delay(ga, "10.0.0.1", "nobody@acme.test") == 1
+    # Each learns only the other's rows, once: a read b's alice row and 10.0.0.1 row already,
+    # not the 10.0.0.3 one nor carol's.
+    assert a.poll() == 2 and b.poll() == 0
 
 
 def test_a_success_in_one_process_clears_the_user_for_the_other(db):
@@ -72,12 +76,13 @@ def test_a_success_in_one_process_clears_the_user_for_the_other(db):
     ga, gb = LoginGuard(1, 64, 60, shared=a), LoginGuard(1, 64, 60, shared=b)
     for _ in range(3):
         fail(ga, "10.0.0.1", "bob@acme.test")
+    fail(ga, "10.0.0.1", "eve@acme.test")  # a second user name failing from the IP
     b.poll()
     assert succeed(gb, "10.0.0.5", "bob@acme.test") == 4
     assert LoginFailure.select().where(LoginFailure.key == user_key("bob@acme.test")).count() == 0
     # a still held three failures in memory and its own local count; the read shows them gone.
     assert checked_delay(ga, "10.0.0.6", "bob@acme.test") == 0
-    assert checked_delay(ga, "10.0.0.1", "carol@acme.test") == 4  # not the IP's
+    assert checked_delay(ga, "10.0.0.1", "carol@acme.test") == 1  # not the IP's (two failing names)
 
 
 def test_failures_expire_and_old_rows_are_swept(db):
@@ -200,3 +205,22 @@ def test_a_database_that_does_not_answer_counts_as_away(monkeypatch):
     delay, took = asyncio.run(check())
     # Given up after DB_TIMEOUT: the record counts as away, the guard's own count decides.
     assert delay == 1 and took < 5 and not shared.available
+
+
+def test_a_password_tried_again_in_two_processes_counts_once(db):
+    # The marks' key is the deployment's (for_process: from the approval key every node shares),
+    # so a phone's old password retried through either process is one failure.
+    wall = Wall()
+    a, b = SharedFailures(window=60, wall=wall), SharedFailures(window=60, wall=wall)
+    ga, gb = LoginGuard(1, 64, 60, shared=a), LoginGuard(1, 64, 60, shared=b)
+    for guard in (ga, gb, ga, gb):
+        asyncio.run(guard.prepare("10.0.0.1", "phone@acme.test"))
+        guard.begin("10.0.0.1", "phone@acme.test", b"old-pw")
+        asyncio.run(guard.settle("10.0.0.1", "phone@acme.test", False, b"old-pw"))
+    assert LoginFailure.select().where(LoginFailure.key == user_key("phone@acme.test")).count() == 4
+    assert all(row.mark and len(row.mark) == 8 for row in LoginFailure.select())  # digests, not passwords
+    assert checked_delay(gb, "10.0.0.2", "phone@acme.test") == 1
+    assert checked_delay(ga, "10.0.0.1", "colleague@acme.test") == 0
+    # A new password is a new failure, wherever it is tried.
+    asyncio.run(ga.settle("10.0.0.3", "phone@acme.test", False, b"other-pw"))
+    assert checked_delay(gb, "10.0.0.2", "phone@acme.test") == 2

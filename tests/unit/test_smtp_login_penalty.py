@@ -34,4 +34,8 @@ def test_a_refused_password_counts_and_an_unavailable_upstream_does_not():
     assert not result.success and result.message.startswith("454")
     assert guard.delay("192.0.2.9", "alice@acme.test") == 0  # nothing counted, nothing left in flight
     assert not login(False, guard).success
-    assert guard.delay("192.0.2.9", "someone-else") > 0  # the failure counts for the address
+    assert guard.delay("192.0.2.9", "alice@acme.test") > 0  # the failure counts
+    # ... for the address too, where a second user name failing from it shows it.
+    assert guard.delay("192.0.2.9", "someone-else") == 0
+    guard.end("192.0.2.9", "mallory@acme.test", False)
+    assert guard.delay("192.0.2.9", "someone-else") > 0
