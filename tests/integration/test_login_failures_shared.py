@@ -1,6 +1,8 @@
 """Failed logins shared by every process (gateway/loginfail.py) against a running gateway with
 two SMTP acceptor processes (smtp.processes = 2): failures spread over both processes add up,
 and a failure on IMAP slows the same user's next SMTP AUTH in whichever process takes it.
+Real users are not slowed by each other (gateway/smtp/guard.py): a phone retrying an old
+password behind the colleagues' address, sessions opened at once; spraying still is.
 (Expiry, the table's bound and the database-away fallback: tests/unit/test_loginfail.py.)"""
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ import imaplib
 import re
 import smtplib
 import ssl
+import threading
 import time
 
 import pytest
@@ -48,8 +51,9 @@ def smtp_auth(gw: GatewayProcess, user: str, password: str, source: str = "127.0
         conn.starttls(context=tls)
         conn.ehlo()
         started = time.monotonic()
-        try:
-            conn.login(user, password)
+        try:  # PLAIN only: smtplib's login() tries LOGIN after a refused PLAIN (the same password twice)
+            conn.user, conn.password = user, password
+            conn.auth("PLAIN", conn.auth_plain)
             ok = True
         except smtplib.SMTPAuthenticationError as exc:
             assert exc.smtp_code == 535
@@ -65,8 +69,10 @@ def failures_by_process(gw: GatewayProcess, user: str) -> tuple[int, int]:
 
 def test_failures_spread_over_both_acceptor_processes_add_up(gw):
     user = "alice@acme.test"
-    while True:  # wrong passwords, a connection each, until both processes have refused some
-        ok, _ = smtp_auth(gw, user, "wrong")
+    n = 0
+    while True:  # wrong passwords (each another: a password tried again counts once), a
+        n += 1   # connection each, until both processes have refused some
+        ok, _ = smtp_auth(gw, user, f"wrong-{n}")
         assert not ok
         node, child = failures_by_process(gw, user)
         if node and child and node + child >= 6:
@@ -87,10 +93,10 @@ def test_failures_spread_over_both_acceptor_processes_add_up(gw):
 def test_a_failed_imap_login_slows_the_next_smtp_auth_of_the_user(gw):
     user = "bob@acme.test"
     tls = ssl.create_default_context(cafile=str(gw.cert_path))
-    for _ in range(3):
+    for n in range(3):
         with imaplib.IMAP4_SSL("127.0.0.1", gw.imaps_port, ssl_context=tls, timeout=30) as imap:
             with pytest.raises(imaplib.IMAP4.error):
-                imap.login(user, "wrong")
+                imap.login(user, f"wrong-{n}")
     # (The proxy answers NO, then writes the failure.)
     wait_until(lambda: LoginFailure.select().where(LoginFailure.key == user_key(user)).count() == 3,
                what="three failures of bob in the shared record")
@@ -104,3 +110,65 @@ def test_a_failed_imap_login_slows_the_next_smtp_auth_of_the_user(gw):
     ok, took = smtp_auth(gw, user, "bob-pw", source="127.0.0.2")
     assert ok and took >= BASE * 4 * 0.95, took
     assert LoginFailure.select().where(LoginFailure.key == user_key(user)).count() == 0
+
+
+DELAY = re.compile(r"(?:auth|imap login) user=(\S+) ip=(\S+) (?:result=(\w+) )?delay=([\d.]+)")
+
+
+def delays(gw: GatewayProcess, user: str, ip: str = "127.0.0.1") -> list[float]:
+    """The delays the gateway logged for this user's logins from ``ip`` (SMTP and IMAP)."""
+    return [float(m.group(4)) for line in gw.log_lines
+            if (m := DELAY.search(line)) and m.group(1) == user and m.group(2) == ip]
+
+
+def imap_login(gw: GatewayProcess, user: str, password: str) -> None:
+    tls = ssl.create_default_context(cafile=str(gw.cert_path))
+    with imaplib.IMAP4_SSL("127.0.0.1", gw.imaps_port, ssl_context=tls, timeout=30) as imap:
+        imap.login(user, password)
+        imap.logout()
+
+
+def test_a_phone_retrying_an_old_password_slows_neither_itself_nor_its_colleagues(gw):
+    # One phone behind the office NAT (127.0.0.1) retries its stored, outdated password.
+    for _ in range(10):
+        ok, _ = smtp_auth(gw, "dave@acme.test", "old-saved-pw")
+        assert not ok
+    node, child = failures_by_process(gw, "dave@acme.test")
+    assert node + child == 10
+    # Ten retries, one failure: each retry waited the base delay at most, in either process
+    # (the marks are the deployment's: the approval key both processes read).
+    assert len(delays(gw, "dave@acme.test")) == 10 and max(delays(gw, "dave@acme.test")) <= BASE
+    # A colleague on the same address signs in at once, SMTP and IMAP alike.
+    ok, _ = smtp_auth(gw, "carol@acme.test", "carol-pw")
+    assert ok
+    imap_login(gw, "carol@acme.test", "carol-pw")
+    wait_until(lambda: len(delays(gw, "carol@acme.test")) == 2, what="both logins of carol logged")
+    assert delays(gw, "carol@acme.test") == [0.0, 0.0]
+    rows = list(LoginFailure.select().where(LoginFailure.key == user_key("dave@acme.test")))
+    assert len(rows) == 10 and len({r.mark for r in rows}) == 1  # stored as one keyed digest
+
+
+def test_spraying_many_users_from_one_address_is_still_slowed(gw):
+    source = "127.0.0.7"
+    for i in range(10):
+        ok, _ = smtp_auth(gw, f"user{i}@acme.test", "Winter2026!", source=source)
+        assert not ok
+    wait_until(lambda: LoginFailure.select().where(LoginFailure.key == f"ip:{source}").count() == 10,
+               what="the ten failures of the address in the shared record")
+    # Either process knows the address (its own failures, and the feed brought the others'
+    # during the spray): the next login from it pays for the failing user names beyond the
+    # first (capped), the right password or not.
+    ok, took = smtp_auth(gw, "carol@acme.test", "carol-pw", source=source)
+    assert ok and took >= CAP * 0.95, took
+    assert wait_until(lambda: delays(gw, "carol@acme.test", source), what="carol's login logged") == [CAP]
+
+
+def test_sessions_opened_at_once_with_the_right_password_do_not_wait(gw):
+    # Thunderbird, Outlook and phones open several sessions at once, each logging in.
+    threads = [threading.Thread(target=imap_login, args=(gw, "alice@acme.test", "alice-pw")) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wait_until(lambda: len(delays(gw, "alice@acme.test")) == 6, what="six logins of alice logged")
+    assert delays(gw, "alice@acme.test") == [0.0] * 6
