@@ -243,17 +243,24 @@ def timed_login(gw: GatewayProcess, user: bytes, password: bytes, source: str) -
 
 def test_failed_logins_slow_down_the_next_attempt_from_that_address(gw):
     # Dovecot here answers a wrong password at once (auth_failure_delay = 0, no auth penalty):
-    # any wait is the gateway's.
-    for _ in range(3):
-        _, answer = timed_login(gw, b"mallory@acme.test", b"Gu3ss-wr0ng-pw", "127.0.0.31")
+    # any wait is the gateway's.  Guessing: every new password counts for the account.
+    for i in range(3):
+        _, answer = timed_login(gw, b"mallory@acme.test", b"Gu3ss-wr0ng-%d" % i, "127.0.0.31")
         assert answer.startswith(b"a1 NO [AUTHENTICATIONFAILED]"), answer
-    took, answer = timed_login(gw, b"mallory@acme.test", b"Gu3ss-wr0ng-pw", "127.0.0.31")
+    took, answer = timed_login(gw, b"mallory@acme.test", b"Gu3ss-wr0ng-3", "127.0.0.31")
     assert answer.startswith(b"a1 NO") and took >= MAX_DELAY - 0.05, took
-    # Another account's right password from the spraying address waits too ...
+    # One account failing does not hold back the others behind that address (an office NAT) ...
+    took, answer = timed_login(gw, b"bob@acme.test", b"bob-pw", "127.0.0.31")
+    assert answer.startswith(b"a1 OK") and took < BASE_DELAY * 3, took
+    # ... spraying from it does: three more names failing there, then another account's right
+    # password from the address waits too ...
+    for name in (b"eve@acme.test", b"trudy@acme.test", b"oscar@acme.test"):
+        _, answer = timed_login(gw, name, b"Spr4y-pw", "127.0.0.31")
+        assert answer.startswith(b"a1 NO"), answer
     took, answer = timed_login(gw, b"bob@acme.test", b"bob-pw", "127.0.0.31")
     assert answer.startswith(b"a1 OK") and took >= MAX_DELAY - 0.05, took
     # ... and so does the guessed account from anywhere.
-    took, answer = timed_login(gw, b"mallory@acme.test", b"Gu3ss-wr0ng-pw", "127.0.0.32")
+    took, answer = timed_login(gw, b"mallory@acme.test", b"Gu3ss-wr0ng-4", "127.0.0.32")
     assert answer.startswith(b"a1 NO") and took >= MAX_DELAY - 0.05, took
     # Another client is not held back.
     took, answer = timed_login(gw, b"carol@acme.test", b"carol-pw", "127.0.0.33")

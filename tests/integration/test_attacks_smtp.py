@@ -337,13 +337,22 @@ def timed_login(gw: GatewayProcess, user: str, password: str, source: str) -> tu
 
 
 def test_failed_logins_slow_down_the_next_attempt_from_that_address(gw):
-    # Dovecot here answers a wrong password at once (auth_failure_delay = 0): any wait is the gateway's.
-    for _ in range(3):  # each a second's wait at most (0, 0.5, 1.0)
-        _, ok = timed_login(gw, "mallory@acme.test", "Gu3ss-wr0ng-pw", "127.0.0.21")
+    # Dovecot here answers a wrong password at once (auth_failure_delay = 0): any wait is the
+    # gateway's.  Guessing: every new password counts for the account (smtplib tries PLAIN,
+    # then LOGIN with the same password: that counts once).
+    for i in range(3):  # each a second's wait at most (0, 0.5, 1.0)
+        _, ok = timed_login(gw, "mallory@acme.test", f"Gu3ss-wr0ng-{i}", "127.0.0.21")
         assert not ok
-    took, ok = timed_login(gw, "mallory@acme.test", "Gu3ss-wr0ng-pw", "127.0.0.21")
+    took, ok = timed_login(gw, "mallory@acme.test", "Gu3ss-wr0ng-3", "127.0.0.21")
     assert not ok and took >= MAX_DELAY - 0.05, took
-    # Another account's right password from the spraying address waits too.
+    # One account failing does not hold back the others behind that address (an office NAT).
+    took, ok = timed_login(gw, "bob@acme.test", "bob-pw", "127.0.0.21")
+    assert ok and took < BASE_DELAY * 3, took
+    # Spraying from it does: three more names failing there, then another account's right
+    # password from the spraying address waits too.
+    for name in ("eve@acme.test", "trudy@acme.test", "oscar@acme.test"):
+        _, ok = timed_login(gw, name, "Spr4y-pw", "127.0.0.21")
+        assert not ok
     took, ok = timed_login(gw, "bob@acme.test", "bob-pw", "127.0.0.21")
     assert ok and took >= MAX_DELAY - 0.05, took
     # Another client is not held back.
