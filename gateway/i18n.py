@@ -15,6 +15,10 @@ MESSAGES: dict[str, dict[str, str]] = {
         "zh-CN": "Ok: queued as {queue_id}",
         "en": "Ok: queued as {queue_id}",
     },
+    "queued_held": {
+        "zh-CN": "Ok: queued as {queue_id}, held for approval",
+        "en": "Ok: queued as {queue_id}, held for approval",
+    },
     "queued_split": {
         "zh-CN": "Ok: queued as {queue_id}; the other recipients held for approval as {held_id}",
         "en": "Ok: queued as {queue_id}; the other recipients held for approval as {held_id}",

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import email.utils
 import logging
+import shutil
 import smtplib
 from pathlib import Path
 
@@ -63,6 +64,22 @@ rules:
     when:
       keyword: [quotation, RFQ, 报价, 询价]
     group: inquiries
+"""
+
+# The demo's own rules directory (<dir>/rules): the repository's rules/ (their examples all in
+# audit mode: nothing held) and this enforcing rule, so the approval flow (审核) shows at once.
+HOLD_TRIGGER = "tanaka@osaka-machinery.jp"  # a customer in Japan (sample data); printed in the banner
+HOLD_RULE_FILE = "70-demo-hold-japan.yaml"
+HOLD_RULE = """# Written by `mailgate demo` (once: edit it freely): the approval flow, enforced.
+rules:
+  - name: demo-hold-japan
+    description: Mail to a customer in Japan needs the manager's approval (demo).
+    priority: 50
+    mode: enforce
+    conditions:
+      recipient-country: [JP]
+    actions:
+      - hold_for_approval: {approvers: [manager], reason: "日本客户：需经理审核 (demo)"}
 """
 
 
@@ -140,7 +157,8 @@ listen = "127.0.0.1"
 port = {port_base + 9325 - 9000}
 
 [rules]
-dir = "{Path(__file__).resolve().parents[2] / 'rules'}"
+# The repository's rules/ copied at the first start, plus {HOLD_RULE_FILE} (enforcing).
+dir = "{path.parent / 'rules'}"
 
 [panel]
 listen = "127.0.0.1"
@@ -173,6 +191,18 @@ rules_dir = "{path.parent / 'distribution-rules'}"
     rules = path.parent / "distribution-rules"
     rules.mkdir(exist_ok=True)
     (rules / "demo.yaml").write_text(DISTRIBUTION_RULES, encoding="utf-8")
+    seed_rules(path.parent / "rules")
+
+
+def seed_rules(rules: Path) -> None:
+    """The demo's rules directory: the repository's rule files and the demo's hold rule, each
+    written only if missing (a user's edits survive a restart)."""
+    rules.mkdir(exist_ok=True)
+    for source in sorted((Path(__file__).resolve().parents[2] / "rules").glob("*.yaml")):
+        if not (rules / source.name).exists():
+            shutil.copyfile(source, rules / source.name)
+    if not (rules / HOLD_RULE_FILE).exists():
+        (rules / HOLD_RULE_FILE).write_text(HOLD_RULE, encoding="utf-8")
 
 
 def run_demo(directory: Path, port_base: int = 10000) -> int:
@@ -230,6 +260,14 @@ Bob's customer as "[同事客户] …".  Sending from Alice to lagos.imports@gma
 Try it from a shell:
   swaks --server 127.0.0.1:{cfg.smtp.submission_port} --tls --auth-user alice@acme.test \\
         --auth-password alice-pw --from alice@acme.test --to lagos.imports@gmail.com
+
+Approval (审核): mail to a customer in Japan, e.g. {HOLD_TRIGGER} (Alice's INBOX has
+  his 見積依頼: reply to it), is held for the sender's manager — the 250 reply says
+  "held for approval"; Carol gets a request with approve/reject links (in her INBOX) and
+  sees it in the panel under 审核 (sign in as carol@acme.test / carol-pw). The rule:
+  {Path(cfg.rules.dir) / HOLD_RULE_FILE}
+  swaks --server 127.0.0.1:{cfg.smtp.submission_port} --tls --auth-user alice@acme.test \\
+        --auth-password alice-pw --from alice@acme.test --to {HOLD_TRIGGER}
 
 Web panel (管理面板): http://127.0.0.1:{cfg.panel.port}/
   employees sign in with their mail password:

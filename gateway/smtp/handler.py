@@ -583,6 +583,8 @@ class SubmissionHandler:
             # The reply first: once committed, nothing may fail before the 250.
             if also:
                 reply = f"250 2.0.0 {t('queued_split', self.language, queue_id=also[2], held_id=queue_id)}"
+            elif verdict.action == HOLD:  # the sender's client shows it: the mail waits for an approver
+                reply = f"250 2.0.0 {t('queued_held', self.language, queue_id=queue_id)}"
             else:
                 reply = f"250 2.0.0 {t('queued', self.language, queue_id=queue_id)}"
             dirs = set().union(*(p.dirs for p in prepared))  # the blob's and spool file's folders

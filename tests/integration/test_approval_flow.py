@@ -55,14 +55,19 @@ def subject_of(raw: bytes) -> str:
     return str(make_header(decode_header(email.message_from_bytes(raw)["Subject"] or "")))
 
 
-def send(gw, subject: str) -> None:
+def send(gw, subject: str) -> str:
+    """Alice writes to Japan; the reply to her DATA."""
     ctx = ssl.create_default_context(cafile=str(gw.cert_path))
     with smtplib.SMTP("127.0.0.1", gw.submission_port, timeout=30) as conn:
         conn.starttls(context=ctx)
         conn.login("alice@acme.test", "alice-pw")
         msg = (f"From: Alice <alice@acme.test>\r\nTo: tanaka@osaka-machinery.jp\r\nSubject: {subject}\r\n"
                "Message-ID: <" + subject.replace(" ", "-") + "@acme.test>\r\n\r\nご確認ください。\r\n").encode()
-        conn.sendmail("alice@acme.test", ["tanaka@osaka-machinery.jp"], msg)
+        conn.mail("alice@acme.test")
+        conn.rcpt("tanaka@osaka-machinery.jp")
+        code, reply = conn.data(msg)
+        assert code == 250, reply
+        return reply.decode()
 
 
 def text_of(raw: bytes) -> str:
@@ -100,7 +105,7 @@ def dns_stub(gw):
 def test_held_then_approved_reaches_the_sink_signed(approving_gateway, sink):
     gw = approving_gateway
     sink.clear()
-    send(gw, "Quote JP-1")
+    assert re.fullmatch(r"2\.0\.0 Ok: queued as \w+, held for approval", send(gw, "Quote JP-1"))
     # The approver (Alice's manager, Carol) gets a request with links; Alice gets a notice.
     mails = arrivals(sink, 2)
     by_rcpt = {m.rcpt_tos[0]: m for m in mails}

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.demo.run import PANEL_OFFSET
+from gateway.demo.run import HOLD_RULE_FILE, HOLD_TRIGGER, PANEL_OFFSET
 from tests.harness import shared_tempdir, wait_until
 
 pytestmark = pytest.mark.integration
@@ -149,6 +149,12 @@ def test_demo_starts_prints_settings_and_enforces_policy(demo_dir):
             assert err.value.smtp_code == 550
             # Mail to a colleague reaches the colleague's INBOX (so do approval requests).
             conn.sendmail("alice@acme.test", ["bob@acme.test"], b"Subject: lunch at 12?\r\n\r\nhi\r\n")
+            # The approval flow shows without editing a rule: the trigger the banner names is held.
+            assert f"--to {HOLD_TRIGGER}" in text
+            conn.mail("alice@acme.test")
+            conn.rcpt(HOLD_TRIGGER)
+            code, reply = conn.data(b"Subject: quotation for Osaka\r\n\r\nplease approve\r\n")
+            assert code == 250 and reply.endswith(b"held for approval"), reply
         with imaplib.IMAP4_SSL("127.0.0.1", base + 993, ssl_context=ctx, timeout=30) as imap:
             imap.login("bob@acme.test", "bob-pw")
 
@@ -175,6 +181,13 @@ def test_demo_starts_prints_settings_and_enforces_policy(demo_dir):
             client = PanelClient(panel.group(1))
             assert client.login(who, secret).status == 303, who
             assert client.get("/").status == 200
+        # The held mail waits in the manager's approval queue (Carol is Alice's manager).
+        queue = client.get("/approvals")
+        assert queue.status == 200 and "quotation for Osaka" in queue.text and HOLD_TRIGGER in queue.text
+        # The demo's rules are its own copy (the repository's rules/ untouched), the hold rule enforcing.
+        assert (tmp_path / "demo" / "rules" / HOLD_RULE_FILE).exists()
+        assert (tmp_path / "demo" / "rules" / "50-examples-audit.yaml").exists()
+        assert not (REPO / "rules" / HOLD_RULE_FILE).exists()
         # The shared mailbox's inquiries were distributed (one left for a manager), the archive
         # synced the mailboxes, and nothing failed on the way.
         assert log_shows("UID 1 distributed (customer)", "UID 2 distributed (rule) rule nigeria-to-bob",
