@@ -28,8 +28,8 @@ node and of SMTP, IMAP and the panel alike (their marks included); attempts in f
 counted per process.  A caller runs ``prepare`` before ``delay`` (a database read only for a
 key with failures known) and ``settle`` (or ``finish`` and its write) instead of ``end``: the
 failure written, or the user's cleared.  The shared record unavailable, the failures this
-guard saw itself still count.  Callers that pass no password (``secret`` None) count every
-failure and every attempt in flight, as before.
+guard saw itself still count.  A caller that passes no password (``secret`` None) has every
+failure and every attempt in flight of the user count (its IP still counts user names).
 """
 
 from __future__ import annotations

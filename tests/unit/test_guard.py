@@ -137,3 +137,14 @@ def test_marks_are_keyed_digests_not_the_password():
         assert loginfail.marks("alice@acme.test", b"secret-pw")[1] != pw
     finally:
         loginfail._MARK_KEY = old
+
+
+def test_an_office_logging_in_at_once_is_not_a_spray():
+    # Twenty people behind one NAT at 9 a.m.: attempts in flight count for their own names only.
+    g = LoginGuard(base_delay=1, max_delay=30, clock=Clock())
+    for i in range(20):
+        assert g.delay("192.0.2.1", f"user{i}", b"pw-%d" % i) == 0
+        g.begin("192.0.2.1", f"user{i}", b"pw-%d" % i)
+    for i in range(20):
+        g.end("192.0.2.1", f"user{i}", True, b"pw-%d" % i)
+    assert g.delay("192.0.2.1", "late", b"pw") == 0

@@ -224,3 +224,32 @@ def test_a_password_tried_again_in_two_processes_counts_once(db):
     # A new password is a new failure, wherever it is tried.
     asyncio.run(ga.settle("10.0.0.3", "phone@acme.test", False, b"other-pw"))
     assert checked_delay(gb, "10.0.0.2", "phone@acme.test") == 2
+
+
+def test_the_marks_key_comes_from_the_approval_key_and_its_first_start_is_race_free(tmp_path):
+    # Every process of a node loads (or makes) the approval key at start: they must end up with
+    # one key, or a password tried again through two processes would count twice.
+    import threading
+    from types import SimpleNamespace
+
+    from gateway.approval import load_or_create_token_key
+
+    path = tmp_path / "certs" / "approval.key"
+    keys: list[bytes] = []
+    threads = [threading.Thread(target=lambda: keys.append(load_or_create_token_key(path))) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(keys) == 8 and len(set(keys)) == 1 and len(keys[0]) == 32
+    assert oct(path.stat().st_mode & 0o777) == "0o600" and list(path.parent.iterdir()) == [path]  # no leftovers
+    old = loginfail._MARK_KEY
+    try:
+        cfg = SimpleNamespace(approval=SimpleNamespace(key_file="certs/approval.key"), path=tmp_path / "mailgate.toml")
+        loginfail._load_mark_key(cfg)
+        first = loginfail.marks("alice@acme.test", b"pw")
+        loginfail._MARK_KEY = b"other"
+        loginfail._load_mark_key(cfg)  # another process of the node, same key file: same marks
+        assert loginfail.marks("alice@acme.test", b"pw") == first
+    finally:
+        loginfail._MARK_KEY = old
