@@ -33,7 +33,7 @@ from __future__ import annotations
 import re
 from email.header import Header, decode_header, make_header
 
-from gateway.rules.partheaders import rewrite_parts
+from gateway.rules.partheaders import UNIQUE_FIELDS, differing_field, rewrite_parts
 
 #: A header field's first line (Postfix's is_header): a name of printable ASCII other than
 #: the colon, optional blanks (RFC 5322 §4.5.3 obsolete syntax), then the colon.
@@ -133,26 +133,36 @@ class HeaderSectionTooLarge(ValueError):
     """The header section does not end within the limit given."""
 
 
-def as_postfix_reads(data: bytes, limit: int) -> tuple[bytes, int]:
+def as_postfix_reads(data: bytes, limit: int, ambiguities: list[str] | None = None) -> tuple[bytes, int]:
     """``data`` (a message with CRLF line ends) with its header section, and the header
     sections of its MIME parts (gateway/rules/partheaders.py), written the way Postfix's
     smtpd and cleanup write them; and the offset where its body starts (after the blank
     line; ``len`` when there is none).  ``data`` itself when nothing is to change, as for
     every well-formed message.  Raises HeaderSectionTooLarge when the message's header
-    section goes on past ``limit`` bytes.  ``as_postfix_reads`` of the result is itself."""
+    section goes on past ``limit`` bytes.  ``as_postfix_reads`` of the result is itself.
+
+    MIME structure that readers read differently, which no rewriting makes agree (two
+    different Content-Type fields, a boundary line with text after it: partheaders.py), is
+    appended to ``ambiguities`` when given, described for a user (the SMTP handler refuses
+    such a message)."""
     out, body_at = _top_section(data, limit)
     head = out[:body_at].lower()
+    if ambiguities is not None:
+        top = [f for name in UNIQUE_FIELDS if head.count(name + b":") > 1 for f in _fields_named(out, head, name)]
+        if top and (field := differing_field(top)):
+            ambiguities.append(f"two different {field} fields in the message header")
     if b"multipart/" in head or b"message/" in head:  # a body of MIME parts, perhaps
-        out = rewrite_parts(out, body_at, _content_type_fields(out, head))
+        out = rewrite_parts(out, body_at, _fields_named(out, head, b"content-type"), ambiguities)
     return out, body_at
 
 
-def _content_type_fields(data: bytes, head: bytes) -> list[bytes]:
-    """The Content-Type fields (with their continuation lines) of the plain header section
-    ``head`` (lower case) at the start of ``data``."""
+def _fields_named(data: bytes, head: bytes, name: bytes) -> list[bytes]:
+    """The fields ``name`` (lower case; with their continuation lines) of the plain header
+    section ``head`` (lower case) at the start of ``data``."""
     fields = []
     text = b"\n" + head  # a line starting at head[i] has its "\n" at text[i]
-    at = text.find(b"\ncontent-type:")
+    needle = b"\n" + name + b":"
+    at = text.find(needle)
     while at >= 0:
         end = at
         while True:
@@ -161,7 +171,7 @@ def _content_type_fields(data: bytes, head: bytes) -> list[bytes]:
             if head[end:end + 1] not in (b" ", b"\t"):
                 break
         fields.append(data[at:end])
-        at = text.find(b"\ncontent-type:", end)
+        at = text.find(needle, end)
     return fields
 
 

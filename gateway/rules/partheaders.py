@@ -12,8 +12,22 @@ before any rule reads them.
 
 Boundaries are found as Postfix finds them: in a body, a line ``--`` + the boundary of any
 open multipart, whatever follows it (``--`` after it closes that multipart); an outer
-boundary closes the inner multiparts.  Structure the email package reads otherwise (a
-boundary line with text after it, a second Content-Type field) is not made to agree here.
+boundary closes the inner multiparts.
+
+Structure that readers read differently is not made to agree: no repair would be what every
+mail program shows.  The walk notes it instead (``ambiguities``), and the SMTP handler
+refuses the message (docs/ARCHITECTURE.md, "One reading of the header section"):
+
+- two Content-Type, Content-Disposition or Content-Transfer-Encoding fields with different
+  values in one header section (the message's, a part's, an attached message's): the email
+  package, and so the rules, reads the first, Postfix and some mail programs the last;
+- a boundary line with text after it (``--b1x``, ``--b1--x``): a boundary for Postfix (a
+  prefix match), not for the email package, which allows only blanks after it (RFC 2046's
+  transport padding, which stays accepted);
+- multiparts nested deeper than Postfix's limit (it reads no deeper; the email package does).
+
+Identical duplicate fields are read alike by everyone and pass; other duplicates
+(MIME-Version, which some programs write in every part) choose nothing and are not looked at.
 """
 
 from __future__ import annotations
@@ -27,15 +41,22 @@ _FIELD = re.compile(rb"[\x21-\x39\x3b-\x7e]+[ \t]*:")
 _OBSOLETE = re.compile(rb"([\x21-\x39\x3b-\x7e]+)[ \t]+:")
 MAX_DEPTH = 100  # Postfix's mime_nesting_limit: deeper parts are left as they are
 MAX_BOUNDARY = 2048  # Postfix's mime_boundary_length_limit: a longer boundary is cut there
+#: The fields whose first or last occurrence readers choose differently (RFC 2045 allows one).
+UNIQUE_FIELDS = (b"content-type", b"content-disposition", b"content-transfer-encoding")
+_DISPLAY = {b"content-type": "Content-Type", b"content-disposition": "Content-Disposition",
+            b"content-transfer-encoding": "Content-Transfer-Encoding"}
 
 
 class _Open:
     """A multipart whose close delimiter has not come yet, and what is known of where its
     boundary lines are (the walk only moves forward: every byte is searched once a boundary)."""
 
-    def __init__(self, boundary: bytes, digest: bool):
+    def __init__(self, boundary: bytes, digest: bool, name: str, prefix: str):
         self.boundary = boundary
         self.digest = digest  # multipart/digest: a part without Content-Type is message/rfc822
+        self.name = name  # what the multipart is, for a user ("MIME part 2", "the message body")
+        self.prefix = prefix  # its parts' numbers (IMAP's) start so: "" at the top, "2." in part 2
+        self.parts = 0  # parts begun so far
         self.needle = b"\n--" + boundary
         self.found = -1  # the start of a boundary line found, not yet passed
         self.clear = 0  # no boundary line starts before this (from where the walk is on)
@@ -54,6 +75,28 @@ class _Open:
             return -1
         self.found = at + 1
         return at + 1
+
+
+def differing_field(fields: list[bytes]) -> str | None:
+    """The name of a field in ``UNIQUE_FIELDS`` that ``fields`` (one header section's, raw)
+    hold twice with different values (blanks and folding aside), or None."""
+    seen: dict[bytes, bytes] = {}
+    for raw in fields:
+        name, _, value = raw.partition(b":")
+        name = name.strip().lower()
+        if name in UNIQUE_FIELDS and seen.setdefault(name, b" ".join(value.split())) != b" ".join(value.split()):
+            return _DISPLAY[name]
+    return None
+
+
+def _boundary_tail(data: bytes, after: int) -> bool:
+    """Whether the boundary line whose boundary ends at ``after`` has text after it (or after
+    the ``--`` of a close delimiter) other than blanks: a boundary line for Postfix, body text
+    for the email package."""
+    tail = data[after:_line_end(data, after)]
+    if tail.startswith(b"--"):
+        tail = tail[2:]
+    return bool(tail.strip(b" \t\r\n"))
 
 
 def _content_type(fields: list[bytes], default: str) -> tuple[str, bytes | None]:
@@ -162,32 +205,50 @@ def _next_boundary(data: bytes, pos: int, stack: list[_Open]) -> tuple[int, int,
     return best, best_i, best + 2 + len(stack[best_i].boundary)
 
 
-def rewrite_parts(data: bytes, body_at: int, top_fields: list[bytes]) -> bytes:
+def rewrite_parts(data: bytes, body_at: int, top_fields: list[bytes],
+                  ambiguities: list[str] | None = None) -> bytes:
     """``data`` with the header sections of its MIME parts written as Postfix writes them
     (``data`` itself when nothing changes).  ``body_at``: where the message's body starts;
-    ``top_fields``: its header fields (raw)."""
+    ``top_fields``: its header fields (raw).  Structure that readers read differently is
+    appended to ``ambiguities`` (when given), described for a user: what, and where."""
     ctype, boundary = _content_type(top_fields, "text/plain")
     if not (ctype.startswith("multipart/") and boundary) and ctype != "message/rfc822":
         return data
     w = _Writer(data)
     stack: list[_Open] = []
     pos = body_at
+    label, name = "", "the message body"  # the part being read: its number, what it is called
     while True:
         depth = 0
         while ctype == "message/rfc822" and depth < MAX_DEPTH:  # a message's header section follows
             depth += 1
+            label = label or "1"
+            name = f"the message attached as MIME part {label}"
             pos, fields = _header_section(w, pos)
+            if ambiguities is not None and (field := differing_field(fields)):
+                ambiguities.append(f"two different {field} fields in the header of {name}")
             ctype, boundary = _content_type(fields, "text/plain")
-        if ctype.startswith("multipart/") and boundary and len(stack) < MAX_DEPTH:
-            stack.append(_Open(boundary, ctype == "multipart/digest"))
+        if ctype.startswith("multipart/") and boundary:
+            if len(stack) < MAX_DEPTH:
+                stack.append(_Open(boundary, ctype == "multipart/digest", name, f"{label}." if label else ""))
+            elif ambiguities is not None:
+                ambiguities.append(f"MIME parts nested deeper than {MAX_DEPTH} levels in {name}")
         found = _next_boundary(data, pos, stack) if stack else None
         if found is None:
             return w.result()
         at, i, after = found
+        if ambiguities is not None and _boundary_tail(data, after):
+            ambiguities.append(f"a boundary line with text after it in {stack[i].name}")
         del stack[i + 1:]  # an outer boundary closes the inner multiparts
         if data.startswith(b"--", after):  # the close delimiter
             stack.pop()
             pos, ctype, boundary = _line_end(data, at), "", None
             continue
+        open_ = stack[i]
+        open_.parts += 1
+        label = f"{open_.prefix}{open_.parts}"
+        name = f"MIME part {label}"
         pos, fields = _header_section(w, _line_end(data, at))
-        ctype, boundary = _content_type(fields, "message/rfc822" if stack[i].digest else "text/plain")
+        if ambiguities is not None and (field := differing_field(fields)):
+            ambiguities.append(f"two different {field} fields in {name}")
+        ctype, boundary = _content_type(fields, "message/rfc822" if open_.digest else "text/plain")
