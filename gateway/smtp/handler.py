@@ -9,7 +9,8 @@ A message's path, top to bottom:
   DATA  -> bare CR refused, bare LF normalised -> the header section and the MIME parts'
            header sections written as Postfix reads them (as_postfix_reads: one reading
            for the policy, the archive and the relay; over 1 MB refused) -> headers
-           parsed -> From/Sender spoof check ->
+           parsed -> From/Sender spoof check -> MIME structure that readers read
+           differently refused (550 5.6.0, archived as refused; the rules not asked) ->
            policy.decide -> mutate (tag, rewrite, sign) -> archive + spool (fsync) -> 250
 
 Nothing unexpected before the 250 reaches aiosmtpd (its "500 Error: (Type) text" is a
@@ -71,6 +72,9 @@ from gateway.untag import StripReadingTags
 log = logging.getLogger("mailgate.smtp")
 
 MAX_HEADER_BLOCK = 1024 * 1024  # a longer header section is refused (552)
+#: The trace's name for the refusal of MIME structure that readers read differently (RFC 3463
+#: X.6.0: other or undefined media error, as Postfix answers a MIME error it rejects).
+AMBIGUOUS_MIME = "ambiguous-mime"
 READ_INLINE = 256 * 1024  # as_postfix_reads of a larger message (its MIME walk: Python work a part) in a thread
 
 
@@ -311,6 +315,17 @@ class SubmissionHandler:
         return smtp_reply(550, "5.7.1", f"From/Sender header address <{foreign[0][:200]}> is not yours; "
                           "send as one of: " + ", ".join(own[:5]))
 
+    @staticmethod
+    def _ambiguous(ctx: Context, what: str, queue_id: str, ident: Identity | None, session: SMTPSession) -> Verdict:
+        """The refusal of a message whose MIME structure readers read differently (``what``:
+        which structure, where — field names and part numbers, nothing of the content): the
+        rules are not asked, they would read one way and the recipient's program perhaps the
+        other.  Recorded in the trace for the archive; the log line says what it was."""
+        ctx.record(AMBIGUOUS_MIME, True, what)
+        log.warning("%s: refused user=%s ip=%s reason=ambiguous-mime what=%s", queue_id,
+                    ident.username if ident else "-", session.peer[0], what)
+        return Verdict.reject(AMBIGUOUS_MIME, f"Ambiguous MIME structure: {what}; refused", 550, "5.6.0")
+
     def _own_addresses(self, ident: Identity) -> set[str]:
         if ident.employee is None:
             return {ident.username.lower()}
@@ -342,11 +357,12 @@ class SubmissionHandler:
         try:
             # One reading of the header section from here on (gateway/rules/headerblock.py):
             # what the spoof check and the policy read is what is archived and relayed.
+            ambiguous: list[str] = []  # MIME structure readers read differently (refused below)
             try:
                 if len(data) > READ_INLINE:  # many MIME parts to walk, perhaps: off the event loop
-                    read, body_at = await asyncio.to_thread(as_postfix_reads, data, MAX_HEADER_BLOCK)
+                    read, body_at = await asyncio.to_thread(as_postfix_reads, data, MAX_HEADER_BLOCK, ambiguous)
                 else:
-                    read, body_at = as_postfix_reads(data, MAX_HEADER_BLOCK)
+                    read, body_at = as_postfix_reads(data, MAX_HEADER_BLOCK, ambiguous)
             except HeaderSectionTooLarge:
                 log.warning("refused from=<%s> reason=header-section-too-large ip=%s", envelope.mail_from,
                             session.peer[0])
@@ -354,9 +370,13 @@ class SubmissionHandler:
             ctx = self._context(server, session, envelope, read, body_at, data, queue_id, ident)
             if ident is not None and (foreign := foreign_header_senders(ctx.headers, self._own_addresses(ident))):
                 return self._spoofed_header(foreign, ident, session)
-            # One trip to a worker thread for the policy (body and attachment conditions parse
-            # MIME, ~10 ms/MB) and phase 1 of the store (sealing, fsyncs): off the loop.
-            ctx, verdict, free, prepared = await self._decided(ctx, queue_id, ident)
+            if ambiguous:  # the rules would guess what the recipient sees: refused (and archived)
+                verdict, free = self._ambiguous(ctx, ambiguous[0], queue_id, ident, session), None
+                prepared = await asyncio.to_thread(self._prepare_refusal, ctx, queue_id)
+            else:
+                # One trip to a worker thread for the policy (body and attachment conditions parse
+                # MIME, ~10 ms/MB) and phase 1 of the store (sealing, fsyncs): off the loop.
+                ctx, verdict, free, prepared = await self._decided(ctx, queue_id, ident)
             after = functools.partial(self._after_store, started, queue_id, envelope.mail_from, ctx, verdict, free)
             reply = await self._store(ctx, verdict, queue_id, prepared, also=free, after=after)
         except SpoolError as exc:

@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import email
 import json
+import re
 import smtplib
+import urllib.request
 from email import policy
 
 import dkim
@@ -255,3 +257,98 @@ def test_a_stray_line_in_a_part_header_arrives_after_a_blank_line(gw, sink):
     assert [d for part in msg.walk() for d in part.defects] == []
     assert dkim.verify(got.data, dnsfunc=dns_stub(gw))
     assert for_config(load(gw.config_path)).read_original(record("<part-stray@acme.test>")).endswith(raw)
+
+
+# -- MIME structure that readers read differently: refused, never guessed ---------------------
+
+def refused_count(gw) -> float:
+    body = urllib.request.urlopen(f"http://127.0.0.1:{gw.metrics_port}/metrics", timeout=10).read().decode()
+    found = re.search(r'mailgate_smtp_messages_total\{verdict="refused"\} ([0-9.e+]+)', body)
+    return float(found.group(1)) if found else 0.0
+
+
+def mime_message(message_id: str, body: bytes, top: bytes = b"Content-Type: multipart/mixed; boundary=b1\r\n") -> bytes:
+    return (b"From: alice@acme.test\r\nTo: einkauf@hamburg-tools.de\r\nSubject: quarterly figures\r\n"
+            b"Message-ID: <" + message_id.encode() + b"@acme.test>\r\nMIME-Version: 1.0\r\n" + top + b"\r\n" + body)
+
+
+TEXT_PART = b"--b1\r\nContent-Type: text/plain\r\n\r\nsee attached\r\n"
+AMBIGUOUS = {
+    "two-ctypes-part": (TEXT_PART + b"--b1\r\nContent-Type: text/plain\r\nContent-Type: application/x-msdownload;"
+                        b" name=tool.exe\r\n\r\nMZ\r\n--b1--\r\n", None,
+                        "two different Content-Type fields in MIME part 2"),
+    "two-ctypes-top": (TEXT_PART + b"--b1--\r\n", b"Content-Type: text/plain\r\nContent-Type: multipart/mixed;"
+                       b" boundary=b1\r\n", "two different Content-Type fields in the message header"),
+    "two-dispositions": (TEXT_PART + b"--b1\r\nContent-Type: application/octet-stream\r\nContent-Disposition: inline"
+                         b"\r\nContent-Disposition: attachment; filename=tool.exe\r\n\r\nMZ\r\n--b1--\r\n", None,
+                         "two different Content-Disposition fields in MIME part 2"),
+    "two-encodings": (b"--b1\r\nContent-Type: text/plain\r\nContent-Transfer-Encoding: 7bit\r\n"
+                      b"Content-Transfer-Encoding: base64\r\n\r\naGk=\r\n--b1--\r\n", None,
+                      "two different Content-Transfer-Encoding fields in MIME part 1"),
+    "boundary-text": (TEXT_PART + b"--b1 hidden\r\nContent-Type: application/octet-stream; name=tool.exe\r\n\r\n"
+                      b"MZ\r\n--b1--\r\n", None, "a boundary line with text after it in the message body"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(AMBIGUOUS))
+def test_ambiguous_mime_structure_is_refused_archived_logged_and_counted(gw, sink, case):
+    """What the rules read (the email package: the first field, no boundary) is not what
+    Postfix and some mail programs show: refused with a permanent reply that says what and
+    where, archived as refused with the client's bytes and a trace entry, logged without
+    the message's content, counted as refused — and nothing reaches the sink."""
+    body, top, what = AMBIGUOUS[case]
+    raw = mime_message(f"ambiguous-{case}", body, *([top] if top else []))
+    sink.clear()
+    before, mark = refused_count(gw), len(gw.log_lines)
+    code, text = refused(gw, raw)
+    assert (code, text.decode()) == (550, f"5.6.0 Ambiguous MIME structure: {what}; refused")
+    rec = record(f"<ambiguous-{case}@acme.test>")
+    assert rec.verdict == "refused" and rec.subject == "quarterly figures"
+    assert [(s["rule"], s["hit"], s["why"]) for s in json.loads(rec.trace)] == [("ambiguous-mime", True, what)]
+    archive = for_config(load(gw.config_path))
+    assert archive.read(rec).endswith(raw)  # well-formed otherwise: what was decided on is what was sent
+    line = gw.wait_for_log("reason=ambiguous-mime", after=mark)
+    assert what in line and "quarterly" not in line and "see attached" not in line
+    assert "verdict=reject rule=ambiguous-mime" in gw.wait_for_log("verdict=reject", after=mark)
+    assert refused_count(gw) == before + 1
+    send(gw, mime_message("ambiguous-marker", TEXT_PART + b"--b1--\r\n"))
+    [got] = sink.wait_for(1, timeout=20)  # only the marker went out
+    assert b"<ambiguous-marker@acme.test>" in got.data
+
+
+def test_ambiguous_structure_behind_a_repaired_header_keeps_the_submitted_bytes(gw, sink):
+    raw = (b"From: alice@acme.test\r\nX-Note : x\r\nMessage-ID: <ambiguous-repaired@acme.test>\r\n"
+           b"Content-Type: multipart/mixed; boundary=b1\r\n\r\n--b1\r\nContent-Type: text/plain\r\n"
+           b"Content-Type: text/html\r\n\r\nx\r\n--b1--\r\n")
+    code, text = refused(gw, raw)
+    assert code == 550 and b"5.6.0 Ambiguous MIME structure" in text
+    rec = record("<ambiguous-repaired@acme.test>")
+    archive = for_config(load(gw.config_path))
+    assert rec.verdict == "refused" and b"\r\nX-Note: x\r\n" in archive.read(rec)
+    assert archive.read_original(rec).endswith(raw)
+
+
+NEAR_MISSES = {
+    "transport-padding": b"--b1 \t\r\nContent-Type: text/plain\r\n\r\nx\r\n--b1\t\r\nContent-Type: application/pdf;"
+                         b" name=a.pdf\r\n\r\nJVBERi0=\r\n--b1--  \r\n",
+    "mime-version-twice": b"--b1\r\nMIME-Version: 1.0\r\nContent-Type: text/plain\r\n\r\nx\r\n--b1--\r\n",
+    "forwarded": TEXT_PART + b"--b1\r\nContent-Type: message/rfc822\r\nContent-Disposition: attachment\r\n\r\n"
+                 b"From: x@y.test\r\nSubject: fw\r\nMIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary=in\r\n"
+                 b"\r\n--in\r\nContent-Type: text/plain; charset=utf-8\r\n\r\nx\r\n--in--\r\n--b1--\r\n",
+    "same-value-twice": b"--b1\r\nContent-Type: text/plain\r\nContent-type:  text/plain\r\n\r\nx\r\n--b1--\r\n",
+}
+
+
+@pytest.mark.parametrize("case", sorted(NEAR_MISSES))
+def test_legitimate_near_misses_are_delivered(gw, sink, case):
+    """RFC 2046's transport padding after a boundary, MIME-Version in a part (and twice at the
+    top), a forwarded message with its own Content-Type, a field repeated with the same value:
+    every reader reads them alike."""
+    sink.clear()
+    top = b"MIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary=b1\r\n"
+    raw = mime_message(f"near-{case}", NEAR_MISSES[case], top)
+    send(gw, raw)
+    [got] = sink.wait_for(1, timeout=20)
+    assert got.data.endswith(raw[raw.index(b"\r\n\r\n"):])  # the body as sent
+    assert record(f"<near-{case}@acme.test>").verdict == "accepted"
+    assert dkim.verify(got.data, dnsfunc=dns_stub(gw))

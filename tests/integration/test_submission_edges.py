@@ -40,6 +40,23 @@ def test_trusted_network_still_gets_the_conflict_block_for_employees(trusting_ga
     assert err.value.smtp_code == 550
 
 
+def test_trusted_network_mail_with_ambiguous_mime_structure_is_refused_too(trusting_gateway, sink):
+    """The rules run on mail from trusted networks too, so they must not guess there either;
+    the same message without the second Content-Type goes out."""
+    sink.clear()
+    raw = (b"Subject: export\r\nMIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary=b1\r\n\r\n"
+           b"--b1\r\nContent-Type: text/plain\r\nContent-Type: application/octet-stream\r\n\r\nx\r\n--b1--\r\n")
+    with smtplib.SMTP("127.0.0.1", trusting_gateway.submission_port, timeout=30) as conn:
+        with pytest.raises(smtplib.SMTPDataError) as err:
+            conn.sendmail("erp@acme.test", ["einkauf@hamburg-tools.de"], raw)
+        assert (err.value.smtp_code, err.value.smtp_error) == (
+            550, b"5.6.0 Ambiguous MIME structure: two different Content-Type fields in MIME part 1; refused")
+        conn.sendmail("erp@acme.test", ["einkauf@hamburg-tools.de"],
+                      raw.replace(b"Content-Type: application/octet-stream\r\n", b""))
+    [got] = sink.wait_for(1, timeout=20)
+    assert got.data.endswith(b"--b1\r\nContent-Type: text/plain\r\n\r\nx\r\n--b1--\r\n")
+
+
 def test_many_large_messages_at_once_and_the_loop_stays_responsive(trusting_gateway, sink):
     """Twelve 2.5 MB messages in parallel plus one over the limit: each gets its own clear
     answer, and a NOOP on another session is answered while they stream."""
