@@ -82,6 +82,20 @@ class Verdict:
         return cls(action=REJECT, reason=reason, smtp_code=code, enhanced=enhanced, rule=rule)
 
 
+#: The trace's name for the refusal of MIME structure that readers read differently.
+AMBIGUOUS_MIME = "ambiguous-mime"
+
+
+def ambiguous_mime_refusal(ctx: Context, what: str) -> Verdict:
+    """The verdict on a message whose MIME structure readers read differently (``what``: which
+    structure, where — field names and part numbers, nothing of the content; found by
+    ``as_postfix_reads``): refused, the rules not asked — they would read it one way, the
+    recipient's program perhaps the other.  RFC 3463 X.6.0 (other or undefined media error),
+    as Postfix answers a MIME error it rejects.  Recorded in ``ctx``'s trace."""
+    ctx.record(AMBIGUOUS_MIME, True, what)
+    return Verdict.reject(AMBIGUOUS_MIME, f"Ambiguous MIME structure: {what}; refused", 550, "5.6.0")
+
+
 @dataclass
 class Context:
     mail_from: str
@@ -93,6 +107,10 @@ class Context:
     # of them on arrival (gateway/rules/headerblock.py as_postfix_reads: the header section as
     # Postfix reads it, which ``headers`` and ``raw`` both are); None when they are ``raw``.
     submitted: bytes | None = None
+    # MIME structure that readers read differently, found on arrival (``as_postfix_reads``): the
+    # first, described for a user; "" when there is none.  Such a message is refused
+    # (``ambiguous_mime_refusal``), never decided on by the rules.
+    ambiguous_mime: str = ""
     session: Session = field(default_factory=Session)
     trace: list[TraceStep] = field(default_factory=list)
     approved: bool = False

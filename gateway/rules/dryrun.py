@@ -19,7 +19,7 @@ from pathlib import Path
 from gateway.directory import Directory
 from gateway.mutate import STAGES
 from gateway.policy import Policy
-from gateway.policy.context import Context, Verdict
+from gateway.policy.context import Context, Verdict, ambiguous_mime_refusal
 from gateway.rules.headerblock import as_postfix_reads
 
 
@@ -44,7 +44,8 @@ def make_context(
     raw = raw.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
     # The header section as the SMTP handler reads it on arrival (as Postfix does), so a dry run
     # sees the fields the gateway would see.
-    raw, body_at = as_postfix_reads(raw, len(raw))
+    ambiguous: list[str] = []
+    raw, body_at = as_postfix_reads(raw, len(raw), ambiguous)
     headers = BytesHeaderParser(policy=compat32).parsebytes(raw[:body_at])
     return Context(
         mail_from=mail_from,
@@ -53,10 +54,15 @@ def make_context(
         raw=raw,
         employee=directory.employee_for_address(mail_from),
         language=language,
+        ambiguous_mime=ambiguous[0] if ambiguous else "",
     )
 
 
 def dry_run(policy: Policy, ctx: Context) -> Verdict:
+    """The verdict the gateway would give: MIME structure that readers read differently is
+    refused before the rules are asked, as on submission."""
+    if ctx.ambiguous_mime:
+        return ambiguous_mime_refusal(ctx, ctx.ambiguous_mime)
     return policy.decide(ctx)
 
 

@@ -59,7 +59,7 @@ from gateway.groupcommit import CommitterStopped, GroupCommitter, outcome_unknow
 from gateway.i18n import t
 from gateway.mutate import apply_mutations
 from gateway.policy import ACCEPT, HOLD, REJECT, Context, Policy, Verdict
-from gateway.policy.context import Session, header_text
+from gateway.policy.context import Session, ambiguous_mime_refusal, header_text
 from gateway.policy.split import split_hold
 from gateway.rules.headerblock import HeaderSectionTooLarge, as_postfix_reads
 from gateway.smtp.auth import UpstreamAuthenticator, UpstreamUnavailable
@@ -72,9 +72,6 @@ from gateway.untag import StripReadingTags
 log = logging.getLogger("mailgate.smtp")
 
 MAX_HEADER_BLOCK = 1024 * 1024  # a longer header section is refused (552)
-#: The trace's name for the refusal of MIME structure that readers read differently (RFC 3463
-#: X.6.0: other or undefined media error, as Postfix answers a MIME error it rejects).
-AMBIGUOUS_MIME = "ambiguous-mime"
 READ_INLINE = 256 * 1024  # as_postfix_reads of a larger message (its MIME walk: Python work a part) in a thread
 
 
@@ -316,15 +313,13 @@ class SubmissionHandler:
                           "send as one of: " + ", ".join(own[:5]))
 
     @staticmethod
-    def _ambiguous(ctx: Context, what: str, queue_id: str, ident: Identity | None, session: SMTPSession) -> Verdict:
-        """The refusal of a message whose MIME structure readers read differently (``what``:
-        which structure, where — field names and part numbers, nothing of the content): the
-        rules are not asked, they would read one way and the recipient's program perhaps the
-        other.  Recorded in the trace for the archive; the log line says what it was."""
-        ctx.record(AMBIGUOUS_MIME, True, what)
+    def _ambiguous(ctx: Context, queue_id: str, ident: Identity | None, session: SMTPSession) -> Verdict:
+        """The refusal of a message whose MIME structure readers read differently, the rules
+        not asked (``ambiguous_mime_refusal``); the log line says what and where (field names
+        and part numbers, nothing of the content)."""
         log.warning("%s: refused user=%s ip=%s reason=ambiguous-mime what=%s", queue_id,
-                    ident.username if ident else "-", session.peer[0], what)
-        return Verdict.reject(AMBIGUOUS_MIME, f"Ambiguous MIME structure: {what}; refused", 550, "5.6.0")
+                    ident.username if ident else "-", session.peer[0], ctx.ambiguous_mime)
+        return ambiguous_mime_refusal(ctx, ctx.ambiguous_mime)
 
     def _own_addresses(self, ident: Identity) -> set[str]:
         if ident.employee is None:
@@ -368,10 +363,11 @@ class SubmissionHandler:
                             session.peer[0])
                 return "552 5.3.4 Message header section exceeds 1 MB"
             ctx = self._context(server, session, envelope, read, body_at, data, queue_id, ident)
+            ctx.ambiguous_mime = ambiguous[0] if ambiguous else ""
             if ident is not None and (foreign := foreign_header_senders(ctx.headers, self._own_addresses(ident))):
                 return self._spoofed_header(foreign, ident, session)
-            if ambiguous:  # the rules would guess what the recipient sees: refused (and archived)
-                verdict, free = self._ambiguous(ctx, ambiguous[0], queue_id, ident, session), None
+            if ctx.ambiguous_mime:  # the rules would guess what the recipient sees: refused (and archived)
+                verdict, free = self._ambiguous(ctx, queue_id, ident, session), None
                 prepared = await asyncio.to_thread(self._prepare_refusal, ctx, queue_id)
             else:
                 # One trip to a worker thread for the policy (body and attachment conditions parse

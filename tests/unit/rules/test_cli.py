@@ -43,3 +43,17 @@ def test_rules_test_with_eml(tmp_path, capsys):
     assert main(["-c", "/nonexistent.toml", "rules", "test", "--rules", str(tmp_path), "--from", "a@acme.test",
                  "--to", "b@example.com", "--eml", str(eml)]) == 0
     assert "[tag] prepend '[X] ' to the subject" in capsys.readouterr().out
+
+
+def test_rules_test_refuses_ambiguous_mime_structure_as_the_gateway_does(tmp_path, capsys):
+    (tmp_path / "10.yaml").write_text(
+        "rules:\n  - name: tag\n    conditions: {subject-contains: offer}\n"
+        "    actions: [{prepend_subject: '[X] '}]\n")
+    eml = tmp_path / "m.eml"
+    eml.write_bytes(b"From: a@acme.test\nSubject: Our offer\nContent-Type: multipart/mixed; boundary=b1\n\n"
+                    b"--b1\nContent-Type: text/plain\nContent-Type: application/octet-stream\n\nx\n--b1--\n")
+    assert main(["-c", "/nonexistent.toml", "rules", "test", "--rules", str(tmp_path), "--from", "a@acme.test",
+                 "--to", "b@example.com", "--eml", str(eml)]) == 0
+    out = capsys.readouterr().out
+    assert "REJECT 550 5.6.0" in out and "two different Content-Type fields in MIME part 1" in out
+    assert "prepend" not in out  # the rules were not asked
