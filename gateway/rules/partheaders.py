@@ -26,13 +26,15 @@ refuses the message (docs/ARCHITECTURE.md, "One reading of the header section"):
   transport padding, which stays accepted);
 - multiparts nested deeper than Postfix's limit (it reads no deeper; the email package does).
 
-Identical duplicate fields are read alike by everyone and pass; other duplicates
+Duplicates that mean the same (blanks, quotes, the case of names and of the charset, the
+order of parameters aside) are read alike by everyone and pass; other duplicates
 (MIME-Version, which some programs write in every part) choose nothing and are not looked at.
 """
 
 from __future__ import annotations
 
 import re
+from email.utils import collapse_rfc2231_value
 
 from gateway.mimeparts import SafeParamsMessage
 
@@ -79,14 +81,39 @@ class _Open:
 
 def differing_field(fields: list[bytes]) -> str | None:
     """The name of a field in ``UNIQUE_FIELDS`` that ``fields`` (one header section's, raw)
-    hold twice with different values (blanks and folding aside), or None."""
-    seen: dict[bytes, bytes] = {}
+    hold twice with values that mean different things, or None.  The same meaning written
+    otherwise is no disagreement: git-send-email writes ``charset=UTF-8`` and
+    ``charset="utf-8"`` in two Content-Type fields of one message."""
+    seen: dict[bytes, list[str]] = {}
     for raw in fields:
         name, _, value = raw.partition(b":")
         name = name.strip().lower()
-        if name in UNIQUE_FIELDS and seen.setdefault(name, b" ".join(value.split())) != b" ".join(value.split()):
+        if name in UNIQUE_FIELDS:
+            seen.setdefault(name, []).append(" ".join(value.decode("latin-1").split()))
+    for name, values in seen.items():
+        if len(values) > 1 and len({_meaning(name, v) for v in values}) > 1:
             return _DISPLAY[name]
     return None
+
+
+def _meaning(name: bytes, value: str) -> tuple:
+    """What a MIME field's value says, as a reader takes it: the type (or disposition,
+    encoding) in lower case, the parameters by lower-case name, unquoted, the charset's
+    value in lower case (a charset name is case-insensitive), their order aside."""
+    if name == b"content-transfer-encoding":
+        return (value.lower(),)
+    msg = SafeParamsMessage()  # the policy's parser's class: a mixed RFC 2231 list does not raise
+    msg[name.decode()] = value
+    try:
+        params = msg.get_params(header=name.decode(), unquote=True) or []
+    except Exception:  # noqa: BLE001 - unreadable parameters: the text itself is all there is
+        return (value,)
+    items = []
+    for key, val in params[1:]:
+        key = key.lower()
+        val = collapse_rfc2231_value(val)
+        items.append((key, val.lower() if key == "charset" else val))
+    return (value.partition(";")[0].strip().lower(), tuple(sorted(items)))
 
 
 def _boundary_tail(data: bytes, after: int) -> bool:

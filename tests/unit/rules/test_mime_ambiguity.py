@@ -83,8 +83,31 @@ def test_identical_duplicates_and_other_duplicate_fields_are_read_alike() -> Non
     assert ambiguities(raw) == []
 
 
+def test_git_send_emails_two_content_types_mean_the_same() -> None:
+    """git-send-email writes its own Content-Type below the patch's (seen on the kernel lists,
+    where rspamd scores it MULTIPLE_UNIQUE_HEADERS): the same type and charset, written otherwise."""
+    raw = (b"From: alice@acme.test\r\nSubject: [PATCH] fix\r\nMIME-Version: 1.0\r\n"
+           b"Content-Type: text/plain; charset=UTF-8\r\nContent-Type: text/plain; charset=\"utf-8\"\r\n"
+           b"Content-Transfer-Encoding: 8bit\r\n\r\n\xe4\xbd\xa0\xe5\xa5\xbd\r\n")
+    assert ambiguities(raw) == []
+
+
+@pytest.mark.parametrize(("first", "second"), [
+    (b"Content-Type: text/plain; charset=UTF-8; format=flowed",
+     b"content-type: TEXT/Plain;format=\"flowed\"; CHARSET=utf-8"),
+    (b"Content-Disposition: attachment; filename*=utf-8''a.pdf",
+     b"Content-Disposition: ATTACHMENT; filename=\"a.pdf\""),
+    (b"Content-Transfer-Encoding: 8bit", b"Content-Transfer-Encoding: 8BIT"),
+    (b"Content-Type: a/b", b"Content-Type:\r\n a/b"),
+])
+def test_the_same_meaning_written_otherwise(first: bytes, second: bytes) -> None:
+    assert differing_field([first + b"\r\n", second + b"\r\n"]) is None
+
+
 def test_differing_field() -> None:
-    assert differing_field([b"Content-Type: a/b\r\n", b"Content-Type:\r\n a/b\r\n"]) is None
+    assert differing_field([b"Content-Type: text/plain\r\n", b"Content-Type: text/plain; name=a.exe\r\n"])
+    assert differing_field([b"Content-Disposition: attachment; filename=a.pdf\r\n",
+                            b"Content-Disposition: attachment; filename=a.exe\r\n"]) == "Content-Disposition"
     assert differing_field([b"Content-Type: a/b\r\n", b"content-type: a/c\r\n"]) == "Content-Type"
     assert differing_field([b"Content-Type: a/b; boundary=A\r\n", b"Content-Type: a/b; boundary=a\r\n"])
     assert differing_field([b"MIME-Version: 1.0\r\n", b"MIME-Version: 1.1\r\n"]) is None
