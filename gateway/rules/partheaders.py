@@ -18,8 +18,8 @@ Structure that readers read differently is not made to agree: no repair would be
 mail program shows.  The walk notes it instead (``ambiguities``), and the SMTP handler
 refuses the message (docs/ARCHITECTURE.md, "One reading of the header section"):
 
-- two Content-Type, Content-Disposition or Content-Transfer-Encoding fields with different
-  values in one header section (the message's, a part's, an attached message's): the email
+- two Content-Type, Content-Disposition or Content-Transfer-Encoding fields that mean
+  different things in one header section (the message's, a part's, an attached message's): the email
   package, and so the rules, reads the first, Postfix and some mail programs the last;
 - a boundary line with text after it (``--b1x``, ``--b1--x``): a boundary for Postfix (a
   prefix match), not for the email package, which allows only blanks after it (RFC 2046's
