@@ -147,7 +147,7 @@ def as_postfix_reads(data: bytes, limit: int, ambiguities: list[str] | None = No
     such a message)."""
     out, body_at = _top_section(data, limit)
     head = out[:body_at].lower()
-    if ambiguities is not None:
+    if ambiguities is not None and head.count(b"content-") > 1:
         top = [f for name in UNIQUE_FIELDS if head.count(name + b":") > 1 for f in _fields_named(out, head, name)]
         if top and (field := differing_field(top)):
             ambiguities.append(f"two different {field} fields in the message header")

@@ -126,14 +126,19 @@ def _boundary_tail(data: bytes, after: int) -> bool:
     return bool(tail.strip(b" \t\r\n"))
 
 
-def _content_type(fields: list[bytes], default: str) -> tuple[str, bytes | None]:
-    """(type/subtype, multipart boundary) from a header section's Content-Type fields: the
-    last one's type (Postfix reads each as it comes), read as the email package's
-    get_content_type reads it; ``default`` without one."""
-    ctype, boundary = default, None
+def _content_type(fields: list[bytes], default: str) -> tuple[str, bytes | None, bool]:
+    """(type/subtype, multipart boundary, whether a Content-* field comes twice) from a header
+    section's fields: the last Content-Type's type (Postfix reads each as it comes), read as
+    the email package's get_content_type reads it; ``default`` without one."""
+    ctype, boundary, twice = default, None, False
+    mime: set[bytes] = set()
     for raw in fields:
         name, _, value = raw.partition(b":")
-        if name.strip().lower() != b"content-type":
+        name = name.strip().lower()
+        if name[:8] == b"content-":
+            twice = twice or name in mime
+            mime.add(name)
+        if name != b"content-type":
             continue
         text = " ".join(value.decode("latin-1").split())
         ctype = text.partition(";")[0].strip().lower()
@@ -142,7 +147,7 @@ def _content_type(fields: list[bytes], default: str) -> tuple[str, bytes | None]
         elif ctype.startswith("multipart/"):
             found = _boundary(text)
             boundary = found.encode("latin-1", "replace")[:MAX_BOUNDARY] if found else None
-    return ctype, boundary
+    return ctype, boundary, twice
 
 
 #: ``; boundary=token`` or ``; boundary="quoted"`` and nothing unusual (no backslash, no
@@ -238,7 +243,7 @@ def rewrite_parts(data: bytes, body_at: int, top_fields: list[bytes],
     (``data`` itself when nothing changes).  ``body_at``: where the message's body starts;
     ``top_fields``: its header fields (raw).  Structure that readers read differently is
     appended to ``ambiguities`` (when given), described for a user: what, and where."""
-    ctype, boundary = _content_type(top_fields, "text/plain")
+    ctype, boundary, _ = _content_type(top_fields, "text/plain")
     if not (ctype.startswith("multipart/") and boundary) and ctype != "message/rfc822":
         return data
     w = _Writer(data)
@@ -252,9 +257,9 @@ def rewrite_parts(data: bytes, body_at: int, top_fields: list[bytes],
             label = label or "1"
             name = f"the message attached as MIME part {label}"
             pos, fields = _header_section(w, pos)
-            if ambiguities is not None and (field := differing_field(fields)):
+            ctype, boundary, twice = _content_type(fields, "text/plain")
+            if twice and ambiguities is not None and (field := differing_field(fields)):
                 ambiguities.append(f"two different {field} fields in the header of {name}")
-            ctype, boundary = _content_type(fields, "text/plain")
         if ctype.startswith("multipart/") and boundary:
             if len(stack) < MAX_DEPTH:
                 stack.append(_Open(boundary, ctype == "multipart/digest", name, f"{label}." if label else ""))
@@ -276,6 +281,6 @@ def rewrite_parts(data: bytes, body_at: int, top_fields: list[bytes],
         label = f"{open_.prefix}{open_.parts}"
         name = f"MIME part {label}"
         pos, fields = _header_section(w, _line_end(data, at))
-        if ambiguities is not None and (field := differing_field(fields)):
+        ctype, boundary, twice = _content_type(fields, "message/rfc822" if open_.digest else "text/plain")
+        if twice and ambiguities is not None and (field := differing_field(fields)):
             ambiguities.append(f"two different {field} fields in {name}")
-        ctype, boundary = _content_type(fields, "message/rfc822" if open_.digest else "text/plain")
