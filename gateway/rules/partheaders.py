@@ -19,8 +19,9 @@ mail program shows.  The walk notes it instead (``ambiguities``), and the SMTP h
 refuses the message (docs/ARCHITECTURE.md, "One reading of the header section"):
 
 - two Content-Type, Content-Disposition or Content-Transfer-Encoding fields that mean
-  different things in one header section (the message's, a part's, an attached message's): the email
-  package, and so the rules, reads the first, Postfix and some mail programs the last;
+  different things in one header section (the message's, a part's, an attached message's):
+  the email package, and so the rules, reads the first, Postfix and some mail programs the
+  last;
 - a boundary line with text after it (``--b1x``, ``--b1--x``): a boundary for Postfix (a
   prefix match), not for the email package, which allows only blanks after it (RFC 2046's
   transport padding, which stays accepted);
