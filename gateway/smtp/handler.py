@@ -63,7 +63,14 @@ from gateway.policy.context import Session, ambiguous_mime_refusal, header_text
 from gateway.policy.split import split_hold
 from gateway.rules.headerblock import HeaderSectionTooLarge, as_postfix_reads
 from gateway.smtp.auth import UpstreamAuthenticator, UpstreamUnavailable
-from gateway.smtp.checks import address_problem, foreign_header_senders, has_bare_cr, helo_problem, normalize_bare_lf
+from gateway.smtp.checks import (
+    ForeignSender,
+    address_problem,
+    foreign_header_senders,
+    has_bare_cr,
+    helo_problem,
+    normalize_bare_lf,
+)
 from gateway.smtp.errors import LOCAL_TEMPFAIL, POLICY_TEMPFAIL, PolicyError, describe_error
 from gateway.smtp.guard import LoginGuard
 from gateway.spool import Spool, SpoolError, archive_ref, new_queue_id
@@ -114,6 +121,13 @@ def smtp_reply(code: int, enhanced: str, text: str) -> str:
     out = [f"{code}-{enhanced} {line}" for line in lines[:-1]]
     out.append(f"{code} {enhanced} {lines[-1]}")
     return "\r\n".join(out)
+
+
+def _shown(name: str) -> str:
+    """A display name for a reply line: at most 100 characters, ASCII control characters as
+    spaces, the rest of non-ASCII as escapes (``\\uff20``: what hid the address shows)."""
+    text = "".join(" " if c < " " or c == "\x7f" else c for c in name[:100])
+    return text.encode("ascii", "backslashreplace").decode("ascii")
 
 
 TRUSTED_MEMO = 4096  # client addresses whose trusted-network answer is remembered
@@ -303,14 +317,21 @@ class SubmissionHandler:
         envelope.mail_options.extend(options)
         return "250 2.1.0 OK"
 
-    def _spoofed_header(self, foreign: list[str], ident: Identity, session: SMTPSession) -> str:
-        """550 for a From/Sender field naming someone else (nothing is stored)."""
+    def _spoofed_header(self, foreign: list[ForeignSender], ident: Identity, session: SMTPSession) -> str:
+        """550 for a From/Sender field naming someone else, in its address or its display name
+        (nothing is stored; the log names the address, never the display name's other text)."""
+        first = foreign[0]
+        address = first.address[:200]
         metrics.smtp_messages.labels("refused").inc()
-        log.warning("refused user=%s ip=%s reason=header-sender-not-own address=<%s>", ident.username,
-                    session.peer[0], foreign[0][:200])
-        own = sorted(self._own_addresses(ident))
-        return smtp_reply(550, "5.7.1", f"From/Sender header address <{foreign[0][:200]}> is not yours; "
-                          "send as one of: " + ", ".join(own[:5]))
+        reason = "header-display-name-not-own" if first.display_name else "header-sender-not-own"
+        log.warning("refused user=%s ip=%s reason=%s address=<%s>", ident.username, session.peer[0], reason,
+                    address)
+        own = ", ".join(sorted(self._own_addresses(ident))[:5])
+        if first.display_name:
+            return smtp_reply(550, "5.7.1", f'From/Sender display name "{_shown(first.display_name)}" names the '
+                              f"address <{address}>, which is not yours; put a name there, or one of: {own}")
+        return smtp_reply(550, "5.7.1", f"From/Sender header address <{address}> is not yours; "
+                          "send as one of: " + own)
 
     @staticmethod
     def _ambiguous(ctx: Context, queue_id: str, ident: Identity | None, session: SMTPSession) -> Verdict:

@@ -15,6 +15,7 @@ import smtplib
 import socket
 import ssl
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -188,6 +189,7 @@ def test_authenticated_null_sender_and_foreign_domain_sender_are_refused(gw):
     b"From: =?utf-8?q?Alice?= <bob@acme.test>\r\n",
     b"From: alice@acme.test\r\nFROM: <bob@acme.test>\r\n",
     b"From:\r\n\t\"Alice\" <bob@acme.test>\r\n",  # folded
+    b"From: \"bob@acme.test\" <ALICE@ACME.TEST>\r\n",  # a phone shows only the name
 ])
 def test_from_header_of_someone_else_is_refused(gw, sink, header):
     sink.clear()
@@ -207,7 +209,8 @@ def test_from_header_of_someone_else_is_refused(gw, sink, header):
 
 @pytest.mark.parametrize("header", [
     b"From: =?utf-8?b?546L5Li9?= <alice.wang@acme.test>\r\n",  # the directory's alias
-    b"From: \"bob@acme.test\" <ALICE@ACME.TEST>\r\n",  # a display name is not an address
+    b"From: \"Alice.Wang@acme.test\" <alice.wang@acme.test>\r\n",  # an own address as the name
+    b"From: \"Sales @ ACME\" <alice.wang@acme.test>\r\n",  # an "@" that names no address
     b"From: alice@acme.test\r\nSender: alice.wang@acme.test\r\n",
     b"Subject: no From at all\r\n",
 ])
@@ -220,6 +223,44 @@ def test_own_address_or_alias_in_the_header_is_accepted(gw, sink, header):
     r.close()
     [got] = sink.wait_for(1, timeout=20)  # relayed (and not left to arrive during the next test)
     assert header.split(b"\r\n")[0] in got.data
+
+
+def refused_count(gw: GatewayProcess) -> float:
+    body = urllib.request.urlopen(f"http://127.0.0.1:{gw.metrics_port}/metrics", timeout=10).read().decode()
+    found = re.search(r'mailgate_smtp_messages_total\{verdict="refused"\} ([0-9.e+]+)', body)
+    return float(found.group(1)) if found else 0.0
+
+
+@pytest.mark.parametrize("field, shown", [
+    (b'From: "Bob Li bob@acme.test" <alice@acme.test>', b'"Bob Li bob@acme.test"'),
+    (b"From: =?utf-8?q?Bob_=28bob=40acme=2Etest=29?= <alice@acme.test>", b'"Bob (bob@acme.test)"'),
+    ('From: "bob\uff20acme\uff0etest" <alice@acme.test>'.encode(), b'"bob\\uff20acme\\uff0etest"'),
+    (b"From: =?utf-8?b?Ym9i77ygYWNtZS50ZXN0?= <alice@acme.test>", b'"bob\\uff20acme.test"'),
+    (b'From: alice@acme.test\r\nSender: "BOB@ACME.TEST" <alice.wang@acme.test>', b'"BOB@ACME.TEST"'),
+])
+def test_a_colleagues_address_as_display_name_is_refused(gw, sink, field, shown):
+    """Many mail programs (phones above all) show only the display name: one that holds an
+    address not the user's is refused like that address in the field, and counted; the log
+    names the address and reason, never the rest of the message."""
+    sink.clear()
+    before = refused_count(gw)
+    mark = len(gw.log_lines)
+    r = logged_in(gw)
+    reply = send_data(r, "alice@acme.test", ["someone@unknown-buyer.com"],
+                      field + b"\r\nTo: someone@unknown-buyer.com\r\nSubject: Secret-7731\r\n\r\nhi\r\n.\r\n")
+    assert reply.startswith(b"550 5.7.1 From/Sender display name " + shown), reply
+    assert b"<bob@acme.test>, which is not yours" in reply, reply
+    line = gw.wait_for_log("reason=header-display-name-not-own", after=mark)
+    assert "user=alice@acme.test" in line and "address=<bob@acme.test>" in line
+    assert "Secret-7731" not in "\n".join(gw.log_lines[mark:])
+    assert refused_count(gw) == before + 1
+    # The session goes on, and a plain name is accepted.
+    reply = send_data(r, "alice@acme.test", ["marker@unknown-buyer.com"],
+                      b'From: "Alice Wang" <alice@acme.test>\r\nSubject: marker\r\n\r\nm\r\n.\r\n')
+    assert reply.startswith(b"250"), reply
+    r.close()
+    [got] = sink.wait_for(1, timeout=20)
+    assert got.rcpt_tos == ["marker@unknown-buyer.com"]
 
 
 # -- SMTP smuggling: the end-of-data variants of the 2023 research not covered elsewhere -------
