@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 CRLF = b"\r\n"
 _MAX_LITERAL_DIGITS = 19
+OVERSIZED = 10**_MAX_LITERAL_DIGITS  # the size of a literal announced with more digits
 
 
 class ParseError(ValueError):
@@ -34,21 +35,43 @@ class LiteralInfo:
 
 
 def literal_at_end(line: bytes | bytearray) -> LiteralInfo | None:
-    """The literal announced at the end of ``line`` (which ends with CRLF), if any."""
+    """The literal announced at the end of ``line`` (which ends with CRLF), if any.  One with
+    more than 19 digits is announced all the same, with size ``OVERSIZED`` (larger than any
+    limit): the proxy refuses it as too large rather than relaying the line as one without
+    a literal, which the upstream would read differently."""
     n = len(line)
     if n < 5 or line[n - 3] != 0x7D:  # "}"
         return None
     start = line.rfind(b"{", max(0, n - 3 - _MAX_LITERAL_DIGITS - 2), n - 3)
     if start < 0:
-        return None
+        start = _long_announcement(line, n - 3)
+        if start < 0:
+            return None
     digits = bytes(line[start + 1 : n - 3])
     nonsync = digits.endswith(b"+")
     if nonsync:
         digits = digits[:-1]
-    if not digits or not digits.isdigit() or len(digits) > _MAX_LITERAL_DIGITS:
+    if not digits or not digits.isdigit():
         return None
     binary = start > 0 and line[start - 1] == 0x7E  # "~"
-    return LiteralInfo(int(digits), binary, nonsync)
+    return LiteralInfo(int(digits) if len(digits) <= _MAX_LITERAL_DIGITS else OVERSIZED, binary, nonsync)
+
+
+def _long_announcement(line: bytes | bytearray, close: int) -> int:
+    """The index of the "{" of a literal announcement with more digits than
+    ``literal_at_end`` looks back over, whose "}" is at ``close``; -1 if there is none."""
+    head = bytes(line[:close])
+    if head.endswith(b"+"):
+        head = head[:-1]
+    rest = head.rstrip(b"0123456789")
+    return len(rest) - 1 if len(rest) < len(head) and rest.endswith(b"{") else -1
+
+
+def refuse_oversized(literal: LiteralInfo) -> None:
+    """A Framer ``literal_check`` for the upstream's responses: a literal announced with more
+    than 19 digits is a protocol error (ParseError), not a size to stream."""
+    if literal.size >= OVERSIZED:
+        raise ParseError("literal announced with more than 19 digits")
 
 
 class FramerSink:

@@ -24,7 +24,7 @@ from twisted.internet.interfaces import IReactorTCP
 from twisted.python.failure import Failure
 
 from gateway.imap.fastio import HeldWrites, eager_send
-from gateway.imap.parser import Framer, FramerSink, LiteralInfo, ParseError, quote
+from gateway.imap.parser import Framer, FramerSink, LiteralInfo, ParseError, quote, refuse_oversized
 from gateway.imap.tlslayer import start_tls
 
 log = logging.getLogger("mailgate.imap.upstream")
@@ -102,7 +102,7 @@ class UpstreamProtocol(protocol.Protocol, FramerSink):
                  "greeting", "greeting_caps", "on_lost", "ready", "relay", "waiters")
 
     def __init__(self, max_line: int = 8 * 1024 * 1024):
-        self.framer = Framer(self, max_line)
+        self.framer = Framer(self, max_line, refuse_oversized)  # 20+ digits: a protocol error
         self.waiters: dict[bytes, defer.Deferred[bytes]] = {}
         self.chooser: Chooser | None = None
         self.relay: RelaySink | None = None

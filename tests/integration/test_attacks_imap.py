@@ -221,10 +221,30 @@ def test_an_append_literal_past_the_limit_is_toobig_with_the_default_limit(gw):
     r.send(b"a2 APPEND INBOX {2147483648}\r\n")  # 2 GB
     assert r.until(b"a2")[-1].startswith(b"a2 NO [TOOBIG]")
     assert r.cmd(b"a4", b"NOOP")[-1].startswith(b"a4 OK")
-    # More digits than a literal the proxy reads may have: a line like any other, which Dovecot
-    # refuses and ends the session with (the proxy passes its BYE on); nothing is buffered.
-    r.send(b"a5 APPEND INBOX {99999999999999999999}\r\n")
-    assert r.line() == b"* BYE Literal size too large"
+    r.close()
+
+
+@pytest.mark.parametrize("digits", [b"99999999999999999999", b"0" * 25 + b"5", b"9" * 5000])
+def test_a_literal_announced_with_20_or_more_digits_is_toobig_and_never_forwarded(gw, digits):
+    """Dovecot would answer such a line with BYE: the proxy refuses it like any literal over
+    the limit, before anything goes upstream, and the session goes on."""
+    r = Raw(gw, implicit=True)
+    assert r.cmd(b"a1", b"LOGIN alice@acme.test alice-pw")[-1].startswith(b"a1 OK")
+    r.send(b"a2 APPEND INBOX {" + digits + b"}\r\n")
+    assert r.line() == b"a2 NO [TOOBIG] Literal too large"  # no "+": the client sends no data
+    assert r.cmd(b"a3", b"NOOP")[-1].startswith(b"a3 OK")
+    r.send(b"a4 LOGOUT\r\n")
+    assert r.until(b"a4")[-1].startswith(b"a4 OK")
+    r.close()
+
+
+def test_a_literal_announced_with_20_digits_before_login_is_refused(gw):
+    r = Raw(gw, implicit=True)
+    r.send(b"a1 LOGIN {99999999999999999999}\r\n")
+    assert r.line() == b"a1 BAD Command too long"  # as any over-long command before login
+    assert r.cmd(b"a2", b"NOOP")[-1].startswith(b"a2 OK")
+    r.send(b"a3 LOGIN {99999999999999999999+}\r\n")
+    assert r.line() == b"* BYE Command too long"
     with pytest.raises(EOFError):
         r.line()
     r.close()

@@ -6,7 +6,19 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gateway.imap.parser import LIST, LITERAL, NIL, STRING, Framer, FramerSink, ParseError, Parser, literal_at_end
+from gateway.imap.parser import (
+    LIST,
+    LITERAL,
+    NIL,
+    OVERSIZED,
+    STRING,
+    Framer,
+    FramerSink,
+    ParseError,
+    Parser,
+    literal_at_end,
+    refuse_oversized,
+)
 
 
 class Recorder(FramerSink):
@@ -32,6 +44,37 @@ def test_literal_at_end():
     assert lit.size == 5 and lit.binary and lit.nonsync
     assert literal_at_end(b"* OK done\r\n") is None
     assert literal_at_end(b"* OK {abc}\r\n") is None
+
+
+@pytest.mark.parametrize("line, binary, nonsync", [
+    (b"a APPEND INBOX {99999999999999999999}\r\n", False, False),  # 20 digits
+    (b"a APPEND INBOX {99999999999999999999+}\r\n", False, True),
+    (b"a APPEND INBOX ~{00000000000000000000005}\r\n", True, False),  # leading zeros count too
+    (b"a LOGIN {" + b"9" * 5000 + b"}\r\n", False, False),  # more digits than int() takes
+])
+def test_a_literal_with_more_than_19_digits_is_announced_as_oversized(line, binary, nonsync):
+    """Not a line without a literal (the upstream reads one there): a size over any limit."""
+    lit = literal_at_end(line)
+    assert lit is not None and lit.size == OVERSIZED and lit.binary is binary and lit.nonsync is nonsync
+    assert literal_at_end(b"a APPEND INBOX {9999999999999999999}\r\n").size == 9_999_999_999_999_999_999
+    assert OVERSIZED > 9_999_999_999_999_999_999
+
+
+@pytest.mark.parametrize("line", [b"a SEARCH 99999999999999999999}\r\n", b"a X {1a99999999999999999999}\r\n",
+                                  b"a X {99999999999999999999}}\r\n", b"a X {" + b"9" * 30 + b"++}\r\n"])
+def test_digits_without_an_announcement_are_no_literal(line):
+    assert literal_at_end(line) is None
+
+
+def test_the_framer_hands_an_oversized_literal_on_and_the_upstream_check_refuses_it():
+    r = Recorder()
+    Framer(r, 1000).feed(b"a APPEND INBOX {99999999999999999999}\r\n")
+    assert r.events == [("seg", b"a APPEND INBOX {99999999999999999999}\r\n", True, OVERSIZED)]
+    with pytest.raises(ParseError):
+        Framer(Recorder(), 1000, refuse_oversized).feed(b"* 1 FETCH (BODY[] {99999999999999999999}\r\n")
+    r = Recorder()
+    Framer(r, 1000, refuse_oversized).feed(b"* 1 FETCH (BODY[] {9999999999999999999}\r\n")
+    assert r.events[0][3] == 9_999_999_999_999_999_999
 
 
 def test_framer_splits_lines_and_streams_literals():
