@@ -260,6 +260,11 @@ class ClientSession(PreLogin, FetchOperation, protocol.Protocol, TimeoutMixin, F
         if first:
             if self.idling:
                 self.idling = False
+                if literal is not None:
+                    # IDLE ends with one line (DONE): the upstream reads any other line as a
+                    # line too, so what follows is commands, for the proxy to see, not a
+                    # literal to relay unread.
+                    self.framer.cancel_literal()
                 self.upstream.write(data)
                 return
             tag, _, rest = data.partition(b" ")

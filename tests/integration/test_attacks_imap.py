@@ -238,6 +238,28 @@ def test_a_literal_announced_with_20_or_more_digits_is_toobig_and_never_forwarde
     r.close()
 
 
+@pytest.mark.parametrize("announced", [b"{%d}", b"{%d+}", b"{99999999999999999999}"])
+def test_a_literal_announced_in_idle_does_not_carry_commands_past_the_proxy(gw, announced):
+    """IDLE ends with one line; Dovecot reads a line announcing a literal there as a line (BAD
+    Expected DONE) and the bytes after it as commands: the proxy reads them as commands too."""
+    r = Raw(gw, implicit=True)
+    assert r.cmd(b"a1", b"LOGIN alice@acme.test alice-pw")[-1].startswith(b"a1 OK")
+    assert r.cmd(b"a2", b"SELECT INBOX")[-1].startswith(b"a2 OK")
+    r.send(b"a3 IDLE\r\n")
+    assert r.line().startswith(b"+ ")
+    smuggled = b"a9 COMPRESS DEFLATE\r\n"  # the proxy refuses it; unseen, it would reach Dovecot
+    r.send(b"x " + (announced % len(smuggled) if b"%" in announced else announced) + b"\r\n" + smuggled)
+    tagged: dict[bytes, bytes] = {}
+    while len(tagged) < 2:  # the proxy's answer to a9 may come first
+        line = r.line()
+        if line.split(b" ", 1)[0] in (b"a3", b"a9"):
+            tagged[line.split(b" ", 1)[0]] = line
+    assert tagged[b"a3"].startswith(b"a3 BAD")
+    assert tagged[b"a9"] == b"a9 NO [CANNOT] Compression is not available through this proxy"
+    assert r.cmd(b"a10", b"NOOP")[-1].startswith(b"a10 OK")
+    r.close()
+
+
 def test_a_literal_announced_with_20_digits_before_login_is_refused(gw):
     r = Raw(gw, implicit=True)
     r.send(b"a1 LOGIN {99999999999999999999}\r\n")
