@@ -82,6 +82,9 @@ class ForeignSender(NamedTuple):
     display_name: str = ""
 
 
+MAX_SENDER_FIELD = 8192  # characters of one From or Sender field the check parses (see below)
+
+
 def foreign_header_senders(headers: Message, own: set[str]) -> list[ForeignSender]:
     """The addresses in the From and Sender fields (every occurrence) that are not in ``own``
     (lower-case addresses), in order; a field that names no address a reader could parse
@@ -98,6 +101,12 @@ def foreign_header_senders(headers: Message, own: set[str]) -> list[ForeignSende
     foreign: list[ForeignSender] = []
     named: list[ForeignSender] = []
     for text in _sender_fields(headers):
+        if len(text) > MAX_SENDER_FIELD:
+            # No mail program writes such a From; parsing it would hold the event loop
+            # (getaddresses: ~5 s for 1 MB of "a@a@…").  Refused, as a field naming no
+            # address it could be checked for.
+            foreign.append(ForeignSender(" ".join(text[:200].split())))
+            continue
         pairs = email.utils.getaddresses([text])
         addresses = [addr.strip() for _, addr in pairs if addr.strip()]
         if not addresses and "@" in text:

@@ -168,3 +168,14 @@ def test_encoded_words_are_decoded_as_a_mail_program_shows_them():
     assert decode_encoded_words("=?utf-8?q?a?= =?utf-8?q?b?= c =?iso-8859-1?q?=E9?=") == "ab c \u00e9"
     assert decode_encoded_words("x=?utf-8?b?QA==?=y") == "x@y"
     assert decode_encoded_words("=?utf-8?b?Q?= x") == "=?utf-8?b?Q?= x"  # undecodable: left as it is
+
+
+def test_an_absurdly_long_sender_field_is_refused_without_parsing_it():
+    """getaddresses takes seconds for a megabyte of "a@a@…" — on the event loop, every
+    session waiting.  No mail program writes such a field: refused as it stands."""
+    from gateway.smtp.checks import MAX_SENDER_FIELD
+
+    block = b"From: alice@acme.test, " + b"a@" * MAX_SENDER_FIELD + b"\r\nSubject: x\r\n\r\n"
+    # One entry, the field's text as it stands: parsed, it would be its addresses.
+    assert senders(block) == [(("alice@acme.test, " + "a@" * MAX_SENDER_FIELD)[:200], "")]
+    assert senders(b"From: alice@acme.test\r\n\r\n") == []
