@@ -20,6 +20,7 @@ import pytest
 from gateway.db import connect
 from gateway.demo.sample_data import seed
 from tests.harness.gateway import GatewayProcess
+from tests.harness.lineclient import LineClient
 
 pytestmark = pytest.mark.integration
 
@@ -44,44 +45,18 @@ def tls_ctx(gw: GatewayProcess) -> ssl.SSLContext:
     return ssl.create_default_context(cafile=str(gw.cert_path))
 
 
-class Raw:
-    """A line-level IMAP client: plain on the STARTTLS port (``starttls()`` upgrades it) or implicit TLS."""
+class Raw(LineClient):
+    """A line-level IMAP client: plain on the STARTTLS port or implicit TLS."""
 
     def __init__(self, gw: GatewayProcess, implicit: bool = False, source: str | None = None):
         self.gw = gw
-        port = gw.imaps_port if implicit else gw.imap_port
-        sock = socket.create_connection(("127.0.0.1", port), timeout=30,
-                                        source_address=(source, 0) if source else None)
-        self.sock = tls_ctx(gw).wrap_socket(sock, server_hostname="localhost") if implicit else sock
-        self.buf = b""
+        super().__init__("127.0.0.1", gw.imaps_port if implicit else gw.imap_port,
+                         tls_ctx(gw) if implicit else None, source)
         self.greeting = self.line()
-
-    def send(self, data: bytes) -> None:
-        self.sock.sendall(data)
-
-    def line(self) -> bytes:
-        while b"\r\n" not in self.buf:
-            chunk = self.sock.recv(65536)
-            if not chunk:
-                raise EOFError(self.buf)
-            self.buf += chunk
-        line, _, self.buf = self.buf.partition(b"\r\n")
-        return line
-
-    def until(self, tag: bytes) -> list[bytes]:
-        lines = []
-        while True:
-            ln = self.line()
-            lines.append(ln)
-            if ln.startswith(tag + b" "):
-                return lines
 
     def cmd(self, tag: bytes, rest: bytes) -> list[bytes]:
         self.send(tag + b" " + rest + b"\r\n")
         return self.until(tag)
-
-    def close(self) -> None:
-        self.sock.close()
 
 
 def vm_hwm_kb(gw: GatewayProcess) -> int:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import base64
 import re
 import smtplib
-import socket
 import ssl
 import time
 import urllib.request
@@ -23,6 +22,7 @@ import pytest
 from gateway.db import connect
 from gateway.demo.sample_data import seed
 from tests.harness.gateway import GatewayProcess
+from tests.harness.lineclient import LineClient
 
 pytestmark = pytest.mark.integration
 
@@ -50,35 +50,14 @@ def tls_ctx(gw: GatewayProcess) -> ssl.SSLContext:
     return ssl.create_default_context(cafile=str(gw.cert_path))
 
 
-class Raw:
+class Raw(LineClient):
     """A line-level SMTP client: plain on 587 (``starttls()`` upgrades it) or implicit TLS on 465."""
 
     def __init__(self, gw: GatewayProcess, implicit: bool = False, source: str | None = None):
         self.gw = gw
-        port = gw.smtps_port if implicit else gw.submission_port
-        sock = socket.create_connection(("127.0.0.1", port), timeout=30,
-                                        source_address=(source, 0) if source else None)
-        self.sock = tls_ctx(gw).wrap_socket(sock, server_hostname="localhost") if implicit else sock
-        self.buf = b""
+        super().__init__("127.0.0.1", gw.smtps_port if implicit else gw.submission_port,
+                         tls_ctx(gw) if implicit else None, source)
         self.greeting = self.reply()
-
-    def send(self, data: bytes) -> None:
-        self.sock.sendall(data)
-
-    def line(self) -> bytes:
-        while b"\r\n" not in self.buf:
-            chunk = self.sock.recv(65536)
-            if not chunk:
-                raise EOFError(self.buf)
-            self.buf += chunk
-        line, _, self.buf = self.buf.partition(b"\r\n")
-        return line
-
-    def reply(self) -> bytes:
-        lines = [self.line()]
-        while lines[-1][3:4] == b"-":
-            lines.append(self.line())
-        return b"\n".join(lines)
 
     def cmd(self, line: bytes) -> bytes:
         self.send(line + b"\r\n")
@@ -88,9 +67,6 @@ class Raw:
         assert self.cmd(b"STARTTLS").startswith(b"220")
         assert not self.buf
         self.sock = tls_ctx(self.gw).wrap_socket(self.sock, server_hostname="localhost")
-
-    def close(self) -> None:
-        self.sock.close()
 
 
 def logged_in(gw: GatewayProcess, user: str = "alice@acme.test", password: str = "alice-pw") -> Raw:

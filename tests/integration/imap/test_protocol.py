@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import base64
 import imaplib
-import socket
 import ssl
 import time
 
@@ -12,40 +11,16 @@ import pytest
 
 from gateway.demo.upstream import free_ports
 from tests.harness import wait_until
+from tests.harness.lineclient import LineClient
 from tests.integration.imap.helpers import direct, fetch_item, gateway_context, message, uid_of, via
 
 
-class Raw:
+class Raw(LineClient):
     """A line-level IMAP client for what imaplib cannot say."""
 
     def __init__(self, host: str, port: int, context: ssl.SSLContext | None = None, source: str | None = None):
-        sock = socket.create_connection((host, port), timeout=10, source_address=(source, 0) if source else None)
-        self.sock = context.wrap_socket(sock, server_hostname="localhost") if context else sock
-        self.buf = b""
+        super().__init__(host, port, context, source, timeout=10)
         self.greeting = self.line()
-
-    def send(self, data: bytes) -> None:
-        self.sock.sendall(data)
-
-    def line(self) -> bytes:
-        while b"\r\n" not in self.buf:
-            chunk = self.sock.recv(65536)
-            if not chunk:
-                raise EOFError(self.buf)
-            self.buf += chunk
-        line, _, self.buf = self.buf.partition(b"\r\n")
-        return line
-
-    def until(self, tag: bytes) -> list[bytes]:
-        lines = []
-        while True:
-            ln = self.line()
-            lines.append(ln)
-            if ln.startswith(tag + b" "):
-                return lines
-
-    def close(self) -> None:
-        self.sock.close()
 
 
 def test_implicit_tls_and_imaplib(proxy, gateway_cert):
