@@ -12,6 +12,7 @@ import atexit
 import os
 import shutil
 import signal
+import ssl
 import subprocess
 import sys
 import threading
@@ -102,6 +103,10 @@ class GatewayProcess:
     @property
     def cert_path(self) -> Path:
         return self.base_dir / "certs" / "gateway.crt"
+
+    def client_context(self) -> ssl.SSLContext:
+        """A client's TLS context that trusts this gateway's certificate."""
+        return ssl.create_default_context(cafile=str(self.cert_path))
 
     @property
     def db_url(self) -> str:

@@ -19,9 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.db import connect
-from gateway.demo.sample_data import seed
-from tests.harness.gateway import GatewayProcess
+from tests.harness.gateway import GatewayProcess, seeded
 from tests.harness.lineclient import LineClient
 
 pytestmark = pytest.mark.integration
@@ -33,21 +31,19 @@ PLAIN_ALICE = base64.b64encode(b"\0alice@acme.test\0alice-pw").decode()
 
 @pytest.fixture(scope="module")
 def gw(tmp_path_factory, dovecot, sink):
-    gw = GatewayProcess(tmp_path_factory.mktemp("attack-smtp"), dovecot, overrides={
+    gw = seeded(tmp_path_factory.mktemp("attack-smtp"), dovecot, {
         "smtp": {"max_message_size": MAX_SIZE, "auth_fail_base_delay": BASE_DELAY,
                  "auth_fail_max_delay": MAX_DELAY},
         "relay": {"mode": "employee_credentials"},
     })
     gw.log_level = "DEBUG"
-    connect(gw.db_url)
-    seed()
     gw.start()
     yield gw
     gw.stop()
 
 
 def tls_ctx(gw: GatewayProcess) -> ssl.SSLContext:
-    return ssl.create_default_context(cafile=str(gw.cert_path))
+    return gw.client_context()
 
 
 class Raw(LineClient):
