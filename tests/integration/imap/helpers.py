@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import imaplib
+import re
 import ssl
 import uuid
 from email.header import decode_header, make_header
@@ -70,3 +71,13 @@ def fetch_size(client: imaplib.IMAP4, uid: int) -> int:
 def display_names(raw: bytes, field: str) -> list[str]:
     msg = BytesHeaderParser().parsebytes(raw)
     return [str(make_header(decode_header(v))) for v in msg.get_all(field, [])]
+
+
+def envelope_from_name(client: imaplib.IMAP4, uid: int) -> str:
+    """The decoded display name of the first From address in the proxy's ENVELOPE ("" for NIL)."""
+    typ, data = client.uid("FETCH", str(uid), "(ENVELOPE)")
+    assert typ == "OK", data
+    m = re.search(rb'ENVELOPE \((?:NIL|"(?:[^"\\]|\\.)*") (?:NIL|"(?:[^"\\]|\\.)*") '
+                  rb'\(\((NIL|"(?:[^"\\]|\\.)*") NIL', data[0])
+    assert m, data
+    return "" if m.group(1) == b"NIL" else str(make_header(decode_header(m.group(1)[1:-1].decode())))
