@@ -15,7 +15,7 @@ from gateway.imap.parser import ATOM, LIST, Incomplete, ParseError, Parser
 OTHER = "other"
 ENVELOPE = "envelope"
 SIZE = "size"  # RFC822.SIZE, BINARY.SIZE[]
-HEADER = "header"  # RFC822.HEADER, BODY[HEADER], BODY[HEADER.FIELDS(.NOT) (...)]
+HEADER = "header"  # RFC822.HEADER, BODY[HEADER], BODY[HEADER.FIELDS(.NOT) (...)], the same as BINARY[…]
 WHOLE = "whole"  # RFC822, BODY[], BINARY[]
 
 _MACROS = {
@@ -74,7 +74,8 @@ def classify(raw: bytes) -> Item:
         return Item(raw, SIZE if section == b"" else OTHER, base, section)
     if section == b"":
         return Item(raw, WHOLE, base, section, peek, partial)
-    if base == b"BODY" and (section == b"HEADER" or section.startswith(b"HEADER.FIELDS")):
+    # BINARY[HEADER…] is outside RFC 3516's grammar, but Dovecot answers it: the same header.
+    if base in (b"BODY", b"BINARY") and (section == b"HEADER" or section.startswith(b"HEADER.FIELDS")):
         return Item(raw, HEADER, base, section, peek, partial)
     return Item(raw, OTHER, base, section, peek, partial)
 

@@ -63,10 +63,15 @@ def plan_message(fc: FetchCommand, d: Decision, fields: tuple[str, ...], new_hea
                 items.append(it.raw)
             else:
                 items.append(_body(it, _section_text(it)))
+            # BINARY[HEADER…] is fetched as BODY[HEADER…] and served under the client's name.
+            binary = it.base == b"BINARY"
             out = None
             if partial is not None:
-                out = (b"BODY[" + _section_text(it) + b"]<%d>" % partial[0])
-            handlers[(it.base, it.section, None)] = HeaderBlock(d, out, partial, full=it.section == b"HEADER")
+                out = (b"BINARY[" if binary else b"BODY[") + _section_text(it) + b"]<%d>" % partial[0]
+            elif binary:
+                out = b"BINARY[" + _section_text(it) + b"]"
+            key = (b"BODY" if binary else it.base, it.section, None)
+            handlers[key] = HeaderBlock(d, out, partial, full=it.section == b"HEADER")
         elif it.kind == WHOLE and it.partial is None:
             items.append(it.raw)
             handlers[it.key] = Whole(d, binary=it.base == b"BINARY")

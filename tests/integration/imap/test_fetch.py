@@ -97,6 +97,15 @@ def test_header_fields_rfc822_and_binary_agree(proxy, imap_upstream):
     assert fetch_item(p, uid, "BINARY.PEEK[]") == full
     typ, data = p.uid("FETCH", str(uid), "(BINARY.SIZE[] RFC822.SIZE)")
     assert b"BINARY.SIZE[] %d" % len(full) in data[0] and b"RFC822.SIZE %d" % len(full) in data[0]
+    # BINARY[HEADER…] (outside RFC 3516's grammar, but Dovecot answers it) is the tagged header too,
+    # under the name the client asked for.
+    header = fetch_item(p, uid, "BODY.PEEK[HEADER]")
+    for item, name, want in (("BINARY.PEEK[HEADER]", b"BINARY[HEADER] ", header),
+                             ("BINARY.PEEK[HEADER.FIELDS (FROM SUBJECT)]", b"BINARY[HEADER.FIELDS (FROM SUBJECT)] ",
+                              fields),
+                             ("BINARY.PEEK[HEADER]<2.30>", b"BINARY[HEADER]<2> ", header[2:32])):
+        typ, data = p.uid("FETCH", str(uid), f"({item})")
+        assert typ == "OK" and name in data[0][0] and data[0][1] == want, (item, data)
     # FETCH by sequence number gives the same bytes
     typ, data = p.search(None, "UID", str(uid))
     seq = data[0].split()[0].decode()
