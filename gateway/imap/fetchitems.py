@@ -14,7 +14,7 @@ from gateway.imap.parser import ATOM, LIST, Incomplete, ParseError, Parser
 
 OTHER = "other"
 ENVELOPE = "envelope"
-SIZE = "size"  # RFC822.SIZE, BINARY.SIZE[]
+SIZE = "size"  # RFC822.SIZE, BINARY.SIZE[], BINARY.SIZE[HEADER]
 HEADER = "header"  # RFC822.HEADER, BODY[HEADER], BODY[HEADER.FIELDS(.NOT) (...)], the same as BINARY[…]
 WHOLE = "whole"  # RFC822, BODY[], BINARY[]
 
@@ -71,7 +71,8 @@ def classify(raw: bytes) -> Item:
     peek = att.endswith(b".PEEK")
     base = att.replace(b".PEEK", b"")
     if base == b"BINARY.SIZE":
-        return Item(raw, SIZE if section == b"" else OTHER, base, section)
+        # The whole header grows by the decision's delta, as the whole message does.
+        return Item(raw, SIZE if section in (b"", b"HEADER") else OTHER, base, section)
     if section == b"":
         return Item(raw, WHOLE, base, section, peek, partial)
     # BINARY[HEADER…] is outside RFC 3516's grammar, but Dovecot answers it: the same header.

@@ -106,6 +106,8 @@ def test_header_fields_rfc822_and_binary_agree(proxy, imap_upstream):
                              ("BINARY.PEEK[HEADER]<2.30>", b"BINARY[HEADER]<2> ", header[2:32])):
         typ, data = p.uid("FETCH", str(uid), f"({item})")
         assert typ == "OK" and name in data[0][0] and data[0][1] == want, (item, data)
+    typ, data = p.uid("FETCH", str(uid), "(BINARY.SIZE[HEADER])")
+    assert b"BINARY.SIZE[HEADER] %d" % len(header) in data[0], data
     # FETCH by sequence number gives the same bytes
     typ, data = p.search(None, "UID", str(uid))
     seq = data[0].split()[0].decode()
