@@ -17,10 +17,24 @@ from gateway.imap.rewrite import Envelope, Handler, HeaderBlock, SizeDelta, Text
 Key = tuple[bytes, bytes, int | None]
 
 
+Handlers = dict[Key, "Handler | tuple[Handler, ...]"]
+
+
 @dataclass
 class MessagePlan:
     items: bytes  # the parenthesized item list to send upstream
-    handlers: dict[Key, Handler]
+    # Several client items may be fetched as the same upstream item (BODY[HEADER] for
+    # BODY[HEADER], BODY[HEADER]<o.n>, BODY[]<0.n>, BINARY[HEADER]): the upstream answers
+    # each request once, and the n-th answer goes to the n-th handler.
+    handlers: Handlers
+
+
+def _add(handlers: Handlers, key: Key, handler: Handler) -> None:
+    old = handlers.get(key)
+    if old is None:
+        handlers[key] = handler
+    else:
+        handlers[key] = (old if isinstance(old, tuple) else (old,)) + (handler,)
 
 
 def needs_new_header(fc: FetchCommand, d: Decision) -> bool:
@@ -46,17 +60,17 @@ def _body(item: Item, section: bytes, partial: bytes = b"") -> bytes:
 
 def plan_message(fc: FetchCommand, d: Decision, fields: tuple[str, ...], new_header: bytes | None) -> MessagePlan:
     items: list[bytes] = []
-    handlers: dict[Key, Handler] = {}
+    handlers: Handlers = {}
     hn = d.new_header_len
     for it in fc.items:
         if it.kind == OTHER:
             items.append(it.raw)
         elif it.kind == ENVELOPE:
             items.append(it.raw)
-            handlers[it.key] = Envelope(d, fields)
+            _add(handlers, it.key, Envelope(d, fields))
         elif it.kind == SIZE:
             items.append(it.raw)
-            handlers[it.key] = SizeDelta(d.delta)
+            _add(handlers, it.key, SizeDelta(d.delta))
         elif it.kind == HEADER:
             partial = it.partial
             if it.base == b"RFC822.HEADER":
@@ -71,33 +85,33 @@ def plan_message(fc: FetchCommand, d: Decision, fields: tuple[str, ...], new_hea
             elif binary:
                 out = b"BINARY[" + _section_text(it) + b"]"
             key = (b"BODY" if binary else it.base, it.section, None)
-            handlers[key] = HeaderBlock(d, out, partial, full=it.section == b"HEADER")
+            _add(handlers, key, HeaderBlock(d, out, partial, full=it.section == b"HEADER"))
         elif it.kind == WHOLE and it.partial is None:
             items.append(it.raw)
-            handlers[it.key] = Whole(d, binary=it.base == b"BINARY")
+            _add(handlers, it.key, Whole(d, binary=it.base == b"BINARY"))
         elif it.kind == WHOLE and it.base == b"BINARY":
             o = it.partial[0]
             att = b"BINARY.PEEK[]" if it.peek else b"BINARY[]"
             items.append(att)
-            handlers[(b"BINARY", b"", None)] = Whole(d, True, b"BINARY[]<%d>" % o, it.partial)
+            _add(handlers, (b"BINARY", b"", None), Whole(d, True, b"BINARY[]<%d>" % o, it.partial))
         else:  # BODY[]<o.n>
             o, n = it.partial
             out = b"BODY[]<%d>" % o
             if n is not None and o + n <= hn:
                 items.append(_body(it, b"HEADER"))
-                handlers[(b"BODY", b"HEADER", None)] = HeaderBlock(d, out, (o, n), full=True)
+                _add(handlers, (b"BODY", b"HEADER", None), HeaderBlock(d, out, (o, n), full=True))
             elif o >= hn:
                 part = b"<%d.%d>" % (o - hn, n) if n is not None else b"<%d>" % (o - hn)
                 items.append(_body(it, b"TEXT", part))
-                handlers[(b"BODY", b"TEXT", o - hn)] = TextAsWhole(out, b"")
+                _add(handlers, (b"BODY", b"TEXT", o - hn), TextAsWhole(out, b""))
             else:
                 if new_header is None:
                     raise ValueError("rewritten header needed for a straddling partial fetch")
                 prefix = new_header[o:]
                 if n is None:
                     items.append(_body(it, b"TEXT"))
-                    handlers[(b"BODY", b"TEXT", None)] = TextAsWhole(out, prefix)
+                    _add(handlers, (b"BODY", b"TEXT", None), TextAsWhole(out, prefix))
                 else:
                     items.append(_body(it, b"TEXT", b"<0.%d>" % (o + n - hn)))
-                    handlers[(b"BODY", b"TEXT", 0)] = TextAsWhole(out, prefix)
+                    _add(handlers, (b"BODY", b"TEXT", 0), TextAsWhole(out, prefix))
     return MessagePlan(b"(" + b" ".join(items) + b")", handlers)

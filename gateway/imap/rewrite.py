@@ -318,11 +318,12 @@ class _WholeStream(LiteralStream):
 class FetchRewriter:
     """Rewrites one ``* n FETCH (...)`` response with per-item handlers.
 
-    ``handlers`` maps item keys (see ``item_key``) to a Handler; items without
+    ``handlers`` maps item keys (see ``item_key``) to a Handler, or to a tuple of them
+    for an item the upstream answers several times (the n-th answer, the n-th); items without
     a handler (and whole responses where ``handlers`` is empty) pass byte for byte.
     """
 
-    def __init__(self, handlers: dict[tuple[bytes, bytes, int | None], Handler], emit: Emit,
+    def __init__(self, handlers: dict[tuple[bytes, bytes, int | None], Handler | tuple[Handler, ...]], emit: Emit,
                  max_depth: int = 32, max_buffer: int = 4 * 1024 * 1024):
         self.handlers = handlers
         self.emit = emit
@@ -333,7 +334,7 @@ class FetchRewriter:
         self.after_item = False
         self.done = False
         self.stream: LiteralStream | None = None
-        self.seen: set[tuple[bytes, bytes, int | None]] = set()
+        self.occurrences: dict[tuple[bytes, bytes, int | None], int] = {}
 
     # framer events ---------------------------------------------------------------
     def segment(self, data: bytes, first: bool, lit: LiteralInfo | None) -> None:
@@ -391,6 +392,10 @@ class FetchRewriter:
                 p.sp()
                 key = item_key(name)
                 handler = self.handlers.get(key)
+                if isinstance(handler, tuple):  # one upstream item fetched for several client items
+                    n = self.occurrences.get(key, 0)
+                    self.occurrences[key] = n + 1
+                    handler = handler[min(n, len(handler) - 1)]
                 vstart = p.pos
                 if lit is not None and buf[vstart:vstart + 1] in (b"{", b"~") \
                         and buf.find(b"\r\n", vstart) + 2 == len(buf):

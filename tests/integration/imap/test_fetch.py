@@ -274,3 +274,23 @@ def test_served_message_stored_back_is_tagged_once(proxy, imap_upstream):
     p.append("Sent", "(\\Seen)", None, reply)
     header = fetch_item(p, uid_of(p, reply_id, "Sent"), "BODY.PEEK[HEADER]")
     assert display_names(header, "To") == ["[客户] Buyer <buyer@buyer.test>"]
+
+
+def test_items_answered_from_the_same_upstream_section_each_get_their_own_bytes(proxy, imap_upstream):
+    """BODY[HEADER], BODY[HEADER]<o.n>, BODY[]<0.n> and BINARY[HEADER] are all served from
+    BODY[HEADER] upstream; asked together, each must still be answered as asked."""
+    d, p, uid = _tagged_pair(proxy, imap_upstream, sender="Buyer <buyer@buyer.test>")
+    full = fetch_item(p, uid, "BODY.PEEK[]")
+    header = fetch_item(p, uid, "BODY.PEEK[HEADER]")
+    cases = (("BODY.PEEK[HEADER] BODY.PEEK[HEADER]<0.10>", {b"BODY[HEADER]": header, b"BODY[HEADER]<0>": header[:10]}),
+             ("BODY.PEEK[]<0.20> BODY.PEEK[HEADER]", {b"BODY[]<0>": full[:20], b"BODY[HEADER]": header}),
+             ("BODY.PEEK[HEADER] BINARY.PEEK[HEADER]", {b"BODY[HEADER]": header, b"BINARY[HEADER]": header}))
+    for items, want in cases:
+        typ, data = p.uid("FETCH", str(uid), f"({items})")
+        assert typ == "OK", data
+        got = {}
+        for part in data:
+            if isinstance(part, tuple):
+                name = part[0].rsplit(b" {", 1)[0].rsplit(b" ", 1)[-1]
+                got[name] = part[1]
+        assert got == want, (items, data)
