@@ -65,6 +65,8 @@ def plan_message(fc: FetchCommand, d: Decision, fields: tuple[str, ...], new_hea
     for it in fc.items:
         if it.kind == OTHER:
             items.append(it.raw)
+            if it.base:  # a section (BODY[TEXT] …): passed as it is, even if another item shares its key
+                _add(handlers, it.key, Handler())
         elif it.kind == ENVELOPE:
             items.append(it.raw)
             _add(handlers, it.key, Envelope(d, fields))

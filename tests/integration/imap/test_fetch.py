@@ -284,7 +284,10 @@ def test_items_answered_from_the_same_upstream_section_each_get_their_own_bytes(
     header = fetch_item(p, uid, "BODY.PEEK[HEADER]")
     cases = (("BODY.PEEK[HEADER] BODY.PEEK[HEADER]<0.10>", {b"BODY[HEADER]": header, b"BODY[HEADER]<0>": header[:10]}),
              ("BODY.PEEK[]<0.20> BODY.PEEK[HEADER]", {b"BODY[]<0>": full[:20], b"BODY[HEADER]": header}),
-             ("BODY.PEEK[HEADER] BINARY.PEEK[HEADER]", {b"BODY[HEADER]": header, b"BINARY[HEADER]": header}))
+             ("BODY.PEEK[HEADER] BINARY.PEEK[HEADER]", {b"BODY[HEADER]": header, b"BINARY[HEADER]": header}),
+             # BODY[]<o> straddling the header's end is fetched as BODY[TEXT]; the client's own stays as it is.
+             (f"BODY.PEEK[TEXT] BODY.PEEK[]<{len(header) - 5}>",
+              {b"BODY[TEXT]": full[len(header):], b"BODY[]<%d>" % (len(header) - 5): full[len(header) - 5:]}))
     for items, want in cases:
         typ, data = p.uid("FETCH", str(uid), f"({items})")
         assert typ == "OK", data
