@@ -214,6 +214,15 @@ class Directory:
         info = self._employees.get(eid) if eid is not None else None
         return info if info and info.active else None
 
+    def deactivated(self, address: str) -> bool:
+        """True when ``address`` (an address or alias) belongs to an employee who was
+        deactivated: such a login is refused by the SMTP and IMAP front ends even though
+        the upstream still accepts its password.  An address nobody in the directory uses
+        is not deactivated (shared and technical mailboxes need no employee record)."""
+        eid = self._employee_by_address.get(normalize(address))
+        info = self._employees.get(eid) if eid is not None else None
+        return info is not None and not info.active
+
     def addresses_of(self, employee_id: int) -> set[str]:
         return {a for a, eid in self._employee_by_address.items() if eid == employee_id}
 

@@ -299,6 +299,15 @@ class PreLogin:
             proto.transport.loseConnection()
             return True
         account = user.decode("utf-8", "replace").lower()
+        if svc.directory.deactivated(account):  # left the company: the upstream may not know yet
+            metrics.auth_results.labels("imap", "deactivated").inc()
+            log.warning("imap login refused user=%s: employee deactivated", account[:320])
+            proto.on_lost = None
+            proto.transport.loseConnection()
+            self.upstream = None
+            self.send(tag + b" NO [AUTHORIZATIONFAILED] This account has been deactivated\r\n")
+            self._resume_client()
+            return True  # the password was right: not a failure for the guard
         if not svc.limits.login(account):
             metrics.auth_results.labels("imap", "limit").inc()
             proto.on_lost = None

@@ -296,6 +296,10 @@ class SubmissionHandler:
         log.info("auth user=%s ip=%s result=%s delay=%.2f", username, ip, "ok" if ok else "failed", delay)
         if not ok:
             return AuthResult(success=False, handled=False)  # aiosmtpd answers 535 5.7.8
+        if self.directory.deactivated(username):  # left the company: the upstream may not know yet
+            metrics.auth_results.labels("smtp", "deactivated").inc()
+            log.warning("auth user=%s ip=%s refused: employee deactivated", username, ip)
+            return AuthResult(success=False, handled=False, message="535 5.7.8 This account has been deactivated")
         employee = self.directory.employee_for_address(username)
         return AuthResult(success=True, auth_data=Identity(username, employee, password))
 

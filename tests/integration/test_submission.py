@@ -372,3 +372,41 @@ def test_accepted_mail_sets_the_customers_last_contact(gateway, sink):
     assert code == 250, text
     touched = Customer.get_by_id(customer.id).last_contact_at
     assert touched is not None and touched >= before.replace(microsecond=0)
+
+
+def _smtp_login(gw, user: str, password: str) -> int:
+    with smtplib.SMTP_SSL("127.0.0.1", gw.smtps_port, context=tls_ctx(gw), timeout=30) as conn:
+        try:
+            return conn.login(user, password)[0]
+        except smtplib.SMTPAuthenticationError as exc:
+            return exc.smtp_code
+
+
+def _imap_login(gw, user: str, password: str) -> str:
+    import imaplib
+
+    with imaplib.IMAP4_SSL("127.0.0.1", gw.imaps_port, ssl_context=tls_ctx(gw), timeout=30) as conn:
+        try:
+            return conn.login(user, password)[0]
+        except imaplib.IMAP4.error as exc:
+            return str(exc)
+
+
+def test_deactivated_employee_can_no_longer_log_in(gateway):
+    """The upstream still takes the password of someone who left; the gateway must not:
+    logged in as a non-employee, the send-conflict block would not apply to them either."""
+    from gateway.customers import set_employee_active
+    from gateway.db.models import Employee
+    from tests.harness import wait_until
+
+    bob = Employee.get(Employee.email == "bob@acme.test")
+    assert _smtp_login(gateway, "bob@acme.test", "bob-pw") == 235
+    set_employee_active(bob, False)
+    try:
+        wait_until(lambda: _smtp_login(gateway, "bob@acme.test", "bob-pw") == 535, what="SMTP login refused")
+        assert "deactivated" in _imap_login(gateway, "bob@acme.test", "bob-pw")
+        assert _smtp_login(gateway, "alice@acme.test", "alice-pw") == 235  # nobody else
+    finally:
+        set_employee_active(bob, True)
+    wait_until(lambda: _smtp_login(gateway, "bob@acme.test", "bob-pw") == 235, what="SMTP login back")
+    assert _imap_login(gateway, "bob@acme.test", "bob-pw") == "OK"

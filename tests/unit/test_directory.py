@@ -36,6 +36,19 @@ def test_lookup_order_and_relationships(db):
     assert d.addresses_of(alice.id) == {"alice@acme.test", "a.w@acme.test"}
 
 
+def test_deactivated_employee_is_known_by_address_and_alias(db):
+    alice = customers.create_employee("alice@acme.test", "Alice", aliases=["a.w@acme.test"])
+    customers.create_employee("bob@acme.test", "Bob")
+    d = make(db)
+    assert not d.deactivated("alice@acme.test")
+    customers.set_employee_active(alice, False)
+    assert d.refresh() > 0
+    assert d.deactivated("Alice@acme.test") and d.deactivated("a.w@acme.test")
+    assert d.employee_for_address("alice@acme.test") is None
+    assert not d.deactivated("bob@acme.test")
+    assert not d.deactivated("relay@acme.test")  # not in the directory: not deactivated
+
+
 def test_public_domain_refused_as_company_domain(db):
     with pytest.raises(DirectoryError, match="public mail domain"):
         customers.create_customer("Bad", domains=["qq.com"], public_domains=PUBLIC_MAIL_DOMAINS)
