@@ -156,6 +156,30 @@ def test_owner_add_transfer_delete_by_dept_head(http_as, panel_db) -> None:
     assert Customer.get_or_none(Customer.id == c.id) is None
 
 
+def _options(page: str, form_id: str) -> list[str] | None:
+    """The employee choices of the form ``form_id`` on a customer page (None: no such form)."""
+    found = re.search(rf'<form[^>]*id="{form_id}".*?</form>', page, re.S)
+    return re.findall(r'<option value="(\d+)"', found.group(0)) if found else None
+
+
+def test_owner_forms_offer_only_choices_that_change_something(http_as, panel_db) -> None:
+    alice, bob = str(emp("alice@acme.test").id), str(emp("bob@acme.test").id)
+    carol = http_as("dept_head")
+    c = make_customer(f"Owned by Alice {uid()}", ("alice@acme.test",))
+    page = carol.get(f"/customers/{c.id}").text
+    assert bob in _options(page, "add-owner") and alice not in _options(page, "add-owner")
+    assert bob in _options(page, "transfer") and alice not in _options(page, "transfer")
+    assert _options(page, "assign") is None
+    both = make_customer(f"Owned by two {uid()}", ("alice@acme.test", "bob@acme.test"))
+    page = carol.get(f"/customers/{both.id}").text
+    assert alice not in _options(page, "add-owner") and bob not in _options(page, "add-owner")
+    assert {alice, bob} <= set(_options(page, "transfer"))  # keep one of the two
+    pooled = make_customer(f"In the pool {uid()}")
+    page = carol.get(f"/customers/{pooled.id}").text
+    assert {alice, bob} <= set(_options(page, "assign"))  # the pool's own way, not three forms
+    assert _options(page, "add-owner") is None and _options(page, "transfer") is None
+
+
 def test_handover_moves_every_customer(http_as, panel_db) -> None:
     from gateway.customers import create_employee
     from gateway.db.models import Customer, Department, Ownership
