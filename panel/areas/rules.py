@@ -12,6 +12,7 @@ dry run evaluates the files on disk with the current directory exactly like
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 from email.message import EmailMessage
 from email.policy import SMTP
@@ -157,8 +158,20 @@ def _page_context() -> dict[str, Any]:
                       "errors": [e[len(str(path.parent)) + 1:] for e in mine],
                       "rules": [r.name for r in rules if _source(r).rsplit(":", 1)[0] == path.name]})
     shown_errors = [e.replace(f"{directory}/", "") for e in errors]
-    return {"status": read_status(cfg), "files": files, "errors": shown_errors, "rule_count": len(rules),
-            "directory": str(directory)}
+    return {"status": read_status(cfg), "shown_time": shown_time, "files": files, "errors": shown_errors,
+            "rule_count": len(rules), "directory": str(directory)}
+
+
+def shown_time(iso: str) -> str:
+    """The node's ISO timestamp as the panel shows times elsewhere (``2026-11-30 03:05:09 UTC``);
+    seconds kept: an administrator checks whether the edit just saved is the one loaded."""
+    try:
+        when = dt.datetime.fromisoformat(iso)
+    except ValueError:
+        return iso
+    if when.tzinfo is not None:
+        when = when.astimezone(dt.UTC)
+    return f"{when:%Y-%m-%d %H:%M:%S} UTC"
 
 
 def _address_ok(address: str) -> bool:

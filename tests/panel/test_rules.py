@@ -59,10 +59,11 @@ def test_last_reload_and_refused_edit_from_the_node_status(http_as, panel_server
     status.write_text(json.dumps({
         "loaded_at": "2026-11-30T03:00:00+00:00", "rule_count": 3,
         "rule_names": ["send-conflict", "examples-audit"], "ok": False,
-        "errors": ["50-examples-audit.yaml:7: unknown action 'rejekt'"], "refused_at": "2026-11-30T03:05:00+00:00"}))
+        "errors": ["50-examples-audit.yaml:7: unknown action 'rejekt'"], "refused_at": "2026-11-30T03:05:09+00:00"}))
     try:
         page = http_as("it_admin").get("/rules")
-        assert "2026-11-30T03:00:00+00:00" in page.text and 'id="rules-refused"' in page.text
+        assert "2026-11-30 03:00:00 UTC" in page.text and 'id="rules-refused"' in page.text
+        assert "2026-11-30 03:05:09 UTC" in page.text and "T03:0" not in page.text
         assert "50-examples-audit.yaml:7: unknown action" in page.text
     finally:
         status.unlink()
