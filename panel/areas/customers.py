@@ -347,7 +347,9 @@ def routes(app: bottle.Bottle) -> None:  # noqa: C901 - one closure per route
     def handover_form() -> str:
         access = Access.of(current_user())
         leaving = [e for e in Employee.select().order_by(Employee.name) if access.sees_employee(e.id)]
-        return render("customers/handover.html", leaving=leaving, takers=access.assignable(), error="")
+        chosen = bottle.request.query.get("from", "")  # from an employee's page
+        return render("customers/handover.html", leaving=leaving, takers=access.assignable(), error="",
+                      chosen=int(chosen) if chosen.isdigit() else None)
 
     @app.post("/customers/handover")
     @require(*MANAGER_ROLES)

@@ -15,8 +15,9 @@ from peewee import fn
 
 from gateway import customers as directory_writes
 from gateway.customers import EMPLOYEE_ROLES, EmployeeError
-from gateway.db.models import Alias, Department, Employee
+from gateway.db.models import Alias, Department, Employee, Ownership
 from panel import i18n, sessions
+from panel.customer_access import MANAGER_ROLES
 from panel.scope import department_tree, headed_department_ids
 from panel.web import (
     User,
@@ -71,6 +72,10 @@ i18n.register({
         "emp.updated": "员工 {email} 已更新。",
         "emp.deactivated": "员工 {email} 已停用。",
         "emp.activated": "员工 {email} 已启用。",
+        "emp.owns_customers": ("名下还有 {n} 个客户。停用不会移走这些客户：同事给这些客户发信仍会被拦截，"
+                               "直到把客户移交给接手的同事。"),
+        "emp.owns_customers_ask": "请部门经理或 CRM 管理员在「客户 → 移交离职员工客户」中移交。",
+        "emp.hand_over": "移交客户",
         "emp.alias_added": "别名 {address} 已添加。",
         "emp.alias_removed": "别名 {address} 已移除。",
         "emp.role.shared": "共享邮箱",
@@ -125,6 +130,10 @@ i18n.register({
         "emp.updated": "Employee {email} updated.",
         "emp.deactivated": "Employee {email} deactivated.",
         "emp.activated": "Employee {email} activated.",
+        "emp.owns_customers": ("Still owns {n} customers. Deactivating does not move them: colleagues stay blocked "
+                               "from mailing them until they are handed over to a successor."),
+        "emp.owns_customers_ask": "A department head or CRM admin hands them over under Customers → Hand over.",
+        "emp.hand_over": "Hand over customers",
         "emp.alias_added": "Alias {address} added.",
         "emp.alias_removed": "Alias {address} removed.",
         "emp.role.shared": "Shared mailbox",
@@ -384,7 +393,9 @@ def _edit_page(emp: Employee, user: User, error: str = "", form: dict | None = N
         form = {"email": emp.email, "name": emp.name, "department": emp.department_id or "",
                 "manager": emp.manager_id or "", "roles": sorted(emp.role_set), "active": emp.active}
     aliases = list(Alias.select().where(Alias.employee == emp).order_by(Alias.address))
-    return render("employees/edit.html", emp=emp, form=form, aliases=aliases, error=error,
+    owned = Ownership.select().where(Ownership.employee == emp).count()  # a leaver's customers need a handover
+    return render("employees/edit.html", emp=emp, form=form, aliases=aliases, error=error, owned=owned,
+                  can_hand_over=user.has(*MANAGER_ROLES),
                   alias_error=alias_error, alias_value=alias_value, can_edit=user.has(*EDITORS),
                   role_label=_role_label, dept_name=emp.department.name if emp.department_id else "",
                   manager_name=emp.manager.name if emp.manager_id else "", **_form_choices())

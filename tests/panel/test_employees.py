@@ -231,3 +231,21 @@ def test_script_in_an_employee_name_is_inert(http_as, page_as, panel_db):
         assert page.locator("img[src=x], main script").count() == 0
     page.goto(base + f"/employees/{emp.id}")
     assert "<script>" in page.locator("input[name=name]").input_value()  # shown as text, kept as typed
+
+
+def test_a_leavers_page_says_their_customers_need_a_handover(http_as, panel_db):
+    from gateway.customers import new_customer
+
+    email = f"{unique('leaver')}@acme.test"
+    assert create(http_as("it_admin"), email, "Leaving Person").status == 303
+    leaver = Employee.get(Employee.email == email)
+    page = http_as("crm_admin").get(f"/employees/{leaver.id}").text
+    assert 'id="owned-customers"' not in page  # nothing to hand over
+    new_customer(f"Customer of {email}", contacts=[(f"buyer@{leaver.id}-leaver.example", "Buyer")], owners=[leaver])
+    page = http_as("crm_admin").get(f"/employees/{leaver.id}").text
+    assert 'id="owned-customers"' in page and "名下还有 1 个客户" in page
+    assert f'href="/customers/handover?from={leaver.id}"' in page
+    handover = http_as("crm_admin").get(f"/customers/handover?from={leaver.id}").text
+    assert re.search(rf'<option value="{leaver.id}" selected>', handover)
+    page = http_as("it_admin").get(f"/employees/{leaver.id}").text  # no access to customers: told whom to ask
+    assert "名下还有 1 个客户" in page and "/customers/handover" not in page and "CRM 管理员" in page
