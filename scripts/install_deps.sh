@@ -11,7 +11,7 @@ want_test=0
 
 apt_pkgs=(dovecot-imapd dovecot-submissiond dovecot-lmtpd libmagic1 ca-certificates)
 if [ "$want_test" = 1 ]; then
-  apt_pkgs+=(postfix swaks libnet-ssleay-perl libio-socket-ssl-perl msmtp isync mutt fetchmail getmail6 curl postgresql chromium fonts-wqy-microhei)
+  apt_pkgs+=(postfix swaks libnet-ssleay-perl libio-socket-ssl-perl msmtp isync mutt offlineimap3 fetchmail getmail6 curl postgresql chromium fonts-wqy-microhei)
 fi
 
 missing=()
